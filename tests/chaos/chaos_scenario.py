@@ -240,6 +240,7 @@ def run(
                 if chaos_thread is not None:
                     chaos_thread.join(60)
                 fleet.settle_stops()  # frozen workers wake and try their late writes first
+                _finish_reopened(fleet, postgres.url, jobs)
             finally:
                 fleet.shutdown()
             # Orphaned requests (answers that never arrived) still run at fal: let them finish
@@ -281,6 +282,21 @@ def run(
         postgres.destroy()
     report(tmp_path, findings)
     return findings
+
+
+def _finish_reopened(fleet: WorkerFleet, db_url: str, jobs: int, timeout: float = 30.0) -> None:
+    """Let the fleet finish what the woken workers' late writes reopened.
+
+    A late answer from fal adopted by a job that had failed for its unknown submit outcome
+    moves it back to following and downloading (nothing is sent again). Killing the fleet
+    then would leave that job mid-download: not a loss, but not the end state under test.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counts = _terminal_count(db_url)
+        if counts and counts[0] == counts[1] == jobs:
+            return
+        fleet.settle_stops(grace=0.3)
 
 
 def _settle(sim: SimulatorHandle, timeout: float = 10.0) -> None:

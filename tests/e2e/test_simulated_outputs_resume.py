@@ -88,7 +88,12 @@ def test_a_simulation_paused_for_its_outputs_resumes_and_downloads_the_waiting_v
     assert fetched, "no result was fetched before the pause"
     assert all(o["video"]["url"].startswith(old + "/") for o in fetched)  # at the gone simulator
     made = simulators[0].engine.ledger.snapshot()
-    assert made["accepted"] == JOBS
+    sent_first = {e["request_id"] for e in made["entries"]}
+    # The pause stops sending (no video is paid for that could not be stored): it can come
+    # before the last submit, and a job not sent yet is sent by the next run.
+    assert made["accepted"] == len(sent_first) >= len(waiting)
+    unsent = JOBS - made["accepted"]
+    assert db_rows(url, "SELECT count(*) FROM jobs WHERE request_id IS NULL")[0][0] == unsent
 
     monkeypatch.setattr(outputs, "write_json_atomic", writes)  # space was freed
     second = run_main(["run", "simfull", "--simulate", "--no-progress"], monkeypatch)
@@ -97,13 +102,18 @@ def test_a_simulation_paused_for_its_outputs_resumes_and_downloads_the_waiting_v
     assert second == 0, rows
     assert [state for state, _, _ in rows] == ["succeeded"] * JOBS, rows
     again = simulators[1].engine.ledger.snapshot()
+    given_back = [e for e in again["entries"] if e["request_id"] in sent_first]
+    fresh = [e for e in again["entries"] if e["request_id"] not in sent_first]
     # The waiting requests were given back finished: none sent again, run again or billed again.
-    assert sorted(e["request_id"] for e in again["entries"]) == sorted(r for r, _ in waiting)
-    assert (again["billed_count"], again["billed_usd"]) == (0, "0"), again["entries"]
-    assert again["max_in_progress"] == 0  # never on a runner
+    assert sorted(e["request_id"] for e in given_back) == sorted(r for r, _ in waiting)
+    assert len(fresh) == unsent, again["entries"]  # only what the first run never sent
+    assert again["billed_count"] == unsent, again["entries"]
+    if not unsent:
+        assert again["billed_usd"] == "0"
+        assert again["max_in_progress"] == 0  # never on a runner
     # The videos are those the first simulator made (its seeds, their results).
     seeds = {e["request_id"]: e["seed"] for e in made["entries"]}
-    assert all(e["seed"] == seeds[e["request_id"]] for e in again["entries"]), again["entries"]
+    assert all(e["seed"] == seeds[e["request_id"]] for e in given_back), again["entries"]
     assert len(list((e2e_env.parent / "outputs").rglob("*.mp4"))) == JOBS
 
 
