@@ -2574,9 +2574,11 @@ def test_each_way_a_delivery_is_applied_says_so_in_its_own_line_and_moves_the_jo
     with caplog.at_level(logging.INFO, logger="worker.steps.webhooks"):
         assert _post(client, signer, job, "req-A", ok=ok) == 200
     assert _outcomes(engine, "req-A") == [outcome]
-    # The account's pin (``webhook.account_pinned``) is said by the first verified delivery of a
-    # job's own request whose key's account is not known yet: in the full suite (not alone) it
-    # came before these lines. It is no way of applying a delivery, and has tests of its own.
+    # The account's pin (``webhook.account_pinned``, an INFO line of ``worker.steps.accounts``)
+    # is said by the first verified delivery of a job's own request whose key's account is not
+    # known yet. Alone, that logger is at the root's WARNING and the line is dropped; in the full
+    # suite an earlier in-process command set the root's level to INFO (worker/logs.py), and it is caught.
+    # It is no way of applying a delivery, and has tests of its own.
     said = [
         r
         for r in caplog.records
