@@ -182,6 +182,7 @@ def mark_completed(
     error_type: str | None = None,
     lease_owner: str | None = None,
     lease_expires_at: datetime | None = None,
+    row: dict[str, Any] | None = None,
 ) -> bool:
     """→ ``downloading``: fal finished the request (and billed it); its result is fetched next.
 
@@ -189,6 +190,7 @@ def mark_completed(
     event, for the download step should the result itself be unobtainable. ``lease_owner``
     marks a download already queued for it (see ``worker.steps.context.DOWNLOAD_QUEUE``). The
     polling's count of malformed answers (``download_attempts``) is reset for the download.
+    ``row``: filled with the job as moved (:func:`~jobs.store.transitions.transition`).
     """
     failed = error is not None or error_type is not None
     return _move(
@@ -197,6 +199,7 @@ def mark_completed(
         JobState.DOWNLOADING,
         "completed at fal" + (f" with error {error_type}" if failed else ""),
         details={"error": error, "error_type": error_type} if failed else None,
+        row=row,
         completed_at=completed_at,
         provider_metrics=provider_metrics,
         download_attempts=0,

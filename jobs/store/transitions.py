@@ -11,7 +11,19 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, bindparam, case, event, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    case,
+    event,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, SessionTransaction
 
 from jobs.errors import RequestHeldError
@@ -65,6 +77,7 @@ def transition(
     expected_version: int | None = None,
     worker: str | None = None,
     details: dict[str, Any] | None = None,
+    row: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
     """Move a job from ``expected`` to ``new`` if (and only if) it is still there.
@@ -83,12 +96,21 @@ def transition(
     both are programming errors, not races. A ``request_id`` another job of the job's fal queue
     holds raises :class:`~jobs.errors.RequestHeldError` before anything is written
     (:func:`refuse_held_request`): every path that gives a job a request comes through here.
-    Never commits.
+    ``row``: a dict to fill with every column of the job as the move left it, returned by the
+    UPDATE itself (under its row lock): what a caller would otherwise read again right after
+    (:func:`~jobs.store.job_snapshots`), one statement more per move. Left empty when the job
+    did not move. Never commits.
     """
     if not can_transition(expected, new):
         raise ValueError(f"illegal job transition {expected.value} -> {new.value}")
     _check_fields(fields)
-    _refuse_held_in(session, job_id, fields)
+    logged = session.connection().dialect.name == "postgresql"
+    # On PostgreSQL the check takes the request's advisory lock first (:func:`request_holder`);
+    # on SQLite, whose writers take turns on the whole file, the UPDATE itself refuses a request
+    # another job holds (``NOT EXISTS``), and only a move that did not happen asks why.
+    guarded = not logged and isinstance(fields.get("request_id"), str)
+    if not guarded:
+        _refuse_held_in(session, job_id, fields)
     now = utcnow()
     values: dict[str, Any] = {"next_attempt_at": None, **fields}
     if new.terminal:
@@ -118,22 +140,30 @@ def transition(
         "details": details,
         "worker": worker,
     }
-    logged = session.connection().dialect.name == "postgresql"
     statement, params = _transition_statement(
-        values, with_version=expected_version is not None, finishing=new.terminal, logged=logged
+        values,
+        with_version=expected_version is not None,
+        finishing=new.terminal,
+        logged=logged,
+        whole=row is not None,
+        guarded=guarded,
     )
     params.update(w_id=job_id, w_expected=expected, w_version=expected_version)
     if logged:
         params.update(event)
-    row = _run(session, statement, params).first()
-    if row is None:
+    moved = _run(session, statement, params).first()
+    if moved is None:
+        if guarded:  # not moved: held by another job (raised here, nothing written), or moved on
+            _refuse_held_in(session, job_id, fields)
         return False
-    _refresh_loaded(session, job_id, row._mapping)
+    _refresh_loaded(session, job_id, moved._mapping)
     if new.terminal:
-        usd = finished_usd(new, row.actual_usd, row.est_usd, row.ambiguous_usd)
-        _add_finished(session, row.batch_id, row.submitted_at, usd)
+        usd = finished_usd(new, moved.actual_usd, moved.est_usd, moved.ambiguous_usd)
+        _add_finished(session, moved.batch_id, moved.submitted_at, usd)
     if not logged:
-        _run(session, _INSERT_EVENT, {"job_id": job_id, "version": row.version, **event})
+        _run(session, _INSERT_EVENT, {"job_id": job_id, "version": moved.version, **event})
+    if row is not None:
+        row.update(moved._mapping)
     return True
 
 
@@ -143,7 +173,7 @@ _EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason",
 #: What a transition's event row is written from, in this order (:func:`_with_event`).
 _EVENT_ROW_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "details", "worker")
 
-_STATEMENTS: dict[tuple[tuple[str, ...], bool, bool, bool], Any] = {}
+_STATEMENTS: dict[tuple[tuple[str, ...], bool, bool, bool, bool, bool], Any] = {}
 
 #: What a transition to a terminal state also returns: the job's share of its batch's
 #: finished money (:func:`finished_usd`) is known only once the row is written.
@@ -151,9 +181,18 @@ _FINISHING_RETURNS = ("batch_id", "submitted_at", "actual_usd", "est_usd", "ambi
 
 
 def _transition_statement(
-    values: dict[str, Any], *, with_version: bool, finishing: bool = False, logged: bool = False
+    values: dict[str, Any],
+    *,
+    with_version: bool,
+    finishing: bool = False,
+    logged: bool = False,
+    whole: bool = False,
+    guarded: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The UPDATE … RETURNING of a transition writing ``values``, and its parameters.
+    ``whole``: it returns every column of the job (:func:`transition`'s ``row``). ``guarded``
+    (SQLite, ``values`` giving a ``request_id``): it moves no job whose new request another job
+    of its fal queue holds (:func:`_same_request_elsewhere`, as :func:`request_holder` reads it).
 
     Plain values become bound parameters of a statement kept per set of columns (a dozen
     shapes in all); a SQL expression (:func:`incremented`) makes a statement of its own.
@@ -168,7 +207,7 @@ def _transition_statement(
     """
     plain = {k: v for k, v in values.items() if not isinstance(v, ColumnElement)}
     expressions = {k: v for k, v in values.items() if isinstance(v, ColumnElement)}
-    key = (tuple(sorted(plain)), with_version, finishing, logged)
+    key = (tuple(sorted(plain)), with_version, finishing, logged, whole, guarded)
     statement = None if expressions else _STATEMENTS.get(key)
     if statement is None:
         conditions = [
@@ -177,9 +216,15 @@ def _transition_statement(
         ]
         if with_version:
             conditions.append(_JOBS.c.version == bindparam("w_version"))
+        if guarded:
+            other = _JOBS.alias("other")
+            held = _same_request_elsewhere(other.c, bindparam("v_request_id"), _JOBS.c.id, _JOBS.c.fal_origin)
+            conditions.append(~exists().where(held))
         written = {k: bindparam(f"v_{k}", type_=_JOBS.c[k].type) for k in plain}
         extra = _FINISHING_RETURNS if finishing else ()
         returned = dict.fromkeys((*plain, *expressions, "version", *extra))
+        if whole:  # every column, in the table's order (what job_snapshots reads)
+            returned = dict.fromkeys((*_JOBS.c.keys(), *returned))
         moving = (
             update(_JOBS)
             .where(*conditions)

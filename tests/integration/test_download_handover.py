@@ -59,6 +59,23 @@ def test_the_download_starts_from_the_claim_the_conductor_read(
         assert Path(done.output_path).is_file()
 
 
+def test_the_completion_hands_on_the_job_as_its_move_returned_it(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, statements: list[str]
+) -> None:
+    """The conductor's claim is the job as the UPDATE that moved it to ``downloading`` returned
+    it (every column): no read of the job after its move, and nothing in it stale."""
+    rt, seen = _completed_at_fal(engine, hostile, tmp_path)
+    statements.clear()
+    assert apply_seen(rt, [seen]) == 1
+    moved = next(i for i, s in enumerate(statements) if s.startswith(("UPDATE jobs", "WITH moved AS")))
+    assert not [s for s in statements[moved:] if s.startswith("SELECT jobs")]  # nothing read back
+    assert rt.download_claims is not None
+    claim = rt.download_claims[seen.job_id]
+    with db.read_scope(engine) as session:
+        stored = store.job_snapshot(session, seen.job_id)
+    assert vars(claim.job) == vars(stored)
+
+
 def test_a_job_changed_after_the_handover_is_not_finished_by_it(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:

@@ -145,6 +145,45 @@ def test_the_store_never_gives_a_second_job_of_one_queue_a_request_another_holds
     assert (_job(engine, unknown.id).state, _job(engine, unknown.id).request_id) == (S.QUEUED, HELD)
 
 
+def test_an_accepted_submit_checks_its_request_in_its_own_update_on_sqlite(
+    engine: Engine, statements: list[str]
+) -> None:
+    """On SQLite the move to ``queued`` refuses a request another job holds by itself (its
+    UPDATE's ``NOT EXISTS``): one statement fewer per submit than a read of the holder first,
+    and still nothing written when it is held; on PostgreSQL the advisory lock and the read
+    come first, as before."""
+    holder = _sent(engine, "holder", request_id=HELD)
+    first = _sent(engine, "first")
+    second = _sent(engine, "second")
+    now = utcnow()
+
+    def accept(job: Job, request_id: str) -> bool:
+        with db.session_scope(engine) as session:
+            return store.mark_submitted(
+                session,
+                store.Fence.of(job, "w"),
+                running=False,
+                request_id=request_id,
+                gateway_request_id=None,
+                status_url=None,
+                response_url=None,
+                cancel_url=None,
+                submitted_at=now,
+                next_poll_at=now,
+            )
+
+    statements.clear()
+    assert accept(first, "a-request-of-its-own")
+    reads = [s for s in statements if s.startswith("SELECT jobs.id FROM jobs WHERE jobs.request_id")]
+    assert len(reads) == (0 if engine.dialect.name == "sqlite" else 1)
+    with pytest.raises(RequestHeldError) as raised:
+        accept(second, HELD)
+    assert (raised.value.job_id, raised.value.holder) == (second.id, holder.id)
+    assert _job(engine, second.id).version == second.version  # nothing written
+    assert _job(engine, second.id).state == S.SUBMITTING
+    assert not accept(first, "another")  # moved on already: no move, no error
+
+
 @pytest.mark.parametrize("where", ["submit_unknown", "submitting"])
 def test_a_journal_naming_a_request_another_job_holds_leaves_the_job_submit_unknown(
     engine: Engine, db_url: str, rt: Runtime, caplog: pytest.LogCaptureFixture, where: str

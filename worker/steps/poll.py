@@ -7,6 +7,7 @@ import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -17,7 +18,7 @@ from jobs.errors import (
     ProviderError,
     WanbatchError,
 )
-from jobs.models import BatchState, utcnow
+from jobs.models import BatchState, JobSnapshot, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import logs, telemetry
@@ -306,6 +307,7 @@ def record_completion(
     now: datetime,
     download_queued_until: datetime | None = None,
     download_owner: str = DOWNLOAD_QUEUE,
+    row: dict[str, Any] | None = None,
 ) -> bool:
     """fal says the request is COMPLETED (a status answer or a webhook): the job goes on to
     ``downloading`` — or, ended by a cancel we asked for, to ``cancelled``, billed by whether
@@ -315,7 +317,8 @@ def record_completion(
     ``download_queued_until``: the caller queues the download itself once this commits (the
     job is leased to ``download_owner`` until then: :data:`DOWNLOAD_QUEUE`, or the caller's own
     worker when the download runs in its process); None leaves it unleased for the tick's
-    ``schedule_downloads``. True when the caller must now queue the download.
+    ``schedule_downloads``. True when the caller must now queue the download; ``row`` (a dict)
+    then holds the job as that move left it.
     """
     why = _ended_by_our_cancel(session, fence, status, now=now) if status.failed else None
     if why is not None:
@@ -355,6 +358,7 @@ def record_completion(
         error_type=status.error_type,
         lease_owner=download_owner if queued else None,
         lease_expires_at=download_queued_until,
+        row=row if queued else None,
     )
     return moved and queued
 
@@ -439,7 +443,7 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
         if not (event.job_id in latest and latest[event.job_id].status.completed):
             latest[event.job_id] = event
     jobs = store.job_heads(session, set(latest))
-    handed: list[str] = []
+    handed: dict[str, dict[str, Any]] = {}  # job id -> the row its move to downloading returned
     # In job id order: every process moves rows in one order, so two conductors applying the
     # same requests' statuses (an embedded run beside the workers' leader, both following the
     # requests at fal) wait for each other instead of deadlocking on PostgreSQL.
@@ -452,21 +456,29 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
         if status.completed:
             queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
             owner = rt.owner if handing else DOWNLOAD_QUEUE
+            row: dict[str, Any] | None = {} if handing else None
             if record_completion(
-                session, fence, status, now=now, download_queued_until=queued_until, download_owner=owner
+                session,
+                fence,
+                status,
+                now=now,
+                download_queued_until=queued_until,
+                download_owner=owner,
+                row=row,
             ):
                 done.downloads.append(job.id)
-                if handing:
-                    handed.append(job.id)
+                if row:
+                    handed[job.id] = row
             done.moved += 1
         elif status.state == "IN_PROGRESS" and fence.state == S.QUEUED:
             next_poll = _next_poll(rt.settings, job.submitted_at, now)
             if store.mark_running(session, fence, next_poll_at=next_poll):
                 done.moved += 1
-    # The completed jobs as they now stand (moved and leased above), read in one query: each
-    # download starts from its claim (``handed_claim``) instead of reading the job again.
-    for job_id, snapshot in store.job_snapshots(session, handed).items():
-        claim = handed_claim(session, rt, job_id, snapshot)
+    # The completed jobs as they now stand (moved and leased above), as their moves' UPDATEs
+    # returned them (no read again): each download starts from its claim (``handed_claim``)
+    # instead of reading the job again.
+    for job_id, row in sorted(handed.items()):
+        claim = handed_claim(session, rt, job_id, JobSnapshot(**row))
         if claim is not None:
             done.claims[job_id] = claim
     return done
