@@ -406,7 +406,8 @@ def request_holder(session: Session, job_id: str, request_id: str) -> str | None
     webhook's proof, a journal's entry, a late answer — is a provider protocol error, and the
     job must not follow that request: its result is the other job's video, billed to it once
     already. Every write of a request id to a job checks it, in the transaction that writes it
-    (:func:`transition`, :func:`update_job_fields`: :class:`~jobs.errors.RequestHeldError`);
+    (:func:`transition`, :func:`update_job_fields`: :class:`~jobs.errors.RequestHeldError`; on
+    SQLite a transition's UPDATE itself refuses such an id, and only asks this when it moved nothing);
     on PostgreSQL a transaction-level advisory lock on the id makes two jobs given one id take
     turns (under READ COMMITTED neither would see the other's uncommitted row). No unique
     index: simulations started with a fixed seed repeat their ids in one database (on
