@@ -29,6 +29,8 @@ The package is split by what its queries are about; everything is imported from 
 * :mod:`~jobs.store.core`: the plumbing every part shares (the kept statements of
   :func:`~jobs.store.core._prepared`, :func:`~jobs.store.core._run`, the ``jobs`` table's shared
   expressions);
+* :mod:`~jobs.store.direct`: the kept statements run straight on the driver's cursor
+  (:func:`~jobs.store.direct.run_reusable`, below :mod:`~jobs.store.core`);
 * :mod:`~jobs.store.transitions`: :func:`transition`, :class:`Fence`, :func:`update_job_fields`;
 * state changes by intent: :mod:`~jobs.store.submitting`, :mod:`~jobs.store.outcomes`,
   :mod:`~jobs.store.proofs` (proof that arrives late), :mod:`~jobs.store.unsent` (cancels of jobs

@@ -15,9 +15,9 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 from sqlalchemy.sql.elements import BindParameter
 
-from jobs import db
 from jobs.models import Batch, Job
 from jobs.states import JobState
+from jobs.store.direct import run_reusable
 
 if TYPE_CHECKING:
     from sqlalchemy.dialects import postgresql
@@ -140,7 +140,7 @@ def _prepared(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
 
 
 #: Identities of the statements kept for the life of the process (:func:`_prepared`, the
-#: transitions' shapes): :func:`jobs.db.run_reusable` may keep their compiled form.
+#: transitions' shapes): :func:`jobs.store.direct.run_reusable` may keep their compiled form.
 _KEPT: set[int] = set()
 
 
@@ -156,7 +156,7 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
     ``Session.execute`` costs about twice the CPU of ``Connection.execute`` for a statement
     that loads no ORM objects (it builds an ORM execution state and runs its hooks first);
     every job runs a few dozen such statements on its way, so the hot ones come here, and the
-    kept ones (:func:`_prepared`) go on to :func:`jobs.db.run_reusable`, which on SQLite and
+    kept ones (:func:`_prepared`) go on to :func:`jobs.store.direct.run_reusable`, which on SQLite and
     on PostgreSQL (psycopg) runs them on the driver directly. Changes pending on the session's
     objects are flushed first, as ``Session.execute`` would. The result answers
     ``first``/``one``/``scalar``/``all`` and iteration, its rows by index, by name and ``_mapping``.
@@ -165,7 +165,7 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
         session.flush()
     connection = session.connection()
     if id(statement) in _KEPT:
-        return db.run_reusable(connection, statement, params)
+        return run_reusable(connection, statement, params)
     return connection.execute(statement, params)
 
 

@@ -1,4 +1,4 @@
-"""The store's kept statements run straight on the driver (:func:`jobs.db.run_reusable`), SQLite's
+"""The store's kept statements run straight on the driver (:func:`jobs.store.direct.run_reusable`), SQLite's
 and psycopg's: the same rows, values and errors as SQLAlchemy's own execution, on both dialects."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import Engine, Table, bindparam, event, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, NoResultFound
 
-from jobs import db
 from jobs.models import Job, JobEvent
 from jobs.states import JobState
+from jobs.store.direct import DirectResult, run_reusable
 from tests.step_runtime import add_batch, job_ids
 
 JOBS = cast(Table, Job.__table__)
@@ -83,8 +83,8 @@ def test_a_move_returns_what_sqlalchemy_would_read_back(engine: Engine) -> None:
         "v_seed": 2**64 - 1,
     }
     with engine.begin() as conn:
-        result = db.run_reusable(conn, MOVE, params)
-        assert isinstance(result, db.DirectResult)  # the driver's cursor, on either database
+        result = run_reusable(conn, MOVE, params)
+        assert isinstance(result, DirectResult)  # the driver's cursor, on either database
         direct = result.one()
         assert direct.version == 1
         assert direct.state == JobState.RETRY_WAIT
@@ -101,11 +101,11 @@ def test_a_query_gives_the_same_rows_both_ways(engine: Engine) -> None:
     params = {"batch_id": batch_id, "state": JobState.PENDING}
     ids = job_ids(engine, batch_id)
     with engine.begin() as conn:
-        assert _plain(db.run_reusable(conn, SUMS, params)) == _plain(conn.execute(SUMS, params))
-        assert db.run_reusable(conn, SUMS, params).scalar() == 3
-        row = db.run_reusable(conn, SUMS, params).one()
+        assert _plain(run_reusable(conn, SUMS, params)) == _plain(conn.execute(SUMS, params))
+        assert run_reusable(conn, SUMS, params).scalar() == 3
+        row = run_reusable(conn, SUMS, params).one()
         assert (row.n, row.usd) == (3, Decimal("0.75"))
-        assert [r.id for r in db.run_reusable(conn, SOME_JOBS, {"ids": ids[:2]})] == sorted(ids[:2])
+        assert [r.id for r in run_reusable(conn, SOME_JOBS, {"ids": ids[:2]})] == sorted(ids[:2])
 
 
 def test_an_in_list_runs_directly_with_the_same_rows(engine: Engine) -> None:
@@ -117,25 +117,25 @@ def test_an_in_list_runs_directly_with_the_same_rows(engine: Engine) -> None:
         conn.execute(update(JOBS).where(JOBS.c.id == ids[0]).values(state=JobState.QUEUED))
         for chosen in (ids[:1], ids[1:], ids, ids[::-1], ids[:1]):  # lengths 1, 3, 4, the cached one again
             params = {"ids": chosen, "states": [JobState.PENDING, JobState.QUEUED]}
-            result = db.run_reusable(conn, IN_LISTS, params)
-            assert isinstance(result, db.DirectResult)
+            result = run_reusable(conn, IN_LISTS, params)
+            assert isinstance(result, DirectResult)
             rows = result.all()
             assert _plain(rows) == _plain(conn.execute(IN_LISTS, params))
             assert [r.id for r in rows] == sorted(chosen)
         only_pending = {"ids": ids, "states": [JobState.PENDING]}
-        assert [r.id for r in db.run_reusable(conn, IN_LISTS, only_pending)] == sorted(ids[1:])
+        assert [r.id for r in run_reusable(conn, IN_LISTS, only_pending)] == sorted(ids[1:])
         empty = {"ids": [], "states": [JobState.PENDING]}
-        result = db.run_reusable(conn, IN_LISTS, empty)
-        assert not isinstance(result, db.DirectResult)  # SQLAlchemy's "empty set" expression
+        result = run_reusable(conn, IN_LISTS, empty)
+        assert not isinstance(result, DirectResult)  # SQLAlchemy's "empty set" expression
         assert result.all() == []
 
 
 def test_one_and_first_answer_as_sqlalchemy_does(engine: Engine) -> None:
     with engine.begin() as conn:
-        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
-        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).scalar() is None
+        assert run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
+        assert run_reusable(conn, ONE_JOB, {"job_id": "none"}).scalar() is None
         with pytest.raises(NoResultFound):
-            db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).one()
+            run_reusable(conn, ONE_JOB, {"job_id": "none"}).one()
 
 
 def test_an_insert_is_compiled_for_the_columns_given(engine: Engine) -> None:
@@ -155,8 +155,8 @@ def test_an_insert_is_compiled_for_the_columns_given(engine: Engine) -> None:
         "worker": "me",
     }
     with engine.begin() as conn:
-        db.run_reusable(conn, ADD_EVENT, full)
-        db.run_reusable(conn, ADD_EVENT, {k: v for k, v in full.items() if k not in ("details", "worker")})
+        run_reusable(conn, ADD_EVENT, full)
+        run_reusable(conn, ADD_EVENT, {k: v for k, v in full.items() if k not in ("details", "worker")})
         rows = conn.execute(
             select(EVENTS.c.at, EVENTS.c.details, EVENTS.c.worker, EVENTS.c.to_state)
             .where(EVENTS.c.job_id == job_id)
@@ -167,7 +167,7 @@ def test_an_insert_is_compiled_for_the_columns_given(engine: Engine) -> None:
         (now, None, None, JobState.SUBMITTING),
     ]
     with pytest.raises(IntegrityError), engine.begin() as conn:  # no such job: the foreign key
-        db.run_reusable(conn, ADD_EVENT, full | {"job_id": "missing"})
+        run_reusable(conn, ADD_EVENT, full | {"job_id": "missing"})
 
 
 def test_statement_listeners_still_see_every_statement(engine: Engine) -> None:
@@ -181,7 +181,7 @@ def test_statement_listeners_still_see_every_statement(engine: Engine) -> None:
     event.listen(engine, "before_cursor_execute", record)
     try:
         with engine.begin() as conn:
-            db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first()
+            run_reusable(conn, ONE_JOB, {"job_id": "none"}).first()
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert any("FROM jobs" in s for s in seen)
@@ -195,7 +195,7 @@ def test_timestamps_keep_their_order_as_text(engine: Engine) -> None:
     base = datetime(2026, 12, 1, 23, 59, 59, 999999, tzinfo=UTC)
     common = {"v_state": JobState.RETRY_WAIT, "v_input": None, "v_usd": None, "v_seed": None, "w_version": 0}
     with engine.begin() as conn:
-        db.run_reusable(conn, MOVE, common | {"w_id": first, "v_next": base})
+        run_reusable(conn, MOVE, common | {"w_id": first, "v_next": base})
         conn.execute(MOVE, common | {"w_id": second, "v_next": base + timedelta(microseconds=1)})
         due = conn.execute(
             select(JOBS.c.id).where(JOBS.c.next_attempt_at <= base).where(JOBS.c.batch_id == batch_id)
@@ -218,12 +218,12 @@ def test_a_lost_postgresql_connection_is_invalidated_as_sqlalchemy_does(engine: 
         other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
         other.commit()
         with pytest.raises(DBAPIError) as raised:
-            db.run_reusable(conn, ONE_JOB, {"job_id": "none"})
+            run_reusable(conn, ONE_JOB, {"job_id": "none"})
         assert raised.value.connection_invalidated
         assert conn.invalidated
         conn.rollback()  # what a unit of work's scope does on its way out
     with engine.begin() as conn:  # a fresh connection from the pool answers
-        assert db.run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
+        assert run_reusable(conn, ONE_JOB, {"job_id": "none"}).first() is None
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # PostgreSQL's path only
@@ -231,7 +231,7 @@ def test_postgresql_outside_a_transaction_goes_through_sqlalchemy(engine: Engine
     """A connection with no transaction begun: SQLAlchemy's ``execute`` begins one (autobegin),
     so it runs the statement rather than the driver's cursor behind SQLAlchemy's back."""
     with engine.connect() as conn:
-        result = db.run_reusable(conn, ONE_JOB, {"job_id": "none"})
-        assert not isinstance(result, db.DirectResult)
+        result = run_reusable(conn, ONE_JOB, {"job_id": "none"})
+        assert not isinstance(result, DirectResult)
         assert conn.in_transaction()
-        assert isinstance(db.run_reusable(conn, ONE_JOB, {"job_id": "none"}), db.DirectResult)
+        assert isinstance(run_reusable(conn, ONE_JOB, {"job_id": "none"}), DirectResult)
