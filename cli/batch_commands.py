@@ -117,6 +117,7 @@ def status(batch: str | None, as_json: bool) -> None:
 
     def action() -> int:
         from jobs import batches
+        from jobs.cap_holds import CapCheck
         from jobs.settings import get_settings
         from worker.here import process_here
         from worker.limits import api_key_id
@@ -126,7 +127,7 @@ def status(batch: str | None, as_json: bool) -> None:
             return EXIT_OK
         # Which cap holds an active batch's unsent jobs back, counted as a run started from
         # here (or the workers, with a broker) counts it: this environment's key and caps.
-        caps = batches.CapCheck.of(settings, api_key_id(settings), process_here(settings).origin)
+        caps = CapCheck.of(settings, api_key_id(settings), process_here(settings).origin)
         # A hold on fal recorded by a process of this host that has ended is not shown.
         from jobs.processes import owner_gone
 
@@ -1496,6 +1497,7 @@ def rerun(
     def action() -> int:
         from jobs import batches, database_home
         from jobs.models import utcnow
+        from jobs.rerun import NothingToRerun, rerun_batch, rerun_wait_note
         from jobs.settings import get_settings
         from jobs.vary import parse_varies
 
@@ -1524,7 +1526,7 @@ def rerun(
         # 0) without a key, as it does with `--simulate` (whose target holds the simulator's).
         with fal_settings(settings, simulate, keyless=True) as target:
             try:
-                result = batches.rerun_batch(
+                result = rerun_batch(
                     batch,
                     settings=target,
                     simulated=simulate,
@@ -1532,7 +1534,7 @@ def rerun(
                     before_storing=target.require_fal_key,
                     **options,
                 )
-            except batches.NothingToRerun as nothing:  # not an error: say so, create nothing
+            except NothingToRerun as nothing:  # not an error: say so, create nothing
                 if as_json:
                     emit_json({"ok": True, "batch": None, "total": 0, "counts": {}, "message": str(nothing)})
                 else:
@@ -1540,7 +1542,7 @@ def rerun(
                 return nothing.exit_code
             print_warnings(result)
             print_budget_note(result)
-            if note := batches.rerun_wait_note(result, utcnow()):
+            if note := rerun_wait_note(result, utcnow()):
                 err.print(f"[yellow]{escape(note)}[/yellow]")
             again = f"run `{new.run_command(result.batch_id)}`"  # never `rerun` again: another batch
             return _run_and_report(result.batch_id, target, as_json, not no_progress, again=again)

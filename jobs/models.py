@@ -365,7 +365,7 @@ class Batch(Base):
     #: survives the file being edited or deleted. NULL for batches stored before it was kept.
     #: Deferred: read only for provenance (re-submit, rerun), never on the hot paths that load a batch.
     manifest_text: Mapped[str | None] = mapped_column(Text, deferred=True)
-    #: How ``wanbatch rerun`` made this batch (:func:`jobs.batches.rerun_options`): ``failed_only``,
+    #: How ``wanbatch rerun`` made this batch (:func:`jobs.rerun.rerun_options`): ``failed_only``,
     #: ``new_seeds``, ``max_usd`` (as given, or null), ``vary`` (each option's text) and, only
     #: when given, ``pay_again`` (``--pay-again``), for the
     #: command an ``hf`` export's dataset card shows. NULL for a batch a manifest made, and for

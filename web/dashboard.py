@@ -47,6 +47,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from jobs import batches, db, listing, store
+from jobs.cap_holds import CapCheck
 from jobs.digits import ascii_int
 from jobs.errors import DatabaseLockedError, NotFoundError, UsageError, WanbatchError
 from jobs.fs import name_problem
@@ -56,6 +57,7 @@ from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone, process_prefix
 from jobs.redaction import masked_error
 from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
+from jobs.rerun import rerun_batch, rerun_waits
 from jobs.schedule import eta_text, format_age
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -520,13 +522,13 @@ class Dashboard:
         records = read_records(self.settings, database_fingerprint(webhook_secret(self.engine)))
         return silent_since(records, utcnow()), unread_warning(records)
 
-    def _caps(self) -> batches.CapCheck:
+    def _caps(self) -> CapCheck:
         """How a run from this environment (or its workers, with a broker) counts the caps: its
         key, caps and fal queue, as ``status`` counts them."""
         from worker.limits import api_key_id
 
         origin = process_here(self.settings).origin
-        return batches.CapCheck.of(self.settings, api_key_id(self.settings), origin)
+        return CapCheck.of(self.settings, api_key_id(self.settings), origin)
 
     def batch_page(self, request: Request) -> Response:
         wanted = Filter.parse(request.query_params)
@@ -757,13 +759,11 @@ class Dashboard:
         if counts[JobState.FAILED.value] + counts[JobState.CANCELLED.value] == 0:
             raise UsageError(f"batch {batch.name} has no failed or cancelled job: nothing to rerun")
         # A simulation's rerun is a simulation: a button must never turn a rehearsal into spending.
-        result = batches.rerun_batch(
-            batch.id, failed_only=True, settings=self.settings, simulated=batch.simulated
-        )
+        result = rerun_batch(batch.id, failed_only=True, settings=self.settings, simulated=batch.simulated)
         ref = shell_ref(result.name, result.batch_id)
         # It keeps its parent's window: while that is closed it waits, as `rerun` and `status` say
-        # (jobs.batches.rerun_waits: Schedule.waits), before anything sends it.
-        if waits := batches.rerun_waits(result, utcnow()):
+        # (jobs.rerun.rerun_waits: Schedule.waits), before anything sends it.
+        if waits := rerun_waits(result, utcnow()):
             if result.simulated:
                 sender = f"`wanbatch run {ref} --simulate` (a simulation)"
             elif self.settings.broker_url:

@@ -59,15 +59,12 @@ from jobs import db, listing, store
 from jobs.batches import (
     BatchProgress,
     BatchReport,
-    CapCheck,
-    CapHold,
     batch_progress,
     batch_report,
-    cap_holds,
-    cap_note,
     left_to_collect,
     paused_schedule_text,
 )
+from jobs.cap_holds import CapCheck, CapHold, cap_holds, cap_note
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow

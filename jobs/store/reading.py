@@ -760,7 +760,7 @@ def count_repeated(
     ``states`` (None: every job) less those it leaves out because the batch's manifest no longer
     has them — ``failed_only`` (``--failed-only``) every one marked ``not_in_manifest``, a plain
     rerun those a resubmit dropped (``cancelled``, ``error_type`` :data:`NOT_IN_MANIFEST`).
-    :func:`jobs.batches.rerun_batch` picks them row by row, but its size check refuses before a
+    :func:`jobs.rerun.rerun_batch` picks them row by row, but its size check refuses before a
     row is built, so it counts them here by the same rule: counted by state alone, the jobs it
     leaves out counted towards the limit, and a rerun that fitted was refused."""
     query = select(func.count()).select_from(Job).where(Job.batch_id == batch_id)

@@ -17,6 +17,7 @@ from sqlalchemy import update
 from falsim.server import SimulatorHandle
 from jobs import batches, db, store
 from jobs.models import BatchState, Job, utcnow
+from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import get_settings
 from jobs.states import JobState
 from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, counts, export_jsonl
@@ -222,8 +223,8 @@ def test_rerun_failed_only_with_nothing_to_rerun_says_so_and_creates_nothing(
     assert (body["ok"], body["batch"], body["total"]) == (True, None, 0)
     assert "nothing to rerun" in body["message"]
     assert counts(url) == before  # no empty batch
-    with pytest.raises(batches.NothingToRerun):
-        batches.rerun_batch("fine", failed_only=True, settings=get_settings())
+    with pytest.raises(NothingToRerun):
+        rerun_batch("fine", failed_only=True, settings=get_settings())
     assert counts(url) == before
 
 

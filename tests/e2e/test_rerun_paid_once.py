@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from jobs import batches
+from jobs.rerun import rerun_batch
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import MakeManifest, Wb, processed
 
@@ -139,7 +139,7 @@ def test_failed_only_again_before_the_first_rerun_ran_pays_once(
     same jobs, and running both paid twice."""
     _capped_batch(wb, sim, manifest)
     # Stored, not run: what the dashboard's "Rerun failed" button does without workers.
-    stored = batches.rerun_batch("budget1", failed_only=True, max_usd=Decimal("5"), settings=get_settings())
+    stored = rerun_batch("budget1", failed_only=True, max_usd=Decimal("5"), settings=get_settings())
     assert (stored.name, stored.added) == ("budget1-rerun-1", 3)
 
     again = wb("rerun", "budget1", "--failed-only", "--max-usd", "5", "--json", "--no-progress")

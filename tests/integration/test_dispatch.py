@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from jobs import batches, db, store
+from jobs.cap_holds import CapCheck, cap_note
 from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -205,7 +206,7 @@ def test_a_simulation_counts_only_its_own_requests_and_downloads(engine: Engine)
 def _held(engine: Engine, job_id: str, **settings: Any) -> str | None:
     """The ``phase_reason`` `status` gives the batch of ``job_id`` with ``settings`` (and its key)."""
     config = Settings(**settings)
-    check = batches.CapCheck.of(config, api_key_id(config))
+    check = CapCheck.of(config, api_key_id(config))
     with db.read_scope(engine) as session:
         report = batches.batch_report(session, store.get_job(session, job_id).batch_id, caps=check)
     assert report["phase"] == "active"
@@ -288,7 +289,7 @@ def test_with_workers_the_explanation_counts_every_keys_requests_as_their_leader
     watch = _CapWatch(next(iter(_batch_id(engine, mine[0]))), config, None)  # run, watching
     with db.read_scope(engine) as session:
         current = batches.batch_progress(session, watch.batch_id)
-        assert batches.cap_note(watch.holds(session, current), watch.batch_id) == note
+        assert cap_note(watch.holds(session, current), watch.batch_id) == note
     # Embedded, a run sends with its own key only: the other key's requests hold it back nowhere.
     assert _held(engine, mine[0], max_outstanding=3) is None
     embedded = _runtime(engine, [], batch_ids=_batch_id(engine, mine[0]), max_outstanding=3)

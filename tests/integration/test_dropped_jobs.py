@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from jobs import batches, db, listing, store
 from jobs.models import NOT_IN_MANIFEST, Job, JobEvent
+from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import Settings
 from jobs.states import JobState as S
 
@@ -205,12 +206,12 @@ def test_a_plain_rerun_with_only_dropped_jobs_has_nothing_to_rerun(engine: Engin
         )
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
     for failed_only in (False, True):
-        with pytest.raises(batches.NothingToRerun) as nothing:
-            batches.rerun_batch("gone", failed_only=failed_only, settings=settings)
+        with pytest.raises(NothingToRerun) as nothing:
+            rerun_batch("gone", failed_only=failed_only, settings=settings)
         assert "no batch was created" in str(nothing.value)
         assert "2 " in str(nothing.value), str(nothing.value)
-    with pytest.raises(batches.NothingToRerun) as plain:
-        batches.rerun_batch("gone", settings=settings)
+    with pytest.raises(NothingToRerun) as plain:
+        rerun_batch("gone", settings=settings)
     said = str(plain.value)
     assert said.startswith("nothing to rerun: batch gone ("), said
     assert "has no job to repeat (2 dropped from its manifest, never sent, are left out)" in said, said
@@ -234,7 +235,7 @@ def test_rerun_failed_only_leaves_out_a_dropped_job_whose_mark_is_gone(engine: E
             update(Job).where(Job.job_key == f"{0:064x}").values(state=S.FAILED, error_type="fal_error")
         )
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
-    result = batches.rerun_batch("lost", failed_only=True, settings=settings)
+    result = rerun_batch("lost", failed_only=True, settings=settings)
     with db.read_scope(engine) as session:
         rerun = {j.rerun_of for j in store.jobs_of_batch(session, result.batch_id)}
         parent = {

@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Engine
 
-from jobs import batches, db, store
+from jobs import db, store
 from jobs.key_forms import forget_keys, remember_key
 from jobs.models import Batch, Job
+from jobs.rerun import rerun_batch
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from tests.in_process import run_main
@@ -150,7 +151,7 @@ def test_every_format_masks_the_key_and_url_credentials_in_input_and_actual_prom
         assert sent_job.source_files == SOURCES
         assert unsent_job.input == {"prompt": PROMPT}
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
-    done = batches.rerun_batch(batch, new_seeds=True, settings=settings)  # one is unfinished
+    done = rerun_batch(batch, new_seeds=True, settings=settings)  # one is unfinished
     with db.read_scope(engine) as session:
         repeated = list(store.jobs_of_batch(session, done.batch_id))
         assert sorted(job.input["prompt"] for job in repeated) == [PROMPT, PROMPT]

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, update
 
 from jobs import batches, db, store
+from jobs.cap_holds import CapCheck, cap_holds, cap_note
 from jobs.models import Batch, Job, utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
@@ -200,7 +201,7 @@ def test_share_reads_only_the_batches_that_can_get_a_slot() -> None:
 def _held(engine: Engine, batch_id: str, **settings: Any) -> str | None:
     """The ``phase_reason`` `status` gives ``batch_id`` with ``settings``."""
     config = Settings(**settings)
-    check = batches.CapCheck.of(config, api_key_id(config))
+    check = CapCheck.of(config, api_key_id(config))
     with db.read_scope(engine) as session:
         report = batches.batch_report(session, batch_id, caps=check)
     assert report["phase"] == "active"
@@ -237,10 +238,10 @@ def test_status_says_a_low_priority_batch_waits_for_the_normal_ones_with_jobs_to
         "sent once they are sent, or give it `priority: normal` and submit it again"
     )
     assert _held(engine, low_id, **WORKERS) == said
-    check = batches.CapCheck.of(Settings(**WORKERS), "k")
+    check = CapCheck.of(Settings(**WORKERS), "k")
     with db.read_scope(engine) as session:  # what a watching `run` says on its progress line
-        holds = batches.cap_holds(session, low_id, check.workers_scope(), check)
-        assert batches.cap_note(holds, low_id, short=True) == "held: low priority (behind daytime)"
+        holds = cap_holds(session, low_id, check.workers_scope(), check)
+        assert cap_note(holds, low_id, short=True) == "held: low priority (behind daytime)"
     with db.session_scope(engine) as session:  # paused, the normal batch holds nothing back
         store.set_paused_by_user(session, normal_id, True)
     # … and the cap its requests fill is what holds the low one back

@@ -33,9 +33,10 @@ import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
-from jobs.batches import batch_report, rerun_batch
+from jobs.batches import batch_report
 from jobs.cost import cost_report
 from jobs.models import Job, JobEvent, utcnow
+from jobs.rerun import rerun_batch
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for

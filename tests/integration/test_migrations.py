@@ -715,8 +715,9 @@ def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_eng
 
     from sqlalchemy import update
 
-    from jobs import batches, db, store
+    from jobs import db, store
     from jobs.models import NOT_IN_MANIFEST, Job
+    from jobs.rerun import rerun_batch
     from jobs.settings import Settings
     from jobs.states import JobState
 
@@ -755,7 +756,7 @@ def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_eng
         }
     assert marks == {0: (JobState.FAILED, None, False), 1: (JobState.CANCELLED, NOT_IN_MANIFEST, True)}
     settings = Settings(database_url=empty_engine.url.render_as_string(hide_password=False))
-    rerun = batches.rerun_batch("rows", failed_only=True, settings=settings)
+    rerun = rerun_batch("rows", failed_only=True, settings=settings)
     with db.read_scope(empty_engine) as session:
         parent = {j.id: int(j.job_key, 16) for j in store.jobs_of_batch(session, batch_id)}
         assert [parent[str(j.rerun_of)] for j in store.jobs_of_batch(session, rerun.batch_id)] == [0]

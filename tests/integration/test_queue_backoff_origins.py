@@ -29,6 +29,7 @@ from pydantic import SecretStr
 from sqlalchemy import Engine, update
 
 from jobs import batches, db, store
+from jobs.cap_holds import CapCheck, cap_note
 from jobs.models import Job, utcnow
 from jobs.settings import get_settings
 from jobs.states import JobState
@@ -129,9 +130,7 @@ def test_another_queues_requests_a_live_process_follows_count_in_the_cap_not_the
     assert dispatch(rt) == []
     assert rt.capped  # the cap is full now; said by status:
     with db.read_scope(engine) as session:
-        check = batches.CapCheck.of(
-            _settings(max_outstanding=8), api_key_id(_settings()), queue_origin(QUEUE)
-        )
+        check = CapCheck.of(_settings(max_outstanding=8), api_key_id(_settings()), queue_origin(QUEUE))
         report = batches.batch_report(session, real, caps=check)
     assert report["phase_reason"] is not None
     assert "the outstanding cap is full (8 of 8, WANBATCH_MAX_OUTSTANDING)" in report["phase_reason"]
@@ -179,8 +178,8 @@ def test_the_backoff_holding_jobs_back_is_named_by_run_status_and_the_dashboard(
     watch = _CapWatch(second, _settings(), rt)
     with db.read_scope(engine) as session:
         holds = watch.holds(session, batches.batch_progress(session, second))
-    assert batches.cap_note(holds, second) == HELD
-    assert batches.cap_note(holds, second, short=True) == (
+    assert cap_note(holds, second) == HELD
+    assert cap_note(holds, second, short=True) == (
         "held: queue-wait backoff (2 waiting at fal over 60s: 2 of first; keeps 1)"
     )
 

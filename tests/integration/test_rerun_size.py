@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, update
 
-from jobs import batches, db, store
+from jobs import db, rerun, store
 from jobs.errors import UsageError
 from jobs.models import NOT_IN_MANIFEST, Job
 from jobs.settings import Settings
@@ -24,15 +24,15 @@ def test_a_rerun_over_the_job_limit_is_refused_and_stores_nothing(
 ) -> None:
     parent = add_batch(engine, "big-parent", [("fal-ai/wan-22", {"prompt": p, "seed": 1}) for p in "abc"])
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
-    monkeypatch.setattr(batches, "MAX_JOBS", 8)
+    monkeypatch.setattr(rerun, "MAX_JOBS", 8)
 
     with pytest.raises(UsageError) as refused:
-        batches.rerun_batch(parent, vary=parse_varies(["seed=1..3"]), settings=settings)
+        rerun.rerun_batch(parent, vary=parse_varies(["seed=1..3"]), settings=settings)
     assert "would have 9 jobs (3 job(s) × 3 combinations of --vary values), more than 8" in str(refused.value)
     with db.read_scope(engine) as session:
         assert [b.name for b in store.list_batches(session)] == ["big-parent"]
 
-    done = batches.rerun_batch(parent, vary=parse_varies(["seed=1..2"]), settings=settings)  # 6: fine
+    done = rerun.rerun_batch(parent, vary=parse_varies(["seed=1..2"]), settings=settings)  # 6: fine
     assert done.total == 6
 
 
@@ -54,13 +54,13 @@ def test_the_job_limit_counts_only_the_jobs_a_plain_rerun_repeats(
     parent = add_batch(engine, "dropped-parent", [("fal-ai/wan-22", {"prompt": p, "seed": 1}) for p in "abc"])
     _leave_out(engine, parent, 2, state=JobState.CANCELLED, error_type=NOT_IN_MANIFEST)
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
-    monkeypatch.setattr(batches, "MAX_JOBS", 6)
+    monkeypatch.setattr(rerun, "MAX_JOBS", 6)
 
-    done = batches.rerun_batch(parent, vary=parse_varies(["seed=1..3"]), settings=settings)
+    done = rerun.rerun_batch(parent, vary=parse_varies(["seed=1..3"]), settings=settings)
     assert done.total == 6
 
     with pytest.raises(UsageError) as refused:  # 2 jobs × 4 seeds: over, and counted as such
-        batches.rerun_batch(parent, vary=parse_varies(["seed=1..4"]), settings=settings)
+        rerun.rerun_batch(parent, vary=parse_varies(["seed=1..4"]), settings=settings)
     assert "would have 8 jobs (2 job(s) × 4 combinations of --vary values), more than 6" in str(refused.value)
 
 
@@ -73,7 +73,7 @@ def test_the_job_limit_counts_only_the_jobs_a_failed_only_rerun_repeats(
         session.execute(update(Job).where(Job.batch_id == parent).values(state=JobState.FAILED))
     _leave_out(engine, parent, 0)
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
-    monkeypatch.setattr(batches, "MAX_JOBS", 6)
+    monkeypatch.setattr(rerun, "MAX_JOBS", 6)
 
-    done = batches.rerun_batch(parent, failed_only=True, vary=parse_varies(["seed=1..3"]), settings=settings)
+    done = rerun.rerun_batch(parent, failed_only=True, vary=parse_varies(["seed=1..3"]), settings=settings)
     assert done.total == 6

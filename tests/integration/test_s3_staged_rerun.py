@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
-from jobs.batches import rerun_batch
 from jobs.models import BatchState, Job
+from jobs.rerun import rerun_batch
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal

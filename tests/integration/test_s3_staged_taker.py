@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine
 
 from jobs import billing, db, store
-from jobs.batches import rerun_batch
+from jobs.rerun import rerun_batch
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal

@@ -23,11 +23,11 @@ import pytest
 from sqlalchemy import Engine, text
 
 from jobs import db, store
-from jobs.batches import NothingToRerun, rerun_batch
 from jobs.db import make_engine, migrate
 from jobs.endpoints import get_endpoint
 from jobs.manifest import job_key, key_of
 from jobs.rendered import rerun_covered
+from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import Settings
 from jobs.states import JobState as S
 from tests.step_runtime import job_ids, make_runtime

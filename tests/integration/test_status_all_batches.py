@@ -19,7 +19,8 @@ import pytest
 from sqlalchemy import Engine, event, update
 
 from jobs import batches, db, store
-from jobs.batches import CapCheck, batch_report
+from jobs.batches import batch_report
+from jobs.cap_holds import CapCheck
 from jobs.models import Batch, BatchState, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import DatabaseSettings, get_settings

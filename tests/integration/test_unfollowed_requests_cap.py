@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Engine, event, update
 
 from jobs import batches, db, store
+from jobs.cap_holds import CapCheck
 from jobs.models import Job, utcnow
 from tests.integration.test_queue_backoff_origins import (
     QUEUE,
@@ -46,7 +47,7 @@ LONG_AGO = store.UNFOLLOWED_SECONDS + 120
 
 def _phase_reason(engine: Engine, batch_id: str, max_outstanding: int) -> str | None:
     with db.read_scope(engine) as session:
-        check = batches.CapCheck.of(
+        check = CapCheck.of(
             _settings(max_outstanding=max_outstanding), api_key_id(_settings()), queue_origin(QUEUE)
         )
         reason: str | None = batches.batch_report(session, batch_id, caps=check)["phase_reason"]

@@ -35,11 +35,12 @@ from falsim import SimulatorHandle, SimulatorOptions, running_simulator
 from falsim.faults import FaultRule
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db, store
-from jobs.batches import batch_report, rerun_batch
+from jobs.batches import batch_report
 from jobs.billing import Outcome, billed
 from jobs.cost import cost_report
 from jobs.errors import RetryableProviderError
 from jobs.models import BatchState, Job, WebhookDelivery, utcnow
+from jobs.rerun import rerun_batch
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until

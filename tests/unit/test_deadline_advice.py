@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from cli.output import _deadline_advice, deadline_cancelled_text
-from jobs.batches import BatchReport, SubmitResult, rerun_wait_note
+from jobs.batches import BatchReport, SubmitResult
+from jobs.rerun import rerun_wait_note
 
 BATCH_ID = "a9262bde" + "0" * 24
 NOTHING = {"jobs": 0, "cancelled_for_budget": 0, "cancelled_for_daily_budget": 0, "reruns": []}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from jobs.batches import _repeat_cause
+from jobs.rerun import _repeat_cause
 from jobs.store import NewJob
 from jobs.vary import parse_varies
 

@@ -25,10 +25,11 @@ from sqlalchemy import Engine, update
 
 import web.dashboard
 from cli.output import _pending_line, progress_text
-from jobs import batches, db, store
+from jobs import batches, cap_holds, db, store
 from jobs.db import session_factory
 from jobs.listing import BUSY_STATES
 from jobs.models import EVERY_BATCH, Job, utcnow
+from jobs.rerun import rerun_wait_note
 from jobs.schedule import Schedule, eta_text
 from jobs.states import JobState
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
@@ -42,6 +43,7 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> datetime:
     now = utcnow()
     monkeypatch.setattr(web.dashboard, "utcnow", lambda: now)
     monkeypatch.setattr(batches, "utcnow", lambda: now)
+    monkeypatch.setattr(cap_holds, "utcnow", lambda: now)  # the page's cap note (held_note)
     return now
 
 
@@ -164,6 +166,6 @@ def test_rerun_failed_says_its_rerun_waits_for_its_window(
         batch_id=rerun["batch"], name="mixed-rerun-1", created=True, added=6, existing=0, total=6,
         counts={}, schedule=rerun["schedule"],
     )  # fmt: skip
-    note = batches.rerun_wait_note(result, frozen)
+    note = rerun_wait_note(result, frozen)
     assert note is not None
     assert note.startswith(f"batch mixed-rerun-1 {waits}; `--now` sends it now"), note

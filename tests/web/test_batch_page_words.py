@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 
 import web.dashboard
 from cli.output import _pending_line, report_ref
-from jobs import batches, db, listing, store
+from jobs import batches, cap_holds, db, listing, store
 from jobs.db import session_factory
 from jobs.models import EVERY_BATCH, FalHold, utcnow
 from jobs.schedule import Schedule
@@ -43,6 +43,7 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> datetime:
     now = utcnow()
     monkeypatch.setattr(web.dashboard, "utcnow", lambda: now)
     monkeypatch.setattr(batches, "utcnow", lambda: now)
+    monkeypatch.setattr(cap_holds, "utcnow", lambda: now)  # the page's cap note (held_note)
     return now
 
 

@@ -135,7 +135,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     below_cap = rt.settings.max_outstanding - flight.outstanding
     free = _room_at_fal(session, rt, flight, below_cap, scope, now - waited)
     room = _room_for_downloads(rt, flight.downloading)
-    # `run` then says which cap holds jobs back, and whose jobs fill it (jobs.batches.cap_holds):
+    # `run` then says which cap holds jobs back, and whose jobs fill it (jobs.cap_holds.cap_holds):
     # the queue-wait back-off too, when it lets nothing go though the cap has room
     rt.capped = below_cap <= 0 or room <= 0 or free <= 0
     rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
