@@ -1495,7 +1495,7 @@ def rerun(
     new = _NewRerun(simulate)
 
     def action() -> int:
-        from jobs import batches, database_home
+        from jobs import batches, database_home, estimates
         from jobs.models import utcnow
         from jobs.rerun import NothingToRerun, rerun_batch, rerun_wait_note
         from jobs.settings import get_settings
@@ -1504,7 +1504,7 @@ def rerun(
         cap = None if max_usd is None else batches.parse_usd(max_usd)  # one-line UsageError
         settings = get_settings()
         # The syntax, and no FAL_KEY in any option; the values are checked per endpoint by rerun_batch.
-        sweeps = parse_varies(vary, batches.fal_keys(settings))
+        sweeps = parse_varies(vary, estimates.fal_keys(settings))
         database_home.refuse_missing(settings, [batch])  # no empty database made to say so
         # The proxy and certificate variables its clients will read, for the fal it will call.
         require_http_environment(reached_fal(settings, simulate))

@@ -1,7 +1,8 @@
 """``validate``, ``estimate`` and ``submit``: the commands that read a manifest.
 
-Thin by design: parse options, call one function of :mod:`jobs.batches`, print. Nothing here
-talks to fal, so nothing of :mod:`worker` is imported.
+Thin by design: parse options, call one function of :mod:`jobs.batches` (``submit``) or of
+:mod:`jobs.estimates` (``validate``, ``estimate``: no database, so neither imports SQLAlchemy),
+print. Nothing here talks to fal, so nothing of :mod:`worker` is imported.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
     """
 
     def action() -> int:
-        from jobs import batches
+        from jobs.estimates import estimate_manifest
         from jobs.settings import get_settings
 
         settings = get_settings()
         with err.status(f"validating {escape(str(manifest))} …"):
-            report, _totals = batches.estimate_manifest(manifest, settings, allow_dirs)
+            report, _totals = estimate_manifest(manifest, settings, allow_dirs)
         if as_json:
             emit_json(
                 {
@@ -70,13 +71,13 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
     """
 
     def action() -> int:
-        from jobs import batches
+        from jobs.estimates import estimate_manifest
         from jobs.money import usd_json
         from jobs.settings import get_settings
 
         settings = get_settings()
         with err.status(f"validating and pricing {escape(str(manifest))} …"):
-            report, totals = batches.estimate_manifest(manifest, settings, allow_dirs)
+            report, totals = estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
         warnings = report.warnings
         budget = [i for i in warnings if i.field == "budget.max_usd"]

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import update
 
 from falsim.server import SimulatorHandle
-from jobs import batches, db, store
+from jobs import db, estimates, store
 from jobs.models import BatchState, Job, utcnow
 from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import get_settings
@@ -107,13 +107,13 @@ def test_validate_and_estimate_warn_about_the_budget(wb: Wb, manifest: MakeManif
     assert estimate["budget_max_usd"] == 0.5
     assert len(estimate["budget_warnings"]) == 1
 
-    # A large batch (over batches.LARGE_BATCH_JOBS) with no budget at all: warned.
-    seeds = ", ".join(str(n) for n in range(1, batches.LARGE_BATCH_JOBS + 2))
+    # A large batch (over estimates.LARGE_BATCH_JOBS) with no budget at all: warned.
+    seeds = ", ".join(str(n) for n in range(1, estimates.LARGE_BATCH_JOBS + 2))
     large = manifest("large", FOUR_JOBS.format(name="large").replace("1, 2, 3, 4", seeds))
     warned = wb("estimate", large, "--json").json()
-    assert warned["jobs"] == batches.LARGE_BATCH_JOBS + 1
+    assert warned["jobs"] == estimates.LARGE_BATCH_JOBS + 1
     (text,) = warned["budget_warnings"]
-    assert f"{batches.LARGE_BATCH_JOBS + 1} jobs" in text
+    assert f"{estimates.LARGE_BATCH_JOBS + 1} jobs" in text
     assert "no budget" in text
     assert "no budget" in wb("validate", large).stderr
     # At the threshold, or with a cap the estimate fits under: nothing to say.

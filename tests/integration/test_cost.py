@@ -24,7 +24,7 @@ from cli.output import money_line
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs import batches, db, store
+from jobs import batches, db, estimates, store
 from jobs.billing import Outcome, classify_failure, load_rules
 from jobs.cost import cost_report
 from jobs.pricing import estimate_job, unit_symbol
@@ -216,7 +216,7 @@ def test_budget_cap_holds_per_the_ledger_and_status_says_so(
 ) -> None:
     # 10 jobs × $0.20 = $2.00 estimated; the cap allows 7.
     path = _manifest(tmp_path, BUDGET.format(name="budget-cap", cap="1.50"))
-    _report, totals = batches.estimate_manifest(path, settings)
+    _report, totals = estimates.estimate_manifest(path, settings)
     assert totals.usd == Decimal("2.0")
     submitted = batches.submit_manifest(path, settings)
     report, _stats = process_batch(submitted.batch_id, settings, show_progress=False)

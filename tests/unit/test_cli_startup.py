@@ -70,6 +70,22 @@ def test_a_command_that_talks_to_no_one_loads_no_http_client(tmp_path: Path) -> 
     assert not {"worker.fal.client", "worker.fal.storage", "worker.steps"} & loaded
 
 
+#: What only a command that reads or writes the database needs.
+DATABASE_MODULES = ("sqlalchemy", "alembic", "jobs.db", "jobs.models", "jobs.store", "jobs.batches")
+
+
+@pytest.mark.parametrize("command", ["validate", "estimate"])
+def test_validate_and_estimate_load_nothing_of_the_database(tmp_path: Path, command: str) -> None:
+    """They read the manifest, the settings and the endpoint registry, never the database
+    (:mod:`jobs.estimates`): SQLAlchemy, the models and the store were half their start-up CPU."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: estimate-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    loaded = _modules_loaded_for(command, str(manifest), env=_clean_env(tmp_path))
+    assert {"jobs.manifest", "jobs.pricing"} <= loaded  # it did check and price the manifest
+    database = sorted(m for m in loaded if any(m == d or m.startswith(d + ".") for d in DATABASE_MODULES))
+    assert database == [], f"wanbatch {command} imported {database[:10]}"
+
+
 def test_only_help_sees_help_anywhere_before_a_double_dash() -> None:
     assert _only_help([])
     assert _only_help(["--help"])

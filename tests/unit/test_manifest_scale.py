@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import jobs.validation as validation
-from jobs import batches
+from jobs import estimates
 from jobs.errors import ManifestError
 from jobs.manifest import Manifest, validate_manifest
 from jobs.settings import Settings
@@ -137,7 +137,7 @@ def test_estimate_expands_the_manifest_once(folder: Path, monkeypatch: pytest.Mo
         return jobs(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Manifest, "jobs", counted)
-    report, totals = batches.estimate_manifest(path, _settings(folder))
+    report, totals = estimates.estimate_manifest(path, _settings(folder))
     assert passes == 1
     assert (report.job_count, totals.jobs) == (12, 12)
 
@@ -149,7 +149,7 @@ def test_estimate_prices_what_it_validated(folder: Path) -> None:
 
     path = sweep(folder, ROWS[:2])
     settings = _settings(folder)
-    report, totals = batches.estimate_manifest(path, settings)
+    report, totals = estimates.estimate_manifest(path, settings)
     again = Totals()
     assert report.manifest is not None
     for job in report.manifest.jobs():
@@ -168,7 +168,7 @@ def test_estimate_of_an_invalid_sweep_refuses_without_pricing_the_invalid_jobs(f
     path = folder / "m.yaml"
     path.write_text("name: bad\nendpoint: fal-ai/wan-22\nitems_from: rows.jsonl\n")
     with pytest.raises(ManifestError) as caught:
-        batches.estimate_manifest(path, _settings(folder))
+        estimates.estimate_manifest(path, _settings(folder))
     (error,) = [i for i in caught.value.issues if i.severity == "error"]
     assert (error.field, error.line) == ("resolution", 1)
     assert "1080p" in error.message

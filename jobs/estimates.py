@@ -1,0 +1,114 @@
+"""Validate and estimate a manifest, without the database: ``validate`` and ``estimate``.
+
+What a manifest would do before anything is stored — its issues, its jobs' billing units and
+USD, the budget warnings — from the manifest, the settings and the endpoint registry alone.
+Apart from :mod:`jobs.batches` (which re-exports all of it) so that ``wanbatch validate`` and
+``wanbatch estimate`` never import SQLAlchemy, the models and the store: about half of their
+start-up CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from jobs.errors import Issue, ManifestError
+from jobs.manifest import JobSpec, ValidationReport, validate_manifest
+from jobs.manifest.expand import Manifest
+from jobs.money import usd_text
+from jobs.pricing import Totals, estimate_job
+from jobs.settings import InputSettings, Settings
+
+
+def input_dirs(settings: InputSettings, allowed_dirs: Iterable[Path] = ()) -> tuple[Path, ...]:
+    """Folders beyond a manifest's own that its local files may come from.
+
+    The ``--allow-dir`` options, then ``WANBATCH_ALLOWED_INPUT_DIRS``: both explicit choices of
+    the user running wanbatch, never of the manifest's author.
+    """
+    return (*allowed_dirs, *settings.allowed_input_dirs)
+
+
+def fal_keys(settings: object) -> tuple[str, ...]:
+    """FAL_KEY's value when ``settings`` has one set: a manifest holding it is refused
+    (:mod:`jobs.manifest.fal_key`), whether or not this run sends anything to fal."""
+    key = getattr(settings, "fal_key", None)
+    value = key.get_secret_value() if key is not None else ""
+    return (value,) if value else ()
+
+
+def check_manifest(
+    path: str | Path,
+    settings: InputSettings,
+    allowed_dirs: Iterable[Path] = (),
+    *,
+    each_valid: Callable[[JobSpec], None] | None = None,
+) -> ValidationReport:
+    """Validate, and raise :class:`ManifestError` with every located issue when anything is wrong.
+
+    Local files may come from the manifest's folder and the folders :func:`input_dirs` names.
+    ``each_valid``: see :func:`jobs.manifest.validate_manifest`.
+    """
+    report = validate_manifest(
+        path, input_dirs(settings, allowed_dirs), fal_keys(settings), each_valid=each_valid
+    )
+    if not report.ok:
+        raise ManifestError(report.issues)
+    return report
+
+
+#: A batch of more jobs than this with no ``budget.max_usd`` gets a warning from ``validate`` and
+#: ``estimate``: past a hundred renders a typo in a matrix is real money, and a cap is one line.
+LARGE_BATCH_JOBS = 100
+
+
+def estimate_manifest(
+    path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()
+) -> tuple[ValidationReport, Totals]:
+    """Job count, billing units and USD of a valid manifest, per endpoint and in total.
+
+    The report's issues gain the budget warnings (:func:`budget_issues`), so ``validate`` and
+    ``estimate``, which both run this, say the same thing about money before any is spent.
+    """
+    totals = Totals()
+    # Priced as the validation pass checks them (one pass, not two): a job with an error is not
+    # priced, and then the manifest is refused and the totals never seen.
+    report = check_manifest(
+        path,
+        settings,
+        allowed_dirs,
+        each_valid=lambda spec: totals.add(estimate_job(spec.endpoint, spec.input, settings)),
+    )
+    assert report.manifest is not None
+    report.issues.extend(budget_issues(report.manifest, totals))
+    return report, totals
+
+
+def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
+    """Warnings about the money a manifest would spend (never errors: the cap still holds).
+
+    An estimate over ``budget.max_usd`` means the cap will cancel jobs (status shows them as
+    cancelled for budget): better known before submitting. More than :data:`LARGE_BATCH_JOBS`
+    jobs and no budget at all means nothing stops a mistake from being paid for in full.
+    """
+    cap = manifest.budget_max_usd
+    warnings: list[str] = []
+    if cap is not None and totals.usd > cap:
+        share = int(totals.jobs * cap / totals.usd) if totals.usd else totals.jobs
+        warnings.append(
+            f"the estimate {usd_text(totals.usd)} exceeds budget.max_usd {usd_text(cap)}: only about "
+            f"{share} of {totals.jobs} job(s) will run, the rest end cancelled (budget); raise "
+            "budget.max_usd or shrink the batch"
+        )
+    if cap is None and totals.jobs > LARGE_BATCH_JOBS:
+        warnings.append(
+            f"{totals.jobs} jobs (estimate {usd_text(totals.usd)}) and no budget: add "
+            f"`budget: {{max_usd: AMOUNT}}` so a mistake cannot spend it all (warned above "
+            f"{LARGE_BATCH_JOBS} jobs)"
+        )
+    return [
+        Issue(
+            file=manifest.display, line=None, item=None, field="budget.max_usd", message=m, severity="warning"
+        )
+        for m in warnings
+    ]
