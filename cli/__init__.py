@@ -483,6 +483,8 @@ def _main() -> None:
         # click turns it into Abort, answered below. Only the imports and the settings before
         # this point, which store nothing, end the process on the spot.
         _interrupt_normally()
+        if _AS_COMMAND:  # nothing else runs in this process: see startup.set_aside
+            startup.set_aside()
         try:
             code = cli.main(prog_name="wanbatch", standalone_mode=False)
         except Exception as exc:
