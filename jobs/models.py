@@ -760,6 +760,31 @@ class FalHold(Base):
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class HeldSubmission(Base):
+    """A submit fal accepted whose request id the database refused to record, held in the
+    journal of the process that has it (:mod:`worker.steps.unrecorded`): no other process
+    calls its outcome unknown, nor sends it again, while this mark is renewed.
+
+    Not on the job's own row: that is the write the database refused (a trigger, a constraint,
+    a value out of range). The holder writes the mark when the record is refused and renews it
+    every :data:`worker.steps.held.RENEW_SECONDS` while it holds the submission; recording it
+    deletes the mark. A mark not renewed for :data:`worker.steps.held.STALE_SECONDS` is a
+    holder's that is gone: it holds nothing (:func:`jobs.store.held_job_ids`), and the lease
+    rules apply to its job as to any other.
+    """
+
+    __tablename__ = "held_submissions"
+
+    #: The job (no foreign key: deleting a batch never waits on, nor fails for, a mark).
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The process that holds it (``host:pid:``).
+    owner: Mapped[str] = mapped_column(String(255))
+    #: The request id fal gave it, for ``status`` and whoever reads the table.
+    request_id: Mapped[str] = mapped_column(String(255))
+    #: When the holder last wrote this row (its renewal).
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class SubmitRate(Base):
     """The submit rate's token bucket of one API key, shared by every process that dispatches.
 

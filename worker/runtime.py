@@ -8,6 +8,7 @@ the same runtime for the same settings.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from sqlalchemy import Engine
 
@@ -20,6 +21,7 @@ from worker.fal.storage import FalStorage, Lookup, MediaPreparer, Record
 from worker.limits import limiter_for
 from worker.steps import Runtime
 from worker.steps.download import close_download_client, download_policy
+from worker.steps.reconcile import retry_held
 from worker.steps.webhooks import database_fingerprint, webhook_secret
 
 
@@ -52,7 +54,7 @@ def build_runtime(
     # The tick leader's published limits are per API key and database (worker.limits.policy_key):
     # read now, never later inside a round's transaction.
     database = database_fingerprint(webhook_secret(engine)) if settings.limits_backend_url() else None
-    return Runtime(
+    rt = Runtime(
         engine=engine,
         client=client,
         settings=settings,
@@ -63,6 +65,10 @@ def build_runtime(
         simulated=simulated,
         limiter=limiter_for(settings, database=database),
     )
+    # The submissions it holds are tried again by the keeper of their marks when its reconciler
+    # does not run (a worker that does not lead, a prefork child): worker.steps.held.
+    rt.held.retry = partial(retry_held, rt, wait=False)
+    return rt
 
 
 def _upload_cache(engine: Engine, origin: str, *, simulated: bool) -> tuple[Lookup, Record]:
@@ -113,6 +119,7 @@ def close_runtime(rt: Runtime) -> None:
     Call it where a runtime's life ends (instead of ``rt.client.close()`` alone). A runtime
     dropped without it still has its download client closed when it is garbage-collected.
     """
+    rt.held.close()  # the marks of submissions still held go stale: the next process here takes them over
     rt.submit_leases.close()  # a POST still in flight keeps its lease only until it runs out
     rt.output_leases.close()  # likewise an output being stored
     rt.fal_reach.release()  # a hold on fal it recorded ends with it (best effort)

@@ -42,6 +42,7 @@ The package is split by what its queries are about; everything is imported from 
   :mod:`~jobs.store.caps` (what the caps count), :mod:`~jobs.store.money`,
   :mod:`~jobs.store.metrics` (all batches);
 * :mod:`~jobs.store.uploads`, :mod:`~jobs.store.heartbeats`, :mod:`~jobs.store.fal_outages`,
+  :mod:`~jobs.store.held` (accepted submissions a live process holds, their record refused),
   :mod:`~jobs.store.instance_secrets`, :mod:`~jobs.store.webhook_inbox`,
   :mod:`~jobs.store.dashboard_sessions` (logouts).
 
@@ -143,6 +144,7 @@ from jobs.store.heartbeats import (
     workers_broker_down_since,
     workers_last_beat,
 )
+from jobs.store.held import held_job_ids, hold_submissions, release_held
 from jobs.store.instance_secrets import instance_secret, instance_secret_if_made
 from jobs.store.leases import (
     LeaseHolder,
@@ -419,7 +421,9 @@ __all__ = [
     "get_or_create_batch",
     "give_back",
     "heartbeat_owners",
+    "held_job_ids",
     "hold_fal",
+    "hold_submissions",
     "hold_submits",
     "in_flight",
     "incremented",
@@ -468,6 +472,7 @@ __all__ = [
     "record_upload",
     "refuse_held_request",
     "release_fal_hold",
+    "release_held",
     "release_lease",
     "release_process_leases",
     "request_holder",

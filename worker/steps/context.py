@@ -30,6 +30,7 @@ from worker.here import queue_origin
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.cancel_tries import CancelTries
 from worker.steps.fal_reach import FalReach, Hold
+from worker.steps.held import HeldMarks
 from worker.steps.keepalive import StepLeases
 from worker.steps.unrecorded import Unrecorded
 
@@ -334,6 +335,9 @@ class Runtime:
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)
+    #: Marks in the database the jobs whose accepted submission ``unrecorded`` holds, so that no
+    #: other process calls their outcome unknown while this one lives: :mod:`worker.steps.held`.
+    held: HeldMarks = field(init=False)
     #: The leases of this runtime's POSTs in flight, kept alive while fal's answer is awaited
     #: (:mod:`worker.steps.keepalive`).
     submit_leases: StepLeases = field(init=False)
@@ -355,6 +359,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.queue_origin = queue_origin(self.settings.fal_queue_url)
         self.unrecorded = Unrecorded(self.settings.database_url)
+        self.held = HeldMarks(self.engine, self.unrecorded)  # its retry: worker.runtime.build_runtime
         self.submit_leases = StepLeases(self.engine, self.settings.lease_seconds)
         lease = self.settings.lease_seconds
         self.output_leases = StepLeases(self.engine, lease, what="output", linger=lease / 3, warn_lost=False)

@@ -4,6 +4,8 @@ outcome stayed unknown, and carry out ``wanbatch cancel`` at fal."""
 from __future__ import annotations
 
 import logging
+import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +34,7 @@ from worker.steps.failures import (
     submit_outcome_unknown,
     unknown_submit_wait_over,
 )
+from worker.steps.held import STALE_SECONDS as HELD_STALE_SECONDS
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
 from worker.steps.unrecorded import (
@@ -70,11 +73,13 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
     moved = adopt_unrecorded(rt)  # first: a job whose request id is known is never "unknown"
     if rt.dead_leases is not None:  # a dead --simulate run's: claimed below at once, not after the lease
         rt.dead_leases.take_back()
-    # Jobs whose accepted submission is held here but not recorded (the database refused it):
-    # never "unknown", never sent again, until it is recorded.
+    # Jobs whose accepted submission is held but not recorded (the database refused it), here
+    # or by another live process (its mark renewed: worker.steps.held): never "unknown", never
+    # sent again, until it is recorded — or until its holder is gone.
     held = rt.unrecorded.held_job_ids()
     now = utcnow()
     with db.session_scope(rt.engine) as session:
+        held |= store.held_job_ids(session, live_since=now - timedelta(seconds=HELD_STALE_SECONDS))
         lease = rt.settings.lease_seconds
         reach = rt.reach(session)
         lost = store.claim_jobs(
@@ -136,19 +141,8 @@ def adopt_unrecorded(rt: Runtime) -> int:
     (:meth:`~worker.steps.unrecorded.Unrecorded.held_job_ids`). Before, one such entry failed
     every round of the conductor, with a traceback."""
     waiting = rt.unrecorded
-    adopted = 0
     late: list[_Late] = []
-    # Every one this process holds, also those a step still waits to record itself: this runs
-    # once the database takes writes again, possibly before the step's next try — and past the
-    # job's lease the claim below would otherwise declare its outcome unknown. The step then
-    # finds its request id recorded (``_record_submission``).
-    for accepted in waiting.waiting():
-        if not waiting.retry_due(accepted):  # refused a moment ago
-            continue
-        got = _adopt_one(rt, accepted, "recorded late by the process that sent it", late)
-        if got is not None:
-            adopted += got
-            waiting.recorded(accepted)
+    adopted = _retry_held(rt, late, wait=True)
     if waiting.scan_due():
         refused: list[Accepted] = []
         for path in waiting.journal.left_by_others():
@@ -164,6 +158,9 @@ def adopt_unrecorded(rt: Runtime) -> int:
                 else:
                     adopted += got
             refused.extend(kept)
+            recorded = [e.job_id for e in entries if e not in kept]
+            if recorded:  # the marks of a holder that ended, if it had made them
+                rt.held.release(recorded)
             if kept:
                 if len(kept) < len(entries):  # the others are settled: only these stay
                     keep_only(path, kept)
@@ -173,6 +170,43 @@ def adopt_unrecorded(rt: Runtime) -> int:
             except OSError as exc:  # another process settled it first, or the folder went read-only
                 log.debug("could not remove %s: %s", path, exc, extra={"event": "reconcile.journal_left"})
         waiting.refused_elsewhere(refused)
+    return adopted + _settle_late(rt, late)
+
+
+def retry_held(rt: Runtime, *, wait: bool = True) -> int:
+    """Record the submissions this process holds (:func:`adopt_unrecorded`'s first part), each
+    when due: by the keeper of its marks (:mod:`worker.steps.held`) when its reconciler does
+    not run (``wait`` False: nothing when the reconciler is at it). How many were recorded."""
+    late: list[_Late] = []
+    return _retry_held(rt, late, wait=wait) + _settle_late(rt, late)
+
+
+def _retry_held(rt: Runtime, late: list[_Late], *, wait: bool) -> int:
+    waiting = rt.unrecorded
+    if not waiting.retrying.acquire(blocking=wait):
+        return 0
+    adopted = 0
+    try:
+        if wait:  # the reconciler's round: the keeper leaves the retries to it
+            waiting.reconciled_at = time.monotonic()
+        # Every one this process holds, also those a step still waits to record itself: this
+        # runs once the database takes writes again, possibly before the step's next try — and
+        # past the job's lease the claim below would otherwise declare its outcome unknown. The
+        # step then finds its request id recorded (``_record_submission``).
+        for accepted in waiting.waiting():
+            if not waiting.retry_due(accepted):  # refused a moment ago
+                continue
+            got = _adopt_one(rt, accepted, "recorded late by the process that sent it", late)
+            if got is not None:
+                adopted += got
+                waiting.recorded(accepted)
+    finally:
+        waiting.retrying.release()
+    return adopted
+
+
+def _settle_late(rt: Runtime, late: list[_Late]) -> int:
+    adopted = 0
     for accepted, endpoint, ours in late:  # after the transactions: a cancel is a call to fal
         # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
         settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")

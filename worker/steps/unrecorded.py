@@ -15,7 +15,9 @@ corrupt file; or a bug of ours on the way) — the id must not be thrown away:
   at once, said in one line with the database's words; the reconciler of this process tries it
   again every :data:`REFUSED_RETRY_SECONDS` (:meth:`Unrecorded.retry_due`) and leaves its job
   alone meanwhile (:meth:`Unrecorded.held_job_ids`: never declared "submission outcome unknown",
-  nor sent again).
+  nor sent again). So does every other process, while this one lives: the job is marked held in
+  the database (:mod:`worker.steps.held`, :attr:`Unrecorded.marks`), the mark renewed while it
+  is held here.
 * **On the side** (:class:`Journal`): from the first refused write on, each such submission
   (job, attempt, request id, fal's URLs) is also kept in a small owner-only file,
   ``wanbatch-accepted-<database>-<process>.jsonl``, in the first of these folders that takes
@@ -41,11 +43,11 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -369,6 +371,14 @@ class Unrecorded:
         self._full_since: float | None = None
         self._next_reminder = 0.0
         self._next_scan = 0.0
+        #: Marks in the database the jobs held here, for every other process
+        #: (:class:`worker.steps.held.HeldMarks`); None: nothing marks them (a bare instance).
+        self.marks: Marks | None = None
+        #: Held while the submissions of this process are tried again: by its reconciler, or by
+        #: the keeper of its marks when it does not reconcile (:func:`worker.steps.reconcile.retry_held`).
+        self.retrying = threading.Lock()
+        #: When (``time.monotonic()``) this process's reconciler last tried them (0: never).
+        self.reconciled_at = 0.0
 
     # ------------------------------------------------------------------ the disk
 
@@ -495,21 +505,27 @@ class Unrecorded:
 
     def keep(self, accepted: Accepted) -> Path | None:
         """``accepted`` could not be recorded: wait with it, and keep it in the journal too;
-        where it is kept (None: nowhere could take it)."""
+        where it is kept (None: nowhere could take it). Its job is marked held for the other
+        processes from now on (:attr:`marks`, renewed while it is held)."""
         with self._lock:
             self._left.pop(accepted.job_id, None)  # kept by keep_all while being written
             self._waiting[accepted.job_id] = accepted
-        return self._save()
+        where = self._save()
+        if self.marks is not None:
+            self.marks.wake()
+        return where
 
     def recorded(self, accepted: Accepted) -> None:
-        """``accepted`` is in the database now."""
+        """``accepted`` is in the database now (its mark goes)."""
         with self._lock:
             waited = self._waiting.pop(accepted.job_id, None)
             left = self._left.pop(accepted.job_id, None)
             self._refused.pop(accepted.job_id, None)
-            self._others.pop(accepted.job_id, None)
+            other = self._others.pop(accepted.job_id, None)
         if waited is not None or left is not None:
             self._save()
+        if self.marks is not None and (waited or left or other) is not None:
+            self.marks.release([accepted.job_id])
 
     def leave(self, accepted: Accepted) -> None:
         """Its step stops waiting: ``accepted`` stays in the journal (and in memory, for
@@ -520,11 +536,15 @@ class Unrecorded:
 
     def refused(self, accepted: Accepted) -> bool:
         """The database refused to record ``accepted`` (not an outage): asked again in
-        :data:`REFUSED_RETRY_SECONDS`. True the first time (to be said, once)."""
+        :data:`REFUSED_RETRY_SECONDS`, its job marked held for the other processes at once
+        (:attr:`marks`: not on the job's row, the one refused). True the first time (to be
+        said, once)."""
         with self._lock:
             first = accepted.job_id not in self._refused
             self._refused[accepted.job_id] = time.monotonic() + REFUSED_RETRY_SECONDS
-            return first
+        if self.marks is not None:
+            self.marks.hold(accepted)
+        return first
 
     def retry_due(self, accepted: Accepted) -> bool:
         """Whether to try recording ``accepted`` now: at once, unless the database refused it
@@ -537,6 +557,20 @@ class Unrecorded:
         their jobs are left alone (:meth:`held_job_ids`) until it takes them."""
         with self._lock:
             self._others = {e.job_id: e for e in entries}
+            others = bool(self._others)
+        if others and self.marks is not None:
+            self.marks.wake()
+
+    def marked(self) -> dict[str, str]:
+        """The jobs to mark held for the other processes (job id → request id): every accepted
+        submission held here that a write failed for (this process's, waited for or given up;
+        another's journal entry it adopted and the database refused). Not one whose first
+        write is still on its way (the usual path, a few milliseconds)."""
+        with self._lock:
+            return {
+                e.job_id: e.request_id
+                for e in (*self._waiting.values(), *self._left.values(), *self._others.values())
+            }
 
     def held_job_ids(self) -> set[str]:
         """The jobs whose accepted submission is held here and not recorded yet (waited for,
@@ -636,6 +670,19 @@ class Unrecorded:
             f"{len(lost)} accepted submission(s) could not be recorded (fal has them, and bills "
             f"them): {ids}; {then}"
         )
+
+
+class Marks(Protocol):
+    """What marks the jobs held here in the database (:class:`worker.steps.held.HeldMarks`)."""
+
+    def hold(self, accepted: Accepted) -> None:
+        """Mark ``accepted``'s job held now (a refused record), and keep renewing."""
+
+    def wake(self) -> None:
+        """Something is held: renew the marks from now on."""
+
+    def release(self, job_ids: Collection[str]) -> None:
+        """Those jobs' submissions are recorded: their marks go."""
 
 
 class Sending:
