@@ -1,6 +1,8 @@
 """A stand-in HTTP proxy on loopback: it records every request it is sent (request line and
 headers) and answers each ``502 Bad Gateway``, as a corporate proxy that cannot reach the target
-would. A test sets ``HTTP_PROXY`` to it and checks what, if anything, went through it."""
+would (Squid answers a ``CONNECT`` so when fal is down), or another status line (``answer``:
+``407 Proxy Authentication Required``, ``403 Forbidden``). A test sets ``HTTP_PROXY`` (or
+``HTTPS_PROXY``) to it and checks what, if anything, went through it, and what was said of it."""
 
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ class Captured:
 
 
 @contextmanager
-def capture_proxy() -> Iterator[Captured]:
-    """A running stand-in proxy on 127.0.0.1 (a free port), stopped on exit."""
+def capture_proxy(answer: str = "502 Bad Gateway") -> Iterator[Captured]:
+    """A running stand-in proxy on 127.0.0.1 (a free port) answering every request with the
+    status line ``answer``, stopped on exit."""
+    extra = b'Proxy-Authenticate: Basic realm="corp"\r\n' if answer.startswith("407") else b""
     seen = Captured()
     lock = threading.Lock()
 
@@ -39,7 +43,9 @@ def capture_proxy() -> Iterator[Captured]:
                 lines.append(line.decode("latin-1").rstrip("\r\n"))
             with lock:
                 seen.requests.append(lines)
-            self.wfile.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.wfile.write(
+                f"HTTP/1.1 {answer}\r\n".encode() + extra + b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
 
     class Server(socketserver.ThreadingTCPServer):
         daemon_threads = True

@@ -72,6 +72,7 @@ from jobs.open_files import out_of_files
 from jobs.storable import storable_json, storable_text
 from jobs.url_secrets import masked_url
 from worker.fal.models import request_id_or_none
+from worker.fal.proxy_failure import certificate_words, proxy_failure, target_of
 
 #: fal's request-error types that are infrastructure failures: a new attempt may succeed, and
 #: fal does not bill them (https://fal.ai/docs/documentation/model-apis/request-errors).
@@ -643,8 +644,18 @@ class SendTrace:
 
     @property
     def body_sent(self) -> bool:
-        """Whether every byte of the request was handed to the network (``*.send_request_body.complete``)."""
-        return any(name.endswith("send_request_body.complete") for name in self.events)
+        """Whether every byte of the request was handed to the network (``*.send_request_body.complete``).
+
+        Through an HTTP proxy's tunnel, the ``CONNECT`` request is traced too, its (empty) body
+        "complete" before our request was even begun: only what follows the TLS handshake inside
+        the tunnel (``proxy.start_tls``) is this request's. A proxy that refused the tunnel left
+        nothing of it sent."""
+        events = self.events
+        for at in range(len(events) - 1, -1, -1):
+            if events[at].startswith("proxy.start_tls."):
+                events = events[at + 1 :]
+                break
+        return any(name.endswith("send_request_body.complete") for name in events)
 
 
 @contextmanager
@@ -723,10 +734,29 @@ def _malformed_redirect_failure(what: str) -> ProviderError:
 
 
 def _transport_failure(what: str, exc: httpx.TransportError) -> RetryableProviderError | FinalProviderError:
-    """A transport failure on an idempotent call: try again later; an unsupported URL is final."""
+    """A transport failure on an idempotent call: try again later; an unsupported URL is final.
+    A proxy's failure, or a certificate that does not verify, is said as such
+    (:func:`transport_words`): the proxy by its host and port, the CA bundle by its variable."""
     if isinstance(exc, httpx.UnsupportedProtocol):
         return FinalProviderError(f"fal {what}: unsupported URL ({type(exc).__name__})")
-    return RetryableProviderError(f"fal {what}: network error ({type(exc).__name__}): {_short(str(exc))}")
+    return RetryableProviderError(f"fal {what}: network error {transport_words(exc)}")
+
+
+def transport_words(exc: BaseException) -> str:
+    """What a transport error says, in one line, with its cause named when it is a setting's:
+    ``the proxy 127.0.0.1:3128 (HTTPS_PROXY) answered 502 Bad Gateway: it could not reach
+    queue.fal.run:443`` (:func:`~worker.fal.proxy_failure.proxy_failure`), ``(ConnectError):
+    certificate verification failed (…) against SSL_CERT_FILE (/etc/corp-ca.pem): …``
+    (:func:`~worker.fal.proxy_failure.certificate_words`), else ``(ConnectError): [Errno 111]
+    Connection refused`` as before. Never a proxy's credentials."""
+    name = type(exc).__name__
+    proxy = proxy_failure(exc)
+    if proxy is not None:
+        return f"({name}): {proxy.describe(target_of(exc))}"
+    certificate = certificate_words(exc)
+    if certificate is not None:
+        return f"({name}): {_short(certificate)}"
+    return f"({name}): {_short(str(exc))}"
 
 
 def _submit_transport_failure(exc: httpx.TransportError) -> WanbatchError:
@@ -734,19 +764,33 @@ def _submit_transport_failure(exc: httpx.TransportError) -> WanbatchError:
 
     Connect errors and pool timeouts happen before a byte of the request leaves: fal was not
     reached, which is no submission (:class:`FalUnreachableError`: not counted as an attempt).
-    A proxy that refused the tunnel is retryable. Once the request may have been written
-    (write/read timeouts, resets, protocol errors), fal may have queued it: ambiguous, never
-    resent blindly.
+    So is a proxy that did not open the tunnel (:class:`httpx.ProxyError`: its ``CONNECT``
+    answered 502, as Squid does when it cannot reach fal, or 407, a SOCKS refusal): the
+    request never left this host, and the process holds its submits as for any outage. A 407
+    (or 403) is the proxy's setting, not an outage, but holding is still right: nothing is sent
+    or billed, the line says which proxy and what to set (``the proxy 10.0.0.5:3128
+    (HTTPS_PROXY) answered 407 Proxy Authentication Required: set its user:password in
+    HTTPS_PROXY``, in the log every 30 s, the progress line and ``status``), the jobs already
+    at fal are collected as soon as the proxy lets the calls through, and a refusal fixed on the
+    proxy's side (a locked account unlocked, a rule added) resumes the batch without a restart;
+    failing the jobs would spend every attempt of the batch in seconds on a network error that
+    is none. Once the request may have been written (write/read timeouts, resets, protocol
+    errors), fal may have queued it: ambiguous, never resent blindly.
     """
     name = type(exc).__name__
     if could_not_connect(exc) and (short := out_of_files(exc)) is not None:  # not fal's doing
         return FalUnreachableError(f"fal submit: not sent, could not connect: {short[0]}: {short[1]}")
+    proxy = proxy_failure(exc) if isinstance(exc, (*UNREACHED, httpx.ProxyError)) else None
+    if proxy is not None and (could_not_connect(exc) or isinstance(exc, httpx.ProxyError)):
+        return FalUnreachableError(
+            f"fal submit: not sent, could not connect ({name}): {proxy.describe(target_of(exc))}"
+        )
     if could_not_connect(exc):
         return FalUnreachableError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
     if isinstance(exc, UNREACHED):  # TLS refused fal's certificate or handshake: a counted retry
-        return RetryableProviderError(f"fal submit: not sent, TLS failed ({name}): {_short(str(exc))}")
-    if isinstance(exc, httpx.ProxyError):
-        return RetryableProviderError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
+        return RetryableProviderError(f"fal submit: not sent, TLS failed {transport_words(exc)}")
+    if isinstance(exc, httpx.ProxyError):  # a proxy this process could not tell (no frame of it)
+        return FalUnreachableError(f"fal submit: not sent, could not connect ({name}): {_short(str(exc))}")
     if isinstance(exc, httpx.UnsupportedProtocol):
         return FinalProviderError(f"fal submit: unsupported URL ({name})")
     return AmbiguousSubmitError(

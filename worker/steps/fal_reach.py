@@ -44,7 +44,13 @@ LONGEST_PAUSE_SECONDS = FAL_PROBE_PAUSE_MAX
 WARN_EVERY_SECONDS = 30.0
 
 
-def _short(text: str, limit: int = 120) -> str:
+#: The most of the last failure kept (and recorded: ``fal_holds.error`` holds 255): enough for a
+#: proxy's failure said whole (``could not connect (ProxyError): the proxy 10.0.0.5:3128
+#: (HTTPS_PROXY) answered 407 Proxy Authentication Required: set its user:password in …``).
+ERROR_CHARS = 200
+
+
+def _short(text: str, limit: int = ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -1,0 +1,80 @@
+"""A run behind a corporate proxy that cannot reach fal (its ``CONNECT`` answered 502, as Squid
+does) or wants credentials (407): the jobs wait, uncounted, as for any outage of fal's.
+
+Before: each submit was a counted retry, and with ``WANBATCH_MAX_ATTEMPTS`` spent the whole
+batch failed ``network_error`` within seconds (``3 failed (network_error): after 3 attempt(s):
+fal submit: not sent, could not connect (ProxyError): 502 Bad Gateway``), while a proxy that
+refused the connection held it. The proxy is a stand-in on loopback; fal's host is only named.
+"""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import Engine
+
+from jobs import db, store
+from jobs.models import Job
+from jobs.states import JobState
+from tests.capture_proxy import capture_proxy
+from tests.step_runtime import add_batch, make_runtime, settings_for
+from worker.steps import dispatch, submit
+
+KEY = "8d3c1f0e-5a6b-4c7d-9e8f-0a1b2c3d4e5f:0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+T2V = "fal-ai/wan-22"
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _job(engine: Engine, job_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        found = store.get_job(session, job_id)
+        session.expunge(found)
+        return found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        ("502 Bad Gateway", "answered 502 Bad Gateway: it could not reach fal.corp.example:443"),
+        (
+            "407 Proxy Authentication Required",
+            "answered 407 Proxy Authentication Required: set its user:password in HTTPS_PROXY",
+        ),
+    ],
+    ids=["502", "407"],
+)
+def test_a_proxy_that_cannot_tunnel_to_fal_holds_the_submits_and_fails_no_job(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, answer: str, said: str
+) -> None:
+    for name in list(os.environ):
+        if name.lower() in _PROXY_VARIABLES:
+            monkeypatch.delenv(name)
+    with capture_proxy(answer) as proxy:
+        where = proxy.url.split("://", 1)[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://corp:pr0xy-s3cret@{where}")
+        settings = settings_for("https://fal.corp.example", KEY).model_copy(update={"max_attempts": 1})
+        rt = make_runtime(engine, settings)
+        try:
+            add_batch(engine, "behind-proxy", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
+            first, second = dispatch(rt)
+            assert submit(rt, first) == "fal-unreachable"
+            assert rt.fal_reach.down
+            assert submit(rt, second) == "fal-unreachable"  # held: not even tried
+            note = rt.fal_reach.note() or ""
+        finally:
+            rt.client.close()
+    assert len(proxy.requests) == 1  # the one submit; the second was held
+    for job_id in (first, second):
+        after = _job(engine, job_id)
+        assert after.state == JobState.PENDING  # not failed, though max_attempts is 1
+        assert after.attempts == 0
+        assert (after.possible_duplicate_charges, after.ambiguous_usd) == (0, Decimal(0))
+    error = _job(engine, first).error or ""
+    assert _job(engine, first).error_type == "fal_unreachable"
+    assert f"the proxy {where} (HTTPS_PROXY) {said}" in error
+    assert note.startswith("fal unreachable since ")
+    assert f"the proxy {where} (HTTPS_PROXY) {said}" in note, note
+    assert "pr0xy-s3cret" not in error + note
