@@ -65,6 +65,7 @@ from jobs.fs import (
     shown_path,
     what_is,
 )
+from jobs.http_environment import is_loopback_host, proxy_variables
 from jobs.output_location import (
     CONTROL_CHARS,
     S3_KEY_MAX_BYTES,
@@ -987,10 +988,68 @@ _CLIENT_ENV = (
 )
 
 
+def _proxy_environment() -> tuple[str | None, ...]:
+    """The proxy variables' values (any case, as botocore reads them through
+    :func:`urllib.request.getproxies`): a client is built for them too."""
+    return tuple(sorted(f"{k}={v}" for k, v in os.environ.items() if k.lower().endswith("_proxy")))
+
+
+def _endpoint_host() -> str | None:
+    """The host of the configured S3 endpoint (lower case, an IPv6 address without brackets),
+    None for AWS itself or an endpoint that does not parse."""
+    raw = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not raw:
+        return None
+    try:
+        return urlsplit(raw).hostname
+    except ValueError:
+        return None
+
+
+def _on_loopback() -> bool:
+    """Whether the S3 endpoint is on this machine's loopback (a MinIO or moto beside wanbatch):
+    no proxy can reach it, so none is used, whatever ``HTTP_PROXY`` says (README: requests to
+    this machine's loopback never go through a proxy)."""
+    host = _endpoint_host()
+    return host is not None and is_loopback_host(host)
+
+
+def _proxy_for_endpoint() -> tuple[str, str] | None:
+    """``(variable, host:port)`` of the proxy botocore sends the S3 requests through (the
+    endpoint's scheme's ``*_PROXY``, unless ``NO_PROXY`` or loopback bypasses it), else None.
+    Never the proxy's credentials."""
+    if _on_loopback():
+        return None
+    from botocore.utils import should_bypass_proxies
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    try:
+        scheme = (urlsplit(endpoint).scheme or "https") if endpoint else "https"
+        if endpoint and should_bypass_proxies(endpoint):
+            return None
+    except ValueError:
+        return None
+    found = proxy_variables(os.environ).get(scheme)
+    if found is None:
+        return None
+    name, value = found
+    try:
+        parts = urlsplit(value if "://" in value else f"http://{value}")
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return name, "(unparsable)"
+    shown = f"[{host}]" if ":" in host else host
+    return name, f"{shown}:{port}" if port is not None else shown
+
+
 def _client() -> S3Client:
     """The process's S3 client for the current ``AWS_*`` environment (boto3 clients are
-    thread-safe; sessions are not, so each client gets its own session, made under a lock)."""
-    key = tuple(os.environ.get(name) for name in _CLIENT_ENV)
+    thread-safe; sessions are not, so each client gets its own session, made under a lock).
+
+    An endpoint on this machine's loopback is reached directly: botocore would otherwise send
+    it through ``HTTP_PROXY`` (it bypasses only ``NO_PROXY``'s hosts), a proxy elsewhere that
+    cannot reach it and that saw every request's signed ``Authorization``."""
+    key = (*(os.environ.get(name) for name in _CLIENT_ENV), *_proxy_environment())
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -1006,6 +1065,8 @@ def _client() -> S3Client:
                 s3={"addressing_style": "path"} if endpoint_url() else None,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
+                # {}: no proxy at all (None: botocore reads the proxy variables).
+                proxies={} if _on_loopback() else None,
             )
             region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
             session = boto3.session.Session()
@@ -1102,12 +1163,40 @@ def _endpoint_parts(raw: str) -> tuple[str, str, str]:
     return f"{scheme}://", user, f"@{host}"
 
 
+def _proxy_failure(exc: BaseException, where: str) -> str | None:
+    """The line for a failure that was the proxy's, naming it (``host:port`` and its variable,
+    never its credentials): botocore could not connect to it or it refused the tunnel
+    (``ProxyConnectionError``), or it answered a 5xx of its own (no S3 request id: a forward
+    proxy's ``502 Bad Gateway`` reads to botocore as the storage's answer). None otherwise."""
+    from botocore import exceptions as bce
+
+    proxy = _proxy_for_endpoint()
+    if proxy is None:
+        return None
+    name, address = proxy
+    if isinstance(exc, bce.ProxyConnectionError):
+        return f"the proxy {address} ({name}) could not be reached, or refused the tunnel to {where}"
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    metadata = response.get("ResponseMetadata") or {}
+    status = metadata.get("HTTPStatusCode")
+    headers = {str(k).lower() for k in (metadata.get("HTTPHeaders") or {})}
+    if isinstance(status, int) and status >= 500 and not headers & {"x-amz-request-id", "x-amz-id-2"}:
+        message = str(response.get("Error", {}).get("Message", "") or "")
+        said = f"{status} {_masked(CONTROL_CHARS.sub(' ', message))[:80]}".rstrip()
+        return f"the proxy {address} ({name}) answered {said}: it could not reach {where}"
+    return None
+
+
 def _why(exc: BaseException, bucket: str) -> str:
     from botocore import exceptions as bce
 
     where = endpoint_url() or "AWS S3"
     if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
         return "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+    if (proxied := _proxy_failure(exc, where)) is not None:
+        return proxied
     if isinstance(exc, bce.EndpointConnectionError | bce.ConnectionError | bce.ConnectTimeoutError):
         return f"cannot reach {where} (check AWS_ENDPOINT_URL and the network)"
     if isinstance(exc, bce.ReadTimeoutError):
