@@ -72,6 +72,31 @@ def make_self_signed(directory: Path, host: str = "127.0.0.1", also: Iterable[st
     return cert_path, key_path
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def no_proxy_settings(host: str) -> str:
+    """``NO_PROXY=HOST no_proxy=HOST``: the simulator's host reached without a proxy, as httpx
+    (fal_client's HTTP client) reads them, for a shell whose ``HTTPS_PROXY`` would otherwise
+    carry fal_client's requests to a proxy that cannot reach this machine's simulator (it
+    answers 502).
+
+    httpx reads the variables through :func:`urllib.request.getproxies`, where a lower-case
+    ``no_proxy`` already set wins over ``NO_PROXY``: both are set. The entry is the bare host
+    (``httpx._utils.get_environment_proxies``): an IPv4 address or ``localhost`` matches that
+    host on every port, a name that host and its subdomains, an IPv6 address is written without
+    brackets (``::1``; ``[::1]`` makes httpx refuse to build any client, "Invalid port"). A
+    ``host:port`` entry works with httpx but not with every other client, so none is given."""
+    entry = shlex.quote(host)
+    return f"NO_PROXY={entry} no_proxy={entry}"
+
+
 def client_settings(url: str, ca_file: Path) -> list[str]:
     """The lines ``wanbatch simulator --tls`` prints after its URL: the CA file, then the
     ``export`` line for fal's own client and the one for wanbatch, each ready to paste (values
@@ -82,13 +107,19 @@ def client_settings(url: str, ca_file: Path) -> list[str]:
     at import; wanbatch takes full URLs (``WANBATCH_FAL_QUEUE_URL``/``WANBATCH_FAL_REST_URL``:
     one server plays both, storage uploads included) and has no CA setting of its own: its
     httpx clients read ``SSL_CERT_FILE`` as fal_client's do. Any key works (``FAL_KEY``); both
-    clients refuse to start without one.
+    clients refuse to start without one. fal_client's line also names the simulator's host in
+    ``NO_PROXY`` (:func:`no_proxy_settings`): under ``HTTPS_PROXY`` fal_client would send it to
+    the proxy; wanbatch reaches a loopback host directly, and is given it only for another host.
     """
-    host = urlsplit(url).netloc
+    parts = urlsplit(url)
+    host = parts.netloc
     ca = shlex.quote(str(ca_file))
     base = shlex.quote(url)
-    fal_client = f"FAL_QUEUE_RUN_HOST={shlex.quote(host)} SSL_CERT_FILE={ca} FAL_KEY=any-key"
+    direct = no_proxy_settings(parts.hostname or "")
+    fal_client = f"FAL_QUEUE_RUN_HOST={shlex.quote(host)} SSL_CERT_FILE={ca} FAL_KEY=any-key {direct}"
     wanbatch = f"WANBATCH_FAL_QUEUE_URL={base} WANBATCH_FAL_REST_URL={base} SSL_CERT_FILE={ca}"
+    if not _is_loopback(parts.hostname or ""):  # wanbatch reaches loopback directly on its own
+        wanbatch += f" {direct}"
     return [
         f"CA certificate (self-signed, deleted when the simulator stops): {ca_file}",
         "fal's Python client (fal-client reads them at import; its uploads go to fal whatever is set):",

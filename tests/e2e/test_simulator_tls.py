@@ -27,6 +27,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import (
     Background,
     assert_one_line,
@@ -233,7 +234,13 @@ def test_the_printed_settings_quote_what_a_shell_would_split(tmp_path: Path) -> 
     lines = client_settings("https://[::1]:8443", ca)
     exports = [_exported(line) for line in lines if line.lstrip().startswith("export ")]
     assert exports == [
-        {"FAL_QUEUE_RUN_HOST": "[::1]:8443", "SSL_CERT_FILE": str(ca), "FAL_KEY": "any-key"},
+        {
+            "FAL_QUEUE_RUN_HOST": "[::1]:8443",
+            "SSL_CERT_FILE": str(ca),
+            "FAL_KEY": "any-key",
+            "NO_PROXY": "::1",  # httpx refuses to build a client for "[::1]"
+            "no_proxy": "::1",
+        },
         {
             "WANBATCH_FAL_QUEUE_URL": "https://[::1]:8443",
             "WANBATCH_FAL_REST_URL": "https://[::1]:8443",
@@ -241,3 +248,30 @@ def test_the_printed_settings_quote_what_a_shell_would_split(tmp_path: Path) -> 
             "FAL_KEY": "any-key",
         },
     ]
+
+
+def test_fal_client_under_https_proxy_reaches_the_simulator_with_the_printed_line(e2e_env: Path) -> None:
+    """The printed line names the simulator's host in ``NO_PROXY`` (and ``no_proxy``, which
+    wins when set): behind a corporate ``HTTPS_PROXY``, fal_client (httpx) sent its loopback
+    requests to the proxy, which cannot reach this machine's simulator (502), while wanbatch
+    went directly. A lower-case ``no_proxy`` of the shell's own is overridden too."""
+    sim = _Simulator(e2e_env)
+    try:
+        assert sim.fal_client_env["NO_PROXY"] == sim.fal_client_env["no_proxy"] == "127.0.0.1"
+        endpoint = "fal-ai/wan-22"
+        with capture_proxy() as proxy:
+            env = _clean_env() | {"HTTPS_PROXY": proxy.url, "no_proxy": "corp.example"}
+            done = subprocess.run(
+                [sys.executable, "-c", _FAL_CLIENT, endpoint, json.dumps(INPUTS[endpoint])],
+                env=env | sim.fal_client_env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr
+        assert proxy.requests == []
+        assert json.loads(done.stdout)["downloaded"] > 0
+        assert sim.stop(signal.SIGINT) == 130
+    finally:
+        sim.proc.kill()
