@@ -579,10 +579,19 @@ def check_provider(settings: Settings) -> Check:
     except ConfigError as exc:
         return _fail(name, str(exc), "fix the variable named above (README: Configuration)")
     except httpx.HTTPError as exc:
+        from worker.fal.errors import transport_words
+        from worker.fal.proxy_failure import setting_fix
+
+        said = transport_words(exc)  # "(ConnectError): …", the proxy or the CA bundle named
+        at_fault = setting_fix(said, "fal's queue")
+        if at_fault is None:
+            said = f"{type(exc).__name__}: {_first_line(exc)}"
+        else:
+            said = said.replace(f"({type(exc).__name__}): ", f"{type(exc).__name__}: ", 1)
         return _fail(
             name,
-            f"cannot reach {base}: {type(exc).__name__}: {_first_line(exc)}",
-            "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)",
+            f"cannot reach {base}: {said}",
+            at_fault or "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)",
         )
     if isinstance(answer, str):
         return _fail(
@@ -873,6 +882,13 @@ def check_receiver(settings: Settings) -> Check:
     said = body.get("signing_keys_error")
     why = f" ({one_line(said)[:200]})" if isinstance(said, str) and said else ""
     fal_jwks = Settings.model_fields["webhook_jwks_url"].default
+    from worker.fal.proxy_failure import setting_fix
+
+    at_fault = setting_fix(here.error or "", "the key fetch") if not here.can_verify else None
+    url_fix = (
+        f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
+        "or let both hosts reach it (network, HTTPS_PROXY)"
+    )
     if there is False:
         fetched = (
             f"this host fetched them from {jwks_url}"
@@ -886,8 +902,7 @@ def check_receiver(settings: Settings) -> Check:
             "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above (a changed setting needs "
             "a restart), and let its host reach it (network, HTTPS_PROXY)"
             if here.can_verify
-            else f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
-            "or let both hosts reach it (network, HTTPS_PROXY)",
+            else at_fault or url_fix,
         )
     if not here.can_verify:
         if there is True:
@@ -905,8 +920,7 @@ def check_receiver(settings: Settings) -> Check:
             name,
             f"this host could not fetch fal's signing keys from WANBATCH_WEBHOOK_JWKS_URL "
             f"{jwks_url}: {here.error}; {receiver}",
-            f"fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve` (fal's: {fal_jwks}), "
-            "or let both hosts reach it (network, HTTPS_PROXY)",
+            at_fault or url_fix,
         )
     return _ok(
         name,

@@ -31,6 +31,7 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD, _engine_for
 from jobs.settings import Settings, get_settings
+from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override, write_manifest
 from tests.hostile import HostileProvider, Recorded, gzip_bomb, json_reply, raw_reply, traced_peak
 from tests.ports import unused_port
@@ -432,8 +433,9 @@ def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
         assert (code, checks["receiver"]["status"]) == (1, "fail")
         assert checks["receiver"]["detail"] == (
             f"{receiver}/healthz answers, but cannot verify fal's signatures (fal's signing keys "
-            "could not be fetched: ConnectError): it refuses every delivery (503); this host could "
-            f"not fetch them either from {nowhere}: fal's signing keys could not be fetched: ConnectError"
+            "could not be fetched: ConnectError: [Errno 111] Connection refused): it refuses every "
+            f"delivery (503); this host could not fetch them either from {nowhere}: fal's signing "
+            "keys could not be fetched: ConnectError: [Errno 111] Connection refused"
         )
         assert "fix WANBATCH_WEBHOOK_JWKS_URL here and for `wanbatch serve`" in checks["receiver"]["fix"]
 
@@ -450,6 +452,39 @@ def test_the_receiver_check_fails_while_fal_s_signing_keys_cannot_be_fetched(
             f"it refuses every delivery (503); this host fetched them from {_sim_jwks(sim)}"
         )
         assert "give `wanbatch serve` the WANBATCH_WEBHOOK_JWKS_URL above" in checks["receiver"]["fix"]
+
+
+def test_the_receiver_check_names_the_proxy_that_keeps_the_keys_away_not_the_url(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a proxy that cannot reach fal's JWKS (it answers 502), the receiver's /healthz and
+    the doctor said ``could not be fetched: ProxyError`` and "fix WANBATCH_WEBHOOK_JWKS_URL",
+    which is not at fault. The JWKS host is only named to the stand-in proxy."""
+    jwks = "https://jwks.corp.example/.well-known/jwks.json"
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", jwks)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    with capture_proxy() as proxy:
+        where = proxy.url.split("://", 1)[1]
+        monkeypatch.setenv("HTTPS_PROXY", f"http://corp:pr0xy-s3cret@{where}")
+        get_settings.cache_clear()
+        with _serving(get_settings()) as receiver:
+            monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+            code, checks, _ = _doctor(wb)
+    said = (
+        f"fal's signing keys could not be fetched: ProxyError: the proxy {where} (HTTPS_PROXY) "
+        "answered 502 Bad Gateway: it could not reach jwks.corp.example:443"
+    )
+    assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+    assert checks["receiver"]["detail"] == (
+        f"{receiver}/healthz answers, but cannot verify fal's signatures ({said}): it refuses every "
+        f"delivery (503); this host could not fetch them either from {jwks}: {said}"
+    ), checks["receiver"]["detail"]
+    fix = checks["receiver"]["fix"]
+    assert "WANBATCH_WEBHOOK_JWKS_URL" not in fix, fix
+    assert fix.startswith("fix the proxy named above, or the variable naming it, not the URL"), fix
+    assert "pr0xy-s3cret" not in json.dumps(checks)
 
 
 def test_the_receiver_check_says_the_receiver_holds_its_keys_when_only_this_host_cannot_fetch_them(

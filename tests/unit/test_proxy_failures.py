@@ -219,3 +219,72 @@ def test_no_proxy_no_words() -> None:
     from worker.fal.proxy_failure import proxy_failure
 
     assert proxy_failure(httpx.ConnectError("[Errno 111] Connection refused")) is None
+
+
+# ------------------------------------------------------------------------------ doctor, JWKS
+
+
+@pytest.mark.timeout(60)
+def test_the_doctors_provider_check_names_the_proxy_and_what_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from jobs.settings import Settings
+    from worker.doctor import check_provider
+
+    settings = Settings.model_construct(fal_key=SecretStr("k-123:secret"), fal_queue_url=FAL)
+    with capture_proxy("407 Proxy Authentication Required") as proxy:
+        where = _behind(monkeypatch, proxy.url)
+        check = check_provider(settings)
+    assert check.status == "fail"
+    assert check.detail == (
+        f"cannot reach {FAL}: ProxyError: the proxy {where} (HTTPS_PROXY) answered 407 Proxy "
+        "Authentication Required: set its user:password in HTTPS_PROXY"
+    ), check.detail
+    assert (
+        check.fix == "set the proxy's user:password in the variable named above (fal's queue goes through it)"
+    )
+    assert SECRET not in check.detail + check.fix
+
+
+@pytest.mark.timeout(60)
+def test_the_doctors_provider_check_names_the_ca_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "check WANBATCH_FAL_QUEUE_URL, the network and any proxy (HTTPS_PROXY)" of a
+    certificate that did not verify, and never SSL_CERT_FILE."""
+    from pydantic import SecretStr
+
+    from jobs.settings import Settings
+    from worker.doctor import check_provider
+
+    other, _ = make_self_signed(tmp_path / "other")
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    with _https_server(tmp_path) as port:
+        settings = Settings.model_construct(
+            fal_key=SecretStr("k-123:secret"), fal_queue_url=f"https://127.0.0.1:{port}"
+        )
+        check = check_provider(settings)
+    assert check.status == "fail"
+    assert "certificate verification failed" in check.detail
+    assert f"against SSL_CERT_FILE ({other})" in check.detail
+    assert (check.fix or "").startswith("point SSL_CERT_FILE at a PEM bundle holding the CA"), check.fix
+
+
+@pytest.mark.timeout(60)
+def test_the_jwks_fetch_says_why_it_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said ``could not be fetched: ProxyError`` (or ``ConnectError``), the reason dropped:
+    serve's /healthz and the doctor's receiver check showed that."""
+    from worker.fal.webhooks import JwksKeys
+
+    with capture_proxy() as proxy:
+        where = _behind(monkeypatch, proxy.url)
+        health = JwksKeys("https://jwks.corp.example/.well-known/jwks.json", timeout=5.0).health()
+    assert health.error == (
+        f"fal's signing keys could not be fetched: ProxyError: the proxy {where} (HTTPS_PROXY) "
+        "answered 502 Bad Gateway: it could not reach jwks.corp.example:443"
+    ), health.error
+    nowhere = unused_port()
+    health = JwksKeys(f"http://127.0.0.1:{nowhere}/jwks.json", timeout=5.0).health()
+    assert health.error == (
+        "fal's signing keys could not be fetched: ConnectError: [Errno 111] Connection refused"
+    ), health.error

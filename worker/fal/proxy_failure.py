@@ -254,3 +254,31 @@ def certificate_words(exc: BaseException, environ: Mapping[str, str] | None = No
         else "point SSL_CERT_FILE at a PEM bundle that holds the CA which signed it"
     )
     return f"certificate verification failed ({reason}) against {ca_bundle(env)}: {hint}"
+
+
+#: The words every line above starts its cause with (:meth:`ProxyFailure.describe`,
+#: :func:`certificate_words`): :func:`setting_fix` finds the setting at fault by them in a line
+#: kept as text (the receiver's last fetch error, a check's detail).
+PROXY_WORDS = "the proxy "
+CERTIFICATE_WORDS = "certificate verification failed"
+
+
+def setting_fix(error: str, what: str = "the request") -> str | None:
+    """What to fix when ``error`` (a line made with :func:`proxy_failure` or
+    :func:`certificate_words`) blames a setting other than the URL: the proxy or the CA bundle;
+    None otherwise (the URL, the network, the server are as likely). ``what``: what went
+    through it (``fal's queue``, ``the key fetch``)."""
+    if CERTIFICATE_WORDS in error:
+        return (
+            f"point SSL_CERT_FILE at a PEM bundle holding the CA that signed the certificate of "
+            f"{what} (a proxy that re-signs TLS: its CA), on every host that reaches it"
+        )
+    at = error.find(PROXY_WORDS)
+    if at < 0:
+        return None
+    if "user:password" in error[at:]:
+        return f"set the proxy's user:password in the variable named above ({what} goes through it)"
+    return (
+        f"fix the proxy named above, or the variable naming it, not the URL ({what} goes through "
+        "it); a host to reach without a proxy goes in NO_PROXY"
+    )

@@ -104,6 +104,26 @@ def keys_of(jwks: object) -> list[Ed25519PublicKey]:
     return keys
 
 
+def _transport_reason(exc: BaseException) -> str:
+    """Why the JWKS could not be fetched, in one line, its cause named: the proxy (its
+    ``host:port`` and variable, never its credentials) that refused or could not reach the
+    host, the CA bundle a certificate did not verify against
+    (:mod:`worker.fal.proxy_failure`), else httpx's reason for a connect or a read (no URL in
+    those), else the error's type alone (an invalid URL's words quote it)."""
+    from jobs.url_secrets import mask_urls
+    from worker.fal.proxy_failure import certificate_words, proxy_failure, target_of
+
+    name = type(exc).__name__
+    if (proxy := proxy_failure(exc)) is not None:
+        return f"{name}: {proxy.describe(target_of(exc))}"
+    if (certificate := certificate_words(exc)) is not None:
+        return f"{name}: {certificate}"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.UnsupportedProtocol) and text:
+        return f"{name}: {mask_urls(text)[:200]}"
+    return name
+
+
 @dataclass(frozen=True)
 class KeysHealth:
     """What :meth:`JwksKeys.health` found: ``can_verify`` (there are keys to verify with),
@@ -233,7 +253,7 @@ class JwksKeys:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             if cut is not None and cut.hit:  # a wait (the headers' too) cut short by the deadline
                 raise JwksUnavailable(too_slow) from None
-            raise JwksUnavailable(f"{_UNFETCHED}: {type(exc).__name__}") from None
+            raise JwksUnavailable(f"{_UNFETCHED}: {_transport_reason(exc)}") from None
         try:
             doc = json.loads(bytes(body))
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python recurses
