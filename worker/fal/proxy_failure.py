@@ -15,7 +15,7 @@ Whether a request went through a proxy is read from the exception's traceback: h
 connections (``TunnelHTTPConnection``, ``ForwardHTTPConnection``, ``Socks5Connection``) keep
 the proxy's origin as ``_proxy_origin``, and a failure inside one of them has their frame on its
 way up; a failure below their ``connect_tcp`` is the connection to the proxy itself.
-``tests/unit/test_proxy_failure.py`` runs these against a real proxy on loopback, so an httpcore
+``tests/unit/test_proxy_failures.py`` runs these against a real proxy on loopback, so an httpcore
 that moves them fails there.
 """
 
