@@ -318,7 +318,7 @@ def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -
         value = _TOO_DEEP
     except (ValueError, UnicodeDecodeError):
         return None
-    if value is _TOO_DEEP or _deeper_than(value, MAX_JSON_DEPTH):
+    if value is _TOO_DEEP or (_may_nest_deeper(text, MAX_JSON_DEPTH) and _deeper_than(value, MAX_JSON_DEPTH)):
         raise ProviderProtocolError(
             f"fal {what}: the JSON body is nested more than {MAX_JSON_DEPTH} levels deep",
             status_code=status_code,
@@ -327,6 +327,19 @@ def load_json(text: str | bytes, what: str, *, status_code: int | None = None) -
 
 
 _TOO_DEEP = object()
+
+
+def _may_nest_deeper(text: str | bytes, limit: int) -> bool:
+    """Whether JSON ``text`` may nest lists/objects more than ``limit`` levels (False: it cannot).
+
+    Each level opens with a ``[`` or ``{`` of its own, so a text with at most ``limit`` of them
+    cannot nest deeper (those inside strings only count too many). Bytes in UTF-16 or -32 hold
+    a ``0x5B``/``0x7B`` byte for each such character, and perhaps more. Counted in C: every
+    status event and answer of fal's comes through :func:`load_json`, a few levels deep, and
+    walking the parsed value in Python cost more than parsing it."""
+    if isinstance(text, str):
+        return text.count("[") + text.count("{") > limit
+    return text.count(b"[") + text.count(b"{") > limit
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
