@@ -130,26 +130,28 @@ class _Direct:
         columns = getattr(compiled, "_result_columns", None) or []
         names = tuple(c.keyname for c in columns)
         self.types = [c.type for c in columns]
-        self.results_for: dict[tuple[Any, ...], list[Any]] = {}
+        self.results_for: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
         index = {n: i for i, n in enumerate(names)}
         self.row_type = type("Row", (DirectRow,), {"__slots__": (), "_fields": names, "_index": index})
 
-    def results(self, description: Any) -> list[Any]:
+    def results(self, description: Any) -> list[tuple[int, Any]]:
         """The result processors for the columns the driver describes (SQLAlchemy's choice for
-        each column's type and the driver's type code; SQLite's are all None)."""
+        each column's type and the driver's type code), as (column's index, processor) for the
+        columns that have one: on SQLite only dates and the model's own types, so a row of ids,
+        states and numbers is taken as the driver gives it."""
         if self.dialect.name == "sqlite":
             codes: tuple[Any, ...] = ()
             processors = self.results_for.get(codes)
             if processors is None:
-                processors = self.results_for[codes] = [
-                    t._cached_result_processor(self.dialect, None) for t in self.types
-                ]
+                processors = self.results_for[codes] = _processing(
+                    [t._cached_result_processor(self.dialect, None) for t in self.types]
+                )
             return processors
         codes = tuple(d[1] for d in description)
         processors = self.results_for.get(codes)
         if processors is None:
             pairs = zip(self.types, codes, strict=True)
-            processors = [t._cached_result_processor(self.dialect, code) for t, code in pairs]
+            processors = _processing([t._cached_result_processor(self.dialect, code) for t, code in pairs])
             if len(self.results_for) < 16:
                 self.results_for[codes] = processors
         return processors
@@ -188,9 +190,16 @@ class _Direct:
         cursor.execute(sql, args)
         rows: list[DirectRow] = []
         if cursor.description is not None:
-            make, processors = self.row_type, self.results(cursor.description)
-            for raw in cursor.fetchall():
-                rows.append(make(p(v) if p is not None else v for p, v in zip(processors, raw, strict=True)))
+            make, pairs = self.row_type, self.results(cursor.description)
+            if pairs:
+                for raw in cursor.fetchall():
+                    # each row's processed values in place: a list, not a generator resumed per column
+                    values = list(raw)
+                    for i, p in pairs:
+                        values[i] = p(values[i])
+                    rows.append(make(values))
+            else:  # no column needs one (ids, states, versions): the driver's values as they are
+                rows = [make(raw) for raw in cursor.fetchall()]
         return DirectResult(rows, cursor.rowcount)
 
     def _sql(self, lengths: tuple[int, ...]) -> str:
@@ -203,6 +212,11 @@ class _Direct:
             if len(self.sql_for) < 256:  # claims of 1..N jobs: a few lengths, but bounded anyway
                 self.sql_for[lengths] = sql
         return sql
+
+
+def _processing(processors: list[Any]) -> list[tuple[int, Any]]:
+    """(index, processor) of the columns whose processor is not None."""
+    return [(i, p) for i, p in enumerate(processors) if p is not None]
 
 
 #: How SQLAlchemy marks an expanding parameter in a compiled statement's SQL (rendered at

@@ -205,8 +205,10 @@ def _transition_statement(
     data-modifying ``WITH`` runs exactly once whether or not the outer query reads it (https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-MODIFYING).
     SQLite has no data-modifying ``WITH``: there the event is a second INSERT.
     """
-    plain = {k: v for k, v in values.items() if not isinstance(v, ColumnElement)}
-    expressions = {k: v for k, v in values.items() if isinstance(v, ColumnElement)}
+    plain: dict[str, Any] = {}
+    expressions: dict[str, Any] = {}
+    for k, v in values.items():  # one look at each value: every move of every job comes here
+        (expressions if isinstance(v, ColumnElement) else plain)[k] = v
     key = (tuple(sorted(plain)), with_version, finishing, logged, whole, guarded)
     statement = None if expressions else _STATEMENTS.get(key)
     if statement is None:
