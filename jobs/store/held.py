@@ -3,7 +3,7 @@ for every other process (:class:`~jobs.models.HeldSubmission`, :mod:`worker.step
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import delete, select
@@ -33,11 +33,16 @@ def hold_submissions(session: Session, owner: str, held: Mapping[str, str], *, n
         )
 
 
-def release_held(session: Session, job_ids: Collection[str]) -> None:
-    """The submissions of ``job_ids`` are recorded (or no longer held by this process): their
-    marks go, whoever wrote them."""
-    if job_ids:
-        session.execute(delete(HeldSubmission).where(HeldSubmission.job_id.in_(sorted(job_ids))))
+def release_held(session: Session, held: Mapping[str, str]) -> None:
+    """The submissions ``held`` (job id → request id) are recorded (or no longer held by this
+    process): their marks go, whoever wrote them. A mark naming another request of the job (a
+    later attempt's, held by another process) stays: it still holds that job."""
+    for job_id in sorted(held):  # in key order, as hold_submissions
+        session.execute(
+            delete(HeldSubmission).where(
+                HeldSubmission.job_id == job_id, HeldSubmission.request_id == held[job_id][:255]
+            )
+        )
 
 
 def held_job_ids(session: Session, *, live_since: datetime) -> set[str]:

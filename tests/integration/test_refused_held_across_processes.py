@@ -154,3 +154,18 @@ def test_a_holder_gone_holds_nothing_and_the_lease_rules_apply(pg: Engine, hosti
             assert "possible duplicate charge" in (store.job_events(session, job_id)[-1].reason or "")
     finally:
         drop()  # type: ignore[operator]
+
+
+def test_a_mark_goes_only_with_the_request_it_names(pg: Engine) -> None:
+    """A process that records an older request of a job (from the journal of a holder that
+    ended) leaves alone the mark a live process keeps for that job's newer, refused request: the
+    job stays held until that one is recorded."""
+    job_id = uuid.uuid4().hex
+    with db.session_scope(pg) as session:
+        store.hold_submissions(session, "host-b:2:", {job_id: "req-new"}, now=utcnow())
+    with db.session_scope(pg) as session:
+        store.release_held(session, {job_id: "req-old"})
+    assert _marks(pg) == [(job_id, "req-new")]
+    with db.session_scope(pg) as session:
+        store.release_held(session, {job_id: "req-new"})
+    assert _marks(pg) == []

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import Engine
 
@@ -78,8 +78,10 @@ class HeldMarks:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         #: Job ids marked by this keeper (deleted once no longer held).
-        self._marked: set[str] = set()
+        self._marked: dict[str, str] = {}
         self._thread: threading.Thread | None = None
+        #: The thread trying the held submissions again, while it runs (:meth:`_retry_aside`).
+        self._retrier: threading.Thread | None = None
         #: When (``time.monotonic()``) the renewals began: the reconciler's quiet is counted from
         #: then (a process that reconciles tries its submissions at its own pace).
         self._started = 0.0
@@ -92,7 +94,7 @@ class HeldMarks:
         """The database refused to record ``accepted``: its job is marked held now, before the
         step (or the reconciler) that met the refusal goes on, and renewed from then on."""
         held = {accepted.job_id: accepted.request_id, **self._unrecorded.marked()}
-        self._write(held, gone=set())
+        self._write(held, gone={})
         self.wake()
 
     def wake(self) -> None:
@@ -107,11 +109,11 @@ class HeldMarks:
             )
             self._thread.start()
 
-    def release(self, job_ids: Collection[str]) -> None:
+    def release(self, held: Mapping[str, str]) -> None:
         """Those submissions are recorded: their marks go (whoever wrote them)."""
         try:
             with db.session_scope(self._engine) as session:
-                store.release_held(session, job_ids)
+                store.release_held(session, held)
         except Exception as exc:  # left to go stale, or deleted at the next renewal
             log.debug(
                 "could not clear held marks (%s)",
@@ -120,7 +122,9 @@ class HeldMarks:
             )
             return
         with self._lock:
-            self._marked.difference_update(job_ids)
+            for job_id, request_id in held.items():
+                if self._marked.get(job_id) == request_id:
+                    del self._marked[job_id]
 
     # ------------------------------------------------------------------ renewing
 
@@ -130,11 +134,11 @@ class HeldMarks:
         Whether anything is still held (or marked: the thread goes on)."""
         held = self._unrecorded.marked()
         with self._lock:
-            gone = self._marked - held.keys()
+            gone = {j: r for j, r in self._marked.items() if held.get(j) != r}
         if held or gone:
             self._write(held, gone)
         if held and self.retry is not None and self._reconciler_quiet():
-            self._try_again(self.retry)
+            self._retry_aside(self.retry)
         with self._lock:
             return self._holding()
 
@@ -145,7 +149,7 @@ class HeldMarks:
             self._closed = True
             self._wake.notify_all()
 
-    def _write(self, held: dict[str, str], gone: set[str]) -> None:
+    def _write(self, held: dict[str, str], gone: Mapping[str, str]) -> None:
         try:
             with db.session_scope(self._engine) as session:
                 store.hold_submissions(session, self._owner, held, now=utcnow())
@@ -160,12 +164,25 @@ class HeldMarks:
             )
             return
         with self._lock:
-            self._marked.difference_update(gone)
+            for job_id in gone:
+                self._marked.pop(job_id, None)
             self._marked.update(held)
 
     def _reconciler_quiet(self) -> bool:
         since = max(self._unrecorded.reconciled_at, self._started)
         return time.monotonic() - since > RECONCILER_QUIET_SECONDS
+
+    def _retry_aside(self, retry: Callable[[], object]) -> None:
+        """Try the held submissions again on a thread of its own, one at a time: a retry that
+        waits (a row lock, a slow fal call for a late answer) must not hold back the renewals,
+        or the marks of a live holder would go stale and another process take its jobs."""
+        with self._lock:
+            if self._closed or (self._retrier is not None and self._retrier.is_alive()):
+                return
+            self._retrier = threading.Thread(
+                target=self._try_again, args=(retry,), name="wanbatch-held-retry", daemon=True
+            )
+            self._retrier.start()
 
     def _try_again(self, retry: Callable[[], object]) -> None:
         try:

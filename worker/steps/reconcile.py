@@ -158,7 +158,7 @@ def adopt_unrecorded(rt: Runtime) -> int:
                 else:
                     adopted += got
             refused.extend(kept)
-            recorded = [e.job_id for e in entries if e not in kept]
+            recorded = {e.job_id: e.request_id for e in entries if e not in kept}
             if recorded:  # the marks of a holder that ended, if it had made them
                 rt.held.release(recorded)
             if kept:

@@ -43,7 +43,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -525,7 +525,7 @@ class Unrecorded:
         if waited is not None or left is not None:
             self._save()
         if self.marks is not None and (waited or left or other) is not None:
-            self.marks.release([accepted.job_id])
+            self.marks.release({accepted.job_id: accepted.request_id})
 
     def leave(self, accepted: Accepted) -> None:
         """Its step stops waiting: ``accepted`` stays in the journal (and in memory, for
@@ -681,8 +681,8 @@ class Marks(Protocol):
     def wake(self) -> None:
         """Something is held: renew the marks from now on."""
 
-    def release(self, job_ids: Collection[str]) -> None:
-        """Those jobs' submissions are recorded: their marks go."""
+    def release(self, held: Mapping[str, str]) -> None:
+        """Those submissions (job id → request id) are recorded: their marks go."""
 
 
 class Sending:
