@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 #: Exit code after Ctrl-C: 128 + SIGINT, what shells report for an interrupted command.
 EXIT_INTERRUPTED = 130
@@ -476,6 +477,15 @@ def _main() -> None:
 
     configure_logging(level=logging.WARNING)
     try:
+        _run_command()
+    finally:  # however it ends: a command's own sys.exit, an error's line, Ctrl-C
+        if _AS_COMMAND:  # the process ends here; a program calling main() keeps its engines
+            _close_databases()
+
+
+def _run_command() -> None:
+    """Run the command of ``sys.argv``: every way it ends is an exit status and at most one line."""
+    try:
         if not _only_help(sys.argv[1:]):  # help prints no secret: skip loading the settings
             install_key_redaction()
         # From here a command runs: Ctrl-C raises KeyboardInterrupt again, so what the command
@@ -527,3 +537,33 @@ def _main() -> None:
                 _fail(printable(said), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+#: How long the exit waits for the command's database connections to close (:func:`_close_databases`).
+CLOSE_DATABASES_SECONDS = 5.0
+
+
+def _close_databases() -> None:
+    """Close the command's database connections before the process exits.
+
+    Python's exit does not promise to finalize them, and a SQLite database left open keeps its
+    last transactions in ``wanbatch.db-wal`` (the write-ahead log) until the next process opens
+    it: a user who copies or archives ``wanbatch.db`` alone after a ``run`` would miss them. The
+    last connection closed checkpoints the log into the file and removes ``-wal`` and ``-shm``
+    (https://www.sqlite.org/wal.html#the_wal_file). Nothing is said if that fails: the log is
+    intact, and the next open applies it."""
+    database = sys.modules.get("jobs.db")
+    if database is None:
+        return
+    # A Ctrl-C now ends the process as one before the command began would: no traceback.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            database._engine_for.cache_clear()
+
+    # On a thread, waited for a while: a SQLite writer's connection closes under its lock, which
+    # a thread of the command still at work (a daemon, ending with the process) may hold.
+    closing = threading.Thread(target=close, name="wanbatch-close-databases", daemon=True)
+    closing.start()
+    closing.join(CLOSE_DATABASES_SECONDS)

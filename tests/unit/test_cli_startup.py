@@ -267,12 +267,17 @@ def test_a_short_command_runs_without_the_gc_its_start_up_set_aside(tmp_path: Pa
 def test_a_command_still_closes_what_it_opened_at_exit(tmp_path: Path) -> None:
     """Only the start-up is set aside, not what the command opens after it: ``status`` on a
     SQLite database in WAL mode still closes its connections as the process ends, the last one
-    removing the ``-wal`` and ``-shm`` files (frozen, the engine was never collected: both stayed)."""
+    removing the ``-wal`` and ``-shm`` files (frozen, the engine was never collected: both stayed).
+    So does a ``run``, whose engine is held to the end (its last transactions stayed in the
+    ``-wal`` file, missing from a copy of ``wanbatch.db`` alone)."""
     manifest = tmp_path / "one.yaml"
     manifest.write_text('name: wal-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
-    env = {**_clean_env(tmp_path), "FAL_KEY": "k-startup-test"}
+    simulated = tmp_path / "sim.yaml"
+    simulated.write_text('name: wal-run\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a blue kite"\n')
+    env = {**_clean_env(tmp_path), "FAL_KEY": "k-startup-test", "WANBATCH_OUTPUT_DIR": str(tmp_path / "out")}
     database = tmp_path / "wanbatch.db"
-    for args in (("submit", str(manifest)), ("status",)):
+    runs = (("submit", str(manifest)), ("status",), ("run", "--simulate", "--no-progress", str(simulated)))
+    for args in runs:
         done = subprocess.run(
             [sys.executable, "-m", "cli", *args],
             capture_output=True,
