@@ -35,6 +35,7 @@ cannot produce (:func:`~worker.fal.errors.redirect_error`), never a hop to an un
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -110,6 +111,15 @@ HandleLike = RequestHandle | Submitted
 
 def _handle(value: HandleLike) -> RequestHandle:
     return value.handle if isinstance(value, Submitted) else value
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_url(url: str) -> httpx.URL:
+    """``url`` parsed by httpx, once per URL: a submit's (the queue URL and the endpoint) is the
+    same for every job of an endpoint, and httpx looks at a URL a character at a time (about 250
+    Python calls each time). An :class:`httpx.URL` is immutable, so one can be shared; one that
+    does not parse raises every time (:class:`httpx.InvalidURL`), never cached."""
+    return httpx.URL(url)
 
 
 def start_timeout_header(seconds: float) -> str:
@@ -316,7 +326,7 @@ class FalClient:
             try:
                 request = self.http.build_request(
                     "POST",
-                    url,
+                    _parsed_url(url),
                     json=dict(input),
                     params=params,
                     headers=headers,
@@ -478,14 +488,19 @@ class FalClient:
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
+        query = {"logs": "1" if logs else "0"}
+        if "?" not in url and "#" not in url:
+            # The same request URL as with ``params``, parsed once rather than twice (httpx parses
+            # it again to merge parameters in, a character at a time).
+            url, params = f"{url}?logs={query['logs']}", None
+        else:
+            params = query
         with self.scrubbed(), map_transport_errors("status stream"), ExitStack() as held:
             # The headers within the exchange's deadline; the stream has no end, so its events
             # are bounded one by one (_stream_events), not by it. Entered and left before any
             # yield: the deadline never outlives this step of the generator.
             with self._answer_budget.exchange("status stream"):
-                source = held.enter_context(
-                    httpx_sse.connect_sse(self.http, "GET", url, params={"logs": "1" if logs else "0"})
-                )
+                source = held.enter_context(httpx_sse.connect_sse(self.http, "GET", url, params=params))
             response = source.response
             if not response.is_success:
                 raise classify_poll(
