@@ -115,3 +115,24 @@ def test_the_status_stream_url_is_parsed_once(parsed: list[str]) -> None:
             ] == ["COMPLETED"]
     assert [str(url) for url in seen] == [f"{BASE}/status/stream?logs=0", f"{BASE}/status/stream?logs=1"]
     assert parsed == [f"{BASE}/status/stream?logs=0", f"{BASE}/status/stream?logs=1"]
+
+
+def test_status_streams_hold_connections_in_a_pool_of_their_own() -> None:
+    """A stream holds its connection while its request runs: in the pool of the submits and
+    results, httpcore looked at every held stream at each of their calls (issue #11)."""
+    body = 'data: {"status": "COMPLETED"}\n\n'
+    answer = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+    client = client_answering(answer)
+    handle = RequestHandle.from_request_id(QUEUE, EP, RID)
+    assert [s.state for s in client.stream_status(handle)] == ["COMPLETED"]
+    assert client._http is None  # the stream never built the other client
+    streams = client.streams_http
+    assert streams is not client.http
+    client.close()
+    assert streams.is_closed
+    assert client.http.is_closed
+    with FalClient(
+        queue_url=QUEUE, rest_url="https://rest.test", key=None, timeout=httpx.Timeout(5.0)
+    ) as real:
+        pools = [http._transport._pool for http in (real.http, real.streams_http)]  # type: ignore[attr-defined]
+        assert pools[0] is not pools[1]
