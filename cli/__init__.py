@@ -185,7 +185,7 @@ from cli.output import (  # noqa: E402
     guarded_stdout,
     path_failure,
 )
-from jobs.printable import printable  # noqa: E402
+from jobs.printable import first_line, printable  # noqa: E402
 from jobs.setting_notes import CONTRACT_SETTINGS, MORE_SETTINGS  # noqa: E402 (stdlib only)
 
 #: Width of the settings' name column: the longest name, WANBATCH_DOWNLOAD_ALLOWED_HOSTS, fits.
@@ -364,8 +364,7 @@ def _database_said(exc: BaseException) -> str | None:
         url = None
     if full:
         return str(db.disk_full_error(url))
-    said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return str(db.schema_missing_error(url, said[0] if said else type(exc).__name__))
+    return str(db.schema_missing_error(url, first_line(exc)))
 
 
 def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:

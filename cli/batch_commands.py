@@ -55,7 +55,7 @@ from cli.output import (
     writing_stdout,
 )
 from jobs.errors import UsageError
-from jobs.printable import one_line, printable, shell_ref
+from jobs.printable import first_line, one_line, printable, shell_ref
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -737,8 +737,7 @@ def _note_finished_in_database(
                 "the next --simulate run runs them again (its ledger counts their videos twice)"
             )
             return
-        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
-        said = "its disk is full" if db.is_disk_full(exc) else one_line(lines[0])
+        said = "its disk is full" if db.is_disk_full(exc) else first_line(exc)
         err.print(
             "[yellow]warning: the database could not record which requests the simulator finished "
             f"before it stopped ({escape(said)}): the next --simulate run runs them again, and the "

@@ -78,7 +78,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from jobs import clock
 from jobs.batch_names import batch_name
 from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
-from jobs.printable import one_line
+from jobs.printable import first_line, named_first_line, one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
 
@@ -895,12 +895,8 @@ def database_problem(exc: BaseException) -> str:
     statement and parameters, control characters escaped (:func:`jobs.printable.one_line`: the
     words may quote a request's value); the type alone when it said nothing. The one way every
     process puts a database error in its logs (the conductor, the steps, the webhook receiver,
-    the dashboard)."""
-    cause = getattr(exc, "orig", None) or exc
-    lines = str(cause).strip().splitlines()
-    said = lines[0].strip() if lines else ""
-    name = type(cause).__name__
-    return one_line(f"{name}: {said}" if said else name)
+    the dashboard). :func:`jobs.printable.named_first_line` by its database name."""
+    return named_first_line(exc)
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -2200,8 +2196,7 @@ def _opened_engine(url: str) -> Engine:
             raise disk_full_error(url) from None
         if is_lock_timeout(exc):  # an operator's command bounded its wait (lock_waits_bounded)
             raise database_locked_error(url) from None
-        lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        reason = lines[0] if lines else type(exc).__name__
+        reason = first_line(exc)
         if is_schema_missing(exc):  # a migration met a table dropped since
             raise schema_missing_error(url, reason) from None
         raise ConfigError(

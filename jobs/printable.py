@@ -8,8 +8,9 @@ hostile provider's error message, or a shared manifest's name, must not do any o
 operator's terminal when ``status`` or a log line shows it. So every such character is shown as
 its escape (``\\x1b``, ``\\u202e``) instead: visible, copyable, inert. Line breaks and tabs stay
 (:func:`one_line` escapes them too, for a table cell or a heading, and for what a one-line message
-quotes: a path, ``jobs.fs.shown_path``; a value, :func:`shortened`; a manifest issue). JSON output
-needs none of this (``json.dumps`` escapes control characters itself).
+quotes: a path, ``jobs.fs.shown_path``; a value, :func:`shortened`; a manifest issue; what an
+error says, :func:`first_line`). JSON output needs none of this (``json.dumps`` escapes control
+characters itself).
 """
 
 from __future__ import annotations
@@ -52,6 +53,42 @@ def control_character(text: str) -> str | None:
     character, line break, tab or bidirectional override), or None when there is none."""
     found = _NOT_ONE_LINE.search(text)
     return None if found is None else _escaped_one_line(found)
+
+
+def _said(exc: BaseException) -> BaseException:
+    """The error whose words ``exc`` carries: what the driver raised (``.orig``) when SQLAlchemy
+    wrapped it (its own words add the statement and its parameters), else ``exc`` itself."""
+    orig = getattr(exc, "orig", None)
+    return orig if isinstance(orig, BaseException) else exc
+
+
+def _first_words(said: BaseException, limit: int | None) -> str:
+    line = str(said).strip().split("\n", 1)[0].strip()
+    return one_line(line if limit is None else line[:limit])
+
+
+def first_line(exc: BaseException, *, limit: int | None = None) -> str:
+    """The first line of what ``exc`` says, for a log line or a one-line message: the driver's
+    words when SQLAlchemy wrapped its error (not SQLAlchemy's ``(psycopg.OperationalError)``
+    prefix, statement and parameters), escaped like :func:`one_line` (a server's words, or a
+    value they quote, must neither drive the terminal nor forge a log line); its type's name
+    when it says nothing. ``limit`` cuts the line to that many characters, before escaping (so
+    no escape is cut in half).
+
+    Lines end at line feeds only (as :func:`cli.output.json_error` splits them):
+    ``str.splitlines`` also ended one at a carriage return or U+2028 that a quoted value held;
+    those are shown as their escapes instead."""
+    said = _said(exc)
+    return _first_words(said, limit) or type(said).__name__
+
+
+def named_first_line(exc: BaseException, *, limit: int | None = None) -> str:
+    """``Type: first line`` (:func:`first_line`), the type being that of the error whose words
+    they are (``AdminShutdown: terminating connection due to administrator command``, not
+    SQLAlchemy's ``OperationalError``); the type alone when it says nothing."""
+    said = _said(exc)
+    line = _first_words(said, limit)
+    return f"{type(said).__name__}: {line}" if line else type(said).__name__
 
 
 #: Characters of a value a message quotes (:func:`quoted`): enough to recognise it, few enough

@@ -93,7 +93,7 @@ from jobs import db, store
 from jobs.digits import ascii_int
 from jobs.host_header import host_name, is_loopback_host, names, place
 from jobs.http_environment import is_loopback_address
-from jobs.printable import one_line
+from jobs.printable import first_line, one_line
 
 log = logging.getLogger(__name__)
 
@@ -802,14 +802,12 @@ class DashboardAuth:
                 extra={"event": "dashboard.schema_behind", "status": 503},
             )
             return refused(f"{behind}: {db.SCHEMA_BEHIND_FIX}", 503)
-        # The driver's first line, as web.app logs it (not its hint, escaped onto the same line).
-        said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         log.warning(
             "dashboard: %s %s from %s: the login cookie cannot be checked: %s",
             scope["method"],
             one_line(scope["path"]),
             one_line(str(client[0])) if client else "?",
-            one_line(said[0] if said else type(exc).__name__)[:300],
+            first_line(exc, limit=300),  # the driver's first line (not its hint), as web.app logs it
             extra={"event": "dashboard.database_unavailable", "status": 503},
         )
         return refused(NO_DATABASE, 503)

@@ -674,6 +674,8 @@ class Dashboard:
         try:
             outcome = await run_in_threadpool(handler, ref)
         except WanbatchError as exc:
+            # Not jobs.printable.first_line: the answer's JSON and the page quote it unescaped, as
+            # the CLI's --json does (each escapes it its own way); the log line escapes it below.
             message = masked_error(str(exc).splitlines()[0])  # as every error answer is
             log.info(
                 "dashboard: %s of %s refused for %s: %s",

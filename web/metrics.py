@@ -57,6 +57,7 @@ from jobs import db
 from jobs.errors import DatabaseLockedError
 from jobs.metrics import FinishedTotals, Snapshot, snapshot
 from jobs.money import usd_json
+from jobs.printable import named_first_line
 from jobs.settings import DatabaseSettings, Settings
 from worker.telemetry import ProcessMetrics
 
@@ -119,7 +120,7 @@ class DatabaseCollector(Collector):
             yield _gauge("wanbatch_database_up", "1 when the last scrape could read the database.", 0)
             return
         except SQLAlchemyError as exc:
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            reason = named_first_line(exc, limit=200)
             log.warning(
                 "metrics: the database does not answer (%s)", reason, extra={"event": "metrics.database_down"}
             )

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jobs.printable import named_first_line
 from jobs.url_secrets import masked_url
 from worker.outage_log import OutageLog
 
@@ -62,14 +63,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
         found.append(cause)
         cause = cause.__cause__ or cause.__context__
     return found
-
-
-def _first_line(exc: BaseException) -> str:
-    """``OperationalError: Error 111 connecting to …``: the error's name and first line."""
-    lines = str(exc).strip().splitlines()
-    said = lines[0].strip() if lines else ""
-    name = type(exc).__name__
-    return f"{name}: {said}" if said else name
 
 
 #: What Redis answers a write with when it is out of memory and evicts nothing
@@ -129,11 +122,11 @@ def broker_problem(exc: BaseException) -> str | None:
     for anything else."""
     refused = _refused_by(exc)
     if refused is not None:  # the refusal's own words, not those of what wrapped it
-        return _first_line(refused[0])
+        return named_first_line(refused[0])
     errors = _connection_errors()
     for cause in _chain(exc):
         if isinstance(cause, errors):
-            return _first_line(cause)
+            return named_first_line(cause)
     return None
 
 
@@ -203,7 +196,7 @@ def write_problem(url: str) -> tuple[str, str | None] | None:
     try:
         client.set(WRITE_CHECK_KEY, b"1", px=1000)
     except redis.RedisError as exc:
-        return broker_problem(exc) or _first_line(exc), broker_refusal(exc)
+        return broker_problem(exc) or named_first_line(exc), broker_refusal(exc)
     finally:
         client.close()
     return None

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import traceback
 
+from jobs.printable import named_first_line
 from jobs.redaction import masked_error
 from jobs.url_secrets import mask_urls
 from worker.fal.redact import redact_text
@@ -51,6 +52,4 @@ def crash_file(exc: BaseException, *, where: str | None = None) -> str | None:
 
 def summary(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters), masked: a bug in one line."""
-    detail = (str(exc).strip().splitlines() or [""])[0][:300]
-    text = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-    return masked_error(text)
+    return masked_error(named_first_line(exc, limit=300))

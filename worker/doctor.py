@@ -141,11 +141,9 @@ def _first_line(exc: BaseException) -> str:
     """The first line of ``exc``'s message, escaped (:func:`jobs.printable.one_line`): a
     server's words may be in it (a database's, a proxy's), and must not drive the terminal; and
     without the full stop that ends it (:func:`jobs.printable.clause`)."""
-    from jobs.printable import clause, one_line
+    from jobs.printable import clause, first_line
 
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    first = clause(text[0][:300]) if text else ""  # its own full stop off: the sentence may go on
-    return one_line(first) if first else type(exc).__name__
+    return clause(first_line(exc, limit=300)) or type(exc).__name__  # its full stop off: the sentence goes on
 
 
 # --------------------------------------------------------------------------- the checks

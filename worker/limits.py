@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 
 from jobs.errors import ConfigError, WanbatchError
 from jobs.key_forms import hide_keys
+from jobs.printable import first_line
 from jobs.settings import Settings
 from jobs.url_secrets import masked_url
 from worker import telemetry
@@ -802,8 +803,7 @@ _SCRIPT_SUFFIX = re.compile(r"[.\s]*\bscript: [0-9a-f]{40}\b.*$")
 
 def _reason(exc: BaseException, url: str) -> str:
     """The first line of a Redis client's error, never a password that was in ``url``."""
-    text = (str(exc).strip().splitlines() or [""])[0]
-    text = _SCRIPT_SUFFIX.sub("", text).rstrip(".") or type(exc).__name__
+    text = _SCRIPT_SUFFIX.sub("", first_line(exc)).rstrip(".") or type(exc).__name__
     try:
         password = urlsplit(url).password
     except ValueError:

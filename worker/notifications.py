@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 
 from jobs import db
+from jobs.printable import first_line
 from jobs.settings import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class EventListener:
                 self._lost = True
                 log.warning(
                     "event listener: cannot reach the database (%s); the tick carries on",
-                    _first_line(exc),
+                    first_line(exc),
                     extra={"event": "listener.unreachable"},
                 )
             return None
@@ -130,14 +131,9 @@ class EventListener:
             self._lost = True
             log.warning(
                 "event listener: connection lost (%s); reconnecting",
-                _first_line(exc),
+                first_line(exc),
                 extra={"event": "listener.lost"},
             )
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -68,7 +68,7 @@ from jobs.cap_holds import CapCheck, CapHold, cap_holds, cap_note
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
-from jobs.printable import clause, is_a_terminal, printable, shell_ref
+from jobs.printable import clause, first_line, is_a_terminal, printable, shell_ref
 from jobs.schedule import format_age
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -705,7 +705,7 @@ def check_broker(settings: Settings, timeout: float = 3.0) -> None:
     elif failure:
         exc = failure[0]
         # Its own full stop dropped: the message's sentence goes on ("refused.. Start it" was said).
-        reason = clause((str(exc).strip().splitlines() or [""])[0]) or type(exc).__name__
+        reason = clause(first_line(exc)) or type(exc).__name__
     else:
         return
     raise ConfigError(

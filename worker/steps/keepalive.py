@@ -38,6 +38,7 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.models import utcnow
+from jobs.printable import first_line
 from jobs.store import Fence
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class StepLeases:
                 "could not renew the lease of %d %s step(s): the database is unavailable (%s); trying again",
                 len(due),
                 self._what,
-                _first_line(exc),
+                first_line(exc),
                 extra={"event": f"{self._what}.renew_failed"},
             )
             self._postpone(due, min(self._every, RETRY_SECONDS))
@@ -196,11 +197,6 @@ class StepLeases:
             held.fence.job_id,
             extra={"event": "submit.lease_lost", "job_id": held.fence.job_id},
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 #: The keeper of POSTs in flight, by its first name.
