@@ -676,7 +676,7 @@ class Dashboard:
         except WanbatchError as exc:
             # Not jobs.printable.first_line: the answer's JSON and the page quote it unescaped, as
             # the CLI's --json does (each escapes it its own way); the log line escapes it below.
-            message = masked_error(str(exc).splitlines()[0])  # as every error answer is
+            message = masked_error(str(exc).partition("\n")[0])  # as every error answer is
             log.info(
                 "dashboard: %s of %s refused for %s: %s",
                 action,
