@@ -426,7 +426,7 @@ class Dashboard:
         client = one_line(request.client.host) if request.client else "?"
         # The path and the database's words may carry the request's text: one line each, so a
         # %0A in the URL cannot forge a log line.
-        where = (request.method, one_line(request.url.path), client, one_line(db.database_problem(exc)))
+        where = (request.method, one_line(request.url.path), client, db.database_problem(exc))
         # A table or column missing: a schema downgraded under this serve says so (SQLite's "no
         # such column" is an OperationalError: before is_unavailable). Read as the start-up reads it.
         if db.is_schema_mismatch(exc) and (behind := await run_in_threadpool(db.schema_behind, self.engine)):
@@ -855,7 +855,7 @@ class Dashboard:
                     "dashboard: logout could not end the session on the server (%s): the browser's "
                     "cookie is deleted, but a copy of it keeps working until it is 30 days old; "
                     "a new WANBATCH_SERVE_TOKEN ends every session",
-                    one_line(db.database_problem(exc))[:300],
+                    db.database_problem(exc)[:300],
                     extra={"event": "dashboard.logout_not_recorded"},
                 )
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).
