@@ -132,6 +132,10 @@ MAX_INLINE_BYTES = 64 * 1024**2
 MIN_SERVE_TOKEN_LENGTH = 16
 
 
+#: ``WANBATCH_DOWNLOAD_PROXY``'s value that downloads through the environment's proxy variables.
+DOWNLOAD_PROXY_FROM_ENV = "env"
+
+
 #: The variables read without the ``WANBATCH_`` prefix: fal's and the AWS SDK's own names.
 _UNPREFIXED = frozenset({"FAL_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"})
 
@@ -981,6 +985,15 @@ class DownloadSettings(_Section):
     #: host and port) or listed here. Set: only those (and the fal URLs' origins), whatever they
     #: resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
     download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
+    #: How downloads (and uploads' PUTs) reach fal's media hosts: unset, directly (the address
+    #: guard judges the very address connected to); ``env``, through the proxy the environment's
+    #: ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` name for the URL, ``NO_PROXY`` obeyed, as
+    #: httpx reads them; or a proxy URL (``http://[user:pass@]proxy:3128``, ``https://``,
+    #: ``socks5://``, ``socks5h://``) for every download. Loopback is never proxied. Through a
+    #: proxy the guard judges names, not the address the proxy connects to
+    #: (:meth:`worker.fal.storage.DownloadPolicy.check_proxied`). A secret: its URL may hold a
+    #: password, never echoed.
+    download_proxy: SecretStr | None = None
     #: How many times a failed download is retried before the job fails (never regenerated).
     download_attempts: int = Field(default=5, ge=1, le=MAX_ATTEMPTS)
     #: Longest one download attempt may take, in seconds, on top of the read timeout (which
@@ -1031,6 +1044,29 @@ class DownloadSettings(_Section):
                 "such as http://127.0.0.1:9000"
             )
         return url
+
+    @field_validator("download_proxy", mode="before")
+    @classmethod
+    def _check_download_proxy(cls, value: object) -> object:
+        """``env`` (any case), or a proxy URL httpx can use (:func:`jobs.http_environment.proxy_problem`,
+        as for ``HTTPS_PROXY``); blank is unset. The value is never echoed: it may hold a password."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return None
+        if text.lower() == DOWNLOAD_PROXY_FROM_ENV:
+            return DOWNLOAD_PROXY_FROM_ENV
+        from jobs.http_environment import proxy_problem
+
+        problem = proxy_problem(text)
+        if problem is None and not urlsplit(text if "://" in text else f"http://{text}").hostname:
+            problem = "names no proxy host; write http://proxy.example:3128"
+        if problem is not None:
+            raise ValueError(f"{problem}, or 'env' to use the proxy HTTPS_PROXY names")
+        return text if "://" in text else f"http://{text}"
 
     @field_validator("download_allowed_hosts", mode="before")
     @classmethod

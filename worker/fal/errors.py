@@ -202,6 +202,30 @@ def unreached(exc: BaseException) -> bool:
     )
 
 
+class DownloadUnreachedError(RetryableProviderError):
+    """A download (or a redirect hop of it), or an upload's PUT, could not even connect: the
+    host's name did not resolve, the connection was refused or timed out, TLS failed in the
+    handshake, or the proxy it goes through refused the tunnel (:func:`cannot_connect`). No HTTP
+    answer came, so nothing is known of the file: a paid output is not given up over it, its
+    download is held (:mod:`worker.steps.download_reach`), never counted as a try.
+
+    ``host``: where it could not connect; ``proxy``: the proxy it went through, its credentials
+    masked, or None (direct)."""
+
+    def __init__(self, message: str, *, host: str, proxy: str | None = None) -> None:
+        super().__init__(message)
+        self.host = host
+        self.proxy = proxy
+
+
+def cannot_connect(exc: BaseException) -> bool:
+    """Whether a transport error says no HTTP exchange took place at all: httpx's connect
+    failures (:data:`UNREACHED`, a TLS refusal included: a download is held for it, as a setting
+    to fix, not given up) or a proxy that refused the tunnel (``ProxyError``: a 407 or a 502 to
+    the ``CONNECT``)."""
+    return isinstance(exc, (*UNREACHED, httpx.ProxyError))
+
+
 class ProviderProtocolError(ProviderError):
     """fal answered with something its protocol cannot produce: an unknown status, a body nested
     absurdly deep, a result whose ``video`` is not an object. Neither "retry" nor "give up" is

@@ -52,17 +52,27 @@ import httpx
 from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
 from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_in_folder, shown_path
+from jobs.http_environment import no_proxy_entries, no_proxy_pattern, proxy_variables
 from jobs.key_forms import holds_known_key
 from jobs.media import MediaKind, classify, media_type, sent_form
 from jobs.outputs import OutputWriteError, fsync_dir
-from jobs.settings import allowed_host_entry
+from jobs.settings import DOWNLOAD_PROXY_FROM_ENV, allowed_host_entry
+from jobs.url_secrets import masked_url
 from worker.fal.client import FalClient
-from worker.fal.errors import DownloadIntegrityError, classify_poll, map_transport_errors, parse_body
+from worker.fal.errors import (
+    DownloadIntegrityError,
+    DownloadUnreachedError,
+    cannot_connect,
+    classify_poll,
+    map_transport_errors,
+    parse_body,
+)
 from worker.fal.http import (
     ACCEPT_ENCODING,
     CookielessClient,
     DeadlineBackend,
     cut_off_at,
+    direct_mounts,
     environment_checked,
     origin,
     resolve,
@@ -445,6 +455,22 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
+#: Suffixes of names that only ever lead inside a network (RFC 6761 ``localhost``, RFC 6762
+#: ``local``, RFC 8375 ``home.arpa``, cloud metadata's ``metadata.google.internal``, and the
+#: ``localdomain``/``internal`` conventions): refused through a download proxy, which would
+#: resolve them to an address this process never sees.
+_INTERNAL_SUFFIXES = (".localhost", ".local", ".localdomain", ".internal", ".home.arpa")
+
+
+def internal_name(name: str) -> bool:
+    """Whether the host name ``name`` (as compared: :func:`_norm_host`) names something inside
+    a network rather than on the internet: ``localhost``, one of :data:`_INTERNAL_SUFFIXES`, or
+    a single label (``metadata``, ``vm``, ``redis``), which a resolver completes with its
+    search domains."""
+    name = _norm_host(name)
+    return name == "localhost" or "." not in name or name.endswith(_INTERNAL_SUFFIXES)
+
+
 @dataclass(frozen=True)
 class DownloadPolicy:
     """Where an output may be fetched from: the SSRF guard of every download (each redirect hop too).
@@ -474,13 +500,20 @@ class DownloadPolicy:
     trusted_origins: tuple[tuple[str, str, int | None], ...] = ()
     allowed_hosts: tuple[str, ...] | None = None
     keys: tuple[str, ...] = field(default=(), repr=False)
+    #: ``WANBATCH_DOWNLOAD_PROXY``: None (direct), ``"env"`` (the environment's proxy
+    #: variables) or a proxy URL, which may hold a password (never printed: ``repr``).
+    proxy: str | None = field(default=None, repr=False)
 
     @classmethod
     def for_urls(
-        cls, fal_urls: Iterable[str], allowed_hosts: Iterable[str] | None, keys: Iterable[str] = ()
+        cls,
+        fal_urls: Iterable[str],
+        allowed_hosts: Iterable[str] | None,
+        keys: Iterable[str] = (),
+        proxy: str | None = None,
     ) -> DownloadPolicy:
         """The policy of a worker: the fal URLs' origins trusted, plus the configured allow-list;
-        URLs holding one of ``keys`` refused."""
+        URLs holding one of ``keys`` refused; downloads through ``proxy`` when given."""
         origins = []
         for url in fal_urls:
             with contextlib.suppress(ValueError):  # a URL that does not parse is no origin
@@ -491,7 +524,15 @@ class DownloadPolicy:
             tuple(origins),
             None if allowed_hosts is None else tuple(allowed_hosts),
             tuple(k for k in keys if k),
+            proxy or None,
         )
+
+    def fal_urls(self) -> list[str]:
+        """The trusted origins as URLs (``scheme://host:port``)."""
+        return [
+            f"{scheme}://{f'[{host}]' if ':' in host else host}" + (f":{port}" if port is not None else "")
+            for scheme, host, port in self.trusted_origins
+        ]
 
     def trusts(self, host: str, port: int | None, scheme: str | None = None) -> bool:
         """Whether ``host:port`` (with ``scheme``, when known) is one of fal's configured origins."""
@@ -536,6 +577,30 @@ class DownloadPolicy:
         if not self.listed(host, port):
             self._refuse_internal(host, found)
         return found
+
+    def check_proxied(self, host: str, port: int, timeout: float | None = None) -> None:
+        """What can still be judged of a host reached through the download proxy, which resolves
+        the name and connects beyond the reach of this process: refuse what the allow-list
+        leaves out, an internal address written as such (:meth:`check_host`), an internal name
+        (:func:`internal_name`: ``localhost``, ``metadata.google.internal``, a name of one
+        label) and a name that resolves *here* to an internal address. A name that does not
+        resolve here (a corporate network that resolves only through its proxy) goes on: the
+        proxy alone can reach it, and is trusted to connect where the name points. Listed hosts
+        (fal's origins, the allow-list) are taken whatever they are."""
+        self.check_host(host, port)
+        if self.listed(host, port):
+            return
+        name = _norm_host(host)
+        if _ip_literal(name) is None and internal_name(name):
+            raise FinalProviderError(
+                f"refusing to fetch from {host!r}: an internal name (through the download proxy, its "
+                "address cannot be checked); list the host in WANBATCH_DOWNLOAD_ALLOWED_HOSTS to allow it"
+            )
+        try:
+            found = resolve(name, port, timeout)
+        except (httpcore.ConnectError, httpcore.ConnectTimeout):
+            return  # not known here: the proxy resolves it
+        self._refuse_internal(host, found)
 
     @staticmethod
     def _refuse_internal(host: str, addresses: list[str]) -> None:
@@ -614,21 +679,128 @@ class _GuardedTransport(httpx.HTTPTransport):
             )
 
 
+#: Reached directly whatever the download proxy: this machine's loopback, which a proxy
+#: elsewhere cannot reach (as :func:`~worker.fal.http.direct_mounts` does for fal's API).
+_LOOPBACK_MOUNTS = ("all://localhost", "all://127.0.0.0/8", "all://[::1]")
+
+
+def proxy_routes(proxy: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The httpx mounts of a download client for ``WANBATCH_DOWNLOAD_PROXY`` (``proxy``): each
+    URL pattern with the proxy URL it goes through, or None for directly. Empty: every download
+    goes directly.
+
+    ``env``: the proxies the environment's ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` name, and
+    ``NO_PROXY``'s entries direct, exactly as httpx mounts them for a ``trust_env`` client
+    (:mod:`jobs.http_environment` reads them by its rules); none set: direct. A URL: every
+    download through it. Loopback always directly (:data:`_LOOPBACK_MOUNTS`)."""
+    if proxy is None:
+        return {}
+    routes: dict[str, str | None]
+    if proxy == DOWNLOAD_PROXY_FROM_ENV:
+        env = os.environ if environ is None else environ
+        routes = {
+            f"{kind}://": value if "://" in value else f"http://{value}"
+            for kind, (_name, value) in proxy_variables(env).items()
+        }
+        if not routes:
+            return {}
+        for entry in no_proxy_entries(env):
+            routes[no_proxy_pattern(entry)] = None
+    else:
+        routes = {"all://": proxy}
+    for pattern in _LOOPBACK_MOUNTS:
+        routes[pattern] = None
+    return routes
+
+
+#: The attribute a transport error raised through the download proxy carries: the proxy's URL,
+#: its credentials masked (:class:`_ProxiedTransport`).
+_VIA = "wanbatch_download_proxy"
+
+
+def proxy_of(exc: BaseException) -> str | None:
+    """The download proxy (credentials masked) a transport error happened through, or None."""
+    via = getattr(exc, _VIA, None)
+    return via if isinstance(via, str) else None
+
+
+class _ProxiedTransport(httpx.BaseTransport):
+    """httpx's transport through the download proxy ``proxy``, each request's host first judged
+    by :meth:`DownloadPolicy.check_proxied` (the proxy resolves and connects: only names can be
+    judged). Its connects and waits end at the exchange's deadline as the direct ones do
+    (:class:`~worker.fal.http.DeadlineBackend`; the proxy's own name is looked up within it).
+    A transport error raised through it says so (:func:`proxy_of`), its text cleared of the
+    proxy's password."""
+
+    def __init__(
+        self, policy: DownloadPolicy, proxy: str, limits: httpx.Limits = DOWNLOAD_POOL_LIMITS
+    ) -> None:
+        self._policy = policy
+        self.shown = masked_url(proxy)
+        parsed = httpx.URL(proxy)
+        # What of the proxy's credentials its errors could quote: the URL, the userinfo, a
+        # password long enough not to be found in every word (a 2-letter one protects nothing).
+        userinfo = f"{parsed.username}:{parsed.password}" if parsed.password else ""
+        password = parsed.password if len(parsed.password or "") >= 4 else ""
+        self._secrets = [s for s in (proxy, userinfo, password) if s]
+        with environment_checked():
+            self._inner = httpx.HTTPTransport(verify=shared_ssl_context(), proxy=proxy, limits=limits)
+        pool = self._inner._pool
+        if not isinstance(pool._network_backend, DeadlineBackend):
+            pool._network_backend = DeadlineBackend(pool._network_backend)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        timeouts = request.extensions.get("timeout") or {}
+        self._policy.check_proxied(url.host, _port(url) or 0, timeouts.get("connect"))
+        try:
+            response = self._inner.handle_request(request)
+            response.extensions[_VIA] = self.shown  # a forward-proxied http:// answer may be the proxy's
+            return response
+        except httpx.TransportError as exc:
+            text = str(exc)
+            for secret in sorted(self._secrets, key=len, reverse=True):
+                text = text.replace(secret, "**")
+            said = type(exc)(text)
+            setattr(said, _VIA, self.shown)
+            raise said from None
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def guarded_client(
     policy: DownloadPolicy,
     timeout: httpx.Timeout,
     event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
 ) -> httpx.Client:
-    """A client for downloads that connects only where ``policy`` allows, directly.
+    """A client for downloads (and uploads' PUTs) that connects only where ``policy`` allows.
 
-    Proxy variables are ignored (``trust_env=False``): through a proxy the name would be
-    resolved, and the address reached, by the proxy, beyond the reach of the check. Cookies are
-    refused, so a client shared by many downloads carries nothing from one to the next. Its
-    exchanges obey :func:`~worker.fal.http.cut_off_at` (a download's total timeout, an upload's
-    answer deadline), headers included.
+    Directly by default: the proxy variables are ignored (``trust_env=False``), since through a
+    proxy the name would be resolved, and the address reached, by the proxy, beyond the reach
+    of the address check. Through the proxy ``policy.proxy`` names when set
+    (``WANBATCH_DOWNLOAD_PROXY``, :func:`proxy_routes`), where what can be judged of the host
+    still is (:meth:`DownloadPolicy.check_proxied`); loopback and ``NO_PROXY`` hosts go
+    directly, fully guarded. Never ``.netrc`` nor any other credential from the environment.
+    Cookies are refused, so a client shared by many downloads carries nothing from one to the
+    next. Its exchanges obey :func:`~worker.fal.http.cut_off_at` (a download's total timeout, an
+    upload's answer deadline), headers included.
     """
+    routes = proxy_routes(policy.proxy)
+    for pattern in direct_mounts(policy.fal_urls()) if routes else ():
+        routes[pattern] = None  # a fal origin on loopback (a simulator): never through a proxy
+    proxied: dict[str, _ProxiedTransport] = {}
+    mounts: dict[str, httpx.BaseTransport | None] = {}
+    for pattern, proxy in routes.items():
+        if proxy is None:
+            mounts[pattern] = None
+        else:
+            if proxy not in proxied:
+                proxied[proxy] = _ProxiedTransport(policy, proxy)
+            mounts[pattern] = proxied[proxy]
     return CookielessClient(
         transport=_GuardedTransport(policy),
+        mounts=mounts,
         timeout=timeout,
         trust_env=False,
         event_hooks=dict(event_hooks or {}),
@@ -931,6 +1103,9 @@ def _hops(
                     location = response.headers.get("location", "")
                     url = _check_url(str(url.join(location)), policy)
                     continue
+                if response.status_code == 407:
+                    # Only a proxy asks for its credentials (RFC 9110 §15.5.8): the host was never reached.
+                    raise _proxy_refused(url, response)
                 if not response.is_success:
                     raise _download_error(_error_prefix(response, limits))
                 _refuse_encoding(response)
@@ -938,7 +1113,43 @@ def _hops(
                 return _consume(response, write, limits, progress, mismatch)
         except httpx.HTTPError as exc:  # decoding and stream errors: the bytes were not right
             raise RetryableProviderError(f"download failed ({type(exc).__name__})") from exc
+        except RetryableProviderError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, httpx.TransportError) and cannot_connect(cause):
+                raise _unreached(url, cause) from cause
+            raise
     raise FinalProviderError(f"download refused: more than {limits.max_redirects} redirects")
+
+
+def _unreached(url: httpx.URL, cause: httpx.TransportError) -> DownloadUnreachedError:
+    """The error of a download that could not connect to ``url``'s host at all
+    (:func:`~worker.fal.errors.cannot_connect`): where, how (directly, or through which proxy)
+    and httpx's words, on one line."""
+    port = _port(url)
+    host = _norm_host(url.host)
+    shown = (f"[{host}]" if ":" in host else host) + (f":{port}" if port not in (None, 80, 443) else "")
+    proxy = proxy_of(cause)
+    via = f" through the download proxy {proxy}" if proxy else ""
+    text = " ".join(str(cause).split())[:200] or "no detail"
+    return DownloadUnreachedError(
+        f"could not connect to {shown}{via} ({type(cause).__name__}: {text})", host=shown, proxy=proxy
+    )
+
+
+def _proxy_refused(url: httpx.URL, response: httpx.Response) -> DownloadUnreachedError:
+    """A 407 to a download: a proxy (the download proxy forwarding an ``http://`` URL, or one
+    on the way) wants credentials; the media host was never asked."""
+    via = response.extensions.get(_VIA)
+    proxy = via if isinstance(via, str) else None
+    _scheme, host, port = origin(url)
+    host = _norm_host(host)
+    shown = (f"[{host}]" if ":" in host else host) + (f":{port}" if port not in (None, 80, 443) else "")
+    which = f"the download proxy {proxy}" if proxy else "a proxy on the way"
+    return DownloadUnreachedError(
+        f"could not connect to {shown}: {which} refused it (HTTP 407 Proxy Authentication Required)",
+        host=shown,
+        proxy=proxy,
+    )
 
 
 #: How much of a download's error body is read (for the error message): a CDN's error page

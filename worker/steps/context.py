@@ -29,6 +29,7 @@ from worker.fal.storage import MediaPreparer
 from worker.here import queue_origin
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.cancel_tries import CancelTries
+from worker.steps.download_reach import DownloadReach
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.held import HeldMarks
 from worker.steps.keepalive import StepLeases
@@ -348,6 +349,9 @@ class Runtime:
     #: Whether fal answers this process's submits, and the hold on them while it does not
     #: (:mod:`worker.steps.fal_reach`).
     fal_reach: FalReach = field(default_factory=FalReach)
+    #: Whether this process's downloads connect to fal's media hosts, and the hold on them
+    #: while they do not (:mod:`worker.steps.download_reach`).
+    download_reach: DownloadReach = field(default_factory=DownloadReach)
     #: Whether another live process shares the database's submit pacing, so that each POST of
     #: this one takes its slot there (:mod:`worker.steps.shared_pacing`).
     pacing: SharedPacing = field(default_factory=SharedPacing)

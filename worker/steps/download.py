@@ -61,6 +61,7 @@ from jobs.errors import (
     StateConflict,
     WanbatchError,
 )
+from jobs.http_environment import proxy_variables
 from jobs.models import BatchState, JobView, utcnow
 from jobs.open_files import os_errno, out_of_files
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
@@ -70,6 +71,7 @@ from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
 from worker.crash import summary
 from worker.fal.errors import (
+    DownloadUnreachedError,
     RequestFailedError,
     ResultExpiredError,
     ResultNotReadyError,
@@ -439,8 +441,9 @@ def download_policy(settings: Settings) -> DownloadPolicy:
     """Where this deployment's outputs may come from (the fal URLs' origins are always allowed),
     never by a URL holding FAL_KEY."""
     key = settings.fal_key.get_secret_value() if settings.fal_key is not None else ""
+    proxy = settings.download_proxy.get_secret_value() if settings.download_proxy is not None else None
     return DownloadPolicy.for_urls(
-        [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts, (key,)
+        [settings.fal_queue_url, settings.fal_rest_url], settings.download_allowed_hosts, (key,), proxy
     )
 
 
@@ -776,7 +779,7 @@ def _download_video(
     shared = download_client(rt)
     client = shared.get()
     try:
-        return download_file(
+        result = download_file(
             video.url,
             dest,
             expected_size=video.file_size,
@@ -798,8 +801,14 @@ def _download_video(
         return "lost-lease"
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
+    except DownloadUnreachedError as exc:
+        return _download_unreached(rt, job_id, claim, exc)
     except ProviderError as exc:
+        if exc.status_code is not None or isinstance(exc, RetryableProviderError):
+            _media_host_answered(rt)  # it answered, or the connection was made: not a refusal here
         return _download_failed(rt, job_id, claim, exc)
+    _media_host_answered(rt)
+    return result
 
 
 def _downloaded_before(
@@ -1003,6 +1012,106 @@ def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Provid
             **claim.fetched,
         )
     return "download-retry"
+
+
+#: How a pause for downloads that cannot connect begins (after :data:`store.OUTPUTS_PAUSE_PREFIX`).
+CANNOT_DOWNLOAD = "be downloaded here"
+
+
+def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: DownloadUnreachedError) -> str:
+    """The video's host could not even be connected to (:mod:`worker.steps.download_reach`): no
+    answer, so nothing is known about the file, and the video is paid for. Not a try: the job
+    waits in ``downloading``, its attempts unchanged, tried again after the hold's pause; one
+    warning line names the host and the fix. Once the outage has lasted
+    :data:`~worker.steps.download_reach.PAUSE_AFTER_SECONDS`, the job's batch (when active) is
+    paused with that reason, which ends by itself once an output is stored again: nothing more
+    is sent to be paid for and meet the same wall. A paused or cancelled batch's job just waits:
+    never failed for it."""
+    telemetry.count_provider_error(exc)
+    held = rt.download_reach.failed()
+    fix = unreached_fix(rt.settings, exc)
+    logs.note_error(f"download held, not counted: {exc}", "download_unreachable")
+    reason = (
+        f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc} — {fix}; the videos already made wait at fal "
+        "and are downloaded once it connects (the batch then resumes by itself) or by the next run, "
+        "never made again"
+    )
+    paused = False
+    with db.session_scope(rt.engine) as session:
+        if held.pause:
+            batch = store.get_batch(session, claim.batch_id)
+            if batch.state == BatchState.ACTIVE:
+                store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
+                paused = True
+        kept = store.release_lease(
+            session, claim.fence, next_attempt_at=in_seconds(held.delay), **claim.fetched
+        )
+    if not kept:
+        return "lost-lease"
+    if paused:
+        log.warning(
+            "job %s: downloads cannot connect; batch paused: %s",
+            job_id,
+            reason,
+            extra={"event": "download.unreachable_paused", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+        return "outputs-paused"
+    if held.say:
+        lasted = f" for {held.lasted:.0f}s" if held.lasted >= 1 else ""
+        log.warning(
+            "downloads cannot connect%s: %s — %s; the paid videos wait at fal (none fails, no try "
+            "counted), tried again every %gs",
+            lasted,
+            exc,
+            fix,
+            held.delay,
+            extra={"event": "download.unreachable", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+    return "download-held"
+
+
+def _media_host_answered(rt: Runtime) -> None:
+    lasted = rt.download_reach.answered()
+    if lasted is not None:
+        log.warning("downloads connect again after %.0fs", lasted, extra={"event": "download.reachable"})
+
+
+def unreached_fix(settings: Settings, exc: DownloadUnreachedError | None = None) -> str:
+    """What to change when downloads cannot connect to a media host (``exc``: the failure, when
+    one is known), by how downloads go: through ``WANBATCH_DOWNLOAD_PROXY``, or directly while
+    the environment names a proxy they do not use, or directly with none."""
+    host = exc.host if exc is not None else "fal's media hosts"
+    if exc is not None and exc.proxy is not None:
+        return (
+            f"check that the download proxy {exc.proxy} (WANBATCH_DOWNLOAD_PROXY) is up, accepts "
+            f"this machine (its user and password), and reaches {host}"
+        )
+    env_proxy = environment_proxy()
+    configured = settings.download_proxy is not None
+    if env_proxy is not None and not configured:
+        return (
+            f"downloads go directly, not through the proxy {env_proxy} names: set "
+            f"WANBATCH_DOWNLOAD_PROXY=env to download (and upload) through it"
+        )
+    if configured:
+        return (
+            f"WANBATCH_DOWNLOAD_PROXY=env, but no proxy variable covers {host} (unset, or NO_PROXY): "
+            "set HTTPS_PROXY, or WANBATCH_DOWNLOAD_PROXY to the proxy's URL"
+        )
+    return (
+        f"check this machine's network and DNS for {host}; where only a proxy reaches the internet, "
+        "set WANBATCH_DOWNLOAD_PROXY to its URL (or to env, to use HTTPS_PROXY)"
+    )
+
+
+def environment_proxy() -> str | None:
+    """The proxy variable of this environment downloads of fal's media would go through,
+    were they proxied (``HTTPS_PROXY`` first: fal's media are https), named, never its value."""
+    found = proxy_variables(os.environ)
+    for kind in ("https", "all", "http"):
+        if kind in found:
+            return found[kind][0]
+    return None
 
 
 def _upload_failed(

@@ -1,0 +1,238 @@
+"""Downloads through ``WANBATCH_DOWNLOAD_PROXY``, and downloads that cannot connect at all.
+
+Loopback only: a CDN stand-in on 127.0.0.1 named ``cdn.corp.example``, a name this machine does
+not resolve and the stand-in proxy (:mod:`tests.forward_proxy`) maps to 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpcore
+import pytest
+
+from jobs.errors import ConfigError, FinalProviderError
+from jobs.settings import Settings, get_settings
+from tests.forward_proxy import forward_proxy
+from worker.fal import storage
+from worker.fal.errors import DownloadUnreachedError
+from worker.fal.storage import DownloadPolicy, download, internal_name, proxy_routes
+from worker.steps.download_reach import PAUSE_AFTER_SECONDS, DownloadReach
+
+VIDEO = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200
+KEY = "key-id-1234:0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def cdn() -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """A CDN stand-in on 127.0.0.1: ``/v.mp4`` is a video, ``/hop`` redirects to the internal
+    metadata host; the headers of every request it gets are recorded."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(dict(self.headers.items()))
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "http://metadata.google.internal/computeMetadata/v1/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(VIDEO)))
+            self.end_headers()
+            self.wfile.write(VIDEO)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_download_that_cannot_resolve_its_host_says_it_could_not_connect_and_where(
+    cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    port, _ = cdn
+    with pytest.raises(DownloadUnreachedError) as caught:
+        download(f"http://cdn.corp.example:{port}/v.mp4", tmp_path / "v.mp4", max_bytes=10**6)
+    assert caught.value.host == f"cdn.corp.example:{port}"
+    assert caught.value.proxy is None
+    assert "cannot resolve 'cdn.corp.example'" in str(caught.value)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_through_the_download_proxy_the_video_comes_and_no_key_goes(
+    cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    port, seen = cdn
+    with forward_proxy() as proxy:
+        policy = DownloadPolicy.for_urls(["https://queue.fal.run"], None, (KEY,), proxy.url)
+        got = download(
+            f"http://cdn.corp.example:{port}/v.mp4", tmp_path / "v.mp4", max_bytes=10**6, policy=policy
+        )
+    assert got.size == len(VIDEO)
+    assert proxy.request_lines() == [f"GET http://cdn.corp.example:{port}/v.mp4 HTTP/1.1"]
+    assert KEY not in proxy.text()
+    assert all("authorization" not in (name.lower() for name in headers) for headers in seen)
+
+
+def test_through_the_proxy_a_redirect_to_an_internal_name_is_refused_before_it_is_asked(
+    cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    port, _ = cdn
+    with forward_proxy() as proxy, pytest.raises(FinalProviderError, match="internal name"):
+        download(
+            f"http://cdn.corp.example:{port}/hop",
+            tmp_path / "v.mp4",
+            max_bytes=10**6,
+            policy=DownloadPolicy(proxy=proxy.url),
+        )
+    assert not any("metadata" in line for line in proxy.request_lines())
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://metadata/latest",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://printer.local/",
+        "http://router.home.arpa/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/x.mp4",
+        "http://[fd00::1]/x.mp4",
+    ],
+)
+def test_through_the_proxy_internal_names_and_addresses_are_refused(url: str, tmp_path: Path) -> None:
+    with forward_proxy() as proxy, pytest.raises(FinalProviderError, match="refusing"):
+        download(url, tmp_path / "v.mp4", max_bytes=10**6, policy=DownloadPolicy(proxy=proxy.url))
+    assert proxy.requests == []
+
+
+def test_through_the_proxy_a_name_that_resolves_here_to_an_internal_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(storage, "resolve", lambda host, port, timeout: ["10.1.2.3"])
+    policy = DownloadPolicy(proxy="http://127.0.0.1:9")
+    with pytest.raises(FinalProviderError, match=r"cdn\.example \(10\.1\.2\.3\): a private address"):
+        policy.check_proxied("cdn.example", 443)
+    # listed: taken whatever it resolves to
+    DownloadPolicy(allowed_hosts=("cdn.example",), proxy="http://127.0.0.1:9").check_proxied(
+        "cdn.example", 443
+    )
+
+
+def test_through_the_proxy_a_name_unknown_here_is_left_to_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown(host: str, port: int, timeout: float | None) -> list[str]:
+        raise httpcore.ConnectError("no such name")
+
+    monkeypatch.setattr(storage, "resolve", unknown)
+    DownloadPolicy(proxy="http://127.0.0.1:9").check_proxied("v3.fal.media", 443)  # no refusal
+
+
+def test_internal_names() -> None:
+    assert internal_name("localhost")
+    assert internal_name("vm")
+    assert internal_name("db.internal")
+    assert not internal_name("v3.fal.media")
+    assert not internal_name("cdn.corp.example")
+
+
+def test_a_proxy_that_refuses_says_which_without_its_password(
+    cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    port, _ = cdn
+    secret = "hunter2-long-password"
+    for mode in ("407", "502"):
+        with forward_proxy(mode) as proxy:
+            with_user = proxy.url.replace("http://", f"http://bob:{secret}@")
+            for scheme in ("http", "https"):  # forwarded, and tunnelled (CONNECT)
+                with pytest.raises(
+                    DownloadUnreachedError if mode == "407" or scheme == "https" else Exception
+                ) as caught:
+                    download(
+                        f"{scheme}://cdn.corp.example:{port}/v.mp4",
+                        tmp_path / "v.mp4",
+                        max_bytes=10**6,
+                        policy=DownloadPolicy(proxy=with_user),
+                    )
+                assert secret not in str(caught.value)
+                if isinstance(caught.value, DownloadUnreachedError):
+                    assert caught.value.proxy == proxy.url.replace("http://", "http://bob:**@")
+    # a proxy that is not there at all
+    with pytest.raises(DownloadUnreachedError) as caught:
+        download(
+            f"https://cdn.corp.example:{port}/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10**6,
+            policy=DownloadPolicy(proxy=f"http://bob:{secret}@127.0.0.1:9"),
+        )
+    assert secret not in str(caught.value)
+    assert "through the download proxy http://bob:**@127.0.0.1:9" in str(caught.value)
+
+
+def test_env_routes_follow_the_proxy_variables_and_no_proxy_and_never_proxy_loopback() -> None:
+    environ = {"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "internal.example,10.0.0.0/8"}
+    routes = proxy_routes("env", environ)
+    assert routes["https://"] == "http://corp:3128"
+    assert "http://" not in routes
+    assert "all://" not in routes
+    assert routes["all://*internal.example"] is None
+    assert routes["all://10.0.0.0/8"] is None
+    assert routes["all://localhost"] is None
+    assert routes["all://127.0.0.0/8"] is None
+    assert proxy_routes("env", {}) == {}  # no proxy variable: direct
+    assert proxy_routes(None, environ) == {}  # unset: direct, whatever the environment says
+    assert proxy_routes("http://p:1", {})["all://"] == "http://p:1"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("env", "env"), (" ENV ", "env"), ("proxy.example:3128", "http://proxy.example:3128"), ("", None)],
+)
+def test_the_setting_takes_env_or_a_proxy_url(value: str, expected: str | None) -> None:
+    settings = Settings(download_proxy=value)
+    got = settings.download_proxy
+    assert (got.get_secret_value() if got is not None else None) == expected
+    assert "proxy.example" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "value", ["ftp://u:s3cretpw@p:21", "http://u:s3cretpw@p:port", "http://u:s3cretpw@:3128"]
+)
+def test_a_bad_proxy_setting_is_named_and_never_echoed(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_PROXY", value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ConfigError) as caught:
+            get_settings()
+    finally:
+        get_settings.cache_clear()
+    assert "WANBATCH_DOWNLOAD_PROXY" in str(caught.value)
+    assert "s3cretpw" not in str(caught.value)
+
+
+def test_the_hold_doubles_its_pause_and_pauses_the_batch_once_the_outage_has_lasted() -> None:
+    now = [0.0]
+    reach = DownloadReach(clock=lambda: now[0])
+    first = reach.failed()
+    assert first.say
+    assert not first.pause
+    second = reach.failed()
+    assert second.delay == 2 * first.delay
+    assert not second.say
+    now[0] = PAUSE_AFTER_SECONDS
+    assert reach.failed().pause
+    assert reach.answered() == PAUSE_AFTER_SECONDS
+    again = reach.failed()
+    assert again.delay == first.delay
+    assert not again.pause
+    assert again.say

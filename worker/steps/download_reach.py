@@ -1,0 +1,90 @@
+"""Whether this process's downloads can connect to fal's media hosts, and holding them while not.
+
+A download that cannot even connect — the CDN's name does not resolve, the connection is
+refused or times out, TLS fails in the handshake, the download proxy refuses the tunnel
+(:class:`~worker.fal.errors.DownloadUnreachedError`) — got no answer about the file. The video
+was made and paid for, and fal keeps it at its URL for as long as the request's media
+lifetime: so such a try is never counted toward ``WANBATCH_DOWNLOAD_ATTEMPTS``, and the job
+waits in ``downloading`` (as a submit that cannot reach fal waits in ``pending``,
+:mod:`worker.steps.fal_reach`), tried again after a pause that doubles with each failure of the
+outage (:data:`FIRST_PAUSE_SECONDS` up to :data:`LONGEST_PAUSE_SECONDS`). Said in one warning
+line (at most every :data:`WARN_EVERY_SECONDS`) naming the host and what to change.
+
+No outer bound on the hold itself: fal's media URLs live as long as the request's lifecycle
+says (``X-Fal-Object-Lifecycle-Preference``: from seconds to never; "at least 7 days" by
+default), which this process cannot know, and the result's JSON is already stored with the
+job. What ends a job is the CDN's own answer once it connects: an expired file answers
+403/404/410, final (:func:`worker.fal.storage._download_error`).
+
+While the outage goes on, every job sent would be paid for and meet the same wall: once it has
+lasted :data:`PAUSE_AFTER_SECONDS` the batch is paused with the reason ("outputs cannot be
+downloaded here: …"), a pause that ends by itself with the first output stored again
+(:func:`jobs.store.resume_after_outputs_stored`); ``run`` stops there and says why.
+
+Per process, as fal's hold is: a worker whose host has no route out holds its own downloads.
+Any HTTP answer from a media host (a success, an error status) ends the outage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.outage_log import OutageLog
+
+#: The first pause after a download could not connect; each further failure doubles it, up to the next.
+FIRST_PAUSE_SECONDS = 2.0
+LONGEST_PAUSE_SECONDS = 60.0
+#: While downloads cannot connect, it is said again (one warning) at most this often.
+WARN_EVERY_SECONDS = 30.0
+#: How long the outage may last before the batch of a job that meets it is paused.
+PAUSE_AFTER_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What :meth:`DownloadReach.failed` makes of one download that could not connect."""
+
+    #: Seconds until that job is tried again.
+    delay: float
+    #: Seconds the outage has lasted.
+    lasted: float
+    #: Whether to say it now (a warning line).
+    say: bool
+    #: Whether it has lasted long enough to pause the job's batch.
+    pause: bool
+
+
+class DownloadReach:
+    """This process's view of whether its downloads connect; thread-safe. ``clock`` (monotonic
+    seconds) may be replaced in tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
+        self._failures = 0
+
+    @property
+    def down(self) -> bool:
+        return self._outage.down
+
+    def failed(self) -> Held:
+        """A download could not connect: how long its job waits, and what to do about it."""
+        said = self._outage.failed()
+        with self._lock:
+            self._failures = 1 if said.began else self._failures + 1
+            delay = min(LONGEST_PAUSE_SECONDS, FIRST_PAUSE_SECONDS * 2 ** min(self._failures - 1, 16))
+        return Held(delay=delay, lasted=said.lasted, say=said.due, pause=said.lasted >= PAUSE_AFTER_SECONDS)
+
+    def answered(self) -> float | None:
+        """A media host answered (whatever it said): the outage, if any, is over; how long it
+        lasted (None when there was none)."""
+        if not self._outage.down:
+            return None
+        lasted = self._outage.answered()
+        with self._lock:
+            self._failures = 0
+        return lasted
