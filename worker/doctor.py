@@ -626,6 +626,141 @@ def check_provider(settings: Settings) -> Check:
     )
 
 
+#: fal's media hosts (its CDN), where its generated videos and uploaded files are served:
+#: ``https://v3.fal.media/files/…`` and ``https://v3b.fal.media/files/…``
+#: (https://fal.ai/docs/model-apis/data-retention; ``fal_client``'s ``CDN_URL`` is
+#: ``https://v3.fal.media``). A download's own URL is per job: these are what the check reaches.
+FAL_MEDIA_ORIGINS = ("https://v3.fal.media", "https://v3b.fal.media")
+
+
+def check_downloads(settings: Settings) -> Check:
+    """Downloads reach fal's media hosts the way they will go: directly, or through
+    ``WANBATCH_DOWNLOAD_PROXY`` — the very client a download uses (its address guard, its
+    proxy), one GET of each host's root, any HTTP answer counting as reached (its body unread).
+    Against the simulator, its media URL (``--public-url``, else its own). Fails naming the
+    setting to change; says when the environment names a proxy that downloads do not use."""
+    import httpx
+
+    from worker.fal.http import cut_off_at
+    from worker.steps.download import download_policy, environment_proxy, unreached_fix
+
+    name = "downloads"
+    found = _media_origins(settings)
+    if found is None:
+        return _skip(
+            name,
+            f"{masked_url(settings.fal_queue_url)} does not answer: whose media it serves cannot be told",
+        )
+    targets, whose = found
+    policy = download_policy(settings)
+    scheme = urlsplit(targets[0]).scheme
+    route = _download_route(settings, scheme)
+    unused = environment_proxy(scheme) if settings.download_proxy is None else None
+    note = (
+        f" ({unused} is set, but downloads do not use it: WANBATCH_DOWNLOAD_PROXY=env would)"
+        if unused
+        else ""
+    )
+    timeout = httpx.Timeout(TIMEOUT)
+    problems: list[tuple[str, str]] = []
+    for url in targets:
+        host = urlsplit(url).netloc
+        why = _unreachable(url, policy, timeout, cut_off_at)
+        if why is not None:
+            problems.append((host, why))
+    shown = ", ".join(urlsplit(url).netloc for url in targets)
+    if not problems:
+        verb = "answers" if len(targets) == 1 else "answer"
+        return _ok(name, f"{whose} ({shown}) {verb}, reached {route}{note}")
+    host, why = problems[0]
+    return _fail(
+        name,
+        f"cannot reach {whose} {route}: {host}: {why}{note}; a paid video waits, never fails, until one can",
+        unreached_fix(settings, host, _proxy_in(why)),
+    )
+
+
+def _proxy_in(why: str) -> str | None:
+    """The download proxy a failure happened through, as :func:`_unreachable` says it."""
+    marker = "through the download proxy "
+    return why.split(marker, 1)[1].split(" ", 1)[0] if marker in why else None
+
+
+def _unreachable(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> str | None:
+    """Why a GET of ``url`` through a download client of ``policy`` got no HTTP answer, or None."""
+    import httpx
+
+    from jobs.errors import ProviderError
+    from worker.fal.storage import guarded_client, proxy_of
+
+    try:
+        with (
+            cut_off_at(time.monotonic() + EXCHANGE_SECONDS, f"no answer within {EXCHANGE_SECONDS:g} s"),
+            guarded_client(policy, timeout) as client,
+            client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as answer,
+        ):
+            if answer.status_code == 407:
+                return "the proxy asked for credentials (HTTP 407)"
+            return None
+    except ProviderError as exc:  # the address guard refused it
+        return str(exc)
+    except httpx.HTTPError as exc:
+        proxy = proxy_of(exc)
+        via = f" through the download proxy {proxy}" if proxy else ""
+        return f"{type(exc).__name__}{via}: {_first_line(exc)}"
+
+
+def _download_route(settings: Settings, scheme: str) -> str:
+    """How downloads of ``scheme`` URLs go, in words: directly, or through which proxy
+    (credentials masked)."""
+    from jobs.settings import DOWNLOAD_PROXY_FROM_ENV
+    from worker.steps.download import environment_proxy
+
+    if settings.download_proxy is None:
+        return "directly"
+    value = settings.download_proxy.get_secret_value()
+    if value == DOWNLOAD_PROXY_FROM_ENV:
+        variable = environment_proxy(scheme)
+        return (
+            f"through the proxy {variable} names"
+            if variable
+            else "directly (WANBATCH_DOWNLOAD_PROXY=env, no proxy set)"
+        )
+    return f"through the download proxy {masked_url(value)}"
+
+
+def _media_origins(settings: Settings) -> tuple[list[str], str] | None:
+    """Where this deployment's media are served from: fal's media hosts, or — when
+    ``WANBATCH_FAL_QUEUE_URL`` is the bundled simulator (it answers ``GET /_sim/options``) —
+    the simulator's media URL (its ``public_url``, else its own URL). None when a queue URL
+    other than fal's does not answer at all: whose media it serves cannot be told (the
+    provider check says why it does not answer)."""
+    import httpx
+
+    queue = settings.fal_queue_url.rstrip("/")
+    host = (urlsplit(queue).hostname or "").lower()
+    if host == "fal.run" or host.endswith(".fal.run"):
+        return list(FAL_MEDIA_ORIGINS), "fal's media hosts"
+    from jobs.errors import ConfigError
+    from worker.fal.errors import parse_json
+
+    try:
+        answer = _get_capped(f"{queue}/_sim/options", {"Accept": "application/json"}, 64 * 1024)
+    except (httpx.HTTPError, ConfigError):
+        return None
+    try:
+        body = (
+            parse_json(answer.content) if not isinstance(answer, str) and answer.status_code == 200 else None
+        )
+    except (ValueError, RecursionError):
+        body = None
+    if isinstance(body, dict) and "public_url" in body:
+        public = body.get("public_url")
+        media = public.rstrip("/") if isinstance(public, str) and public else queue
+        return [media], "the simulator's media URL"
+    return list(FAL_MEDIA_ORIGINS), "fal's media hosts"  # a proxy in front of fal's API
+
+
 #: fal's answer (and the simulator's) to a path that names no application: ``{"detail":
 #: "Application 'x' not found"}`` — not the "Request … not found" of a request it does not know.
 _APPLICATION_NOT_FOUND = re.compile(r"Application '.*' not found", re.DOTALL)
@@ -1087,6 +1222,12 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
             _not_for_simulation("provider", "--simulate: the bundled simulator, no FAL_KEY needed")
             if simulate
             else check_provider,
+        ),
+        (
+            "downloads",
+            _not_for_simulation("downloads", "--simulate: the bundled simulator's media are on loopback")
+            if simulate
+            else check_downloads,
         ),
         ("output storage", check_storage),
         (

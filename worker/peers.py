@@ -118,6 +118,7 @@ def outcome_settings(settings: Settings) -> dict[str, str]:
     s3 = settings.output_url is not None
     hosts = settings.download_allowed_hosts
     budget = settings.daily_budget_usd
+    proxy = settings.download_proxy.get_secret_value() if settings.download_proxy is not None else None
     per_endpoint = settings.submit_rate_per_endpoint
     values: dict[str, object] = {
         "FAL_KEY": f"key id {api_key_id(settings)}" if settings.fal_key is not None else "(unset)",
@@ -138,6 +139,9 @@ def outcome_settings(settings: Settings) -> dict[str, str]:
         "WANBATCH_DOWNLOAD_MAX_BYTES": settings.download_max_bytes,
         "WANBATCH_DOWNLOAD_TIMEOUT": settings.download_timeout,
         "WANBATCH_DOWNLOAD_ALLOWED_HOSTS": ",".join(hosts) if hosts is not None else "(unset)",
+        "WANBATCH_DOWNLOAD_PROXY": fal_location(proxy)
+        if proxy not in (None, "env")
+        else (proxy or "(unset)"),
         "WANBATCH_LEASE_SECONDS": settings.lease_seconds,
         "WANBATCH_SUBMIT_RATE": float(settings.submit_rate),
         "WANBATCH_SUBMIT_JITTER_ALLOWANCE": float(settings.submit_jitter_allowance),

@@ -47,7 +47,17 @@ endpoint: fal-ai/wan-i2v
 items:
   - {prompt: a first job, image_url: images/landscape.jpg, seed: 1}
 """
-NAMES = ["configuration", "database", "clock", "broker", "provider", "output storage", "receiver", "limiter"]
+NAMES = [
+    "configuration",
+    "database",
+    "clock",
+    "broker",
+    "provider",
+    "downloads",
+    "output storage",
+    "receiver",
+    "limiter",
+]
 
 
 def _doctor(wb: Wb) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
@@ -102,6 +112,7 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
         "clock": "skip",
         "broker": "skip",
         "provider": "ok",
+        "downloads": "ok",
         "output storage": "ok",
         "receiver": "skip",
         "limiter": "skip",
@@ -174,6 +185,7 @@ def test_a_simulation_needs_no_key_and_doctor_says_so(wb: Wb, monkeypatch: pytes
         "clock": "skip",
         "broker": "skip",
         "provider": "skip",
+        "downloads": "skip",
         "output storage": "ok",
         "receiver": "skip",
         "limiter": "skip",
@@ -600,7 +612,7 @@ def test_invalid_configuration_skips_the_rest(
     assert code == 1
     assert checks["configuration"]["status"] == "fail"
     assert variable in checks["configuration"]["detail"]
-    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 7
+    assert [checks[n]["status"] for n in NAMES[1:]] == ["skip"] * 8
 
 
 def test_human_output_fits_80_columns_and_names_each_fix(

@@ -153,3 +153,42 @@ def test_a_proxy_url_with_credentials_downloads_and_uploads_never_showing_the_pa
     assert record["status"] == "downloading"
     status = wb("status", refused.json()["batch"])
     assert password not in status.stdout + status.stderr
+
+
+def _downloads_check(wb: Wb) -> tuple[int, dict[str, str | None]]:
+    run = wb("doctor", "--json")
+    (check,) = [c for c in run.json()["checks"] if c["name"] == "downloads"]
+    assert FAL_KEY not in run.stdout + run.stderr
+    return run.code, check
+
+
+def test_doctor_checks_downloads_reach_the_media_the_way_they_will_go(
+    wb: Wb,
+    corporate_sim: SimulatorHandle,
+    proxy: Forwarded,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # directly: the simulator's media URL (cdn.corp.example) does not resolve here
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # its media URL is http://
+    code, check = _downloads_check(wb)
+    assert code == 1
+    assert check["status"] == "fail", check
+    assert "cdn.corp.example" in str(check["detail"])
+    assert "HTTP_PROXY is set, but downloads do not use it" in str(check["detail"])
+    assert "WANBATCH_DOWNLOAD_PROXY=env" in str(check["fix"])
+    # through the environment's proxy, as downloads will then go
+    monkeypatch.setenv("WANBATCH_DOWNLOAD_PROXY", "env")
+    _code, check = _downloads_check(wb)
+    assert check["status"] == "ok", check
+    assert "through the proxy HTTP_PROXY names" in str(check["detail"])
+    assert any(line.startswith("GET http://cdn.corp.example") for line in proxy.request_lines())
+    # a download proxy that refuses: named, its password never
+    with forward_proxy("407") as refusing:
+        monkeypatch.setenv(
+            "WANBATCH_DOWNLOAD_PROXY", refusing.url.replace("http://", "http://carol:pa55word-xyz@")
+        )
+        _code, check = _downloads_check(wb)
+    assert check["status"] == "fail", check
+    assert "407" in str(check["detail"])
+    assert "pa55word-xyz" not in str(check["detail"]) + str(check["fix"])
+    assert "WANBATCH_DOWNLOAD_PROXY" in str(check["fix"])

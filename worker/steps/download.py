@@ -1029,7 +1029,7 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
     never failed for it."""
     telemetry.count_provider_error(exc)
     held = rt.download_reach.failed()
-    fix = unreached_fix(rt.settings, exc)
+    fix = unreached_fix(rt.settings, exc.host, exc.proxy)
     logs.note_error(f"download held, not counted: {exc}", "download_unreachable")
     reason = (
         f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc} — {fix}; the videos already made wait at fal "
@@ -1076,17 +1076,17 @@ def _media_host_answered(rt: Runtime) -> None:
         log.warning("downloads connect again after %.0fs", lasted, extra={"event": "download.reachable"})
 
 
-def unreached_fix(settings: Settings, exc: DownloadUnreachedError | None = None) -> str:
-    """What to change when downloads cannot connect to a media host (``exc``: the failure, when
-    one is known), by how downloads go: through ``WANBATCH_DOWNLOAD_PROXY``, or directly while
-    the environment names a proxy they do not use, or directly with none."""
-    host = exc.host if exc is not None else "fal's media hosts"
-    if exc is not None and exc.proxy is not None:
+def unreached_fix(settings: Settings, host: str, proxy: str | None = None) -> str:
+    """What to change when downloads cannot connect to ``host`` (through ``proxy``, credentials
+    masked, when they went through one), by how downloads go: through
+    ``WANBATCH_DOWNLOAD_PROXY``, or directly while the environment names a proxy they do not
+    use, or directly with none."""
+    if proxy is not None:
         return (
-            f"check that the download proxy {exc.proxy} (WANBATCH_DOWNLOAD_PROXY) is up, accepts "
+            f"check that the download proxy {proxy} (WANBATCH_DOWNLOAD_PROXY) is up, accepts "
             f"this machine (its user and password), and reaches {host}"
         )
-    env_proxy = environment_proxy()
+    env_proxy = environment_proxy() or environment_proxy("http")
     configured = settings.download_proxy is not None
     if env_proxy is not None and not configured:
         return (
@@ -1104,11 +1104,12 @@ def unreached_fix(settings: Settings, exc: DownloadUnreachedError | None = None)
     )
 
 
-def environment_proxy() -> str | None:
-    """The proxy variable of this environment downloads of fal's media would go through,
-    were they proxied (``HTTPS_PROXY`` first: fal's media are https), named, never its value."""
+def environment_proxy(scheme: str = "https") -> str | None:
+    """The proxy variable of this environment a download of a ``scheme`` URL would go through
+    with ``WANBATCH_DOWNLOAD_PROXY=env`` (as httpx picks it: the scheme's own, else
+    ``ALL_PROXY``; fal's media are https), named, never its value; None: none is set."""
     found = proxy_variables(os.environ)
-    for kind in ("https", "all", "http"):
+    for kind in (scheme, "all"):
         if kind in found:
             return found[kind][0]
     return None
