@@ -49,6 +49,7 @@ lives in this module unless ``[module]`` names another::
         ├── RetryableProviderError   transient: try again later (429, gateway 5xx, network errors)
         │   ├── ResultNotReadyError      [worker.fal.errors] the result endpoint said "not finished yet"
         │   ├── DownloadIntegrityError   [worker.fal.errors] the output's size is not what fal described
+        │   ├── DownloadUnreachedError   [worker.fal.errors] a download could not connect: held, not a try
         │   └── RequestFailedError       [worker.fal.errors] fal's verdict: a new attempt may succeed
         ├── FinalProviderError       permanent: do not try again (422, 401/403, non-retryable model errors)
         │   ├── AccountLockedError       the account itself is refused: the batch pauses
