@@ -559,7 +559,7 @@ def _close_databases() -> None:
 
     def close() -> None:
         with contextlib.suppress(Exception):
-            database._engine_for.cache_clear()
+            database.close_engines()
 
     # On a thread, waited for a while: a SQLite writer's connection closes under its lock, which
     # a thread of the command still at work (a daemon, ending with the process) may hold.

@@ -2305,6 +2305,15 @@ class _Engines:
 _engine_for = _Engines()
 
 
+def close_engines() -> None:
+    """Close every database connection this process opened (its engines' pools) and forget them.
+
+    A command calls it as it exits (:func:`cli._close_databases`): the last connection to a
+    SQLite database closed checkpoints the write-ahead log into the file. Tests call it for "a
+    new process". An engine still in someone's hands opens new connections when used."""
+    _engine_for.cache_clear()
+
+
 def open_engine(settings: DatabaseSettings | None = None) -> Engine:
     """The engine of the system of record, migrated to head (once per process and URL).
 

@@ -18,14 +18,14 @@ import pytest
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs.db import _engine_for
+from jobs.db import close_engines
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import EXAMPLES, FAL_KEY, FAST_ENV, MakeManifest, Wb, invoke, write_manifest
 
 
 def _clear_caches() -> None:
     get_settings.cache_clear()
-    _engine_for.cache_clear()
+    close_engines()
 
 
 @pytest.fixture(autouse=True)

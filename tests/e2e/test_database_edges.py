@@ -90,7 +90,7 @@ def _drop_data_tables() -> None:
         conn.execute("PRAGMA foreign_keys = OFF")
         for table in DATA_TABLES:
             conn.execute(f"DROP TABLE {table}")
-    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+    db.close_engines()  # a new process: it starts by opening the database
 
 
 NOT_OURS = "is not a wanbatch database, or its tables were dropped"
@@ -122,7 +122,7 @@ def test_a_database_with_tables_of_its_own_is_refused_in_one_line(wb: Wb, manife
     path.path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path.path) as conn:
         conn.execute("CREATE TABLE x (a)")
-    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+    db.close_engines()  # a new process: it starts by opening the database
     done = wb("submit", manifest("edges", MANIFEST))
     assert done.code == 2, done.stderr
     (line,) = done.stderr.strip().splitlines()
@@ -230,7 +230,7 @@ def test_a_database_a_newer_wanbatch_migrated_is_one_line_exit_2_for_every_comma
     assert target is not None
     with sqlite3.connect(target.path) as conn:
         conn.execute("UPDATE alembic_version SET version_num = '0099'")
-    db._engine_for.cache_clear()  # a new process: it starts by opening the database
+    db.close_engines()  # a new process: it starts by opening the database
     for args in (
         ("status",),
         ("cost", "edges"),

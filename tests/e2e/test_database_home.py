@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from falsim.server import SimulatorHandle
-from jobs.db import _engine_for
+from jobs.db import close_engines
 from jobs.redaction import MASK
 from tests.e2e.e2e_helpers import EXAMPLES, FAL_KEY, Run, Wb
 from tests.in_process import run_main
@@ -42,9 +42,9 @@ SHOWN = "./.wanbatch/wanbatch.db"
 def default_db(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No ``WANBATCH_DATABASE_URL``: the default database, in the current folder."""
     monkeypatch.delenv("WANBATCH_DATABASE_URL")
-    _engine_for.cache_clear()
+    close_engines()
     yield
-    _engine_for.cache_clear()
+    close_engines()
 
 
 def _cd(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
@@ -52,7 +52,7 @@ def _cd(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     the default URL is the same string in every folder)."""
     folder.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(folder)
-    _engine_for.cache_clear()
+    close_engines()
 
 
 def _project(folder: Path, name: str) -> Path:
@@ -210,7 +210,7 @@ def test_a_locked_candidate_is_skipped(
 ) -> None:
     manifest = _stored_in_proj(wb, monkeypatch, e2e_env)
     candidate = e2e_env / "proj" / DEFAULT
-    _engine_for.cache_clear()
+    close_engines()
     holder = sqlite3.connect(candidate, isolation_level=None)
     try:
         holder.execute("PRAGMA locking_mode=EXCLUSIVE")

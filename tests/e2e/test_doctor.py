@@ -29,7 +29,7 @@ from sqlalchemy import create_engine, text
 
 from bench.distributed import Scenario, claimed_redis_db, environment, start_workers, stop_processes, tail
 from falsim.server import SimulatorHandle
-from jobs.db import SCHEMA_HEAD, _engine_for
+from jobs.db import SCHEMA_HEAD, _engine_for, close_engines
 from jobs.settings import Settings, get_settings
 from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override, write_manifest
@@ -344,7 +344,7 @@ def test_a_database_whose_tables_were_dropped_is_not_called_current(
         in (checks["database"]["detail"])
     )
     assert "point WANBATCH_DATABASE_URL at wanbatch's database" in checks["database"]["fix"]
-    _engine_for.cache_clear()  # a new process opens the database afresh
+    close_engines()  # a new process opens the database afresh
     status = wb("status")
     assert status.code == 2
     assert status.stderr.startswith(f"error: WANBATCH_DATABASE_URL {url} is not a wanbatch database")

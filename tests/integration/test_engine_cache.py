@@ -38,23 +38,23 @@ def _backends(url: str) -> int:
 
 def test_forgetting_the_engines_closes_their_connections(new_pg_database: Callable[[], str]) -> None:
     url = new_pg_database()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         _used(url)
         assert _backends(url) >= 1  # the pool keeps its connection for the next unit of work
-        db._engine_for.cache_clear()
+        db.close_engines()
         assert _backends(url) == 0
     finally:
-        db._engine_for.cache_clear()
+        db.close_engines()
 
 
 def test_an_engine_dropped_for_a_newer_one_is_disposed_of(new_pg_database: Callable[[], str]) -> None:
     first = new_pg_database()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         _used(first)
         for _ in range(db._Engines.KEPT):
             _used(new_pg_database())
         assert _backends(first) == 0  # the oldest engine went, and its connections with it
     finally:
-        db._engine_for.cache_clear()
+        db.close_engines()

@@ -76,7 +76,7 @@ def _export_to(engine: Engine, outputs: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(outputs))
     get_settings.cache_clear()
-    db._engine_for.cache_clear()
+    db.close_engines()
 
 
 def _peak_of_export(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
@@ -89,7 +89,7 @@ def _peak_of_export(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     finally:
         tracemalloc.stop()
         get_settings.cache_clear()
-        db._engine_for.cache_clear()
+        db.close_engines()
     assert code == 0
     return peak
 

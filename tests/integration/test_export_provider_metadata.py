@@ -110,12 +110,12 @@ def _export(engine: Engine, argv: list[str], outputs: Path, monkeypatch: pytest.
     monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(outputs))
     get_settings.cache_clear()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         return run_main(["export", *argv], monkeypatch)
     finally:
         get_settings.cache_clear()
-        db._engine_for.cache_clear()
+        db.close_engines()
 
 
 def _records(fmt: str, target: Path) -> list[dict[str, Any]]:

@@ -72,12 +72,12 @@ def _export(engine: Engine, batch: str, folder: Path, outputs: Path, monkeypatch
     monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(outputs))
     get_settings.cache_clear()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         return run_main(["export", batch, "--format", "hf", "-o", str(folder), "--json"], monkeypatch)
     finally:
         get_settings.cache_clear()
-        db._engine_for.cache_clear()
+        db.close_engines()
 
 
 #: Seeds reach 2**64 - 1 (fal's uint64); one above int64 comes late in the batch.

@@ -1056,12 +1056,12 @@ def test_migration_0023_nulls_the_non_finite_numbers_sqlite_holds(
     monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "outputs"))
     get_settings.cache_clear()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         assert run_main(["export", batch_id, "--format", "jsonl", "-o", str(out)], monkeypatch) == 0
     finally:
         get_settings.cache_clear()
-        db._engine_for.cache_clear()
+        db.close_engines()
     (exported,) = [_strict(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert exported["media"]["fps"] is None
 
@@ -1175,12 +1175,12 @@ def _status(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> int:
 
     monkeypatch.setenv("WANBATCH_DATABASE_URL", engine.url.render_as_string(hide_password=False))
     get_settings.cache_clear()
-    db._engine_for.cache_clear()
+    db.close_engines()
     try:
         return run_main(["status"], monkeypatch)
     finally:
         get_settings.cache_clear()
-        db._engine_for.cache_clear()
+        db.close_engines()
 
 
 def test_migration_0032_marks_the_earlier_numbers_of_unfinished_sent_jobs_unknown(

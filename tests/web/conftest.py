@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from jobs.db import _engine_for, make_engine
+from jobs.db import close_engines, make_engine
 from jobs.settings import get_settings
 
 
@@ -24,7 +24,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
-    _engine_for.cache_clear()
+    close_engines()
 
 
 @pytest.fixture
