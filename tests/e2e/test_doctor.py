@@ -31,9 +31,9 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from falsim.server import SimulatorHandle
 from jobs.db import SCHEMA_HEAD, _engine_for, close_engines
 from jobs.settings import Settings, get_settings
-from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import FAL_KEY, Wb, wanbatch, without_read_override, write_manifest
 from tests.hostile import HostileProvider, Recorded, gzip_bomb, json_reply, raw_reply, traced_peak
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from tests.ports import unused_port
 from web.app import create_app
 from worker.doctor import Check, _serves_this_database, healthz_url
@@ -477,7 +477,7 @@ def test_the_receiver_check_names_the_proxy_that_keeps_the_keys_away_not_the_url
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         where = proxy.url.split("://", 1)[1]
         monkeypatch.setenv("HTTPS_PROXY", f"http://corp:pr0xy-s3cret@{where}")
         get_settings.cache_clear()

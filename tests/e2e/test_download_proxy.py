@@ -1,5 +1,5 @@
 """A network where only a proxy reaches the internet (corporate): the simulator's media URLs are
-on ``cdn.corp.example``, a name only the stand-in proxy (:mod:`tests.forward_proxy`) resolves.
+on ``cdn.corp.example``, a name only the stand-in proxy (:mod:`tests.loopback_proxy`) resolves.
 
 Downloads go directly unless ``WANBATCH_DOWNLOAD_PROXY`` says otherwise. One that cannot even
 connect is held (never a try counted, never a paid job failed), and the batch pauses with the
@@ -16,7 +16,7 @@ from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Wb, export_jsonl
-from tests.forward_proxy import Forwarded, forward_proxy
+from tests.loopback_proxy import AUTH_REQUIRED, LoopbackProxy, loopback_proxy
 from tests.ports import unused_port
 from worker.steps import download_reach
 
@@ -68,8 +68,8 @@ def corporate_sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimulatorHandle]:
 
 
 @pytest.fixture
-def proxy() -> Iterator[Forwarded]:
-    with forward_proxy() as running:
+def proxy() -> Iterator[LoopbackProxy]:
+    with loopback_proxy() as running:
         yield running
 
 
@@ -83,7 +83,7 @@ def _accepted(sim: SimulatorHandle) -> int:
 def test_a_download_that_cannot_connect_is_held_then_the_proxy_fetches_the_paid_video(
     wb: Wb,
     corporate_sim: SimulatorHandle,
-    proxy: Forwarded,
+    proxy: LoopbackProxy,
     manifest: MakeManifest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,7 +128,7 @@ def test_a_proxy_url_with_credentials_downloads_and_uploads_never_showing_the_pa
     password = "pr0xy-s3cret-pass"
     wanted = "Basic " + base64.b64encode(f"alice:{password}".encode()).decode()
     monkeypatch.setenv("WANBATCH_INLINE_MAX_BYTES", "1")  # the image is uploaded: its PUT too
-    with forward_proxy(auth=wanted) as proxy:
+    with loopback_proxy(auth=wanted) as proxy:
         monkeypatch.setenv(
             "WANBATCH_DOWNLOAD_PROXY", proxy.url.replace("http://", f"http://alice:{password}@")
         )
@@ -165,7 +165,7 @@ def _downloads_check(wb: Wb) -> tuple[int, dict[str, str | None]]:
 def test_doctor_checks_downloads_reach_the_media_the_way_they_will_go(
     wb: Wb,
     corporate_sim: SimulatorHandle,
-    proxy: Forwarded,
+    proxy: LoopbackProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # directly: the simulator's media URL (cdn.corp.example) does not resolve here
@@ -183,7 +183,7 @@ def test_doctor_checks_downloads_reach_the_media_the_way_they_will_go(
     assert "through the proxy HTTP_PROXY names" in str(check["detail"])
     assert any(line.startswith("GET http://cdn.corp.example") for line in proxy.request_lines())
     # a download proxy that refuses: named, its password never
-    with forward_proxy("407") as refusing:
+    with loopback_proxy(AUTH_REQUIRED) as refusing:
         monkeypatch.setenv(
             "WANBATCH_DOWNLOAD_PROXY", refusing.url.replace("http://", "http://carol:pa55word-xyz@")
         )

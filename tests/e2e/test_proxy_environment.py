@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from falsim.server import SimulatorHandle
-from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import FAL_KEY, WANBATCH, MakeManifest, assert_one_line
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from tests.ports import unused_port
 
 SMALL = """name: proxy-env
@@ -200,7 +200,7 @@ def test_a_run_sends_nothing_to_fal_and_doctor_names_the_variable(
 def test_a_simulated_run_never_goes_through_the_http_proxy(manifest: MakeManifest, e2e_env: Path) -> None:
     """Its simulator is on this machine's loopback, which a proxy elsewhere cannot reach."""
     path = manifest("proxy-env", SMALL)
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         env = {"HTTP_PROXY": proxy.url, "http_proxy": proxy.url, "ALL_PROXY": proxy.url}
         done = run_with("run", path, "--simulate", "--no-progress", env=env)
     assert done.returncode == 0, done.stderr
@@ -211,7 +211,7 @@ def test_a_loopback_fal_url_is_reached_directly_and_its_key_never_reaches_the_pr
     sim: SimulatorHandle, manifest: MakeManifest
 ) -> None:
     path = manifest("proxy-env", SMALL)
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         done = run_with("run", path, "--no-progress", env={"HTTP_PROXY": proxy.url})
     assert done.returncode == 0, done.stderr
     assert sim.ledger()["accepted"] == 2

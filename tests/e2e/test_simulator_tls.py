@@ -27,7 +27,6 @@ import httpx
 import pytest
 from cryptography import x509
 
-from tests.capture_proxy import capture_proxy
 from tests.e2e.e2e_helpers import (
     Background,
     assert_one_line,
@@ -36,6 +35,7 @@ from tests.e2e.e2e_helpers import (
     wanbatch,
     wanbatch_command,
 )
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from tests.sample_inputs import INPUTS
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -259,7 +259,7 @@ def test_fal_client_under_https_proxy_reaches_the_simulator_with_the_printed_lin
     try:
         assert sim.fal_client_env["NO_PROXY"] == sim.fal_client_env["no_proxy"] == "127.0.0.1"
         endpoint = "fal-ai/wan-22"
-        with capture_proxy() as proxy:
+        with loopback_proxy(BAD_GATEWAY) as proxy:
             env = _clean_env() | {"HTTPS_PROXY": proxy.url, "no_proxy": "corp.example"}
             done = subprocess.run(
                 [sys.executable, "-c", _FAL_CLIENT, endpoint, json.dumps(INPUTS[endpoint])],

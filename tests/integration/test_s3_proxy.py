@@ -18,7 +18,7 @@ import pytest
 
 from jobs.output_store import S3OutputStore
 from jobs.outputs import OutputWriteError
-from tests.capture_proxy import capture_proxy
+from tests.loopback_proxy import AUTH_REQUIRED, BAD_GATEWAY, loopback_proxy
 from tests.s3_helpers import ACCESS_KEY, MotoS3, aws_env, keys
 
 pytestmark = pytest.mark.s3
@@ -46,7 +46,7 @@ def _store(tmp_path: Path) -> S3OutputStore:
 def test_an_endpoint_on_loopback_never_goes_through_the_proxy(
     tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         monkeypatch.setenv(variable, proxy.url)
         _store(tmp_path).check_writable()  # raised "502: Bad Gateway"
         video = tmp_path / "v.mp4"
@@ -64,7 +64,7 @@ def test_a_proxy_that_answers_502_for_an_endpoint_beyond_loopback_is_named(
 ) -> None:
     """The endpoint is only named to the proxy, which answers 502 as a proxy that cannot reach it."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.corp.example:9000")
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         where = proxy.url.split("://", 1)[1]
         monkeypatch.setenv("HTTP_PROXY", f"http://corp:pr0xy-s3cret@{where}")
         with pytest.raises(OutputWriteError) as info:
@@ -82,7 +82,7 @@ def test_a_proxy_that_refuses_the_tunnel_to_an_https_endpoint_is_named(
     tmp_path: Path, s3: MotoS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.corp.example")
-    with capture_proxy("407 Proxy Authentication Required") as proxy:
+    with loopback_proxy(AUTH_REQUIRED) as proxy:
         where = proxy.url.split("://", 1)[1]
         monkeypatch.setenv("HTTPS_PROXY", f"http://corp:pr0xy-s3cret@{where}")
         with pytest.raises(OutputWriteError) as info:

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from falsim import SimulatorOptions, running_simulator
-from tests.capture_proxy import capture_proxy
 from tests.integration.sim_helpers import AUTH, wait_completed, webhook_receiver
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from tests.sample_inputs import INPUTS
 from worker.fal.webhooks import JwksKeys
 
@@ -20,7 +20,7 @@ EP = "fal-ai/wan-22"
 
 
 def test_webhooks_to_loopback_go_direct_and_others_through_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    with capture_proxy() as proxy, webhook_receiver() as rec:
+    with loopback_proxy(BAD_GATEWAY) as proxy, webhook_receiver() as rec:
         for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
@@ -59,7 +59,7 @@ def test_an_https_receiver_on_loopback_is_trusted_through_ssl_cert_file(
 def test_a_jwks_on_loopback_is_fetched_directly(monkeypatch: pytest.MonkeyPatch) -> None:
     """A receiver tried against the simulator's JWKS (``http://127.0.0.1:PORT/.well-known/
     jwks.json``) behind ``HTTP_PROXY``: the keys come from the simulator, not the proxy's 502."""
-    with running_simulator() as sim, capture_proxy() as proxy:
+    with running_simulator() as sim, loopback_proxy(BAD_GATEWAY) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
         health = JwksKeys(f"{sim.url}/.well-known/jwks.json").health()
     assert (health.can_verify, health.error) == (True, None)

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import Job
 from jobs.states import JobState
-from tests.capture_proxy import capture_proxy
+from tests.loopback_proxy import loopback_proxy
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.steps import dispatch, submit
 
@@ -52,7 +52,7 @@ def test_a_proxy_that_cannot_tunnel_to_fal_holds_the_submits_and_fails_no_job(
     for name in list(os.environ):
         if name.lower() in _PROXY_VARIABLES:
             monkeypatch.delenv(name)
-    with capture_proxy(answer) as proxy:
+    with loopback_proxy(answer) as proxy:
         where = proxy.url.split("://", 1)[1]
         monkeypatch.setenv("HTTPS_PROXY", f"http://corp:pr0xy-s3cret@{where}")
         settings = settings_for("https://fal.corp.example", KEY).model_copy(update={"max_attempts": 1})

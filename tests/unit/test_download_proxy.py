@@ -1,7 +1,7 @@
 """Downloads through ``WANBATCH_DOWNLOAD_PROXY``, and downloads that cannot connect at all.
 
 Loopback only: a CDN stand-in on 127.0.0.1 named ``cdn.corp.example``, a name this machine does
-not resolve and the stand-in proxy (:mod:`tests.forward_proxy`) maps to 127.0.0.1."""
+not resolve and the stand-in proxy (:mod:`tests.loopback_proxy`) maps to 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from jobs.errors import ConfigError, FinalProviderError
 from jobs.settings import Settings, get_settings
-from tests.forward_proxy import forward_proxy
+from tests.loopback_proxy import AUTH_REQUIRED, BAD_GATEWAY, loopback_proxy
 from worker.fal import storage
 from worker.fal.errors import DownloadUnreachedError
 from worker.fal.storage import DownloadPolicy, download, internal_name, proxy_routes
@@ -74,7 +74,7 @@ def test_through_the_download_proxy_the_video_comes_and_no_key_goes(
     cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
 ) -> None:
     port, seen = cdn
-    with forward_proxy() as proxy:
+    with loopback_proxy() as proxy:
         policy = DownloadPolicy.for_urls(["https://queue.fal.run"], None, (KEY,), proxy.url)
         got = download(
             f"http://cdn.corp.example:{port}/v.mp4", tmp_path / "v.mp4", max_bytes=10**6, policy=policy
@@ -89,7 +89,7 @@ def test_through_the_proxy_a_redirect_to_an_internal_name_is_refused_before_it_i
     cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
 ) -> None:
     port, _ = cdn
-    with forward_proxy() as proxy, pytest.raises(FinalProviderError, match="internal name"):
+    with loopback_proxy() as proxy, pytest.raises(FinalProviderError, match="internal name"):
         download(
             f"http://cdn.corp.example:{port}/hop",
             tmp_path / "v.mp4",
@@ -112,7 +112,7 @@ def test_through_the_proxy_a_redirect_to_an_internal_name_is_refused_before_it_i
     ],
 )
 def test_through_the_proxy_internal_names_and_addresses_are_refused(url: str, tmp_path: Path) -> None:
-    with forward_proxy() as proxy, pytest.raises(FinalProviderError, match="refusing"):
+    with loopback_proxy() as proxy, pytest.raises(FinalProviderError, match="refusing"):
         download(url, tmp_path / "v.mp4", max_bytes=10**6, policy=DownloadPolicy(proxy=proxy.url))
     assert proxy.requests == []
 
@@ -151,12 +151,12 @@ def test_a_proxy_that_refuses_says_which_without_its_password(
 ) -> None:
     port, _ = cdn
     secret = "hunter2-long-password"
-    for mode in ("407", "502"):
-        with forward_proxy(mode) as proxy:
+    for answer in (AUTH_REQUIRED, BAD_GATEWAY):
+        with loopback_proxy(answer) as proxy:
             with_user = proxy.url.replace("http://", f"http://bob:{secret}@")
             for scheme in ("http", "https"):  # forwarded, and tunnelled (CONNECT)
                 with pytest.raises(
-                    DownloadUnreachedError if mode == "407" or scheme == "https" else Exception
+                    DownloadUnreachedError if answer == AUTH_REQUIRED or scheme == "https" else Exception
                 ) as caught:
                     download(
                         f"{scheme}://cdn.corp.example:{port}/v.mp4",

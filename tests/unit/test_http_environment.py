@@ -25,7 +25,7 @@ from jobs.http_environment import (
     require_usable,
 )
 from jobs.settings import get_settings
-from tests.capture_proxy import capture_proxy
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from worker.fal.client import FalClient
 from worker.fal.http import build_http_client, shared_ssl_context
 from worker.fal.storage import DownloadPolicy, guarded_client
@@ -132,7 +132,7 @@ def test_no_proxy_star_turns_every_proxy_variable_off() -> None:
 
 def test_a_proxy_url_with_a_trailing_space_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """As ``export HTTP_PROXY="$(cat proxy.txt)"`` leaves it: httpx takes it, and so do the commands."""
-    with capture_proxy() as seen:
+    with loopback_proxy(BAD_GATEWAY) as seen:
         monkeypatch.setenv("HTTP_PROXY", seen.url + " ")
         require_usable()
         with build_http_client(timeout=httpx.Timeout(10)) as client:

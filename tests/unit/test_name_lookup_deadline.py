@@ -27,9 +27,9 @@ import httpx
 import pytest
 
 from jobs.errors import RetryableProviderError
-from tests.capture_proxy import capture_proxy
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
+from tests.loopback_proxy import BAD_GATEWAY, loopback_proxy
 from worker.fal import http
 from worker.fal.client import FalClient
 from worker.fal.errors import FalUnreachableError
@@ -213,7 +213,7 @@ def test_fal_by_name_is_reached_at_the_address_it_resolves_to(
 
 @pytest.mark.timeout(60)
 def test_a_proxy_named_by_host_name_is_still_used(dns: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         port = proxy.url.rsplit(":", 1)[1]
         monkeypatch.setenv("HTTP_PROXY", f"http://proxy.test:{port}")
         with _fal("http://fal.invalid") as client, pytest.raises(RetryableProviderError, match="502"):

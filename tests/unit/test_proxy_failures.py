@@ -6,7 +6,7 @@ Before: a proxy that answered ``CONNECT`` with 502 (what Squid does when it cann
 Gateway``) where a refused connection held the batch; and no line said it was the *proxy*
 (``could not connect (ConnectError): [Errno -2] Name or service not known``) nor which CA bundle
 a certificate was checked against. Everything here is on loopback: the proxy is the stand-in of
-:mod:`tests.capture_proxy`, fal's host (``fal.corp.example``) is only ever named to it.
+:mod:`tests.loopback_proxy`, fal's host (``fal.corp.example``) is only ever named to it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from falsim.tls import make_self_signed
 from jobs.errors import AmbiguousSubmitError, RetryableProviderError
-from tests.capture_proxy import capture_proxy
+from tests.loopback_proxy import AUTH_REQUIRED, BAD_GATEWAY, loopback_proxy
 from tests.ports import unused_port
 from worker.fal.client import FalClient
 from worker.fal.errors import FalUnreachableError, SendTrace
@@ -80,7 +80,7 @@ def test_a_submit_the_proxy_did_not_tunnel_is_unreached_and_names_the_proxy(
 ) -> None:
     """Nothing left this host: no submission (the job waits uncounted while it lasts, never a
     counted retry that fails the batch), and the line says which proxy did what."""
-    with capture_proxy(answer) as proxy:
+    with loopback_proxy(answer) as proxy:
         where = _behind(monkeypatch, proxy.url)
         with _fal() as client, pytest.raises(FalUnreachableError) as info:
             client.submit("fal-ai/wan-22", {"prompt": "p"})
@@ -98,7 +98,7 @@ def test_idempotent_calls_through_a_failing_proxy_are_retried_and_name_it(
 ) -> None:
     """Status, result and cancel are asked again, as for any network error (the request is
     still at fal): their line names the proxy."""
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         where = _behind(monkeypatch, proxy.url)
         with _fal() as client, pytest.raises(RetryableProviderError) as info:
             getattr(client, call)(client.handle("fal-ai/wan-22", "r1"))
@@ -232,7 +232,7 @@ def test_the_doctors_provider_check_names_the_proxy_and_what_to_set(monkeypatch:
     from worker.doctor import check_provider
 
     settings = Settings.model_construct(fal_key=SecretStr("k-123:secret"), fal_queue_url=FAL)
-    with capture_proxy("407 Proxy Authentication Required") as proxy:
+    with loopback_proxy(AUTH_REQUIRED) as proxy:
         where = _behind(monkeypatch, proxy.url)
         check = check_provider(settings)
     assert check.status == "fail"
@@ -276,7 +276,7 @@ def test_the_jwks_fetch_says_why_it_failed(monkeypatch: pytest.MonkeyPatch) -> N
     serve's /healthz and the doctor's receiver check showed that."""
     from worker.fal.webhooks import JwksKeys
 
-    with capture_proxy() as proxy:
+    with loopback_proxy(BAD_GATEWAY) as proxy:
         where = _behind(monkeypatch, proxy.url)
         health = JwksKeys("https://jwks.corp.example/.well-known/jwks.json", timeout=5.0).health()
     assert health.error == (
