@@ -4,7 +4,8 @@
   outside it do not resolve: ``CONNECT`` tunnels and absolute-URI (forward) requests. Names
   ending in ``map_suffix`` (``.corp.example``) are reached at ``127.0.0.1`` — the proxy's own
   resolver knows them, this machine's does not. A target it cannot connect to is answered
-  ``502 Bad Gateway`` (as Squid does). Adapted from the audit's ``/tmp/corpnet/proxy.py``.
+  ``502 Bad Gateway`` (as Squid does), with no ``Via``; an answer it passes on gets the ``Via``
+  a proxy adds (RFC 9110 §7.6.3). Adapted from the audit's ``/tmp/corpnet/proxy.py``.
 * ``answer="502 Bad Gateway"`` (or any status line: ``407 Proxy Authentication Required``,
   ``403 Forbidden``): it answers every request with it and nothing else, as a proxy that cannot
   reach the target would (Squid answers a ``CONNECT`` so when fal is down), or one that refuses.
@@ -28,6 +29,8 @@ from urllib.parse import urlsplit
 #: The answers tests ask for most.
 BAD_GATEWAY = "502 Bad Gateway"
 AUTH_REQUIRED = "407 Proxy Authentication Required"
+#: What the forwarding proxy calls itself in the ``Via`` it adds to the answers it passes on.
+VIA = "1.1 loopback-proxy"
 
 
 @dataclass
@@ -38,6 +41,8 @@ class LoopbackProxy:
     url: str = ""
     answer: str | None = None
     auth: str | None = None
+    #: Header lines of its own answers (``answer``): ``Proxy-Status: corp; error=dns_timeout``.
+    headers: tuple[str, ...] = ()
     map_suffix: str = ".corp.example"
     requests: list[list[str]] = field(default_factory=list)
 
@@ -53,9 +58,10 @@ class LoopbackProxy:
         return "127.0.0.1" if host.endswith(self.map_suffix) else host
 
 
-def _status(answer: str) -> bytes:
-    extra = b'Proxy-Authenticate: Basic realm="corp"\r\n' if answer.startswith("407") else b""
-    return f"HTTP/1.1 {answer}\r\n".encode() + extra + b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+def _status(answer: str, headers: tuple[str, ...] = ()) -> bytes:
+    extra = ['Proxy-Authenticate: Basic realm="corp"'] if answer.startswith("407") else []
+    lines = [f"HTTP/1.1 {answer}", *extra, *headers, "Content-Length: 0", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def _pipe(a: socket.socket, b: socket.socket) -> None:
@@ -127,8 +133,15 @@ def _forward(seen: LoopbackProxy, client: socket.socket, lines: list[str], rest:
         )
         + rest
     )
+    status: bytes | None = b""  # the host's status line, until it has come whole: Via goes right after it
     try:
         while chunk := upstream.recv(65536):
+            if status is not None:
+                status += chunk
+                if b"\r\n" not in status:
+                    continue
+                line, _, after = status.partition(b"\r\n")
+                chunk, status = line + b"\r\nVia: " + VIA.encode() + b"\r\n" + after, None
             client.sendall(chunk)
     except OSError:
         pass
@@ -137,10 +150,12 @@ def _forward(seen: LoopbackProxy, client: socket.socket, lines: list[str], rest:
 
 
 @contextmanager
-def loopback_proxy(answer: str | None = None, *, auth: str | None = None) -> Iterator[LoopbackProxy]:
+def loopback_proxy(
+    answer: str | None = None, *, auth: str | None = None, headers: tuple[str, ...] = ()
+) -> Iterator[LoopbackProxy]:
     """A running proxy on 127.0.0.1 (a free port), stopped on exit: forwarding when ``answer``
-    is None, else answering every request with the status line ``answer``."""
-    seen = LoopbackProxy(answer=answer, auth=auth)
+    is None, else answering every request with the status line ``answer`` (and ``headers``)."""
+    seen = LoopbackProxy(answer=answer, auth=auth, headers=headers)
     lock = threading.Lock()
 
     class Handler(socketserver.BaseRequestHandler):
@@ -156,7 +171,7 @@ def loopback_proxy(answer: str | None = None, *, auth: str | None = None) -> Ite
                 client.sendall(_status(AUTH_REQUIRED))
                 return
             if seen.answer is not None:
-                client.sendall(_status(seen.answer))
+                client.sendall(_status(seen.answer, seen.headers))
                 return
             method, where, _ = lines[0].split(" ", 2)
             if method == "CONNECT":

@@ -687,11 +687,12 @@ def _proxy_in(why: str) -> str | None:
 
 
 def _unreachable(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> str | None:
-    """Why a GET of ``url`` through a download client of ``policy`` got no HTTP answer, or None."""
+    """Why a GET of ``url`` through a download client of ``policy`` got no HTTP answer (or only
+    its download proxy's own gateway error: :func:`~worker.fal.storage.proxy_gateway_error`), or None."""
     import httpx
 
     from jobs.errors import ProviderError
-    from worker.fal.storage import guarded_client, proxy_of
+    from worker.fal.storage import answered_through, guarded_client, proxy_gateway_error, proxy_of
 
     try:
         with (
@@ -701,6 +702,11 @@ def _unreachable(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> str | 
         ):
             if answer.status_code == 407:
                 return "the proxy asked for credentials (HTTP 407)"
+            if (own := proxy_gateway_error(answer)) is not None:  # the proxy's own 502/503/504
+                return (
+                    f"HTTP {answer.status_code} through the download proxy {answered_through(answer)} "
+                    f"({own}): it could not reach the host"
+                )
             return None
     except ProviderError as exc:  # the address guard refused it
         return str(exc)

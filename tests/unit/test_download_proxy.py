@@ -6,6 +6,7 @@ not resolve and the stand-in proxy (:mod:`tests.loopback_proxy`) maps to 127.0.0
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpcore
 import pytest
 
-from jobs.errors import ConfigError, FinalProviderError
+from jobs.errors import ConfigError, FinalProviderError, RetryableProviderError
 from jobs.settings import Settings, get_settings
 from tests.loopback_proxy import AUTH_REQUIRED, BAD_GATEWAY, loopback_proxy
 from worker.fal import storage
@@ -34,6 +35,11 @@ def cdn() -> Iterator[tuple[int, list[dict[str, str]]]]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(dict(self.headers.items()))
+            if self.path == "/busy":  # the origin's own 503 (the proxy passes it on)
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.path == "/hop":
                 self.send_response(302)
                 self.send_header("Location", "http://metadata.google.internal/computeMetadata/v1/")
@@ -155,9 +161,7 @@ def test_a_proxy_that_refuses_says_which_without_its_password(
         with loopback_proxy(answer) as proxy:
             with_user = proxy.url.replace("http://", f"http://bob:{secret}@")
             for scheme in ("http", "https"):  # forwarded, and tunnelled (CONNECT)
-                with pytest.raises(
-                    DownloadUnreachedError if answer == AUTH_REQUIRED or scheme == "https" else Exception
-                ) as caught:
+                with pytest.raises(DownloadUnreachedError) as caught:
                     download(
                         f"{scheme}://cdn.corp.example:{port}/v.mp4",
                         tmp_path / "v.mp4",
@@ -165,8 +169,7 @@ def test_a_proxy_that_refuses_says_which_without_its_password(
                         policy=DownloadPolicy(proxy=with_user),
                     )
                 assert secret not in str(caught.value)
-                if isinstance(caught.value, DownloadUnreachedError):
-                    assert caught.value.proxy == proxy.url.replace("http://", "http://bob:**@")
+                assert caught.value.proxy == proxy.url.replace("http://", "http://bob:**@")
     # a proxy that is not there at all
     with pytest.raises(DownloadUnreachedError) as caught:
         download(
@@ -177,6 +180,110 @@ def test_a_proxy_that_refuses_says_which_without_its_password(
         )
     assert secret not in str(caught.value)
     assert "through the download proxy http://bob:**@127.0.0.1:9" in str(caught.value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("through", ["url", "env"])
+def test_a_forwarding_proxy_that_cannot_reach_the_host_holds_the_download_never_a_try(
+    through: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain-http download forwarded by the proxy (WANBATCH_DOWNLOAD_PROXY as a URL, or =env
+    with HTTP_PROXY): the proxy's own 502 when it cannot connect to the host is no answer from
+    the host, as its 502 to a CONNECT is not."""
+    port = _closed_port()
+    with loopback_proxy() as proxy:
+        if through == "env":
+            monkeypatch.setenv("HTTP_PROXY", proxy.url)
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+        policy = DownloadPolicy(proxy=proxy.url if through == "url" else "env")
+        with pytest.raises(DownloadUnreachedError) as caught:
+            download(
+                f"http://cdn.corp.example:{port}/v.mp4", tmp_path / "v.mp4", max_bytes=10**6, policy=policy
+            )
+    assert proxy.request_lines() == [f"GET http://cdn.corp.example:{port}/v.mp4 HTTP/1.1"]
+    assert caught.value.host == f"cdn.corp.example:{port}"
+    assert caught.value.proxy == proxy.url
+    assert "502 Bad Gateway" in str(caught.value)
+    assert f"it could not reach cdn.corp.example:{port}" in str(caught.value)
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_doctor_counts_the_proxys_own_gateway_error_as_not_reached() -> None:
+    import httpx
+
+    from worker.doctor import _unreachable
+    from worker.fal.http import cut_off_at
+
+    port = _closed_port()
+    with loopback_proxy() as proxy:
+        why = _unreachable(
+            f"http://cdn.corp.example:{port}/",
+            DownloadPolicy(proxy=proxy.url),
+            httpx.Timeout(5.0),
+            cut_off_at,
+        )
+    assert why is not None
+    assert f"through the download proxy {proxy.url} " in why
+    assert "502" in why
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ("Via: 1.1 corp-proxy", "Proxy-Status: corp-proxy; error=dns_timeout"),
+        ("Via: 1.1 corp-proxy (squid/6.6)", "X-Squid-Error: ERR_CONNECT_FAIL 111"),
+    ],
+)
+def test_a_proxy_that_says_it_made_the_gateway_error_itself_holds_the_download(
+    headers: tuple[str, ...], tmp_path: Path
+) -> None:
+    with (
+        loopback_proxy("504 Gateway Timeout", headers=headers) as proxy,
+        pytest.raises(DownloadUnreachedError, match="504 Gateway Timeout") as caught,
+    ):
+        download(
+            "http://cdn.corp.example/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10**6,
+            policy=DownloadPolicy(proxy=proxy.url),
+        )
+    assert headers[1].split(": ", 1)[1] in str(caught.value)
+
+
+def test_the_hosts_own_gateway_error_forwarded_by_the_proxy_is_still_a_try(
+    cdn: tuple[int, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    """The host answered (503): the proxy passed it on (its Via added, as a proxy must), so it
+    is an answer about the file, counted as any."""
+    port, _ = cdn
+    with loopback_proxy() as proxy, pytest.raises(RetryableProviderError) as caught:
+        download(
+            f"http://cdn.corp.example:{port}/busy",
+            tmp_path / "v.mp4",
+            max_bytes=10**6,
+            policy=DownloadPolicy(proxy=proxy.url),
+        )
+    assert not isinstance(caught.value, DownloadUnreachedError)
+    assert caught.value.status_code == 503
+    # and a proxy's Proxy-Status that says it forwarded the host's answer
+    forwarded = ("Proxy-Status: corp-proxy; fwd-status=502",)
+    with (
+        loopback_proxy(BAD_GATEWAY, headers=forwarded) as proxy,
+        pytest.raises(RetryableProviderError) as caught,
+    ):
+        download(
+            "http://cdn.corp.example/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10**6,
+            policy=DownloadPolicy(proxy=proxy.url),
+        )
+    assert not isinstance(caught.value, DownloadUnreachedError)
 
 
 def test_env_routes_follow_the_proxy_variables_and_no_proxy_and_never_proxy_loopback() -> None:

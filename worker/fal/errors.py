@@ -205,8 +205,10 @@ def unreached(exc: BaseException) -> bool:
 class DownloadUnreachedError(RetryableProviderError):
     """A download (or a redirect hop of it), or an upload's PUT, could not even connect: the
     host's name did not resolve, the connection was refused or timed out, TLS failed in the
-    handshake, or the proxy it goes through refused the tunnel (:func:`cannot_connect`). No HTTP
-    answer came, so nothing is known of the file: a paid output is not given up over it, its
+    handshake, or the proxy it goes through refused the tunnel (:func:`cannot_connect`), asked
+    for credentials (407) or answered a forwarded ``http://`` request with its own 502/503/504
+    (:func:`worker.fal.storage.proxy_gateway_error`). No answer came from the host, so nothing
+    is known of the file: a paid output is not given up over it, its
     download is held (:mod:`worker.steps.download_reach`), never counted as a try.
 
     ``host``: where it could not connect; ``proxy``: the proxy it went through, its credentials

@@ -1106,6 +1106,9 @@ def _hops(
                 if response.status_code == 407:
                     # Only a proxy asks for its credentials (RFC 9110 §15.5.8): the host was never reached.
                     raise _proxy_refused(url, response)
+                if (own := proxy_gateway_error(response)) is not None:
+                    # The download proxy could not reach the host: no answer from it either.
+                    raise _proxy_failed(url, response, own)
                 if not response.is_success:
                     raise _download_error(_error_prefix(response, limits))
                 _refuse_encoding(response)
@@ -1150,6 +1153,106 @@ def _proxy_refused(url: httpx.URL, response: httpx.Response) -> DownloadUnreache
         host=shown,
         proxy=proxy,
     )
+
+
+def answered_through(response: httpx.Response) -> str | None:
+    """The download proxy (credentials masked) ``response`` came through, or None (directly)."""
+    via = response.extensions.get(_VIA)
+    return via if isinstance(via, str) else None
+
+
+def _proxy_failed(url: httpx.URL, response: httpx.Response, evidence: str) -> DownloadUnreachedError:
+    """The download proxy's own 502/503/504 to a forwarded ``http://`` download
+    (:func:`proxy_gateway_error`): it could not reach the host, which was never asked."""
+    proxy = answered_through(response)
+    _scheme, host, port = origin(url)
+    host = _norm_host(host)
+    shown = (f"[{host}]" if ":" in host else host) + (f":{port}" if port not in (None, 80, 443) else "")
+    answered = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    return DownloadUnreachedError(
+        f"could not connect to {shown}: the download proxy {proxy} answered {answered} ({evidence}): "
+        f"it could not reach {shown}",
+        host=shown,
+        proxy=proxy,
+    )
+
+
+#: A proxy's answers that say it could not get an answer from the next hop (RFC 9110 §15.6.3,
+#: §15.6.4, §15.6.5): made by the proxy itself, or passed on from a gateway beyond it.
+PROXY_GATEWAY_STATUSES = frozenset({502, 503, 504})
+
+
+def _list_members(value: str) -> list[str]:
+    """The members of a structured-field list (RFC 8941 §3.1), split on the commas outside
+    quoted strings; each as written (its parameters after ``;``)."""
+    members: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            members.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    members.append("".join(current).strip())
+    return [m for m in members if m]
+
+
+def _parameters(member: str) -> dict[str, str]:
+    """A list member's parameters (``corp; error=dns_timeout; details="…"``), keys in lower case."""
+    found: dict[str, str] = {}
+    for part in member.split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key:
+            found[key.strip().lower()] = value.strip().strip('"')
+    return found
+
+
+def proxy_gateway_error(response: httpx.Response) -> str | None:
+    """Whether ``response`` (to a download or an upload's PUT) is the download proxy's own
+    502/503/504 — it could not connect to the host, or got no answer from it — rather than the
+    host's answer passed on; what says so, or None.
+
+    httpx cannot tell: a forwarded ``http://`` request (an absolute URI to the proxy, no tunnel)
+    gets whatever the proxy writes back, its own error page or the host's, as one response. So
+    it is read from the answer, for a forwarded one only (through a ``CONNECT`` tunnel the proxy
+    cannot write into the host's answer: its refusal there is a :class:`httpx.ProxyError`):
+
+    * ``Proxy-Status`` (RFC 9209), its last member (the intermediary nearest this process): an
+      ``error`` (``connection_refused``, ``dns_timeout``…) without ``fwd-status`` is the proxy's
+      own; a ``fwd-status`` says it passed the next hop's answer on (the host's, then);
+    * ``X-Squid-Error`` (``ERR_CONNECT_FAIL 111``, ``ERR_DNS_FAIL``): Squid's own error pages;
+    * no ``Via`` at all: a proxy adds ``Via`` to every answer it passes on (RFC 9110 §7.6.3:
+      MUST), so an answer without one is its own (the answer of a proxy that cannot connect, as
+      httpx hears it). A proxy that passes answers on without ``Via`` (Squid's ``via off``)
+      makes the host's own 502/503/504 look like the proxy's: held rather than counted, until
+      the host answers otherwise — said each time with the proxy's and the host's names.
+
+    Anything else (a ``Via``, no sign of the proxy's own) is the host's, a counted try as ever."""
+    if answered_through(response) is None or response.status_code not in PROXY_GATEWAY_STATUSES:
+        return None
+    if response.request.url.scheme != "http":
+        return None
+    members = _list_members(response.headers.get("proxy-status", ""))
+    if members:
+        last = _parameters(members[-1])
+        if "fwd-status" in last:
+            return None
+        if "error" in last:
+            words = " ".join(members[-1].split())[:120]
+            return f"Proxy-Status: {words}"
+    squid = response.headers.get("x-squid-error")
+    if squid:
+        return f"X-Squid-Error: {' '.join(squid.split())[:80]}"
+    if "via" not in response.headers:
+        return "its own answer: no Via"
+    return None
 
 
 #: How much of a download's error body is read (for the error message): a CDN's error page
