@@ -11,7 +11,7 @@ import httpx
 
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError
 from jobs.listing import FAL_HOLD_RENEW_SECONDS
-from worker.fal.errors import FalUnreachableError, unreached
+from worker.fal.errors import DownloadUnreachedError, FalUnreachableError, unreached
 from worker.steps.failures import failure_type
 from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, FalReach, Hold
 
@@ -76,6 +76,9 @@ def test_only_a_connect_failure_is_unreached() -> None:
     assert unreached(caused(RetryableProviderError("upload: network error"), httpx.ConnectTimeout("t")))
     assert not unreached(caused(RetryableProviderError("upload: network error"), httpx.ReadTimeout("t")))
     assert not unreached(RetryableProviderError("HTTP 503", status_code=503))
+    # a proxy that did not open the tunnel to fal's storage or the upload host: nothing sent
+    assert unreached(caused(RetryableProviderError("upload: network error"), httpx.ProxyError("407")))
+    assert unreached(DownloadUnreachedError("fal upload: could not connect", host="cdn.example"))
 
 
 def test_every_failure_of_a_step_has_an_error_type() -> None:

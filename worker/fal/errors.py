@@ -191,14 +191,18 @@ def could_not_connect(exc: BaseException) -> bool:
 
 def unreached(exc: BaseException) -> bool:
     """Whether ``exc`` says fal could not be reached at all (nothing sent): a submit's
-    :class:`FalUnreachableError`, or an upload's retryable network error caused by a connect
-    failure (:func:`could_not_connect`)."""
-    if isinstance(exc, FalUnreachableError):
+    :class:`FalUnreachableError`, or an upload's failure before anything reached fal's storage —
+    a retryable network error caused by a connect failure (:func:`could_not_connect`) or by a
+    proxy that did not open the tunnel (:class:`httpx.ProxyError`, whatever it answered: held as
+    a submit's is, :func:`_submit_transport_failure`), or the download proxy's own gateway error
+    to the PUT (:class:`DownloadUnreachedError`)."""
+    if isinstance(exc, FalUnreachableError | DownloadUnreachedError):
         return True
+    cause = exc.__cause__
     return (
         isinstance(exc, RetryableProviderError)
-        and exc.__cause__ is not None
-        and could_not_connect(exc.__cause__)
+        and cause is not None
+        and (could_not_connect(cause) or isinstance(cause, httpx.ProxyError))
     )
 
 

@@ -173,12 +173,18 @@ class FalStorage:
 
 def _upload_error(response: httpx.Response) -> ProviderError:
     """A redirect from the upload host is refused, not followed: its target was never checked
-    (RFC 9110 §15.4.8: a 307 repeats the PUT, body and all, wherever it points)."""
+    (RFC 9110 §15.4.8: a 307 repeats the PUT, body and all, wherever it points). The download
+    proxy's own 502/503/504 to a forwarded ``http://`` PUT (:func:`proxy_gateway_error`) is a
+    PUT that never reached the host (:class:`DownloadUnreachedError`: the submit is held)."""
     if response.is_redirect:
         return FinalProviderError(
             f"fal upload: the upload URL answered a redirect (HTTP {response.status_code}); not followed",
             status_code=response.status_code,
         )
+    if (own := proxy_gateway_error(response)) is not None:
+        # The download proxy could not reach the upload host: nothing was stored, nothing sent.
+        held = _proxy_failed(response.request.url, response, own)
+        return DownloadUnreachedError(f"fal upload: {held}", host=held.host, proxy=held.proxy)
     return classify_poll("upload", response)
 
 
