@@ -445,6 +445,27 @@ def test_every_documented_setting_reaches_the_workers_and_cli(raw: dict[str, Any
             assert setting not in _env(_services(raw)[name]), (name, setting, NOT_PASSED[setting])
 
 
+#: The proxy variables httpx (fal's API, the JWKS fetch, downloads with
+#: WANBATCH_DOWNLOAD_PROXY=env) and boto3 read: the host's reach the containers that call out.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def test_the_proxy_variables_reach_the_services_that_call_out(raw: dict[str, Any]) -> None:
+    """WANBATCH_DOWNLOAD_PROXY=env downloads through the proxy HTTPS_PROXY names: with only the
+    former passed, a worker behind a corporate proxy had neither its proxy nor its NO_PROXY."""
+    for variable in PROXY_VARIABLES:
+        set_on_host = _services(interpolate(raw, {variable: "http://proxy.corp.example:3128"}))
+        for name in ("worker", "cli", "serve"):
+            assert _env(set_on_host[name]).get(variable) == "http://proxy.corp.example:3128", (name, variable)
+        unset = _services(interpolate(raw, {}))
+        for name in ("worker", "cli", "serve"):
+            # empty: unset, as httpx and boto3 read it
+            assert _env(unset[name]).get(variable) == "", (name, variable)
+    for service in _services(raw).values():
+        # An empty lower-case one (https_proxy="") would unset the upper-case one for httpx.
+        assert not {key for key in _env(service) if key.endswith("_proxy")}
+
+
 def _seconds(duration: str) -> float:
     """A Compose duration (``90s``, ``1m30s``, ``2m``) in seconds."""
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
