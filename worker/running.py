@@ -1445,6 +1445,11 @@ def _watch(
         held = unreachable_note(conductor.rt.limiter) if conductor is not None else None
         held = (conductor.rt.unrecorded.note() if conductor is not None else None) or held
         held = held or (conductor.rt.fal_reach.note() if conductor is not None else None)
+        # While its downloads cannot connect (worker.steps.download_reach): the warning in full
+        # once (its log line is drawn over by the display), then short on the line.
+        if conductor is not None and (line := conductor.rt.download_reach.unshown()) is not None:
+            progress.console.print(f"[yellow]{shown(line)}[/yellow]")
+        held = held or (conductor.rt.download_reach.note() if conductor is not None else None)
         held = held or leased
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:

@@ -192,3 +192,26 @@ def test_doctor_checks_downloads_reach_the_media_the_way_they_will_go(
     assert "407" in str(check["detail"])
     assert "pa55word-xyz" not in str(check["detail"]) + str(check["fix"])
     assert "WANBATCH_DOWNLOAD_PROXY" in str(check["fix"])
+
+
+def test_run_says_once_that_downloads_cannot_connect_before_it_pauses(
+    wb: Wb,
+    corporate_sim: SimulatorHandle,
+    proxy: LoopbackProxy,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The held download's warning (the host, the fix) is on run's own output, once, before the
+    pause's reason: not only in the log (which an embedded run's progress display draws over)."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    run = wb("run", manifest("corporate", ONE_JOB), "--no-progress")
+    assert run.code == 2, run.stdout + run.stderr
+    lines = run.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning: downloads cannot connect")]
+    assert len(warned) == 1, run.stderr
+    said = lines[warned[0]]
+    assert "cdn.corp.example" in said
+    assert "WANBATCH_DOWNLOAD_PROXY=env" in said
+    assert "no try counted" in said
+    paused = next(i for i, line in enumerate(lines) if line.startswith("batch paused"))
+    assert warned[0] < paused

@@ -343,3 +343,22 @@ def test_the_hold_doubles_its_pause_and_pauses_the_batch_once_the_outage_has_las
     assert again.delay == first.delay
     assert not again.pause
     assert again.say
+
+
+def test_the_hold_gives_its_warning_once_per_outage_and_a_short_note_meanwhile() -> None:
+    now = [0.0]
+    reach = DownloadReach(clock=lambda: now[0])
+    assert (reach.note(), reach.unshown()) == (None, None)
+    reach.failed("v3.fal.media", "could not connect to v3.fal.media (…) — set WANBATCH_DOWNLOAD_PROXY")
+    line = reach.unshown()
+    assert line is not None
+    assert line.startswith("warning: downloads cannot connect: could not connect to v3.fal.media")
+    assert "WANBATCH_DOWNLOAD_PROXY" in line
+    assert reach.unshown() is None  # once
+    reach.failed("v3.fal.media", "again")
+    assert reach.unshown() is None  # the same outage
+    assert reach.note() == "downloads cannot connect to v3.fal.media: held, no try counted"
+    reach.answered()
+    assert (reach.note(), reach.unshown()) == (None, None)
+    reach.failed("v3b.fal.media", "a new outage")
+    assert "a new outage" in (reach.unshown() or "")

@@ -1028,8 +1028,8 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
     is sent to be paid for and meet the same wall. A paused or cancelled batch's job just waits:
     never failed for it."""
     telemetry.count_provider_error(exc)
-    held = rt.download_reach.failed()
     fix = unreached_fix(rt.settings, exc.host, exc.proxy)
+    held = rt.download_reach.failed(exc.host, f"{exc} — {fix}")
     logs.note_error(f"download held, not counted: {exc}", "download_unreachable")
     reason = (
         f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc} — {fix}; the videos already made wait at fal "

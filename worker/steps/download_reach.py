@@ -66,18 +66,53 @@ class DownloadReach:
         self._lock = threading.Lock()
         self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
         self._failures = 0
+        #: The host the last failure could not connect to, and its warning's words (what
+        #: failed, the fix): for a ``run``'s progress output (:meth:`note`, :meth:`unshown`).
+        self._host = ""
+        self._words = ""
+        #: Whether :meth:`unshown` gave this outage's words already.
+        self._shown = False
 
     @property
     def down(self) -> bool:
         return self._outage.down
 
-    def failed(self) -> Held:
-        """A download could not connect: how long its job waits, and what to do about it."""
+    def failed(self, host: str = "", words: str = "") -> Held:
+        """A download could not connect (to ``host``; ``words``: what failed and the fix, as
+        its warning says them): how long its job waits, and what to do about it."""
         said = self._outage.failed()
         with self._lock:
             self._failures = 1 if said.began else self._failures + 1
             delay = min(LONGEST_PAUSE_SECONDS, FIRST_PAUSE_SECONDS * 2 ** min(self._failures - 1, 16))
+            if said.began:
+                self._shown = False
+            if words:
+                self._host, self._words = host, words
         return Held(delay=delay, lasted=said.lasted, say=said.due, pause=said.lasted >= PAUSE_AFTER_SECONDS)
+
+    def note(self) -> str | None:
+        """The progress line's note while downloads cannot connect; None while they do."""
+        if not self._outage.down:
+            return None
+        with self._lock:
+            host = self._host
+        where = f" to {host}" if host else ""
+        return f"downloads cannot connect{where}: held, no try counted"
+
+    def unshown(self) -> str | None:
+        """The outage's warning in full (the host, what failed, the fix), the first time it is
+        asked during an outage; None after that, and while downloads connect. An embedded
+        ``run`` prints it once on its progress output (its log line is drawn over there)."""
+        if not self._outage.down:
+            return None
+        with self._lock:
+            if self._shown or not self._words:
+                return None
+            self._shown = True
+            return (
+                f"warning: downloads cannot connect: {self._words}; the paid videos wait at fal "
+                "(none fails, no try counted) and are downloaded once it connects"
+            )
 
     def answered(self) -> float | None:
         """A media host answered (whatever it said): the outage, if any, is over; how long it
