@@ -203,3 +203,15 @@ def total_usage(children: Sequence[Child], sampler: GroupSampler, before: float 
     killed = sum(1 for c in children if c.proc.returncode == -signal.SIGKILL)
     processes = len(set(seen) | {c.pid for c in children})
     return SetUsage(before + max(waited, sampled), rss_kb / 1024, processes, killed, waited, sampled)
+
+
+def per_process_cpu(children: Sequence[Child], sampler: GroupSampler) -> dict[str, float]:
+    """Each child's CPU seconds, its descendants included (the larger of ``wait4``'s figure and
+    the sum of its process group's ``/proc`` samples, as :func:`total_usage` takes for the set):
+    which of a distributed run's processes a cost is in."""
+    seen = sampler.snapshot()
+    out: dict[str, float] = {}
+    for c in children:
+        sampled = sum(s.cpu_ticks for s in seen.values() if s.group == c.pid) / CLOCK_TICKS
+        out[c.name] = max(c.cpu_seconds or 0.0, sampled)
+    return out

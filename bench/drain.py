@@ -74,7 +74,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench._common import ROOT, byte_compile, fresh_pg_database, machine_summary, print_table, today
-from bench._procs import Child, GroupSampler, spawn, stop_all, total_usage
+from bench._procs import Child, GroupSampler, per_process_cpu, spawn, stop_all, total_usage
 from bench._stacks import top_table
 
 ENDPOINT = "fal-ai/wan-22"
@@ -416,10 +416,12 @@ def run_distributed(sim: Simulator, tmp: Path, jobs: int, opts: WanbatchOptions)
             file=sys.stderr,
         )
     succeeded = len(list((work / "outputs").rglob("*.mp4")))
+    split = ", ".join(f"{name} {cpu:.2f} s" for name, cpu in per_process_cpu(children, sampler).items())
     print(
         f"distributed: {usage.processes} wanbatch processes; CPU {usage.cpu_seconds:.1f} s "
         f"(submit {submit_cpu:.1f} s; after it: wait4 {usage.waited_seconds:.1f} s, "
-        f"/proc samples {usage.sampled_seconds:.1f} s)",
+        f"/proc samples {usage.sampled_seconds:.1f} s); by process, its children included: "
+        f"submit {submit_cpu:.2f} s, {split} ({jobs} jobs)",
         file=sys.stderr,
     )
     return wall, usage.cpu_seconds, usage.peak_rss_mb, succeeded, f"{usage.processes} processes; "
