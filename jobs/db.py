@@ -2421,6 +2421,19 @@ def notify_events(bind: Session | Connection, payload: str) -> None:
         )
 
 
+def notify_now(engine: Engine, payload: str) -> None:
+    """:func:`notify_events` for a change already committed: one statement in autocommit on a
+    pooled connection, where a unit of work of its own took three round trips (``BEGIN``, the
+    notice, ``COMMIT``). The notice is delivered at once; nothing is written. On any other
+    database, nothing (as :func:`notify_events`). Raises SQLAlchemy's errors when the database
+    cannot be reached (a notice is a hint: callers let it go)."""
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        notify_events(conn, payload)
+
+
 def listen_events(url: str | URL, *, connect_timeout: float = 10.0) -> psycopg.Connection[Any] | None:
     """A dedicated psycopg connection (autocommit) that ``LISTEN``\\ s on :data:`EVENTS_CHANNEL`;
     None when ``url`` is not PostgreSQL (there is nothing to listen to).

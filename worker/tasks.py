@@ -195,8 +195,8 @@ def _notifier(engine: Engine) -> Callable[[str, str], None]:
         if not postgres or kind not in _WORTH_TELLING:
             return
         try:
-            with db.session_scope(engine) as session:
-                db.notify_events(session, f"{kind}:{job_id}")
+            # After the step's commit: one autocommit statement, not a unit of work of its own.
+            db.notify_now(engine, f"{kind}:{job_id}")
         except Exception:  # the database is down: the leader's tick will find the job
             log.debug(
                 "could not notify the leader of %s %s",

@@ -19,6 +19,7 @@ import copy
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection
@@ -134,20 +135,19 @@ class _Direct:
         index = {n: i for i, n in enumerate(names)}
         self.row_type = type("Row", (DirectRow,), {"__slots__": (), "_fields": names, "_index": index})
 
-    def results(self, description: Any) -> list[tuple[int, Any]]:
-        """The result processors for the columns the driver describes (SQLAlchemy's choice for
-        each column's type and the driver's type code), as (column's index, processor) for the
-        columns that have one: on SQLite only dates and the model's own types, so a row of ids,
-        states and numbers is taken as the driver gives it."""
+    def results(self, codes: tuple[Any, ...]) -> list[tuple[int, Any]]:
+        """The result processors for the columns of the type codes the driver gives
+        (:func:`_type_codes`; SQLAlchemy's choice for each column's type and code), as (column's
+        index, processor) for the columns that have one: on SQLite only dates and the model's own
+        types, so a row of ids, states and numbers is taken as the driver gives it."""
         if self.dialect.name == "sqlite":
-            codes: tuple[Any, ...] = ()
+            codes = ()
             processors = self.results_for.get(codes)
             if processors is None:
                 processors = self.results_for[codes] = _processing(
                     [t._cached_result_processor(self.dialect, None) for t in self.types]
                 )
             return processors
-        codes = tuple(d[1] for d in description)
         processors = self.results_for.get(codes)
         if processors is None:
             pairs = zip(self.types, codes, strict=True)
@@ -189,8 +189,12 @@ class _Direct:
     def run(self, cursor: Any, sql: str, args: list[Any]) -> DirectResult:
         cursor.execute(sql, args)
         rows: list[DirectRow] = []
-        if cursor.description is not None:
-            make, pairs = self.row_type, self.results(cursor.description)
+        if self.dialect.name == "sqlite":  # its description is built in C; no codes are needed
+            codes: tuple[Any, ...] | None = None if cursor.description is None else ()
+        else:
+            codes = _type_codes(cursor)
+        if codes is not None:
+            make, pairs = self.row_type, self.results(codes)
             if pairs:
                 for raw in cursor.fetchall():
                     # each row's processed values in place: a list, not a generator resumed per column
@@ -212,6 +216,32 @@ class _Direct:
             if len(self.sql_for) < 256:  # claims of 1..N jobs: a few lengths, but bounded anyway
                 self.sql_for[lengths] = sql
         return sql
+
+
+def _type_codes(cursor: Any) -> tuple[Any, ...] | None:
+    """The type codes of the columns of a psycopg cursor's result (its OIDs, as
+    ``cursor.description`` gives them); None when the statement returned no rows to fetch
+    (``description`` None).
+
+    On psycopg, read from its ``pgresult`` under the very rule of ``Cursor.description``, which
+    builds a ``Column`` object per column on every access (five Python calls each): the
+    statements of a distributed worker read about 500 of them per job (the 400-job drain
+    benchmark), about a tenth of all its Python calls, for the codes alone."""
+    result = cursor.pgresult
+    if not result or not (result.nfields or result.status in _rows_statuses()):
+        return None
+    ftype = result.ftype
+    return tuple([ftype(i) for i in range(result.nfields)])
+
+
+@cache
+def _rows_statuses() -> frozenset[int]:
+    """psycopg's result statuses that carry rows (``Cursor.description``'s rule). Imported on
+    first use: a SQLite-only process never loads the driver."""
+    from psycopg.pq import ExecStatus
+
+    names = ("TUPLES_OK", "SINGLE_TUPLE", "TUPLES_CHUNK")  # the last one from libpq 17 on
+    return frozenset(getattr(ExecStatus, name) for name in names if hasattr(ExecStatus, name))
 
 
 def _processing(processors: list[Any]) -> list[tuple[int, Any]]:

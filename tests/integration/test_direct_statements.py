@@ -235,3 +235,43 @@ def test_postgresql_outside_a_transaction_goes_through_sqlalchemy(engine: Engine
         assert not isinstance(result, DirectResult)
         assert conn.in_transaction()
         assert isinstance(run_reusable(conn, ONE_JOB, {"job_id": "none"}), DirectResult)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # PostgreSQL's path only
+def test_postgresql_rows_are_read_without_describing_each_column(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """psycopg builds a ``Column`` object per column on every read of ``cursor.description``:
+    the direct path takes the type codes from the result itself, so a statement costs no column
+    objects, and its rows (a ``NUMERIC`` read through its type code, a timestamp, an empty
+    result, an update that returns nothing) are still the ones SQLAlchemy reads."""
+    import psycopg
+
+    built = 0
+    original = psycopg.Column.__init__
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> None:
+        nonlocal built
+        built += 1
+        original(self, *args, **kwargs)
+
+    batch_id = add_batch(engine, "described", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(2)])
+    ids = job_ids(engine, batch_id)
+    params = {"batch_id": batch_id, "state": JobState.PENDING}
+    plain_update = update(JOBS).where(JOBS.c.id == bindparam("w_id")).values(seed=bindparam("v_seed"))
+    with engine.begin() as conn:
+        expected = _plain(conn.execute(SUMS, params))
+        expected_some = _plain(conn.execute(SOME_JOBS, {"ids": ids}))
+        monkeypatch.setattr(psycopg.Column, "__init__", counting)
+        sums, some = run_reusable(conn, SUMS, params), run_reusable(conn, SOME_JOBS, {"ids": ids})
+        none = run_reusable(conn, ONE_JOB, {"job_id": "none"})
+        updated = run_reusable(conn, plain_update, {"w_id": ids[0], "v_seed": 7})
+        monkeypatch.undo()
+    assert isinstance(sums, DirectResult)
+    assert isinstance(updated, DirectResult)
+    assert built == 0
+    assert _plain(sums) == expected
+    assert expected[0]["usd"] == Decimal("0.50")
+    assert _plain(some) == expected_some
+    assert none.all() == []
+    assert (updated.all(), updated.rowcount) == ([], 1)

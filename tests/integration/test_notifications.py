@@ -5,6 +5,7 @@ listening connection was killed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -82,3 +83,28 @@ def test_without_postgresql_there_is_nothing_to_hear(sqlite_url: str) -> None:
         assert not listening.enabled
         assert listening.backend_pid is None
         assert listening.wait(0.01) == []
+
+
+def test_a_task_tells_the_leader_in_one_statement_without_a_transaction(
+    pg_engine: Engine, listener: EventListener
+) -> None:
+    """A task whose tick leader runs in another process tells it over the database once its step
+    has committed: one ``pg_notify`` in autocommit (no ``BEGIN``/``COMMIT`` round trips of a unit of
+    work of its own), heard by the leader's listener; the pooled connection goes back to
+    transactions for the next unit of work."""
+    from sqlalchemy import event, text
+
+    from worker.tasks import _notifier
+
+    statuses: list[tuple[str, psycopg.pq.TransactionStatus]] = []
+
+    @event.listens_for(pg_engine, "after_cursor_execute")
+    def _status(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        statuses.append((statement.split("(")[0], conn.connection.dbapi_connection.info.transaction_status))
+
+    _notifier(pg_engine)("submitted", "job-7")
+    assert listener.wait(PATIENCE) == ["submitted:job-7"]
+    with session_scope(pg_engine) as session:
+        session.execute(text("SELECT 1"))
+    idle, in_transaction = psycopg.pq.TransactionStatus.IDLE, psycopg.pq.TransactionStatus.INTRANS
+    assert statuses == [("SELECT pg_notify", idle), ("SELECT 1", in_transaction)]
