@@ -7,6 +7,7 @@ index and id), never from a name the provider supplied, so no response can steer
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -49,6 +50,7 @@ def _kept(char: str) -> bool:
     return char in "._-" or unicodedata.category(char)[0] in "LMN"
 
 
+@functools.lru_cache(maxsize=256)
 def slug(name: str) -> str:
     """A file-system-safe, non-empty, readable form of a batch name.
 
@@ -57,6 +59,8 @@ def slug(name: str) -> str:
     one ``-``. No separators, no leading dots or dashes, at most :data:`SLUG_MAX_CHARS`
     characters and :data:`SLUG_MAX_BYTES` bytes of UTF-8 (cut on a character boundary). An
     ASCII name gets the very folder it always got, so existing batches keep theirs.
+
+    Kept per name (a pure function of it): every download of a batch asks for its folder.
     """
     parts: list[str] = []
     for char in batch_name(name):

@@ -95,11 +95,14 @@ class _Direct:
     gives none), once per set of codes."""
 
     __slots__ = (
+        "defaults",
         "dialect",
         "elements",
         "expanding",
+        "names",
         "params",
         "parts",
+        "plain",
         "results_for",
         "row_type",
         "sql",
@@ -125,6 +128,14 @@ class _Direct:
             if bind.expanding:
                 self.elements.append(_element_mark(compiled, bind, mark))
         self.expanding = any(p[4] for p in self.params)
+        #: When no parameter expands (a move, its event row: :meth:`arguments`' common case): the
+        #: names that must be given, the others' values (the statement's own literals, ``+ 1``),
+        #: and (name, processor) in positional order.
+        self.names = frozenset(p[0] for p in self.params if p[2])
+        self.defaults = {key: default for key, _, required, default, _ in self.params if not required}
+        self.plain: list[tuple[str, Any]] | None = (
+            None if self.expanding else [(key, process) for key, process, *_ in self.params]
+        )
         # The SQL between the expanding parameters' markers, in the order they appear.
         self.parts: list[str] = _POSTCOMPILE.split(self.sql)[::2] if self.expanding else []
         self.sql_for: dict[tuple[int, ...], str] = {}
@@ -169,7 +180,12 @@ class _Direct:
     def arguments(self, params: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
         """The SQL and the positional arguments for ``params``."""
         given = params or {}
-        args: list[Any] = []
+        if self.plain is not None and given.keys() >= self.names:
+            # none expands and none is missing: one list built at once, not an append per value
+            known = {**self.defaults, **given}
+            args = [known[key] if process is None else process(known[key]) for key, process in self.plain]
+            return self.sql, args
+        args = []
         lengths: list[int] = []
         for key, process, required, default, expanding in self.params:
             if key in given:
