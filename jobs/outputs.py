@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from jobs.batch_names import batch_name
 from jobs.errors import WanbatchError
 from jobs.fs import file_mode, name_problem, shown_path
@@ -328,7 +330,23 @@ def sidecar_json(data: dict[str, Any]) -> str:
     return _strict_json(storable_json(data))
 
 
+#: orjson's options that write what ``json.dumps(indent=2, default=str, ensure_ascii=False)``
+#: writes, byte for byte but for an exponent's leading zero (``1e-7``, not ``1e-07``): datetimes
+#: and dataclasses go to ``default`` (``str``) as there, not orjson's own forms
+#: (https://github.com/ijl/orjson#option).
+_ORJSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
 def _strict_json(data: Any) -> str:
+    """The sidecar's text. With ``indent`` the standard library encodes in pure Python (its C
+    encoder is for compact output only): about 760 Python calls a sidecar, a twentieth of a
+    job's. orjson writes the same text in C. It writes a non-finite float as ``null``, which is
+    what :func:`sidecar_json` makes of one; what it refuses (a key that is not a string, an
+    integer beyond 64 bits, a lone surrogate) goes to the standard encoder, as before."""
+    try:
+        return orjson.dumps(data, default=str, option=_ORJSON_OPTIONS).decode() + "\n"
+    except (orjson.JSONEncodeError, TypeError):
+        pass
     return json.dumps(data, indent=2, default=str, ensure_ascii=False, allow_nan=False) + "\n"
 
 

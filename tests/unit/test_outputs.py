@@ -294,3 +294,50 @@ def test_a_listing_older_than_the_relist_age_is_dropped(tmp_path: Path) -> None:
     outputs._partials_in(new, 0.05)
     assert set(outputs._PARTIALS) == {new}
     outputs._PARTIALS.clear()
+
+
+def test_a_sidecar_is_the_standard_encoders_text_written_in_c() -> None:
+    """orjson writes the sidecar (the standard encoder is pure Python with ``indent``): the text
+    is byte for byte what ``json.dumps(indent=2, default=str, ensure_ascii=False)`` writes (but
+    for an exponent's leading zero: ``1e-7``, not ``1e-07``; the same number to any reader), a
+    non-finite float is ``null`` as before, and what orjson refuses (an integer key, an integer
+    beyond 64 bits, a lone surrogate) still comes out as the standard encoder writes it."""
+    import datetime
+    import decimal
+    import sys
+
+    record: dict[str, Any] = {
+        "job_id": "01J0000000000000000000000",
+        "input": {"prompt": 'Crème brûlée\n\u2028\x01 "quoted" / ✓', "seed": 42, "num_frames": 81},
+        "seed": 2**31 - 1,
+        "cost_usd": decimal.Decimal("0.20"),
+        "finished_at": datetime.datetime(2026, 12, 6, 8, 0, tzinfo=datetime.UTC),
+        "floats": [0.1, 1.5e16, -0.0, 24.0, 5.041666666666667],
+        "empty": [{}, []],
+        "flag": True,
+        "none": None,
+    }
+    expected = json.dumps(record, indent=2, default=str, ensure_ascii=False) + "\n"
+    assert outputs.sidecar_json(record) == expected
+    assert json.loads(outputs.sidecar_json({"tiny": 1e-7})) == {"tiny": 1e-7}
+
+    with_nan = {"input": {"a": 1}, "x": float("nan"), "y": float("-inf")}
+    assert json.loads(outputs.sidecar_json(with_nan)) == {"input": {"a": 1}, "x": None, "y": None}
+
+    refusals: list[dict[Any, Any]] = [{1: "int key"}, {"big": 2**70}, {"s": "\ud800"}]
+    for refused in refusals:
+        assert outputs.sidecar_json(refused) == json.dumps(refused, indent=2, ensure_ascii=False) + "\n"
+
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    sys.setprofile(count)
+    try:
+        outputs.sidecar_json(record)
+    finally:
+        sys.setprofile(None)
+    assert calls < 20, calls  # the pure-Python encoder made hundreds
