@@ -279,7 +279,8 @@ for _command in (
 
 
 def install_key_redaction() -> bool:
-    """Redact FAL_KEY from every log record of this process (and of the workers it forks).
+    """Redact FAL_KEY from every log record of this process (and of the workers it forks), and
+    FAL_KEY_SECRET's value, whether or not it makes the key (:meth:`FalSettings.secrets`).
 
     Returns whether a key was configured. Bad configuration is left for the command to report.
     """
@@ -287,14 +288,15 @@ def install_key_redaction() -> bool:
     from jobs.settings import get_settings
 
     try:
-        key = get_settings().fal_key
+        secrets = get_settings().secrets()
     except WanbatchError:
         return False
-    if key is None or not key.get_secret_value():
+    if not secrets:
         return False
     from worker.fal.redact import install_redaction
 
-    install_redaction(key.get_secret_value())
+    for secret in secrets:
+        install_redaction(secret)
     return True
 
 

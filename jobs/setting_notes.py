@@ -29,7 +29,7 @@ class SettingNote:
 
 #: The contract's variables (CONTRACT.md "Configuration"), in its order.
 CONTRACT_SETTINGS: tuple[SettingNote, ...] = (
-    SettingNote("FAL_KEY", "fal API key; `--simulate` needs none", "none"),
+    SettingNote("FAL_KEY", "fal API key (or FAL_KEY_ID + FAL_KEY_SECRET); `--simulate` needs none", "none"),
     SettingNote(
         "WANBATCH_DATABASE_URL",
         "database URL (sqlite:/// or postgresql://)",

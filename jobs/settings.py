@@ -1,4 +1,4 @@
-"""Typed settings, read once from ``WANBATCH_*`` variables (and ``FAL_KEY``), grouped by subsystem.
+"""Typed settings, read once from ``WANBATCH_*`` variables (and fal's key), grouped by subsystem.
 
 Each subsystem has a section — :class:`FalSettings`, :class:`DatabaseSettings`,
 :class:`BrokerSettings`, :class:`TickSettings`, :class:`LimitSettings`,
@@ -11,13 +11,15 @@ never comes from ``os.environ`` scattered through the code: :func:`get_settings`
 and only the edges (the CLI commands, the worker bootstrap, the tasks' runtime) call it.
 
 ``FAL_KEY`` is a :class:`pydantic.SecretStr`: its ``repr``/``str`` print ``**********``, so a
-settings object can be logged without leaking the key.
+settings object can be logged without leaking the key. When it is unset, ``FAL_KEY_ID`` and
+``FAL_KEY_SECRET`` make it, as fal_client reads them (:func:`_key_in_use`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -54,6 +56,8 @@ from jobs.endpoints import get_endpoint, known_endpoint_ids
 from jobs.errors import ConfigError
 from jobs.key_forms import MIN_KEY_LENGTH, contains_key
 from jobs.money import MAX_USD
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path(".wanbatch")
 
@@ -137,7 +141,11 @@ DOWNLOAD_PROXY_FROM_ENV = "env"
 
 
 #: The variables read without the ``WANBATCH_`` prefix: fal's and the AWS SDK's own names.
-_UNPREFIXED = frozenset({"FAL_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"})
+_UNPREFIXED = frozenset(
+    {"FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"}
+)
+#: The variables that make up the fal key, read as fal_client reads them (:func:`_key_in_use`).
+_KEY_VARIABLES = frozenset({"fal_key", "fal_key_id", "fal_key_secret"})
 
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:
@@ -509,23 +517,88 @@ def settings_holding_key(data: Mapping[str, Any]) -> list[str]:
     wanbatch sends the key as an ``Authorization`` header only. Written into a URL (a queue URL's
     password, path or query, a webhook path, a Redis URL's query) or a folder, it went wherever
     that setting goes: printed by ``doctor`` and by one-line errors, stored with every request's
-    status and result URLs. A key under :data:`jobs.key_forms.MIN_KEY_LENGTH` characters is never
-    found (too short to tell from ordinary text), so a test key such as ``k3y`` refuses nothing.
+    status and result URLs. ``FAL_KEY_SECRET``'s value is looked for too, whether or not it makes
+    the key in use (:func:`_key_in_use`): it is a secret either way. A key under
+    :data:`jobs.key_forms.MIN_KEY_LENGTH` characters is never found (too short to tell from
+    ordinary text), so a test key such as ``k3y`` refuses nothing.
     """
-    raw = data.get("FAL_KEY", data.get("fal_key"))
-    key = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
-    if not isinstance(key, str) or len(key.strip()) < MIN_KEY_LENGTH:
+    keys = [
+        key.strip()
+        for key in (_raw_text(data, "FAL_KEY"), _raw_text(data, "FAL_KEY_SECRET"))
+        if key is not None and len(key.strip()) >= MIN_KEY_LENGTH
+    ]
+    if not keys:
         return []
-    key = key.strip()
     names: list[str] = []
     for field, value in data.items():
-        if str(field).lower() == "fal_key":
+        if str(field).lower() in _KEY_VARIABLES:
             continue
-        if any(contains_key(text, key) for text in _texts(value)):
+        if any(contains_key(text, key) for text in _texts(value) for key in keys):
             name = _setting_name((_FROM_VARIABLE.get(str(field), str(field)),))
             if name not in names:
                 names.append(name)
     return names
+
+
+def _raw_text(data: Mapping[str, Any], name: str) -> str | None:
+    """The variable ``name``'s value in ``data`` (the settings as read: by the variable's name, or
+    the field's), as text; None when it is unset or no text."""
+    raw = data.get(name, data.get(name.lower()))
+    value = raw.get_secret_value() if isinstance(raw, SecretStr) else raw
+    return value if isinstance(value, str) else None
+
+
+#: Quotes, which no fal key holds: one at either end of a key is a ``.env`` file's quoting
+#: kept as part of the value (``docker run --env-file`` takes ``FAL_KEY="…"`` literally).
+_QUOTES = "\"'"
+
+
+def clean_key_text(value: str) -> str | None:
+    """A fal key (or its id or secret half) as typed: without the whitespace a copy-paste or a
+    ``.env`` with CRLF endings leaves around it, None when nothing is left; ValueError, never
+    holding the key, for a key wrapped in quotes or with whitespace or control characters inside.
+
+    Sent as is, a quoted key is refused by fal (HTTP 401, which paused the batch saying only that
+    the key was rejected), and one with a control character inside makes httpx refuse every
+    request header — which used to look like an ambiguous submit."""
+    key = value.strip()
+    if not key:
+        return None
+    if key[0] in _QUOTES or key[-1] in _QUOTES:
+        raise ValueError(
+            "the value is wrapped in quotes (it starts or ends with \" or '), which are no part of "
+            "a fal key: a .env file read by `docker run --env-file` (or `env $(cat .env)`) keeps "
+            "them; write the key without quotes"
+        )
+    if any(not ("!" <= ch <= "~") for ch in key):
+        raise ValueError(
+            "the key contains spaces, control or non-ASCII characters inside it; "
+            "copy it again from https://fal.ai/dashboard/keys"
+        )
+    return key
+
+
+def _key_in_use(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with FAL_KEY set as fal_client sets the key it sends
+    (``fal_client.auth._resolve_env_or_colab_auth``): FAL_KEY when it is set (not blank);
+    otherwise, when FAL_KEY_ID and FAL_KEY_SECRET are both set, ``FAL_KEY_ID:FAL_KEY_SECRET``;
+    otherwise none. Every use of the key (the header, its id, every redaction, the checks that
+    no other setting holds it) then reads that one value. A part of the pair wrapped in quotes
+    or with spaces inside is refused as FAL_KEY would be, naming its variable."""
+    fal_key = _raw_text(data, "FAL_KEY")
+    if fal_key is not None and fal_key.strip():
+        return data
+    parts: list[str] = []
+    for name in ("FAL_KEY_ID", "FAL_KEY_SECRET"):
+        raw = _raw_text(data, name)
+        try:
+            part = clean_key_text(raw) if raw is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration: {name}: {exc}") from None
+        if part is None:
+            return data
+        parts.append(part)
+    return {**{k: v for k, v in data.items() if str(k).lower() != "fal_key"}, "FAL_KEY": ":".join(parts)}
 
 
 def _texts(value: object, depth: int = 0) -> list[str]:
@@ -548,6 +621,11 @@ class FalSettings(_Section):
     """Where fal is, the key that pays for it, and how long to wait for it."""
 
     fal_key: SecretStr | None = Field(default=None, validation_alias="FAL_KEY")
+    #: fal_client's other way to give the key, as two variables: used when FAL_KEY is unset
+    #: (:func:`_key_in_use`, which makes ``fal_key`` of them); kept here to say which one is
+    #: missing, and to mask the secret wherever FAL_KEY is masked.
+    fal_key_id: str | None = Field(default=None, validation_alias="FAL_KEY_ID")
+    fal_key_secret: SecretStr | None = Field(default=None, validation_alias="FAL_KEY_SECRET")
     fal_queue_url: str = "https://queue.fal.run"
     fal_rest_url: str = "https://rest.fal.ai"
     connect_timeout: _Seconds = 10.0
@@ -584,32 +662,40 @@ class FalSettings(_Section):
     @field_validator("fal_key", mode="before")
     @classmethod
     def _clean_key(cls, value: object) -> object:
-        """Strip the whitespace a copy-paste or a ``.env`` with CRLF endings leaves around the key,
-        and refuse one with whitespace or control characters inside: sent as is, such a key
-        makes httpx refuse every request header — which used to look like an ambiguous submit.
-        The message never contains the key."""
+        """The key without surrounding whitespace (:func:`clean_key_text`: a key wrapped in quotes,
+        or with whitespace or control characters inside, is refused). The message never contains
+        the key."""
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         if not isinstance(value, str):
             return value
-        key = value.strip()
-        if not key:
-            return None
-        if any(not ("!" <= ch <= "~") for ch in key):
-            raise ValueError(
-                "the key contains spaces, control or non-ASCII characters inside it; "
-                "copy it again from https://fal.ai/dashboard/keys"
-            )
-        return key
+        return clean_key_text(value)
+
+    @field_validator("fal_key_id", "fal_key_secret", mode="before")
+    @classmethod
+    def _strip_key_part(cls, value: object) -> object:
+        """FAL_KEY_ID and FAL_KEY_SECRET without surrounding whitespace; blank is unset. Only
+        stripped here: when they make the key, :func:`_key_in_use` has checked them already, and
+        when FAL_KEY is set fal_client does not read them either."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        return value.strip() or None
 
     @model_validator(mode="before")
     @classmethod
     def _key_only_in_fal_key(cls, data: Any) -> Any:
-        """Refuse every other setting that holds FAL_KEY (:func:`settings_holding_key`).
+        """Take the key from FAL_KEY_ID and FAL_KEY_SECRET when FAL_KEY is unset
+        (:func:`_key_in_use`), then refuse every other setting that holds the key or
+        FAL_KEY_SECRET (:func:`settings_holding_key`).
 
         Before any field is validated: a field's own error may quote its value (an allowed
         host's entry, an endpoint's name), and that value would be the key."""
-        if isinstance(data, dict) and (names := settings_holding_key(data)):
+        if not isinstance(data, dict):
+            return data
+        data = _key_in_use(data)
+        if names := settings_holding_key(data):
             verb = "contains" if len(names) == 1 else "contain"
             raise ConfigError(
                 f"invalid configuration: {', '.join(names)} {verb} FAL_KEY: the key belongs in FAL_KEY "
@@ -618,13 +704,62 @@ class FalSettings(_Section):
         return data
 
     def require_fal_key(self) -> str:
-        """The key itself, for the one place that sends it; a clear error when it is unset."""
+        """The key itself, for the one place that sends it; a clear error when it is unset. A
+        key that is no ``<key id>:<key secret>`` is sent (the simulator takes any key) after one
+        warning line (:meth:`key_shape_problem`)."""
         if self.fal_key is None or not self.fal_key.get_secret_value():
-            raise ConfigError(
-                "FAL_KEY is not set: export FAL_KEY=<your fal API key>, or use the bundled simulator "
-                "(`--simulate`: wanbatch run --simulate …, rerun --simulate …), which needs no key"
+            raise ConfigError(f"FAL_KEY is not set{self._half_a_pair()}: {NO_KEY_HINT}")
+        key = self.fal_key.get_secret_value()
+        problem = self.key_shape_problem()
+        if problem and key not in _shape_warned:
+            _shape_warned.add(key)
+            log.warning(
+                "%s: sent as it is (a simulator or a gateway may take any key), but fal will refuse it "
+                "(HTTP 401)",
+                problem,
+                extra={"event": "config.key_shape"},
             )
-        return self.fal_key.get_secret_value()
+        return key
+
+    def _half_a_pair(self) -> str:
+        """`` (FAL_KEY_ID is set, FAL_KEY_SECRET is not: …)`` when only one of the pair is set."""
+        secret = self.fal_key_secret is not None and bool(self.fal_key_secret.get_secret_value())
+        if bool(self.fal_key_id) == secret:
+            return ""
+        have, lack = ("FAL_KEY_ID", "FAL_KEY_SECRET") if self.fal_key_id else ("FAL_KEY_SECRET", "FAL_KEY_ID")
+        return f" ({have} is set, {lack} is not: the pair makes the key only together)"
+
+    def key_shape_problem(self) -> str | None:
+        """What is wrong with the key's shape, in words that never hold the key, or None. fal's
+        keys are ``<key id>:<key secret>``; one without ``:`` is refused by fal (HTTP 401), yet
+        the simulator takes any key: said (:meth:`require_fal_key`, and with fal's 401), not
+        refused. The bundled simulator's placeholder (:data:`SIMULATOR_KEYS`) is no mistake."""
+        key = self.fal_key.get_secret_value() if self.fal_key is not None else ""
+        if not key or ":" in key or key in SIMULATOR_KEYS:
+            return None
+        return (
+            f"FAL_KEY has no ':' ({len(key)} characters), where fal's keys are <key id>:<key secret>, "
+            "as https://fal.ai/dashboard/keys shows them"
+        )
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of fal's these settings hold, for the redactions: the key in use, and
+        FAL_KEY_SECRET's value when it is set (also when FAL_KEY, set as well, is the key in use)."""
+        values = [s.get_secret_value() for s in (self.fal_key, self.fal_key_secret) if s is not None]
+        return tuple(dict.fromkeys(v for v in values if v))
+
+
+#: How to go on without a key (after "FAL_KEY is not set").
+NO_KEY_HINT = (
+    "export FAL_KEY=<your fal API key>, or use the bundled simulator "
+    "(`--simulate`: wanbatch run --simulate …, rerun --simulate …), which needs no key"
+)
+#: The placeholder keys sent to the bundled simulator, which takes any key: what ``--simulate``
+#: sends (``cli.batch_commands.SIMULATOR_KEY``) and docker-compose.yml's ``FAL_KEY`` default. No
+#: ``<key id>:<key secret>``, and nothing to warn about (:meth:`FalSettings.key_shape_problem`).
+SIMULATOR_KEYS = frozenset({"simulator-key"})
+#: The keys :meth:`FalSettings.require_fal_key` has warned about (once per key and process).
+_shape_warned: set[str] = set()
 
 
 #: Where SQLAlchemy's URL parser (``sqlalchemy.engine.url.make_url``, whose pattern this is)

@@ -600,8 +600,11 @@ def check_provider(settings: Settings) -> Check:
     code = answer.status_code
     said = _detail(answer, key)
     if code == 401:
+        shape = settings.key_shape_problem()  # fal's 401 says only "rejected": say what is odd
         return _fail(
-            name, f"{base} refused the key (401{said})", f"check FAL_KEY: a valid key from {KEYS_URL}"
+            name,
+            f"{base} refused the key (401{said})",
+            f"check FAL_KEY: a valid key from {KEYS_URL}" + (f" ({shape})" if shape else ""),
         )
     if code == 403:
         return _fail(

@@ -137,12 +137,12 @@ def wait_for(
 
 def subprocess_env(sim_url: str, database_url: str | None = None, **settings: str) -> dict[str, str]:
     """The environment of a ``wanbatch`` subprocess: this process's, without any ``WANBATCH_*``
-    or ``FAL_KEY`` of its own, plus the test's database (``database_url``, else the one the
-    ``e2e_env`` fixture set) and outputs, the simulator at ``sim_url``, the tests' ``FAL_KEY``,
-    unbuffered output and fast timing. ``settings`` are set last, named without their
-    ``WANBATCH_`` prefix: ``subprocess_env(url, MAX_OUTSTANDING="3")`` sets
-    ``WANBATCH_MAX_OUTSTANDING=3``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
+    or ``FAL_KEY*`` of its own (``FAL_KEY_ID`` and ``FAL_KEY_SECRET`` make a key too), plus the
+    test's database (``database_url``, else the one the ``e2e_env`` fixture set) and outputs,
+    the simulator at ``sim_url``, the tests' ``FAL_KEY``, unbuffered output and fast timing.
+    ``settings`` are set last, named without their ``WANBATCH_`` prefix:
+    ``subprocess_env(url, MAX_OUTSTANDING="3")`` sets ``WANBATCH_MAX_OUTSTANDING=3``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WANBATCH_", "FAL_KEY"))}
     wanbatch_settings = {
         "DATABASE_URL": database_url if database_url is not None else os.environ["WANBATCH_DATABASE_URL"],
         "OUTPUT_DIR": os.environ["WANBATCH_OUTPUT_DIR"],
