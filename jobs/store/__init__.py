@@ -50,6 +50,7 @@ A part imports only the parts below it (no cycle), so a test that replaces a nam
 calls itself patches it in the part that calls it (``monkeypatch.setattr(store.leases, …)``).
 """
 
+from jobs.store.batches import ACCOUNT_PAUSE_MARK as ACCOUNT_PAUSE_MARK
 from jobs.store.batches import ID_CHARS as ID_CHARS
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
@@ -62,6 +63,7 @@ from jobs.store.batches import (
     list_batches,
     lock_batch,
     name_for_batch,
+    pause_for_refusal,
     reruns_follow,
     resume_after_outputs_stored,
     resume_batch,
@@ -463,6 +465,7 @@ __all__ = [
     "note_window_duplicate",
     "owners_last_seen",
     "pacing_peers",
+    "pause_for_refusal",
     "pin_account",
     "pinned_account",
     "record_duplicate_charge",

@@ -363,6 +363,41 @@ def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: 
     )
 
 
+#: What the reason of every pause for fal's refusal of the key or the account holds
+#: (:func:`worker.steps.failures.pause_for_account`): how :func:`pause_for_refusal` tells a
+#: repeat of that pause from a change.
+ACCOUNT_PAUSE_MARK = " (the key or the account; "
+
+
+def pause_for_refusal(session: Session, batch_id: str, reason: str) -> bool:
+    """Pause a batch because fal refused the key or the account, ``reason`` holding
+    :data:`ACCOUNT_PAUSE_MARK`; True when that changed the batch: it was active, or paused for
+    something else (``wanbatch pause``, its outputs). A batch already paused for such a refusal
+    only takes the newer reason (False): every call a revoked key sends is refused alike, and
+    the pause is news once. A cancelled batch stays cancelled (False).
+
+    One statement decides, so of several workers refused at once only one is told it changed
+    the batch (PostgreSQL re-checks the condition on the row another transaction just updated)."""
+    changed = session.execute(
+        update(Batch)
+        .where(
+            Batch.id == batch_id,
+            Batch.state != BatchState.CANCELLED,
+            or_(
+                Batch.state != BatchState.PAUSED,
+                Batch.pause_reason.is_(None),
+                ~Batch.pause_reason.contains(ACCOUNT_PAUSE_MARK, autoescape=True),
+            ),
+        )
+        .values(state=BatchState.PAUSED, pause_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+    if cast("CursorResult[Any]", changed).rowcount:
+        return True
+    set_batch_state(session, batch_id, BatchState.PAUSED, reason=reason)
+    return False
+
+
 def resume_batch(session: Session, batch_id: str) -> bool:
     """The user says "go on" (runs or submits a paused batch again): the batch is active again,
     and its downloads waiting for a retry are due at once — those a full disk held back

@@ -187,7 +187,7 @@ def _download(rt: Runtime, job_id: str) -> str:
             store.release_lease(
                 session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_max_interval)
             )
-        log.warning(
+        log.debug(  # the pause itself is said once, by pause_for_account
             "job %s: result refused for the account; batch paused: %s",
             job_id,
             reason,

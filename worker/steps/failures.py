@@ -16,7 +16,7 @@ from jobs import billing, db, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
 from jobs.media import MediaKind, classify
-from jobs.models import BatchState, Job, JobView, utcnow
+from jobs.models import Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
 from jobs.processes import process_prefix
 from jobs.settings import RetrySettings, Settings
@@ -550,12 +550,22 @@ def pause_for_account(session: Session, rt: Runtime, batch_id: str, exc: Account
     The reason names the process that heard the refusal (``host:pid``) and the id of the key it
     sent (:func:`~worker.limits.api_key_id`): with several workers, one given a wrong ``FAL_KEY``
     pauses every batch it touches, and the operator must find that one, not doubt a good key.
+    fal's 401 for a key that is no ``<key id>:<key secret>`` adds what is wrong with its shape.
+
+    Said once, as a warning, when the batch's state changes (:func:`jobs.store.pause_for_refusal`);
+    the refusals of the calls after it (every job's submit, status and result is refused alike)
+    at debug level only.
     """
     # `status` adds how to go on once it is fixed
-    reason = f"{exc} (the key or the account; {refused_by(rt)})"
-    store.set_batch_state(session, batch_id, BatchState.PAUSED, reason=reason)
-    log.warning(
-        "batch %s paused: %s",
+    reason = f"{exc}{store.ACCOUNT_PAUSE_MARK}{refused_by(rt)})"
+    if exc.status_code == 401 and (shape := rt.settings.key_shape_problem()):
+        reason += f"; {shape}"  # fal's 401 says only "rejected": say what is wrong with the key
+    changed = store.pause_for_refusal(session, batch_id, reason)
+    # Every call a revoked key sends is refused alike: the pause is news once per batch, each
+    # refusal after it only for debugging.
+    log.log(
+        logging.WARNING if changed else logging.DEBUG,
+        "batch %s paused: %s" if changed else "batch %s still paused: %s",
         batch_id,
         reason,
         extra={"event": "batch.account_refused", "batch_id": batch_id},

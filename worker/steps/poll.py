@@ -121,7 +121,7 @@ def poll(
                 if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:  # not the sender's account
                     _not_ours(rt, fence, handle, sent, exc)
                     continue
-                log.warning(
+                log.debug(  # the pause itself is said once, by pause_for_account
                     "job %s: status refused for the account (%s); batch paused",
                     job_id,
                     exc,
