@@ -59,6 +59,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     inspect,
     select,
     table,
@@ -1800,7 +1801,7 @@ def _migrations_dir() -> Path:
 #: The newest migration (``migrations/versions``). A database already there is used without
 #: loading Alembic and every migration script, a third of a second of each command's start;
 #: ``tests/integration/test_migrations.py`` keeps this equal to Alembic's own head.
-SCHEMA_HEAD = "0045"
+SCHEMA_HEAD = "0046"
 
 
 def alembic_config() -> Config:
@@ -2149,7 +2150,8 @@ def _create_from_models(engine: Engine) -> bool:
     (:func:`_extension_tables`) do not count. A database with tables of
     its own was refused before (:func:`_require_own`): read outside the lock, the tables seen are
     committed ones, and wanbatch creates its own with their revision in one transaction."""
-    from jobs.models import Base
+    from jobs.models import Base, InstanceSecret
+    from jobs.store.instance_secrets import WEBHOOK_SECRET, new_secret_value
 
     with engine.connect() as conn:
         _lock_schema(conn)
@@ -2159,6 +2161,10 @@ def _create_from_models(engine: Engine) -> bool:
         Base.metadata.create_all(conn)
         _ALEMBIC_VERSION.create(conn)
         conn.execute(_ALEMBIC_VERSION.insert().values(version_num=SCHEMA_HEAD))
+        # The webhook secret now, as migration 0046 makes it for a database upgraded: every backup
+        # then holds the secret its webhook tokens are keyed by (jobs.store.WEBHOOK_SECRET).
+        made = {"name": WEBHOOK_SECRET, "value": new_secret_value(), "created_at": clock.utcnow()}
+        conn.execute(insert(InstanceSecret).values(**made))
         conn.commit()
     return True
 

@@ -147,7 +147,12 @@ from jobs.store.heartbeats import (
     workers_last_beat,
 )
 from jobs.store.held import held_job_ids, hold_submissions, release_held
-from jobs.store.instance_secrets import instance_secret, instance_secret_if_made
+from jobs.store.instance_secrets import (
+    WEBHOOK_SECRET,
+    instance_secret,
+    instance_secret_if_made,
+    new_secret_value,
+)
 from jobs.store.leases import (
     LeaseHolder,
     ReleasedLeases,
@@ -229,11 +234,13 @@ from jobs.store.proofs import (
     adopt_earlier_proof,
     adopt_late_proof,
     adopt_own_proof,
+    adopt_restored_proof,
     adopt_unknown_cancelled,
     adopt_window_proof,
     earlier_proof_adoptable,
     note_window_duplicate,
     resend_unsent,
+    restored_proof_adoptable,
     sent_attempts,
     stored_proof,
     unknown_cancel_adoptable,
@@ -335,6 +342,7 @@ __all__ = [
     "HEARTBEAT_KEPT",
     "PROVABLE_FAILURES",
     "UPLOAD_REUSE",
+    "WEBHOOK_SECRET",
     "WINDOW_DUPLICATE",
     "BatchCost",
     "BatchMoney",
@@ -367,6 +375,7 @@ __all__ = [
     "adopt_own_proof",
     "adopt_request",
     "adopt_requests_sent_elsewhere",
+    "adopt_restored_proof",
     "adopt_unknown_cancelled",
     "adopt_window_proof",
     "batch_committed_usd",
@@ -458,6 +467,7 @@ __all__ = [
     "mark_submitting",
     "mark_succeeded",
     "name_for_batch",
+    "new_secret_value",
     "note_duplicate_charge",
     "note_handed_on",
     "note_held_request",
@@ -483,6 +493,7 @@ __all__ = [
     "reruns_follow",
     "resend_unsent",
     "reserved_usd",
+    "restored_proof_adoptable",
     "resume_after_outputs_stored",
     "resume_batch",
     "retry_later",

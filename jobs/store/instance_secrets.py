@@ -1,7 +1,9 @@
-"""The database's secrets, made once by whichever process asks first."""
+"""The database's secrets, made once by whichever process asks first (the webhook secret also
+when the database is created or upgraded: :data:`WEBHOOK_SECRET`)."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from sqlalchemy import select
@@ -9,6 +11,18 @@ from sqlalchemy.orm import Session
 
 from jobs.models import InstanceSecret, utcnow
 from jobs.store.core import _dialect_insert
+
+#: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens
+#: (``worker.steps.webhooks.binding_token``). Made when the database is created
+#: (``jobs.db._create_from_models``) or upgraded (migration 0046), so that every backup of it
+#: holds the secret its webhook tokens were minted under; a database restored from a backup that
+#: lacked it would mint another, and refuse every late delivery of the submits made before.
+WEBHOOK_SECRET = "webhook"  # noqa: S105 - the secret's name, not a secret
+
+
+def new_secret_value() -> str:
+    """A new random secret as stored: 32 random bytes in hex."""
+    return secrets.token_hex(32)
 
 
 def instance_secret(session: Session, name: str, make: Callable[[], str]) -> str:

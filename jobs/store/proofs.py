@@ -755,6 +755,79 @@ def adopt_earlier_proof(
     )
 
 
+def restored_proof_adoptable(job: Any, attempt: int) -> bool:
+    """Whether a proof of ``job``'s ``attempt`` (a :class:`~jobs.models.Job` or a row of its
+    columns) shows the database is behind fal: ``attempt`` is one the database never recorded
+    as sent (greater than :func:`sent_attempts`), yet the delivery's token holds for it, and
+    a token is only ever minted for a submit about to be recorded as sent. Only a database
+    restored from an older backup (or a copy of one) gets there: the submit that sent the
+    attempt was recorded in the database as it was later, which the backup does not hold.
+
+    Only a job with no request of its own that this database would send (again) qualifies:
+    ``pending``, ``retry_wait`` or ``submitting`` before its POST is recorded as sent (a
+    dispatcher claimed it right now: its send, fenced by version, then finds the job moved),
+    no output. A request id it keeps is an ended one's (:func:`earlier_proof_adoptable`).
+    ``submitting`` with its POST recorded, ``submit_unknown`` and every later state are left
+    to the other cases: a request of theirs may be live at fal."""
+    state = JobState(job.state)
+    if state not in _RESEND_WAITS or job.output_path is not None:
+        return False
+    if state == JobState.SUBMITTING and job.submitted_input is not None:
+        return False  # its POST is out: the proof of its attempt is that POST's, or a duplicate
+    return attempt > sent_attempts(job)
+
+
+def adopt_restored_proof(
+    session: Session,
+    fence: Fence,
+    *,
+    request_id: str,
+    gateway_request_id: str | None,
+    attempt: int,
+    next_poll_at: datetime,
+    submitted_at: datetime,
+    reason: str,
+    **fetched: Any,
+) -> bool:
+    """``pending``/``retry_wait``/``submitting`` → ``queued``: fal's signed webhook, its token
+    valid for ``attempt``, proves that fal accepted ``attempt`` as ``request_id``, an attempt
+    this database never recorded as sent (:func:`restored_proof_adoptable`): the database was
+    restored from a backup older than the submit. The job keeps the proved request and goes on as
+    any adopted request does (polled, its video fetched; ``fetched``: what a success's webhook
+    carries of fal's result): it is never sent again, so nothing is paid twice.
+
+    The attempts catch up with fal's (``attempt``), ``submitted_at`` and ``sent_at`` become
+    ``submitted_at`` (when the proof came: the send itself was recorded only in the database as
+    it was later), no resend is pending any more. A resend of an unknown submit that was pending
+    in the backup (``resend_attempt``) went out if ``attempt`` is it or later: counted as a
+    possible duplicate charge, as its send would have been (:func:`record_send`); the earlier
+    attempt's "possibly billed" estimate stays. A submit step that claimed the job loses its
+    lease, and its send (fenced by version) finds the job moved and sends nothing. The row is
+    locked first. False when the job does not qualify or moved on (compare-and-set on
+    ``fence``)."""
+    if fence.state not in _RESEND_WAITS:
+        return False
+    found = _locked_unmoved(session, fence)
+    if found is None or not restored_proof_adoptable(found, attempt):
+        return False
+    adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    adopted["ambiguous_usd"] = found.ambiguous_usd  # no unknown submit of this database is proved
+    if found.resend_attempt is not None and attempt >= found.resend_attempt:
+        adopted["possible_duplicate_charges"] = found.possible_duplicate_charges + 1
+    return _move(
+        session,
+        fence,
+        JobState.QUEUED,
+        reason,
+        attempts=attempt,
+        resend_attempt=None,
+        submitted_at=submitted_at,
+        sent_at=submitted_at,
+        **adopted,
+        **fetched,
+    )
+
+
 def unknown_cancel_adoptable(session: Session, job: Any, attempt: int) -> bool:
     """Whether ``job`` (a :class:`~jobs.models.Job` or a row of its columns) ended ``cancelled``
     (``wanbatch cancel``, the dashboard's, a deadline, a budget) while ``attempt``'s request was

@@ -263,6 +263,59 @@ def test_migration_0038_adds_the_clock_mark_table_and_takes_it_away(empty_engine
     assert drift(empty_engine) == []
 
 
+def _webhook_secret_row(engine: Engine) -> tuple[str, datetime] | None:
+    """The database's webhook secret as stored (value, when made), read through the models."""
+    from jobs import db, store
+    from jobs.models import InstanceSecret
+
+    with db.read_scope(engine) as session:
+        found = session.get(InstanceSecret, store.WEBHOOK_SECRET)
+        return None if found is None else (found.value, found.created_at)
+
+
+def test_migration_0046_makes_the_webhook_secret_so_every_backup_holds_it(empty_engine: Engine) -> None:
+    """Up to 0045 the webhook secret was made at the first webhook URL minted or checked, so a
+    backup taken before then lacked it (restored, every late webhook was refused 403). 0046
+    makes it if the database has none — a random one, read back as an aware time's row — and a
+    downgrade keeps it (the older version uses it as its own)."""
+    migrate(empty_engine, "0045", from_models=False)
+    assert _webhook_secret_row(empty_engine) is None
+    migrate(empty_engine, from_models=False)
+    made = _webhook_secret_row(empty_engine)
+    assert made is not None
+    assert len(bytes.fromhex(made[0])) == 32
+    assert made[1].tzinfo is not None
+    assert abs((datetime.now(UTC) - made[1]).total_seconds()) < 300
+    downgrade(empty_engine, "0045")
+    assert _webhook_secret_row(empty_engine) == made
+    migrate(empty_engine, from_models=False)
+    assert _webhook_secret_row(empty_engine) == made
+    assert drift(empty_engine) == []
+
+
+def test_migration_0046_keeps_a_webhook_secret_made_before(empty_engine: Engine) -> None:
+    """A database whose secret some process made already keeps it: the tokens of the requests
+    at fal are keyed by it."""
+    from jobs import db, store
+
+    migrate(empty_engine, "0045", from_models=False)
+    with db.session_scope(empty_engine) as session:
+        value = store.instance_secret(session, store.WEBHOOK_SECRET, store.new_secret_value)
+    migrate(empty_engine, from_models=False)
+    row = _webhook_secret_row(empty_engine)
+    assert row is not None
+    assert row[0] == value
+
+
+def test_a_new_database_holds_its_webhook_secret_from_the_start(empty_engine: Engine) -> None:
+    """A database created from the models (a new project's) has its webhook secret before any
+    process asks for it: a backup taken before the first run holds it."""
+    migrate(empty_engine)
+    made = _webhook_secret_row(empty_engine)
+    assert made is not None
+    assert len(bytes.fromhex(made[0])) == 32
+
+
 def test_migration_0040_adds_the_dashboard_session_revocations_and_takes_them_away(
     empty_engine: Engine,
 ) -> None:
@@ -832,7 +885,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(45, 14, -1)]  # 0045 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(46, 14, -1)]  # 0046 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -43,13 +44,14 @@ from jobs.models import BatchState, Job, WebhookDelivery, utcnow
 from jobs.rerun import rerun_batch
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
+from tests.conftest import _admin_execute
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from web.app import DELIVERY_NOT_STORABLE, MAX_BODY_BYTES, create_app
 from worker.fal.models import Status
 from worker.fal.webhooks import JwksKeys, JwksUnavailable, signed_message
 from worker.notifications import EventListener
 from worker.running import process_batch
-from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps import Runtime, dispatch, download, poll, submit, webhooks
 from worker.steps.accounts import signed_by_us, signer_of
 from worker.steps.context import handle_of
 from worker.steps.failures import cost_of_failure, settle, settle_unknown_submit
@@ -62,6 +64,7 @@ from worker.steps.webhooks import (
     ADOPTED_EARLIER,
     ADOPTED_LATE,
     ADOPTED_OWN,
+    ADOPTED_RESTORED,
     ADOPTED_UNKNOWN_CANCELLED,
     ADOPTED_WINDOW,
     DEFERRED,
@@ -925,6 +928,241 @@ def test_a_proof_of_an_earlier_attempt_is_kept_when_the_resend_ended_and_waits_t
     assert _post(client, signer, job, "req-second", attempt=2, ok=False) == 200  # its own end, late
     assert _outcomes(engine, "req-second") == ["ignored: an earlier request of the job"]
     assert _job(engine, job.batch_id).confirmed_duplicate_charges == 0
+
+
+def _restored(engine: Engine, settings: Settings, where: str) -> tuple[Job, store.Fence | None]:
+    """One job as a database restored from an older backup holds it, while fal holds a later
+    attempt of it sent before the restore: ``pending`` (never sent, per this database),
+    ``claimed`` by a dispatcher right now (``submitting`` attempt 1, its POST not recorded as
+    sent: the fence that step holds is returned), or ``retry_wait`` (attempt 1 went out as
+    ``req-1`` and failed retryably; attempt 2 is to be sent)."""
+    if where == "retry_wait":
+        job, held = _resend_ended_once(engine, settings), None
+        return job, held
+    batch_id = add_batch(engine, f"restored-{where}", [("fal-ai/wan-22", {"prompt": "a cat"})])
+    job, held = _job(engine, batch_id), None
+    if where == "claimed":
+        with db.session_scope(engine) as session:
+            fence = store.Fence.of(job, "sender")
+            assert store.mark_submitting(
+                session, fence, attempt=1, api_key_id="k", lease_expires_at=utcnow() + timedelta(seconds=60)
+            )
+            held = store.Fence(job.id, S.SUBMITTING, fence.version + 1, "sender")
+    return _job(engine, batch_id), held
+
+
+def _resend_ended_once(engine: Engine, settings: Settings) -> Job:
+    """One job whose attempt 1 fal accepted as ``req-1`` and failed retryably (unbilled):
+    ``retry_wait``, keeping ``req-1`` (ended)."""
+    job = _sent(engine, request_id="req-1", name="restored-retry")
+    now = utcnow()
+    with db.session_scope(engine) as session:
+        at_fal = store.get_job(session, job.id)
+        status = Status(state="COMPLETED", error="runner died", raw={"status": "ERROR"})
+        assert record_completion(session, store.Fence.of(at_fal, "poller"), status, now=now) is False
+        fetching = store.get_job(session, job.id)
+        exc = RetryableProviderError("runner died", status_code=503)
+        settle(session, make_runtime(engine, settings), store.Fence.of(fetching, "downloader"), exc,
+               **cost_of_failure(fetching, exc))  # fmt: skip
+    return _job(engine, job.batch_id)
+
+
+@pytest.mark.parametrize("where", ["pending", "claimed", "retry_wait"])
+def test_a_proof_of_an_attempt_a_restored_database_never_sent_is_adopted_not_a_duplicate(
+    engine: Engine,
+    client: TestClient,
+    settings: Settings,
+    signer: WebhookSigner,
+    where: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database was restored from a backup taken before the job's last attempt was sent;
+    fal's webhook for that attempt comes late, its token valid (the backup holds the secret). A
+    token is minted only for a submit about to be recorded as sent, so the database is behind
+    fal: the job adopts the request (its attempts catch up, its video fetched from the result)
+    and is never sent again; said once in a warning. Before: "a confirmed duplicate charge
+    (billed)", the job left to be sent and billed again."""
+    webhooks._restored_said.pop(engine, None)  # said once per process and engine: this test's
+    job, claimed = _restored(engine, settings, where)
+    came_from = {"pending": S.PENDING, "claimed": S.SUBMITTING, "retry_wait": S.RETRY_WAIT}[where]
+    attempt = 2 if where == "retry_wait" else 1
+    assert (job.state, job.attempts) == (came_from, attempt if where == "claimed" else attempt - 1)
+
+    with caplog.at_level(logging.INFO, logger="worker.steps.webhooks"):
+        assert _post(client, signer, job, "req-old", attempt=attempt) == 200
+        assert _post(client, signer, job, "req-old", attempt=attempt) == 200  # fal's retry of it
+    assert _outcomes(engine, "req-old") == [ADOPTED_RESTORED]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-old", attempt)
+    assert (after.error, after.lease_owner, after.resend_attempt) == (None, None, None)
+    assert (after.provider_output, after.seed) == (RESULT, 7)
+    assert (after.possible_duplicate_charges, after.confirmed_duplicate_charges) == (0, 0)
+    assert after.submitted_at is not None
+    restored = [r for r in caplog.records if getattr(r, "event", None) == "webhook.database_restored"]
+    assert [r.levelno for r in restored] == [logging.WARNING]
+    assert "looks restored from an older backup" in restored[0].getMessage()
+    with db.session_scope(engine) as session:
+        events = store.job_events(session, job.id)
+        assert batch_report(session, job.batch_id)["confirmed_duplicate_charges"] == 0
+        if claimed is not None:  # the dispatcher's send finds the job moved: nothing goes out
+            now = utcnow()
+            assert store.record_send(
+                session, claimed, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"},
+                sent_at=now, api_key_id="k",
+            ) is None  # fmt: skip
+    assert (events[-2].from_state, events[-2].to_state) == (came_from, S.QUEUED)
+    assert f"attempt {attempt}, which this database never recorded as sent" in (events[-2].reason or "")
+
+    _succeed(engine, job.id)  # billed once, as the success it is
+    finished = _job(engine, job.batch_id)
+    assert (finished.state, finished.actual_usd, finished.confirmed_duplicate_charges) == (
+        S.SUCCEEDED,
+        job.est_usd,
+        0,
+    )
+    assert _money_agrees(engine, job.batch_id) == job.est_usd
+
+
+def test_a_failure_of_an_attempt_a_restored_database_never_sent_is_adopted_and_its_status_asked(
+    engine: Engine, client: TestClient, settings: Settings, signer: WebhookSigner
+) -> None:
+    """fal reports the late attempt failed: it is the job's all the same (adopted, attempts
+    caught up, never a duplicate charge), and its status is asked at once, as for any failure
+    reported by webhook; the retry that follows is attempt 2, whose token is a new one."""
+    job, _ = _restored(engine, settings, "pending")
+    assert _post(client, signer, job, "req-old", attempt=1, ok=False) == 200
+    assert _outcomes(engine, "req-old") == [ADOPTED_RESTORED]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.QUEUED, "req-old", 1)
+    assert after.next_attempt_at is not None
+    assert after.next_attempt_at <= utcnow()  # its status due at once
+    assert after.confirmed_duplicate_charges == 0
+
+
+def test_a_restored_proof_does_not_take_a_submit_whose_post_is_out(
+    engine: Engine, settings: Settings
+) -> None:
+    """A job whose POST of attempt 1 is recorded as sent is not behind fal: a proof of attempt 1
+    is that POST's (adopted as its answer), and one of a later attempt falls to the other cases."""
+    job = _sent(engine, request_id=None)
+    assert (job.state, job.attempts, job.submitted_input is not None) == (S.SUBMITTING, 1, True)
+    assert not store.restored_proof_adoptable(job, 1)
+    assert not store.restored_proof_adoptable(job, 2)
+    pending, _ = _restored(engine, settings, "pending")
+    assert store.restored_proof_adoptable(pending, 1)
+    assert not store.restored_proof_adoptable(pending, 0)
+
+
+def test_a_restored_proof_racing_a_dispatcher_that_claims_the_job_wins_cleanly(
+    engine: Engine, client: TestClient, signer: WebhookSigner
+) -> None:
+    """The proof comes while a dispatcher claims the very job (``pending`` → ``submitting``
+    attempt 1, not committed yet): the adoption waits for it, finds the job moved, reads it
+    again and adopts from ``submitting`` (the attempt not sent); the dispatcher's send then
+    finds the job moved and sends nothing — one request, no duplicate charge. Before: the
+    proof was counted as a confirmed duplicate charge and the job was sent again."""
+    batch_id = add_batch(engine, "race", [("fal-ai/wan-22", {"prompt": "a cat"})])
+    job = _job(engine, batch_id)
+    answered: list[int] = []
+    poster = threading.Thread(
+        target=lambda: answered.append(_post(client, signer, job, "req-old", attempt=1))
+    )
+    with db.session_scope(engine) as session:  # the dispatcher's transaction
+        fence = store.Fence.of(store.get_job(session, job.id), "sender")
+        assert store.mark_submitting(
+            session, fence, attempt=1, api_key_id="k", lease_expires_at=utcnow() + timedelta(seconds=60)
+        )
+        held = store.Fence(job.id, S.SUBMITTING, fence.version + 1, "sender")
+        poster.start()
+        _wait_blocked(engine)
+    poster.join(60)
+    assert answered == [200]
+    assert _outcomes(engine, "req-old") == [ADOPTED_RESTORED]
+    after = _job(engine, batch_id)
+    assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-old", 1)
+    assert after.confirmed_duplicate_charges == 0
+    with db.session_scope(engine) as session:
+        now = utcnow()
+        assert store.record_send(
+            session, held, now=now, lease_seconds=60, submitted_input={"prompt": "a cat"},
+            sent_at=now, api_key_id="k",
+        ) is None  # fmt: skip
+        events = store.job_events(session, job.id)
+    assert [(e.from_state, e.to_state) for e in events[:2]] == [
+        (S.PENDING, S.SUBMITTING),
+        (S.SUBMITTING, S.QUEUED),
+    ]
+
+
+def _wait_blocked(engine: Engine) -> None:
+    """Until another connection waits for a lock this one holds (PostgreSQL), at most 10 s; on
+    SQLite, whose writers take turns on the file, a moment for the other writer to get there."""
+    if engine.dialect.name != "postgresql":
+        time.sleep(0.5)
+        return
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while time.monotonic() < deadline and not conn.execute(waiting).scalar_one():
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_database_restored_from_a_backup_taken_before_any_webhook_keeps_its_late_proofs(
+    dialect: str,
+    tmp_path: Path,
+    new_pg_database: Any,
+    settings: Settings,
+    signer: WebhookSigner,
+) -> None:
+    """A project backs up its database before its first run with webhooks, runs (the receiver
+    down: fal retries its webhooks), and is restored from the backup. The backup holds the
+    webhook secret, made with the database, so the late webhooks' tokens hold and each proves
+    its request: adopted, never sent again. Before: the secret was made at the first webhook URL,
+    after the backup; the restored database made another, and refused every late webhook (403),
+    the proof lost and the next run paying again."""
+    if dialect == "sqlite":
+        url, backup_url = f"sqlite:///{tmp_path / 'wb.db'}", f"sqlite:///{tmp_path / 'backup.db'}"
+    else:
+        url, backup_url = new_pg_database(), new_pg_database()
+    original = db.make_engine(url)
+    db.migrate(original)  # a new project's database
+    batch_id = add_batch(original, "backed-up", [("fal-ai/wan-22", {"prompt": "a cat"})])
+    job = _job(original, batch_id)
+    original.dispose()
+    if dialect == "sqlite":  # sqlite3's .backup
+        with sqlite3.connect(tmp_path / "wb.db") as source, sqlite3.connect(tmp_path / "backup.db") as copy:
+            source.backup(copy)
+    else:  # the backup: a copy of the database as it is now
+        backup_name = backup_url.rsplit("/", 1)[1]
+        _admin_execute(f'DROP DATABASE "{backup_name}"')
+        _admin_execute(f'CREATE DATABASE "{backup_name}" TEMPLATE "{url.rsplit("/", 1)[1]}"')
+    original = db.make_engine(url)
+    try:
+        params = hook_params(original, job.id, 1)  # the run's submit: the URL fal calls back
+    finally:
+        original.dispose()
+    restored = db.make_engine(backup_url)  # the database restored from the backup
+    try:
+        db.migrate(restored)
+        body = webhook_body("req-old", "req-old", True, RESULT, None)
+        with TestClient(create_app(settings, engine=restored)) as client:
+            answer = client.post(
+                "/webhooks/fal",
+                params=params,
+                content=body,
+                headers=signer.headers("req-old", "user-1", body),
+            )
+        assert answer.status_code == 200
+        assert _outcomes(restored, "req-old") == [ADOPTED_RESTORED]
+        after = _job(restored, batch_id)
+        assert (after.state, after.request_id, after.attempts) == (S.DOWNLOADING, "req-old", 1)
+        assert after.confirmed_duplicate_charges == 0
+    finally:
+        restored.dispose()
 
 
 @pytest.mark.parametrize("policy", ["resubmit", "fail"])

@@ -29,6 +29,12 @@ compare-and-set on the job's state and version), so a webhook and a poll racing 
   possible duplicate charge;
 * a success for any attempt of a job failed for its unknown submit outcome: adopted
   (:func:`jobs.store.adopt_late_proof`), its video fetched;
+* a request we never recorded, for an attempt beyond those the database recorded as sent, of a
+  job it would send (again) (``pending``, ``retry_wait``, ``submitting`` before its POST is
+  recorded as sent): a token is minted only for a submit about to be recorded, so the database
+  is behind fal — restored from an older backup. The job adopts the request, its attempts catch
+  up, it is never sent again (:func:`jobs.store.adopt_restored_proof`); said once per process in
+  a warning (:func:`_adopt_restored_proof`). Never a duplicate charge;
 * a success of a failed job's own request, when the poller failed it without knowing how fal
   ended it (:data:`jobs.store.PROVABLE_FAILURES`): adopted back (:func:`jobs.store.adopt_own_proof`);
 * a success of a cancelled job's own request, which fal's status said our cancel ended (fal's
@@ -71,7 +77,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 import threading
 import time
 import weakref
@@ -127,6 +132,10 @@ ADOPTED_UNKNOWN_CANCELLED = (
 #: What applying a success of the request a window's end was said to end, while the job waits to
 #: send it again, does (:func:`jobs.store.adopt_window_proof`).
 ADOPTED_WINDOW = "adopted: a proof that fal ran to the end the request a window's end was said to end"
+#: What applying a proof of an attempt the database never recorded as sent does, for a job it
+#: would send (again): the database is behind fal, restored from an older backup
+#: (:func:`jobs.store.adopt_restored_proof`).
+ADOPTED_RESTORED = "adopted: a proof of an attempt the database never recorded as sent (restored backup)"
 #: Outcomes after which the tick leader has work (:func:`jobs.db.notify_events`, on PostgreSQL),
 #: in whichever process it runs: a moved job's download to queue and the slot it freed to fill,
 #: or a job due for its status call now.
@@ -139,12 +148,14 @@ _ADOPTED = (
     ADOPTED_CANCELLED,
     ADOPTED_WINDOW,
     ADOPTED_UNKNOWN_CANCELLED,
+    ADOPTED_RESTORED,
 )
 _WAKES = ("completed", STATUS_DUE, *_ADOPTED)
 
 
-#: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens.
-WEBHOOK_SECRET = "webhook"  # noqa: S105 - the secret's name, not a secret
+#: The :class:`~jobs.models.InstanceSecret` that keys the webhook URLs' tokens, made with the
+#: database (:data:`jobs.store.WEBHOOK_SECRET`).
+WEBHOOK_SECRET = store.WEBHOOK_SECRET
 #: Hex digits of a token: 128 bits of HMAC-SHA256, beyond guessing.
 TOKEN_HEX_DIGITS = 32
 
@@ -155,14 +166,16 @@ _secrets_lock = threading.Lock()
 
 
 def webhook_secret(engine: Engine) -> bytes:
-    """The database's webhook secret, made the first time any process asks for it; read once per
-    process and engine (it never changes)."""
+    """The database's webhook secret; read once per process and engine (it never changes). Made
+    when the database is created or upgraded (:data:`jobs.store.WEBHOOK_SECRET`), so that every
+    backup holds it; made here the first time any process asks for it otherwise (a database
+    whose secret row was deleted by hand), as before."""
     with _secrets_lock:
         known = _secrets.get(engine)
     if known is not None:
         return known
     with db.session_scope(engine) as session:
-        value = store.instance_secret(session, WEBHOOK_SECRET, lambda: secrets.token_hex(32))
+        value = store.instance_secret(session, WEBHOOK_SECRET, store.new_secret_value)
     secret = bytes.fromhex(value)
     with _secrets_lock:
         _secrets[engine] = secret
@@ -519,7 +532,9 @@ def _unknown_request(at: _Try) -> _Step:
     job holds (a provider protocol error: ignored); the proof of the job's current attempt whose
     answer is in flight or lost; of the attempt a pending resend was to replace; of the only
     request of a job a cancel ended with its outcome unknown; of an earlier attempt of a job with
-    no live request; of the request of a job failed for its unknown outcome. Anything else is a
+    no live request; of an attempt the database never recorded as sent, of a job it would send
+    (a database restored from an older backup); of the request of a job failed for its unknown
+    outcome. Anything else is a
     request fal ran besides the one the job keeps: a confirmed duplicate charge."""
     job, delivery, state, status = at.job, at.delivery, at.state, at.status
     attempt = delivery.attempt
@@ -540,6 +555,8 @@ def _unknown_request(at: _Try) -> _Step:
         return _adopt_unknown_cancelled(at, attempt)
     if attempt is not None and not status.failed and store.earlier_proof_adoptable(job, attempt):
         return _adopt_earlier_proof(at, attempt)
+    if attempt is not None and store.restored_proof_adoptable(job, attempt):
+        return _adopt_restored_proof(at, attempt)
     if _late_proof(job, state, delivery, status):
         return _adopt_late_proof(at, attempt or 0)  # never None here (_late_proof)
     return _duplicate_charge(at.session, at.inbox, job, delivery, status, now=at.now), None
@@ -739,6 +756,66 @@ def _adopt_earlier_proof(at: _Try, attempt: int) -> _Step:
         at.job.id,
         attempt,
         request_id,
+    )
+
+
+#: Per engine: whether this process said that its database looks restored from an older backup
+#: (:func:`_adopt_restored_proof`), once.
+_restored_said: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
+
+
+def _adopt_restored_proof(at: _Try, attempt: int) -> _Step:
+    """A request of ``attempt``, which the database never recorded as sent, for a job it would
+    send (again) (:func:`jobs.store.restored_proof_adoptable`): the delivery's token holds, and a
+    token is minted only for a submit about to be recorded, so the database is behind fal —
+    restored from a backup older than that submit (or a copy of one). The job adopts the request
+    as an answered submit's (:func:`jobs.store.adopt_restored_proof`): never sent again, never a
+    duplicate charge. A dispatcher that claimed the job meanwhile loses: its send, fenced by
+    version, finds the job moved; once its POST is recorded as sent the job no longer qualifies
+    and this proof is that POST's or a duplicate (the other cases). Each job says it in an info
+    line; the process, the first time, in a warning (after the commit)."""
+    job, request_id = at.job, at.delivery.request_id
+    reason = (
+        f"proof by webhook of attempt {attempt}, which this database never recorded as sent "
+        f"(restored from an older backup?): accepted as {request_id}; kept, not sent again"
+    )
+    moved = _adopt(
+        at,
+        store.adopt_restored_proof,
+        {**at.proof(attempt, reason), "submitted_at": at.now},
+        ADOPTED_RESTORED,
+        "webhook.adopted_restored",
+        "job %s: a webhook proved fal accepted its attempt %s as %s, which this database never "
+        "recorded as sent: kept, not sent again",
+        job.id,
+        attempt,
+        request_id,
+        level=logging.INFO,
+    )
+    if moved is not None:
+        engine = at.inbox.engine
+        db.after_commit(at.session, lambda: _say_restored(engine, job, at.delivery, attempt))
+    return moved
+
+
+def _say_restored(engine: Engine, job: Job, delivery: WebhookDelivery, attempt: int) -> None:
+    """Warn, once per process and engine, that the database looks restored from an older backup."""
+    with _secrets_lock:
+        if _restored_said.get(engine):
+            return
+        _restored_said[engine] = True
+    _say(
+        logging.WARNING,
+        "webhook.database_restored",
+        job,
+        delivery,
+        "the database looks restored from an older backup: fal's webhooks prove submits it never "
+        "recorded (first: job %s, attempt %s, request %s); each such job keeps its request and is "
+        "not sent again. If another copy of this database is still in use, stop it: it would send "
+        "its jobs too",
+        job.id,
+        attempt,
+        delivery.request_id,
     )
 
 
