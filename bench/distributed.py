@@ -319,16 +319,17 @@ def batch_status(batch_id: str, env: dict[str, str], cwd: Path, timeout: float =
 
 
 def start_workers(
-    scenario: Scenario, env: dict[str, str], cwd: Path, logs: Path
+    scenario: Scenario, env: dict[str, str], cwd: Path, logs: Path, command: list[str] | None = None
 ) -> list[subprocess.Popen[bytes]]:
-    """``scenario.workers`` ``wanbatch worker`` processes, each logging to ``logs/worker-N.log``."""
+    """``scenario.workers`` ``wanbatch worker`` processes, each logging to ``logs/worker-N.log``;
+    ``command`` runs ``wanbatch`` another way than :func:`wanbatch_command` (the arguments follow it)."""
     procs: list[subprocess.Popen[bytes]] = []
     for n in range(scenario.workers):
         with (logs / f"worker-{n}.log").open("wb") as log:
             procs.append(
                 subprocess.Popen(
                     [
-                        *wanbatch_command(),
+                        *(command or wanbatch_command()),
                         "worker",
                         "--concurrency",
                         str(scenario.concurrency),

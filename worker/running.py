@@ -210,15 +210,14 @@ class _Stopping:
 _stopping = _Stopping()
 
 
-def database_silence(
-    url: str, within: float = DATABASE_ANSWER_SECONDS, connecting: float = DATABASE_CONNECT_SECONDS
-) -> str | None:
+def database_silence(url: str, within: float | None = None, connecting: float | None = None) -> str | None:
     """Why the database at ``url`` gave no answer: neither to ``SELECT 1`` on a connection of
     its own — ``connecting`` seconds to open it, then ``within`` seconds for the answer — nor to
     any statement this process sent meanwhile (:func:`jobs.db.last_answer`: its pooled
     connections answering tell a database that works but is slow to accept new clients). None
     when it answered, even with an error (refused, too many clients: something answered, and
-    the callers' own calls fail rather than hang).
+    the callers' own calls fail rather than hang). ``within`` and ``connecting`` default to
+    :data:`DATABASE_ANSWER_SECONDS` and :data:`DATABASE_CONNECT_SECONDS` as they are when called.
 
     The question is asked on a daemon thread: a frozen server lets a connect or a query wait far
     longer (libpq's ``connect_timeout``, then for ever). That connect's own ``connect_timeout``
@@ -227,6 +226,8 @@ def database_silence(
     from sqlalchemy import event as sa_event
     from sqlalchemy.pool import NullPool
 
+    within = DATABASE_ANSWER_SECONDS if within is None else within
+    connecting = DATABASE_CONNECT_SECONDS if connecting is None else connecting
     asked = time.monotonic()
     answer: list[BaseException | None] = []
     connected: list[float] = []

@@ -25,6 +25,7 @@ import pytest
 
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
+from tests import probe_budget
 from tests.chaos.chaos_harness import PostgresServer, migrated_postgres
 from tests.e2e.e2e_helpers import Background, MakeManifest, subprocess_env, wait_for
 from tests.ports import unused_port
@@ -49,6 +50,14 @@ def slow_sim() -> Iterator[SimulatorHandle]:
         yield handle
 
 
+class _QuickProbe(Background):
+    """``wanbatch`` whose stop watch gives up on connecting to a frozen server sooner
+    (:mod:`tests.probe_budget`): it never completes the connect, however long it is given."""
+
+    def command(self) -> list[str]:
+        return probe_budget.wanbatch_command()
+
+
 def _count(url: str, where: str) -> int:
     try:
         with psycopg.connect(url, connect_timeout=3) as conn:
@@ -68,7 +77,7 @@ def test_sigterm_ends_a_run_whose_database_is_frozen_and_the_next_run_finishes_i
         slow_sim.url, own_postgres.url, MAX_OUTSTANDING="3", EMBEDDED_CONCURRENCY="3", LEASE_SECONDS="120"
     )
     url = own_postgres.url
-    first = Background(["run", str(path), "--no-progress"], env, e2e_env, "frozen-first")
+    first = _QuickProbe(["run", str(path), "--no-progress"], env, e2e_env, "frozen-first")
     try:
         wait_for(
             "requests at fal",
@@ -121,10 +130,13 @@ def test_a_database_that_never_answers_is_told_from_one_that_refuses(silent_serv
 
 
 def test_a_run_says_when_its_database_stops_answering(
-    silent_server: str, caplog: pytest.LogCaptureFixture
+    silent_server: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The silence watch: no progress read for a while, and no answer to its own question,
     is one warning line (never a silent hang); a read that completes again is said too."""
+    # A server that never says a word never completes the connect, however long it is given:
+    # the watch's question need not wait the product's 30 s for it (tests.probe_budget).
+    monkeypatch.setattr(running, "DATABASE_CONNECT_SECONDS", probe_budget.CONNECT_SECONDS)
     watch = running._SilenceWatch(silent_server, silence=0.0)
     with caplog.at_level(logging.INFO, logger="worker.running"):
         watch.check()

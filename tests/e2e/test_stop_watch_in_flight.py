@@ -28,6 +28,7 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from bench.distributed import wanbatch_command as wanbatch
 from falsim import FaultRule, SimulatorOptions, running_simulator
 from falsim.server import SimulatorHandle
+from tests import probe_budget
 from tests.chaos.chaos_harness import PostgresServer, migrated_postgres
 from worker import running
 
@@ -127,9 +128,11 @@ def test_a_database_slow_to_accept_new_connections_is_not_taken_for_a_frozen_one
 def test_a_frozen_database_waits_for_the_submit_in_flight_and_the_next_worker_records_it(
     tmp_path: Path, own_postgres: PostgresServer, broker: str
 ) -> None:
-    # Held at fal past the watch's whole probe (running.DATABASE_CONNECT_SECONDS, 30 s, after
-    # the grace), so that the answer comes only while the worker is about to end.
-    delay = 50
+    # Held at fal past the watch's whole probe (running.STOP_HANG_GRACE_SECONDS, then the
+    # connect's budget: the product's 30 s, here tests.probe_budget's, a frozen server never
+    # completing the connect however long it is given), so that the answer comes only while the
+    # worker is about to end. As much room after the probe as the product's 30 s had with 50.
+    delay = running.STOP_HANG_GRACE_SECONDS + probe_budget.CONNECT_SECONDS + 17
     options = SimulatorOptions(
         latency_seconds=0.2,
         latency_jitter=0.0,
@@ -138,7 +141,7 @@ def test_a_frozen_database_waits_for_the_submit_in_flight_and_the_next_worker_re
     with running_simulator(options) as sim:
         scenario, env = _start(tmp_path, own_postgres, broker, sim)
         logs = tmp_path / "logs"
-        first = start_workers(scenario, env, tmp_path, logs)[0]
+        first = start_workers(scenario, env, tmp_path, logs, command=probe_budget.wanbatch_command())[0]
         try:
             _wait("the submit POST held at fal", lambda: _held_at_fal(sim))
             own_postgres.freeze()
