@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
     from worker.running import Interrupted
     from worker.steps.cancel_tries import GivenUp
+    from worker.steps.other_key import Stranded
 
 #: The key a ``--simulate`` run sends, whatever FAL_KEY is (the simulator accepts any key).
 SIMULATOR_KEY = "simulator-key"
@@ -956,6 +958,17 @@ def _run_and_report(
         retry = f"`wanbatch cancel {report_ref(report)}{_simulate_flag(_simulator is not None)}`"
         for line in uncancelled_lines(stats.uncancelled, retry, workers=bool(settings.broker_url)):
             err.print(f"[yellow]{escape(line)}[/yellow]")
+    if stats.stranded:  # only requests of another key fal does not know for this one were left
+        from worker.limits import api_key_id
+
+        simulate = _simulate_flag(_simulator is not None)
+        stuck = stranded_line(stats.stranded, report_ref(report), api_key_id(settings), simulate=simulate)
+        held = held or stuck
+        extra.update(ok=False, error=held)
+        extra["other_key"] = [
+            {"job": n.job_id, "request_id": n.request_id, "key_id": n.key_id} for n in stats.stranded
+        ]
+        err.print(f"[yellow]{escape(stuck)}[/yellow]")
     if as_json:
         emit_json(
             {
@@ -970,6 +983,22 @@ def _run_and_report(
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return EXIT_USAGE if held else final_code(report)
+
+
+def stranded_line(stranded: Iterable[Stranded], ref: str, mine: str, *, simulate: str = "") -> str:
+    """The line a run (or ``cancel``) that ended with only requests of another API key left
+    (:mod:`worker.steps.other_key`) exits 2 with: how many, each key id (never a key), and the
+    ways out — the command again with that key, or writing them off."""
+    by_key = Counter(n.key_id for n in stranded)
+    sent = "; ".join(f"{count} with key id {key}" for key, count in sorted(by_key.items()))
+    return (
+        f"{sum(by_key.values())} request(s) of this batch were sent with another API key ({sent}) "
+        f"and fal does not know them for this FAL_KEY (key id {mine}): a key of another fal "
+        "account, or that key was revoked. They are left at fal, where they may still run and "
+        f"bill; run `wanbatch run {ref}{simulate}` with the FAL_KEY they were sent with to collect "
+        f"them, or `wanbatch cancel {ref}{simulate} --abandon-other-key` to write them off (failed, "
+        "their estimate counted as possibly billed)"
+    )
 
 
 def uncancelled_lines(uncancelled: Iterable[GivenUp], retry: str, *, workers: bool = False) -> list[str]:
@@ -1632,7 +1661,14 @@ def _batch_found(batch_id: str) -> bool | None:
 @json_option
 @simulate_option
 @progress_option
-def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None:
+@click.option(
+    "--abandon-other-key",
+    is_flag=True,
+    help="Also write off the requests sent with another FAL_KEY than this one (fal does not "
+    "know them for this key): they end failed, left at fal unfollowed, their estimate counted "
+    "as possibly billed.",
+)
+def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon_other_key: bool) -> None:
     """Stop BATCH: pending jobs are never submitted, queued ones are cancelled at fal.
 
     Embedded, this waits until every job is terminal; with workers, they finish the cancel.
@@ -1650,6 +1686,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         # The proxy and certificate variables its clients will read, for the fal it will call.
         require_http_environment(reached_fal(settings, simulate))
         refuse_simulate_with_broker(settings, simulate)  # before anything changes
+        if abandon_other_key:
+            _refuse_abandon_without_key(settings, simulate)
         # The one cancel the dashboard's makes too; what it refuses (exit 2) it refuses unchanged.
         done = batches.cancel_batch(batch, settings, by="cli", simulate=simulate)
         batch_id = done.batch_id
@@ -1659,6 +1697,24 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
             report = batches.status(batch_id, settings, policy=settings.submit_unknown_policy)[0]
             emit_json(report) if as_json else print_summary(report, distributed=bool(settings.broker_url))
             return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
+
+        if abandon_other_key:
+            from worker.here import queue_origin
+            from worker.limits import api_key_id
+
+            mine = api_key_id(settings)
+            origin = queue_origin(settings.fal_queue_url)
+            abandoned = batches.abandon_other_key(batch_id, settings, key_id=mine, origin=origin, by="cli")
+            err.print(
+                f"cancel: {abandoned} request(s) sent with another API key than this one (key id "
+                f"{mine}) written off: failed, left at fal unfollowed (fal may still run and bill "
+                "them), their estimate counted as possibly billed"
+            )
+            done = replace(
+                done, at_fal=max(0, done.at_fal - abandoned), unfinished=max(0, done.unfinished - abandoned)
+            )
+            if abandoned and not done.unfinished:
+                return reported()
 
         if not done.changed and not done.unfinished:  # nothing left to stop: a finished batch stays `done`
             why = "has finished" if done.finished else "was already cancelled"
@@ -1691,6 +1747,24 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool) -> None
         return f"run `wanbatch cancel {ref}{_simulate_flag(simulate)}` again to finish cancelling"
 
     _processing(as_json, action, again)
+
+
+def _refuse_abandon_without_key(settings: Settings, simulate: bool) -> None:
+    """``cancel --abandon-other-key`` writes off the requests sent with another key than this
+    process's: it needs one (exit 2 without), and none with ``--simulate`` (a simulation's
+    requests are all its simulator's key's)."""
+    from jobs.errors import ConfigError
+
+    if simulate:
+        raise UsageError(
+            "--abandon-other-key is not for --simulate: a simulation's requests are all sent with "
+            "its simulator's key; nothing was cancelled"
+        )
+    if not (settings.fal_key and settings.fal_key.get_secret_value()):
+        raise ConfigError(
+            "FAL_KEY is not set: --abandon-other-key writes off the requests sent with another API "
+            "key than this process's, so it needs the key; nothing was cancelled"
+        )
 
 
 #: How often (s) ``cancel --simulate`` looks whether the process it leaves the cancel to still runs.

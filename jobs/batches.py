@@ -1914,6 +1914,50 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
         )
 
 
+#: ``error_type`` of a job whose request, sent with another API key, ``wanbatch cancel
+#: --abandon-other-key`` wrote off (:func:`abandon_other_key`).
+ABANDONED_OTHER_KEY = "abandoned_other_key"
+
+#: The states in which a job waits for what fal says of its request (and so for its key).
+_OTHER_KEY_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
+
+
+def abandon_other_key(batch_id: str, settings: Settings, *, key_id: str, origin: str, by: str) -> int:
+    """``wanbatch cancel BATCH --abandon-other-key``: every unfinished job of the batch whose
+    request was sent with another API key than ``key_id`` (this process's, a hash) to the fal
+    queue at ``origin`` (or to one not recorded) ends ``failed`` (``error_type``
+    :data:`ABANDONED_OTHER_KEY`), its request left at fal unfollowed, its estimate counted as
+    possibly billed (:func:`jobs.store.abandon_request`). The way out when that key is gone (a
+    key of another fal account, revoked): fal tells this key such requests do not exist, so
+    nothing here can follow, cancel or download them, and the batch would never end. How many.
+    Each job is moved by its version read here: one a process moved meanwhile is left."""
+    with db.session_scope(open_engine(settings)) as session:
+        found = [
+            job
+            for job in store.jobs_of_batch(session, batch_id, states=_OTHER_KEY_STATES)
+            if job.request_id is not None
+            and job.api_key_id is not None
+            and job.api_key_id != key_id
+            and (job.fal_origin is None or job.fal_origin == origin)
+        ]
+        abandoned = 0
+        for job in found:
+            sent_with = job.api_key_id
+            error = (
+                f"request {job.request_id} was sent with another API key (key id {sent_with}) and "
+                "abandoned (`wanbatch cancel --abandon-other-key`): left at fal unfollowed, where it "
+                "may still run and bill; its estimate is counted as possibly billed"
+            )
+            abandoned += store.abandon_request(
+                session,
+                store.Fence.of(job, by),
+                error=error,
+                error_type=ABANDONED_OTHER_KEY,
+                reason=f"abandoned: sent with another API key (key id {sent_with})",
+            )
+        return abandoned
+
+
 def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:
     """What ``submit`` and ``run`` say of a batch ``wanbatch cancel`` ended: cancelled for good,
     and the ways on (a rerun of its jobs as a new batch; for a manifest, a new ``name``).

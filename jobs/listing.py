@@ -439,19 +439,24 @@ def elsewhere_waits(
     }
 
 
+#: How a batch's requests of another key are written off when no process has that key any more
+#: (a key of another fal account, revoked): said beside them (:func:`elsewhere_wait_text`).
+ABANDON_HINT = "`wanbatch cancel BATCH --abandon-other-key` writes them off"
+
+
 def elsewhere_wait_text(waits: Sequence[ElsewhereWait]) -> str:
     """``2 request(s) were sent with another API key (key id 0123abcd…) and wait for a process
-    with that key``; ``3 request(s) were sent to another fal queue (http://host:port) and wait
-    for the process that follows it``: the one wording ``status`` (its ``--json``'s
-    ``elsewhere_waiting_note``), ``run``'s progress line and the dashboard's batch page give;
-    "" when none. Such jobs are asked about again and again by no one here: without it they
+    with that key (…writes them off)``; ``3 request(s) were sent to another fal queue
+    (http://host:port) and wait for the process that follows it``: the one wording ``status``
+    (its ``--json``'s ``elsewhere_waiting_note``), ``run``'s progress line and the dashboard's
+    batch page give; "" when none. Such jobs are asked about again and again by no one here: without it they
     stayed queued/running with nothing saying why, and a run never ended."""
     parts = []
     for wait in waits:
         if wait.reason == "api_key":
             parts.append(
                 f"{wait.jobs} request(s) were sent with another API key (key id {wait.where}) "
-                "and wait for a process with that key"
+                f"and wait for a process with that key ({ABANDON_HINT})"
             )
         else:
             parts.append(

@@ -126,16 +126,29 @@ def _reach_the_redis_servers(settings: Settings, broker_url: str) -> None:
 
 
 def _open_the_database(settings: Settings) -> None:
-    """Migrate the database before any worker process starts, and say where this worker's
-    limits or FAL_KEY differ from the tick leader's: never silently, as the leader's limits apply
-    and its FAL_KEY is the account the others use (said again if a leader publishes later, or
-    another takes over)."""
+    """Migrate the database before any worker process starts, refuse a worker whose FAL_KEY is
+    not the live workers' (:func:`refuse_another_key`: one line, exit 2), and say where this
+    worker's limits differ from the tick leader's: never silently, as the leader's limits apply
+    (said again if a leader publishes later, or another takes over; a key that differs then, two
+    workers started within the same seconds, is said too)."""
     from jobs import db
     from worker.limits import published_mismatch, say_mismatch
     from worker.steps.webhooks import database_fingerprint, webhook_secret
 
     engine = db.open_engine(settings)
-    say_mismatch(published_mismatch(settings, database_fingerprint(webhook_secret(engine))))
+    database = database_fingerprint(webhook_secret(engine))
+    refuse_another_key(settings, database)
+    say_mismatch(published_mismatch(settings, database))
+
+
+def refuse_another_key(settings: Settings, database: str | None) -> None:
+    """One line and exit 2 (:class:`~jobs.errors.ConfigError`) for a worker whose ``FAL_KEY``
+    is not the key the live workers of ``database`` use (:func:`worker.peers.other_key_refusal`)."""
+    from jobs.processes import process_prefix
+    from worker.peers import other_key_refusal
+
+    if (why := other_key_refusal(settings, database, process_prefix())) is not None:
+        raise ConfigError(why)
 
 
 def _start_afresh() -> NoReturn:

@@ -381,6 +381,47 @@ def workers_mismatch(settings: Settings, database: str | None) -> list[str]:
     return peer_warnings(read_peers(settings, database))
 
 
+def other_key_refusal(settings: Settings, database: str | None, me: str) -> str | None:
+    """Why ``wanbatch worker`` must not start beside the live workers of ``database``: one of
+    them (``me``, ``host:pid:``, apart: this process's own record from before a fresh start) or
+    their tick leader uses another ``FAL_KEY`` (key ids only, never a key). None: every live one
+    uses this key, or none is known (no Redis limiter, or it does not answer: said by its checks).
+
+    fal keeps a request for the account that sent it, and tells a key of another account it does
+    not exist. On one database a submit task runs on any worker, so the batch's requests would be
+    split between two accounts, while the tick leader alone follows them (with its own key: the
+    other account's stay queued, paid, never downloaded) and its caps count both accounts' requests
+    against one account's limits. Refusing keeps one account per database; a key is rotated by
+    stopping every worker, then starting them all with the new one."""
+    if settings.fal_key is None:
+        return None
+    mine = api_key_id(settings)
+    others: dict[str, list[str]] = {}
+    for peer in read_peers(settings, database):
+        shown = peer.settings.get("FAL_KEY", "")
+        key = shown.removeprefix("key id ") if shown.startswith("key id ") else None
+        if peer.owner != me and key is not None and key != mine:
+            others.setdefault(key, []).append(peer.name)
+    from worker.limits import read_leadership
+
+    leader = read_leadership(settings, database)[1]
+    if leader is not None and leader.by != me and leader.key_id != mine:
+        named = f"the tick leader, {leader.by.rstrip(':') or 'unknown'}"
+        others.setdefault(leader.key_id, [])
+        if not others[leader.key_id]:
+            others[leader.key_id].append(named)
+    if not others:
+        return None
+    theirs = "; ".join(f"key id {key} ({', '.join(names)})" for key, names in sorted(others.items()))
+    return (
+        f"this worker's FAL_KEY (key id {mine}) is not the one the live workers of this database use "
+        f"({theirs}): fal answers a request only to a key of the account that sent it, so workers "
+        "with keys of two accounts leave each other's requests unfollowed (queued at fal, billed, "
+        "never downloaded); the worker was not started: give every worker the same FAL_KEY (to "
+        "rotate the key, stop every worker, then start them all with the new one)"
+    )
+
+
 #: This process's Celery node name (:func:`name_this_node`); None: not a Celery worker.
 _this_node: str | None = None
 

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     from worker.conductor import Conductor
     from worker.steps import Runtime
     from worker.steps.cancel_tries import GivenUp
+    from worker.steps.other_key import Stranded
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,10 @@ class RunStats:
     #: Requests of the batch still at fal whose cancel the run gave up (fal did not take it, see
     #: :mod:`worker.steps.cancel_tries`): the run ended with them left there, for the command to name.
     uncancelled: list[GivenUp] = field(default_factory=list)
+    #: Requests of the batch sent with another API key that fal told this run's key it does not
+    #: know (:mod:`worker.steps.other_key`): the run ended with only those (and ``uncancelled``)
+    #: left, for the command to name with the ways out (exit 2).
+    stranded: list[Stranded] = field(default_factory=list)
 
 
 class Interrupted(WanbatchError):
@@ -1377,6 +1382,27 @@ def _uncancelled(
     ]
 
 
+def _stranded(session: Session, batch_id: str, conductor: Conductor | None) -> list[Stranded]:
+    """The requests of batch ``batch_id`` sent with another API key that fal told this (embedded)
+    run's key it does not know, still unfinished: their jobs wait on that very request."""
+    if conductor is None:
+        return []
+    noted = conductor.rt.other_keys.stranded()
+    if not noted:
+        return []
+    heads = store.job_heads(session, {n.job_id for n in noted})
+    waiting = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
+    return [
+        n
+        for n in noted
+        if (head := heads.get(n.job_id)) is not None
+        and head.batch_id == batch_id
+        and head.request_id == n.request_id
+        and head.state in waiting
+        and head.api_key_id == n.key_id
+    ]
+
+
 def _watch(
     batch_id: str,
     settings: Settings,
@@ -1436,6 +1462,7 @@ def _watch(
             current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
             holds = [] if leased else caps.holds(session, current)
             uncancelled = _uncancelled(session, batch_id, current, conductor)
+            stranded = _stranded(session, batch_id, conductor)
         budget.spent(started, time.monotonic())
         silence.answered()
         done = current["finished"]
@@ -1508,8 +1535,11 @@ def _watch(
             and current["schedule"].over(utcnow()) is None
         )
         # A cancelled batch whose every unfinished job is a request fal would not cancel (this
-        # run gave up: worker.steps.cancel_tries) ends here, naming them, never waiting for ever.
-        stuck = bool(uncancelled) and done + len(uncancelled) >= current["total"]
+        # run gave up: worker.steps.cancel_tries) ends here, naming them, never waiting for ever;
+        # so does a batch whose only unfinished jobs (those apart) are requests sent with another
+        # API key that fal does not know for this one (worker.steps.other_key).
+        left = {g.job_id for g in uncancelled} | {n.job_id for n in stranded}
+        stuck = bool(left) and done + len(left) >= current["total"]
         ends = (
             done >= current["total"]
             or stuck
@@ -1526,7 +1556,9 @@ def _watch(
         if done >= current["total"]:
             return True
         if stuck:
-            stats.uncancelled = uncancelled
+            stranded_ids = {n.job_id for n in stranded}
+            stats.uncancelled = [g for g in uncancelled if g.job_id not in stranded_ids]
+            stats.stranded = stranded
             return True
         if current["state"] == "paused" and collecting == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe

@@ -205,6 +205,7 @@ from jobs.store.money import (
 )
 from jobs.store.outcomes import OUTPUT_NOT_KEPT as OUTPUT_NOT_KEPT
 from jobs.store.outcomes import (
+    abandon_request,
     fail_job,
     fail_unsent,
     give_back,
@@ -294,6 +295,7 @@ from jobs.store.repeats import rerun_repeats_of_batches as rerun_repeats_of_batc
 from jobs.store.repeats import sent_repeat
 from jobs.store.submitting import (
     adopt_request,
+    followed_with_key,
     mark_submitted,
     mark_submitting,
     note_handed_on,
@@ -367,6 +369,7 @@ __all__ = [
     "UnfinishedBatch",
     "UnsentCancelled",
     "WindowEnd",
+    "abandon_request",
     "add_jobs",
     "adopt_before_resend",
     "adopt_cancelled_proof",
@@ -426,6 +429,7 @@ __all__ = [
     "find_upload",
     "finished_usd",
     "first_submitted_at",
+    "followed_with_key",
     "forget_uploads",
     "get_batch",
     "get_job",

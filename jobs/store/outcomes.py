@@ -13,7 +13,14 @@ from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Batch, Job, JobRecord, utcnow
 from jobs.states import JobState
-from jobs.store.core import _JOBS, _NEXT_ATTEMPT, _NOT_COUNTED, _OUTSTANDING_START_TIMEOUT, _RESEND_UNSENT
+from jobs.store.core import (
+    _JOBS,
+    _NEXT_ATTEMPT,
+    _NOT_COUNTED,
+    _OUTSTANDING_START_TIMEOUT,
+    _POSSIBLY_BILLED_MORE,
+    _RESEND_UNSENT,
+)
 from jobs.store.transitions import (
     _FORGET_REQUEST,
     _FORGET_URLS,
@@ -92,6 +99,22 @@ def fail_job(
         error=error,
         error_type=error_type,
         **fields,
+    )
+
+
+def abandon_request(session: Session, fence: Fence, *, error: str, error_type: str, reason: str) -> bool:
+    """→ ``failed``, for good, leaving its request where fal holds it, unfollowed (``wanbatch
+    cancel --abandon-other-key``: a request no key of ours can ask about any more). fal may
+    still run and bill it: its estimate is counted as possibly billed (``ambiguous_usd``, as a
+    submit of unknown outcome's; never for a simulation's)."""
+    return _move(
+        session,
+        fence,
+        JobState.FAILED,
+        reason,
+        error=error,
+        error_type=error_type,
+        ambiguous_usd=_POSSIBLY_BILLED_MORE,
     )
 
 

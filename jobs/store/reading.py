@@ -65,6 +65,8 @@ class JobHead:
     request_id: str | None
     batch_id: str
     submitted_at: datetime | None
+    #: The API key (its id) the request was sent with, or last followed with (``Job.api_key_id``).
+    api_key_id: str | None = None
 
 
 #: At most this many ids are bound in one statement (one parameter each): PostgreSQL refuses a
@@ -82,16 +84,22 @@ def job_heads(session: Session, job_ids: Collection[str]) -> dict[str, JobHead]:
         return {}
     query = _prepared(
         ("job_heads",),
-        lambda: select(Job.id, Job.state, Job.version, Job.request_id, Job.batch_id, Job.submitted_at).where(
-            Job.id.in_(bindparam("ids", expanding=True))
-        ),
+        lambda: select(
+            Job.id, Job.state, Job.version, Job.request_id, Job.batch_id, Job.submitted_at, Job.api_key_id
+        ).where(Job.id.in_(bindparam("ids", expanding=True))),
     )
     ids = sorted(job_ids)
     heads: dict[str, JobHead] = {}
     for start in range(0, len(ids), IDS_PER_QUERY):  # one bound parameter per id: bounded
         for row in _run(session, query, {"ids": ids[start : start + IDS_PER_QUERY]}):
             heads[row.id] = JobHead(
-                row.id, JobState(row.state), row.version, row.request_id, row.batch_id, row.submitted_at
+                row.id,
+                JobState(row.state),
+                row.version,
+                row.request_id,
+                row.batch_id,
+                row.submitted_at,
+                row.api_key_id,
             )
     return heads
 

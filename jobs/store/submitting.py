@@ -180,3 +180,27 @@ def note_handed_on(
         done = session.execute(insert(_EVENTS).from_select([_EVENTS.c[c] for c in columns], rows))
         noted += max(0, cast("CursorResult[Any]", done).rowcount or 0)
     return noted
+
+
+def followed_with_key(session: Session, job_id: str, request_id: str, api_key_id: str) -> bool:
+    """fal answered about ``request_id`` (a status, a stream's event, a result) when asked with
+    the key ``api_key_id``, though the job recorded another key for it (``Job.api_key_id``: a key
+    rotated within one fal account, which may ask about the old key's requests): the request is
+    now that key's to follow, and counted against its caps. Nothing changes for a job that waits
+    on another request now, or recorded no key (anyone's already). Whether it changed anything.
+
+    Not a move of the job (its version stays): the request and its state are the same."""
+    statement = (
+        update(_JOBS)
+        .where(
+            _JOBS.c.id == job_id,
+            _JOBS.c.request_id == request_id,
+            _JOBS.c.api_key_id.is_not(None),
+            _JOBS.c.api_key_id != api_key_id,
+        )
+        .values(api_key_id=api_key_id)
+    )
+    result = cast(CursorResult[Any], _run(session, statement))
+    if result.rowcount:
+        _refresh_loaded(session, job_id, {"api_key_id": api_key_id})
+    return bool(result.rowcount)

@@ -80,7 +80,7 @@ def test_status_says_which_requests_wait_for_another_key_or_queue(
     origin = queue_origin(OTHER_QUEUE)
     key_note = (
         f"2 request(s) were sent with another API key (key id {other_id}) "
-        "and wait for a process with that key"
+        "and wait for a process with that key (`wanbatch cancel BATCH --abandon-other-key` writes them off)"
     )
     queue_note = (
         f"1 request(s) were sent to another fal queue ({origin}) and wait for the process that follows it"

@@ -258,6 +258,6 @@ def test_requests_of_another_key_are_said_to_wait_for_a_process_with_it(
     shown = _said(html, r'data-testid="elsewhere-wait">(.*?)</p>')
     assert shown == (
         f"1 request(s) were sent with another API key (key id {other_id}) "
-        "and wait for a process with that key"
+        "and wait for a process with that key (`wanbatch cancel BATCH --abandon-other-key` writes them off)"
     ), shown
     assert other not in html

@@ -33,6 +33,7 @@ from worker.steps.download_reach import DownloadReach
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.held import HeldMarks
 from worker.steps.keepalive import StepLeases
+from worker.steps.other_key import OtherKeys
 from worker.steps.unrecorded import Unrecorded
 
 log = logging.getLogger(__name__)
@@ -333,6 +334,9 @@ class Runtime:
     #: Cancels fal failed to take so far, per job, and the requests given up after a few
     #: (:mod:`worker.steps.cancel_tries`): ``wanbatch cancel`` ends instead of asking for ever.
     cancel_tries: CancelTries = field(default_factory=CancelTries)
+    #: Requests sent with another API key that fal told this key it does not know (or refused):
+    #: :mod:`worker.steps.other_key`. A run ends once only such requests are left.
+    other_keys: OtherKeys = field(default_factory=OtherKeys)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)
@@ -435,6 +439,37 @@ class Runtime:
         if sent_with is not None and sent_with != mine:
             return f"sent with another API key (key id {sent_with}, this process has {mine})"
         return self._other_simulator(job)
+
+    def other_key(self, job: JobView | JobRecord) -> str | None:
+        """The key id ``job``'s request was sent with when it is not this runtime's key; None
+        when it is, or none was recorded."""
+        sent_with = getattr(job, "api_key_id", None)
+        return sent_with if sent_with is not None and sent_with != api_key_id(self.settings) else None
+
+    def followed_with_this_key(
+        self, session: Session, job_id: str, request_id: str, sent_with: str | None
+    ) -> bool:
+        """fal answered this runtime's key about ``job_id``'s ``request_id`` (a status, a
+        stream's event, a result): a request ``sent_with`` another key (of the same fal account,
+        then) is recorded as this key's from now on (:func:`jobs.store.followed_with_key`), in
+        the caller's transaction: followed here, counted against this key's caps, and no longer
+        said to wait for a process with the other key. Whether it was another key's."""
+        mine = api_key_id(self.settings)
+        if sent_with is None or sent_with == mine:
+            return False
+        self.other_keys.answered(job_id)
+        if not store.followed_with_key(session, job_id, request_id, mine):
+            return False
+        log.info(
+            "job %s: fal answered about request %s, sent with another API key (key id %s), when "
+            "asked with this process's (key id %s): the same fal account; followed with this key",
+            job_id,
+            request_id,
+            sent_with,
+            mine,
+            extra={"event": "job.key_followed", "job_id": job_id, "request_id": request_id},
+        )
+        return True
 
     def _other_simulator(self, job: JobView | JobRecord) -> str | None:
         """A simulation's request that the simulator of another live process of this host accepted

@@ -160,7 +160,8 @@ def _download(rt: Runtime, job_id: str) -> str:
         logs.annotate(batch_id=claim.batch_id)
         with rt.output_leases.kept(claim.fence) as held:
             return _take_staged(rt, job_id, claim, held)
-    logs.annotate(batch_id=claim.batch_id, request_id=claim.handle.request_id)
+    handle = claim.handle
+    logs.annotate(batch_id=claim.batch_id, request_id=handle.request_id)
     try:
         if claim.output is None:
             output = rt.client.result(claim.handle)
@@ -169,6 +170,11 @@ def _download(rt: Runtime, job_id: str) -> str:
             # before then leaves the result at fal, where the next try asks for it again.
             fetched = {"provider_output": output, "seed": video.seed, "actual_prompt": video.actual_prompt}
             claim = replace(claim, failures=0, fetched=fetched)
+            if rt.other_key(claim.job) is not None:  # answered for this key: the same account's
+                with db.session_scope(rt.engine) as session:
+                    rt.followed_with_this_key(
+                        session, job_id, handle.request_id, getattr(claim.job, "api_key_id", None)
+                    )
         else:
             video = parse_result(claim.output)
     except ResultNotReadyError:
@@ -315,6 +321,8 @@ def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) 
     longest poll interval, until a process that can ask about it (with the key it was sent with;
     the process of that simulator) fetches it."""
     telemetry.count_provider_error(exc)
+    if claim.handle is not None and (key := rt.other_key(claim.job)) is not None:
+        rt.other_keys.refused(claim.fence.job_id, claim.handle.request_id, key)
     log.warning(
         "job %s: fal answered %s about its result, %s: not taken as final; waiting for a process "
         "that can ask about it",

@@ -119,7 +119,7 @@ def poll(
                 # the request is still at fal, running and billed, whatever our key's state.
                 telemetry.count_provider_error(exc)
                 if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:  # not the sender's account
-                    _not_ours(rt, fence, handle, sent, exc)
+                    _not_ours(rt, fence, handle, sent, exc, rt.other_key(job_of[job_id]))
                     continue
                 log.debug(  # the pause itself is said once, by pause_for_account
                     "job %s: status refused for the account (%s); batch paused",
@@ -141,7 +141,7 @@ def poll(
                 telemetry.count_provider_error(exc)
                 # "not found" for this key, or by this run's simulator: no proof the request is lost
                 if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:
-                    _not_ours(rt, fence, handle, sent, exc)
+                    _not_ours(rt, fence, handle, sent, exc, rt.other_key(job_of[job_id]))
                     continue
                 why = describe(exc)
                 with db.session_scope(rt.engine) as session:
@@ -167,12 +167,21 @@ def poll(
                     )
                 continue
             _apply_status(
-                rt, fence, status, submitted_at, download=job_id not in elsewhere, streamed=job_id in streamed
+                rt,
+                fence,
+                status,
+                submitted_at,
+                download=job_id not in elsewhere,
+                streamed=job_id in streamed,
+                sent_with=getattr(job_of[job_id], "api_key_id", None),
+                request_id=handle.request_id,
             )
     return calls
 
 
-def _not_ours(rt: Runtime, fence: Fence, handle: RequestHandle, sent: str, exc: WanbatchError) -> None:
+def _not_ours(
+    rt: Runtime, fence: Fence, handle: RequestHandle, sent: str, exc: WanbatchError, key: str | None = None
+) -> None:
     """fal said "not found" (or refused) about a request ``sent`` with another API key, or a
     simulation's request another live process's simulator accepted
     (:meth:`~worker.steps.context.Runtime.sent_elsewhere`): no proof of anything — a key of
@@ -180,7 +189,10 @@ def _not_ours(rt: Runtime, fence: Fence, handle: RequestHandle, sent: str, exc: 
     knows only its own. The job keeps its request (never failed, never resent, its batch never
     paused) and is asked about again after the longest poll interval; a process that can ask
     about it (with the key it was sent with: its own run, or workers configured with it; the
-    process of that simulator) settles it."""
+    process of that simulator) settles it. A request of another key (``key``, its id) is noted
+    (:attr:`~worker.steps.context.Runtime.other_keys`): a run ends once only such are left."""
+    if key is not None:
+        rt.other_keys.refused(fence.job_id, handle.request_id, key)
     log.warning(
         "job %s: fal answered %s about request %s, %s: not taken as final; waiting for a process "
         "that can ask about it",
@@ -371,9 +383,16 @@ def _apply_status(
     *,
     download: bool = True,
     streamed: bool = False,
+    sent_with: str | None = None,
+    request_id: str | None = None,
 ) -> None:
+    """Move the job by fal's ``status`` of its request. ``sent_with``: the key id the job
+    recorded for it; another than this runtime's, the request is this key's from now on, fal
+    having answered it about it (:meth:`~worker.steps.context.Runtime.followed_with_this_key`)."""
     now = utcnow()
     with db.session_scope(rt.engine) as session:
+        if request_id is not None:
+            rt.followed_with_this_key(session, fence.job_id, request_id, sent_with)
         if status.completed:
             queued_until = rt.lease_until(now) if download else None
             if record_completion(session, fence, status, now=now, download_queued_until=queued_until):
@@ -453,6 +472,7 @@ def apply_seen_in(session: Session, rt: Runtime, seen: Sequence[Seen]) -> Applie
             continue
         fence = Fence(job.id, job.state, job.version, rt.owner)
         status = event.status
+        rt.followed_with_this_key(session, job.id, event.request_id, job.api_key_id)
         if status.completed:
             queued_until = rt.lease_until(now) if rt.in_scope(job.batch_id) else None
             owner = rt.owner if handing else DOWNLOAD_QUEUE

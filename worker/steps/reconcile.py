@@ -23,7 +23,7 @@ from jobs.errors import (
 from jobs.models import utcnow
 from jobs.printable import one_line
 from jobs.store import Fence
-from worker.fal.models import RequestHandle
+from worker.fal.models import CancelOutcome, RequestHandle
 from worker.steps.cancel_tries import CancelTries
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import (
@@ -358,12 +358,13 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
         queued = tail_of_fal_queue_first(j for j in at_fal if j.state == S.QUEUED)
         running = [j for j in at_fal if j.state == S.RUNNING]
         in_flight = sum(store.count_in_states(session, [S.SUBMITTING], batch_id=b) for b in cancelled)
-        plan: list[tuple[Fence, RequestHandle]] = [
-            (rt.fence(j), handle_of(j, rt.settings.fal_queue_url)) for j in [*queued, *running]
+        plan: list[tuple[Fence, RequestHandle, str | None]] = [
+            (rt.fence(j), handle_of(j, rt.settings.fal_queue_url), rt.other_key(j))
+            for j in [*queued, *running]
         ]
     may_still_queue = in_flight
     tries = rt.cancel_tries
-    for fence, handle in plan:
+    for fence, handle, other_key in plan:
         if fence.state == S.RUNNING and may_still_queue:
             log.info(
                 "cancel: %d request(s) of cancelled batches may still wait in fal's queue; "
@@ -372,6 +373,8 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
                 extra={"event": "cancel.waiting_for_queued"},
             )
             break
+        if not rt.other_keys.cancel_due(fence.job_id, handle.request_id):
+            continue  # another key's request fal did not know for this key: asked again later
         if not tries.due(fence.job_id, handle.request_id):
             # Waiting out a transient failure (a queued one holds the running ones back:
             # cancelling one of those would free a slot into which fal starts it, and bill it),
@@ -387,9 +390,31 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             may_still_queue += _may_still_queue(tries, fence, handle)
             continue
         tries.done(fence.job_id)
+        if outcome == CancelOutcome.NOT_FOUND and other_key is not None:
+            _not_ours_to_cancel(rt, fence, handle, other_key)
+            continue
         with db.session_scope(rt.engine) as session:
             moved += store.mark_cancelling(session, fence, reason=f"cancel requested at fal: {outcome.value}")
     return moved
+
+
+def _not_ours_to_cancel(rt: Runtime, fence: Fence, handle: RequestHandle, key_id: str) -> None:
+    """fal answered "not found" to a cancel of a request sent with another API key (``key_id``):
+    a key of another account is told so of every request of the account that sent it, so
+    nothing was cancelled — it may still run and bill there. Not recorded as a cancel (the job
+    stays ``queued`` or ``running``, never ``cancelling``); noted
+    (:meth:`~worker.steps.other_key.OtherKeys.cancel_refused`), so that a run of the batch ends
+    naming it and the way out (``wanbatch cancel BATCH --abandon-other-key``)."""
+    rt.other_keys.cancel_refused(fence.job_id, handle.request_id, key_id)
+    log.warning(
+        'job %s: fal answered "not found" to the cancel of request %s, sent with another API key '
+        "(key id %s): not cancelled (fal may still run and bill it); a process with that key can "
+        "cancel it, or `wanbatch cancel BATCH --abandon-other-key` writes it off",
+        fence.job_id,
+        handle.request_id,
+        key_id,
+        extra={"event": "cancel.other_key", "job_id": fence.job_id, "request_id": handle.request_id},
+    )
 
 
 def _may_still_queue(tries: CancelTries, fence: Fence, handle: RequestHandle) -> bool:
