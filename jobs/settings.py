@@ -584,9 +584,13 @@ def _key_in_use(data: dict[str, Any]) -> dict[str, Any]:
     otherwise, when FAL_KEY_ID and FAL_KEY_SECRET are both set, ``FAL_KEY_ID:FAL_KEY_SECRET``;
     otherwise none. Every use of the key (the header, its id, every redaction, the checks that
     no other setting holds it) then reads that one value. A part of the pair wrapped in quotes
-    or with spaces inside is refused as FAL_KEY would be, naming its variable."""
+    or with spaces inside is refused as FAL_KEY would be, naming its variable.
+
+    One difference from fal_client, which never sees it: a FAL_KEY that is the bundled
+    simulator's placeholder (:data:`SIMULATOR_KEYS`, docker-compose.yml's default) gives way to
+    a complete pair, so a host that sets only the pair gets it in the containers."""
     fal_key = _raw_text(data, "FAL_KEY")
-    if fal_key is not None and fal_key.strip():
+    if fal_key is not None and fal_key.strip() and fal_key.strip() not in SIMULATOR_KEYS:
         return data
     parts: list[str] = []
     for name in ("FAL_KEY_ID", "FAL_KEY_SECRET"):
@@ -704,13 +708,16 @@ class FalSettings(_Section):
         return data
 
     def require_fal_key(self) -> str:
-        """The key itself, for the one place that sends it; a clear error when it is unset. A
-        key that is no ``<key id>:<key secret>`` is sent (the simulator takes any key) after one
-        warning line (:meth:`key_shape_problem`)."""
+        """The key itself, for the one place that sends it; a clear error when it is unset, or
+        when it is the simulator's placeholder and the queue is fal's own. A key that is no
+        ``<key id>:<key secret>`` is sent (the simulator takes any key) after one warning line
+        (:meth:`key_shape_problem`)."""
         if self.fal_key is None or not self.fal_key.get_secret_value():
             raise ConfigError(f"FAL_KEY is not set{self._half_a_pair()}: {NO_KEY_HINT}")
         key = self.fal_key.get_secret_value()
         problem = self.key_shape_problem()
+        if problem and key in SIMULATOR_KEYS:  # fal's own host: refused for certain, so never sent
+            raise ConfigError(problem)
         if problem and key not in _shape_warned:
             _shape_warned.add(key)
             log.warning(
@@ -735,6 +742,12 @@ class FalSettings(_Section):
         the simulator takes any key: said (:meth:`require_fal_key`, and with fal's 401), not
         refused. The bundled simulator's placeholder (:data:`SIMULATOR_KEYS`) is no mistake."""
         key = self.fal_key.get_secret_value() if self.fal_key is not None else ""
+        if key in SIMULATOR_KEYS and _is_fal_host(urlsplit(self.fal_queue_url).hostname):
+            return (
+                f"FAL_KEY is the bundled simulator's placeholder ({key}: docker-compose.yml's default), "
+                f"which fal refuses, while WANBATCH_FAL_QUEUE_URL is fal's ({self.fal_queue_url}): set "
+                "FAL_KEY, or FAL_KEY_ID and FAL_KEY_SECRET, to your key from https://fal.ai/dashboard/keys"
+            )
         if not key or ":" in key or key in SIMULATOR_KEYS:
             return None
         return (
@@ -754,6 +767,15 @@ NO_KEY_HINT = (
     "export FAL_KEY=<your fal API key>, or use the bundled simulator "
     "(`--simulate`: wanbatch run --simulate …, rerun --simulate …), which needs no key"
 )
+
+
+def _is_fal_host(host: str | None) -> bool:
+    """Whether ``host`` is one of fal's own (``queue.fal.run``, ``*.fal.ai``, …), where the
+    simulator's placeholder key can only be refused."""
+    host = (host or "").lower().rstrip(".")
+    return any(host == domain or host.endswith("." + domain) for domain in ("fal.run", "fal.ai", "fal.media"))
+
+
 #: The placeholder keys sent to the bundled simulator, which takes any key: what ``--simulate``
 #: sends (``cli.batch_commands.SIMULATOR_KEY``) and docker-compose.yml's ``FAL_KEY`` default. No
 #: ``<key id>:<key secret>``, and nothing to warn about (:meth:`FalSettings.key_shape_problem`).

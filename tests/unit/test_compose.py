@@ -637,3 +637,27 @@ def test_dockerfile_copies_every_file_the_build_reads() -> None:
 def test_dockerignore_keeps_secrets_and_state_out_of_the_build() -> None:
     ignored = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
     assert {".git", ".env", ".wanbatch/", "outputs/"} <= ignored
+
+
+def test_a_host_with_only_fal_key_id_and_secret_gets_its_key_in_the_containers(
+    raw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: compose set FAL_KEY to the simulator's placeholder when the host had
+    none and passed neither half of fal_client's pair, so a host giving its key as
+    FAL_KEY_ID/FAL_KEY_SECRET sent the placeholder to fal (401). The pair now reaches the
+    containers, and a complete pair wins over the placeholder (never over a FAL_KEY set)."""
+    from jobs.settings import get_settings
+
+    pair = {"FAL_KEY_ID": "key-id", "FAL_KEY_SECRET": "key-secret-0123456789"}
+    assert "FAL_KEY_SECRET" not in _env(_services(interpolate(raw, pair))["serve"])  # it needs no key
+    for name in ("worker", "cli"):
+        env = _env(_services(interpolate(raw, pair))[name])
+        assert env["FAL_KEY_ID"] == "key-id", name
+        assert env["FAL_KEY_SECRET"] == "key-secret-0123456789", name
+        for variable in ("FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET"):
+            monkeypatch.setenv(variable, str(env[variable]))
+        get_settings.cache_clear()
+        try:
+            assert get_settings().require_fal_key() == "key-id:key-secret-0123456789", name
+        finally:
+            get_settings.cache_clear()

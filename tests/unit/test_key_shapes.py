@@ -144,8 +144,10 @@ def test_a_key_of_the_right_shape_says_nothing(
     key: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``--simulate`` sends its simulator a placeholder (as docker-compose.yml's default FAL_KEY
-    does): no fal key, and no mistake to warn about at every run."""
+    does) on the simulator's URL: no fal key, and no mistake to warn about at every run (on fal's
+    own queue it is refused: see the placeholder's test below)."""
     monkeypatch.setenv("FAL_KEY", key)
+    monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", "http://127.0.0.1:8787")
     with caplog.at_level(logging.WARNING):
         get_settings().require_fal_key()
     assert not caplog.records
@@ -176,3 +178,35 @@ def test_fal_key_secret_is_masked_in_logs_and_refused_in_other_settings(
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", f"/data/{SECRET}")
     message = _refusal(monkeypatch)
     assert message.startswith("invalid configuration: WANBATCH_OUTPUT_DIR contains FAL_KEY: ")
+
+
+def test_the_simulators_placeholder_gives_way_to_a_complete_pair_and_never_goes_to_fal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docker-compose.yml's FAL_KEY default is the simulator's placeholder: a complete pair wins
+    over it (a set FAL_KEY still wins over the pair), and the placeholder is refused, never sent,
+    when the queue is fal's own, where it can only be answered 401."""
+    (placeholder,) = SIMULATOR_KEYS
+    monkeypatch.setenv("FAL_KEY", placeholder)
+    monkeypatch.setenv("FAL_KEY_ID", KEY_ID)
+    monkeypatch.setenv("FAL_KEY_SECRET", SECRET)
+    assert get_settings().require_fal_key() == KEY
+    get_settings.cache_clear()
+    monkeypatch.setenv("FAL_KEY", "other-id:other-secret")
+    assert get_settings().require_fal_key() == "other-id:other-secret"
+    get_settings.cache_clear()
+
+    monkeypatch.delenv("FAL_KEY_ID")
+    monkeypatch.delenv("FAL_KEY_SECRET")
+    monkeypatch.setenv("FAL_KEY", placeholder)
+    for fal in ("https://queue.fal.run", "https://QUEUE.fal.run./", "https://gateway.fal.ai/queue"):
+        monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", fal)
+        get_settings.cache_clear()
+        with pytest.raises(ConfigError) as caught:
+            get_settings().require_fal_key()
+        assert str(caught.value).startswith("FAL_KEY is the bundled simulator's placeholder"), fal
+        assert "FAL_KEY_ID and FAL_KEY_SECRET" in str(caught.value)
+    for elsewhere in ("http://127.0.0.1:8787", "http://simulator:8787", "https://notfal.run.example"):
+        monkeypatch.setenv("WANBATCH_FAL_QUEUE_URL", elsewhere)
+        get_settings.cache_clear()
+        assert get_settings().require_fal_key() == placeholder, elsewhere
