@@ -310,6 +310,10 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         settings = get_settings()
         database_home.refuse_missing(settings, [batch])  # no empty database made to say so
         engine = db.open_engine(settings)
+        # A moved or copied project: its videos found under the current output folder are
+        # recorded there first (read, hashed, outside the export's snapshot); ``moves`` serves
+        # the export should the database refuse to record them (jobs.moved_outputs).
+        moves = _follow_batch_outputs(engine, settings, batch)
         statuses: Counter[str] = Counter()  # the records written, by status: what the warnings say
         # One snapshot for every statement: the rows, and the counts and money an hf dataset
         # card states beside them, of a batch still running must add up (db.read_scope).
@@ -336,7 +340,12 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
 
                 if fmt == "hf" and output is not None:
                     hf = dataset_export.write_hf(
-                        session, found, settings.output_dir, output, include_failed=include == "failed"
+                        session,
+                        found,
+                        settings.output_dir,
+                        output,
+                        include_failed=include == "failed",
+                        moves=moves,
                     )
                     if as_json:
                         emit_json({**summary, "include_failed": include == "failed", **hf.as_dict()})
@@ -351,7 +360,8 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
                         )
                     _print_export_warnings(hf.warnings)
                     return EXIT_OK
-                rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
+                records = exporting.records(session, found, settings.output_dir, moves)
+                rows = exporting.tallied(records, statuses)
                 if output is None:
                     with writing_stdout("the export "):
                         n = dataset_export.write_parquet(rows, sys.stdout.buffer)
@@ -359,7 +369,8 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
                 else:
                     n = dataset_export.write_parquet_file(rows, output)
             else:
-                rows = exporting.tallied(exporting.records(session, found, settings.output_dir), statuses)
+                records = exporting.records(session, found, settings.output_dir, moves)
+                rows = exporting.tallied(records, statuses)
                 if output is None:
                     with writing_stdout("the export "):
                         n = _write_utf8_stdout(lambda out: exporting.write(rows, fmt, out))
@@ -374,6 +385,24 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         return EXIT_OK
 
     guarded_read(as_json, action)
+
+
+def _follow_batch_outputs(engine: Any, settings: Settings, batch: str) -> dict[str, str]:
+    """Look for the videos of ``batch`` (a reference: an unknown one is left to the export's
+    own lookup to name) under the current output folder when they were stored outside it (a
+    moved project: :func:`jobs.moved_outputs.follow_outputs`); the moves found."""
+    from jobs import db, moved_outputs, store
+    from jobs.errors import NotFoundError
+
+    root = moved_outputs.local_root(settings.output_dir, settings.output_url)
+    if root is None:
+        return {}
+    try:
+        with db.read_scope(engine) as session:
+            batch_id = store.get_batch(session, batch).id
+    except NotFoundError:
+        return {}
+    return moved_outputs.follow_outputs(engine, [batch_id], root).moves
 
 
 def _print_export_warnings(warnings: list[str]) -> None:

@@ -191,6 +191,10 @@ class SubmitResult:
     #: The batch's reruns (every generation, by name) that took its new place with it: their
     #: jobs name their files where the batch's jobs do now (:func:`jobs.store.reruns_follow`).
     reruns_followed: list[str] = field(default_factory=list)
+    #: Stored videos of the batch (and its reruns) found moved with it: stored under another
+    #: output folder, found under the current one with the recorded SHA-256, and recorded there
+    #: (:func:`_follow_outputs`). Distinct files, not jobs.
+    outputs_followed: int = 0
     #: The stderr line saying this submit made the default database (``./.wanbatch/wanbatch.db``)
     #: in the current folder, and where another one was found (:mod:`jobs.database_home`); None else.
     database_note: str | None = None
@@ -219,6 +223,7 @@ class SubmitResult:
             "defaults_matched": self.defaults_matched,
             "manifest_moved": self.manifest_moved,
             "reruns_followed": list(self.reruns_followed),
+            "outputs_followed": self.outputs_followed,
             "warnings": list(self.warnings),
         }
 
@@ -235,13 +240,20 @@ class SubmitResult:
                 return None
             # Reruns an older version left in the old folder when only the batch moved.
             now = self.manifest_given or ""
-            return f"reruns of batch {self.name} moved to its place ({shown_path(now)}): {reruns}"
+            followed = f"reruns of batch {self.name} moved to its place ({shown_path(now)}): {reruns}"
+            return followed + self._outputs_note()
         now = self.manifest_given or self.manifest_moved["to"]
         return (
             f"batch {self.name} moved: its manifest is now {shown_path(now)} "
             f"(was {shown_path(self.manifest_moved['from'])})"
             + (f"; its reruns moved with it: {reruns}" if reruns else "")
+            + self._outputs_note()
         )
+
+    def _outputs_note(self) -> str:
+        if not self.outputs_followed:
+            return ""
+        return f"; {self.outputs_followed} stored video(s) found in its new output folder"
 
     def simulation_note(self) -> str | None:
         """The stderr line saying a simulation gave this batch its name, or None."""
@@ -623,7 +635,33 @@ def submit_manifest(
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
-        return result
+    if manifest_moved is not None or followed:
+        _follow_outputs(engine, settings, result)
+    return result
+
+
+def _follow_outputs(engine: Engine, settings: Settings, result: SubmitResult) -> None:
+    """The batch moved (``manifest_moved``, or its reruns caught up): its stored videos, and
+    its reruns', are looked for under the current output folder when they were stored outside
+    it, and recorded there when they hold the recorded bytes (:mod:`jobs.moved_outputs`: one
+    ``lstat`` each, hashed only at the recorded size), after the submit's transaction, so no
+    lock is held while videos are read. ``outputs_followed`` counts them; a warning names those
+    found nowhere."""
+    from jobs import moved_outputs
+
+    root = moved_outputs.local_root(settings.output_dir, settings.output_url)
+    if root is None:
+        return
+    with db.read_scope(engine) as session:
+        family = store.batch_and_reruns(session, result.batch_id)
+    finder = moved_outputs.follow_outputs(engine, family, root)
+    result.outputs_followed = len(finder.moves)
+    if finder.missing:
+        result.warnings.append(
+            f"{finder.missing} stored video(s) of batch {result.name} or its reruns are neither where "
+            f"they were stored nor under WANBATCH_OUTPUT_DIR ({shown_path(root)}): an export fails "
+            "until they are back (copy the old outputs folder into it and submit again)"
+        )
 
 
 def _item_count(manifest: Manifest) -> int:

@@ -71,7 +71,7 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -96,6 +96,7 @@ from jobs.export import (
 from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path, what_is
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
+from jobs.moved_outputs import moved_path
 from jobs.pricing import add_units, unit_symbol, units_text
 from jobs.printable import one_line
 from jobs.states import JobState
@@ -427,9 +428,17 @@ def items_from_of(text: str | None) -> str | None:
 
 
 def _dataset_rows(
-    session: Session, batch: Batch, output_dir: Path, folder: Path, summary: HfExport, include_failed: bool
+    session: Session,
+    batch: Batch,
+    output_dir: Path,
+    folder: Path,
+    summary: HfExport,
+    include_failed: bool,
+    moves: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way."""
+    """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way
+    (``moves``: videos of a moved project found where the database could not record them,
+    :func:`jobs.moved_outputs.follow_outputs`)."""
     states = _exported_states(include_failed)
     videos = folder / VIDEOS_DIR
     videos.mkdir()
@@ -437,7 +446,7 @@ def _dataset_rows(
     for job in store.jobs_of_batch_bounded(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
-            uri = job.output_path
+            uri = moved_path(job.output_path, moves)
             if uri is not None and uri.startswith("s3://"):
                 file_name = f"{VIDEOS_DIR}/{_fetch_object(job.id, uri, job.output_sha256, folder)}"
                 summary.downloaded += 1
@@ -461,7 +470,7 @@ def _dataset_rows(
                 else:
                     summary.copied += 1
             summary.videos += 1
-        row = record(job, batch, output_dir)
+        row = record(job, batch, output_dir, moves)
         # The copy inside the dataset, as file_name names it: the stored output's path is a
         # path on this machine (absolute when outside WANBATCH_OUTPUT_DIR), useless to a reader.
         row["video_path"] = file_name
@@ -858,6 +867,7 @@ def write_hf(
     dest: Path,
     *,
     include_failed: bool = False,
+    moves: Mapping[str, str] | None = None,
 ) -> HfExport:
     """Write the batch (a Batch, or its id, id prefix or name) as a Hugging Face ``videofolder``
     at ``dest`` (see the module docstring).
@@ -886,7 +896,7 @@ def write_hf(
     try:
         if existing:
             _refuse_another_writer(dest, tmp)
-        _write_metadata(_dataset_rows(session, batch, output_dir, tmp, summary, include_failed), tmp)
+        _write_metadata(_dataset_rows(session, batch, output_dir, tmp, summary, include_failed, moves), tmp)
         counts = store.counts_by_state(session, batch.id)
         exported = {s.value for s in _exported_states(include_failed)}
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}

@@ -65,6 +65,7 @@ from jobs.errors import ConfigError, UsageError
 from jobs.fs import file_kind, file_mode, is_missing, name_problem, os_reason, shown_path, utf8_file_names
 from jobs.models import Batch, Job
 from jobs.money import usd_json
+from jobs.moved_outputs import moved_path
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.url_secrets import (
@@ -147,18 +148,21 @@ def refuse_unusable_outputs(session: Session, batch: Batch) -> None:
             )
 
 
-def _video_path(job: Job, output_dir: Path) -> str | None:
+def _video_path(job: Job, output_dir: Path, moves: Mapping[str, str] | None = None) -> str | None:
     """Relative to ``WANBATCH_OUTPUT_DIR`` when inside it, else absolute; an object in S3 as its
-    ``s3://bucket/key`` URI (what every S3 tool, and ``datasets``/``fsspec``, open directly)."""
-    if job.output_path is None:
+    ``s3://bucket/key`` URI (what every S3 tool, and ``datasets``/``fsspec``, open directly).
+    ``moves``: videos of a moved project found under the current output folder whose new path
+    the database could not record (:func:`jobs.moved_outputs.follow_outputs`)."""
+    output_path = moved_path(job.output_path, moves)
+    if output_path is None:
         return None
-    if job.output_path.startswith("s3://"):
-        return job.output_path
-    problem = name_problem(job.output_path)
+    if output_path.startswith("s3://"):
+        return output_path
+    problem = name_problem(output_path)
     if problem is not None:  # refuse_unusable_outputs says so before anything is written
-        shown = shown_path(job.output_path)
+        shown = shown_path(output_path)
         raise ConfigError(f"the video of job {job.id} '{shown}' cannot be opened: {problem}")
-    path = Path(job.output_path)
+    path = Path(output_path)
     try:
         return str(path.resolve().relative_to(output_dir.resolve()))
     except ValueError:
@@ -431,8 +435,10 @@ def in_manifest(job: Job) -> bool:
     return not job.not_in_manifest
 
 
-def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
-    """The export record of one job."""
+def record(
+    job: Job, batch: Batch, output_dir: Path, moves: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The export record of one job (``moves``: see :func:`_video_path`)."""
     return {
         "job_id": job.id,
         "batch": batch.id,
@@ -458,7 +464,7 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
         # fal's rewrite of the prompt: scrubbed as its other strings are (export_provider_json).
         "actual_prompt": export_provider_json(job.actual_prompt),
         "request_id": job.request_id,
-        "video_path": _video_path(job, output_dir),
+        "video_path": _video_path(job, output_dir, moves),
         "video_sha256": job.output_sha256,
         "video_bytes": job.output_bytes,
         "media": export_media(job.media),  # the probed video, null before it was probed
@@ -484,7 +490,9 @@ def record(job: Job, batch: Batch, output_dir: Path) -> dict[str, Any]:
     }
 
 
-def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[dict[str, Any]]:
+def records(
+    session: Session, batch: Batch | str, output_dir: Path, moves: Mapping[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Every job of ``batch`` (a Batch, or its id, id prefix or name), in item order then matrix
     combination, as export records.
 
@@ -493,12 +501,14 @@ def records(session: Session, batch: Batch | str, output_dir: Path) -> Iterator[
     footer), so ``export NOPE --format csv > ds.csv`` leaves no header-only "dataset" behind.
     """
     found = batch if isinstance(batch, Batch) else store.get_batch(session, batch)
-    return _records(session, found, output_dir)
+    return _records(session, found, output_dir, moves)
 
 
-def _records(session: Session, batch: Batch, output_dir: Path) -> Iterator[dict[str, Any]]:
+def _records(
+    session: Session, batch: Batch, output_dir: Path, moves: Mapping[str, str] | None
+) -> Iterator[dict[str, Any]]:
     for job in store.jobs_of_batch_bounded(session, batch.id):
-        yield record(job, batch, output_dir)
+        yield record(job, batch, output_dir, moves)
 
 
 def tallied(rows: Iterator[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:

@@ -646,6 +646,12 @@ class Dashboard:
         if problem is not None:  # not "not in the output folder": it is, under a name this locale lacks
             return self.not_found(request, f"the video's path cannot be opened by this server: {problem}")
         local = outputs.local_file(output_path)
+        if local is None:  # a moved project's video, found (same bytes) under the output folder?
+            from jobs import moved_outputs
+
+            root = moved_outputs.local_root(self.settings.output_dir, self.settings.output_url)
+            moved = moved_outputs.moved_video(self.engine, request.path_params["job_id"], output_path, root)
+            local = None if moved is None else outputs.local_file(moved)
         if local is None:
             return self.not_found(
                 request, "the video is not in the output folder (moved, deleted, or elsewhere)"

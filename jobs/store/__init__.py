@@ -40,6 +40,7 @@ The package is split by what its queries are about; everything is imported from 
 * :mod:`~jobs.store.leases` and :mod:`~jobs.store.due` (claims);
 * reads: :mod:`~jobs.store.reading`, :mod:`~jobs.store.repeats` (reruns' repeats),
   :mod:`~jobs.store.caps` (what the caps count), :mod:`~jobs.store.money`,
+  :mod:`~jobs.store.moved_outputs` (a moved project's videos, re-pointed),
   :mod:`~jobs.store.metrics` (all batches);
 * :mod:`~jobs.store.uploads`, :mod:`~jobs.store.heartbeats`, :mod:`~jobs.store.fal_outages`,
   :mod:`~jobs.store.held` (accepted submissions a live process holds, their record refused),
@@ -203,6 +204,11 @@ from jobs.store.money import (
     spent_usd,
     wasted_usd,
 )
+from jobs.store.moved_outputs import batch_and_reruns as batch_and_reruns
+from jobs.store.moved_outputs import output_digest as output_digest
+from jobs.store.moved_outputs import outputs_in_folder as outputs_in_folder
+from jobs.store.moved_outputs import record_output_move as record_output_move
+from jobs.store.moved_outputs import record_output_moves as record_output_moves
 from jobs.store.outcomes import OUTPUT_NOT_KEPT as OUTPUT_NOT_KEPT
 from jobs.store.outcomes import (
     abandon_request,

@@ -505,3 +505,25 @@ def test_s3_an_object_replaced_between_its_read_and_the_claim_is_not_reused(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert f"{uri} changed since it was stored" in warnings[0]
+
+
+def test_a_twin_whose_project_moved_is_reused_from_the_output_folder(engine: Engine, tmp_path: Path) -> None:
+    """The twin's recorded video is under an output folder that moved (the project folder moved:
+    audit r3): the same ``<batch folder>/<file>`` under the current ``WANBATCH_OUTPUT_DIR``,
+    with the recorded SHA-256, is reused, not paid for again, and the twin's path recorded."""
+    old = tmp_path / "old" / "outputs" / "first" / "000000-a.mp4"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"video bytes")
+    (first,) = job_ids(engine, add_batch(engine, "first", JOBS[:1]))
+    _succeed(engine, first, old)
+    root = tmp_path / "new" / "outputs"
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = root / "first" / "000000-a.mp4"
+    third = _reusing(engine, "third")
+    rt = make_runtime(engine, Settings(submit_rate=1000, max_outstanding=10, output_dir=root))
+    assert dispatch(rt) == []  # reused, nothing sent
+    [job_id] = job_ids(engine, third)
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        assert (job.state, job.reused_from, job.output_path) == (S.SUCCEEDED, first, str(moved))
+        assert store.get_job(session, first).output_path == str(moved)

@@ -181,6 +181,40 @@ def test_previews_are_served_from_the_output_folder_only(
     assert local.get(f"/jobs/{job_id}/video").status_code == 404
 
 
+def test_a_moved_projects_preview_is_served_from_the_output_folder_by_its_sha256(
+    sqlite_engine: Engine, output_dir: Path, tmp_path: Path
+) -> None:
+    """Audit r3: a video recorded under the project's old folder (moved since) is served from the
+    same ``<batch folder>/<file>`` under the output folder when it holds the recorded SHA-256,
+    and its new path recorded; other bytes of the same size are not served."""
+    import hashlib
+
+    with session_factory(sqlite_engine)() as session:
+        mixed = mixed_batch(session, output_dir=output_dir)
+        (job_id, video), (other_id, other) = list(mixed.videos.items())[:2]
+        old = tmp_path / "gone" / "outputs" / video.parent.name
+        data = video.read_bytes()
+        for job, path in ((job_id, video), (other_id, other)):
+            set_job(
+                session,
+                job,
+                output_path=str(old / path.name),
+                output_sha256=hashlib.sha256(data).hexdigest(),
+                output_bytes=len(data),
+            )
+        session.commit()
+    other.write_bytes(data[:-1] + b"!")  # the same size, other bytes
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    local = client(app)
+    served = local.get(f"/jobs/{job_id}/video")
+    assert served.status_code == 200
+    assert served.content == data
+    assert local.get(f"/jobs/{other_id}/video").status_code == 404
+    with session_factory(sqlite_engine)() as session:
+        assert session.scalar(select(Job.output_path).where(Job.id == job_id)) == str(video.resolve())
+        assert session.scalar(select(Job.output_path).where(Job.id == other_id)) == str(old / other.name)
+
+
 def test_s3_previews_redirect_to_a_presigned_url(
     sqlite_engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs import db, output_store, store
+from jobs import db, moved_outputs, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
 from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
@@ -363,6 +363,8 @@ def _reuse(
     if job.input.get("seed") is None or not batch.reuse_outputs:
         return SEND
     sources = store.find_reusable(session, job, simulated=batch.simulated, limit=REUSE_CHECKS)
+    # A moved project's twin is looked for under the current output folder (jobs.moved_outputs).
+    root = moved_outputs.local_root(rt.settings.output_dir, rt.settings.output_url) if sources else None
     failed: OutputReadError | None = None
     failing: set[str] = set()  # storages (buckets) whose check failed: not asked again this time
     checked: set[str] = set()
@@ -374,6 +376,7 @@ def _reuse(
         if path is None or path in checked or storage_of(path) in failing:
             continue
         checked.add(path)
+        path = moved_outputs.to_look_at(path, source.output_bytes, root)
         try:
             intact = _verified(source, path, changed)
         except OutputReadError as exc:
@@ -384,6 +387,8 @@ def _reuse(
             to_read.append(Candidate(path, source.output_sha256))
         elif intact:
             taken = source
+            if path != source.output_path and source.output_path is not None:  # found moved: recorded
+                moved_outputs.record_move(session, source.id, source.output_path, path)
             break
     if to_read:  # decided by the next round, once read: taken is the twin after them
         unverified.append(to_read)
