@@ -1208,6 +1208,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(report["low_priority_note"]), "yellow")
     if left_out := report.get("not_in_manifest_note"):  # an item fixed or removed: not its failures
         say(escape(left_out))
+    if adopted := report.get("adopted_note"):  # the database was behind the outputs folder
+        say(escape(adopted), "yellow")
     print_failures(report)
 
 

@@ -860,6 +860,11 @@ class BatchReport(TypedDict):
     not_in_manifest: dict[str, int]
     #: That in one line ("2 ended job(s) are no longer in the manifest …"); "" when none ended.
     not_in_manifest_note: str
+    #: Its jobs adopted from the outputs folder instead of being sent: their own sidecar and
+    #: verified video were there while the database had them unsent (a restored backup, another
+    #: copy of the database: ``worker.steps.adopt``); and that in one line ("" when none).
+    adopted_from_outputs: int
+    adopted_note: str
 
 
 class BatchProgress(TypedDict):
@@ -1307,6 +1312,7 @@ class _Reads(Protocol):
     def covered(self, batch: Batch, now: datetime) -> Covered: ...
     def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None: ...
     def elsewhere(self, batch: Batch, here: listing.Here) -> list[listing.ElsewhereWait]: ...
+    def adopted(self, batch: Batch) -> int: ...
 
 
 class _OneBatch:
@@ -1314,6 +1320,9 @@ class _OneBatch:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+
+    def adopted(self, batch: Batch) -> int:
+        return store.adopted_counts(self.session, [batch.id]).get(batch.id, 0)
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals:
         # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
@@ -1398,6 +1407,10 @@ class _AllBatches:
         if name not in self._read:
             self._read[name] = read()
         return self._read[name]
+
+    def adopted(self, batch: Batch) -> int:
+        found = self._once("adopted", lambda: store.adopted_counts(self.session, self.ids))
+        return int(found.get(batch.id, 0))
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals:
         found = self._once("totals", lambda: listing.totals_of_batches(self.session, self.ids, now=self.now))
@@ -1600,6 +1613,8 @@ def _report(
     # A simulation's requests are its run's simulator's: never another process's to follow.
     followed = not batch.simulated and any(counts.get(state) for state in listing.FOLLOWED_STATES)
     elsewhere = reads.elsewhere(batch, here) if here is not None and followed else []
+    # Jobs adopted from the outputs folder: looked for only among succeeded ones.
+    adopted = reads.adopted(batch) if counts.get(JobState.SUCCEEDED.value) else 0
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1662,7 +1677,19 @@ def _report(
         "rerun_pending": covered.pending,
         "not_in_manifest": not_in_manifest_counts(totals.not_in_manifest),
         "not_in_manifest_note": not_in_manifest_text(totals.not_in_manifest),
+        "adopted_from_outputs": adopted,
+        "adopted_note": adopted_text(adopted),
     }
+
+
+def adopted_text(adopted: int) -> str:
+    """The line ``status`` and ``run`` give a batch's jobs adopted from outputs on disk ("" when none)."""
+    if not adopted:
+        return ""
+    return (
+        f"{adopted} job(s) adopted from outputs on disk (the database was behind them: a restored "
+        "backup?): their sidecars' requests and costs are recorded, none was sent again"
+    )
 
 
 def not_in_manifest_counts(by_state: Mapping[str, int]) -> dict[str, int]:

@@ -8,6 +8,7 @@ index and id), never from a name the provider supplied, so no response can steer
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -199,6 +200,52 @@ def under_earlier_items(dest: Path, job_id: str, earlier_items: Sequence[int] | 
 def sidecar_path(video: Path) -> Path:
     """The JSON sidecar beside a video."""
     return video.with_suffix(SIDECAR_SUFFIX)
+
+
+#: Largest sidecar :func:`read_sidecar` reads (a Wan sidecar is a few KB): a bigger file is
+#: not one wanbatch wrote, and is read as none.
+SIDECAR_MAX_BYTES = 4 * 1024 * 1024
+
+
+def read_sidecar(video: Path) -> dict[str, Any] | None:
+    """The sidecar JSON beside ``video`` (:func:`sidecar_path`) as written by a download, or None:
+    there is none (the usual case: one failed ``open``), or it cannot be read, is larger than
+    :data:`SIDECAR_MAX_BYTES` or is not a JSON object. Never raises."""
+    try:
+        with sidecar_path(video).open("rb") as fh:
+            data = fh.read(SIDECAR_MAX_BYTES + 1)
+    except (OSError, ValueError):
+        return None
+    if len(data) > SIDECAR_MAX_BYTES:
+        return None
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return record if isinstance(record, dict) else None
+
+
+#: What a fal request id may be to appear as it is in a file name (:func:`beside_path`).
+_NAMEABLE_REQUEST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def request_tag(request_id: str) -> str:
+    """``request_id`` as a file-name part: itself when it is a plain id (fal's are UUIDs),
+    else ``r`` and 16 hex digits of its SHA-256 — never a name the provider could steer."""
+    if _NAMEABLE_REQUEST.fullmatch(request_id):
+        return request_id
+    return "r" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def beside_path(video: Path, request_id: str) -> Path:
+    """Where the video of fal's request ``request_id`` goes when the job's own name ``video``
+    holds a paid video of another request (another copy of the database stored it, or an
+    earlier request of the job): ``<stem>.<request id>.mp4`` beside it (:func:`request_tag`),
+    its sidecar ``<stem>.<request id>.json``. ``video`` itself when it is that name already."""
+    tag = request_tag(request_id)
+    if video.stem.endswith(f".{tag}"):
+        return video
+    return video.with_name(f"{video.stem}.{tag}{video.suffix}")
 
 
 def partial_tag(version: int) -> str:

@@ -132,7 +132,7 @@ def is_stored(session: Session, name: str, *, simulated: bool) -> bool:
     return simulated and _simulation_slot(session, name)[1] is not None
 
 
-def folder_name(batch: Batch) -> str:
+def folder_name(batch: BatchRecord) -> str:
     """The name a batch's outputs are filed under (its folder, its S3 prefix): its own, but a
     simulation's always ends in ``-simulated``. A simulation named ``NAME`` is renamed
     ``NAME-simulated`` when a batch for fal takes the name (:func:`name_for_batch`): had its

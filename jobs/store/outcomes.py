@@ -4,6 +4,7 @@ taking a staged video), cancelled, and its result recorded."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from sqlalchemy import exists, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from jobs.models import Batch, Job, JobRecord, utcnow
+from jobs.models import Batch, Job, JobEvent, JobRecord, utcnow
 from jobs.states import JobState
 from jobs.store.core import (
     _JOBS,
@@ -330,6 +331,50 @@ def mark_reused(session: Session, fence: Fence, source: Job) -> bool:
         error_type=None,
         **{name: getattr(source, name) for name in _REUSED_FIELDS},
     )
+
+
+#: The reason of the event that moves a job adopted from the outputs folder to ``succeeded``
+#: (:func:`mark_adopted`); :func:`adopted_count` counts a batch's jobs by it.
+ADOPTED_REASON = "adopted from outputs on disk"
+
+
+def mark_adopted(session: Session, fence: Fence, *, sidecar: str, **fields: Any) -> bool:
+    """``pending``/``retry_wait`` → ``succeeded`` without sending: the job's own sidecar and its
+    verified video in the output folder prove that fal rendered (and billed) a request of it
+    that this database does not know of — it is behind them: a restored backup, or another copy
+    of it that ran (``worker.steps.adopt``). ``fields``: the request, seed, cost and output as
+    the sidecar records them; the event names the sidecar."""
+    return _move(
+        session,
+        fence,
+        JobState.SUCCEEDED,
+        ADOPTED_REASON,
+        details={"sidecar": sidecar, "request_id": fields.get("request_id")},
+        error=None,
+        error_type=None,
+        **fields,
+    )
+
+
+def adopted_counts(session: Session, batch_ids: Collection[str]) -> dict[str, int]:
+    """How many ``succeeded`` jobs of each of ``batch_ids`` were adopted from the outputs folder
+    (:func:`mark_adopted`) rather than sent, in one query (each such job's events, by job); a
+    batch with none is left out."""
+    if not batch_ids:
+        return {}
+    query = (
+        select(Job.batch_id, func.count(func.distinct(JobEvent.job_id)))
+        .select_from(Job)
+        .join(JobEvent, JobEvent.job_id == Job.id)
+        .where(
+            Job.batch_id.in_(sorted(batch_ids)),
+            Job.state == JobState.SUCCEEDED,
+            JobEvent.to_state == JobState.SUCCEEDED,
+            JobEvent.reason == ADOPTED_REASON,
+        )
+        .group_by(Job.batch_id)
+    )
+    return {str(batch_id): int(count) for batch_id, count in session.execute(query)}
 
 
 #: The ``error_type`` of a paid job whose video could not be kept (its batch was cancelled while

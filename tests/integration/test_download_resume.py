@@ -262,8 +262,12 @@ def test_a_job_renumbered_back_over_a_stale_file_of_its_own_takes_its_video_unde
         rt.client.close()
     assert outcome == "succeeded", (outcome, get(engine, job_id).error)
     job = get(engine, job_id)
-    assert job.output_path == str(saved)
-    assert saved.read_bytes() == fal.video
+    # The earlier request's pair under item 0 is a paid video of another request: never
+    # replaced. The current request's video is stored beside it, under its request id.
+    beside = saved.with_name(f"{saved.stem}.r1.mp4")
+    assert job.output_path == str(beside)
+    assert beside.read_bytes() == fal.video
+    assert saved.read_bytes() == b"\0" * len(fal.video)
     assert job.output_sha256 == hashlib.sha256(fal.video).hexdigest()
     assert fal.file_gets("r1.mp4") == 1  # the first try's download only
     assert not under_two.exists()

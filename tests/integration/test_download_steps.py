@@ -348,6 +348,7 @@ def test_an_output_is_on_disk_for_good_before_its_success_is_recorded(
     folder = (tmp_path / "outputs" / "steps").resolve()
     seen: list[tuple[str, str]] = []
     real_fsync, real_replace, real_succeeded = os.fsync, os.replace, store.mark_succeeded
+    real_link = os.link
 
     def fsync(fd: int) -> None:
         seen.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -357,12 +358,17 @@ def test_an_output_is_on_disk_for_good_before_its_success_is_recorded(
         seen.append(("rename", Path(dst).name))
         real_replace(src, dst)
 
+    def link(src: Any, dst: Any) -> None:  # the video takes its name by a link (never over a file)
+        seen.append(("rename", Path(dst).name))
+        real_link(src, dst)
+
     def succeeded(*args: Any, **kwargs: Any) -> Any:
         seen.append(("succeeded", job_id))
         return real_succeeded(*args, **kwargs)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(store, "mark_succeeded", succeeded)
     try:
         assert download(rt, job_id) == "succeeded"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import mimetypes
@@ -947,6 +948,7 @@ def download(
     expect_video: bool = False,
     temp_tag: str | None = None,
     sync_dir: bool = True,
+    occupied: Callable[[Path], Path] | None = None,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` atomically and return its size and SHA-256.
 
@@ -967,6 +969,12 @@ def download(
 
     Each call writes its own uniquely named ``.{dest.name}.[{temp_tag}-]*.part`` file beside
     ``dest`` and removes it on any failure. A local write failure is :class:`OutputWriteError`.
+
+    ``occupied``: ``dest`` is never replaced as it stands: the finished file takes the name only
+    when nothing is there (a hard link, which fails rather than replace: of two processes
+    storing under one name at once, exactly one gets it), else ``occupied(dest)`` says where it
+    goes instead (``dest`` itself to replace it after all); the result's ``path`` is where it
+    went. Without it, ``dest`` is replaced (``os.replace``).
     """
     if policy is None:
         policy = DownloadPolicy(allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
@@ -1012,8 +1020,20 @@ def download(
             raise DownloadIntegrityError(
                 f"download truncated or padded: got {size} bytes, expected {expected_size}"
             )
-        with _writing("rename the download to", dest):
-            tmp.replace(dest)
+        try:
+            with _writing("rename the download to", dest):
+                dest = _place(tmp, dest, occupied)
+        except OutputWriteError as exc:
+            swept = isinstance(exc.__cause__, FileNotFoundError) and not os.path.lexists(tmp)
+            if swept and dest.parent.is_dir():
+                # Swept by another process's download under the same name (a copy of this
+                # database, whose versions of the job are its own), or this attempt's lease was
+                # lost: the bytes are not here to keep — try again, not a folder to fix.
+                raise DownloadIntegrityError(
+                    f"the download's temporary file beside {dest} was removed by another process "
+                    "storing under the same name (another copy of this database?)"
+                ) from None
+            raise
         if sync_dir:
             fsync_dir(dest.parent)
         return DownloadResult(path=dest, sha256=digest, size=size)
@@ -1024,6 +1044,37 @@ def download(
     finally:
         if own:
             http.close()
+
+
+#: ``link`` failing with these means the file system has no hard links (FAT, some network
+#: shares) or refuses one here: the name is then looked at, and the file renamed.
+_NO_LINKS = frozenset(
+    {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV, errno.ENOSYS, errno.EACCES}
+)
+
+
+def _place(tmp: Path, dest: Path, occupied: Callable[[Path], Path] | None) -> Path:
+    """Give the finished ``tmp`` its name (:func:`download`'s ``occupied``); where it went."""
+    if occupied is None:
+        tmp.replace(dest)
+        return dest
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if not os.path.lexists(dest):
+            tmp.replace(dest)
+            return dest
+    else:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return dest
+    final = occupied(dest)
+    tmp.replace(final)
+    return final
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Engine
@@ -321,6 +322,11 @@ class Runtime:
     #: (:func:`worker.steps.dispatch._reuse`): dispatch runs in one process (the tick leader, or
     #: the embedded run), and a count that starts over only means more tries, never a payment.
     reuse_check_failures: dict[str, int] = field(default_factory=dict)
+    #: Per batch, the local folder its outputs are in (None: they are in object storage, or the
+    #: folder cannot be placed), as dispatch found it once for adopting outputs on disk
+    #: (:mod:`worker.steps.adopt`); and the batches it said it adopts jobs of (said once).
+    output_folders: dict[str, Path | None] = field(default_factory=dict)
+    adopted_said: set[str] = field(default_factory=set)
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)

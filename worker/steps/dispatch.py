@@ -24,6 +24,7 @@ from jobs.rendered import rerun_input
 from jobs.states import JobState
 from worker import logs
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
+from worker.steps.adopt import ADOPTED, adopt
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
 from worker.steps.staged import find_staged
@@ -170,6 +171,13 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     for job in jobs:
         if job.batch_id in paused:
             continue  # claimed, but left as it was (pending): due again once the batch resumes
+        # Its own paid output already on disk (the database is behind the folder): never sent.
+        verdict = adopt(session, rt, job, batches.get(job.batch_id), done.unverified, VERIFIED)
+        if verdict == ADOPTED:
+            done.reused.append(job.id)
+            continue
+        if verdict == WAIT:
+            continue
         verdict = _take_staged(session, rt, job, batches, paused)
         if verdict == TAKEN:
             done.taken.append(job.id)

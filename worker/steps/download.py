@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -42,7 +43,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -503,6 +504,10 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, h
         dest = outs.video_dest(claim.batch_name, claim.item_index, job_id)
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
+    request_id = claim.handle.request_id if claim.handle is not None else None
+    if not outs.is_remote and request_id is not None:
+        # A paid video of another request under the job's name stays: this one goes beside it.
+        dest = _own_name(job_id, dest, request_id)
     try:
         # debris of attempts that are over (temporary files of downloads and sidecars): never
         # the file of a download that holds the job
@@ -518,11 +523,113 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, h
     # upload (a storage answering slowly), and what is stored is not sent again.
     stored_before = result is not None and outs.is_remote
     if result is None:
-        fetched = _download_video(rt, job_id, claim, video, dest)
+        occupied = None if outs.is_remote or request_id is None else _occupied(job_id, request_id)
+        fetched = _download_video(rt, job_id, claim, video, dest, occupied)
         if isinstance(fetched, str):
             return fetched
         result = fetched
-    return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
+    # where the video went: ``dest``, or beside it when another request's took the name meanwhile
+    dest = result.path
+    with _storing(dest, local=not outs.is_remote):
+        return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
+
+
+@contextlib.contextmanager
+def _storing(video: Path, *, local: bool) -> Iterator[None]:
+    """While a video renamed into a local output folder is probed and its sidecar written, hold
+    a shared ``flock`` on it: another process finding it there without its sidecar then knows
+    it is being stored, not left by a try that died (:func:`_being_stored`). The lock ends with
+    the process, whatever ends it. A file system without locks: nothing held."""
+    if not local:
+        yield
+        return
+    try:
+        fd = os.open(video, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _being_stored(video: Path) -> bool:
+    """Whether another process holds ``video`` while it stores it (:func:`_storing`): then it is
+    that process's, never an earlier try's of this job to take."""
+    try:
+        fd = os.open(video, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: nothing tells
+        return False
+    finally:
+        os.close(fd)  # closing it releases the lock taken
+    return False
+
+
+def _own_name(job_id: str, dest: Path, request_id: str) -> Path:
+    """Where the video of fal's request ``request_id`` is stored in a local output folder: the
+    job's own name ``dest``, unless the sidecar there names another request — a paid video that
+    another copy of this database (or a newer backup of it, or an earlier request of the job)
+    stored. That pair is never replaced: this one goes beside it
+    (:func:`jobs.outputs.beside_path`), with one warning. One failed ``open`` when there is
+    none (the usual case)."""
+    record = outputs.read_sidecar(dest)
+    if record is None or record.get("request_id") == request_id:
+        return dest
+    beside = outputs.beside_path(dest, request_id)
+    _say_kept(job_id, dest, beside, request_id, record)
+    return beside
+
+
+def _occupied(job_id: str, request_id: str) -> Callable[[Path], Path]:
+    """``download``'s choice when the job's name holds a file as the video is renamed into
+    place: the video of this very request (its sidecar names it: an earlier try's) is replaced
+    (the same bytes), anything else is kept and this one goes beside it — a video without its
+    sidecar is another request's, or another process's storing it at this moment."""
+
+    def place(dest: Path) -> Path:
+        record = outputs.read_sidecar(dest)
+        if record is not None and record.get("request_id") == request_id:
+            return dest
+        beside = outputs.beside_path(dest, request_id)
+        if beside != dest:
+            _say_kept(job_id, dest, beside, request_id, record)
+        return beside
+
+    return place
+
+
+def _say_kept(job_id: str, dest: Path, beside: Path, request_id: str, record: dict[str, Any] | None) -> None:
+    """The warning of a paid video kept under the job's name while this request's goes beside it."""
+    other = record.get("request_id") if record is not None else None
+    if record is None:
+        what = (
+            f"{dest.name} is already there without its sidecar (another request's video, or another "
+            "process storing it now)"
+        )
+    elif record.get("job_id") == job_id:
+        what = (
+            f"{dest.name} holds the video of request {other}, which this database does not record for the "
+            f"job (it records {request_id}): another copy of this database, or a newer backup, already "
+            "stored it (or an earlier request of the job did)"
+        )
+    else:
+        what = f"{dest.name} holds the video of job {record.get('job_id')}, request {other}"
+    log.warning(
+        "job %s: %s; not overwritten: this request's video is stored beside it as %s",
+        job_id,
+        what,
+        beside.name,
+        extra={"event": "download.kept_other_request", "job_id": job_id, "request_id": request_id},
+    )
 
 
 def _store_video(
@@ -780,9 +887,15 @@ def taken_sidecar(
 
 
 def _download_video(
-    rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, dest: Path
+    rt: Runtime,
+    job_id: str,
+    claim: DownloadClaim,
+    video: Video,
+    dest: Path,
+    occupied: Callable[[Path], Path] | None = None,
 ) -> DownloadResult | str:
-    """Fetch the video into ``dest`` (atomically); an outcome string when that did not work."""
+    """Fetch the video into ``dest`` (atomically; ``occupied``: never over a file there, see
+    :func:`worker.fal.storage.download`); an outcome string when that did not work."""
     settings = rt.settings
     shared = download_client(rt)
     client = shared.get()
@@ -804,6 +917,7 @@ def _download_video(
             # (write_json_atomic: one folder sync for both renames), before the success commits;
             # a staged video for object storage needs none (it is uploaded before that commit).
             sync_dir=False,
+            occupied=occupied,
         )
     except StateConflict:
         return "lost-lease"
@@ -836,7 +950,9 @@ def _downloaded_before(
       upload. A staged file of another size than fal described is removed.
     * A local output folder: the video an earlier try renamed into place before it could record
       the job's success (the process died in between: ``kill -9``, a power loss after the file
-      and its folder were synced). A file of another size is left alone (a download replaces it).
+      and its folder were synced). A file of another size is left alone (the download stores its
+      video beside it: :func:`_occupied`). Nor is one without its sidecar that another process
+      holds while it stores it (:func:`_being_stored`: a copy of this database).
 
     Why such a file is this request's: its name holds only our ids (:func:`outputs.video_path`),
     and only a download of this job puts a file there, renamed into place whole (``download``
@@ -870,6 +986,8 @@ def _downloaded_before(
                 outputs.sidecar_path(earlier).unlink(missing_ok=True)
         if not _written_since(dest, sent_at):
             return None
+        if not staged and outputs.read_sidecar(dest) is None and _being_stored(dest):
+            return None  # another process (a copy of this database) is storing its video there
         size = dest.stat().st_size
         if video.file_size is not None and size != video.file_size:
             if staged:

@@ -1,0 +1,216 @@
+"""Adopting outputs on disk: the outputs folder is a second record of what was paid for.
+
+A job's sidecar (``NAME.json`` beside ``NAME.mp4``: :func:`worker.steps.download.sidecar_record`)
+is written only once its video is stored whole, and only for a request fal rendered and billed.
+So when a dispatch round claims a job to send it and finds, under the job's own name, a sidecar
+that names this very job (its id) with the same input (and, for a pinned seed, that seed) beside a
+video whose SHA-256 is the one it records, the database is behind the folder: a backup restored
+over it (``sqlite3 .backup``, ``pg_dump``), or another copy of it that ran. The job is then
+*adopted* — ``succeeded`` with the request id, seed, fal's answer, cost and output the sidecar
+records, never sent again (:func:`jobs.store.mark_adopted`). Its cost counts as spent: fal billed
+it.
+
+Cheap on the hot path: one ``open`` of the sidecar's name per claimed job, which fails for every
+job never stored before; the JSON is read only when there is one. The video is hashed outside the
+round's transaction, as ``reuse_outputs`` twins are
+(:class:`~worker.steps.verified_outputs.VerifiedOutputs`): the job is let go until it is read,
+and the next round decides on the stamp it sees then.
+
+A sidecar whose video is gone, of another size or other bytes, or that names another job or
+input, adopts nothing, and nothing is removed: the job is sent, and its download stores the new
+video beside that pair (:func:`worker.steps.download._own_name`), never over it.
+
+Only a local output folder is looked in: with ``WANBATCH_OUTPUT_DIR=s3://…`` each claim would be
+a request to the storage. And only the job's own name: a fresh database made from the same
+manifest gives its jobs new ids, so new names (see the README's "Backups and restores").
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from jobs import output_store, outputs, store
+from jobs.errors import RequestHeldError
+from jobs.models import BatchRecord, JobRecord, utcnow
+from jobs.output_store import OutputReadError
+from worker.steps.context import Runtime
+from worker.steps.verified_outputs import Candidate, VerifiedOutputs
+
+log = logging.getLogger(__name__)
+
+#: What :func:`adopt` decided (the same words as :mod:`worker.steps.dispatch`'s verdicts).
+ADOPTED, SEND, WAIT = "adopted", "send", "wait"
+
+
+def adopt(
+    session: Session,
+    rt: Runtime,
+    job: JobRecord,
+    batch: BatchRecord,
+    unverified: list[list[Candidate]],
+    verified: VerifiedOutputs,
+) -> str:
+    """Adopt the claimed ``job`` from the outputs folder when its own sidecar and video prove it
+    was rendered (see the module's docstring): :data:`ADOPTED`, :data:`WAIT` (its video is to be
+    read first, outside the transaction: named in ``unverified``; or the job moved meanwhile) or
+    :data:`SEND` (nothing to adopt: the usual way on). ``verified``: the digests read so far
+    (dispatch's :data:`~worker.steps.verified_outputs.VERIFIED`, which reads ``unverified``)."""
+    folder = _folder(rt, batch)
+    if folder is None:
+        return SEND
+    video = folder / f"{outputs.job_stem(job.item_index, job.id)}{outputs.VIDEO_SUFFIX}"
+    record = outputs.read_sidecar(video)  # one failed open for a job never stored (the usual case)
+    if record is None or not _names(record, job):
+        return SEND
+    sha256, size = record.get("video_sha256"), record.get("video_bytes")
+    if not isinstance(sha256, str) or not isinstance(size, int) or isinstance(size, bool):
+        return SEND
+    path = str(video)
+    stamp = output_store.output_stamp(path)
+    if stamp is None or stamp.size != size:
+        found = (
+            "is gone" if stamp is None else f"is {stamp.size:,} bytes, not the {size:,} its sidecar records"
+        )
+        return _not_adopted(job, video, found)
+    try:
+        known = verified.known(path, stamp)
+    except OutputReadError:
+        return _not_adopted(job, video, "cannot be read")
+    if known is None:  # read once the round has committed; the next round decides
+        unverified.append([Candidate(path, sha256)])
+        store.release_lease(session, rt.fence(job))
+        return WAIT
+    if known.digest != sha256:
+        return _not_adopted(job, video, known.why or "does not have the SHA-256 its sidecar records")
+    fields = _adopted_fields(record, job, path, sha256, size)
+    try:
+        moved = store.mark_adopted(session, rt.fence(job), sidecar=str(outputs.sidecar_path(video)), **fields)
+    except RequestHeldError:  # another job of this database holds that request: not this one's
+        return _not_adopted(job, video, "names a request another job of this database holds")
+    if not moved:
+        return WAIT
+    if batch.id not in rt.adopted_said:
+        rt.adopted_said.add(batch.id)
+        log.warning(
+            "batch %s: job(s) adopted from outputs on disk (the database was behind them: a restored "
+            "backup?): each is marked succeeded with the request, seed and cost its sidecar records, "
+            "never sent again; `wanbatch status %s` counts them",
+            batch.name,
+            batch.name,
+            extra={"event": "dispatch.adopted_batch", "batch_id": batch.id},
+        )
+    log.info(
+        "job %s: adopted from %s (request %s); not sent",
+        job.id,
+        video.name,
+        fields.get("request_id"),
+        extra={"event": "dispatch.adopted", "job_id": job.id, "batch_id": job.batch_id},
+    )
+    return ADOPTED
+
+
+def _folder(rt: Runtime, batch: BatchRecord) -> Path | None:
+    """The batch's local output folder, found once per runtime; None for object storage or a
+    folder that cannot be placed (the download step says why, when it comes to store there)."""
+    if batch.id in rt.output_folders:
+        return rt.output_folders[batch.id]
+    folder: Path | None = None
+    if rt.settings.output_url is None:
+        try:
+            folder = outputs.batch_dir(rt.settings.output_dir, store.folder_name(batch))
+        except outputs.OutputWriteError:
+            folder = None
+    if len(rt.output_folders) > 1024:
+        rt.output_folders.clear()
+    rt.output_folders[batch.id] = folder
+    return folder
+
+
+def _names(record: dict[str, Any], job: JobRecord) -> bool:
+    """Whether the sidecar ``record`` is of this job as it stands: its id, the input the job's
+    submitted input is made from (``resolved_input``: the image references sent may differ from
+    one attempt to the next, uploads being made again once fal's expire) and, for a pinned seed,
+    that seed as fal returned it."""
+    if record.get("job_id") != job.id or record.get("resolved_input") != job.input:
+        return False
+    pinned = job.input.get("seed")
+    return pinned is None or record.get("seed") == pinned
+
+
+def _not_adopted(job: JobRecord, video: Path, why: str) -> str:
+    log.warning(
+        "job %s: its sidecar %s names it, but the video %s: not adopted, sent again (the pair is left "
+        "as it is; the new video is stored beside it)",
+        job.id,
+        outputs.sidecar_path(video).name,
+        why,
+        extra={"event": "dispatch.not_adopted", "job_id": job.id, "batch_id": job.batch_id},
+    )
+    return SEND
+
+
+def _adopted_fields(
+    record: dict[str, Any], job: JobRecord, path: str, sha256: str, size: int
+) -> dict[str, Any]:
+    """What the job records once adopted, from its sidecar: each value only when of the right
+    kind (a field the sidecar lacks, or holds something else in, is left as it is)."""
+    fields: dict[str, Any] = {"output_path": path, "output_sha256": sha256, "output_bytes": size}
+    for name, longest in (
+        ("request_id", 255),
+        ("gateway_request_id", 255),
+        ("actual_prompt", None),
+        ("media_mismatch", None),
+    ):
+        value = record.get(name)
+        if isinstance(value, str) and (longest is None or len(value) <= longest):
+            fields[name] = value
+    for name in ("provider_output", "provider_metrics", "media"):
+        if isinstance(record.get(name), dict):
+            fields[name] = record[name]
+    if isinstance(record.get("input"), dict):
+        fields["submitted_input"] = record["input"]
+    seed = record.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        fields["seed"] = seed
+    for name in ("submitted_at", "completed_at"):
+        moment = _moment(record.get(name))
+        if moment is not None:
+            fields[name] = moment
+    fields.setdefault("completed_at", utcnow())
+    # What fal billed, over every attempt the sidecar's database knew of: at least what this one
+    # recorded for the job's earlier attempts (the sidecar's database went on from there).
+    known_usd = job.actual_usd or Decimal(0)
+    known_units = job.actual_billing_units or Decimal(0)
+    usd = _amount(record.get("cost_usd"))
+    units = _amount(record.get("billing_units"))
+    fields["actual_usd"] = max(usd if usd is not None else job.est_usd, known_usd)
+    fields["actual_billing_units"] = max(units if units is not None else job.est_billing_units, known_units)
+    return fields
+
+
+def _moment(value: Any) -> datetime | None:
+    """An ISO 8601 time of the sidecar as an aware datetime (a naive one is UTC), else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _amount(value: Any) -> Decimal | None:
+    """A non-negative, finite amount the sidecar wrote as text, else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() and amount >= 0 else None
