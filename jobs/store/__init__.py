@@ -211,7 +211,6 @@ from jobs.store.moved_outputs import record_output_move as record_output_move
 from jobs.store.moved_outputs import record_output_moves as record_output_moves
 from jobs.store.outcomes import ADOPTED_REASON as ADOPTED_REASON
 from jobs.store.outcomes import OUTPUT_NOT_KEPT as OUTPUT_NOT_KEPT
-from jobs.store.outcomes import adopted_counts as adopted_counts
 from jobs.store.outcomes import (
     abandon_request,
     fail_job,
@@ -227,6 +226,7 @@ from jobs.store.outcomes import (
     retry_later,
     status_due,
 )
+from jobs.store.outcomes import adopted_counts as adopted_counts
 from jobs.store.outcomes import find_reusable as find_reusable
 from jobs.store.outcomes import mark_adopted as mark_adopted
 from jobs.store.outcomes import mark_reused as mark_reused
