@@ -48,6 +48,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -666,6 +667,14 @@ _partial_index(
 #: literally (``state IN ('pending', 'retry_wait')``): SQLite uses a partial index only then.
 _partial_index(
     "ix_jobs_to_send_batch_id", Job.batch_id, where=Job.state.in_([JobState.PENDING, JobState.RETRY_WAIT])
+)
+
+#: The events of jobs adopted from the outputs folder (``jobs.store.outcomes.mark_adopted``), so
+#: ``status`` counts them without reading every event of every succeeded job (migration 0047).
+#: The reason is spelt out: SQLite uses a partial index only for a query that repeats the term.
+ADOPTED_REASON = "adopted from outputs on disk"
+_partial_index(
+    "ix_job_events_adopted", JobEvent.job_id, where=JobEvent.reason == literal_column(f"'{ADOPTED_REASON}'")
 )
 
 

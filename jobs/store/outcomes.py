@@ -9,9 +9,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import exists, func, literal, or_, select
+from sqlalchemy import exists, func, literal, literal_column, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from jobs.models import ADOPTED_REASON as ADOPTED_REASON
 from jobs.models import Batch, Job, JobEvent, JobRecord, utcnow
 from jobs.states import JobState
 from jobs.store.core import (
@@ -335,7 +336,6 @@ def mark_reused(session: Session, fence: Fence, source: Job) -> bool:
 
 #: The reason of the event that moves a job adopted from the outputs folder to ``succeeded``
 #: (:func:`mark_adopted`); :func:`adopted_count` counts a batch's jobs by it.
-ADOPTED_REASON = "adopted from outputs on disk"
 
 
 def mark_adopted(session: Session, fence: Fence, *, sidecar: str, **fields: Any) -> bool:
@@ -362,16 +362,22 @@ def adopted_counts(session: Session, batch_ids: Collection[str]) -> dict[str, in
     batch with none is left out."""
     if not batch_ids:
         return {}
-    query = (
-        select(Job.batch_id, func.count(func.distinct(JobEvent.job_id)))
-        .select_from(Job)
-        .join(JobEvent, JobEvent.job_id == Job.id)
+    # From the adopted events (their partial index, ix_job_events_adopted: the reason written
+    # out, as SQLite uses a partial index only then) to their jobs, never from every event of
+    # the batches' succeeded jobs.
+    adopted = (
+        select(JobEvent.job_id)
         .where(
-            Job.batch_id.in_(sorted(batch_ids)),
-            Job.state == JobState.SUCCEEDED,
-            JobEvent.to_state == JobState.SUCCEEDED,
-            JobEvent.reason == ADOPTED_REASON,
+            JobEvent.reason == literal_column(f"'{ADOPTED_REASON}'"), JobEvent.to_state == JobState.SUCCEEDED
         )
+        .distinct()
+        .subquery()
+    )
+    query = (
+        select(Job.batch_id, func.count())
+        .select_from(adopted)
+        .join(Job, Job.id == adopted.c.job_id)
+        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state == JobState.SUCCEEDED)
         .group_by(Job.batch_id)
     )
     return {str(batch_id): int(count) for batch_id, count in session.execute(query)}
