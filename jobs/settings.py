@@ -736,11 +736,14 @@ class FalSettings(_Section):
         have, lack = ("FAL_KEY_ID", "FAL_KEY_SECRET") if self.fal_key_id else ("FAL_KEY_SECRET", "FAL_KEY_ID")
         return f" ({have} is set, {lack} is not: the pair makes the key only together)"
 
-    def key_shape_problem(self) -> str | None:
+    def key_shape_problem(self, *, refused: bool = False) -> str | None:
         """What is wrong with the key's shape, in words that never hold the key, or None. fal's
         keys are ``<key id>:<key secret>``; one without ``:`` is refused by fal (HTTP 401), yet
-        the simulator takes any key: said (:meth:`require_fal_key`, and with fal's 401), not
-        refused. The bundled simulator's placeholder (:data:`SIMULATOR_KEYS`) is no mistake."""
+        a simulator or a gateway may take any key: said when the queue is fal's own
+        (:meth:`require_fal_key`, and with fal's 401), never refused; elsewhere nothing is said.
+        The bundled simulator's placeholder (:data:`SIMULATOR_KEYS`) is no mistake, but on fal's
+        own queue, where it can only be refused. ``refused``: the queue has just refused the key
+        (HTTP 401), whatever its host: say what is odd about it."""
         key = self.fal_key.get_secret_value() if self.fal_key is not None else ""
         if key in SIMULATOR_KEYS and _is_fal_host(urlsplit(self.fal_queue_url).hostname):
             return (
@@ -750,6 +753,8 @@ class FalSettings(_Section):
             )
         if not key or ":" in key or key in SIMULATOR_KEYS:
             return None
+        if not refused and not _is_fal_host(urlsplit(self.fal_queue_url).hostname):
+            return None  # a simulator's or a gateway's may take any key: nothing to say until it refuses
         return (
             f"FAL_KEY has no ':' ({len(key)} characters), where fal's keys are <key id>:<key secret>, "
             "as https://fal.ai/dashboard/keys shows them"

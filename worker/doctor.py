@@ -600,7 +600,7 @@ def check_provider(settings: Settings) -> Check:
     code = answer.status_code
     said = _detail(answer, key)
     if code == 401:
-        shape = settings.key_shape_problem()  # fal's 401 says only "rejected": say what is odd
+        shape = settings.key_shape_problem(refused=True)  # fal's 401 says only "rejected": say what is odd
         return _fail(
             name,
             f"{base} refused the key (401{said})",

@@ -154,7 +154,7 @@ def test_a_worker_refuses_to_start_without_its_limiter(which: str, e2e_env: Path
     """`wanbatch worker` asks the limiter before it starts Celery: one line, exit 2. The
     limiter is WANBATCH_LIMITS_URL, else the broker's Redis (its password masked)."""
     closed = unused_port()
-    env = {**os.environ, "FAL_KEY": "worker-key"}
+    env = {**os.environ, "FAL_KEY": "worker-key-id:worker-key-secret"}
     if which == "limits":
         # Any broker that is not Redis: the limiter is WANBATCH_LIMITS_URL alone.
         env |= {"WANBATCH_BROKER_URL": f"amqp://127.0.0.1:{unused_port()}//"}

@@ -558,7 +558,7 @@ def pause_for_account(session: Session, rt: Runtime, batch_id: str, exc: Account
     """
     # `status` adds how to go on once it is fixed
     reason = f"{exc}{store.ACCOUNT_PAUSE_MARK}{refused_by(rt)})"
-    if exc.status_code == 401 and (shape := rt.settings.key_shape_problem()):
+    if exc.status_code == 401 and (shape := rt.settings.key_shape_problem(refused=True)):
         reason += f"; {shape}"  # fal's 401 says only "rejected": say what is wrong with the key
     changed = store.pause_for_refusal(session, batch_id, reason)
     # Every call a revoked key sends is refused alike: the pause is news once per batch, each
