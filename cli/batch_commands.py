@@ -15,8 +15,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -988,16 +988,10 @@ def _run_and_report(
         for line in uncancelled_lines(stats.uncancelled, retry, workers=bool(settings.broker_url)):
             err.print(f"[yellow]{escape(line)}[/yellow]")
     if stats.stranded:  # only requests of another key fal does not know for this one were left
-        from worker.limits import api_key_id
-
         simulate = _simulate_flag(_simulator is not None)
-        stuck = stranded_line(stats.stranded, report_ref(report), api_key_id(settings), simulate=simulate)
+        stuck = _say_stranded(stats.stranded, report_ref(report), settings, extra, simulate=simulate)
         held = held or stuck
-        extra.update(ok=False, error=held)
-        extra["other_key"] = [
-            {"job": n.job_id, "request_id": n.request_id, "key_id": n.key_id} for n in stats.stranded
-        ]
-        err.print(f"[yellow]{escape(stuck)}[/yellow]")
+        extra["error"] = held
     if as_json:
         emit_json(
             {
@@ -1012,6 +1006,27 @@ def _run_and_report(
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return EXIT_USAGE if held else final_code(report)
+
+
+def _say_stranded(
+    stranded: Sequence[Stranded],
+    ref: str,
+    settings: Settings,
+    extra: dict[str, object],
+    *,
+    simulate: str = "",
+) -> str:
+    """:func:`stranded_line` printed (yellow, stderr) and put in the ``--json`` object's ``extra``
+    (``ok`` false, ``error``, ``other_key``); the line. The key fal refused them to: the one the
+    database names (the workers', watching them), else this process's."""
+    from worker.limits import api_key_id
+
+    mine = next((n.refused_to for n in stranded if n.refused_to), None) or api_key_id(settings)
+    stuck = stranded_line(stranded, ref, mine, simulate=simulate)
+    extra.update(ok=False, error=stuck)
+    extra["other_key"] = [{"job": n.job_id, "request_id": n.request_id, "key_id": n.key_id} for n in stranded]
+    err.print(f"[yellow]{escape(stuck)}[/yellow]")
+    return stuck
 
 
 def stranded_line(stranded: Iterable[Stranded], ref: str, mine: str, *, simulate: str = "") -> str:
@@ -1693,9 +1708,10 @@ def _batch_found(batch_id: str) -> bool | None:
 @click.option(
     "--abandon-other-key",
     is_flag=True,
-    help="Also write off the requests sent with another FAL_KEY than this one (fal does not "
-    "know them for this key): they end failed, left at fal unfollowed, their estimate counted "
-    "as possibly billed.",
+    help="Also write off the requests sent with another FAL_KEY than this one that fal does not "
+    "know for this key (each is asked about first; one fal answers is the same account's, "
+    "followed and cancelled as the rest): they end failed, left at fal unfollowed, their "
+    "estimate counted as possibly billed.",
 )
 def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon_other_key: bool) -> None:
     """Stop BATCH: pending jobs are never submitted, queued ones are cancelled at fal.
@@ -1728,17 +1744,7 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
             return final_code(report)  # 1: jobs were cancelled (or are still being cancelled at fal)
 
         if abandon_other_key:
-            from worker.here import queue_origin
-            from worker.limits import api_key_id
-
-            mine = api_key_id(settings)
-            origin = queue_origin(settings.fal_queue_url)
-            abandoned = batches.abandon_other_key(batch_id, settings, key_id=mine, origin=origin, by="cli")
-            err.print(
-                f"cancel: {abandoned} request(s) sent with another API key than this one (key id "
-                f"{mine}) written off: failed, left at fal unfollowed (fal may still run and bill "
-                "them), their estimate counted as possibly billed"
-            )
+            abandoned = _abandon_other_key(batch_id, settings)
             done = replace(
                 done, at_fal=max(0, done.at_fal - abandoned), unfinished=max(0, done.unfinished - abandoned)
             )
@@ -1755,9 +1761,15 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
         earlier = ""
         if done.already_cancelled:  # a cancel stopped half-way (or still at it elsewhere)
             earlier = " (the batch was already cancelled: this finishes that cancel)"
-        err.print(f"cancel: {escape(ended)}; {done.at_fal} at fal being cancelled there{earlier}")
+        # With workers, the requests of another key fal already refused to their key (noted in
+        # the database) are not being cancelled there: named, exit 2, as an embedded cancel ends.
+        stranded = _refused_at_fal(batch_id, settings) if settings.broker_url else []
+        at_fal = max(0, done.at_fal - sum(1 for n in stranded if n.at_fal))
+        err.print(f"cancel: {escape(ended)}; {at_fal} at fal being cancelled there{earlier}")
         if settings.broker_url:
             _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
+            if stranded:
+                return _stranded_cancel(batch_id, settings, [n.stranded for n in stranded], as_json)
             return reported()
         if done.unfinished == 0:
             return reported()
@@ -1776,6 +1788,90 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
         return f"run `wanbatch cancel {ref}{_simulate_flag(simulate)}` again to finish cancelling"
 
     _processing(as_json, action, again)
+
+
+def _abandon_other_key(batch_id: str, settings: Settings) -> int:
+    """``cancel --abandon-other-key``, once the batch is cancelled: fal is asked about each of
+    its requests sent with another API key, with this key (:func:`worker.abandon.ask_about_other_keys`);
+    those it answers (the same fal account's) are followed with this key and cancelled (or
+    downloaded) as the rest of the batch; those it refuses to this key are written off
+    (:func:`jobs.batches.abandon_other_key`); those it could not be asked about are left. Says
+    each (stderr); how many were written off."""
+    from jobs import batches
+    from worker.abandon import ask_about_other_keys
+    from worker.here import queue_origin
+    from worker.limits import api_key_id
+
+    mine = api_key_id(settings)
+    origin = queue_origin(settings.fal_queue_url)
+    asked = ask_about_other_keys(batch_id, settings, key_id=mine, origin=origin)
+    abandoned = batches.abandon_other_key(batch_id, settings, key_id=mine, origin=origin, by="cli")
+    err.print(
+        f"cancel: {abandoned} request(s) sent with another API key than this one (key id "
+        f"{mine}) written off, fal not knowing them for this key: failed, left at fal unfollowed "
+        "(fal may still run and bill them), their estimate counted as possibly billed"
+    )
+    if asked.answered:
+        err.print(
+            f"cancel: {asked.answered} request(s) sent with another API key were answered for this "
+            "key (the same fal account): followed with it and cancelled with the rest of the batch "
+            "(one fal finished is downloaded), not written off"
+        )
+    if asked.unanswered:
+        err.print(
+            f"[yellow]cancel: fal could not be asked about {asked.unanswered} request(s) sent with "
+            "another API key (no answer): left as they were, not written off; run the command "
+            "again to ask again[/yellow]"
+        )
+    return abandoned
+
+
+@dataclass(frozen=True, slots=True)
+class _RefusedAtFal:
+    """A request of another key fal refused to the workers' key, and whether it is at fal
+    (``queued``/``running``: counted among those "being cancelled there")."""
+
+    stranded: Stranded
+    at_fal: bool
+
+
+def _refused_at_fal(batch_id: str, settings: Settings) -> list[_RefusedAtFal]:
+    """The requests of batch ``batch_id`` that fal refused to the workers' key (noted in the
+    database by the worker that asked: :func:`jobs.store.refused_requests`; every worker has
+    one key, taken to be this process's, or any when it has none)."""
+    from jobs import db, store
+    from jobs.db import open_engine
+    from jobs.states import AT_PROVIDER_STATES
+    from worker.limits import api_key_id
+    from worker.steps.other_key import Stranded
+
+    key = api_key_id(settings) if settings.fal_key and settings.fal_key.get_secret_value() else None
+    with db.read_scope(open_engine(settings)) as session:
+        refused = store.refused_requests(session, batch_id, key_id=key)
+        heads = store.job_heads(session, {r.job_id for r in refused})
+    return [
+        _RefusedAtFal(
+            Stranded(r.job_id, r.request_id, r.sent_with, r.key_id),
+            (head := heads.get(r.job_id)) is not None and head.state in AT_PROVIDER_STATES,
+        )
+        for r in refused
+    ]
+
+
+def _stranded_cancel(batch_id: str, settings: Settings, stranded: list[Stranded], as_json: bool) -> int:
+    """A cancel with workers of a batch some of whose requests fal refused to the workers' key:
+    the status report with the line naming them and the ways out (:func:`stranded_line`), exit 2
+    — what an embedded cancel ends with once only such requests are left."""
+    from jobs import batches
+
+    report = batches.status(batch_id, settings, policy=settings.submit_unknown_policy)[0]
+    extra: dict[str, object] = {}
+    _say_stranded(stranded, report_ref(report), settings, extra)
+    if as_json:
+        emit_json({**report, **extra})
+    else:
+        print_summary(report, distributed=True)
+    return EXIT_USAGE
 
 
 def _refuse_abandon_without_key(settings: Settings, simulate: bool) -> None:

@@ -40,7 +40,7 @@ from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
 from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
-from jobs.models import Batch, BatchState, utcnow
+from jobs.models import Batch, BatchState, Job, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import estimate_job
 from jobs.printable import shell_ref
@@ -1983,44 +1983,63 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
 #: --abandon-other-key`` wrote off (:func:`abandon_other_key`).
 ABANDONED_OTHER_KEY = "abandoned_other_key"
 
-#: The states in which a job waits for what fal says of its request (and so for its key).
-_OTHER_KEY_STATES = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
+
+def other_key_requests(session: Session, batch_id: str, *, key_id: str, origin: str) -> list[Job]:
+    """The unfinished jobs of batch ``batch_id`` waiting on a request sent with another API key
+    than ``key_id`` (a process's, a hash) to the fal queue at ``origin`` (or to one not
+    recorded): what ``cancel --abandon-other-key`` asks fal about, and writes off those fal
+    refuses to ``key_id``. A ``downloading`` job whose result is stored is none of them: its
+    video is fetched from the stored result, which needs no key."""
+    return [
+        job
+        for job in store.jobs_of_batch(session, batch_id, states=store.REFUSABLE_STATES)
+        if job.request_id is not None
+        and job.api_key_id is not None
+        and job.api_key_id != key_id
+        and (job.fal_origin is None or job.fal_origin == origin)
+        and not (job.state == JobState.DOWNLOADING and job.provider_output is not None)
+    ]
 
 
 def abandon_other_key(batch_id: str, settings: Settings, *, key_id: str, origin: str, by: str) -> int:
     """``wanbatch cancel BATCH --abandon-other-key``: every unfinished job of the batch whose
     request was sent with another API key than ``key_id`` (this process's, a hash) to the fal
-    queue at ``origin`` (or to one not recorded) ends ``failed`` (``error_type``
+    queue at ``origin`` (:func:`other_key_requests`) and that fal refused to ``key_id`` (a
+    :func:`jobs.store.note_key_refused` mark that still holds: the caller asked fal first,
+    :func:`worker.abandon.ask_about_other_keys`) ends ``failed`` (``error_type``
     :data:`ABANDONED_OTHER_KEY`), its request left at fal unfollowed, its estimate counted as
     possibly billed (:func:`jobs.store.abandon_request`). The way out when that key is gone (a
     key of another fal account, revoked): fal tells this key such requests do not exist, so
-    nothing here can follow, cancel or download them, and the batch would never end. How many.
+    nothing here can follow, cancel or download them, and the batch would never end. A request
+    fal answers this key about is the same account's: it is followed and cancelled (or
+    downloaded) as any other, never written off. How many were.
     Each job is moved by its version read here: one a process moved meanwhile is left."""
     with db.session_scope(open_engine(settings)) as session:
+        refused = {(r.job_id, r.request_id) for r in store.refused_requests(session, batch_id, key_id=key_id)}
         found = [
             job
-            for job in store.jobs_of_batch(session, batch_id, states=_OTHER_KEY_STATES)
-            if job.request_id is not None
-            and job.api_key_id is not None
-            and job.api_key_id != key_id
-            and (job.fal_origin is None or job.fal_origin == origin)
+            for job in other_key_requests(session, batch_id, key_id=key_id, origin=origin)
+            if (job.id, job.request_id) in refused
         ]
-        abandoned = 0
+        abandoned: list[str] = []
         for job in found:
             sent_with = job.api_key_id
             error = (
                 f"request {job.request_id} was sent with another API key (key id {sent_with}) and "
-                "abandoned (`wanbatch cancel --abandon-other-key`): left at fal unfollowed, where it "
-                "may still run and bill; its estimate is counted as possibly billed"
+                "abandoned (`wanbatch cancel --abandon-other-key`): fal does not know it for the key "
+                f"id {key_id}; left at fal unfollowed, where it may still run and bill; its estimate "
+                "is counted as possibly billed"
             )
-            abandoned += store.abandon_request(
+            if store.abandon_request(
                 session,
                 store.Fence.of(job, by),
                 error=error,
                 error_type=ABANDONED_OTHER_KEY,
                 reason=f"abandoned: sent with another API key (key id {sent_with})",
-            )
-        return abandoned
+            ):
+                abandoned.append(job.id)
+        store.forget_key_refusals(session, abandoned)
+        return len(abandoned)
 
 
 def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:

@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from jobs import store
 from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.digits import ascii_int
-from jobs.models import EVERY_BATCH, Batch, BatchState, Job, Money, utcnow
+from jobs.models import EVERY_BATCH, Batch, BatchState, Job, KeyRefusal, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.processes import owner_prefix
 from jobs.schedule import Schedule, format_age, format_duration
@@ -396,10 +396,15 @@ class ElsewhereWait:
     reason: str
     where: str
     jobs: int
+    #: Of an ``"api_key"`` wait, how many of its requests fal refused to this process's key
+    #: ("not found": :func:`jobs.store.note_key_refused`): the ones ``cancel --abandon-other-key``
+    #: may write off. The others may be the same account's, which this key can still follow.
+    refused: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        key = "key_id" if self.reason == "api_key" else "origin"
-        return {"reason": self.reason, key: self.where, "jobs": self.jobs}
+        if self.reason == "api_key":
+            return {"reason": self.reason, "key_id": self.where, "jobs": self.jobs, "refused": self.refused}
+        return {"reason": self.reason, "origin": self.where, "jobs": self.jobs}
 
 
 def elsewhere_waits(
@@ -415,8 +420,17 @@ def elsewhere_waits(
     other_key = (
         Job.api_key_id.is_not(None) & (Job.api_key_id != here.key_id) if here.key_id is not None else false()
     )
+    # fal's refusals of such a request to this process's key (one mark per job and key at most)
+    refusal = KeyRefusal.__table__.alias("refusal")
+    refused_here = (
+        (refusal.c.job_id == Job.id)
+        & (refusal.c.key_id == (here.key_id or ""))
+        & (refusal.c.request_id == Job.request_id)
+        & (refusal.c.sent_with == Job.api_key_id)
+    )
     rows = session.execute(
-        select(Job.batch_id, Job.fal_origin, Job.api_key_id, func.count())
+        select(Job.batch_id, Job.fal_origin, Job.api_key_id, func.count(), func.count(refusal.c.job_id))
+        .outerjoin(refusal, refused_here)
         .where(
             Job.batch_id.in_(list(batch_ids)),
             Job.state.in_(list(_FOLLOWED_STATES)),
@@ -425,28 +439,34 @@ def elsewhere_waits(
         )
         .group_by(Job.batch_id, Job.fal_origin, Job.api_key_id)
     )
-    found: dict[str, dict[tuple[str, str], int]] = {}
-    for batch_id, origin, key_id, jobs in rows:
+    found: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}
+    for batch_id, origin, key_id, jobs, refused in rows:
         if origin is not None and origin != here.origin:
-            where = ("fal_queue", str(origin))
+            where, refused = ("fal_queue", str(origin)), 0
         else:
             where = ("api_key", str(key_id))
         waits = found.setdefault(str(batch_id), {})
-        waits[where] = waits.get(where, 0) + int(jobs)
+        had_jobs, had_refused = waits.get(where, (0, 0))
+        waits[where] = (had_jobs + int(jobs), had_refused + int(refused))
     return {
-        batch_id: [ElsewhereWait(reason, where, jobs) for (reason, where), jobs in sorted(waits.items())]
+        batch_id: [
+            ElsewhereWait(reason, where, jobs, refused)
+            for (reason, where), (jobs, refused) in sorted(waits.items())
+        ]
         for batch_id, waits in found.items()
     }
 
 
 #: How a batch's requests of another key are written off when no process has that key any more
-#: (a key of another fal account, revoked): said beside them (:func:`elsewhere_wait_text`).
+#: (a key of another fal account, revoked): said beside those fal refused to this process's key
+#: (:func:`elsewhere_wait_text`), never beside the others (the same account's may be followed).
 ABANDON_HINT = "`wanbatch cancel BATCH --abandon-other-key` writes them off"
 
 
 def elsewhere_wait_text(waits: Sequence[ElsewhereWait]) -> str:
     """``2 request(s) were sent with another API key (key id 0123abcd…) and wait for a process
-    with that key (…writes them off)``; ``3 request(s) were sent to another fal queue
+    with that key``, followed, when fal refused some of them to this process's key, by ``(fal
+    does not know 2 of them for this key: …writes them off)``; ``3 request(s) were sent to another fal queue
     (http://host:port) and wait for the process that follows it``: the one wording ``status``
     (its ``--json``'s ``elsewhere_waiting_note``), ``run``'s progress line and the dashboard's
     batch page give; "" when none. Such jobs are asked about again and again by no one here: without it they
@@ -454,9 +474,14 @@ def elsewhere_wait_text(waits: Sequence[ElsewhereWait]) -> str:
     parts = []
     for wait in waits:
         if wait.reason == "api_key":
+            refused = (
+                f" (fal does not know {wait.refused} of them for this key: {ABANDON_HINT})"
+                if wait.refused
+                else ""
+            )
             parts.append(
                 f"{wait.jobs} request(s) were sent with another API key (key id {wait.where}) "
-                f"and wait for a process with that key ({ABANDON_HINT})"
+                f"and wait for a process with that key{refused}"
             )
         else:
             parts.append(

@@ -800,6 +800,33 @@ class HeldSubmission(Base):
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class KeyRefusal(Base):
+    """fal's "not found" (or refusal) of a request sent with another API key, when asked with
+    the key ``key_id`` (:mod:`worker.steps.other_key`): a key of another fal account, or one
+    since revoked, is told the request does not exist. Written where a poll, a download or a
+    cancel got that answer, so that every process sees it — a ``run`` watching the workers, a
+    ``cancel`` — not only the one that asked: the run ends (exit 2) once only such requests are
+    left, ``status`` names the way out, and ``cancel --abandon-other-key`` writes off only these.
+
+    A mark holds while the job still waits on that very request with that very key
+    (``Job.request_id`` = ``request_id``, ``Job.api_key_id`` = ``sent_with``): a request fal
+    answers later (``Job.api_key_id`` becomes the asking key's, :func:`jobs.store.followed_with_key`,
+    which also deletes the marks) or a new attempt leaves a stale mark, ignored.
+    """
+
+    __tablename__ = "key_refusals"
+
+    #: The job (no foreign key: deleting a batch never waits on, nor fails for, a mark).
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The key (its id, a hash, never the key) fal refused the request to.
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: The request fal refused, and the key id the job recorded it was sent with then.
+    request_id: Mapped[str] = mapped_column(String(255))
+    sent_with: Mapped[str] = mapped_column(String(32))
+    #: When fal first refused it to that key.
+    refused_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class SubmitRate(Base):
     """The submit rate's token bucket of one API key, shared by every process that dispatches.
 

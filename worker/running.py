@@ -78,6 +78,7 @@ from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
+from worker.steps.other_key import Stranded
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -85,7 +86,6 @@ if TYPE_CHECKING:
     from worker.conductor import Conductor
     from worker.steps import Runtime
     from worker.steps.cancel_tries import GivenUp
-    from worker.steps.other_key import Stranded
 
 log = logging.getLogger(__name__)
 
@@ -1382,24 +1382,22 @@ def _uncancelled(
     ]
 
 
-def _stranded(session: Session, batch_id: str, conductor: Conductor | None) -> list[Stranded]:
-    """The requests of batch ``batch_id`` sent with another API key that fal told this (embedded)
-    run's key it does not know, still unfinished: their jobs wait on that very request."""
-    if conductor is None:
-        return []
-    noted = conductor.rt.other_keys.stranded()
-    if not noted:
-        return []
-    heads = store.job_heads(session, {n.job_id for n in noted})
-    waiting = (JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING, JobState.DOWNLOADING)
+def _stranded(
+    session: Session, batch_id: str, settings: Settings, conductor: Conductor | None
+) -> list[Stranded]:
+    """The requests of batch ``batch_id`` sent with another API key that fal told the key that
+    follows them it does not know, still unfinished: their jobs wait on that very request. Read
+    from the database (:func:`jobs.store.refused_requests`), where the process that asked noted
+    it: embedded, this run's key; watching the workers, theirs — every worker has the one key
+    (``wanbatch worker`` refuses another), taken to be this process's when it has one, any key
+    fal refused such a request to when it has none."""
+    if conductor is not None:
+        key: str | None = api_key_id(conductor.rt.settings)
+    else:
+        key = api_key_id(settings) if settings.fal_key and settings.fal_key.get_secret_value() else None
     return [
-        n
-        for n in noted
-        if (head := heads.get(n.job_id)) is not None
-        and head.batch_id == batch_id
-        and head.request_id == n.request_id
-        and head.state in waiting
-        and head.api_key_id == n.key_id
+        Stranded(r.job_id, r.request_id, r.sent_with, r.key_id)
+        for r in store.refused_requests(session, batch_id, key_id=key)
     ]
 
 
@@ -1462,7 +1460,7 @@ def _watch(
             current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
             holds = [] if leased else caps.holds(session, current)
             uncancelled = _uncancelled(session, batch_id, current, conductor)
-            stranded = _stranded(session, batch_id, conductor)
+            stranded = _stranded(session, batch_id, settings, conductor)
         budget.spent(started, time.monotonic())
         silence.answered()
         done = current["finished"]

@@ -44,6 +44,7 @@ The package is split by what its queries are about; everything is imported from 
   :mod:`~jobs.store.metrics` (all batches);
 * :mod:`~jobs.store.uploads`, :mod:`~jobs.store.heartbeats`, :mod:`~jobs.store.fal_outages`,
   :mod:`~jobs.store.held` (accepted submissions a live process holds, their record refused),
+  :mod:`~jobs.store.key_refusals` (requests of another API key fal refused to a key),
   :mod:`~jobs.store.instance_secrets`, :mod:`~jobs.store.webhook_inbox`,
   :mod:`~jobs.store.dashboard_sessions` (logouts).
 
@@ -154,6 +155,11 @@ from jobs.store.instance_secrets import (
     instance_secret_if_made,
     new_secret_value,
 )
+from jobs.store.key_refusals import REFUSABLE_STATES as REFUSABLE_STATES
+from jobs.store.key_refusals import Refused as Refused
+from jobs.store.key_refusals import forget_key_refusals as forget_key_refusals
+from jobs.store.key_refusals import note_key_refused as note_key_refused
+from jobs.store.key_refusals import refused_requests as refused_requests
 from jobs.store.leases import (
     LeaseHolder,
     ReleasedLeases,

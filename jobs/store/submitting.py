@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from jobs.models import JobEvent, utcnow
 from jobs.states import JobState
 from jobs.store.core import _JOBS, _refresh_loaded, _run
+from jobs.store.key_refusals import forget_key_refusals
 from jobs.store.transitions import _EVENTS, _INSERT_EVENT, _UNLEASED, Fence, _move
 
 
@@ -189,7 +190,9 @@ def followed_with_key(session: Session, job_id: str, request_id: str, api_key_id
     now that key's to follow, and counted against its caps. Nothing changes for a job that waits
     on another request now, or recorded no key (anyone's already). Whether it changed anything.
 
-    Not a move of the job (its version stays): the request and its state are the same."""
+    Not a move of the job (its version stays): the request and its state are the same. Any
+    refusal of it noted for a key (:func:`jobs.store.note_key_refused`) goes: fal answered."""
+    forget_key_refusals(session, [job_id])
     statement = (
         update(_JOBS)
         .where(

@@ -80,7 +80,7 @@ def test_status_says_which_requests_wait_for_another_key_or_queue(
     origin = queue_origin(OTHER_QUEUE)
     key_note = (
         f"2 request(s) were sent with another API key (key id {other_id}) "
-        "and wait for a process with that key (`wanbatch cancel BATCH --abandon-other-key` writes them off)"
+        "and wait for a process with that key"  # fal refused none to this key: no way to write off
     )
     queue_note = (
         f"1 request(s) were sent to another fal queue ({origin}) and wait for the process that follows it"
@@ -88,7 +88,7 @@ def test_status_says_which_requests_wait_for_another_key_or_queue(
 
     found = json.loads(_status(engine, monkeypatch, capsys, batch_id, "--json"))
     assert found["elsewhere_waiting"] == [
-        {"reason": "api_key", "key_id": other_id, "jobs": 2},
+        {"reason": "api_key", "key_id": other_id, "jobs": 2, "refused": 0},
         {"reason": "fal_queue", "origin": origin, "jobs": 1},
     ]
     assert found["elsewhere_waiting_note"] == f"{key_note}; {queue_note}"

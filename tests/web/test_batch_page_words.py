@@ -248,6 +248,7 @@ def test_requests_of_another_key_are_said_to_wait_for_a_process_with_it(
         mixed = mixed_batch(work)
         waiting = next(j for j in store.jobs_of_batch(work, mixed.batch.id) if not JobState(j.state).terminal)
         waiting.state, waiting.request_id, waiting.api_key_id = JobState.QUEUED, "req-other", other_id
+        waiting_id = waiting.id
         work.commit()
     html = (
         logged_in(client(app_for(sqlite_engine, settings)))
@@ -256,8 +257,26 @@ def test_requests_of_another_key_are_said_to_wait_for_a_process_with_it(
     )
 
     shown = _said(html, r'data-testid="elsewhere-wait">(.*?)</p>')
-    assert shown == (
+    waits = (
         f"1 request(s) were sent with another API key (key id {other_id}) "
-        "and wait for a process with that key (`wanbatch cancel BATCH --abandon-other-key` writes them off)"
-    ), shown
+        "and wait for a process with that key"
+    )
+    assert shown == waits, shown
     assert other not in html
+
+    # Once fal refused it to this key (a key of another account), the way to write it off is named.
+    with session_factory(sqlite_engine)() as work:
+        store.note_key_refused(
+            work, waiting_id, "req-other", sent_with=other_id, key_id=api_key_id(settings), now=utcnow()
+        )
+        work.commit()
+    html = (
+        logged_in(client(app_for(sqlite_engine, settings)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+    shown = _said(html, r'data-testid="elsewhere-wait">(.*?)</p>')
+    assert shown == (
+        f"{waits} (fal does not know 1 of them for this key: "
+        "`wanbatch cancel BATCH --abandon-other-key` writes them off)"
+    ), shown

@@ -452,6 +452,32 @@ class Runtime:
         sent_with = getattr(job, "api_key_id", None)
         return sent_with if sent_with is not None and sent_with != api_key_id(self.settings) else None
 
+    def key_refused(self, job_id: str, request_id: str, sent_with: str, *, cancel: bool = False) -> bool:
+        """fal answered "not found" (or refused) about ``job_id``'s ``request_id``, sent with the
+        key ``sent_with`` (another than this runtime's), to this runtime's key — to a status, a
+        result, or (``cancel``) a cancel. Noted in memory (:attr:`other_keys`) and, the first
+        time this process meets it, in the database (:func:`jobs.store.note_key_refused`), where
+        every process reads it: a ``run`` watching the workers, ``cancel``, ``status``.
+        Whether it is the first time (the caller warns then, and says it at debug level after):
+        of a cancel, the first refused cancel (a status refused before says nothing of it)."""
+        known = self.other_keys.noted(job_id, request_id)
+        first = not (self.other_keys.cancel_noted(job_id, request_id) if cancel else known)
+        if not known:
+            with db.session_scope(self.engine) as session:
+                store.note_key_refused(
+                    session,
+                    job_id,
+                    request_id,
+                    sent_with=sent_with,
+                    key_id=api_key_id(self.settings),
+                    now=utcnow(),
+                )
+        if cancel:
+            self.other_keys.cancel_refused(job_id, request_id, sent_with)
+        else:
+            self.other_keys.refused(job_id, request_id, sent_with)
+        return first
+
     def followed_with_this_key(
         self, session: Session, job_id: str, request_id: str, sent_with: str | None
     ) -> bool:

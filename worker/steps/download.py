@@ -322,9 +322,11 @@ def _not_ours(rt: Runtime, claim: DownloadClaim, sent: str, exc: ProviderError) 
     longest poll interval, until a process that can ask about it (with the key it was sent with;
     the process of that simulator) fetches it."""
     telemetry.count_provider_error(exc)
+    first = True
     if claim.handle is not None and (key := rt.other_key(claim.job)) is not None:
-        rt.other_keys.refused(claim.fence.job_id, claim.handle.request_id, key)
-    log.warning(
+        first = rt.key_refused(claim.fence.job_id, claim.handle.request_id, key)
+    log.log(
+        logging.WARNING if first else logging.DEBUG,  # said once, at debug level after
         "job %s: fal answered %s about its result, %s: not taken as final; waiting for a process "
         "that can ask about it",
         claim.fence.job_id,

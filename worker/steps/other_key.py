@@ -11,11 +11,15 @@ rotated between two runs of a batch) is asked about as any other, and:
   for another key;
 * when fal says "not found" (or refuses it), nothing is concluded — the request may still run
   and bill at the other account — and the job keeps its request; this process notes it here
-  (:class:`OtherKeys`), per job and request, in memory. A run ends once nothing but such
-  requests is left (exit 2, :func:`worker.running._watch`), naming the key id and the ways out:
-  a run with that key, or ``wanbatch cancel BATCH --abandon-other-key``. A cancel fal answers
-  "not found" for such a request is not a cancel (nothing was cancelled): noted here too, and
-  asked again only every :data:`CANCEL_AGAIN_SECONDS` by a process that lives on (a worker).
+  (:class:`OtherKeys`), per job and request, and the first time in the database too
+  (:meth:`~worker.steps.context.Runtime.key_refused`, :func:`jobs.store.note_key_refused`),
+  where every process reads it: said in a warning that first time, at debug level after. A run
+  ends once nothing but such requests is left (exit 2, :func:`worker.running._watch`, which
+  reads them from the database: a run watching distributed workers too), naming the key id and
+  the ways out: a run with that key, or ``wanbatch cancel BATCH --abandon-other-key`` (which asks
+  fal about each first: :mod:`worker.abandon`). A cancel fal answers "not found" for such a
+  request is not a cancel (nothing was cancelled): noted the same way, and asked again only
+  every :data:`CANCEL_AGAIN_SECONDS` by a process that lives on (a worker).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class Stranded:
     job_id: str
     request_id: str
     key_id: str
+    #: The key (its id) fal refused it to, when known (read from the database).
+    refused_to: str = ""
 
 
 class OtherKeys:
@@ -54,6 +60,18 @@ class OtherKeys:
         """fal told this key "not found" (or refused it) about ``job_id``'s ``request_id``."""
         with self._lock:
             self._stranded[job_id] = Stranded(job_id, request_id, key_id)
+
+    def noted(self, job_id: str, request_id: str) -> bool:
+        """Whether fal's refusal of ``job_id``'s ``request_id`` is noted here already."""
+        with self._lock:
+            found = self._stranded.get(job_id)
+            return found is not None and found.request_id == request_id
+
+    def cancel_noted(self, job_id: str, request_id: str) -> bool:
+        """Whether fal's "not found" to a cancel of ``job_id``'s ``request_id`` is noted here already."""
+        with self._lock:
+            found = self._stranded.get(job_id)
+            return found is not None and found.request_id == request_id and job_id in self._cancel_due
 
     def cancel_refused(self, job_id: str, request_id: str, key_id: str) -> None:
         """fal answered "not found" to this key's cancel of ``request_id``: noted as

@@ -189,11 +189,13 @@ def _not_ours(
     knows only its own. The job keeps its request (never failed, never resent, its batch never
     paused) and is asked about again after the longest poll interval; a process that can ask
     about it (with the key it was sent with: its own run, or workers configured with it; the
-    process of that simulator) settles it. A request of another key (``key``, its id) is noted
-    (:attr:`~worker.steps.context.Runtime.other_keys`): a run ends once only such are left."""
-    if key is not None:
-        rt.other_keys.refused(fence.job_id, handle.request_id, key)
-    log.warning(
+    process of that simulator) settles it. A request of another key (``key``, its id) is noted,
+    in the database too (:meth:`~worker.steps.context.Runtime.key_refused`): a run ends once only
+    such are left, workers' or its own. Said as a warning the first time this process meets it,
+    at debug level at every later poll."""
+    first = rt.key_refused(fence.job_id, handle.request_id, key) if key is not None else True
+    log.log(
+        logging.WARNING if first else logging.DEBUG,
         "job %s: fal answered %s about request %s, %s: not taken as final; waiting for a process "
         "that can ask about it",
         fence.job_id,

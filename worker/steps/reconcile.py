@@ -404,9 +404,12 @@ def _not_ours_to_cancel(rt: Runtime, fence: Fence, handle: RequestHandle, key_id
     nothing was cancelled — it may still run and bill there. Not recorded as a cancel (the job
     stays ``queued`` or ``running``, never ``cancelling``); noted
     (:meth:`~worker.steps.other_key.OtherKeys.cancel_refused`), so that a run of the batch ends
-    naming it and the way out (``wanbatch cancel BATCH --abandon-other-key``)."""
-    rt.other_keys.cancel_refused(fence.job_id, handle.request_id, key_id)
-    log.warning(
+    naming it and the way out (``wanbatch cancel BATCH --abandon-other-key``), in the database
+    too (:meth:`~worker.steps.context.Runtime.key_refused`): a ``run`` or ``cancel`` watching the
+    workers sees it. A warning the first time this process meets it, debug level after."""
+    first = rt.key_refused(fence.job_id, handle.request_id, key_id, cancel=True)
+    log.log(
+        logging.WARNING if first else logging.DEBUG,
         'job %s: fal answered "not found" to the cancel of request %s, sent with another API key '
         "(key id %s): not cancelled (fal may still run and bill it); a process with that key can "
         "cancel it, or `wanbatch cancel BATCH --abandon-other-key` writes it off",
