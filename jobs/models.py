@@ -48,7 +48,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
-    literal_column,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -673,9 +672,7 @@ _partial_index(
 #: ``status`` counts them without reading every event of every succeeded job (migration 0047).
 #: The reason is spelt out: SQLite uses a partial index only for a query that repeats the term.
 ADOPTED_REASON = "adopted from outputs on disk"
-_partial_index(
-    "ix_job_events_adopted", JobEvent.job_id, where=JobEvent.reason == literal_column(f"'{ADOPTED_REASON}'")
-)
+_partial_index("ix_job_events_adopted", JobEvent.job_id, where=JobEvent.reason == ADOPTED_REASON)
 
 
 class BatchTotals(Base):
