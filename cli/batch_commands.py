@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
     from worker.running import Interrupted
     from worker.steps.cancel_tries import GivenUp
-    from worker.steps.other_key import Stranded
+    from worker.stranded import Stranded
 
 #: The key a ``--simulate`` run sends, whatever FAL_KEY is (the simulator accepts any key).
 SIMULATOR_KEY = "simulator-key"
@@ -1843,7 +1843,7 @@ def _refused_at_fal(batch_id: str, settings: Settings) -> list[_RefusedAtFal]:
     from jobs.db import open_engine
     from jobs.states import AT_PROVIDER_STATES
     from worker.limits import api_key_id
-    from worker.steps.other_key import Stranded
+    from worker.stranded import Stranded
 
     key = api_key_id(settings) if settings.fal_key and settings.fal_key.get_secret_value() else None
     with db.read_scope(open_engine(settings)) as session:

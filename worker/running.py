@@ -78,7 +78,7 @@ from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
-from worker.steps.other_key import Stranded
+from worker.stranded import Stranded
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -27,24 +27,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from worker.stranded import Stranded
 
 #: How long after fal answered "not found" to a cancel of another key's request a process that
 #: lives on (a worker, ``serve``'s tick) asks again (as a given-up cancel:
 #: :data:`worker.steps.cancel_tries.GIVEN_UP_RETRY_SECONDS`).
 CANCEL_AGAIN_SECONDS = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class Stranded:
-    """A job whose request ``request_id`` was sent with the key ``key_id``, about which fal told
-    this process's key "not found" (or refused it)."""
-
-    job_id: str
-    request_id: str
-    key_id: str
-    #: The key (its id) fal refused it to, when known (read from the database).
-    refused_to: str = ""
 
 
 class OtherKeys:
