@@ -604,6 +604,8 @@ def submit_manifest(
             # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
             stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
             added, existing = stored.added, stored.present
+            if manifest_moved is not None:  # raised inside the transaction: nothing is stored
+                refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored)
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
         if refuse_paused_batch:
@@ -2092,6 +2094,32 @@ def refuse_rerun(session: Session, batch: Batch) -> None:
     raise UsageError(
         f"batch {batch.name} is a rerun of {parent_name} (made by `wanbatch rerun`); "
         "give the manifest another name"
+    )
+
+
+def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resubmitted) -> None:
+    """A manifest of another project that took a stored batch's ``name:``: a :class:`UsageError`
+    (exit 2), raised before anything is stored.
+
+    A batch is found by its name, so a manifest submitted from another place is taken for the
+    same project moved or copied (:func:`submit_manifest`'s ``manifest_moved``). When the batch's
+    manifest is still where it was and the one given now asks for none of the batch's jobs, it is
+    another project with the same name on a shared database: merged, every job of the first was
+    dropped as "no longer in its manifest", its budget cap replaced, and "moved" announced, while
+    the next submit of the first moved everything back. A real move leaves no file behind; a copy
+    shares its jobs with the batch."""
+    if stored.present or not (stored.not_in_manifest or stored.added):
+        return
+    old = Path(stored_at)
+    try:
+        if not old.is_file() or old.samefile(given):
+            return
+    except OSError:
+        return
+    raise UsageError(
+        f"batch {name} belongs to {shown_path(old)}, which is still there, and {shown_path(Path(given))} "
+        "asks for none of its jobs: give this manifest another `name:` (or, if it is the same project "
+        f"moved, move or delete {shown_path(old)} first)"
     )
 
 

@@ -257,3 +257,43 @@ def test_reruns_an_older_version_left_behind_catch_up_on_the_next_submit(
     assert _moved_lines(err) == []
     assert _rerun_lines(err) == ["reruns of batch mv6 moved to its place (proj2/m.yaml): mv6-rerun-1"], err
     assert run_main(["rerun", "mv6-rerun-1", "--simulate", "--no-progress"], monkeypatch) == 0
+
+
+def test_another_project_with_the_same_name_is_refused_not_merged(
+    sim: SimulatorHandle,
+    e2e_env: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Audit (reproducibility sweeps): two projects on one database with the same ``name:``. The
+    second was merged into the first's batch, announced as a "move", every job of the first was
+    dropped and its budget cap replaced. While the first manifest is still there and the second
+    asks for none of its jobs, it is refused in one line and nothing changes; once the first
+    manifest is moved away, the submit is a move as before."""
+    first = _project(e2e_env, "same", TWO)
+    first.write_text(first.read_text(encoding="utf-8") + "budget: {max_usd: 5}\n", encoding="utf-8")
+    assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
+    other = e2e_env / "other"
+    shutil.copytree(EXAMPLES / "images", other / "images")
+    lone = "  - {prompt: an unrelated project, image_url: images/night.jpg, seed: 99}\n"
+    (other / "m.yaml").write_text(MANIFEST.format(name="same", items=lone), encoding="utf-8")
+    capsys.readouterr()
+
+    assert run_main(["submit", "other/m.yaml"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: batch same belongs to {first}, which is still there, and other/m.yaml asks for none of "
+        f"its jobs: give this manifest another `name:` (or, if it is the same project moved, move or "
+        f"delete {first} first)"
+    ]
+    assert _manifest_path(tmp_path, "same") == str(first)
+    assert [state for state, _, _ in _jobs(tmp_path, "same")] == ["pending", "pending"]
+    budget = db_rows(_url(tmp_path), "SELECT budget_max_usd FROM batches WHERE name = 'same'")[0][0]
+    assert int(budget) == 5_000_000_000  # $5.00, stored in nano-dollars: the cap is unchanged
+
+    first.rename(e2e_env / "proj" / "old.yaml")  # the first project's manifest is gone from there
+    assert run_main(["submit", "other/m.yaml"], monkeypatch) == 0
+    assert _moved_lines(capsys.readouterr().err) == [
+        f"batch same moved: its manifest is now other/m.yaml (was {first})"
+    ]
