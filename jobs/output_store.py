@@ -17,6 +17,13 @@ under a final key**. The sidecar follows the same way. The staged file is remove
 the job's success is stored (:meth:`OutputStore.finish`); an upload that fails keeps it, and the
 next try uploads it again without asking fal for anything (a paid output is never regenerated).
 
+**Never over another request's output.** Every S3 write is conditional (``If-None-Match: *``):
+an object under the key is never replaced, unless its sidecar names this very request. Another
+request's pair stays, and this one goes beside it as ``<stem>.<request id>.mp4``/``.json``, as a
+local folder does (``worker.steps.download._own_name``). :func:`read_sidecar` reads a stored
+video's sidecar wherever it is, for adopting a job a restored database forgot it paid for
+(``worker.steps.adopt``).
+
 **Keys** are ``<prefix>/<batch slug>/<item index>-<job id prefix>.mp4`` (and ``.json``): only the
 configured prefix and names we made (``jobs.outputs.slug`` and our ids), never a name the
 provider supplied. ``job.output_path`` records ``s3://bucket/key``; exports show that URI. S3
@@ -49,7 +56,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -506,12 +513,85 @@ class S3OutputStore(OutputStore):
         holds_lease: Callable[[], bool] | None = None,
         stored_before: bool = False,
     ) -> str:
+        """Every write is conditional (``If-None-Match: *``): an object already under the job's
+        key is never replaced, unless its sidecar names this very request (an earlier try's). A
+        paid pair of another request (another copy of the database, a newer backup, an earlier
+        request of the job) stays as it is, and this one goes beside it as
+        ``<stem>.<request id>.mp4``/``.json`` (:func:`jobs.outputs.beside_path`), as in a local
+        folder; the ``output_path`` returned names it. No request more when the key is free."""
         bucket, key = split_uri(location)
+        request_id = sidecar.get("request_id")
+        if not isinstance(request_id, str) or not request_id:
+            request_id = None
+        places = [key]
+        if request_id is not None:
+            beside = str(outputs.beside_path(PurePosixPath(key), request_id))
+            if beside != key:
+                places.append(beside)
+        held = ""
+        for at in places:
+            where = f"s3://{bucket}/{at}"
+            record = sidecar if at == key else {**sidecar, "video_path": self.sidecar_video_path(where)}
+            try:
+                taken = self._publish_at(
+                    video,
+                    bucket=bucket,
+                    key=at,
+                    sha256=sha256,
+                    size=size,
+                    sidecar=record,
+                    request_id=request_id,
+                    by_name=at != key,
+                    progress=progress,
+                    holds_lease=holds_lease,
+                    stored_before=stored_before,
+                )
+            except OutputReadError as exc:  # the sidecar under the key could not be read: later
+                raise OutputUploadError(f"upload to {where}: {exc}") from None
+            if taken is None:
+                if at != key:
+                    log.warning(
+                        "job %s: s3://%s/%s holds %s; not overwritten: this request's video is stored "
+                        "beside it as %s",
+                        sidecar.get("job_id"),
+                        bucket,
+                        key,
+                        held,
+                        where,
+                        extra={
+                            "event": "output.kept_other_request",
+                            "job_id": sidecar.get("job_id"),
+                            "request_id": request_id,
+                        },
+                    )
+                return where
+            held = taken
+        raise OutputUploadError(f"upload to s3://{bucket}/{places[-1]}: it holds {held}; not overwritten")
+
+    def _publish_at(
+        self,
+        video: Path,
+        *,
+        bucket: str,
+        key: str,
+        sha256: str,
+        size: int,
+        sidecar: dict[str, Any],
+        request_id: str | None,
+        by_name: bool,
+        progress: Callable[[int], None] | None,
+        holds_lease: Callable[[], bool] | None,
+        stored_before: bool,
+    ) -> str | None:
+        """Store the video at ``key`` and its sidecar beside it, neither over another request's
+        object: None once both are stored, else what holds the key (nothing of ours is left
+        under it). ``by_name``: ``key`` is named after this request (only its video goes there)."""
         side_key = key.rsplit(".", 1)[0] + ".json"
         data = outputs.sidecar_json(sidecar).encode()
         # An earlier attempt that stored both and then lost the job's lease (a storage answering
         # slower than WANBATCH_LEASE_SECONDS) left nothing to send again: two HEADs, not uploads.
         etag = _stored_etag(bucket, key, sha256, size) if stored_before else None
+        sent = False
         if etag is not None:
             log.info(
                 "s3://%s/%s is already stored with SHA-256 %s (by an earlier try): not sent again",
@@ -522,22 +602,35 @@ class S3OutputStore(OutputStore):
             )
         else:
             try:
-                etag = self.put_file(
-                    video, bucket=bucket, key=key, sha256=sha256, size=size, progress=progress
-                )
-            except OutputUploadError:
-                raise
-            except OSError as exc:  # reading the staged file back
-                raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
+                etag, sent = self._put_video(video, bucket, key, sha256, size, progress, only_new=True), True
+            except _Taken:
+                holder = _holder(bucket, key, side_key, request_id, by_name, sha256, size)
+                if holder is not None:
+                    return holder
+                etag = _stored_etag(bucket, key, sha256, size)
+                if etag is None:  # this request's own video, as an earlier try stored it: replaced
+                    etag, sent = self._put_video(video, bucket, key, sha256, size, progress), True
         if progress is not None:
             progress(size)  # the lease still ours before the sidecar goes (raises when it is not)
         if (
             stored_before
             and _stored_etag(bucket, side_key, hashlib.sha256(data).hexdigest(), len(data)) is not None
         ):
-            return location
+            return None
         try:
-            put_bytes(bucket, side_key, data, content_type="application/json")
+            try:
+                put_bytes(bucket, side_key, data, content_type="application/json", only_new=True)
+            except _Taken:
+                existing = read_json_object(bucket, side_key)
+                if existing is None or request_id is None or existing.get("request_id") != request_id:
+                    # Another request's sidecar whose video was gone: the video just stored is
+                    # taken back (only that object: S3 refuses the delete otherwise), and both
+                    # go beside it.
+                    if sent:
+                        with contextlib.suppress(Exception):
+                            _delete(bucket, key, etag)
+                    return _held_by(existing)
+                put_bytes(bucket, side_key, data, content_type="application/json")  # an earlier try's
         except OutputUploadError:
             # a video without its sidecar is not an output: take it back (both go up again next
             # try) — only while this attempt holds the job's lease: once it moved on, the object
@@ -547,13 +640,29 @@ class S3OutputStore(OutputStore):
                     f"s3://{bucket}/{side_key}: the job's lease moved on while its sidecar was uploaded"
                 ) from None
             with contextlib.suppress(Exception):
-                # and only the object this attempt stored (S3 refuses the delete otherwise)
-                if etag:
-                    _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
-                else:
-                    _client().delete_object(Bucket=bucket, Key=key)
+                _delete(bucket, key, etag)
             raise
-        return location
+        return None
+
+    def _put_video(
+        self,
+        video: Path,
+        bucket: str,
+        key: str,
+        sha256: str,
+        size: int,
+        progress: Callable[[int], None] | None,
+        *,
+        only_new: bool = False,
+    ) -> str | None:
+        try:
+            return self.put_file(
+                video, bucket=bucket, key=key, sha256=sha256, size=size, progress=progress, only_new=only_new
+            )
+        except (OutputUploadError, _Taken):
+            raise
+        except OSError as exc:  # reading the staged file back
+            raise OutputWriteError(f"could not read the staged {video}: {exc.strerror or exc}") from exc
 
     def put_file(
         self,
@@ -564,6 +673,7 @@ class S3OutputStore(OutputStore):
         sha256: str,
         size: int,
         progress: Callable[[int], None] | None = None,
+        only_new: bool = False,
     ) -> str | None:
         """Upload ``path`` (``size`` bytes, SHA-256 ``sha256`` hex) to ``bucket/key`` atomically;
         the stored object's ETag (None when the storage did not say).
@@ -571,9 +681,11 @@ class S3OutputStore(OutputStore):
         Up to :attr:`multipart_threshold`: one ``PutObject`` with ``ChecksumSHA256``, which S3
         verifies. Beyond: a multipart upload, ``ChecksumSHA256`` on every part, aborted on any
         failure. The full SHA-256 travels as the object's ``sha256`` metadata either way.
+        ``only_new``: never over an object under ``key`` (``If-None-Match: *``; :class:`_Taken`).
         """
         meta = {"sha256": sha256}
         where = f"s3://{bucket}/{key}"
+        condition: dict[str, Any] = {"IfNoneMatch": "*"} if only_new else {}
         if size <= self.multipart_threshold:
             checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
             try:
@@ -587,14 +699,19 @@ class S3OutputStore(OutputStore):
                         ChecksumSHA256=checksum,
                         ContentType="video/mp4",
                         Metadata=meta,
+                        **condition,
                     )
             except (OSError, WanbatchError):
                 raise
             except Exception as exc:
+                if only_new and _taken(exc):
+                    raise _Taken(where) from None
                 raise _upload_error(where, exc, bucket) from None
             _check_echo(answer, checksum, where)
             return _etag(answer)
-        return self._put_multipart(path, bucket=bucket, key=key, meta=meta, progress=progress)
+        return self._put_multipart(
+            path, bucket=bucket, key=key, meta=meta, progress=progress, condition=condition
+        )
 
     def _put_multipart(
         self,
@@ -604,6 +721,7 @@ class S3OutputStore(OutputStore):
         key: str,
         meta: dict[str, str],
         progress: Callable[[int], None] | None,
+        condition: dict[str, Any],
     ) -> str | None:
         where = f"s3://{bucket}/{key}"
         client = _client()
@@ -635,16 +753,22 @@ class S3OutputStore(OutputStore):
                     if progress is not None:
                         progress(sent)
                     number += 1
-            done = client.complete_multipart_upload(
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-            )
+            try:  # S3 takes the condition on completion: the object appears only then
+                done = client.complete_multipart_upload(
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                    **condition,
+                )
+            except Exception as exc:
+                if condition and _taken(exc):
+                    raise _Taken(where) from None
+                raise
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-            if isinstance(exc, OSError | WanbatchError) or not isinstance(exc, Exception):
+            if isinstance(exc, OSError | WanbatchError | _Taken) or not isinstance(exc, Exception):
                 raise
             raise _upload_error(where, exc, bucket) from None
         return _etag(done)
@@ -826,9 +950,11 @@ def fetch_output(output_path: str, target: Path, sha256: str | None = None) -> s
     return "downloaded"
 
 
-def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
-    """One small object, ``ChecksumSHA256`` attached (S3 verifies it); :class:`OutputUploadError`."""
+def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str, only_new: bool = False) -> None:
+    """One small object, ``ChecksumSHA256`` attached (S3 verifies it); :class:`OutputUploadError`.
+    ``only_new``: never over an object under ``key`` (``If-None-Match: *``; :class:`_Taken`)."""
     checksum = _b64sha256(data)
+    condition: dict[str, Any] = {"IfNoneMatch": "*"} if only_new else {}
     try:
         answer = _client().put_object(
             Bucket=bucket,
@@ -839,10 +965,40 @@ def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str) -> None:
             ChecksumSHA256=checksum,
             ContentType=content_type,
             Metadata={"sha256": hashlib.sha256(data).hexdigest()},
+            **condition,
         )
     except Exception as exc:
+        if only_new and _taken(exc):
+            raise _Taken(f"s3://{bucket}/{key}") from None
         raise _upload_error(f"s3://{bucket}/{key}", exc, bucket) from None
     _check_echo(answer, checksum, f"s3://{bucket}/{key}")
+
+
+def read_json_object(bucket: str, key: str) -> dict[str, Any] | None:
+    """The sidecar stored as ``bucket/key`` (one ``GetObject``), read as a local one is
+    (:func:`jobs.outputs.parse_sidecar`); None when there is no such object, or it is not a
+    sidecar. :class:`OutputReadError` when the storage cannot be asked (refused, unreachable;
+    a missing key reads as refused without ``s3:ListBucket``)."""
+    try:
+        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        data = body.read(outputs.SIDECAR_MAX_BYTES + 1)
+    except Exception as exc:
+        if _code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise OutputReadError(
+            f"cannot read s3://{bucket}/{key}: {_reason(exc, bucket)}", refused=_refused(exc)
+        ) from None
+    return outputs.parse_sidecar(data)
+
+
+def read_sidecar(output_path: str) -> dict[str, Any] | None:
+    """The sidecar beside a stored video (a local path or an ``s3://`` URI), None when there is
+    none: one ``open`` (:func:`jobs.outputs.read_sidecar`, which never raises) or one
+    ``GetObject`` (:func:`read_json_object`: :class:`OutputReadError` when S3 cannot be asked)."""
+    if not is_s3_url(output_path):
+        return outputs.read_sidecar(Path(output_path))
+    bucket, key = _object(output_path)
+    return read_json_object(bucket, str(PurePosixPath(key).with_suffix(outputs.SIDECAR_SUFFIX)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -921,6 +1077,51 @@ def _stored_etag(bucket: str, key: str, sha256: str, size: int) -> str | None:
     if checksum and "-" not in checksum and checksum != base64.b64encode(bytes.fromhex(sha256)).decode():
         return None  # a multipart object's checksum ("…-N") is of its parts' checksums
     return _etag(head) or ""
+
+
+class _Taken(Exception):
+    """A conditional write (``If-None-Match: *``) found an object under its key: nothing was
+    written. This module's own signal: :meth:`S3OutputStore.publish` then stores beside it."""
+
+
+#: What a storage answers a conditional write whose key holds an object: ``412
+#: PreconditionFailed`` (AWS, MinIO, moto), or ``409 ConditionalRequestConflict`` while another
+#: write of that key is under way (which may succeed: taken as held).
+_TAKEN_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+
+
+def _taken(exc: BaseException) -> bool:
+    return _code(exc) in _TAKEN_CODES
+
+
+def _held_by(record: dict[str, Any] | None) -> str:
+    """What holds a key, for the warning of a pair stored beside it."""
+    if record is None:
+        return "an object without its sidecar (another request's video, or another process storing it now)"
+    return f"the video of job {record.get('job_id')}, request {record.get('request_id')}"
+
+
+def _holder(
+    bucket: str, key: str, side_key: str, request_id: str | None, by_name: bool, sha256: str, size: int
+) -> str | None:
+    """Whose the object a conditional write found under ``key`` is: None when it is this
+    request's (its sidecar names it; or, without a sidecar, the key is named after this request,
+    or the object holds these very bytes), else what holds it (:func:`_held_by`). One
+    ``GetObject`` of the sidecar, a ``HEAD`` when there is none."""
+    record = read_json_object(bucket, side_key)
+    if record is not None:
+        return None if request_id is not None and record.get("request_id") == request_id else _held_by(record)
+    if by_name or _stored_etag(bucket, key, sha256, size) is not None:
+        return None
+    return _held_by(None)
+
+
+def _delete(bucket: str, key: str, etag: str | None) -> None:
+    """Delete the object this attempt stored under ``key``: only it (``If-Match`` its ETag)."""
+    if etag:
+        _client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+    else:
+        _client().delete_object(Bucket=bucket, Key=key)
 
 
 def _check_echo(answer: Any, checksum: str, where: str) -> None:

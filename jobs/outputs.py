@@ -17,8 +17,8 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
 
 import orjson
 
@@ -216,6 +216,14 @@ def read_sidecar(video: Path) -> dict[str, Any] | None:
             data = fh.read(SIDECAR_MAX_BYTES + 1)
     except (OSError, ValueError):
         return None
+    return parse_sidecar(data)
+
+
+def parse_sidecar(data: bytes) -> dict[str, Any] | None:
+    """A sidecar's bytes (at most :data:`SIDECAR_MAX_BYTES` + 1 of them read) as the JSON object
+    a download wrote, else None: too large, not JSON, or not an object. Never raises. The same
+    reading for a local file (:func:`read_sidecar`) and an S3 object
+    (:func:`jobs.output_store.read_sidecar`)."""
     if len(data) > SIDECAR_MAX_BYTES:
         return None
     try:
@@ -224,6 +232,9 @@ def read_sidecar(video: Path) -> dict[str, Any] | None:
         return None
     return record if isinstance(record, dict) else None
 
+
+#: A local path or an S3 key's pure path: :func:`beside_path` gives one of the same kind.
+_P = TypeVar("_P", bound=PurePath)
 
 #: What a fal request id may be to appear as it is in a file name (:func:`beside_path`).
 _NAMEABLE_REQUEST = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -237,11 +248,12 @@ def request_tag(request_id: str) -> str:
     return "r" + hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def beside_path(video: Path, request_id: str) -> Path:
+def beside_path(video: _P, request_id: str) -> _P:
     """Where the video of fal's request ``request_id`` goes when the job's own name ``video``
     holds a paid video of another request (another copy of the database stored it, or an
     earlier request of the job): ``<stem>.<request id>.mp4`` beside it (:func:`request_tag`),
-    its sidecar ``<stem>.<request id>.json``. ``video`` itself when it is that name already."""
+    its sidecar ``<stem>.<request id>.json``. ``video`` itself when it is that name already.
+    Also an S3 key's (as a :class:`~pathlib.PurePosixPath`: ``jobs.output_store``)."""
     tag = request_tag(request_id)
     if video.stem.endswith(f".{tag}"):
         return video

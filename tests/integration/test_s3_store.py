@@ -11,10 +11,12 @@ the containment of local files, and the ``s3://`` form of ``WANBATCH_OUTPUT_DIR`
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -42,6 +44,9 @@ from tests.hostile_fal import FakeFal
 from tests.s3_helpers import SECRET_KEY, MotoS3, S3FaultProxy, aws_env, b64, keys, object_sha256
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from worker.steps import Runtime, dispatch, download, poll, schedule_downloads, submit
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 pytestmark = pytest.mark.s3
 
@@ -532,3 +537,111 @@ def test_a_local_result_is_not_mistaken_for_an_old_staged_copy(
     assert fal.file_gets("r1.mp4") == 1
     assert _job(engine, job_id).output_sha256 == hashlib.sha256(fal.video).hexdigest()
     assert not staged.exists()
+
+
+def _publish(
+    client: S3Client,
+    store_: S3OutputStore,
+    tmp_path: Path,
+    data: bytes,
+    request_id: str,
+    stored_before: bool = False,
+) -> tuple[str, dict[str, object]]:
+    """``publish`` a staged video of ``data`` made by fal's ``request_id`` for job ``J`` at
+    ``s3://…/p/b/000000-J.mp4``: the ``output_path`` it returns, and the sidecar it stored."""
+    video = tmp_path / f"{request_id}.mp4"
+    video.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    sidecar = {"job_id": "J", "request_id": request_id, "video_path": f"s3://{BUCKET}/p/b/000000-J.mp4"}
+    where = store_.publish(
+        video,
+        location=f"s3://{BUCKET}/p/b/000000-J.mp4",
+        sha256=sha,
+        size=len(data),
+        sidecar=sidecar,
+        stored_before=stored_before,
+    )
+    side = where.removeprefix(f"s3://{BUCKET}/").removesuffix(".mp4") + ".json"
+    return where, json.loads(client.get_object(Bucket=BUCKET, Key=side)["Body"].read())
+
+
+def test_an_object_of_another_request_is_never_replaced_the_new_pair_goes_beside_it(
+    tmp_path: Path, s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    store_ = _store(tmp_path)
+    first, _ = _publish(client, store_, tmp_path, b"paid by request one", "req-1")
+    assert first == f"s3://{BUCKET}/p/b/000000-J.mp4"
+    paid = {k: object_sha256(client, BUCKET, k) for k in keys(client, BUCKET)}
+
+    second, sidecar = _publish(client, store_, tmp_path, b"paid by request two", "req-2")
+
+    assert second == f"s3://{BUCKET}/p/b/000000-J.req-2.mp4"
+    assert sidecar["request_id"] == "req-2"
+    assert sidecar["video_path"] == second  # the sidecar names the object it describes
+    assert (
+        object_sha256(client, BUCKET, "p/b/000000-J.req-2.mp4")
+        == hashlib.sha256(b"paid by request two").hexdigest()
+    )
+    for key, digest in paid.items():  # request one's pair is as it was
+        assert object_sha256(client, BUCKET, key) == digest, key
+    assert len(keys(client, BUCKET)) == 4
+    assert "not overwritten" in caplog.text
+
+    # The same request again (an earlier try stored it, then lost its lease): its own pair,
+    # taken as stored, nothing beside it.
+    again, _ = _publish(client, store_, tmp_path, b"paid by request two", "req-2", stored_before=True)
+    assert again == second
+    assert len(keys(client, BUCKET)) == 4
+
+
+def test_a_video_without_its_sidecar_is_another_uploads_and_is_never_replaced(
+    tmp_path: Path, s3: MotoS3
+) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    # Another process's video, its sidecar not up yet (or another copy's, whose sidecar was lost).
+    client.put_object(Bucket=BUCKET, Key="p/b/000000-J.mp4", Body=b"somebody else's")
+    where, _ = _publish(client, _store(tmp_path), tmp_path, b"this request's", "req-9")
+    assert where == f"s3://{BUCKET}/p/b/000000-J.req-9.mp4"
+    body = client.get_object(Bucket=BUCKET, Key="p/b/000000-J.mp4")["Body"].read()
+    assert body == b"somebody else's"
+    # A sidecar of another request whose video is gone: neither is its key taken.
+    client.put_object(Bucket=BUCKET, Key="p/b/000001-K.json", Body=b'{"request_id": "other"}')
+    video = tmp_path / "k.mp4"
+    video.write_bytes(b"k's video")
+    location = f"s3://{BUCKET}/p/b/000001-K.mp4"
+    sidecar = {"job_id": "K", "request_id": "req-k", "video_path": location}
+    got = _store(tmp_path).publish(
+        video, location=location, sha256=hashlib.sha256(b"k's video").hexdigest(), size=9, sidecar=sidecar
+    )
+    assert got == f"s3://{BUCKET}/p/b/000001-K.req-k.mp4"
+    assert "p/b/000001-K.mp4" not in keys(client, BUCKET)  # taken back, not left beside a stranger's sidecar
+    assert (
+        client.get_object(Bucket=BUCKET, Key="p/b/000001-K.json")["Body"].read() == b'{"request_id": "other"}'
+    )
+
+
+def test_a_multipart_upload_is_conditional_too(tmp_path: Path, s3: MotoS3) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key="p/b/000000-J.mp4", Body=b"somebody else's")
+    store_ = _store(tmp_path, multipart_threshold=1024 * 1024, part_size=5 * 1024 * 1024)
+    data = os.urandom(6 * 1024 * 1024)
+    where, _ = _publish(client, store_, tmp_path, data, "req-big")
+    assert where == f"s3://{BUCKET}/p/b/000000-J.req-big.mp4"
+    assert client.get_object(Bucket=BUCKET, Key="p/b/000000-J.mp4")["Body"].read() == b"somebody else's"
+    assert object_sha256(client, BUCKET, "p/b/000000-J.req-big.mp4") == hashlib.sha256(data).hexdigest()
+    assert client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # the refused one aborted
+
+
+def test_a_storage_that_cannot_be_asked_for_sidecars_adopts_nothing_and_says_so(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, s3: MotoS3, caplog: pytest.LogCaptureFixture
+) -> None:
+    FakeFal(hostile)
+    rt, _job_id = completed_job(engine, hostile, tmp_path)  # no bucket: its sidecar cannot be read
+    rt.client.close()
+    words = " ".join(caplog.text.split())
+    assert "could not look for its jobs' own sidecars in the output storage" in words
+    assert "does not exist" in words  # why, in one line

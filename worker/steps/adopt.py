@@ -11,23 +11,29 @@ records, never sent again (:func:`jobs.store.mark_adopted`). Its cost counts as 
 it.
 
 Cheap on the hot path: one ``open`` of the sidecar's name per claimed job, which fails for every
-job never stored before; the JSON is read only when there is one. The video is hashed outside the
+job never stored before; the JSON is read only when there is one. With ``WANBATCH_OUTPUT_DIR=
+s3://…`` it is one ``GetObject`` of the job's own sidecar key instead (a ``404`` for a job never
+stored), the round's read :data:`LOOKUPS_AT_ONCE` at a time (:func:`look_up`) so that its
+transaction waits about one round trip per eight jobs; a storage that cannot be asked adopts
+nothing (the job is sent, as before; said once per batch). The video is hashed outside the
 round's transaction, as ``reuse_outputs`` twins are
 (:class:`~worker.steps.verified_outputs.VerifiedOutputs`): the job is let go until it is read,
 and the next round decides on the stamp it sees then.
 
 A sidecar whose video is gone, of another size or other bytes, or that names another job or
 input, adopts nothing, and nothing is removed: the job is sent, and its download stores the new
-video beside that pair (:func:`worker.steps.download._own_name`), never over it.
+video beside that pair (:func:`worker.steps.download._own_name`; in S3, the conditional writes
+of :meth:`jobs.output_store.S3OutputStore.publish`), never over it.
 
-Only a local output folder is looked in: with ``WANBATCH_OUTPUT_DIR=s3://…`` each claim would be
-a request to the storage. And only the job's own name: a fresh database made from the same
-manifest gives its jobs new ids, so new names (see the README's "Backups and restores").
+Only the job's own name is looked at: a fresh database made from the same manifest gives its jobs
+new ids, so new names (see the README's "Backups and restores").
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,7 +44,7 @@ from sqlalchemy.orm import Session
 from jobs import output_store, outputs, store
 from jobs.errors import RequestHeldError
 from jobs.models import BatchRecord, JobRecord, utcnow
-from jobs.output_store import OutputReadError
+from jobs.output_store import OutputReadError, open_output_store
 from worker.steps.context import Runtime
 from worker.steps.verified_outputs import Candidate, VerifiedOutputs
 
@@ -55,42 +61,51 @@ def adopt(
     batch: BatchRecord,
     unverified: list[list[Candidate]],
     verified: VerifiedOutputs,
+    looked: Looked | None = None,
 ) -> str:
-    """Adopt the claimed ``job`` from the outputs folder when its own sidecar and video prove it
-    was rendered (see the module's docstring): :data:`ADOPTED`, :data:`WAIT` (its video is to be
-    read first, outside the transaction: named in ``unverified``; or the job moved meanwhile) or
-    :data:`SEND` (nothing to adopt: the usual way on). ``verified``: the digests read so far
-    (dispatch's :data:`~worker.steps.verified_outputs.VERIFIED`, which reads ``unverified``)."""
-    folder = _folder(rt, batch)
-    if folder is None:
+    """Adopt the claimed ``job`` from the outputs folder (or bucket) when its own sidecar and
+    video prove it was rendered (see the module's docstring): :data:`ADOPTED`, :data:`WAIT` (its
+    video is to be read first, outside the transaction: named in ``unverified``; or the job moved
+    meanwhile) or :data:`SEND` (nothing to adopt: the usual way on). ``verified``: the digests
+    read so far (dispatch's :data:`~worker.steps.verified_outputs.VERIFIED`, which reads
+    ``unverified``). ``looked``: the round's sidecar objects, read at once (:func:`look_up`)."""
+    video = _own_video(rt, batch, job)
+    if video is None:
         return SEND
-    video = folder / f"{outputs.job_stem(job.item_index, job.id)}{outputs.VIDEO_SUFFIX}"
-    record = outputs.read_sidecar(video)  # one failed open for a job never stored (the usual case)
-    if record is None or not _names(record, job):
+    try:
+        # one failed open (or GetObject) for a job never stored (the usual case)
+        record = looked[job.id] if looked and job.id in looked else output_store.read_sidecar(video)
+        if isinstance(record, OutputReadError):
+            raise record
+    except OutputReadError as exc:
+        return _cannot_look(rt, batch, exc)
+    if not isinstance(record, dict) or not _names(record, job):
         return SEND
     sha256, size = record.get("video_sha256"), record.get("video_bytes")
     if not isinstance(sha256, str) or not isinstance(size, int) or isinstance(size, bool):
         return SEND
-    path = str(video)
-    stamp = output_store.output_stamp(path)
+    try:
+        stamp = output_store.output_stamp(video)
+    except OutputReadError:
+        return _not_adopted(job, video, "cannot be read")
     if stamp is None or stamp.size != size:
         found = (
             "is gone" if stamp is None else f"is {stamp.size:,} bytes, not the {size:,} its sidecar records"
         )
         return _not_adopted(job, video, found)
     try:
-        known = verified.known(path, stamp)
+        known = verified.known(video, stamp)
     except OutputReadError:
         return _not_adopted(job, video, "cannot be read")
     if known is None:  # read once the round has committed; the next round decides
-        unverified.append([Candidate(path, sha256)])
+        unverified.append([Candidate(video, sha256)])
         store.release_lease(session, rt.fence(job))
         return WAIT
     if known.digest != sha256:
         return _not_adopted(job, video, known.why or "does not have the SHA-256 its sidecar records")
-    fields = _adopted_fields(record, job, path, sha256, size)
+    fields = _adopted_fields(record, job, video, sha256, size)
     try:
-        moved = store.mark_adopted(session, rt.fence(job), sidecar=str(outputs.sidecar_path(video)), **fields)
+        moved = store.mark_adopted(session, rt.fence(job), sidecar=_sidecar_of(video), **fields)
     except RequestHeldError:  # another job of this database holds that request: not this one's
         return _not_adopted(job, video, "names a request another job of this database holds")
     if not moved:
@@ -108,24 +123,91 @@ def adopt(
     log.info(
         "job %s: adopted from %s (request %s); not sent",
         job.id,
-        video.name,
+        _name(video),
         fields.get("request_id"),
         extra={"event": "dispatch.adopted", "job_id": job.id, "batch_id": job.batch_id},
     )
     return ADOPTED
 
 
+#: What :func:`look_up` read of each job's own sidecar object: the JSON object, None (no such
+#: object, or not a sidecar) or why the storage could not be asked.
+Looked = dict[str, dict[str, Any] | OutputReadError | None]
+
+#: Sidecar objects read at once (boto3's connection pool holds 10 by default).
+LOOKUPS_AT_ONCE = 8
+
+
+def look_up(rt: Runtime, jobs: Sequence[JobRecord], batch_of: Callable[[str], BatchRecord]) -> Looked:
+    """With outputs in S3: the own sidecar object of each of the round's claimed ``jobs``, read
+    :data:`LOOKUPS_AT_ONCE` at a time (one ``GetObject`` per job, a ``404`` for a job never
+    stored), so that a round's transaction waits for about one round trip per eight jobs, not one
+    per job. Empty for a local folder (:func:`adopt` opens each file itself: one failed ``open``)."""
+    if rt.settings.output_url is None or not jobs:
+        return {}
+    where = {job.id: _own_video(rt, batch_of(job.batch_id), job) for job in jobs}
+
+    def read(job_id: str) -> dict[str, Any] | OutputReadError | None:
+        video = where[job_id]
+        if video is None:
+            return None
+        try:
+            return output_store.read_sidecar(video)
+        except OutputReadError as exc:
+            return exc
+
+    ids = list(where)
+    if len(ids) == 1:
+        return {ids[0]: read(ids[0])}
+    with ThreadPoolExecutor(max_workers=min(LOOKUPS_AT_ONCE, len(ids)), thread_name_prefix="adopt") as pool:
+        return dict(zip(ids, pool.map(read, ids), strict=True))
+
+
+def _own_video(rt: Runtime, batch: BatchRecord, job: JobRecord) -> str | None:
+    """Where the job's own video is stored when it is: under its own name in the batch's local
+    folder, or its own key in the bucket (an ``s3://`` URI); None when the folder cannot be placed."""
+    if rt.settings.output_url is not None:
+        return open_output_store(rt.settings).location(store.folder_name(batch), job.item_index, job.id)
+    folder = _folder(rt, batch)
+    if folder is None:
+        return None
+    return str(folder / f"{outputs.job_stem(job.item_index, job.id)}{outputs.VIDEO_SUFFIX}")
+
+
+def _sidecar_of(video: str) -> str:
+    """The sidecar's path (or URI) beside ``video``, whose name ends in ``.mp4``."""
+    return video.removesuffix(outputs.VIDEO_SUFFIX) + outputs.SIDECAR_SUFFIX
+
+
+def _name(video: str) -> str:
+    return video.rsplit("/", 1)[-1]
+
+
+def _cannot_look(rt: Runtime, batch: BatchRecord, exc: OutputReadError) -> str:
+    """The storage could not say whether the job's sidecar is there: the job is sent as it was
+    before adoption existed (said once per batch)."""
+    if batch.id not in rt.sidecars_unread:
+        rt.sidecars_unread.add(batch.id)
+        log.warning(
+            "batch %s: could not look for its jobs' own sidecars in the output storage (%s): jobs are "
+            "sent without (one a restored backup already paid for would be paid again)",
+            batch.name,
+            exc,
+            extra={"event": "dispatch.sidecar_unread", "batch_id": batch.id},
+        )
+    return SEND
+
+
 def _folder(rt: Runtime, batch: BatchRecord) -> Path | None:
-    """The batch's local output folder, found once per runtime; None for object storage or a
-    folder that cannot be placed (the download step says why, when it comes to store there)."""
+    """The batch's local output folder, found once per runtime; None for a folder that cannot
+    be placed (the download step says why, when it comes to store there)."""
     if batch.id in rt.output_folders:
         return rt.output_folders[batch.id]
     folder: Path | None = None
-    if rt.settings.output_url is None:
-        try:
-            folder = outputs.batch_dir(rt.settings.output_dir, store.folder_name(batch))
-        except outputs.OutputWriteError:
-            folder = None
+    try:
+        folder = outputs.batch_dir(rt.settings.output_dir, store.folder_name(batch))
+    except outputs.OutputWriteError:
+        folder = None
     if len(rt.output_folders) > 1024:
         rt.output_folders.clear()
     rt.output_folders[batch.id] = folder
@@ -143,12 +225,12 @@ def _names(record: dict[str, Any], job: JobRecord) -> bool:
     return pinned is None or record.get("seed") == pinned
 
 
-def _not_adopted(job: JobRecord, video: Path, why: str) -> str:
+def _not_adopted(job: JobRecord, video: str, why: str) -> str:
     log.warning(
         "job %s: its sidecar %s names it, but the video %s: not adopted, sent again (the pair is left "
         "as it is; the new video is stored beside it)",
         job.id,
-        outputs.sidecar_path(video).name,
+        _name(_sidecar_of(video)),
         why,
         extra={"event": "dispatch.not_adopted", "job_id": job.id, "batch_id": job.batch_id},
     )

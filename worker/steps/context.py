@@ -327,6 +327,8 @@ class Runtime:
     #: (:mod:`worker.steps.adopt`); and the batches it said it adopts jobs of (said once).
     output_folders: dict[str, Path | None] = field(default_factory=dict)
     adopted_said: set[str] = field(default_factory=set)
+    #: The batches whose jobs' sidecars the output storage (S3) could not be asked for (said once).
+    sidecars_unread: set[str] = field(default_factory=set)
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)

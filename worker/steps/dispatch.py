@@ -24,7 +24,7 @@ from jobs.rendered import rerun_input
 from jobs.states import JobState
 from worker import logs
 from worker.limits import UNREACHABLE_RETRY_SECONDS, LimiterUnavailableError, api_key_id
-from worker.steps.adopt import ADOPTED, adopt
+from worker.steps.adopt import ADOPTED, adopt, look_up
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, SubmitTicket
 from worker.steps.failures import backoff
 from worker.steps.staged import find_staged
@@ -168,11 +168,12 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     committed = _Committed(session, batches, now, rt.settings.daily_budget_usd)
     paused: set[str] = set()  # batches a failed reuse check paused in this round: send none of them
     refused: set[str] = set()  # batches a budget cap refused a job of in this round
+    looked = look_up(rt, jobs, batches.get)  # S3: the jobs' own sidecar objects, read at once
     for job in jobs:
         if job.batch_id in paused:
             continue  # claimed, but left as it was (pending): due again once the batch resumes
-        # Its own paid output already on disk (the database is behind the folder): never sent.
-        verdict = adopt(session, rt, job, batches.get(job.batch_id), done.unverified, VERIFIED)
+        # Its own paid output already stored (the database is behind the outputs): never sent.
+        verdict = adopt(session, rt, job, batches.get(job.batch_id), done.unverified, VERIFIED, looked)
         if verdict == ADOPTED:
             done.reused.append(job.id)
             continue

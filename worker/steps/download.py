@@ -509,6 +509,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, h
     request_id = claim.handle.request_id if claim.handle is not None else None
     if not outs.is_remote and request_id is not None:
         # A paid video of another request under the job's name stays: this one goes beside it.
+        # (In S3 the upload's conditional write finds it: S3OutputStore.publish.)
         dest = _own_name(job_id, dest, request_id)
     try:
         # debris of attempts that are over (temporary files of downloads and sidecars): never
