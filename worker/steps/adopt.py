@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -137,6 +137,12 @@ Looked = dict[str, dict[str, Any] | OutputReadError | None]
 #: Sidecar objects read at once (boto3's connection pool holds 10 by default).
 LOOKUPS_AT_ONCE = 8
 
+#: Seconds a dispatch round waits for its sidecar objects: the round holds the database's
+#: dispatch lock (SQLite: its write lock) meanwhile, so a storage that is slow to answer must not
+#: hold every other write of the process for its client's minute-long timeouts. A job whose
+#: sidecar was not read by then is sent, as when the storage cannot be asked (said once a batch).
+LOOKUP_DEADLINE = 5.0
+
 
 def look_up(rt: Runtime, jobs: Sequence[JobRecord], batch_of: Callable[[str], BatchRecord]) -> Looked:
     """With outputs in S3: the own sidecar object of each of the round's claimed ``jobs``, read
@@ -157,10 +163,14 @@ def look_up(rt: Runtime, jobs: Sequence[JobRecord], batch_of: Callable[[str], Ba
             return exc
 
     ids = list(where)
-    if len(ids) == 1:
-        return {ids[0]: read(ids[0])}
-    with ThreadPoolExecutor(max_workers=min(LOOKUPS_AT_ONCE, len(ids)), thread_name_prefix="adopt") as pool:
-        return dict(zip(ids, pool.map(read, ids), strict=True))
+    pool = ThreadPoolExecutor(max_workers=min(LOOKUPS_AT_ONCE, len(ids)), thread_name_prefix="adopt")
+    try:
+        pending = {job_id: pool.submit(read, job_id) for job_id in ids}
+        wait(pending.values(), timeout=LOOKUP_DEADLINE)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a read still out ends by itself
+    late = OutputReadError(f"no answer from the storage within {LOOKUP_DEADLINE:g} s")
+    return {job_id: future.result() if future.done() else late for job_id, future in pending.items()}
 
 
 def _own_video(rt: Runtime, batch: BatchRecord, job: JobRecord) -> str | None:
