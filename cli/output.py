@@ -1186,6 +1186,8 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(proof), "yellow")
     if elsewhere := report.get("elsewhere_waiting_note"):  # requests only another key or queue can ask about
         say(escape(elsewhere), "yellow")
+    if uncancelled := report.get("uncancelled_note"):  # cancels given up: fal may still bill them
+        say(escape(uncancelled), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
     for line in money_line(report).splitlines():
@@ -1323,6 +1325,8 @@ def print_batches(reports: list[BatchReport], *, distributed: bool = False) -> N
             notes.append(f"{ids[r['batch']]} {proof}")
         if elsewhere := r.get("elsewhere_waiting_note"):  # requests only another key or queue can ask about
             notes.append(f"{ids[r['batch']]} {elsewhere}")
+        if uncancelled := r.get("uncancelled_note"):  # cancels given up: fal may still bill them
+            notes.append(f"{ids[r['batch']]} {uncancelled}")
         if not r["processing"] and label not in ("done", "cancelled"):
             notes.append(f"{ids[r['batch']]} {idle_text(r, distributed=distributed)}")
         elif not r["processing"] and label == "cancelled" and r["in_flight"]:

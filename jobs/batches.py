@@ -43,7 +43,7 @@ from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, Job, utcnow
 from jobs.money import too_much_usd, usd_json, usd_text
 from jobs.pricing import estimate_job
-from jobs.printable import shell_ref
+from jobs.printable import printable, shell_ref
 from jobs.processes import process_prefix
 from jobs.rendered import (
     Covered,
@@ -867,6 +867,13 @@ class BatchReport(TypedDict):
     #: copy of the database: ``worker.steps.adopt``); and that in one line ("" when none).
     adopted_from_outputs: int
     adopted_note: str
+    #: Of a cancelled batch, its jobs still ``queued`` or ``running`` at fal on a request whose
+    #: cancel a process gave up (:mod:`worker.steps.cancel_tries`; recorded on the job's history,
+    #: :func:`jobs.store.note_cancel_given_up`): fal may still run and bill them. Each ``job``,
+    #: ``request_id``, fal's last answer (``error``), ``tries`` and ``given_up_at``; and that
+    #: in one line (:func:`uncancelled_text`, "" when none).
+    uncancelled: list[dict[str, Any]]
+    uncancelled_note: str
 
 
 class BatchProgress(TypedDict):
@@ -1315,6 +1322,7 @@ class _Reads(Protocol):
     def proof_wait(self, batch: Batch, now: datetime) -> listing.ProofWait | None: ...
     def elsewhere(self, batch: Batch, here: listing.Here) -> list[listing.ElsewhereWait]: ...
     def adopted(self, batch: Batch) -> int: ...
+    def uncancelled(self, batch: Batch) -> list[store.Uncancelled]: ...
 
 
 class _OneBatch:
@@ -1325,6 +1333,9 @@ class _OneBatch:
 
     def adopted(self, batch: Batch) -> int:
         return store.adopted_counts(self.session, [batch.id]).get(batch.id, 0)
+
+    def uncancelled(self, batch: Batch) -> list[store.Uncancelled]:
+        return store.uncancelled_requests(self.session, [batch.id]).get(batch.id, [])
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals:
         # One pass over the batch's jobs for every figure (the dashboard's query): a 100k-job
@@ -1413,6 +1424,14 @@ class _AllBatches:
     def adopted(self, batch: Batch) -> int:
         found = self._once("adopted", lambda: store.adopted_counts(self.session, self.ids))
         return int(found.get(batch.id, 0))
+
+    def uncancelled(self, batch: Batch) -> list[store.Uncancelled]:
+        # Only the cancelled batches' jobs at fal can hold a cancel given up: those read, once.
+        def read() -> dict[str, list[store.Uncancelled]]:
+            ids = [b.id for b in self.batches if b.state == BatchState.CANCELLED]
+            return store.uncancelled_requests(self.session, ids)
+
+        return cast(list[store.Uncancelled], self._once("uncancelled", read).get(batch.id, []))
 
     def totals(self, batch: Batch, now: datetime) -> listing.Totals:
         found = self._once("totals", lambda: listing.totals_of_batches(self.session, self.ids, now=self.now))
@@ -1617,6 +1636,10 @@ def _report(
     elsewhere = reads.elsewhere(batch, here) if here is not None and followed else []
     # Jobs adopted from the outputs folder: looked for only among succeeded ones.
     adopted = reads.adopted(batch) if counts.get(JobState.SUCCEEDED.value) else 0
+    # Requests of a cancelled batch whose cancel a process gave up (fal may still run and bill
+    # them): looked for only among its jobs still at fal.
+    at_fal = counts.get(JobState.QUEUED.value, 0) + counts.get(JobState.RUNNING.value, 0)
+    given_up = reads.uncancelled(batch) if batch.state == BatchState.CANCELLED and at_fal else []
     return {
         "batch": batch.id,
         "name": batch.name,
@@ -1681,7 +1704,26 @@ def _report(
         "not_in_manifest_note": not_in_manifest_text(totals.not_in_manifest),
         "adopted_from_outputs": adopted,
         "adopted_note": adopted_text(adopted),
+        "uncancelled": [u.as_json() for u in given_up],
+        "uncancelled_note": uncancelled_text(given_up, batch),
     }
+
+
+def uncancelled_text(given_up: Sequence[store.Uncancelled], batch: Batch) -> str:
+    """The line ``status`` gives a cancelled batch's requests whose cancel a process gave up at
+    fal (:func:`jobs.store.uncancelled_requests`): how many, each request and fal's last answer,
+    that fal may still run and bill them, and what asks again ("" when none)."""
+    if not given_up:
+        return ""
+    shown = "; ".join(f"request {u.request_id}: {printable(u.error)} ({u.tries} tries)" for u in given_up[:3])
+    more = f"; {len(given_up) - 3} more (`status --json`: uncancelled)" if len(given_up) > 3 else ""
+    simulate = " --simulate" if batch.simulated else ""
+    return (
+        f"{len(given_up)} request(s) of this cancelled batch could not be cancelled at fal "
+        f"({shown}{more}): fal may still run and bill them; `wanbatch cancel "
+        f"{shell_ref(batch.name, batch.id)}{simulate}` asks fal again (a worker does every few "
+        "minutes) and fetches a video fal finishes"
+    )
 
 
 def adopted_text(adopted: int) -> str:

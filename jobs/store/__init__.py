@@ -45,6 +45,7 @@ The package is split by what its queries are about; everything is imported from 
 * :mod:`~jobs.store.uploads`, :mod:`~jobs.store.heartbeats`, :mod:`~jobs.store.fal_outages`,
   :mod:`~jobs.store.held` (accepted submissions a live process holds, their record refused),
   :mod:`~jobs.store.key_refusals` (requests of another API key fal refused to a key),
+  :mod:`~jobs.store.cancel_give_ups` (cancels a process gave up at fal, on the jobs' history),
   :mod:`~jobs.store.instance_secrets`, :mod:`~jobs.store.webhook_inbox`,
   :mod:`~jobs.store.dashboard_sessions` (logouts).
 
@@ -80,6 +81,10 @@ from jobs.store.batches import (
 from jobs.store.batches import folder_name as folder_name
 from jobs.store.batches import is_stored as is_stored
 from jobs.store.batches import set_batch_reuse_outputs as set_batch_reuse_outputs
+from jobs.store.cancel_give_ups import CANCEL_GIVEN_UP as CANCEL_GIVEN_UP
+from jobs.store.cancel_give_ups import Uncancelled as Uncancelled
+from jobs.store.cancel_give_ups import note_cancel_given_up as note_cancel_given_up
+from jobs.store.cancel_give_ups import uncancelled_requests as uncancelled_requests
 from jobs.store.caps import FOLLOWED_ALL as FOLLOWED_ALL
 from jobs.store.caps import LONGEST_WAIT_SECONDS as LONGEST_WAIT_SECONDS
 from jobs.store.caps import QUEUE_DEPTH_SHARE as QUEUE_DEPTH_SHARE

@@ -145,6 +145,25 @@ def test_a_second_cancel_tries_again_and_finishes_once_fal_takes_it(
     assert all("HTTP 301 redirect" in u["error"] and u["tries"] == CANCEL_ATTEMPTS for u in uncancelled)
     tried = hostile.count("PUT", CANCEL)
 
+    # Once that process has ended, `status` still names them (recorded on the jobs' history):
+    # before, the batch read as cancelled and nothing said fal may still run and bill them.
+    report = _status(wb)
+    assert report["state"] == "cancelled"
+    given_up = report["uncancelled"]
+    assert sorted(u["request_id"] for u in given_up) == ["r1", "r2"], report
+    assert all("HTTP 301 redirect" in u["error"] and u["tries"] == CANCEL_ATTEMPTS for u in given_up)
+    note = report["uncancelled_note"]
+    assert note.startswith("2 request(s) of this cancelled batch could not be cancelled"), note
+    shown = wb("status", "redirected")
+    assert shown.code == 0, shown.stderr
+    said = " ".join(shown.stdout.split())
+    assert "could not be cancelled at fal" in said, said
+    assert "fal may still run and bill them" in said, said
+    assert "`wanbatch cancel redirected` asks fal again" in said, said
+    assert FAL_KEY not in shown.stdout + shown.stderr
+    every = wb("status", "--json")
+    assert [b["uncancelled_note"] != "" for b in every.json()["batches"]] == [True], every.stdout
+
     # fal takes cancels again: the next `cancel` finishes what the first could not.
     hostile.route("PUT", CANCEL, json_reply({"status": "CANCELLATION_REQUESTED"}, 202))
     cancelled: dict[str, object] = {
@@ -158,7 +177,10 @@ def test_a_second_cancel_tries_again_and_finishes_once_fal_takes_it(
     assert again.code == 1, again.stderr
     assert hostile.count("PUT", CANCEL) > tried
     assert "could not be cancelled" not in again.stderr
-    assert _status(wb)["counts"].get("cancelled") == 2
+    report = _status(wb)
+    assert report["counts"].get("cancelled") == 2
+    assert report["uncancelled"] == [], report
+    assert report["uncancelled_note"] == "", report
 
 
 def _after_cancel(

@@ -15,7 +15,10 @@ tick) tries a given-up cancel once more every :data:`GIVEN_UP_RETRY_SECONDS`: a 
 than the tries must not leave a cancelled batch's requests to run and be billed until a restart.
 
 The tries are counted in memory, per process (as :attr:`~worker.steps.context.Runtime.download_crashes`):
-a count that starts over only means a few more tries, never a payment.
+a count that starts over only means a few more tries, never a payment. A give-up is also put on
+the job's history (:func:`jobs.store.note_cancel_given_up`), so that once the process has ended
+``status`` still names the requests fal may run and bill though their batch is cancelled (its
+``uncancelled``), until a later cancel reaches fal or fal ends the request.
 """
 
 from __future__ import annotations

@@ -430,7 +430,9 @@ def _may_still_queue(tries: CancelTries, fence: Fence, handle: RequestHandle) ->
 def _cancel_failed(rt: Runtime, fence: Fence, handle: RequestHandle, exc: ProviderError) -> None:
     """fal did not take the cancel of ``handle``: tried again (a transient failure after the
     submit's backoff, another at the next tick) until :data:`~worker.steps.cancel_tries.CANCEL_ATTEMPTS`
-    tries, then given up — the job stays where fal holds it, which may still run and bill it."""
+    tries, then given up — the job stays where fal holds it, which may still run and bill it —
+    and that noted on the job's history (:func:`jobs.store.note_cancel_given_up`: ``status``
+    names it once this process has ended)."""
     settings = rt.settings
 
     def transient_wait(count: int) -> float:
@@ -447,6 +449,18 @@ def _cancel_failed(rt: Runtime, fence: Fence, handle: RequestHandle, exc: Provid
             extra={"event": "cancel.failed", **extra},
         )
         return
+    # On the job's history too (jobs.store.note_cancel_given_up), where `status` reads it once
+    # this process has ended: the batch is cancelled, but fal may still run and bill this one.
+    with db.session_scope(rt.engine) as session:
+        store.note_cancel_given_up(
+            session,
+            fence.job_id,
+            handle.request_id,
+            error=given_up.error,
+            tries=given_up.tries,
+            worker=rt.owner,
+            now=utcnow(),
+        )
     # INFO, as the tries before it: a worker's log has it (its level is INFO), and an embedded
     # run that ends with the request left at fal says it once, in its own last lines
     # (worker.running.RunStats.uncancelled), not twice.
