@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
@@ -511,8 +511,9 @@ _FROM_VARIABLE = {"output_url": "output_dir"}
 
 def settings_holding_key(data: Mapping[str, Any]) -> list[str]:
     """The variables, other than FAL_KEY, whose value in ``data`` (the settings as read, before
-    validation: field or alias → value) holds FAL_KEY's value or its secret half, plain or
-    percent-encoded (:func:`jobs.key_forms.contains_key`); in the order of ``data``, each once.
+    validation: field or alias → value) holds FAL_KEY's value or its secret half, or
+    FAL_KEY_SECRET's value, plain or percent-encoded (:func:`jobs.key_forms.contains_key`); in
+    the order of ``data``, each once (:func:`settings_holding_secrets`, without what each holds).
 
     wanbatch sends the key as an ``Authorization`` header only. Written into a URL (a queue URL's
     password, path or query, a webhook path, a Redis URL's query) or a folder, it went wherever
@@ -522,22 +523,63 @@ def settings_holding_key(data: Mapping[str, Any]) -> list[str]:
     :data:`jobs.key_forms.MIN_KEY_LENGTH` characters is never found (too short to tell from
     ordinary text), so a test key such as ``k3y`` refuses nothing.
     """
-    keys = [
-        key.strip()
+    return [name for name, _held in settings_holding_secrets(data)]
+
+
+def settings_holding_secrets(
+    data: Mapping[str, Any], *, key_from_pair: bool = False
+) -> list[tuple[str, str]]:
+    """:func:`settings_holding_key`, each variable with the one whose value it holds: ``FAL_KEY``
+    (its value, or its secret half, as FAL_KEY was set), else ``FAL_KEY_SECRET`` — a value that
+    holds only FAL_KEY_SECRET's (FAL_KEY set to another key, or not set: ``key_from_pair``, the
+    key in use made of FAL_KEY_ID and FAL_KEY_SECRET, :func:`_key_in_use`). The refusal names the
+    variable the user wrote the secret in, never the value."""
+    fal_key, secret = (
+        key.strip() if key is not None and len(key.strip()) >= MIN_KEY_LENGTH else None
         for key in (_raw_text(data, "FAL_KEY"), _raw_text(data, "FAL_KEY_SECRET"))
-        if key is not None and len(key.strip()) >= MIN_KEY_LENGTH
-    ]
-    if not keys:
+    )
+    # The key in use made of FAL_KEY_ID:FAL_KEY_SECRET: no FAL_KEY of the user's, the pair's
+    # key (or its secret half) held is FAL_KEY_SECRET's value held.
+    secrets = [k for k in (secret, fal_key if key_from_pair else None) if k is not None]
+    fal_key = None if key_from_pair else fal_key
+    if fal_key is None and not secrets:
         return []
-    names: list[str] = []
+    found: list[tuple[str, str]] = []
     for field, value in data.items():
         if str(field).lower() in _KEY_VARIABLES:
             continue
-        if any(contains_key(text, key) for text in _texts(value) for key in keys):
-            name = _setting_name((_FROM_VARIABLE.get(str(field), str(field)),))
-            if name not in names:
-                names.append(name)
-    return names
+        texts = _texts(value)
+        if fal_key is not None and any(contains_key(text, fal_key) for text in texts):
+            held = "FAL_KEY"
+        elif any(contains_key(text, key) for text in texts for key in secrets):
+            held = "FAL_KEY_SECRET"
+        else:
+            continue
+        name = _setting_name((_FROM_VARIABLE.get(str(field), str(field)),))
+        if name not in (n for n, _h in found):
+            found.append((name, held))
+    return found
+
+
+def key_in_setting_line(found: Sequence[tuple[str, str]]) -> str:
+    """The one line refusing the settings :func:`settings_holding_secrets` found: each variable
+    with the one whose value it holds, never the value."""
+    parts = []
+    for held in ("FAL_KEY", "FAL_KEY_SECRET"):
+        names = [name for name, h in found if h == held]
+        if names:
+            parts.append(f"{', '.join(names)} {'contains' if len(names) == 1 else 'contain'} {held}")
+    holders = {h for _n, h in found}
+    if holders == {"FAL_KEY_SECRET"}:
+        belongs = "the key's secret belongs in FAL_KEY_SECRET only"
+    elif holders == {"FAL_KEY"}:
+        belongs = "the key belongs in FAL_KEY only"
+    else:
+        belongs = "the key and its secret belong in FAL_KEY and FAL_KEY_SECRET only"
+    return (
+        f"invalid configuration: {'; '.join(parts)}: {belongs} (wanbatch sends it as an "
+        "Authorization header); take it out of the setting"
+    )
 
 
 def _raw_text(data: Mapping[str, Any], name: str) -> str | None:
@@ -698,14 +740,10 @@ class FalSettings(_Section):
         host's entry, an endpoint's name), and that value would be the key."""
         if not isinstance(data, dict):
             return data
-        data = _key_in_use(data)
-        if names := settings_holding_key(data):
-            verb = "contains" if len(names) == 1 else "contain"
-            raise ConfigError(
-                f"invalid configuration: {', '.join(names)} {verb} FAL_KEY: the key belongs in FAL_KEY "
-                "only (wanbatch sends it as an Authorization header); take it out of the setting"
-            )
-        return data
+        in_use = _key_in_use(data)
+        if found := settings_holding_secrets(in_use, key_from_pair=in_use is not data):
+            raise ConfigError(key_in_setting_line(found))
+        return in_use
 
     def require_fal_key(self) -> str:
         """The key itself, for the one place that sends it; a clear error when it is unset, or

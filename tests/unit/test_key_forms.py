@@ -96,6 +96,34 @@ def test_every_setting_holding_it_is_named_once() -> None:
     assert settings_holding_key({"fal_queue_url": f"http://h/{KEY}"}) == []  # no key, nothing to hold
 
 
+def test_a_setting_holding_only_fal_key_secret_is_said_to_hold_fal_key_secret() -> None:
+    """Review: the refusal said "contains FAL_KEY" of a setting holding only FAL_KEY_SECRET's
+    value (FAL_KEY set to another key): it names the variable whose value it holds."""
+    other = "ffffffff-1111-2222-3333-444455556666:" + "f" * 32
+    cases = {
+        "webhook_url": f"http://h/w/{SECRET}",  # only FAL_KEY_SECRET's value
+        "fal_queue_url": f"http://h/{other}",  # FAL_KEY's
+    }
+    with pytest.raises(ConfigError) as info:
+        Settings(FAL_KEY=other, FAL_KEY_SECRET=SECRET, **cases)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith(
+        "invalid configuration: WANBATCH_FAL_QUEUE_URL contains FAL_KEY; "
+        "WANBATCH_WEBHOOK_URL contains FAL_KEY_SECRET: the key and its secret belong in FAL_KEY "
+        "and FAL_KEY_SECRET only"
+    ), message
+    with pytest.raises(ConfigError) as info:
+        Settings(FAL_KEY=other, FAL_KEY_SECRET=SECRET, webhook_url=f"http://h/w/{SECRET}")
+    message = str(info.value)
+    assert message.startswith("invalid configuration: WANBATCH_WEBHOOK_URL contains FAL_KEY_SECRET: "), (
+        message
+    )
+    assert "FAL_KEY:" not in message
+    for part in (SECRET, other, other.partition(":")[2], KEY_ID):
+        assert part not in message
+    assert "\n" not in message
+
+
 def test_masked_url_hides_a_known_key_whatever_names_it(remembered: str) -> None:
     for url in (f"http://h/gw/{KEY}/x", f"http://h/?x={KEY}", f"http://h/#{SECRET}"):
         assert KEY not in masked_url(url), masked_url(url)

@@ -177,7 +177,10 @@ def test_fal_key_secret_is_masked_in_logs_and_refused_in_other_settings(
     get_settings.cache_clear()
     monkeypatch.setenv("WANBATCH_OUTPUT_DIR", f"/data/{SECRET}")
     message = _refusal(monkeypatch)
-    assert message.startswith("invalid configuration: WANBATCH_OUTPUT_DIR contains FAL_KEY: ")
+    # It holds FAL_KEY_SECRET's value (never FAL_KEY's in the second case, and FAL_KEY was never
+    # set in the first): the refusal names that variable, not FAL_KEY.
+    assert message.startswith("invalid configuration: WANBATCH_OUTPUT_DIR contains FAL_KEY_SECRET: "), message
+    assert "the key's secret belongs in FAL_KEY_SECRET only" in message, message
 
 
 def test_the_simulators_placeholder_gives_way_to_a_complete_pair_and_never_goes_to_fal(
