@@ -808,7 +808,9 @@ class KeyRefusal(Base):
     A mark holds while the job still waits on that very request with that very key
     (``Job.request_id`` = ``request_id``, ``Job.api_key_id`` = ``sent_with``): a request fal
     answers later (``Job.api_key_id`` becomes the asking key's, :func:`jobs.store.followed_with_key`,
-    which also deletes the marks) or a new attempt leaves a stale mark, ignored.
+    which also deletes the marks) or a new attempt leaves a stale mark, ignored; a move of the
+    job out of :data:`jobs.store.REFUSABLE_STATES` (finished, or back to be sent anew) deletes
+    its marks (:func:`jobs.store.transition`), so the table holds only jobs that may need them.
     """
 
     __tablename__ = "key_refusals"

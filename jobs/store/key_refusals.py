@@ -1,7 +1,9 @@
 """fal's "not found" (or refusal) of a request sent with another API key, per job and asking key
 (:class:`~jobs.models.KeyRefusal`, :mod:`worker.steps.other_key`): recorded where a poll, a
 download or a cancel got it, read by whoever decides what to do with such a job — a ``run``
-watching (embedded or the workers), ``cancel``, ``status``, ``cancel --abandon-other-key``."""
+watching (embedded or the workers), ``cancel``, ``status``, ``cancel --abandon-other-key``.
+A job's marks go when fal answers about it (:func:`forget_key_refusals`) and when it leaves
+:data:`REFUSABLE_STATES` (:func:`jobs.store.transition` deletes them with the move)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     case,
+    delete,
     event,
     exists,
     func,
@@ -27,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, SessionTransaction
 
 from jobs.errors import RequestHeldError
-from jobs.models import BatchTotals, Job, JobEvent, JobRecord, utcnow
+from jobs.models import BatchTotals, Job, JobEvent, JobRecord, KeyRefusal, utcnow
 from jobs.states import JobState, can_transition
 from jobs.store.core import (
     _JOBS,
@@ -41,6 +42,7 @@ from jobs.store.core import (
     _run,
     _same_request_elsewhere,
 )
+from jobs.store.key_refusals import REFUSABLE_STATES
 
 
 def incremented(column: str, by: int = 1) -> ColumnElement[int]:
@@ -127,6 +129,10 @@ def transition(
         # had the answer come (:class:`BatchTotals`, the daily budget), and never under no day.
         values["submitted_at"] = func.coalesce(_JOBS.c.sent_at, literal(now, _JOBS.c.submitted_at.type))
     values.update(state=new, updated_at=now)
+    # Leaving the states in which a job waits on what fal says of its request: fal's refusals
+    # of that request to a key (:mod:`jobs.store.key_refusals`) describe nothing any more, and
+    # go with the move (a table that grew with every such job, its stale rows ignored).
+    leaving = expected in REFUSABLE_STATES and new not in REFUSABLE_STATES
     # Core statements on the tables, not ORM-enabled ones, built once per shape and then only
     # executed with new parameters: every job moves several times, and building and caching an
     # ORM bulk UPDATE cost more CPU than the rest of a job's bookkeeping. The session's copy of
@@ -147,6 +153,7 @@ def transition(
         logged=logged,
         whole=row is not None,
         guarded=guarded,
+        leaving=leaving,
     )
     params.update(w_id=job_id, w_expected=expected, w_version=expected_version)
     if logged:
@@ -162,6 +169,8 @@ def transition(
         _add_finished(session, moved.batch_id, moved.submitted_at, usd)
     if not logged:
         _run(session, _INSERT_EVENT, {"job_id": job_id, "version": moved.version, **event})
+        if leaving:
+            _run(session, _FORGET_REFUSALS, {"job_id": job_id})
     if row is not None:
         row.update(moved._mapping)
     return True
@@ -169,11 +178,15 @@ def transition(
 
 _EVENTS = cast(Table, JobEvent.__table__)
 _INSERT_EVENT = _kept(insert(_EVENTS))
+_REFUSALS = cast(Table, KeyRefusal.__table__)
+#: A job's refusals going with its move out of :data:`REFUSABLE_STATES` (SQLite; PostgreSQL's
+#: statement does it in a ``WITH`` of its own, :func:`_with_event`).
+_FORGET_REFUSALS = _kept(delete(_REFUSALS).where(_REFUSALS.c.job_id == bindparam("job_id")))
 _EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "worker")
 #: What a transition's event row is written from, in this order (:func:`_with_event`).
 _EVENT_ROW_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "details", "worker")
 
-_STATEMENTS: dict[tuple[tuple[str, ...], bool, bool, bool, bool, bool], Any] = {}
+_STATEMENTS: dict[tuple[tuple[str, ...], bool, bool, bool, bool, bool, bool], Any] = {}
 
 #: What a transition to a terminal state also returns: the job's share of its batch's
 #: finished money (:func:`finished_usd`) is known only once the row is written.
@@ -188,6 +201,7 @@ def _transition_statement(
     logged: bool = False,
     whole: bool = False,
     guarded: bool = False,
+    leaving: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The UPDATE … RETURNING of a transition writing ``values``, and its parameters.
     ``whole``: it returns every column of the job (:func:`transition`'s ``row``). ``guarded``
@@ -203,13 +217,15 @@ def _transition_statement(
     statement and one round trip per move instead of two: every job moves five times, and on
     PostgreSQL each statement is a network round trip and a pass through the driver. A
     data-modifying ``WITH`` runs exactly once whether or not the outer query reads it (https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-MODIFYING).
-    SQLite has no data-modifying ``WITH``: there the event is a second INSERT.
+    SQLite has no data-modifying ``WITH``: there the event is a second INSERT. ``leaving`` (the
+    job leaves :data:`REFUSABLE_STATES`): on PostgreSQL its :class:`KeyRefusal` rows are deleted
+    by one more ``WITH`` of the same statement (SQLite: :data:`_FORGET_REFUSALS` after it).
     """
     plain: dict[str, Any] = {}
     expressions: dict[str, Any] = {}
     for k, v in values.items():  # one look at each value: every move of every job comes here
         (expressions if isinstance(v, ColumnElement) else plain)[k] = v
-    key = (tuple(sorted(plain)), with_version, finishing, logged, whole, guarded)
+    key = (tuple(sorted(plain)), with_version, finishing, logged, whole, guarded, leaving)
     statement = None if expressions else _STATEMENTS.get(key)
     if statement is None:
         conditions = [
@@ -233,7 +249,7 @@ def _transition_statement(
             .values({**written, **expressions, "version": _JOBS.c.version + 1})
         )
         if logged:
-            statement = _with_event(moving, returned)
+            statement = _with_event(moving, returned, leaving=leaving)
         else:
             statement = moving.returning(*[_JOBS.c[name] for name in returned])
         if not expressions:
@@ -241,9 +257,10 @@ def _transition_statement(
     return statement, {f"v_{k}": v for k, v in plain.items()}
 
 
-def _with_event(moving: Any, returned: Iterable[str]) -> Any:
+def _with_event(moving: Any, returned: Iterable[str], *, leaving: bool = False) -> Any:
     """``WITH moved AS (UPDATE …), logged AS (INSERT INTO job_events SELECT … FROM moved)
-    SELECT … FROM moved``: a transition and its event in one statement (PostgreSQL)."""
+    SELECT … FROM moved``: a transition and its event in one statement (PostgreSQL); with
+    ``leaving``, also ``forgot AS (DELETE FROM key_refusals WHERE job_id IN (SELECT id FROM moved))``."""
     moved = moving.returning(*[_JOBS.c[name] for name in dict.fromkeys((*returned, "id"))]).cte("moved")
     event = select(
         moved.c.id,
@@ -252,7 +269,11 @@ def _with_event(moving: Any, returned: Iterable[str]) -> Any:
         *[bindparam(name, type_=_EVENTS.c[name].type) for name in ("reason", "details", "worker")],
     )
     logged = insert(_EVENTS).from_select(list(_EVENT_ROW_COLUMNS), event).cte("logged")
-    return select(*[moved.c[name] for name in returned]).add_cte(logged)
+    statement = select(*[moved.c[name] for name in returned]).add_cte(logged)
+    if leaving:
+        forgot = delete(_REFUSALS).where(_REFUSALS.c.job_id.in_(select(moved.c.id))).cte("forgot")
+        statement = statement.add_cte(forgot)
+    return statement
 
 
 def finished_usd(
