@@ -101,15 +101,19 @@ def relocated(output_path: str | None, sha256: str | None, size: int | None, roo
     return str(found) if digest == sha256 else None
 
 
-def to_look_at(output_path: str, size: int | None, root: Path | None) -> str:
+def places_to_look(output_path: str, size: int | None, root: Path | None) -> list[str]:
     """Where a reader that checks the SHA-256 itself (``reuse_outputs``: read outside the claim's
-    transaction) should look for the video recorded at ``output_path``: the same file under the
-    current output folder ``root`` when it is there at the recorded size (:func:`candidate`),
-    else the recorded path. Nothing is read but an ``lstat``."""
+    transaction) should look for the video recorded at ``output_path``, in this order: the same
+    file under the current output folder ``root`` when it is there at the recorded size
+    (:func:`candidate`), then the recorded path. Both, not the first alone: in a copied project
+    a file of the recorded size but other bytes under the copy's folder (edited, re-encoded to
+    the same length) must not hide the intact original still at the recorded path. The reader
+    takes the first whose SHA-256 is the recorded one, never another. Nothing is read but an
+    ``lstat``."""
     found = candidate(output_path, root)
     if found is None or root is None or not _same_size(found, root, size):
-        return output_path
-    return str(found)
+        return [output_path]
+    return [str(found), output_path]
 
 
 def record_move(session: Session, job_id: str, old: str, new: str) -> None:

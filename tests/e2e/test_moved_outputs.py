@@ -192,3 +192,49 @@ def test_a_copy_beside_the_original_exports_its_own_videos(
         assert video.stat().st_ino != (old / "outputs" / "mvo6" / video.name).stat().st_ino
     assert all(p.startswith(f"{copy}/outputs/") for p in _output_paths(copy))
     assert all(p.startswith(f"{old}/outputs/") for p in _output_paths(old))  # the original's own
+
+
+def test_a_copys_twin_with_other_bytes_falls_back_to_the_intact_original(
+    sim: SimulatorHandle,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: in a copied project, a file under the copy's output folder of the recorded size but
+    other bytes made ``reuse_outputs`` pass the twin over without trying the intact original at
+    the recorded path, and the job was sent (and paid) again. Now the recorded path is tried
+    next; its SHA-256 is checked as the copy's was, and bytes of another SHA-256 are never taken."""
+    old = _ran_project(e2e_env, "mvo7", monkeypatch)
+    copy = e2e_env / "copy"
+    shutil.copytree(old, copy)
+    original = Path(_output_paths(copy)[0])  # item 0 (seed 7), as recorded: the original's file
+    assert original.is_relative_to(old)
+    edited = copy / "outputs" / "mvo7" / original.name
+    data = bytearray(edited.read_bytes())
+    data[-1] ^= 0xFF  # the same size, other bytes
+    edited.write_bytes(bytes(data))
+    _enter(copy, monkeypatch)
+    accepted = sim.ledger()["accepted"]
+    (copy / "m2.yaml").write_text(
+        "name: mvo7b\nendpoint: fal-ai/wan-22\nreuse_outputs: true\ndefaults:\n  resolution: 480p\n"
+        "items:\n  - prompt: A paper boat drifting down a rainy street\n    seed: 7\n",
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert run_main(["run", "m2.yaml", "--no-progress"], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert sim.ledger()["accepted"] == accepted, err  # reused, not sent (before: sent, paid again)
+    [twin] = db_rows(
+        f"sqlite:///{copy / 'wanbatch.db'}",
+        "SELECT j.output_path, j.reused_from, j.output_sha256 FROM jobs j "
+        "JOIN batches b ON b.id = j.batch_id WHERE b.name = 'mvo7b'",
+    )
+    assert twin[0] == str(original)  # the intact original, never the edited copy
+    assert twin[1] is not None
+    [source] = db_rows(
+        f"sqlite:///{copy / 'wanbatch.db'}", f"SELECT output_sha256 FROM jobs WHERE id = '{twin[1]}'"
+    )
+    assert twin[2] == source[0]
+    assert _output_paths(copy)[0] == str(original)  # not re-pointed at the edited file
+    assert f"{edited} is not the output job" in caplog.text, caplog.text  # said, not taken

@@ -347,8 +347,11 @@ def _reuse(
     stand-ins, not checked again); the first whose file is on disk (or whose object is in S3) at
     the recorded size *and* with the recorded SHA-256 is taken (:func:`_verified`): the job then
     records that SHA-256 as its video's, so it must be the bytes stored now. A twin whose file
-    changed since it was stored is passed over with a warning naming the file. Only when every
-    one checked is gone or changed is the job sent. No sidecar is written for the reusing job: it
+    changed since it was stored is passed over with a warning naming the file. A twin of a moved
+    or copied project is looked for under the current output folder first, then where it was
+    recorded (:func:`jobs.moved_outputs.places_to_look`): a file there of the recorded size but
+    other bytes never hides the intact original. Only when every one checked is gone or changed
+    is the job sent. No sidecar is written for the reusing job: it
     points at the original's file, and its export record carries ``reused_from``.
 
     No video is read here: the transaction holds SQLite's write lock (on PostgreSQL, the claimed
@@ -381,29 +384,45 @@ def _reuse(
     to_read: list[Candidate] = []
     taken: Job | None = None
     for source in sources:
-        path = source.output_path
-        if path is None or path in checked or storage_of(path) in failing:
+        recorded = source.output_path
+        if recorded is None or recorded in checked or storage_of(recorded) in failing:
             continue
-        checked.add(path)
-        path = moved_outputs.to_look_at(path, source.output_bytes, root)
-        try:
-            intact = _verified(source, path, changed)
-        except OutputReadError as exc:
-            failing.add(storage_of(path))
-            failed = exc if failed is None or (exc.refused and not failed.refused) else failed
-            continue
-        if intact is None:  # to be read first
-            to_read.append(Candidate(path, source.output_sha256))
-        elif intact:
-            taken = source
-            if path != source.output_path and source.output_path is not None:  # found moved: recorded
-                moved_outputs.record_move(session, source.id, source.output_path, path)
+        checked.add(recorded)
+        # A moved (or copied) project's twin under the current output folder first, then where it
+        # was recorded: a file there of the recorded size but other bytes hides no intact original.
+        for path in moved_outputs.places_to_look(recorded, source.output_bytes, root):
+            try:
+                intact = _verified(source, path, changed)
+            except OutputReadError as exc:
+                failing.add(storage_of(path))
+                failed = exc if failed is None or (exc.refused and not failed.refused) else failed
+                break
+            if intact is None:  # to be read first
+                to_read.append(Candidate(path, source.output_sha256))
+            elif intact:
+                taken = source
+                if path != recorded:  # found moved: recorded
+                    moved_outputs.record_move(session, source.id, recorded, path)
+                break
+        if taken is not None:
             break
     if to_read:  # decided by the next round, once read: taken is the twin after them
         unverified.append(to_read)
         store.release_lease(session, rt.fence(job))
         return WAIT
     for source, path, why in changed:
+        if taken is source:  # its copy under the current folder differs; its recorded file is taken
+            log.warning(
+                "job %s: %s is not the output job %s stored (%s); reusing that output where it was "
+                "stored, %s",
+                job.id,
+                path,
+                source.id,
+                why,
+                source.output_path,
+                extra={"event": "reuse.output_changed", "job_id": job.id, "batch_id": job.batch_id},
+            )
+            continue
         log.warning(
             "job %s: not reusing the output of job %s: %s changed since it was stored (%s)",
             job.id,
