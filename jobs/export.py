@@ -3,7 +3,8 @@
 Fields are the contract's (job_id, batch, endpoint, status, input, seed, request_id,
 video_path, video_sha256, billing_units, cost_usd, attempts, error, media, media_mismatch,
 source_files, reused_from) plus a few a dataset builder wants (item_index and variant,
-in_manifest (the job's item is in the manifest text the batch stores, not only in an earlier
+rerun_of and parent_batch (a rerun's lineage: the parent batch's job it repeats, and that
+batch), in_manifest (the job's item is in the manifest text the batch stores, not only in an earlier
 version of it: :func:`in_manifest`), batch_name, seed_text, actual_prompt, registry_sha256,
 estimates, error_type, timestamps) and
 the provider's metadata the sidecar keeps: ``provider_metrics`` (fal's ``metrics``, e.g.
@@ -104,6 +105,8 @@ FIELDS = (
     "media",
     "media_mismatch",
     "reused_from",
+    "rerun_of",
+    "parent_batch",
     "registry_sha256",
     "billing_units",
     "cost_usd",
@@ -470,6 +473,11 @@ def record(
         "media": export_media(job.media),  # the probed video, null before it was probed
         "media_mismatch": job.media_mismatch,  # what differed from the request; null when fine
         "reused_from": job.reused_from,  # reuse_outputs: the job whose output this is; null if sent
+        # Lineage: the parent batch's job a rerun's job repeats, and that batch (null when made
+        # from a manifest). `rerun --vary` numbers variants anew: join a rerun on these, not on
+        # item_index and variant.
+        "rerun_of": job.rerun_of,
+        "parent_batch": batch.parent_batch_id,
         "registry_sha256": job.registry_sha256,  # the endpoint registry entry validated against
         "billing_units": _num(job.actual_billing_units),
         # Money as every --json has it (jobs.money.usd_json: half up to the micro-dollar), so

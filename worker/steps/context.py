@@ -197,6 +197,9 @@ class DownloadClaim:
     #: fal's result fetched by this step and not stored yet: written with the step's outcome
     #: (the job's success, or the release or failure that ends this try), in the same transaction.
     fetched: dict[str, Any] = field(default_factory=dict)
+    #: The batch this one was rerun from (``parent_batch_id``), else None: the sidecar's
+    #: ``parent_batch``.
+    parent_batch: str | None = None
 
     @property
     def version(self) -> int:

@@ -254,6 +254,7 @@ def _claim_of(session: Session, rt: Runtime, job: JobView, fence: Fence) -> Down
         item_index=job.item_index,
         batch_id=job.batch_id,
         batch_name=_batch_name(session, job.batch_id),
+        parent_batch=_parent_batch(session, job.batch_id),
         failures=job.download_attempts,
         completed_at=job.completed_at,
         job=job,
@@ -278,18 +279,30 @@ def handed_claim(
     return _claim_of(session, rt, job, rt.fence(job))
 
 
-#: Batch id → the name its outputs are filed under (:func:`jobs.store.folder_name`). It never
-#: changes, even when a simulation is renamed to make room for a batch for fal.
-_BATCH_NAMES: dict[str, str] = {}
+#: Batch id → (the name its outputs are filed under, :func:`jobs.store.folder_name`; the batch it
+#: was rerun from). Neither changes, even when a simulation is renamed to make room for a batch
+#: for fal: read once per batch, not per download.
+_BATCHES: dict[str, tuple[str, str | None]] = {}
+
+
+def _batch_facts(session: Session, batch_id: str) -> tuple[str, str | None]:
+    facts = _BATCHES.get(batch_id)
+    if facts is None:
+        if len(_BATCHES) > 1024:
+            _BATCHES.clear()
+        batch = store.get_batch(session, batch_id)
+        facts = _BATCHES[batch_id] = (store.folder_name(batch), batch.parent_batch_id)
+    return facts
 
 
 def _batch_name(session: Session, batch_id: str) -> str:
-    name = _BATCH_NAMES.get(batch_id)
-    if name is None:
-        if len(_BATCH_NAMES) > 1024:
-            _BATCH_NAMES.clear()
-        name = _BATCH_NAMES[batch_id] = store.folder_name(store.get_batch(session, batch_id))
-    return name
+    return _batch_facts(session, batch_id)[0]
+
+
+def _parent_batch(session: Session, batch_id: str) -> str | None:
+    """The batch ``batch_id`` was rerun from (``parent_batch_id``), else None: the sidecar's
+    ``parent_batch``."""
+    return _batch_facts(session, batch_id)[1]
 
 
 def _status_verdict(session: Session, job_id: str) -> ProviderError | None:
@@ -673,6 +686,8 @@ def _store_video(
     else:
         cost = nothing_more(job)
         sidecar = taken_sidecar(maker, job, claim.batch_name, shown, result.sha256, result.size)
+    # Lineage, the job's own (a taken video's too): which parent job and batch a rerun repeats.
+    sidecar.update(rerun_of=job.rerun_of, parent_batch=claim.parent_batch)
     sidecar.update(checked)
     started = time.monotonic()
     try:
