@@ -315,6 +315,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         # the export should the database refuse to record them (jobs.moved_outputs).
         moves = _follow_batch_outputs(engine, settings, batch)
         statuses: Counter[str] = Counter()  # the records written, by status: what the warnings say
+        missing: Counter[str] = Counter()  # records whose video is not on disk: warned of, not refused
         # One snapshot for every statement: the rows, and the counts and money an hf dataset
         # card states beside them, of a batch still running must add up (db.read_scope).
         with db.read_scope(engine, snapshot=True) as session:
@@ -361,7 +362,7 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
                     _print_export_warnings(hf.warnings)
                     return EXIT_OK
                 records = exporting.records(session, found, settings.output_dir, moves)
-                rows = exporting.tallied(records, statuses)
+                rows = exporting.tallied(records, statuses, settings.output_dir, missing)
                 if output is None:
                     with writing_stdout("the export "):
                         n = dataset_export.write_parquet(rows, sys.stdout.buffer)
@@ -370,13 +371,13 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
                     n = dataset_export.write_parquet_file(rows, output)
             else:
                 records = exporting.records(session, found, settings.output_dir, moves)
-                rows = exporting.tallied(records, statuses)
+                rows = exporting.tallied(records, statuses, settings.output_dir, missing)
                 if output is None:
                     with writing_stdout("the export "):
                         n = _write_utf8_stdout(lambda out: exporting.write(rows, fmt, out))
                 else:
                     n = exporting.write_file(rows, fmt, output)
-            warnings = exporting.record_warnings(found, statuses)
+            warnings = exporting.record_warnings(found, statuses, missing["videos"])
         if as_json:
             emit_json({**summary, "records": n, "bytes": _file_bytes(output), "warnings": warnings})
         else:
@@ -464,26 +465,37 @@ DIFF_ROWS = 50
 @click.command()
 @click.argument("batch_a")
 @click.argument("batch_b")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Hash every compared video on disk (S3 objects too) against its recorded SHA-256, "
+    "not only its size.",
+)
 @json_option
-def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
+def diff(batch_a: str, batch_b: str, verify: bool, as_json: bool) -> None:
     """Compare BATCH_A with BATCH_B job by job: same video bytes or not, seeds, prompts, costs.
 
     Jobs pair by job key, else by the same input apart from the seed (how `rerun` relates to its
-    parent). Exit 0 when every job matched and every pair has the same video, 1 otherwise.
+    parent). Each video is looked at on disk (its size; --verify: its SHA-256): one missing or
+    changed makes its pair different. Exit 0 when every job matched and every pair has the same
+    video, 1 otherwise.
     """
 
     def action() -> int:
         from cli.output import diff_table
-        from jobs import database_home, db
-        from jobs.diff import diff_batches, varied_of
+        from jobs import database_home, db, moved_outputs
+        from jobs.diff import DiskCheck, diff_batches, varied_of
         from jobs.settings import get_settings
 
         # A reused output's "same" is one render, not a reproduction: listed, and said below.
         shown: list[Pair] = []
         varied: dict[str, dict[str, Any]] = {}
-        database_home.refuse_missing(get_settings(), [batch_a, batch_b])  # no empty database made
-        with db.session_scope(db.open_engine(get_settings())) as session:
-            result = diff_batches(session, batch_a, batch_b)
+        settings = get_settings()
+        database_home.refuse_missing(settings, [batch_a, batch_b])  # no empty database made
+        # A moved project's videos are looked for under the current output folder.
+        disk = DiskCheck(moved_outputs.local_root(settings.output_dir, settings.output_url), verify=verify)
+        with db.session_scope(db.open_engine(settings)) as session:
+            result = diff_batches(session, batch_a, batch_b, disk)
             if not as_json:
                 shown = [p for p in result.pairs if p.outcome != "same" or p.reused]
                 # The input fields that tell an item's jobs apart, of the rows shown only.
@@ -510,6 +522,10 @@ def diff(batch_a: str, batch_b: str, as_json: bool) -> None:
             out.print(escape(itself))
         if (reused := result.reused_note()) is not None:
             out.print(escape(reused))
+        if (priced := result.cost_note()) is not None:
+            out.print(escape(priced))
+        if (disk_note := result.disk_note()) is not None:
+            out.print(escape(disk_note))
         return code
 
     guarded_read(as_json, action)
@@ -574,20 +590,33 @@ def _diff_seed(side: JobSide) -> str:
 
 
 def _diff_row(pair: Pair, labels: dict[str, dict[str, str]]) -> tuple[str, ...]:
-    """One ``diff`` table row: the job (item and varied fields, :func:`_diff_labels`), result,
-    what differs (first ``reused output`` for a pair that is one render, :attr:`Pair.reused`;
-    for a job compared with itself, which differs in nothing, ``no video (STATUS)`` when it has
-    none), and seed, video and cost of A and B."""
+    """One ``diff`` table row: the job (item and varied fields, :func:`_diff_labels`), result
+    (with ``by MATCHED_BY`` on a second line), what differs (first ``reused output`` for a pair
+    that is one render, :attr:`Pair.reused`; for a job compared with itself, which differs in
+    nothing, ``no video (STATUS)`` when it has none; a video not on disk as recorded with its
+    side and path), and seed, video and cost of A and B."""
 
     def both(show: Callable[[JobSide], str]) -> str:
         return " / ".join("–" if s is None else show(s) for s in (pair.a, pair.b))
 
-    what = ["reused output"] * pair.reused + pair.differs()
+    from jobs.fs import shown_path
+
+    on_disk = pair.disk_problems()
+    what = ["reused output"] * pair.reused + [d for d in pair.differs() if d not in on_disk]
     if pair.same_job and pair.a is not None and pair.a.video_sha256 is None:
         what.append(f"no video ({pair.a.status})")
+    # A video not on disk as recorded: which side, and the path looked at.
+    sides = [("", pair.a)] if pair.same_job else [("A ", pair.a), ("B ", pair.b)]
+    what += [
+        f"{label}{side.disk_problem}: {shown_path(side.video_path or '')}"
+        for label, side in sides
+        if side is not None and side.disk_problem is not None
+    ]
     return (
         _diff_job(pair, labels),
-        pair.outcome,
+        # How the pair was matched (job_key, input, origin, item) under the result: "different"
+        # by origin or by item is another request, not evidence of non-determinism.
+        pair.outcome if pair.matched_by is None else f"{pair.outcome}\nby {pair.matched_by}",
         ", ".join(what),
         both(_diff_seed),
         both(lambda s: (s.video_sha256 or "no video")[:12]),

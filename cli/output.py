@@ -1476,7 +1476,8 @@ _DIFF_FOLD_FIRST, _DIFF_FOLD_LAST = (4, 3, 2), (0,)
 
 
 def diff_table(rows: list[tuple[str, ...]]) -> Table:
-    """``diff``'s rows (plain text, cells in :data:`DIFF_HEADERS` order) at the terminal's width.
+    """``diff``'s rows (plain text, cells in :data:`DIFF_HEADERS` order; the result's second line
+    says how the pair was matched) at the terminal's width.
 
     The result is as wide as its widest cell. The other columns wrap at spaces, the A / B pairs
     after their `` /`` (so an amount of money is never split): video, seed, what differs and cost
@@ -1489,8 +1490,8 @@ def diff_table(rows: list[tuple[str, ...]]) -> Table:
     least = {i: _least(DIFF_HEADERS[i], rows, i) for i in _DIFF_GIVE_WAY}
     widths = _give_way(natural, least, room)
     for i, header in enumerate(DIFF_HEADERS):
-        if i == 1:
-            fixed_column(table, header, [row[i] for row in rows], right=False)
+        if i == 1:  # the result, and on its second line how the pair was matched: never wrapped
+            fixed_column(table, header, [line for row in rows for line in row[i].splitlines()], right=False)
         else:
             table.add_column(header, width=widths[i], overflow="fold", justify="right" if i == 5 else "left")
     for row in rows:
@@ -1499,8 +1500,8 @@ def diff_table(rows: list[tuple[str, ...]]) -> Table:
 
 
 def _natural(header: str, rows: list[tuple[str, ...]], column: int) -> int:
-    """The cells ``column`` takes unwrapped."""
-    return max([cell_len(header), *(cell_len(row[column]) for row in rows)])
+    """The cells ``column`` takes unwrapped (its widest line)."""
+    return max([cell_len(header), *(cell_len(line) for row in rows for line in row[column].splitlines())])
 
 
 def _least(header: str, rows: list[tuple[str, ...]], column: int) -> int:

@@ -57,20 +57,25 @@ Pure over the store: it reads the two batches and writes nothing.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import sys
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy.orm import Session
 
-from jobs import store
+from jobs import moved_outputs, store
 from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
 from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch
 from jobs.money import usd_json
+from jobs.output_location import is_s3_url
+from jobs.output_store import output_sha256
 from jobs.url_secrets import shareable_text
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -79,6 +84,13 @@ MatchedBy = Literal["job_key", "input", "origin", "item"]
 #: ``"if_shared"``, only when the first three paired at least one job (see :func:`_places_rule`).
 ByPlace = bool | Literal["if_shared"]
 _K = TypeVar("_K")
+#: What :func:`on_disk` found of a job's recorded video: ``ok``, ``missing`` (nothing, or no
+#: regular file, at its path), ``changed on disk`` (another size than recorded; with
+#: ``--verify``, other bytes). None: not looked at (no video, or an S3 object without
+#: ``--verify``).
+OnDisk = Literal["ok", "missing", "changed on disk"]
+#: A side's :data:`OnDisk` as the pair's ``differs`` names it.
+_DISK_DIFFERS = {"missing": "missing on disk", "changed on disk": "changed on disk"}
 #: The input of a side read from the store: not kept (:meth:`JobSide.of`). Never mutated.
 _NO_INPUT: dict[str, Any] = {}
 
@@ -112,6 +124,17 @@ class JobSide:
     input: dict[str, Any] = field(default_factory=dict, compare=False)
     #: ``reuse_outputs``: the job whose output this one took instead of being sent, else None.
     reused_from: str | None = None
+    #: The recorded video as found on disk (:func:`on_disk`), None when not looked at.
+    on_disk: OnDisk | None = None
+    #: Where the video was looked for, kept only when it is not there as recorded (the path
+    #: the diff names); None otherwise.
+    video_path: str | None = None
+
+    @property
+    def disk_problem(self) -> str | None:
+        """What ``differs`` says of this side's video on disk (``missing on disk``, ``changed
+        on disk``), else None."""
+        return None if self.on_disk is None else _DISK_DIFFERS.get(self.on_disk)
 
     @property
     def rendered_by(self) -> str:
@@ -128,12 +151,14 @@ class JobSide:
         return self.seed if self.seed is not None else self.pinned_seed
 
     @classmethod
-    def of(cls, row: store.DiffRow) -> JobSide:
+    def of(cls, row: store.DiffRow, disk: DiskCheck | None = None) -> JobSide:
         """The side of the job ``row``: its input is read here (the second pass's key, the
         pinned seed, the prompt) and not kept (:meth:`BatchDiff.varied` reads it again for the
-        rows a table shows, :func:`varied_of`), nor is any other JSON column."""
+        rows a table shows, :func:`varied_of`), nor is any other JSON column. ``disk``: how its
+        recorded video is looked at on disk (:func:`on_disk`); None: not at all."""
         given = row.input if isinstance(row.input, dict) else {}
         prompt = row.actual_prompt if row.actual_prompt is not None else given.get("prompt")
+        found, looked_at = (None, None) if disk is None else on_disk(row, disk)
         return cls(
             job_id=row.id,
             job_key=row.job_key,
@@ -150,6 +175,8 @@ class JobSide:
             pinned_seed=_pinned(given.get("seed")),
             input=_NO_INPUT,
             reused_from=row.reused_from,
+            on_disk=found,
+            video_path=looked_at,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -168,7 +195,76 @@ class JobSide:
             "video_sha256": self.video_sha256,
             "cost_usd": self.cost_usd,
             "reused_from": self.reused_from,
+            # The video as found on disk: "ok", "missing", "changed on disk", or null (not
+            # looked at); video_path names where it was looked for when it is not "ok".
+            "on_disk": self.on_disk,
+            "video_path": self.video_path,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class DiskCheck:
+    """How ``diff`` looks at the recorded videos: ``root``, the current output folder, where a
+    moved project's videos are looked for (:func:`jobs.moved_outputs.to_look_at`; None: only
+    where recorded); ``verify``: hash each video (``--verify``), not only its size."""
+
+    root: Path | None
+    verify: bool = False
+
+
+def on_disk(row: store.DiffRow, check: DiskCheck) -> tuple[OnDisk | None, str | None]:
+    """What is at the path the video of ``row`` was recorded at, and that path when it is not
+    the video recorded: one ``lstat`` and its size against the recorded one (a moved project's
+    video where :func:`jobs.moved_outputs.to_look_at` finds it, at the recorded size); with
+    ``check.verify`` its SHA-256 too, an S3 object's included (which is otherwise not looked at).
+    ``(None, None)`` for a job without a recorded video."""
+    recorded = row.output_path
+    if row.output_sha256 is None or recorded is None:
+        return None, None
+    if is_s3_url(recorded):
+        path = recorded
+        if not check.verify:
+            return None, None
+    else:
+        path = moved_outputs.to_look_at(recorded, row.output_bytes, check.root)
+        try:
+            info = os.lstat(path)
+        except (OSError, ValueError):
+            return "missing", path
+        if not stat.S_ISREG(info.st_mode):
+            return "missing", path
+        if row.output_bytes is not None and info.st_size != row.output_bytes:
+            return "changed on disk", path
+    if check.verify:
+        digest = output_sha256(path)
+        if digest is None:
+            return "missing", path
+        if digest != row.output_sha256:
+            return "changed on disk", path
+    return "ok", None
+
+
+def _keyed(endpoint: str, given: dict[str, Any], sources: dict[str, Any] | None) -> dict[str, Any]:
+    """The input as the job key sees it: defaults filled in, each image or audio by the SHA-256
+    of its bytes (:func:`stored_keyed_input`)."""
+    filled = with_defaults(endpoint, given)
+    try:
+        return stored_keyed_input(get_endpoint(endpoint), filled, sources)
+    except UsageError:  # an endpoint the registry no longer has: its input as stored
+        return filled
+
+
+def _field_digests(endpoint: str, given: object, sources: object) -> dict[str, str]:
+    """Each input field but the seed (as :func:`_keyed` sees it) → the SHA-256 of its canonical
+    JSON: what tells two paired jobs' inputs apart, kept small."""
+    keyed = _keyed(
+        endpoint, given if isinstance(given, dict) else {}, sources if isinstance(sources, dict) else None
+    )
+    return {
+        sys.intern(name): hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
+        for name, value in keyed.items()
+        if name != "seed"
+    }
 
 
 def _unseeded(endpoint: str, given: dict[str, Any], sources: dict[str, Any] | None) -> str:
@@ -176,11 +272,7 @@ def _unseeded(endpoint: str, given: dict[str, Any], sources: dict[str, Any] | No
     image or audio by the SHA-256 of its bytes as the job key has it (a file and a data URI of
     the same image are one value; :func:`stored_keyed_input`); as the SHA-256 of that text, so
     that a job's whole input (a long prompt, an inline image) is not kept for it."""
-    filled = with_defaults(endpoint, given)
-    try:
-        keyed = stored_keyed_input(get_endpoint(endpoint), filled, sources)
-    except UsageError:  # an endpoint the registry no longer has: its input as stored
-        keyed = filled
+    keyed = _keyed(endpoint, given, sources)
     rest = {k: v for k, v in keyed.items() if k != "seed"}
     return hashlib.sha256((endpoint + "\n" + canonical_json(rest)).encode()).hexdigest()
 
@@ -196,6 +288,10 @@ class Pair:
     a: JobSide | None
     b: JobSide | None
     matched_by: MatchedBy | None
+    #: The input fields (the seed aside: it has its own check) whose values differ between the
+    #: two jobs, as the job key sees them (images by their bytes): set by :func:`diff_batches`
+    #: for the pairs matched by origin or by place; the other passes pair equal inputs.
+    input_differs: tuple[str, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
@@ -204,7 +300,16 @@ class Pair:
         if self.a is None:
             return "only_b"
         same = self.a.video_sha256 is not None and self.a.video_sha256 == self.b.video_sha256
+        # The recorded bytes are no verdict when the video on disk is not them (gone, replaced).
+        same = same and not self.disk_problems()
         return "same" if same else "different"
+
+    def disk_problems(self) -> list[str]:
+        """What ``differs`` says of the pair's videos on disk (:attr:`JobSide.disk_problem`),
+        each once."""
+        sides = (self.a,) if self.same_job else (self.a, self.b)
+        found = [side.disk_problem for side in sides if side is not None and side.disk_problem]
+        return list(dict.fromkeys(found))
 
     @property
     def same_job(self) -> bool:
@@ -223,11 +328,16 @@ class Pair:
         return self.a.rendered_by == self.b.rendered_by
 
     def differs(self) -> list[str]:
-        """Which of endpoint, video, status, seed, prompt and cost differ (empty for an unmatched
-        job, and for a job compared with itself: nothing differs, with a video or without)."""
+        """Which of endpoint, video, status, seed, prompt and cost differ, then each input field
+        that differs as ``input:NAME`` (:attr:`input_differs`), then ``missing on disk`` /
+        ``changed on disk`` when a side's video is not the one recorded (:meth:`disk_problems`).
+        Empty for an unmatched job; for a job compared with itself only what is wrong on disk
+        (nothing else differs, with a video or without)."""
         a, b = self.a, self.b
-        if a is None or b is None or self.same_job:
+        if a is None or b is None:
             return []
+        if self.same_job:
+            return self.disk_problems()
         checks = {
             "endpoint": a.endpoint != b.endpoint,
             "video": a.video_sha256 is None or a.video_sha256 != b.video_sha256,
@@ -236,13 +346,26 @@ class Pair:
             "prompt": a.prompt != b.prompt,
             "cost": a.cost_usd != b.cost_usd,
         }
-        return [name for name, differ in checks.items() if differ]
+        named = [name for name, differ in checks.items() if differ]
+        return named + [f"input:{name}" for name in self.input_differs] + self.disk_problems()
+
+    @property
+    def cost_differs(self) -> bool:
+        """A pair of the same video whose costs differ (pricing changed between the runs)."""
+        return (
+            self.outcome == "same"
+            and not self.same_job
+            and self.a is not None
+            and self.b is not None
+            and self.a.cost_usd != self.b.cost_usd
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "result": self.outcome,
             "matched_by": self.matched_by,
             "differs": self.differs(),
+            "input_differs": list(self.input_differs),
             "reused": self.reused,
             "a": None if self.a is None else self.a.as_dict(),
             "b": None if self.b is None else self.b.as_dict(),
@@ -276,6 +399,31 @@ class BatchDiff:
     def reused(self) -> int:
         """How many of the ``same`` pairs are one render, reused (:attr:`Pair.reused`)."""
         return sum(1 for p in self.pairs if p.outcome == "same" and p.reused)
+
+    @property
+    def cost_differs(self) -> int:
+        """How many ``same`` pairs differ in cost (:attr:`Pair.cost_differs`)."""
+        return sum(1 for p in self.pairs if p.cost_differs)
+
+    def cost_note(self) -> str | None:
+        """What to say when some ``same`` pairs differ in cost, else None: the table lists only
+        pairs that are not the same, so a price change would otherwise go unsaid."""
+        if not self.cost_differs:
+            return None
+        return (
+            f"{self.cost_differs} of the same pairs differ in cost (the price changed between the runs?): "
+            "`--json` gives each side's cost_usd"
+        )
+
+    def disk_note(self) -> str | None:
+        """What to say when videos are not on disk as recorded, else None."""
+        problems = sum(1 for p in self.pairs for side in _sides(p) if side.disk_problem is not None)
+        if not problems:
+            return None
+        return (
+            f"{problems} video(s) are not on disk as the database records them (missing, or another "
+            "size or content): their pairs are not the same"
+        )
 
     def same_batch_note(self) -> str | None:
         """What to say when both sides are one batch, else None: the counts then say which of
@@ -344,6 +492,7 @@ class BatchDiff:
             "only_a": self.count("only_a"),
             "only_b": self.count("only_b"),
             "reused": self.reused,
+            "cost_differs": self.cost_differs,
         }
 
     def job_dicts(self) -> Iterator[dict[str, Any]]:
@@ -352,6 +501,12 @@ class BatchDiff:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.summary(), "jobs": list(self.job_dicts())}
+
+
+def _sides(pair: Pair) -> list[JobSide]:
+    """The pair's jobs, each once (a job compared with itself is one)."""
+    sides = [pair.a] if pair.same_job else [pair.a, pair.b]
+    return [side for side in sides if side is not None]
 
 
 def _varied(
@@ -490,17 +645,49 @@ def _pair_by_origin(
         taken.add(other.job_id)
 
 
-def diff_batches(session: Session, ref_a: str, ref_b: str) -> BatchDiff:
-    """Compare the batches ``ref_a`` and ``ref_b`` (id, id prefix or name; NotFoundError if not)."""
+def diff_batches(session: Session, ref_a: str, ref_b: str, disk: DiskCheck | None = None) -> BatchDiff:
+    """Compare the batches ``ref_a`` and ``ref_b`` (id, id prefix or name; NotFoundError if not).
+    ``disk``: how each recorded video is looked at on disk (:func:`on_disk`); None: not at all,
+    the recorded SHA-256 taken as it is."""
     batch_a = store.get_batch(session, ref_a)
     batch_b = store.get_batch(session, ref_b)
     # The columns compared, one small record per job: no ORM row, no input kept.
-    a_jobs = [JobSide.of(row) for row in store.diff_rows_of_batch(session, batch_a.id)]
+    a_jobs = [JobSide.of(row, disk) for row in store.diff_rows_of_batch(session, batch_a.id)]
     b_jobs = a_jobs  # a batch compared with itself: read once
     if batch_b.id != batch_a.id:
-        b_jobs = [JobSide.of(row) for row in store.diff_rows_of_batch(session, batch_b.id)]
+        b_jobs = [JobSide.of(row, disk) for row in store.diff_rows_of_batch(session, batch_b.id)]
     by_place = _places_rule(session, batch_a, batch_b)
-    return BatchDiff(_named(batch_a), _named(batch_b), match(a_jobs, b_jobs, by_place=by_place))
+    pairs = match(a_jobs, b_jobs, by_place=by_place)
+    _name_input_differences(session, batch_a.id, batch_b.id, pairs)
+    return BatchDiff(_named(batch_a), _named(batch_b), pairs)
+
+
+def _name_input_differences(session: Session, batch_a: str, batch_b: str, pairs: list[Pair]) -> None:
+    """Set :attr:`Pair.input_differs` of the pairs matched by origin or by place (in place in
+    ``pairs``): their inputs are read again, A's jobs' first (kept as a digest per field), then
+    B's, compared as they stream."""
+    of_a: dict[str, int] = {}
+    of_b: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        if pair.matched_by in ("origin", "item") and pair.a is not None and pair.b is not None:
+            of_a[pair.a.job_id] = i
+            of_b[pair.b.job_id] = i
+    if not of_a:
+        return
+    items_a = {side.item_index for i in of_a.values() if (side := pairs[i].a) is not None}
+    items_b = {side.item_index for i in of_b.values() if (side := pairs[i].b) is not None}
+    fields_a: dict[int, dict[str, str]] = {}
+    for job_id, endpoint, given, sources in store.keyed_inputs_of_batch(session, batch_a, items_a):
+        if (at := of_a.get(job_id)) is not None:
+            fields_a[at] = _field_digests(endpoint, given, sources)
+    for job_id, endpoint, given, sources in store.keyed_inputs_of_batch(session, batch_b, items_b):
+        at = of_b.get(job_id)
+        if at is None or at not in fields_a:
+            continue
+        a, b = fields_a.pop(at), _field_digests(endpoint, given, sources)
+        names = tuple(sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n)))
+        if names:
+            pairs[at] = replace(pairs[at], input_differs=names)
 
 
 def _places_rule(session: Session, batch_a: Batch, batch_b: Batch) -> ByPlace:

@@ -519,13 +519,33 @@ def _records(
         yield record(job, batch, output_dir, moves)
 
 
-def tallied(rows: Iterator[dict[str, Any]], statuses: Counter[str]) -> Iterator[dict[str, Any]]:
+def tallied(
+    rows: Iterator[dict[str, Any]],
+    statuses: Counter[str],
+    output_dir: Path | None = None,
+    missing: Counter[str] | None = None,
+) -> Iterator[dict[str, Any]]:
     """``rows`` as they are, counting each one's ``status`` into ``statuses`` on the way: what
     the written export holds, for :func:`record_warnings` (a count taken before the rows are
-    read would miss the jobs that finish while a mid-run export streams)."""
+    read would miss the jobs that finish while a mid-run export streams). With ``output_dir``
+    and ``missing``, each local ``video_path`` is looked at (one ``lstat``) and one that is not
+    a regular file there counted as ``missing["videos"]``."""
     for row in rows:
         statuses[row["status"]] += 1
+        if missing is not None and output_dir is not None and _video_gone(row.get("video_path"), output_dir):
+            missing["videos"] += 1
         yield row
+
+
+def _video_gone(video_path: object, output_dir: Path) -> bool:
+    """The record's local ``video_path`` (relative to ``output_dir``, or absolute) names no
+    regular file; False for no video or an ``s3://`` object (not looked at)."""
+    if not isinstance(video_path, str) or video_path.startswith("s3://"):
+        return False
+    try:
+        return not stat.S_ISREG((output_dir / video_path).lstat().st_mode)
+    except (OSError, ValueError):
+        return True
 
 
 def by_state(counts: Mapping[str, int]) -> str:
@@ -547,9 +567,10 @@ def status_hint(batch: Batch) -> str:
     return f"`wanbatch status {ref}`; `wanbatch run {ref}{simulate}` if nothing is processing it"
 
 
-def record_warnings(batch: Batch, statuses: Mapping[str, int]) -> list[str]:
+def record_warnings(batch: Batch, statuses: Mapping[str, int], missing_videos: int = 0) -> list[str]:
     """What a ``jsonl``, ``csv`` or ``parquet`` export of ``batch`` must say beside its records
-    (``statuses``: how many records of each status it wrote, :func:`tallied`).
+    (``statuses``: how many records of each status it wrote, :func:`tallied`; ``missing_videos``:
+    how many of them name a video that is not on disk, exported all the same).
 
     Every job is a record, finished or not: a record of a job in flight has no result (no seed,
     no video, no cost), which a dataset builder would read as a failure, or miss, unless told
@@ -566,6 +587,12 @@ def record_warnings(batch: Batch, statuses: Mapping[str, int]) -> list[str]:
     if statuses and not statuses.get(JobState.SUCCEEDED.value) and not unfinished:
         warnings.append(
             f"no job of batch {one_line(batch.name)} succeeded ({by_state(statuses)}): no record has a video"
+        )
+    if missing_videos:
+        warnings.append(
+            f"{missing_videos} record(s) name a video that is not on disk (deleted or moved since it "
+            f"was stored): their video_path leads nowhere; `wanbatch diff {shell_ref(batch.name, batch.id)} "
+            f"{shell_ref(batch.name, batch.id)}` lists them"
         )
     return warnings
 

@@ -492,6 +492,9 @@ class DiffRow:
     reused_from: str | None
     input: dict[str, Any]
     source_files: dict[str, Any] | None
+    #: Where the video was recorded and its size: what ``diff`` looks at on disk.
+    output_path: str | None = None
+    output_bytes: int | None = None
 
 
 def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
@@ -512,6 +515,8 @@ def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
         Job.reused_from,
         Job.input,
         Job.source_files,
+        Job.output_path,
+        Job.output_bytes,
     )
     sized = (Job.actual_prompt, Job.input, Job.source_files)
     for row in _rows_bounded(session, columns, [Job.batch_id == batch_id], sized):
@@ -531,6 +536,21 @@ def item_inputs_of_batch(
     for row in _rows_bounded(session, columns, where, [Job.input]):
         job_id, item_index, endpoint, given = row
         yield job_id, item_index, endpoint, given
+
+
+def keyed_inputs_of_batch(
+    session: Session, batch_id: str, items: Collection[int]
+) -> Iterator[tuple[str, str, dict[str, Any], dict[str, Any] | None]]:
+    """``(job id, endpoint, input, source_files)`` of a batch's jobs of the items ``items``, in
+    the order of :func:`jobs_of_batch`, streamed in pages bounded in bytes: what ``diff`` reads
+    to name the input fields that differ between two jobs paired by origin or by place."""
+    if not items:
+        return
+    where = [Job.batch_id == batch_id, Job.item_index.in_(sorted(set(items)))]
+    columns = (Job.id, Job.endpoint, Job.input, Job.source_files)
+    for row in _rows_bounded(session, columns, where, [Job.input, Job.source_files]):
+        job_id, endpoint, given, sources = row
+        yield job_id, endpoint, given, sources
 
 
 def media_inputs_of_batch(session: Session, batch_id: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:

@@ -62,3 +62,28 @@ def test_a_real_reuse_across_batches_is_still_flagged() -> None:
     assert diff.same_batch_note() is None
     assert diff.reused == 3
     assert diff.as_dict()["same_batch"] is False
+
+
+def test_a_same_video_whose_cost_differs_is_counted_and_said() -> None:
+    """Pricing changed between the runs: the pair is the same video, and still the text output
+    must say the costs differ (the table lists only pairs that are not the same)."""
+    cheap = _side("j1")
+    dear = JobSide(**{**{f: getattr(cheap, f) for f in JobSide.__slots__}, "job_id": "j2", "cost_usd": 0.3})
+    diff = _diff("x", "y", [Pair(cheap, dear, "job_key"), Pair(cheap, _side("j3"), "job_key")])
+    assert [p.outcome for p in diff.pairs] == ["same", "same"]
+    assert diff.cost_differs == 1
+    assert diff.as_dict()["cost_differs"] == 1
+    note = diff.cost_note()
+    assert note is not None
+    assert note.startswith("1 of the same pairs differ in cost")
+    assert _diff("x", "y", [Pair(cheap, _side("j3"), "job_key")]).cost_note() is None
+
+
+def test_input_fields_that_differ_and_videos_not_on_disk_are_named() -> None:
+    pair = Pair(_side("j1"), _side("j2"), "origin", input_differs=("end_image_url", "resolution"))
+    assert pair.differs() == ["input:end_image_url", "input:resolution"]
+    gone = JobSide(**{**{f: getattr(_side("j2"), f) for f in JobSide.__slots__}, "on_disk": "missing"})
+    pair = Pair(_side("j1"), gone, "job_key")
+    assert pair.outcome == "different"  # the recorded SHA-256 is equal, the file is gone
+    assert pair.differs() == ["missing on disk"]
+    assert Pair(gone, gone, "job_key").differs() == ["missing on disk"]  # diff X X says it too
