@@ -205,7 +205,7 @@ class JobSide:
 @dataclass(frozen=True, slots=True)
 class DiskCheck:
     """How ``diff`` looks at the recorded videos: ``root``, the current output folder, where a
-    moved project's videos are looked for (:func:`jobs.moved_outputs.to_look_at`; None: only
+    moved project's videos are looked for (:func:`jobs.moved_outputs.places_to_look`; None: only
     where recorded); ``verify``: hash each video (``--verify``), not only its size."""
 
     root: Path | None
@@ -215,7 +215,7 @@ class DiskCheck:
 def on_disk(row: store.DiffRow, check: DiskCheck) -> tuple[OnDisk | None, str | None]:
     """What is at the path the video of ``row`` was recorded at, and that path when it is not
     the video recorded: one ``lstat`` and its size against the recorded one (a moved project's
-    video where :func:`jobs.moved_outputs.to_look_at` finds it, at the recorded size); with
+    video where :func:`jobs.moved_outputs.places_to_look` finds it first, at the recorded size); with
     ``check.verify`` its SHA-256 too, an S3 object's included (which is otherwise not looked at).
     ``(None, None)`` for a job without a recorded video."""
     recorded = row.output_path
@@ -226,7 +226,7 @@ def on_disk(row: store.DiffRow, check: DiskCheck) -> tuple[OnDisk | None, str | 
         if not check.verify:
             return None, None
     else:
-        path = moved_outputs.to_look_at(recorded, row.output_bytes, check.root)
+        path = moved_outputs.places_to_look(recorded, row.output_bytes, check.root)[0]
         try:
             info = os.lstat(path)
         except (OSError, ValueError):
