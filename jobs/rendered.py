@@ -156,6 +156,20 @@ def renders(
     return _renders(rows, simulated=simulated, now=now or utcnow())
 
 
+def lineage_renders(
+    session: Session, batch: Batch, *, simulated: bool, now: datetime | None = None
+) -> dict[str, list[Render]]:
+    """:func:`renders` over ``batch``'s whole lineage (:func:`jobs.store.lineage_repeats`): the
+    succeeded and the still unfinished jobs of every rerun of the batch ``batch`` is a rerun of
+    in the end (any generation, ``batch`` itself left out), by the root's job they repeat.
+    :func:`by_input` then finds, for each failed job of ``batch``, a rerun that rendered its very
+    input: one of its own reruns, a sibling (another ``rerun --failed-only`` of its parent), or
+    its parent's other reruns. Only ``batch``'s descendants were asked: ``rerun B --failed-only``
+    paid again for the videos its sibling D had rendered, and ``status B`` never named D."""
+    rows = store.lineage_repeats(session, batch)
+    return _renders(rows, simulated=simulated, now=now or utcnow())
+
+
 def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool, now: datetime) -> dict[str, list[Render]]:
     """:func:`renders` from a batch's :func:`jobs.store.rerun_repeats` rows."""
     origin: dict[str, str] = {}  # a repeat's id → the batch's job it repeats, however many generations
@@ -247,9 +261,10 @@ class Covered:
 
 def rerun_covered(session: Session, batch: Batch, *, now: datetime | None = None) -> Covered:
     """The batch's failed or cancelled jobs a rerun already rendered, and those an unfinished
-    rerun is rendering (as ``rerun --failed-only`` would find them): ``status`` names those
+    rerun is rendering (as ``rerun --failed-only`` would find them: any rerun of its lineage,
+    :func:`lineage_renders`, a sibling's too): ``status`` names those
     reruns instead of advising to rerun the jobs again (``now``: for :attr:`RerunBeing.waits`)."""
-    found = by_input(renders(session, batch.id, simulated=batch.simulated, now=now))
+    found = by_input(lineage_renders(session, batch, simulated=batch.simulated, now=now))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
         return _covered(found, ())
     return _covered(found, store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES))
@@ -259,9 +274,9 @@ def rerun_covered_of_batches(
     session: Session, batches: Sequence[Batch], *, now: datetime | None = None
 ) -> dict[str, Covered]:
     """:func:`rerun_covered` of each of ``batches`` (by id), in a few queries however many
-    batches there are (:func:`jobs.store.rerun_repeats_of_batches`, then the failed or
+    batches there are (:func:`jobs.store.lineage_repeats_of_batches`, then the failed or
     cancelled jobs of the batches a rerun covers, in one query)."""
-    repeats = store.rerun_repeats_of_batches(session, [b.id for b in batches], RERUN_FAILED_STATES)
+    repeats = store.lineage_repeats_of_batches(session, [b.id for b in batches])
     now = now or utcnow()
     found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated, now=now)) for b in batches}
     jobs: dict[str, list[Job]] = {}

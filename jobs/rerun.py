@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -45,8 +45,8 @@ from jobs.rendered import (
     RerunBeing,
     being_text,
     by_input,
+    lineage_renders,
     rendered_by,
-    renders,
     rerun_input,
     reruns_text,
     tally,
@@ -286,15 +286,20 @@ def rerun_batch(
         unnamed = _unnamed_source(rows, Path(parent.manifest_path).parent)
         if unnamed is not None:  # not "changed": the file is there, under a name this locale lacks
             raise ConfigError(f"cannot rerun batch {parent.name}: {unnamed}; nothing was stored")
-        changed = _changed_sources(rows, Path(parent.manifest_path).parent)
-        if changed:
-            raise UsageError(_sources_changed(parent, changed, store.root_batch(session, parent)))
+        sources = _checked_sources(rows, Path(parent.manifest_path).parent, set(not_in_manifest_jobs))
+        if sources.problems:
+            raise UsageError(_sources_changed(parent, sources.problems, store.root_batch(session, parent)))
+        rows = sources.kept
+        if not rows:
+            raise NothingToRerun(_all_changed(parent, sources))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         warnings[:0] = _left_out(parent, covered)
         if not_in_manifest:
             warnings.insert(0, _not_in_manifest_left_out(parent, len(not_in_manifest)))
         if dropped:
             warnings.insert(0, _dropped_left_out(parent, len(dropped)))
+        if sources.left_out:
+            warnings.append(_changed_left_out(parent, sources))
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)
@@ -369,11 +374,13 @@ class Coverage:
 def _not_covered(
     session: Session, parent: Batch, rows: list[store.NewJob], *, simulated: bool, now: datetime
 ) -> tuple[list[store.NewJob], Coverage]:
-    """The rerun's jobs without those an earlier rerun of ``parent`` (of this kind: a simulation
-    or a batch for fal) already rendered, or still renders, with the same input, and the reruns
+    """The rerun's jobs without those an earlier rerun in ``parent``'s lineage (of this kind: a
+    simulation or a batch for fal; its own reruns, a sibling's, its parent's other reruns:
+    :func:`jobs.rendered.lineage_renders`) already rendered, or still renders, with the same
+    input, and the reruns
     holding those: a rerun stored twice before either ran would pay twice. ``now``: for how long
     the schedule of an unfinished one holds it back (:attr:`RerunBeing.waits`)."""
-    found = by_input(renders(session, parent.id, simulated=simulated, now=now))
+    found = by_input(lineage_renders(session, parent, simulated=simulated, now=now))
     if not found:
         return rows, Coverage()
     kept: list[store.NewJob] = []
@@ -620,8 +627,38 @@ def _unnamed_source(rows: Iterable[store.NewJob], folder: Path) -> str | None:
 
 
 def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
-    """One line per local file the rerun's jobs would send whose bytes are not the ones the
-    parent recorded (``source_files``): ``images/car.png: changed (…)``, ``…: missing``.
+    """One line per local file the rerun's jobs would send whose bytes are not the ones their
+    parent jobs recorded (:func:`_checked_sources`, no job left out)."""
+    return _checked_sources(rows, folder, ()).problems
+
+
+@dataclass(frozen=True, slots=True)
+class _Sources:
+    """What :func:`_checked_sources` found of the rerun's local files."""
+
+    #: The jobs still to store: every one but those left out.
+    kept: list[store.NewJob]
+    #: One line per file a job in the manifest would send changed: the rerun is refused.
+    problems: list[str]
+    #: The jobs left out: no longer in the manifest, a file of theirs changed since.
+    left_out: int = 0
+    #: Those jobs' files, as :func:`jobs.fs.shown_in_folder` shows them.
+    left_out_files: list[str] = field(default_factory=list)
+
+
+def _checked_sources(
+    rows: Iterable[store.NewJob], folder: Path, not_in_manifest: Collection[str]
+) -> _Sources:
+    """Each job's local files checked against the SHA-256 that job recorded (``source_files``),
+    job by job: a job in the manifest whose file differs gives a line each
+    (``images/car.png: changed (…)``, ``…: missing``); a job no longer in it (its parent job's
+    id in ``not_in_manifest``: a resubmit replaced it) whose file differs is left out instead,
+    the file most likely replaced on purpose (the manifest's jobs send the new one).
+
+    The digests of every job naming a path were merged and the file had to match them all: after
+    an image was replaced and the manifest resubmitted, the old jobs' digest and the new ones'
+    could never both match, and a plain rerun was refused for ever, in words that were not true
+    of the jobs it named ("changed since the batch was submitted" of a file its jobs sent as is).
 
     The path is shown relative to the manifest's ``folder`` (absolute when outside it). Each
     file is read once, directly (as the submit step reads it, with no cache to be fooled by a
@@ -638,50 +675,87 @@ def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
     a file the user changed on purpose, maybe. The user decides instead: the original back, or
     a new batch for the new image.
     """
-    recorded: dict[str, set[str]] = {}  # path → the SHA-256 values the jobs recorded for it
+    now: dict[str, tuple[str | None, str | None]] = {}  # path → (its SHA-256 now, or what is wrong)
+    mismatched: dict[str, set[str]] = {}  # path → the SHA-256 values of manifest jobs it differs from
+    left_files: dict[str, None] = {}
+    kept: list[store.NewJob] = []
+    left_out = 0
     for row in rows:
+        differs: list[tuple[str, str]] = []
         for fld in get_endpoint(row.endpoint).media_fields:
             value = row.input.get(fld.name)
             source = (row.source_files or {}).get(fld.name)
             digest = source.get("sha256") if isinstance(source, dict) else None
-            if isinstance(value, str) and isinstance(digest, str) and classify(value) is MediaKind.PATH:
-                recorded.setdefault(value, set()).add(digest)
+            if not (isinstance(value, str) and isinstance(digest, str) and classify(value) is MediaKind.PATH):
+                continue
+            if value not in now:
+                now[value] = _file_digest(Path(value))
+            current, problem = now[value]
+            if problem is not None or current != digest:
+                differs.append((value, digest))
+        if differs and row.rerun_of is not None and row.rerun_of in not_in_manifest:
+            left_out += 1
+            left_files.update((shown_in_folder(value, folder), None) for value, _ in differs)
+            continue
+        for value, digest in differs:
+            mismatched.setdefault(value, set()).add(digest)
+        kept.append(row)
     lines = []
-    for value, digests in recorded.items():
-        problem = _source_problem(Path(value), digests)
-        if problem is not None:  # one line each: a line feed in a name is escaped
-            lines.append(f"{shown_in_folder(value, folder)}: {problem}")
-    return lines
+    for value, digests in mismatched.items():
+        current, problem = now[value]
+        if problem is None:
+            then = ", ".join(sorted(f"{d[:12]}…" for d in digests))
+            problem = f"changed since the batch was submitted (SHA-256 {then} then, {str(current)[:12]}… now)"
+        lines.append(f"{shown_in_folder(value, folder)}: {problem}")  # one line each: a line feed is escaped
+    return _Sources(kept, lines, left_out, list(left_files))
 
 
-def _source_problem(path: Path, recorded: set[str]) -> str | None:
-    """What keeps ``path`` from holding the bytes ``recorded`` (one SHA-256, or several when the
-    parent's jobs were made from different versions of it), else None.
+def _file_digest(path: Path) -> tuple[str | None, str | None]:
+    """``path``'s SHA-256 now, or (None and) what keeps it from being read as the file the batch
+    recorded.
 
     A recorded name this session cannot open (``ñ`` under ``LC_ALL=C``) is said as ``validate``
     says it of a media file (:func:`jobs.fs.name_problem`), never resolved: that was exit 70."""
     problem = name_problem(path)
     if problem is not None:
-        return problem
+        return None, problem
     try:
         real = path.resolve()
     except (OSError, RuntimeError):  # a symlink loop
-        return "cannot be resolved (a symlink loop?)"
+        return None, "cannot be resolved (a symlink loop?)"
     if real != path:  # stored fully resolved: a symlink appeared since
-        return f"now leads to {shown_path(real)} (a symlink appeared since the batch was submitted)"
+        return None, f"now leads to {shown_path(real)} (a symlink appeared since the batch was submitted)"
     if not path.exists():
-        return _MISSING
+        return None, _MISSING
     if not path.is_file():
-        return "no longer a file"
+        return None, "no longer a file"
     try:
         with path.open("rb") as fh:
-            now = hashlib.file_digest(fh, "sha256").hexdigest()
+            return hashlib.file_digest(fh, "sha256").hexdigest(), None
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
-    if recorded == {now}:
-        return None
-    then = ", ".join(sorted(f"{d[:12]}…" for d in recorded - {now}))
-    return f"changed since the batch was submitted (SHA-256 {then} then, {now[:12]}… now)"
+        return None, f"unreadable ({exc.strerror or exc})"
+
+
+def _changed_left_out(parent: Batch, left: _Sources) -> str:
+    """The line of a rerun that left out jobs no longer in the manifest whose file changed since."""
+    return (
+        f"{left.left_out} job(s) of batch {parent.name} no longer in its manifest send a file changed "
+        f"since they were submitted ({_files_text(left)}): left out (sent, they would fail)"
+    )
+
+
+def _files_text(left: _Sources) -> str:
+    """The first few files of the jobs :func:`_checked_sources` left out."""
+    return ", ".join(left.left_out_files[:3]) + (", …" if len(left.left_out_files) > 3 else "")
+
+
+def _all_changed(parent: Batch, left: _Sources) -> str:
+    """Why a rerun made no batch: each of its jobs was no longer in the manifest and sends a
+    file changed since (:func:`_checked_sources`)."""
+    return (
+        f"nothing to rerun: the {left.left_out} job(s) of batch {parent.name} left to repeat are no "
+        f"longer in its manifest and send a file changed since ({_files_text(left)}); no batch was created"
+    )
 
 
 def _sources_changed(parent: Batch, lines: list[str], root: Batch) -> str:

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Batch, BatchState, Job, JobRecord
 from jobs.states import JobState
+from jobs.store.batches import root_batch
 from jobs.store.transitions import Fence, _move
 
 #: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
@@ -110,6 +111,19 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
         repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
         parents = children
     return found
+
+
+def lineage_repeats(session: Session, batch: Batch) -> list[RerunRepeat]:
+    """Every job of every rerun in ``batch``'s lineage but ``batch`` itself: the reruns (any
+    generation) of the batch it is a rerun of in the end (:func:`jobs.store.root_batch`, ``batch``
+    itself when it is none), whichever job of it they repeat. ``rerun B --failed-only`` and
+    ``status B`` ask which of B's failed jobs one of them rendered with the very same input:
+    B's own reruns, and a sibling too (``rerun A --failed-only`` made B, whose jobs failed again,
+    and then D, which rendered them: rerun again, B's jobs paid for D's videos a second time).
+    Generation by generation from the root, as :func:`rerun_repeats` walks it."""
+    root = root_batch(session, batch)
+    rows = rerun_repeats(session, root.id, list(JobState))
+    return [row for row in rows if row.batch_id != batch.id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,12 +249,41 @@ def rerun_repeats_of_batches(
     Each generation is read for every batch at once; a row counts for the batch ``g``
     generations up its chain of parents when the job it repeats does: one of that batch's jobs
     in ``states`` (the first generation), or a row counted for it one generation before."""
-    wanted = set(batch_ids)
+    return _repeats_of_roots(session, set(batch_ids), states, _children(session))
+
+
+def _children(session: Session) -> dict[str, list[str]]:
+    """Each batch that has reruns → its reruns' ids (one read of the reruns' parent links)."""
     children: dict[str, list[str]] = {}
     for child, parent in session.execute(
         select(Batch.id, Batch.parent_batch_id).where(Batch.parent_batch_id.is_not(None))
     ):
         children.setdefault(str(parent), []).append(str(child))
+    return children
+
+
+def lineage_repeats_of_batches(session: Session, batch_ids: Collection[str]) -> dict[str, list[RerunRepeat]]:
+    """:func:`lineage_repeats` of each of ``batch_ids`` (those with none left out), in as many
+    queries as :func:`rerun_repeats_of_batches` (``status`` with no batch): the roots are found
+    from the same read of the reruns' parent links, and each lineage walked once."""
+    children = _children(session)
+    parent_of = {child: parent for parent, kids in children.items() for child in kids}
+    roots: dict[str, str] = {}
+    for batch_id in batch_ids:
+        seen, top = {batch_id}, batch_id
+        while (up := parent_of.get(top)) is not None and up not in seen:  # a cycle (none is made) ends it
+            seen.add(up)
+            top = up
+        roots[batch_id] = top
+    found = _repeats_of_roots(session, set(roots.values()), list(JobState), children)
+    lineages = {b: [r for r in found.get(root, ()) if r.batch_id != b] for b, root in roots.items()}
+    return {b: rows for b, rows in lineages.items() if rows}
+
+
+def _repeats_of_roots(
+    session: Session, wanted: set[str], states: Sequence[JobState], children: dict[str, list[str]]
+) -> dict[str, list[RerunRepeat]]:
+    """:func:`rerun_repeats_of_batches` of ``wanted``, given every batch's reruns (:func:`_children`)."""
     # Each batch's reruns generation by generation: level[root] = its batches ``g`` generations down.
     level = {root: [root] for root in wanted if root in children}
     root_of: dict[str, str] = {}  # a batch of this generation → the batch it is a rerun of, g generations up

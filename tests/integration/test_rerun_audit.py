@@ -1,0 +1,151 @@
+"""The reproducibility audit's reruns, on both dialects (:func:`jobs.rerun.rerun_batch`).
+
+* ``rerun B --failed-only`` paid again for the videos a sibling rerun D had rendered (B and D
+  both ``rerun A --failed-only``): only B's own reruns were asked. ``status B`` never said so.
+* A plain ``rerun`` after an image was replaced and the manifest resubmitted was refused for
+  ever, the digests of the jobs no longer in the manifest merged with the current ones.
+* A rerun sent stored inputs the endpoint registry no longer allows.
+* ``rerun --max-usd`` below every job's estimate stored a batch whose every job the cap cancelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, update
+
+from jobs import db, store
+from jobs.errors import UsageError
+from jobs.models import Job
+from jobs.rendered import rerun_covered, rerun_covered_of_batches
+from jobs.rerun import NothingToRerun, rerun_batch
+from jobs.settings import Settings
+from jobs.states import JobState as S
+
+
+def _job(
+    i: int,
+    job_input: dict[str, Any],
+    *,
+    sources: dict[str, Any] | None = None,
+    endpoint: str = "fal-ai/wan-22",
+) -> store.NewJob:
+    return store.NewJob(
+        key=f"{i:064x}",
+        item_index=i,
+        endpoint=endpoint,
+        input=job_input,
+        est_billing_units=Decimal(1),
+        est_usd=Decimal("0.20"),
+        source_files=sources,
+    )
+
+
+def _settings(engine: Engine) -> Settings:
+    return Settings(database_url=engine.url.render_as_string(hide_password=False))
+
+
+def _set_states(engine: Engine, batch_id: str, state: S, **values: Any) -> None:
+    with db.session_scope(engine) as session:
+        session.execute(update(Job).where(Job.batch_id == batch_id).values(state=state, **values))
+
+
+def _names(engine: Engine) -> list[str]:
+    with db.read_scope(engine) as session:
+        return sorted(b.name for b in store.list_batches(session))
+
+
+def test_failed_only_of_a_rerun_leaves_out_what_a_sibling_rendered(engine: Engine) -> None:
+    """The audit: A's 2 jobs failed; B = ``rerun A --failed-only`` failed again; D = the same
+    command, rendered them. ``rerun B --failed-only`` sent both again (pinned seeds: D's very
+    videos) and paid; ``status B`` advised it."""
+    with db.session_scope(engine) as session:
+        a, _ = store.get_or_create_batch(
+            session, name="night", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, a.id, [_job(i, {"prompt": f"p{i}", "resolution": "480p"}) for i in range(2)])
+        session.execute(
+            update(Job).where(Job.batch_id == a.id).values(state=S.FAILED, seed=7, error_type="model_error")
+        )
+    settings = _settings(engine)
+    b = rerun_batch("night", failed_only=True, settings=settings)
+    _set_states(engine, b.batch_id, S.FAILED, error_type="model_error")
+    d = rerun_batch("night", failed_only=True, settings=settings)
+    assert d.name == "night-rerun-2"
+    _set_states(engine, d.batch_id, S.SUCCEEDED)
+
+    with pytest.raises(NothingToRerun) as nothing:
+        rerun_batch(b.name, failed_only=True, settings=settings)
+
+    said = str(nothing.value)
+    assert "already rendered with the same input by night-rerun-2" in said, said
+    assert _names(engine) == ["night", "night-rerun-1", "night-rerun-2"]
+    with db.read_scope(engine) as session:
+        batch = store.get_batch(session, b.batch_id)
+        one = rerun_covered(session, batch)
+        many = rerun_covered_of_batches(session, store.list_batches(session))[b.batch_id]
+    for covered in (one, many):  # status B, and status with no batch
+        assert covered.rendered["jobs"] == 2
+        assert [r["name"] for r in covered.rendered["reruns"]] == ["night-rerun-2"]
+    # Asked for in so many words, they are sent again all the same.
+    forced = rerun_batch(b.name, failed_only=True, pay_again=True, settings=settings)
+    assert forced.added == 2
+
+
+def _image_job(i: int, image: Path, content: bytes) -> store.NewJob:
+    digest = hashlib.sha256(content).hexdigest()
+    sources = {"image_url": {"source": "images/night.jpg", "sha256": digest}}
+    job_input = {"prompt": "a night", "image_url": str(image), "seed": 3}
+    return _job(i, job_input, sources=sources, endpoint="fal-ai/wan-i2v")
+
+
+def test_a_plain_rerun_after_an_image_was_replaced_leaves_out_the_old_jobs(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The image was replaced and the manifest resubmitted: the old job is no longer in it. A
+    plain rerun merged both jobs' digests and was refused for ever ("changed since the batch
+    was submitted" of a file the new job sends as is), the original put back or not."""
+    folder = tmp_path.resolve()
+    image = folder / "images" / "night.jpg"
+    image.parent.mkdir()
+    old, new = b"the original night", b"the new night"
+    image.write_bytes(new)
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session,
+            name="night",
+            manifest_path=str(folder / "night.yaml"),
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+        )
+        store.add_jobs(session, batch.id, [_image_job(0, image, old)])
+        session.execute(update(Job).values(state=S.SUCCEEDED, seed=3))
+        store.resubmit_jobs(session, batch.id, [_image_job(1, image, new)], lambda: 1)  # the old one out
+        session.execute(update(Job).values(state=S.SUCCEEDED, seed=3))
+        jobs = {j.not_in_manifest: j.id for j in store.jobs_of_batch(session, batch.id)}
+    settings = _settings(engine)
+
+    result = rerun_batch("night", settings=settings)
+
+    with db.read_scope(engine) as session:
+        assert [j.rerun_of for j in store.jobs_of_batch(session, result.batch_id)] == [jobs[False]]
+    said = [w for w in result.warnings if "images/night.jpg" in w]
+    assert said == [
+        "1 job(s) of batch night no longer in its manifest send a file changed since they were "
+        "submitted (images/night.jpg): left out (sent, they would fail)"
+    ]
+
+    image.write_bytes(old)  # the original back: now the manifest's job would send other bytes
+    with pytest.raises(UsageError) as refused:
+        rerun_batch("night", settings=settings)
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("cannot rerun batch night: 1 source file differs"), lines
+    then, now = hashlib.sha256(new).hexdigest()[:12], hashlib.sha256(old).hexdigest()[:12]
+    assert lines[1:] == [
+        f"  images/night.jpg: changed since the batch was submitted (SHA-256 {then}… then, {now}… now)"
+    ]
+    assert _names(engine) == ["night", "night-rerun-1"]
