@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,15 @@ from sqlalchemy.orm import Session
 from jobs import db, store
 from jobs.batches import SubmitResult, _new_job, _submitted, check_output_names
 from jobs.db import open_engine
-from jobs.endpoints import get_endpoint
+from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import ConfigError, UsageError, WanbatchError
 from jobs.fs import name_problem, shown_in_folder, shown_path
 from jobs.manifest import job_key
 from jobs.manifest.expand import MAX_JOBS
 from jobs.media import MediaKind, classify
 from jobs.models import NOT_IN_MANIFEST, Batch, utcnow
-from jobs.printable import shell_ref, shortened
+from jobs.money import usd_text
+from jobs.printable import one_line, shell_ref, shortened
 from jobs.rendered import (
     RERUN_FAILED_STATES,
     Render,
@@ -56,6 +57,8 @@ from jobs.rendered import (
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
+from jobs.url_secrets import mask_urls
+from jobs.validation import ValueCache, check_input
 from jobs.vary import Sweep, Vary, checked_values
 
 
@@ -173,10 +176,11 @@ def rerun_batch(
     one-line :class:`UsageError` and nothing is stored. When no job qualifies (``failed_only``
     on a batch where every job succeeded) nothing is stored either: :class:`NothingToRerun`.
 
-    ``failed_only`` leaves out the jobs an earlier rerun of the batch (any generation, of the
-    same kind) already rendered, or still unfinished will render, with the very input this one
-    would send (:mod:`jobs.rendered`), with a warning that names that rerun (and, unfinished,
-    what goes on with it) — or, when that is all of them, :class:`NothingToRerun` naming it:
+    ``failed_only`` leaves out the jobs an earlier rerun in the batch's lineage (any rerun of the
+    batch it comes from, any generation, of the same kind: its own, a sibling's) already
+    rendered, or still unfinished will render, with the very input this one would send
+    (:mod:`jobs.rendered`), with a warning that names that rerun (and, unfinished, what goes on
+    with it) — or, when that is all of them, :class:`NothingToRerun` naming it:
     running the same command twice (or pressing the dashboard's button twice before the first
     rerun ran) paid for the same videos twice. With ``send_now``, an unfinished one that holds
     some of them and waits for its window (or ``not_before``) is a :class:`UsageError` that says
@@ -202,7 +206,12 @@ def rerun_batch(
     Every local file the jobs send must still hold the bytes whose SHA-256 the parent recorded
     (``source_files``); otherwise every job would fail at submission (``input_file``) and each
     later rerun too, since it copies the same record: a :class:`UsageError` names each such file
-    and nothing is stored (see :func:`_changed_sources`).
+    and nothing is stored (see :func:`_checked_sources`), checked job by job: a job its manifest no
+    longer has whose file changed (an image replaced, the manifest resubmitted) is left out
+    instead, with a warning. Every input it would send is checked against the endpoint registry
+    as ``submit`` checks a manifest's (:class:`_InputCheck`): a value no longer allowed is a
+    :class:`UsageError` with one line per problem, nothing stored; so is a budget cap below
+    every job's estimate (:func:`_nothing_fits`), which stored a batch of jobs all cancelled.
 
     ``on_batch(id, name)`` is called with the new batch before its jobs are stored, in the same
     transaction (storing a large batch takes a while): should Ctrl-C stop the command, its hint
@@ -248,6 +257,8 @@ def rerun_batch(
                     swept.add(job.item_index)
                 for combo in combos:
                     resolved = {**stored, **combo}
+                    if not inputs.allowed(spec, resolved, job.id, job.item_index):
+                        continue  # refused below, with every other problem (not even priced)
                     yield _new_job(
                         job.endpoint,
                         job.item_index,
@@ -269,7 +280,10 @@ def rerun_batch(
         not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
         not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
         dropped: list[str] = []  # jobs a resubmit dropped (never sent), which a plain rerun leaves out
+        inputs = _InputCheck()
         rows = list(new_jobs())
+        if inputs.lines:
+            raise UsageError(_inputs_refused(parent, inputs.said()))
         if not rows:
             raise NothingToRerun(
                 _nothing_to_rerun(session, parent, failed_only, len(not_in_manifest), dropped=len(dropped))
@@ -293,6 +307,9 @@ def rerun_batch(
         if not rows:
             raise NothingToRerun(_all_changed(parent, sources))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
+        cap = parent.budget_max_usd if max_usd is None else max_usd
+        if cap is not None and rows and min(row.est_usd for row in rows) > cap:
+            raise UsageError(_nothing_fits(parent, rows, cap, given=max_usd is not None))
         warnings[:0] = _left_out(parent, covered)
         if not_in_manifest:
             warnings.insert(0, _not_in_manifest_left_out(parent, len(not_in_manifest)))
@@ -334,6 +351,20 @@ def rerun_batch(
         if not_in_manifest_jobs:  # a plain rerun repeats them: its copies say so too (in_manifest)
             store.mark_reruns_not_in_manifest(session, batch.id, parent.id)
         return _submitted(session, batch, created, added, existing, warnings)
+
+
+def _nothing_fits(parent: Batch, rows: list[store.NewJob], cap: Decimal, *, given: bool) -> str:
+    """Why a rerun whose budget cap is below every job's estimate is refused: the cap would
+    cancel each one before sending it (a job is sent when its estimate fits under what is left),
+    and each such command stored a batch of nothing but jobs cancelled for budget."""
+    cheapest = min(row.est_usd for row in rows)
+    enough = cheapest.quantize(Decimal("0.01"), rounding=ROUND_CEILING)
+    whose = "--max-usd" if given else f"batch {parent.name}'s budget.max_usd, which a rerun keeps"
+    return (
+        f"cannot rerun batch {parent.name}: its cap {usd_text(cap)} ({whose}) is below the estimate of "
+        f"each of its {len(rows)} job(s) (the cheapest: {usd_text(cheapest)}), so every job would be "
+        f"cancelled for budget; nothing was stored. Give --max-usd {enough} or more"
+    )
 
 
 def rerun_options(
@@ -609,6 +640,58 @@ def _fields_text(values: dict[str, Any], fields: Iterable[str]) -> str:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         shown.append(f"{name}={shortened(text)}")
     return " ".join(shown)
+
+
+class _InputCheck:
+    """The inputs a rerun would send checked against the endpoint registry as ``submit`` checks a
+    manifest's (:func:`jobs.validation.check_input`): a value no longer allowed (a resolution
+    removed from the enum), a field the endpoint no longer has, one it requires now. A rerun
+    sent its stored inputs unchecked (or failed pricing one, exit 70).
+
+    One line per problem: ``job 3c1a2b4d (item 0): field 'resolution': '1080p' is not one of the
+    allowed values (allowed: 480p, 580p, 720p)``; the same problem in other jobs is counted on
+    its line (``; and 41 more job(s)``), so 100,000 jobs give a few lines. Media fields are left
+    to :func:`_checked_sources`: their files are checked against the SHA-256 recorded of them."""
+
+    def __init__(self) -> None:
+        self._cache = ValueCache()
+        #: Each problem (endpoint, field, message, allowed) → its line and how many more jobs have it.
+        self.lines: dict[tuple[str, str, str, str], list[Any]] = {}
+
+    def allowed(self, spec: EndpointSpec, values: dict[str, Any], job_id: str, item: int) -> bool:
+        """Whether ``values`` (parent job ``job_id``'s, of manifest item ``item``) has no error."""
+        media = [fld.name for fld in spec.media_fields]
+        ok = True
+        for problem in check_input(spec, values, skip=media, value_cache=self._cache):
+            if problem.severity != "error":
+                continue
+            ok = False
+            mark = (spec.id, problem.field, problem.message, problem.allowed or "")
+            if mark in self.lines:
+                self.lines[mark][1] += 1
+                continue
+            line = f"job {job_id[:8]} (item {item}): field {problem.field!r}: {problem.message}"
+            if problem.allowed:
+                line += f" (allowed: {problem.allowed})"
+            self.lines[mark] = [line, 0]
+        return ok
+
+    def said(self) -> list[str]:
+        """The lines, each on one line, a URL's credentials masked (as every message)."""
+        shown = [line + (f"; and {more} more job(s)" if more else "") for line, more in self.lines.values()]
+        return [one_line(mask_urls(line)) for line in shown]
+
+
+def _inputs_refused(parent: Batch, lines: list[str]) -> str:
+    """Why a rerun of ``parent`` is refused: its stored inputs break the endpoint registry's
+    rules now (:class:`_InputCheck`); its first line says what to do, then one per problem."""
+    problems = "1 stored input value is" if len(lines) == 1 else f"{len(lines)} stored input problems are"
+    return (
+        f"cannot rerun batch {parent.name}: {problems} no longer allowed by the endpoint registry, so "
+        "fal would refuse the jobs; nothing was stored. `--vary FIELD=VALUE` sends an allowed value "
+        "of such a field instead; or edit the manifest and submit it:\n"
+        + "\n".join(f"  batch {parent.name}, {line}" for line in lines)
+    )
 
 
 def _unnamed_source(rows: Iterable[store.NewJob], folder: Path) -> str | None:

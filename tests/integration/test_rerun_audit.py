@@ -149,3 +149,75 @@ def test_a_plain_rerun_after_an_image_was_replaced_leaves_out_the_old_jobs(
         f"  images/night.jpg: changed since the batch was submitted (SHA-256 {then}… then, {now}… now)"
     ]
     assert _names(engine) == ["night", "night-rerun-1"]
+
+
+def _failed_batch(engine: Engine, name: str, inputs: list[dict[str, Any]], cap: Decimal | None = None) -> str:
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name=name, manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=cap
+        )
+        store.add_jobs(session, batch.id, [_job(i, values) for i, values in enumerate(inputs)])
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch.id)
+            .values(state=S.FAILED, seed=5, error_type="model_error")
+        )
+        return batch.id
+
+
+def test_a_rerun_refuses_stored_inputs_the_registry_no_longer_allows(engine: Engine) -> None:
+    """A resolution removed from the endpoint's enum (stored before, as the registry allowed it
+    then) was sent by ``rerun`` unchecked: now one line per problem, exit 2, nothing stored."""
+    batch = _failed_batch(
+        engine,
+        "old",
+        [
+            {"prompt": "a", "resolution": "1080p"},
+            {"prompt": "b", "resolution": "1080p"},
+            {"prompt": "c", "resolution": "480p", "motion": 3},
+        ],
+    )
+    with db.read_scope(engine) as session:
+        ids = {j.item_index: j.id[:8] for j in store.jobs_of_batch(session, batch)}
+
+    for failed_only in (False, True):
+        with pytest.raises(UsageError) as refused:
+            rerun_batch("old", failed_only=failed_only, settings=_settings(engine))
+
+        assert refused.value.exit_code == 2
+        lines = str(refused.value).splitlines()
+        assert lines[0].startswith("cannot rerun batch old: 2 stored input problems are no longer allowed"), (
+            lines
+        )
+        assert len(lines) == 3, lines
+        assert lines[1] == (
+            f"  batch old, job {ids[0]} (item 0): field 'resolution': '1080p' is not one of the allowed "
+            "values (allowed: 480p, 580p, 720p); and 1 more job(s)"
+        )
+        assert lines[2].startswith(
+            f"  batch old, job {ids[2]} (item 2): field 'motion': unknown field 'motion'"
+        )
+        assert "(allowed: the fields of fal-ai/wan-22: prompt, " in lines[2]
+    assert _names(engine) == ["old"]
+
+
+def test_a_rerun_whose_cap_fits_no_job_is_refused_before_storing(engine: Engine) -> None:
+    """``rerun X --failed-only --max-usd 0.1`` with $0.20 jobs stored, each time, a batch whose
+    every job the cap cancelled."""
+    jobs = [{"prompt": "a", "resolution": "480p"}, {"prompt": "b", "resolution": "480p"}]  # $0.2025 each
+    _failed_batch(engine, "capped", jobs, cap=Decimal("0.10"))
+    settings = _settings(engine)
+
+    with pytest.raises(UsageError) as refused:
+        rerun_batch("capped", failed_only=True, max_usd=Decimal("0.1"), settings=settings)
+
+    assert str(refused.value) == (
+        "cannot rerun batch capped: its cap $0.10 (--max-usd) is below the estimate of each of its 2 "
+        "job(s) (the cheapest: $0.20), so every job would be cancelled for budget; nothing was stored. "
+        "Give --max-usd 0.21 or more"
+    )
+    with pytest.raises(UsageError, match=r"\(batch capped's budget.max_usd, which a rerun keeps\)"):
+        rerun_batch("capped", failed_only=True, settings=settings)  # the parent's cap, kept
+    assert _names(engine) == ["capped"]
+    # One job fits: stored (the cap cancels the other, as asked).
+    assert rerun_batch("capped", failed_only=True, max_usd=Decimal("0.21"), settings=settings).added == 2
