@@ -166,7 +166,7 @@ def lineage_renders(
     input: one of its own reruns, a sibling (another ``rerun --failed-only`` of its parent), or
     its parent's other reruns. Only ``batch``'s descendants were asked: ``rerun B --failed-only``
     paid again for the videos its sibling D had rendered, and ``status B`` never named D."""
-    rows = store.lineage_repeats(session, batch)
+    rows = store.lineage_repeats(session, batch, RERUN_FAILED_STATES)
     return _renders(rows, simulated=simulated, now=now or utcnow())
 
 
@@ -276,7 +276,7 @@ def rerun_covered_of_batches(
     """:func:`rerun_covered` of each of ``batches`` (by id), in a few queries however many
     batches there are (:func:`jobs.store.lineage_repeats_of_batches`, then the failed or
     cancelled jobs of the batches a rerun covers, in one query)."""
-    repeats = store.lineage_repeats_of_batches(session, [b.id for b in batches])
+    repeats = store.lineage_repeats_of_batches(session, [b.id for b in batches], RERUN_FAILED_STATES)
     now = now or utcnow()
     found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated, now=now)) for b in batches}
     jobs: dict[str, list[Job]] = {}

@@ -7,12 +7,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, union
 from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Batch, BatchState, Job, JobRecord
 from jobs.states import JobState
-from jobs.store.batches import root_batch
 from jobs.store.transitions import Fence, _move
 
 #: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
@@ -94,9 +93,15 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
 
     Walked by the batches' ``parent_batch_id`` (few rows) and then each child batch's jobs
     (``batch_id`` is indexed), never by a scan of every job's ``rerun_of``."""
+    return _walk(
+        session, batch_id, select(Job.id).where(Job.batch_id == batch_id, Job.state.in_(list(states)))
+    )
+
+
+def _walk(session: Session, batch_id: str, repeated: Any) -> list[RerunRepeat]:
+    """:func:`rerun_repeats` of the jobs of ``batch_id`` that ``repeated`` (a query of job ids) selects."""
     found: list[RerunRepeat] = []
     parents = [batch_id]
-    repeated: Any = select(Job.id).where(Job.batch_id == batch_id, Job.state.in_(list(states)))
     while parents:
         children = list(session.scalars(select(Batch.id).where(Batch.parent_batch_id.in_(parents))))
         if not children:
@@ -113,17 +118,40 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
     return found
 
 
-def lineage_repeats(session: Session, batch: Batch) -> list[RerunRepeat]:
-    """Every job of every rerun in ``batch``'s lineage but ``batch`` itself: the reruns (any
-    generation) of the batch it is a rerun of in the end (:func:`jobs.store.root_batch`, ``batch``
-    itself when it is none), whichever job of it they repeat. ``rerun B --failed-only`` and
-    ``status B`` ask which of B's failed jobs one of them rendered with the very same input:
+def lineage_repeats(session: Session, batch: Batch, states: Sequence[JobState]) -> list[RerunRepeat]:
+    """Every job of a rerun in ``batch``'s lineage (``batch`` itself left out) that repeats the
+    job one of ``batch``'s jobs in ``states`` comes from: each such job is followed up its
+    ``rerun_of`` to the job of the batch it is a rerun of in the end (:func:`jobs.store.root_batch`), and
+    every repeat of that root job, any generation, is found from there. ``rerun B --failed-only``
+    and ``status B`` ask which of B's failed jobs one of them rendered with the very same input:
     B's own reruns, and a sibling too (``rerun A --failed-only`` made B, whose jobs failed again,
     and then D, which rendered them: rerun again, B's jobs paid for D's videos a second time).
-    Generation by generation from the root, as :func:`rerun_repeats` walks it."""
-    root = root_batch(session, batch)
-    rows = rerun_repeats(session, root.id, list(JobState))
-    return [row for row in rows if row.batch_id != batch.id]
+    For a batch that is no rerun, exactly :func:`rerun_repeats`. In one query per generation
+    (the root jobs found by a nested query, never a list of ids)."""
+    depth, top, seen = 0, batch, {batch.id}
+    while top.parent_batch_id is not None:
+        parent = session.get(Batch, top.parent_batch_id)
+        if parent is None or parent.id in seen:  # pragma: no cover - a foreign key keeps the parent
+            break
+        seen.add(parent.id)
+        depth, top = depth + 1, parent
+    start = select(Job.id).where(Job.batch_id == top.id, Job.id.in_(_root_jobs({depth: [batch.id]}, states)))
+    return [row for row in _walk(session, top.id, start) if row.batch_id != batch.id]
+
+
+def _root_jobs(by_depth: dict[int, list[str]], states: Sequence[JobState]) -> Any:
+    """A query of the root jobs (:func:`lineage_repeats`) of the jobs in ``states`` of the
+    batches ``by_depth`` holds, each list under its batches' number of generations below their
+    root: a job's ``rerun_of`` taken that many times, each a nested query."""
+    parts: list[Any] = []
+    for depth, batch_ids in sorted(by_depth.items()):
+        query: Any = select(Job.id if depth == 0 else Job.rerun_of).where(
+            Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states))
+        )
+        for _ in range(depth - 1):
+            query = select(Job.rerun_of).where(Job.id.in_(query))
+        parts.append(query)
+    return parts[0] if len(parts) == 1 else union(*parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,35 +290,49 @@ def _children(session: Session) -> dict[str, list[str]]:
     return children
 
 
-def lineage_repeats_of_batches(session: Session, batch_ids: Collection[str]) -> dict[str, list[RerunRepeat]]:
+def lineage_repeats_of_batches(
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+) -> dict[str, list[RerunRepeat]]:
     """:func:`lineage_repeats` of each of ``batch_ids`` (those with none left out), in as many
     queries as :func:`rerun_repeats_of_batches` (``status`` with no batch): the roots are found
     from the same read of the reruns' parent links, and each lineage walked once."""
     children = _children(session)
     parent_of = {child: parent for parent, kids in children.items() for child in kids}
     roots: dict[str, str] = {}
+    by_depth: dict[int, list[str]] = {}
     for batch_id in batch_ids:
         seen, top = {batch_id}, batch_id
         while (up := parent_of.get(top)) is not None and up not in seen:  # a cycle (none is made) ends it
             seen.add(up)
             top = up
         roots[batch_id] = top
-    found = _repeats_of_roots(session, set(roots.values()), list(JobState), children)
+        by_depth.setdefault(len(seen) - 1, []).append(batch_id)
+    if not by_depth:
+        return {}
+    found = _repeats_of_roots(session, set(roots.values()), states, children, _root_jobs(by_depth, states))
     lineages = {b: [r for r in found.get(root, ()) if r.batch_id != b] for b, root in roots.items()}
     return {b: rows for b, rows in lineages.items() if rows}
 
 
 def _repeats_of_roots(
-    session: Session, wanted: set[str], states: Sequence[JobState], children: dict[str, list[str]]
+    session: Session,
+    wanted: set[str],
+    states: Sequence[JobState],
+    children: dict[str, list[str]],
+    start: Any = None,
 ) -> dict[str, list[RerunRepeat]]:
-    """:func:`rerun_repeats_of_batches` of ``wanted``, given every batch's reruns (:func:`_children`)."""
+    """:func:`rerun_repeats_of_batches` of ``wanted``, given every batch's reruns (:func:`_children`);
+    with ``start`` (a query of job ids: :func:`_root_jobs`), of those of their jobs instead of
+    those in ``states``."""
     # Each batch's reruns generation by generation: level[root] = its batches ``g`` generations down.
     level = {root: [root] for root in wanted if root in children}
     root_of: dict[str, str] = {}  # a batch of this generation → the batch it is a rerun of, g generations up
     counted: dict[str, set[str]] = {}  # root → ids of the rows counted for it in the generation before
     found: dict[str, list[RerunRepeat]] = {}
     of = aliased(Job)
-    repeated: Any = select(Job.id).where(Job.batch_id.in_(list(level)), Job.state.in_(list(states)))
+    repeated: Any = select(Job.id).where(
+        Job.batch_id.in_(list(level)), Job.state.in_(list(states)) if start is None else Job.id.in_(start)
+    )
     first = True
     while level:
         level = {root: [c for b in batches for c in children.get(b, ())] for root, batches in level.items()}
@@ -310,7 +352,7 @@ def _repeats_of_roots(
             repeat = _repeat(row)
             root = root_of[repeat.batch_id]
             if first:
-                if of_batch != root or JobState(of_state) not in states:
+                if of_batch != root or (start is None and JobState(of_state) not in states):
                     continue
             elif repeat.rerun_of not in counted.get(root, ()):
                 continue

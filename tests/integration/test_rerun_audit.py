@@ -94,6 +94,20 @@ def test_failed_only_of_a_rerun_leaves_out_what_a_sibling_rendered(engine: Engin
     # Asked for in so many words, they are sent again all the same.
     forced = rerun_batch(b.name, failed_only=True, pay_again=True, settings=settings)
     assert forced.added == 2
+    # Two generations down, D (the grandparent's other rerun) still counts: C's jobs failed too.
+    _set_states(engine, forced.batch_id, S.FAILED, error_type="model_error")
+    with pytest.raises(NothingToRerun, match="already rendered with the same input by night-rerun-2"):
+        rerun_batch(forced.name, failed_only=True, settings=settings)
+    with db.read_scope(engine) as session:
+        batch = store.get_batch(session, forced.batch_id)
+        assert rerun_covered(session, batch).rendered["jobs"] == 2
+        every = rerun_covered_of_batches(session, store.list_batches(session))
+    assert {store_id: c.rendered["jobs"] for store_id, c in every.items()} == {
+        a.id: 2,
+        b.batch_id: 2,
+        d.batch_id: 0,
+        forced.batch_id: 2,
+    }
 
 
 def _image_job(i: int, image: Path, content: bytes) -> store.NewJob:
