@@ -983,6 +983,10 @@ class DatabaseSettings(_Section):
         return value
 
 
+#: The URL schemes of a Redis broker, as kombu reads them (its redis transport, and Sentinel).
+REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
+
+
 class BrokerSettings(_Section):
     """The Celery transport, and the worker that runs inside ``wanbatch run`` without one."""
 

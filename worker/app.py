@@ -47,7 +47,7 @@ from typing import Any
 
 from celery import Celery
 
-from jobs.settings import BrokerSettings
+from jobs.settings import REDIS_SCHEMES, BrokerSettings
 from worker.task_events import BatchedTaskEvents, WorkerEvents
 
 VISIBILITY_TIMEOUT_SECONDS = 2 * 60 * 60
@@ -64,9 +64,6 @@ BROKER_CONNECT_TIMEOUT_SECONDS = 5.0
 #: to a broker that does not answer fails within about 20 s and is an outage
 #: (:mod:`worker.broker_outage`) instead of a round held for a minute.
 PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
-
-
-REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
 
 def broker_transport_options(broker_url: str | None) -> dict[str, Any]:

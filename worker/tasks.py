@@ -27,9 +27,8 @@ from sqlalchemy import Engine
 
 from jobs import db, store
 from jobs.errors import NotFoundError
-from jobs.settings import Settings, get_settings
+from jobs.settings import REDIS_SCHEMES, Settings, get_settings
 from worker import logs, steps
-from worker.app import REDIS_SCHEMES
 from worker.crash import crash_file
 from worker.embedded import after_crash
 from worker.runtime import build_runtime

@@ -81,7 +81,7 @@ def test_the_reprs_given_are_what_celery_would_have_written() -> None:
     ("url", "declares"),
     [
         (None, False),
-        ("redis://127.0.0.1:6379/3", False),
+        ("redis://redis.example:6379/3", False),
         ("rediss://redis.example:6380/0", False),
         ("amqp://guest@rabbit.example//", True),  # a queue nobody declared drops the message there
     ],
