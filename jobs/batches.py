@@ -1709,6 +1709,15 @@ def _report(
     }
 
 
+def uncancelled_note(session: Session, batch: Batch, counts: Mapping[str, int]) -> str:
+    """:func:`uncancelled_text` of one batch (``counts``: its jobs by state), for the dashboard's
+    batch page: asked only of a cancelled batch with jobs still at fal, as ``status`` asks it."""
+    at_fal = counts.get(JobState.QUEUED.value, 0) + counts.get(JobState.RUNNING.value, 0)
+    if batch.state != BatchState.CANCELLED or not at_fal:
+        return ""
+    return uncancelled_text(store.uncancelled_requests(session, [batch.id]).get(batch.id, []), batch)
+
+
 def uncancelled_text(given_up: Sequence[store.Uncancelled], batch: Batch) -> str:
     """The line ``status`` gives a cancelled batch's requests whose cancel a process gave up at
     fal (:func:`jobs.store.uncancelled_requests`): how many, each request and fal's last answer,

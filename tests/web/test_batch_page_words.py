@@ -28,7 +28,7 @@ import web.dashboard
 from cli.output import _pending_line, report_ref
 from jobs import batches, cap_holds, db, listing, store
 from jobs.db import session_factory
-from jobs.models import EVERY_BATCH, FalHold, utcnow
+from jobs.models import EVERY_BATCH, BatchState, FalHold, utcnow
 from jobs.schedule import Schedule
 from jobs.states import JobState
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
@@ -280,3 +280,34 @@ def test_requests_of_another_key_are_said_to_wait_for_a_process_with_it(
         f"{waits} (fal does not know 1 of them for this key: "
         "`wanbatch cancel BATCH --abandon-other-key` writes them off)"
     ), shown
+
+
+def test_requests_whose_cancel_was_given_up_are_named_as_status_names_them(
+    sqlite_engine: Engine, output_dir: Path
+) -> None:
+    """A cancelled batch whose request's cancel a process gave up at fal (noted on the job's
+    history): the page says, in ``status``'s words, that fal may still run and bill it."""
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN)
+    with session_factory(sqlite_engine)() as work:
+        mixed = mixed_batch(work)
+        waiting = next(j for j in store.jobs_of_batch(work, mixed.batch.id) if not JobState(j.state).terminal)
+        waiting.state, waiting.request_id = JobState.QUEUED, "req-stuck"
+        batch = store.get_batch(work, mixed.batch.id)
+        batch.state = BatchState.CANCELLED
+        work.flush()
+        assert store.note_cancel_given_up(
+            work, waiting.id, "req-stuck", error="HTTP 301 redirect", tries=5, worker="host:1:", now=utcnow()
+        )
+        work.commit()
+    html = (
+        logged_in(client(app_for(sqlite_engine, settings)))
+        .get(f"/batches/{mixed.batch.id}", headers=HTML)
+        .text
+    )
+    shown = _said(html, r'data-testid="uncancelled">(.*?)</p>')
+    report = _report(sqlite_engine, mixed.batch.id, utcnow())
+    assert report["uncancelled_note"]
+    assert shown == report["uncancelled_note"], shown
+    assert shown.startswith(
+        "1 request(s) of this cancelled batch could not be cancelled at fal (request req-stuck"
+    )
