@@ -974,13 +974,14 @@ def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str, only_new
     _check_echo(answer, checksum, f"s3://{bucket}/{key}")
 
 
-def read_json_object(bucket: str, key: str) -> dict[str, Any] | None:
+def read_json_object(bucket: str, key: str, *, quick: bool = False) -> dict[str, Any] | None:
     """The sidecar stored as ``bucket/key`` (one ``GetObject``), read as a local one is
     (:func:`jobs.outputs.parse_sidecar`); None when there is no such object, or it is not a
     sidecar. :class:`OutputReadError` when the storage cannot be asked (refused, unreachable;
-    a missing key reads as refused without ``s3:ListBucket``)."""
+    a missing key reads as refused without ``s3:ListBucket``). ``quick``: one try, within a few
+    seconds (:func:`_client`'s ``quick``), for a look that may do without an answer."""
     try:
-        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
+        body = _client(quick=quick).get_object(Bucket=bucket, Key=key)["Body"]
         data = body.read(outputs.SIDECAR_MAX_BYTES + 1)
     except Exception as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
@@ -991,14 +992,15 @@ def read_json_object(bucket: str, key: str) -> dict[str, Any] | None:
     return outputs.parse_sidecar(data)
 
 
-def read_sidecar(output_path: str) -> dict[str, Any] | None:
+def read_sidecar(output_path: str, *, quick: bool = False) -> dict[str, Any] | None:
     """The sidecar beside a stored video (a local path or an ``s3://`` URI), None when there is
     none: one ``open`` (:func:`jobs.outputs.read_sidecar`, which never raises) or one
-    ``GetObject`` (:func:`read_json_object`: :class:`OutputReadError` when S3 cannot be asked)."""
+    ``GetObject`` (:func:`read_json_object`: :class:`OutputReadError` when S3 cannot be asked;
+    ``quick``: one try, within a few seconds)."""
     if not is_s3_url(output_path):
         return outputs.read_sidecar(Path(output_path))
     bucket, key = _object(output_path)
-    return read_json_object(bucket, str(PurePosixPath(key).with_suffix(outputs.SIDECAR_SUFFIX)))
+    return read_json_object(bucket, str(PurePosixPath(key).with_suffix(outputs.SIDECAR_SUFFIX)), quick=quick)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1243,14 +1245,18 @@ def _proxy_for_endpoint() -> tuple[str, str] | None:
     return name, f"{shown}:{port}" if port is not None else shown
 
 
-def _client() -> S3Client:
+def _client(*, quick: bool = False) -> S3Client:
     """The process's S3 client for the current ``AWS_*`` environment (boto3 clients are
     thread-safe; sessions are not, so each client gets its own session, made under a lock).
+
+    ``quick``: a client of its own that tries once, connecting within 2 s and waiting 3 s for an
+    answer, for reads that may do without one (a dispatch round's look for sidecars: a storage
+    that does not answer must not keep its threads for the minutes the default client retries).
 
     An endpoint on this machine's loopback is reached directly: botocore would otherwise send
     it through ``HTTP_PROXY`` (it bypasses only ``NO_PROXY``'s hosts), a proxy elsewhere that
     cannot reach it and that saw every request's signed ``Authorization``."""
-    key = (*(os.environ.get(name) for name in _CLIENT_ENV), *_proxy_environment())
+    key = (*(os.environ.get(name) for name in _CLIENT_ENV), *_proxy_environment(), str(quick))
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
@@ -1259,9 +1265,9 @@ def _client() -> S3Client:
 
             config = Config(
                 signature_version="s3v4",
-                connect_timeout=10,
-                read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=2 if quick else 10,
+                read_timeout=3 if quick else 60,
+                retries={"max_attempts": 1 if quick else 3, "mode": "standard"},
                 # S3-compatible servers (MinIO, moto, Ceph) behind one host name: path-style keys.
                 s3={"addressing_style": "path"} if endpoint_url() else None,
                 request_checksum_calculation="when_required",

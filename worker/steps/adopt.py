@@ -32,6 +32,8 @@ new ids, so new names (see the README's "Backups and restores").
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime
@@ -143,6 +145,33 @@ LOOKUPS_AT_ONCE = 8
 #: sidecar was not read by then is sent, as when the storage cannot be asked (said once a batch).
 LOOKUP_DEADLINE = 5.0
 
+#: Seconds no sidecar is looked for after a round's reads missed :data:`LOOKUP_DEADLINE`: the
+#: rounds meanwhile send their jobs without waiting (else every round would wait the deadline
+#: again while the storage does not answer). Then the next round asks again.
+LOOKUP_PAUSE = 60.0
+
+
+class _Lookups:
+    """The process's sidecar reads: one pool of :data:`LOOKUPS_AT_ONCE` threads for every round
+    (a pool a round, left to reads that did not answer, piled up eight threads a round), and
+    until when none is asked (:data:`LOOKUP_PAUSE`). Reads use the storage's quick client (one
+    try within a few seconds: :func:`jobs.output_store.read_sidecar`), so a thread a read that
+    does not answer holds comes back soon."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.paused_until = 0.0
+
+    def executor(self) -> ThreadPoolExecutor:
+        with self.lock:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(LOOKUPS_AT_ONCE, thread_name_prefix="wanbatch-sidecars")
+            return self.pool
+
+
+LOOKUPS = _Lookups()
+
 
 def look_up(rt: Runtime, jobs: Sequence[JobRecord], batch_of: Callable[[str], BatchRecord]) -> Looked:
     """With outputs in S3: the own sidecar object of each of the round's claimed ``jobs``, read
@@ -158,19 +187,24 @@ def look_up(rt: Runtime, jobs: Sequence[JobRecord], batch_of: Callable[[str], Ba
         if video is None:
             return None
         try:
-            return output_store.read_sidecar(video)
+            return output_store.read_sidecar(video, quick=True)
         except OutputReadError as exc:
             return exc
 
-    ids = list(where)
-    pool = ThreadPoolExecutor(max_workers=min(LOOKUPS_AT_ONCE, len(ids)), thread_name_prefix="adopt")
-    try:
-        pending = {job_id: pool.submit(read, job_id) for job_id in ids}
-        wait(pending.values(), timeout=LOOKUP_DEADLINE)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # a read still out ends by itself
-    late = OutputReadError(f"no answer from the storage within {LOOKUP_DEADLINE:g} s")
-    return {job_id: future.result() if future.done() else late for job_id, future in pending.items()}
+    if time.monotonic() < LOOKUPS.paused_until:
+        paused = OutputReadError(
+            f"it did not answer within {LOOKUP_DEADLINE:g} s: not asked again for {LOOKUP_PAUSE:g} s"
+        )
+        return {job_id: paused for job_id in where}
+    pool = LOOKUPS.executor()
+    pending = {job_id: pool.submit(read, job_id) for job_id in where}
+    _, late = wait(pending.values(), timeout=LOOKUP_DEADLINE)
+    if late:
+        for future in late:
+            future.cancel()  # not started yet: never asked; a read under way ends by itself
+        LOOKUPS.paused_until = time.monotonic() + LOOKUP_PAUSE
+    missed = OutputReadError(f"no answer from the storage within {LOOKUP_DEADLINE:g} s")
+    return {job_id: missed if future in late else future.result() for job_id, future in pending.items()}
 
 
 def _own_video(rt: Runtime, batch: BatchRecord, job: JobRecord) -> str | None:
