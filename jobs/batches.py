@@ -580,7 +580,9 @@ def submit_manifest(
         if refuse is not None:  # a new batch too: what it claims is claimed with the batch
             refuse(session, batch)
         manifest_moved = None
+        in_manifest = 0  # of the batch's jobs, those its manifest as last submitted has
         if not created and batch.manifest_path != manifest_path:
+            in_manifest = store.manifest_job_count(session, batch.id)
             # Submitted from another place (its folder moved): the manifest submitted now says
             # where its files are; resubmit_jobs gives the stored jobs their new paths.
             manifest_moved = {"from": batch.manifest_path, "to": manifest_path}
@@ -605,7 +607,7 @@ def submit_manifest(
             stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
             added, existing = stored.added, stored.present
             if manifest_moved is not None:  # raised inside the transaction: nothing is stored
-                refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored)
+                refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored, in_manifest)
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
         if refuse_paused_batch:
@@ -2148,18 +2150,23 @@ def refuse_rerun(session: Session, batch: Batch) -> None:
     )
 
 
-def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resubmitted) -> None:
+def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resubmitted, before: int) -> None:
     """A manifest of another project that took a stored batch's ``name:``: a :class:`UsageError`
     (exit 2), raised before anything is stored.
 
     A batch is found by its name, so a manifest submitted from another place is taken for the
     same project moved or copied (:func:`submit_manifest`'s ``manifest_moved``). When the batch's
-    manifest is still where it was and the one given now asks for none of the batch's jobs, it is
-    another project with the same name on a shared database: merged, every job of the first was
-    dropped as "no longer in its manifest", its budget cap replaced, and "moved" announced, while
-    the next submit of the first moved everything back. A real move leaves no file behind; a copy
-    shares its jobs with the batch."""
-    if stored.present or not (stored.not_in_manifest or stored.added):
+    manifest is still where it was, the one given now may be another project with the same name
+    on a shared database: merged, the jobs of the first it does not have were dropped as "no
+    longer in its manifest", its budget cap replaced, and "moved" announced, while the next
+    submit of the first moved everything back. So while the old manifest is there, a manifest
+    from elsewhere is taken only when it leaves out none of the ``before`` jobs the old one had
+    (a copy, perhaps with more items): one that asks for none of them, or leaves some out, is
+    refused, and the line says how to move a project on purpose. A real move leaves no file
+    behind."""
+    kept = stored.present - stored.restored  # of the jobs the old manifest had, those asked for again
+    left_out = max(before - kept, 0)
+    if stored.present and not left_out:
         return
     old = Path(stored_at)
     try:
@@ -2167,10 +2174,11 @@ def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resub
             return
     except OSError:
         return
+    asks = f"leaves out {left_out} of its {before} job(s)" if stored.present else "asks for none of its jobs"
     raise UsageError(
         f"batch {name} belongs to {shown_path(old)}, which is still there, and {shown_path(Path(given))} "
-        "asks for none of its jobs: give this manifest another `name:` (or, if it is the same project "
-        f"moved, move or delete {shown_path(old)} first)"
+        f"{asks}: give this manifest another `name:` (or, if it is the same project moved, move or delete "
+        f"{shown_path(old)} first)"
     )
 
 

@@ -32,6 +32,15 @@ from jobs.store.core import _JOBS, _prepared, _run, _sent_with, sent_to_origin
 from jobs.store.transitions import _INSERT_EVENT, update_job_fields
 
 
+def manifest_job_count(session: Session, batch_id: str) -> int:
+    """How many of the batch's jobs the manifest it was last submitted from has (those not
+    marked ``not_in_manifest``): what a manifest submitted from elsewhere would leave out."""
+    found = session.scalar(
+        select(func.count()).select_from(Job).where(Job.batch_id == batch_id, Job.not_in_manifest.is_(False))
+    )
+    return int(found or 0)
+
+
 def job_snapshots(session: Session, job_ids: Collection[str]) -> dict[str, JobSnapshot]:
     """The jobs with these ids as :class:`JobSnapshot` (missing ones are left out), in one query.
 

@@ -135,15 +135,24 @@ def test_the_manifest_submitted_now_defines_the_paths(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A copy, not a move: the old files are still there, and the copy's win. A job the copy no
-    longer has keeps its paths (they are outside the new folder); never sent, it is dropped
-    (cancelled) by the submit that left it out, so its file, gone since, is never read."""
-    _project(e2e_env, "cp1", TWO)
+    """A copy, not a move: the old images are still there, and the copy's win. While the old
+    manifest is still in its place, a copy that leaves one of its jobs out is refused (it could be
+    another project with the same name); once that manifest is gone, the batch moves. A job the
+    copy no longer has keeps its paths (they are outside the new folder); never sent, it is
+    dropped (cancelled) by the submit that left it out, so its file, gone since, is never read."""
+    first = _project(e2e_env, "cp1", TWO)
     assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
     shutil.copytree(e2e_env / "proj", e2e_env / "copy")
     (e2e_env / "copy" / "m.yaml").write_text(MANIFEST.format(name="cp1", items=ONE), encoding="utf-8")
     capsys.readouterr()
 
+    assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: batch cp1 belongs to {first}, which is still there, and copy/m.yaml leaves out 1 of its "
+        f"2 job(s): give this manifest another `name:` (or, if it is the same project moved, move or "
+        f"delete {first} first)"
+    ]
+    first.unlink()  # the project moved on purpose: its images stay where they were
     assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 0
     assert _moved_lines(capsys.readouterr().err) == [
         f"batch cp1 moved: its manifest is now copy/m.yaml (was {e2e_env / 'proj' / 'm.yaml'})"
@@ -292,6 +301,14 @@ def test_another_project_with_the_same_name_is_refused_not_merged(
     budget = db_rows(_url(tmp_path), "SELECT budget_max_usd FROM batches WHERE name = 'same'")[0][0]
     assert int(budget) == 5_000_000_000  # $5.00, stored in nano-dollars: the cap is unchanged
 
+    # Sharing one item with it changes nothing: the first project's other job would be dropped.
+    shared = lone + "  - {prompt: moved before run, image_url: images/landscape.jpg, seed: 4}\n"
+    (other / "m.yaml").write_text(MANIFEST.format(name="same", items=shared), encoding="utf-8")
+    assert run_main(["submit", "other/m.yaml"], monkeypatch) == 2
+    assert "other/m.yaml leaves out 1 of its 2 job(s): give this manifest another" in capsys.readouterr().err
+    assert [state for state, _, _ in _jobs(tmp_path, "same")] == ["pending", "pending"]
+
+    (other / "m.yaml").write_text(MANIFEST.format(name="same", items=lone), encoding="utf-8")
     first.rename(e2e_env / "proj" / "old.yaml")  # the first project's manifest is gone from there
     assert run_main(["submit", "other/m.yaml"], monkeypatch) == 0
     assert _moved_lines(capsys.readouterr().err) == [
