@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from jobs import store
 from jobs.manifest.keys import stored_content_key
-from jobs.models import Batch, Job, utcnow
+from jobs.models import Batch, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
 from jobs.printable import shell_ref
 from jobs.schedule import Schedule
@@ -165,13 +165,22 @@ def lineage_renders(
     :func:`by_input` then finds, for each failed job of ``batch``, a rerun that rendered its very
     input: one of its own reruns, a sibling (another ``rerun --failed-only`` of its parent), or
     its parent's other reruns. Only ``batch``'s descendants were asked: ``rerun B --failed-only``
-    paid again for the videos its sibling D had rendered, and ``status B`` never named D."""
-    rows = store.lineage_repeats(session, batch, RERUN_FAILED_STATES)
+    paid again for the videos its sibling D had rendered, and ``status B`` never named D.
+
+    Only the repeats that can cover are read (:func:`jobs.store.repeats.covering`), so a repeat
+    of a repeat that failed is found under that failed repeat's id instead: the callers look
+    repeats up by input (:func:`by_input`), never by that id."""
+    rows = store.lineage_repeats(session, batch, RERUN_FAILED_STATES, only_covering=True, simulated=simulated)
     return _renders(rows, simulated=simulated, now=now or utcnow())
 
 
-def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool, now: datetime) -> dict[str, list[Render]]:
-    """:func:`renders` from a batch's :func:`jobs.store.rerun_repeats` rows."""
+def _renders(
+    rows: Iterable[store.RerunRepeat], *, simulated: bool, now: datetime, keys: dict[str, str] | None = None
+) -> dict[str, list[Render]]:
+    """:func:`renders` from a batch's :func:`jobs.store.rerun_repeats` rows. ``keys``: each
+    repeat's :attr:`Render.key` by its id, kept across calls (the batches of one lineage share
+    its rows: each key is computed once)."""
+    keys = {} if keys is None else keys
     origin: dict[str, str] = {}  # a repeat's id → the batch's job it repeats, however many generations
     found: dict[str, list[Render]] = {}
     ranks: dict[str, int] = {}
@@ -191,7 +200,9 @@ def _renders(rows: Iterable[store.RerunRepeat], *, simulated: bool, now: datetim
         if unfinished and row.batch_id not in waits:
             waits[row.batch_id] = Schedule.from_json(row.batch_schedule).waits(now)
         waiting = waits.get(row.batch_id, "") if unfinished else ""
-        key = stored_content_key(row.endpoint, row.input, row.source_files)
+        key = keys.get(row.job_id)
+        if key is None:
+            key = keys[row.job_id] = stored_content_key(row.endpoint, row.input, row.source_files)
         found.setdefault(root, []).append(
             Render(row.batch_id, row.batch_name, row.input, key, rank, unfinished, command, waiting)
         )
@@ -267,7 +278,7 @@ def rerun_covered(session: Session, batch: Batch, *, now: datetime | None = None
     found = by_input(lineage_renders(session, batch, simulated=batch.simulated, now=now))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
         return _covered(found, ())
-    return _covered(found, store.jobs_of_batch(session, batch.id, states=RERUN_FAILED_STATES))
+    return _covered(found, store.rerun_wanted_of_batches(session, [batch.id], RERUN_FAILED_STATES))
 
 
 def rerun_covered_of_batches(
@@ -276,16 +287,22 @@ def rerun_covered_of_batches(
     """:func:`rerun_covered` of each of ``batches`` (by id), in a few queries however many
     batches there are (:func:`jobs.store.lineage_repeats_of_batches`, then the failed or
     cancelled jobs of the batches a rerun covers, in one query)."""
-    repeats = store.lineage_repeats_of_batches(session, [b.id for b in batches], RERUN_FAILED_STATES)
+    ids = [b.id for b in batches]
+    repeats = store.lineage_repeats_of_batches(session, ids, RERUN_FAILED_STATES, only_covering=True)
     now = now or utcnow()
-    found = {b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated, now=now)) for b in batches}
-    jobs: dict[str, list[Job]] = {}
-    for job in store.jobs_of_batches(session, [i for i, f in found.items() if f], RERUN_FAILED_STATES):
+    keys: dict[str, str] = {}
+    found = {
+        b.id: by_input(_renders(repeats.get(b.id, ()), simulated=b.simulated, now=now, keys=keys))
+        for b in batches
+    }
+    jobs: dict[str, list[store.RerunWanted]] = {}
+    covered = [i for i, f in found.items() if f]
+    for job in store.rerun_wanted_of_batches(session, covered, RERUN_FAILED_STATES):
         jobs.setdefault(job.batch_id, []).append(job)
     return {batch_id: _covered(f, jobs.get(batch_id, ()) if f else ()) for batch_id, f in found.items()}
 
 
-def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[Job]) -> Covered:
+def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[store.RerunWanted]) -> Covered:
     """:class:`Covered` of a batch's failed or cancelled ``jobs`` by :func:`by_input`'s ``found``."""
     rendered = RerunRendered(
         jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, cancelled_for_deadline=0, reruns=[]

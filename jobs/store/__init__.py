@@ -312,10 +312,12 @@ from jobs.store.reading import seen_running_since_submit as seen_running_since_s
 from jobs.store.reading import simulated_results as simulated_results
 from jobs.store.repeats import REPEAT_NOT_SENT_ERROR as REPEAT_NOT_SENT_ERROR
 from jobs.store.repeats import RerunRepeat as RerunRepeat
+from jobs.store.repeats import RerunWanted as RerunWanted
 from jobs.store.repeats import lineage_repeats as lineage_repeats
 from jobs.store.repeats import lineage_repeats_of_batches as lineage_repeats_of_batches
 from jobs.store.repeats import rerun_repeats as rerun_repeats
 from jobs.store.repeats import rerun_repeats_of_batches as rerun_repeats_of_batches
+from jobs.store.repeats import rerun_wanted_of_batches as rerun_wanted_of_batches
 from jobs.store.repeats import sent_repeat
 from jobs.store.submitting import (
     adopt_request,

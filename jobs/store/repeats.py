@@ -3,15 +3,15 @@ repeats not yet sent once the job they repeat kept fal's request."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, union
+from sqlalchemy import Boolean, ColumnElement, and_, case, null, or_, select, true, type_coerce, union
 from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Batch, BatchState, Job, JobRecord
-from jobs.states import JobState
+from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.transitions import Fence, _move
 
 #: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
@@ -67,6 +67,27 @@ _REPEAT_COLUMNS = (
 )
 
 
+#: The states of a repeat that covers the job it repeats (:func:`covering`): rendered, or still
+#: to be sent or collected (not terminal, not being cancelled).
+_COVERING_STATES = (JobState.SUCCEEDED, *(s for s in UNFINISHED_STATES if s != JobState.CANCELLING))
+
+
+def covering(simulated: bool | None = None) -> ColumnElement[bool]:
+    """SQL for a repeat (a job joined to its batch) that covers the job it repeats, as
+    :func:`jobs.rendered.still_rendering` and :attr:`RerunRepeat.succeeded` judge it in Python:
+    succeeded, or unfinished (not being cancelled) in a batch not cancelled; with ``simulated``,
+    in a batch of that kind only. Every other repeat is skipped by ``rerun --failed-only`` and
+    ``status``, so reading it (its input decoded, its key computed) was wasted."""
+    unfinished = and_(Job.state.in_(list(_COVERING_STATES[1:])), Batch.state != BatchState.CANCELLED)
+    test = or_(Job.state == JobState.SUCCEEDED, unfinished)
+    return test if simulated is None else and_(test, Batch.simulated == simulated)
+
+
+#: The columns of :data:`_REPEAT_COLUMNS` of unbounded size (JSON, decoded when read): what
+#: :func:`lineage_repeats_of_batches` reads only of the repeats that cover.
+_HEAVY_COLUMNS = (Job.input, Job.source_files, Batch.schedule)
+
+
 def _repeat(row: Any) -> RerunRepeat:
     """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
     job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused, schedule = row
@@ -98,8 +119,11 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
     )
 
 
-def _walk(session: Session, batch_id: str, repeated: Any) -> list[RerunRepeat]:
-    """:func:`rerun_repeats` of the jobs of ``batch_id`` that ``repeated`` (a query of job ids) selects."""
+def _walk(session: Session, batch_id: str, repeated: Any, wanted: Any = None) -> list[RerunRepeat]:
+    """:func:`rerun_repeats` of the jobs of ``batch_id`` that ``repeated`` (a query of job ids)
+    selects; with ``wanted`` (SQL of a job joined to its batch), only the rows it holds for,
+    though the walk still goes through the others (each generation's query of ids is nested SQL,
+    never the rows read)."""
     found: list[RerunRepeat] = []
     parents = [batch_id]
     while parents:
@@ -112,13 +136,22 @@ def _walk(session: Session, batch_id: str, repeated: Any) -> list[RerunRepeat]:
             .where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
             .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
         )
+        if wanted is not None:
+            generation = generation.where(wanted)
         found.extend(_repeat(row) for row in session.execute(generation))
         repeated = select(Job.id).where(Job.batch_id.in_(children), Job.rerun_of.in_(repeated))
         parents = children
     return found
 
 
-def lineage_repeats(session: Session, batch: Batch, states: Sequence[JobState]) -> list[RerunRepeat]:
+def lineage_repeats(
+    session: Session,
+    batch: Batch,
+    states: Sequence[JobState],
+    *,
+    only_covering: bool = False,
+    simulated: bool | None = None,
+) -> list[RerunRepeat]:
     """Every job of a rerun in ``batch``'s lineage (``batch`` itself left out) that repeats the
     job one of ``batch``'s jobs in ``states`` comes from: each such job is followed up its
     ``rerun_of`` to the job of the batch it is a rerun of in the end (:func:`jobs.store.root_batch`), and
@@ -127,7 +160,12 @@ def lineage_repeats(session: Session, batch: Batch, states: Sequence[JobState]) 
     B's own reruns, and a sibling too (``rerun A --failed-only`` made B, whose jobs failed again,
     and then D, which rendered them: rerun again, B's jobs paid for D's videos a second time).
     For a batch that is no rerun, exactly :func:`rerun_repeats`. In one query per generation
-    (the root jobs found by a nested query, never a list of ids)."""
+    (the root jobs found by a nested query, never a list of ids).
+
+    ``only_covering``: only the repeats that cover the job they repeat (:func:`covering`, of
+    the ``simulated`` kind when given), selected in SQL: a lineage whose reruns failed again
+    (thousands of repeats, none covering) reads no row at all. ``batch``'s own rows are left
+    out in SQL too."""
     depth, top, seen = 0, batch, {batch.id}
     while top.parent_batch_id is not None:
         parent = session.get(Batch, top.parent_batch_id)
@@ -136,7 +174,10 @@ def lineage_repeats(session: Session, batch: Batch, states: Sequence[JobState]) 
         seen.add(parent.id)
         depth, top = depth + 1, parent
     start = select(Job.id).where(Job.batch_id == top.id, Job.id.in_(_root_jobs({depth: [batch.id]}, states)))
-    return [row for row in _walk(session, top.id, start) if row.batch_id != batch.id]
+    wanted = Job.batch_id != batch.id
+    if only_covering:
+        wanted = and_(wanted, covering(simulated))
+    return [row for row in _walk(session, top.id, start, wanted) if row.batch_id != batch.id]
 
 
 def _root_jobs(by_depth: dict[int, list[str]], states: Sequence[JobState]) -> Any:
@@ -152,6 +193,47 @@ def _root_jobs(by_depth: dict[int, list[str]], states: Sequence[JobState]) -> An
             query = select(Job.rerun_of).where(Job.id.in_(query))
         parts.append(query)
     return parts[0] if len(parts) == 1 else union(*parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RerunWanted:
+    """What ``status`` reads of a batch's failed or cancelled job to tell whether a rerun covers
+    it (:func:`jobs.rendered.rerun_covered`): the input a rerun sends for it, and why it ended."""
+
+    batch_id: str
+    endpoint: str
+    input: dict[str, Any]
+    seed: int | None
+    source_files: dict[str, Any] | None
+    state: JobState
+    error_type: str | None
+
+
+def rerun_wanted_of_batches(
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+) -> Iterator[RerunWanted]:
+    """The jobs in ``states`` of every batch of ``batch_ids``, in one query, batch by batch in
+    item order, streamed (server-side cursor on PostgreSQL): only the columns
+    :class:`RerunWanted` holds (a job's dozens of others, its answer and its times among them,
+    were read and made into objects for thousands of jobs)."""
+    if not batch_ids:
+        return
+    query = (
+        select(Job.batch_id, Job.endpoint, Job.input, Job.seed, Job.source_files, Job.state, Job.error_type)
+        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states)))
+        .order_by(Job.batch_id, Job.item_index, Job.variant, Job.created_at, Job.id)
+        .execution_options(yield_per=500)
+    )
+    for batch_id, endpoint, data, seed, sources, state, error_type in session.execute(query):
+        yield RerunWanted(
+            str(batch_id),
+            endpoint,
+            dict(data),
+            None if seed is None else int(seed),
+            dict(sources) if isinstance(sources, dict) else None,
+            JobState(state),
+            error_type,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,11 +373,15 @@ def _children(session: Session) -> dict[str, list[str]]:
 
 
 def lineage_repeats_of_batches(
-    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
+    session: Session, batch_ids: Collection[str], states: Sequence[JobState], *, only_covering: bool = False
 ) -> dict[str, list[RerunRepeat]]:
     """:func:`lineage_repeats` of each of ``batch_ids`` (those with none left out), in as many
     queries as :func:`rerun_repeats_of_batches` (``status`` with no batch): the roots are found
-    from the same read of the reruns' parent links, and each lineage walked once."""
+    from the same read of the reruns' parent links, and each lineage walked once.
+
+    ``only_covering``: only the repeats that cover (:func:`covering`, of either kind). The
+    others are still read, to tell which lineage each row belongs to, but as their ids and
+    states only: their inputs are neither sent nor decoded."""
     children = _children(session)
     parent_of = {child: parent for parent, kids in children.items() for child in kids}
     roots: dict[str, str] = {}
@@ -309,7 +395,10 @@ def lineage_repeats_of_batches(
         by_depth.setdefault(len(seen) - 1, []).append(batch_id)
     if not by_depth:
         return {}
-    found = _repeats_of_roots(session, set(roots.values()), states, children, _root_jobs(by_depth, states))
+    start = _root_jobs(by_depth, states)
+    found = _repeats_of_roots(
+        session, set(roots.values()), states, children, start, only_covering=only_covering
+    )
     lineages = {b: [r for r in found.get(root, ()) if r.batch_id != b] for b, root in roots.items()}
     return {b: rows for b, rows in lineages.items() if rows}
 
@@ -320,10 +409,12 @@ def _repeats_of_roots(
     states: Sequence[JobState],
     children: dict[str, list[str]],
     start: Any = None,
+    *,
+    only_covering: bool = False,
 ) -> dict[str, list[RerunRepeat]]:
     """:func:`rerun_repeats_of_batches` of ``wanted``, given every batch's reruns (:func:`_children`);
     with ``start`` (a query of job ids: :func:`_root_jobs`), of those of their jobs instead of
-    those in ``states``."""
+    those in ``states``; ``only_covering``: :func:`lineage_repeats_of_batches`'."""
     # Each batch's reruns generation by generation: level[root] = its batches ``g`` generations down.
     level = {root: [root] for root in wanted if root in children}
     root_of: dict[str, str] = {}  # a batch of this generation → the batch it is a rerun of, g generations up
@@ -334,6 +425,14 @@ def _repeats_of_roots(
         Job.batch_id.in_(list(level)), Job.state.in_(list(states)) if start is None else Job.id.in_(start)
     )
     first = True
+    test = covering() if only_covering else None
+    covers = type_coerce(true() if test is None else test, Boolean)
+    columns = tuple(
+        type_coerce(case((test, column), else_=null()), column.type)
+        if test is not None and any(column is heavy for heavy in _HEAVY_COLUMNS)
+        else column
+        for column in _REPEAT_COLUMNS
+    )
     while level:
         level = {root: [c for b in batches for c in children.get(b, ())] for root, batches in level.items()}
         level = {root: batches for root, batches in level.items() if batches}
@@ -341,23 +440,24 @@ def _repeats_of_roots(
             break
         root_of = {b: root for root, batches in level.items() for b in batches}
         generation = (
-            select(*_REPEAT_COLUMNS, of.batch_id, of.state)
+            select(*columns, of.batch_id, of.state, covers)
             .join(Batch, Batch.id == Job.batch_id)
             .join(of, of.id == Job.rerun_of)
             .where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
             .order_by(Batch.created_at, Job.item_index, Job.variant, Job.id)
         )
         now_counted: dict[str, set[str]] = {}
-        for *row, of_batch, of_state in session.execute(generation):
-            repeat = _repeat(row)
-            root = root_of[repeat.batch_id]
+        for *row, of_batch, of_state, row_covers in session.execute(generation):
+            job_id, rerun_of, batch_id = row[0], row[1], row[2]
+            root = root_of[batch_id]
             if first:
                 if of_batch != root or (start is None and JobState(of_state) not in states):
                     continue
-            elif repeat.rerun_of not in counted.get(root, ()):
+            elif rerun_of not in counted.get(root, ()):
                 continue
-            found.setdefault(root, []).append(repeat)
-            now_counted.setdefault(root, set()).add(repeat.job_id)
+            if row_covers:
+                found.setdefault(root, []).append(_repeat(row))
+            now_counted.setdefault(root, set()).add(job_id)
         repeated = select(Job.id).where(Job.batch_id.in_(sorted(root_of)), Job.rerun_of.in_(repeated))
         counted, first = now_counted, False
     return found
