@@ -140,7 +140,7 @@ def test_the_manifest_submitted_now_defines_the_paths(
     another project with the same name); once that manifest is gone, the batch moves. A job the
     copy no longer has keeps its paths (they are outside the new folder); never sent, it is
     dropped (cancelled) by the submit that left it out, so its file, gone since, is never read."""
-    first = _project(e2e_env, "cp1", TWO)
+    original = _project(e2e_env, "cp1", TWO)
     assert run_main(["submit", "proj/m.yaml"], monkeypatch) == 0
     shutil.copytree(e2e_env / "proj", e2e_env / "copy")
     (e2e_env / "copy" / "m.yaml").write_text(MANIFEST.format(name="cp1", items=ONE), encoding="utf-8")
@@ -148,11 +148,11 @@ def test_the_manifest_submitted_now_defines_the_paths(
 
     assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: batch cp1 belongs to {first}, which is still there, and copy/m.yaml leaves out 1 of its "
+        f"error: batch cp1 belongs to {original}, which is still there, and copy/m.yaml leaves out 1 of its "
         f"2 job(s): give this manifest another `name:` (or, if it is the same project moved, move or "
-        f"delete {first} first)"
+        f"delete {original} first)"
     ]
-    first.unlink()  # the project moved on purpose: its images stay where they were
+    original.unlink()  # the project moved on purpose: its images stay where they were
     assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 0
     assert _moved_lines(capsys.readouterr().err) == [
         f"batch cp1 moved: its manifest is now copy/m.yaml (was {e2e_env / 'proj' / 'm.yaml'})"
