@@ -1249,9 +1249,25 @@ def run_checks(*, simulate: bool = False) -> list[Check]:
     ]
     if settings is None:
         return [config, *(_skip(name, "not checked: the configuration is invalid") for name, _ in later)]
+    _import_for_checks()
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(later)) as pool:
         futures = [(name, pool.submit(_guarded, name, check, settings)) for name, check in later]
         return [config, *(future.result() for _name, future in futures)]
+
+
+def _import_for_checks() -> None:
+    """Import, in this thread, what the checks import when they run: they run side by side, and
+    two threads importing ``worker.steps`` (a package whose modules import each other) for the
+    first time at once can each find the other's module half loaded (``ImportError: cannot import
+    name 'poll' from partially initialized module 'worker.steps.poll'``). Every doctor with a
+    broker failed its downloads and limiter checks so, and never ran them."""
+    import worker.broker_outage
+    import worker.fal.storage
+    import worker.limits
+    import worker.peers
+    import worker.redis_memory
+    import worker.running
+    import worker.steps  # noqa: F401 - its modules, for the downloads and receiver checks
 
 
 def _what_waits(lock: LockHolder) -> str:

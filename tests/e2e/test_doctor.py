@@ -959,3 +959,22 @@ def test_a_folder_this_user_may_not_write_fails(
     assert checks["database"]["status"] == checks["output storage"]["status"] == "fail"
     assert checks["database"]["detail"].endswith(f"cannot be created: {locked}: permission denied")
     assert checks["output storage"]["detail"].endswith(f"cannot be created: {locked}: permission denied")
+
+
+def test_a_doctor_with_a_broker_runs_every_check_in_its_own_process(
+    sim: SimulatorHandle, new_pg_database: Callable[[], str], redis_db: str
+) -> None:
+    """Audit (the operator's view): ``wanbatch doctor`` with a broker and PostgreSQL failed its
+    downloads and limiter checks every time with ``ImportError: cannot import name 'poll' from
+    partially initialized module 'worker.steps.poll'``: the checks run side by side and each
+    imported ``worker.steps`` for the first time at once. The in-process tests never saw it (the
+    modules were loaded already); a fresh process runs each check."""
+    done = wanbatch(
+        "doctor", "--json", env={"WANBATCH_DATABASE_URL": new_pg_database(), "WANBATCH_BROKER_URL": redis_db}
+    )
+    body = json.loads(done.stdout)
+    failed = {c["name"]: c["detail"] for c in body["checks"] if "the check itself failed" in c["detail"]}
+    assert failed == {}, failed
+    checks = {c["name"]: c for c in body["checks"]}
+    assert checks["downloads"]["status"] == "ok", checks["downloads"]
+    assert checks["limiter"]["status"] in ("ok", "warn"), checks["limiter"]
