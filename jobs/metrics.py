@@ -19,9 +19,10 @@ reads only the unfinished jobs and those finished lately:
 * :func:`~jobs.store.duration_buckets`, one ``GROUP BY bucket`` per histogram: the database
   returns a row per bucket.
 
-Histograms are over every job in the database, each job counted once with its latest attempt's
-timestamps: they grow as jobs finish, like counters, so ``rate()`` and ``histogram_quantile()``
-work on them. Durations are measured on this side (``submitted_at``, ``completed_at`` and
+Histograms are over the finished jobs (a terminal state), each counted once with its last
+attempt's timestamps, which no longer move: they only grow as jobs finish, like counters, so
+``rate()`` and ``histogram_quantile()`` work on them (an unfinished job's times move with a
+retry). Durations are measured on this side (``submitted_at``, ``completed_at`` and
 ``finished_at`` are our clock); ``inference`` is fal's own ``inference_time``.
 """
 
@@ -41,6 +42,8 @@ from jobs.models import BatchState, utcnow
 from jobs.states import JobState
 
 ZERO = Decimal(0)
+#: ``wanbatch_batches{state=…}`` of the batches whose every job finished (:func:`batch_phases`).
+DONE = "done"
 
 #: Upper bounds (seconds) of every duration histogram's buckets: from sub-second steps (the
 #: simulator, downloads) to the hours a scheduled or queued job may wait.
@@ -109,12 +112,13 @@ class Snapshot:
     """Every number of one scrape.
 
     * ``jobs``: jobs per state, every :class:`~jobs.states.JobState` present (0 when none).
-    * ``batches``: batches ``active``, ``paused`` (by fal's refusal, a budget or the user) and
-      ``cancelled``. ``unattended_batches``: see :func:`unattended_batches`.
-    * ``attempts``: submissions counted on the jobs (a request sent to fal; one cancelled in
-      fal's queue at a window's end and sent again counts once). ``retries``: attempts beyond
-      each job's first. ``ambiguous_submits``: times a job's submit ended with its outcome
-      unknown (``submit_unknown``).
+    * ``batches``: batches ``active``, ``paused`` (by fal's refusal, a budget or the user) with
+      jobs left, ``done`` and ``cancelled`` (:func:`batch_phases`). ``unattended_batches``:
+      see :func:`unattended_batches`.
+    * ``attempts``: submissions counted on the jobs (every request sent to fal, one a window's
+      end cancelled in fal's queue included: :data:`jobs.store.SENT_ATTEMPTS`). ``retries``:
+      attempts beyond each job's first. Both only grow. ``ambiguous_submits``: times a job's
+      submit ended with its outcome unknown (``submit_unknown``).
     * ``usd``: money per endpoint. ``errors``: jobs holding a recorded error, per
       ``(state, error_type)``. ``durations``: the histograms, by name
       (:data:`jobs.store.DURATIONS` says what each measures).
@@ -308,10 +312,11 @@ def _snapshot(session: Session, groups: Groups, buckets: Buckets) -> Snapshot:
     for name in store.DURATIONS:
         counts, sums = buckets[name]
         durations[name] = Histogram(bounds=DURATION_BUCKETS, buckets=tuple(counts), total=sum(sums))
+    unfinished = store.unfinished_batches(session)
     return Snapshot(
         jobs=jobs,
-        batches=store.batch_states(session),
-        unattended_batches=unattended_batches(session),
+        batches=batch_phases(session, unfinished),
+        unattended_batches=unattended_batches(session, unfinished),
         attempts=attempts,
         retries=retries,
         ambiguous_submits=store.count_events_into(session, JobState.SUBMIT_UNKNOWN),
@@ -324,14 +329,40 @@ def _snapshot(session: Session, groups: Groups, buckets: Buckets) -> Snapshot:
     )
 
 
-def unattended_batches(session: Session) -> int:
+def batch_phases(
+    session: Session, unfinished: dict[str, store.UnfinishedBatch] | None = None
+) -> dict[str, int]:
+    """Batches by what they are doing, every key present: ``active`` and ``paused`` (by the user,
+    a refused account or a budget) with a job left to finish, ``done`` (no job left: every one
+    finished), ``cancelled``. As ``status``'s phase, but for ``waiting`` and ``deadline`` (a
+    schedule's, which counts as ``active`` or ``paused`` here: no schedule is read per batch).
+
+    The stored ``Batch.state`` alone said ``active`` of every batch that ever finished, for ever.
+    Read cheaply: the batches by stored state (one ``GROUP BY`` over the batches) less those with
+    unfinished jobs (``unfinished``, :func:`jobs.store.unfinished_batches`, read through the
+    unfinished jobs only; the scrape reads it for :func:`unattended_batches` anyway)."""
+    if unfinished is None:
+        unfinished = store.unfinished_batches(session)
+    stored = store.batch_states(session)
+    working = {BatchState.ACTIVE.value: 0, BatchState.PAUSED.value: 0}
+    for batch in unfinished.values():
+        if batch.state == BatchState.CANCELLED:
+            continue
+        paused = batch.state == BatchState.PAUSED or batch.paused_by_user
+        working[(BatchState.PAUSED if paused else BatchState.ACTIVE).value] += 1
+    done = sum(stored[state] for state in working) - sum(working.values())
+    return {**stored, **working, DONE: done}
+
+
+def unattended_batches(session: Session, batches: dict[str, store.UnfinishedBatch] | None = None) -> int:
     """Batches with work that needs a process and that no process works on (no heartbeat within
     :data:`jobs.listing.PROCESSING_STALE_SECONDS`): requests at fal or downloads nobody will
     collect, or jobs that may be sent now or when the schedule opens. A batch its user or fal
     paused, with nothing at fal, waits on purpose and is not counted. What an operator alerts
     on: an overnight render whose run died in the evening."""
     now = utcnow()
-    batches = store.unfinished_batches(session)
+    if batches is None:
+        batches = store.unfinished_batches(session)
     beats = listing.heartbeats(session, list(batches), now=now)
     unattended = 0
     for batch_id, batch in batches.items():

@@ -66,10 +66,10 @@ log = logging.getLogger(__name__)
 #: What each duration histogram measures (``wanbatch_job_<name>_seconds``).
 DURATION_HELP = {
     "wait": "Seconds from a job's creation to its (last) submit: limits, budget, schedule and retry "
-    "backoff, per job.",
+    "backoff, per finished job.",
     "fal": "Seconds from a job's (last) submit to fal reporting it completed: fal's queue plus the model "
-    "run, as seen from here.",
-    "inference": "fal's own inference_time of each job's (last) request.",
+    "run, as seen from here, per finished job.",
+    "inference": "fal's own inference_time of each finished job's (last) request.",
     "download": "Seconds from fal reporting a job completed to its output stored (succeeded jobs that "
     "were sent).",
 }
@@ -155,7 +155,8 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
     batches = GaugeMetricFamily(
         "wanbatch_batches",
-        "Batches by state (active, paused: by the user, a refused account or a budget; cancelled).",
+        "Batches by state: active and paused (by the user, a refused account or a budget) with jobs "
+        "left to finish; done (every job finished); cancelled.",
         labels=["state"],
     )
     for state, n in snap.batches.items():
@@ -169,7 +170,7 @@ def _families(snap: Snapshot) -> Iterator[Metric]:
 
     yield CounterMetricFamily(
         "wanbatch_submits",
-        "Submissions to fal counted on the jobs (every attempt that was sent), all batches.",
+        "Submissions to fal counted on the jobs (every request sent), all batches.",
         value=snap.attempts,
     )
     yield CounterMetricFamily(

@@ -115,19 +115,32 @@ class JobTotals:
     wasted_usd: Decimal
 
 
+#: A job's attempts as ``/metrics`` counts them, in SQL: every request sent, but not the attempt a
+#: ``submitting`` job claimed and may still give back (:func:`jobs.store.give_back`,
+#: ``fail_unsent`` take it off ``attempts`` again): it counts once it leaves ``submitting``
+#: otherwise. So the sum only grows. Was ``attempts - unstarted_requests``: a window's end that
+#: requeued a request fal had not started added to ``unstarted_requests`` (the sum fell, then rose
+#: as the job was sent again), and a claim given back took off what its claim had added, so
+#: ``wanbatch_submits_total`` went down and Prometheus saw counter resets. A request a window's
+#: end ended unstarted was sent: it is counted (what ``WANBATCH_MAX_ATTEMPTS`` counts is another
+#: matter, ``Job.counted_attempts``).
+SENT_ATTEMPTS: ColumnElement[int] = Job.attempts - case(
+    ((Job.state == JobState.SUBMITTING) & (Job.attempts > 0), 1), else_=0
+)
+
+
 def job_totals(session: Session, scope: MetricsScope | None = None) -> list[JobTotals]:
     """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table
     (or over the jobs of ``scope`` only: :class:`MetricsScope`).
 
-    ``attempts``: submissions counted on the jobs (a request fal ended unstarted at a window's
-    end and that was sent again counts once: ``Job.counted_attempts``); ``retries``: attempts
-    beyond each job's first.
+    ``attempts``: the submissions of the jobs, every request sent to fal (:data:`SENT_ATTEMPTS`);
+    ``retries``: those beyond each job's first. Both only grow, as counters must.
     """
     zero = type_coerce(0, Money())
 
     def build() -> Any:
         paid = Batch.simulated.is_(False)
-        counted = Job.attempts - Job.unstarted_requests
+        counted = SENT_ATTEMPTS
         return (
             select(
                 Job.state,
@@ -269,13 +282,21 @@ def duration_buckets(
     ``name`` (a key of :data:`DURATIONS`; the index as :func:`duration_histogram` counts them),
     over every job or the jobs of ``scope`` (:class:`MetricsScope`). One ``GROUP BY``: the
     database returns a row per bucket, never a row per job. Negative durations (clocks that
-    stepped back) are left out."""
+    stepped back) are left out.
+
+    Only jobs in a terminal state are counted (an ``unfinished`` scope reads nothing): an
+    unfinished job's times still move — a retry clears ``completed_at`` and a new submit moves
+    ``submitted_at`` — so counting it made the histograms' buckets go down, which Prometheus
+    reads as a reset. A finished job's times are sealed: it is counted once, as it finishes."""
+    if scope is not None and scope.kind == "unfinished":
+        return []  # finished jobs only (see above): nothing to read
     dialect = session.get_bind().dialect.name
     seconds = DURATIONS[name](dialect)
     bucket = _bucket(dialect, seconds, bounds)
+    finished = [Job.state.in_([JobState(v) for v in _TERMINAL_VALUES])] if scope is None else []
     query = (
         select(bucket.label("bucket"), func.count(), func.sum(seconds))
-        .where(seconds.is_not(None), seconds >= 0, *_metrics_terms(scope))
+        .where(seconds.is_not(None), seconds >= 0, *finished, *_metrics_terms(scope))
         .group_by(literal_column("bucket"))
     )
     return [

@@ -277,7 +277,8 @@ def test_histogram_buckets_are_le_and_odd_provider_values_are_skipped(engine: En
             conn.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .values(provider_metrics={"inference_time": inference_time}, **times)
+                # Finished: only a finished job's times are counted (they no longer move).
+                .values(provider_metrics={"inference_time": inference_time}, state=JobState.FAILED, **times)
             )
 
     with db.read_scope(engine) as session:
@@ -304,7 +305,7 @@ def test_metrics_an_earlier_version_stored_as_no_json_are_skipped(engine: Engine
     batch = add_batch(engine, "infinite", [("fal-ai/wan-22", {"prompt": f"i{i}"}) for i in range(2)])
     with db.read_scope(engine) as session:
         first, second = (job.id for job in store.jobs_of_batch(session, batch))
-    update_metrics = "UPDATE jobs SET provider_metrics = :m WHERE id = :id"
+    update_metrics = "UPDATE jobs SET provider_metrics = :m, state = 'failed' WHERE id = :id"
     _set(engine, update_metrics, m='{"inference_time": Infinity}', id=first)
     _set(engine, update_metrics, m='{"inference_time": 2.5}', id=second)
 
