@@ -45,6 +45,14 @@ from jobs.url_secrets import shareable_text
 #: Finishes this recent make the throughput (jobs per minute) and the ETA: the current pace, not
 #: the average since a start that may have been hours (and a paused night) ago.
 THROUGHPUT_WINDOW = timedelta(minutes=10)
+#: A pause between two finishes at least this long, and :data:`STRETCH_GAP_FACTOR` times the
+#: mean spacing of the finishes after it, ends a stretch of work (:func:`stretch_of`): a pause,
+#: a stopped ``run``, a closed window. The pace is taken over the current stretch only.
+STRETCH_GAP = timedelta(seconds=60)
+STRETCH_GAP_FACTOR = 5
+#: At most this many of the latest finishes are read for the stretch (:func:`work_stretches`):
+#: the pace of the last 200 finishes is the recent pace, and a refresh stays one short query.
+STRETCH_FINISHES = 200
 #: Job-list page sizes offered; anything else asked for falls back to the default.
 PAGE_SIZES = (25, 50, 100, 200)
 DEFAULT_PAGE_SIZE = 50
@@ -91,6 +99,10 @@ class Totals:
     first_submitted_at: datetime | None = None
     #: Jobs that finished work (succeeded or failed) within :data:`THROUGHPUT_WINDOW`.
     recent: int = 0
+    #: The current stretch of work (:func:`work_stretches`), when it was read: the pace is taken
+    #: over it (:func:`pace`) rather than over the whole window, which a pause, a restarted run
+    #: or a window reopening had left mostly idle.
+    stretch: Stretch | None = None
     #: Of ``counts``, by state, the jobs the batch's manifest no longer has (``Job.not_in_manifest``):
     #: the run's exit code and ``status``'s advice judge the others, the manifest's.
     not_in_manifest: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})
@@ -223,9 +235,86 @@ def eta_beyond_schedule(schedule: Schedule, eta: float | None, now: datetime) ->
     return f"the window closes first (in {left}): the rest waits for the next one"
 
 
+@dataclass(frozen=True, slots=True)
+class Stretch:
+    """The current stretch of a batch's work within :data:`THROUGHPUT_WINDOW` (:func:`stretch_of`):
+    ``finishes`` (succeeded or failed) since ``started_at``; the pace is one over the other."""
+
+    started_at: datetime
+    finishes: int
+
+
+def stretch_of(
+    finished: Sequence[tuple[datetime, datetime | None]], *, now: datetime, capped: bool = False
+) -> Stretch | None:
+    """The current stretch of work of ``finished`` (each job's finish and last submit, the
+    window's finishes oldest first; ``capped``: the window held older ones, not read).
+
+    Walking back from the newest finish, it ends at a gap of :data:`STRETCH_GAP` or more that is
+    also :data:`STRETCH_GAP_FACTOR` times the mean spacing of the finishes on either side of it
+    (after it: up to ``now``; before it: two at least), so that one job finishing every few
+    minutes is one stretch, not a new one at each finish. It started when its first finish was
+    sent, as far as the typical time a job takes (the median of its jobs' submit to finish) says:
+    a resumed batch, a restarted ``run``, a window reopening start then, not at the start of the
+    window, and a first wave finishing together is not a pace of its own. Never before the window,
+    nor before the finish that ended the previous stretch. ``None`` without finishes."""
+    if not finished:
+        return None
+    times = [at for at, _sent in finished]
+    start, earliest = 0, now - THROUGHPUT_WINDOW
+    for at in range(len(times) - 1, 1, -1):
+        gap = times[at] - times[at - 1]
+        after = max(now - times[at], timedelta(0)) / (len(times) - at)
+        before = (times[at - 1] - times[0]) / (at - 1)
+        if gap >= STRETCH_GAP and gap >= max(after, before) * STRETCH_GAP_FACTOR:
+            start, earliest = at, times[at - 1]
+            break
+    if capped and start == 0:
+        # Older finishes were not read: the pace of the ones read, from the first of them.
+        return Stretch(started_at=times[0], finishes=len(times) - 1)
+    took = sorted(at - sent for at, sent in finished[start:] if sent is not None and sent <= at)
+    began = times[start] - (took[len(took) // 2] if took else timedelta(0))
+    return Stretch(started_at=max(began, earliest), finishes=len(times) - start)
+
+
+def work_stretches(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, Stretch]:
+    """:class:`Stretch` of each of ``batch_ids`` with finishes within :data:`THROUGHPUT_WINDOW`:
+    one query over the window's latest finishes (``ix_jobs_finished_at``, at most
+    :data:`STRETCH_FINISHES`: past that, the stretch starts at the oldest of them)."""
+    if not batch_ids:
+        return {}
+    ids = list(batch_ids)
+    # By the finish time alone (`|| ''` and NOT IN keep the batch's and the states' indexes out):
+    # without statistics SQLite took those and read every finished job of the batch.
+    batch = Job.batch_id.concat("")
+    rows = session.execute(
+        select(Job.batch_id, Job.finished_at, Job.submitted_at)
+        .where(
+            Job.finished_at >= now - THROUGHPUT_WINDOW,
+            batch == ids[0] if len(ids) == 1 else batch.in_(ids),
+            Job.state.not_in([s for s in JobState if s not in _WORK_DONE]),
+        )
+        .order_by(Job.finished_at.desc())
+        .limit(STRETCH_FINISHES)
+    ).all()
+    finished: dict[str, list[tuple[datetime, datetime | None]]] = {}
+    for batch_id, at, sent in reversed(rows):
+        if at is not None:  # the WHERE keeps none: for the type checker
+            finished.setdefault(str(batch_id), []).append((at, sent))
+    capped = len(rows) >= STRETCH_FINISHES
+    found = {batch_id: stretch_of(jobs, now=now, capped=capped) for batch_id, jobs in finished.items()}
+    return {batch_id: stretch for batch_id, stretch in found.items() if stretch is not None}
+
+
 def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
-    """Throughput over :data:`THROUGHPUT_WINDOW` (or since the first submit, when that is more
-    recent) and the ETA of the unfinished jobs at that pace.
+    """Throughput over the current stretch of work (:attr:`Totals.stretch`, when read: at most
+    :data:`THROUGHPUT_WINDOW`), else over the window or since the first submit, when that is
+    more recent, and the ETA of the unfinished jobs at that pace.
+
+    A batch resumed after a 10-minute pause, or a restarted ``run``, that finished 170 jobs in
+    the 40 s since goes at that pace, not at 170 over the 10 minutes of the window ("~2h07m
+    left" of a batch done in 2): the window's start, or the first submit, no longer counts
+    once it lies before a pause.
 
     ``held`` is why nothing new is sent ("" when jobs may be sent). A held batch gets no ETA,
     whatever is still in flight (it will not finish while held), and neither does a batch with
@@ -234,30 +323,15 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     first = totals.first_submitted_at
     if first is None:
         return Pace(None, None, held)
-    window = min(THROUGHPUT_WINDOW, max(now - first, timedelta(seconds=1)))
-    per_minute = totals.recent / (window.total_seconds() / 60)
+    stretch = totals.stretch
+    if stretch is not None:
+        window = max(now - max(stretch.started_at, first, now - THROUGHPUT_WINDOW), timedelta(seconds=1))
+        per_minute = stretch.finishes / (window.total_seconds() / 60)
+    else:
+        window = min(THROUGHPUT_WINDOW, max(now - first, timedelta(seconds=1)))
+        per_minute = totals.recent / (window.total_seconds() / 60)
     eta = eta_at_pace(totals.total - totals.finished, per_minute, held=held, busy=totals.busy)
     return Pace(per_minute, eta, held)
-
-
-def recently_done(session: Session, batch_id: str, *, now: datetime) -> int:
-    """:attr:`Totals.recent` of one batch: its jobs that finished work within
-    :data:`THROUGHPUT_WINDOW` of ``now``, found by their finish time (``ix_jobs_finished_at``)
-    rather than by a pass over every job of the batch: ``run``'s progress line asks at each
-    refresh (:func:`jobs.batches.batch_progress`)."""
-    query = (
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.finished_at >= now - THROUGHPUT_WINDOW,
-            # By the finish time alone (`|| ''` and NOT IN keep the batch's and the states'
-            # indexes out): without statistics SQLite took those and read every finished job of
-            # the batch (13 ms a refresh on 15,000 of them), where only the last minutes' count.
-            Job.batch_id.concat("") == batch_id,
-            Job.state.not_in([s for s in JobState if s not in _WORK_DONE]),
-        )
-    )
-    return int(session.scalar(query) or 0)
 
 
 def forecast(
@@ -958,6 +1032,8 @@ def totals_of_batches(session: Session, batch_ids: Sequence[str], *, now: dateti
         )
         for batch_id, state, *figures in rows:
             totals[batch_id].add(JobState(state), figures)
+        for batch_id, stretch in work_stretches(session, list(totals), now=now).items():
+            totals[batch_id].stretch = stretch
     return totals
 
 
@@ -1038,8 +1114,10 @@ class BatchSummary:
 
 
 def batch_summary(session: Session, batch_id: str, *, now: datetime | None = None) -> BatchSummary:
-    """:class:`BatchSummary` of one batch, from one ``GROUP BY state, endpoint`` over its jobs."""
-    since = (now or utcnow()) - THROUGHPUT_WINDOW
+    """:class:`BatchSummary` of one batch, from one ``GROUP BY state, endpoint`` over its jobs
+    (and its current stretch of work: :func:`work_stretches`)."""
+    now = now or utcnow()
+    since = now - THROUGHPUT_WINDOW
     rows = session.execute(
         select(Job.state, Job.endpoint, *_aggregates(since))
         .where(Job.batch_id == batch_id)
@@ -1051,6 +1129,8 @@ def batch_summary(session: Session, batch_id: str, *, now: datetime | None = Non
         job_state = JobState(state)
         everything.add(job_state, figures)
         by_endpoint.setdefault(str(endpoint), Totals()).add(job_state, figures)
+    # The batch's pace (per endpoint, the window's finishes: no stretch is read for each).
+    everything.stretch = work_stretches(session, [batch_id], now=now).get(batch_id)
     return BatchSummary(by_endpoint=by_endpoint, all=everything)
 
 

@@ -190,6 +190,85 @@ def test_pace_is_the_recent_rate_and_the_eta_follows_it() -> None:
     assert pace(Totals(), held="", now=now) == Pace(None, None, "")
 
 
+def test_after_a_pause_the_eta_follows_the_pace_since_the_resume(session: Session) -> None:
+    # The audit's repro: 600 jobs, the first sent 20 minutes ago; paused, the jobs in flight
+    # finished 9 minutes ago; resumed 40 s ago, 60 jobs (30 s each) finished in the last 10 s and
+    # 40 are in flight. The window's 10 minutes (or the first submit) said "~1h left"; it is ~40 s of work.
+    now = datetime.now(UTC)
+    batch = make_batch(session, "resumed", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(600)])
+    jobs = list(store.jobs_of_batch(session, batch.id))
+    earlier = now - timedelta(minutes=20)
+    for n, job in enumerate(jobs):
+        values: dict[str, object] = {"state": JobState.PENDING}
+        if n < 173:  # before the pause: long ago
+            values = {"state": JobState.SUCCEEDED, "submitted_at": earlier, "finished_at": earlier}
+        elif n < 200:  # in flight at the pause: finished just after it, 9 minutes ago
+            at = now - timedelta(minutes=9, seconds=n - 173)
+            values = {"state": JobState.SUCCEEDED, "submitted_at": earlier, "finished_at": at}
+        elif n < 260:  # since the resume, 40 s ago: each took 30 s
+            at = now - timedelta(seconds=10) + timedelta(seconds=(n - 200) / 6)
+            values = {
+                "state": JobState.SUCCEEDED,
+                "submitted_at": at - timedelta(seconds=30),
+                "finished_at": at,
+            }
+        elif n < 300:
+            values = {"state": JobState.RUNNING, "submitted_at": now - timedelta(seconds=40)}
+        session.execute(update(Job).where(Job.id == job.id).values(**values))
+    store.record_heartbeat(session, "run-of-resumed:1:", [batch.id], now)
+    session.commit()
+    left = 600 - 260
+
+    listed = _listed(session, batch.id, now)
+    assert listed.eta_seconds is not None
+    # 60 finishes in the ~40 s since the resume: ~90 jobs a minute, ~4 minutes for 340 jobs
+    # (the window's 87 finishes over 10 minutes said 39 minutes).
+    assert 120 < listed.eta_seconds < left / 60 * 40 * 1.5
+    report = batches.batch_report(session, batch.id, now=now)
+    assert report["eta_seconds"] == listed.eta_seconds  # status, the dashboard
+    progress = batches.batch_progress(session, batch.id, now=now)
+    assert progress["eta_seconds"] == listed.eta_seconds  # and the run's progress line agree
+    summary = listing.batch_summary(session, batch.id, now=now).all
+    assert summary.stretch is not None
+    assert summary.stretch.finishes == 60
+    assert summary.stretch.started_at == now - timedelta(seconds=40)
+
+
+def test_a_stretch_of_work_starts_after_the_last_pause_in_the_finishes() -> None:
+    now = T0 + timedelta(hours=1)
+    assert listing.stretch_of([], now=now) is None
+    # One job at a time, each five minutes: one stretch, the window's, whatever the spacing.
+    slow = [(now - timedelta(minutes=m), now - timedelta(minutes=m + 5)) for m in (9, 4)]
+    slow.append((now - timedelta(seconds=5), now - timedelta(minutes=4, seconds=5)))
+    steady = listing.stretch_of(slow, now=now)
+    assert steady == listing.Stretch(started_at=now - listing.THROUGHPUT_WINDOW, finishes=3)
+    # A burst before a pause, then work again: the stretch starts when its first job was sent,
+    # as long as jobs take (the median), never before the last finish before the pause.
+    before: list[tuple[datetime, datetime | None]] = [
+        (now - timedelta(minutes=8, seconds=s), None) for s in range(4, -1, -1)
+    ]
+    after: list[tuple[datetime, datetime | None]] = [
+        (now - timedelta(seconds=s), now - timedelta(seconds=s + 20)) for s in (9, 6, 3, 1)
+    ]
+    resumed = listing.stretch_of(before + after, now=now)
+    assert resumed == listing.Stretch(started_at=now - timedelta(seconds=9 + 20), finishes=4)
+    # Jobs sent before the pause (a restarted run's recovered ones) start it no earlier than that.
+    slow_ones: list[tuple[datetime, datetime | None]] = [(at, now - timedelta(minutes=30)) for at, _ in after]
+    recovered = listing.stretch_of(before + slow_ones, now=now)
+    assert recovered == listing.Stretch(started_at=now - timedelta(minutes=8), finishes=4)
+    untimed = listing.stretch_of(before + [(now - timedelta(seconds=9), None)] * 3, now=now)
+    assert untimed == listing.Stretch(started_at=now - timedelta(seconds=9), finishes=3)
+    # More finishes in the window than were read: the pace of those read, from the first.
+    capped = listing.stretch_of(after, now=now, capped=True)
+    assert capped == listing.Stretch(started_at=now - timedelta(seconds=9), finishes=3)
+    # The pace goes by the stretch, never before the first submit nor the window.
+    totals = Totals(first_submitted_at=T0, recent=50, stretch=resumed)
+    totals.counts.update(succeeded=100, pending=400, running=10)
+    assert pace(totals, held="", now=now).per_minute == 4 / (29 / 60)
+    young = Totals(first_submitted_at=now - timedelta(seconds=10), stretch=resumed)
+    assert pace(young, held="", now=now).per_minute == 24.0
+
+
 def _walk_forward(session: Session, batch_id: str, limit: int, **filters: object) -> list[str]:
     seen: list[str] = []
     page = listing.list_jobs(session, batch_id, limit=limit, **filters)  # type: ignore[arg-type]
