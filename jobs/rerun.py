@@ -709,12 +709,6 @@ def _unnamed_source(rows: Iterable[store.NewJob], folder: Path) -> str | None:
     return None
 
 
-def _changed_sources(rows: Iterable[store.NewJob], folder: Path) -> list[str]:
-    """One line per local file the rerun's jobs would send whose bytes are not the ones their
-    parent jobs recorded (:func:`_checked_sources`, no job left out)."""
-    return _checked_sources(rows, folder, ()).problems
-
-
 @dataclass(frozen=True, slots=True)
 class _Sources:
     """What :func:`_checked_sources` found of the rerun's local files."""

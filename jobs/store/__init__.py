@@ -303,7 +303,6 @@ from jobs.store.reading import failure_reasons_of_batches as failure_reasons_of_
 from jobs.store.reading import forget_simulated_results as forget_simulated_results
 from jobs.store.reading import handed_off as handed_off
 from jobs.store.reading import job_snapshot as job_snapshot
-from jobs.store.reading import jobs_of_batches as jobs_of_batches
 from jobs.store.reading import media_inputs_of_batch as media_inputs_of_batch
 from jobs.store.reading import note_simulated_finished as note_simulated_finished
 from jobs.store.reading import output_folders_of_batch as output_folders_of_batch

@@ -610,22 +610,6 @@ def output_folders_of_batch(session: Session, batch_id: str) -> list[str]:
     return folders + sorted(rest)
 
 
-def jobs_of_batches(
-    session: Session, batch_ids: Collection[str], states: Sequence[JobState]
-) -> Iterator[Job]:
-    """The jobs in ``states`` of every batch of ``batch_ids`` (:func:`jobs_of_batch` of each), in
-    one query, batch by batch in item order."""
-    if not batch_ids:
-        return
-    query = (
-        select(Job)
-        .where(Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states)))
-        .order_by(Job.batch_id, Job.item_index, Job.variant, Job.created_at, Job.id)
-        .execution_options(yield_per=500)
-    )
-    yield from session.scalars(query)
-
-
 def job_events(session: Session, job_id: str) -> list[JobEvent]:
     """A job's history, oldest first."""
     return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))

@@ -116,7 +116,7 @@ def test_shown_paths_and_shortened_values_escape_line_breaks(brk: str) -> None:
 def test_a_rerun_names_a_changed_file_on_one_line(tmp_path: Path) -> None:
     """`rerun` lists each source file that changed on a line of its own: a file name with a line
     feed in it (a file that exists, so it validated) must not make two."""
-    from jobs.rerun import _changed_sources
+    from jobs.rerun import _checked_sources
     from jobs.store import NewJob
 
     image = tmp_path / f"x\n{FORGED}\ny.png"
@@ -130,5 +130,5 @@ def test_a_rerun_names_a_changed_file_on_one_line(tmp_path: Path) -> None:
         est_usd=Decimal(0),
         source_files={"image_url": {"sha256": "0" * 64}},
     )
-    [line] = _changed_sources([row], tmp_path)
+    [line] = _checked_sources([row], tmp_path, ()).problems
     assert line.startswith(f"x\\n{FORGED}\\ny.png: changed since the batch was submitted")
