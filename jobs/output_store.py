@@ -55,7 +55,7 @@ import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -329,6 +329,10 @@ class LocalOutputStore(OutputStore):
     sidecar is written atomically beside it. The behaviour wanbatch always had."""
 
     root: Path
+    #: The output folder as resolved by :meth:`video_dest`, by the batch folder it placed: what
+    #: :meth:`placement` states the stored path relative to, without resolving it again. A store
+    #: is opened per job (``open_output_store``), so this is one job's view of the folder.
+    _resolved: dict[Path, Path] = field(default_factory=dict, compare=False, repr=False, hash=False)
 
     def describe(self) -> str:
         return str(self.root.resolve())
@@ -350,7 +354,10 @@ class LocalOutputStore(OutputStore):
             return None
 
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
-        return outputs.video_path(self.root, batch_name, item_index, job_id)
+        root, folder = outputs.placed_batch_dir(self.root, batch_name)
+        if len(self._resolved) < 64:
+            self._resolved[folder] = root
+        return folder / f"{outputs.job_stem(item_index, job_id)}{outputs.VIDEO_SUFFIX}"
 
     def location(self, batch_name: str, item_index: int, job_id: str) -> str:
         return str(self.video_dest(batch_name, item_index, job_id))
@@ -359,10 +366,12 @@ class LocalOutputStore(OutputStore):
         return outputs.relative_to_output(Path(location), self.root)
 
     def placement(self, dest: Path, batch_name: str, item_index: int, job_id: str) -> tuple[str, str]:
-        # ``dest`` is the location, its folder already resolved and checked by video_dest: only
-        # the output folder is resolved again (not the whole path twice over, as the two calls do).
+        # ``dest`` is the location, its folder already resolved and checked by video_dest, which
+        # resolved the output folder too: nothing is resolved again (resolving walks every folder
+        # above, a stat each) — only for a ``dest`` this store did not place.
         try:
-            return str(dest), str(dest.relative_to(self.root.resolve()))
+            root = self._resolved.get(dest.parent) or self.root.resolve()
+            return str(dest), str(dest.relative_to(root))
         except (ValueError, OSError):  # OSError: a relative folder whose working folder is gone
             return str(dest), str(dest)
 

@@ -7,12 +7,14 @@ index and id), never from a name the provider supplied, so no response can steer
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
+import random
 import re
-import tempfile
+import stat
 import threading
 import time
 import unicodedata
@@ -24,7 +26,7 @@ import orjson
 
 from jobs.batch_names import batch_name
 from jobs.errors import WanbatchError
-from jobs.fs import file_mode, name_problem, shown_path
+from jobs.fs import name_problem, shown_path
 from jobs.models import EARLIER_ITEMS_UNKNOWN, new_id
 from jobs.storable import storable_json
 
@@ -79,7 +81,14 @@ def slug(name: str) -> str:
 
 
 def batch_dir(output_dir: Path, batch_name: str) -> Path:
-    """``<output_dir>/<batch name>/``, guaranteed to be inside ``output_dir``.
+    """``<output_dir>/<batch name>/``, guaranteed to be inside ``output_dir``
+    (:func:`placed_batch_dir`)."""
+    return placed_batch_dir(output_dir, batch_name)[1]
+
+
+def placed_batch_dir(output_dir: Path, batch_name: str) -> tuple[Path, Path]:
+    """``output_dir`` resolved, and ``<output_dir>/<batch name>/`` resolved, guaranteed to be
+    inside it.
 
     :class:`OutputWriteError` with the reason when it cannot be: the batch's folder resolves
     outside ``output_dir`` (a symbolic link out of it, say to a folder on a bigger disk — which
@@ -97,7 +106,7 @@ def batch_dir(output_dir: Path, batch_name: str) -> Path:
         )
     try:
         root = output_dir.resolve()
-        path = (root / name).resolve()
+        path = _resolved_in(root, name)
     except FileNotFoundError as exc:  # os.getcwd(): the working folder is gone
         if output_dir.is_absolute():
             why = exc.strerror or exc
@@ -121,7 +130,21 @@ def batch_dir(output_dir: Path, batch_name: str) -> Path:
             "(a symbolic link out of it?) — outputs are only written inside it: replace the link "
             "with a real folder (moving the batch's videos into it)"
         )
-    return path
+    return root, path
+
+
+def _resolved_in(root: Path, name: str) -> Path:
+    """``(root / name).resolve()`` for a resolved ``root`` and one plain name (a :func:`slug`:
+    no separator, never ``.`` or ``..``): when that is a real folder (not a symbolic link) it
+    resolves to itself, which one ``lstat`` shows — resolving walks every folder above it again,
+    a ``stat`` each, for every download."""
+    candidate = root / name
+    try:
+        if stat.S_ISDIR(os.lstat(candidate).st_mode):
+            return candidate
+    except OSError:
+        pass  # not there yet, or not to be looked at: resolving says what it is
+    return candidate.resolve()
 
 
 def job_stem(item_index: int, job_id: str) -> str:
@@ -361,7 +384,16 @@ def remove_stale_partials(
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename into ``folder`` durable (POSIX: the directory entry is only on disk once the
-    directory itself is synced); harmless where directories cannot be opened."""
+    directory itself is synced); harmless where directories cannot be opened.
+
+    Several threads that renamed into one folder at about the same time share a sync
+    (:class:`_FolderSyncs`): a sync that *starts* after a thread's rename makes it durable, so
+    each caller returns once such a sync has ended, never before — one sync of the folder for a
+    burst of stored videos instead of one each."""
+    _FOLDER_SYNCS.sync(folder)
+
+
+def _sync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -372,6 +404,80 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class _FolderSyncs:
+    """Group commit of folder syncs, per folder (by the path as given).
+
+    A caller takes a ticket once its renames are done. A sync that begins after a ticket was
+    taken covers it (the folder's entries as they are when the sync starts are made durable),
+    so a caller waits while a sync is under way and returns once one that began after its
+    ticket has ended — running it itself when none is under way. Never a sync skipped: every
+    caller is covered by a sync that started after its own renames."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        #: folder → [tickets taken, tickets covered by an ended sync, a sync under way]
+        self._folders: dict[Path, list[int]] = {}
+
+    def sync(self, folder: Path) -> None:
+        with self._lock:
+            state = self._folders.setdefault(folder, [0, 0, 0])
+            state[0] += 1
+            ticket = state[0]
+            while True:
+                if state[1] >= ticket:  # a sync that began after this ticket has ended
+                    self._forget(folder, state)
+                    return
+                if not state[2]:
+                    state[2] = 1
+                    covers = state[0]  # every ticket taken before this sync begins
+                    break
+                self._done.wait()
+        try:
+            _sync_folder(folder)
+        finally:
+            with self._lock:
+                state[1] = max(state[1], covers)
+                state[2] = 0
+                self._forget(folder, state)
+                self._done.notify_all()
+
+    def _forget(self, folder: Path, state: list[int]) -> None:
+        """Drop a folder nobody waits on (every ticket covered, no sync under way): a long-lived
+        worker stores into a new folder per batch, for ever."""
+        if state[1] >= state[0] and not state[2] and self._folders.get(folder) is state:
+            del self._folders[folder]
+
+
+_FOLDER_SYNCS = _FolderSyncs()
+
+#: The characters of a temporary file's random part (``tempfile.mkstemp``'s: 8 of them).
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_temp_names = random.Random()
+os.register_at_fork(after_in_child=_temp_names.seed)  # a forked child never repeats its parent's names
+
+
+def create_temporary(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """Create a new file ``<prefix><8 random characters><suffix>`` in ``folder`` (never one that
+    is there: ``O_EXCL``, no symlink followed), open for writing: its descriptor and path.
+
+    As ``tempfile.mkstemp`` does, but with the mode a plain ``open()`` gives (0666 less the
+    umask, or the folder's default ACL), applied by the kernel as it creates the file: no
+    ``fchmod`` afterwards, nor the umask read from ``/proc`` for it (``mkstemp`` makes 0600,
+    which a video or sidecar renamed into place must not keep). A temporary file only ever
+    holds what its final name will: nothing is shown earlier than it would be. ``OSError`` as
+    ``open`` raises it (``FileNotFoundError`` when ``folder`` is not there)."""
+    for _ in range(100):
+        name = f"{prefix}{''.join(_temp_names.choices(_TEMP_CHARS, k=8))}{suffix}"
+        path = folder / name
+        try:
+            return os.open(path, _TEMP_FLAGS, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(folder))
 
 
 def sidecar_json(data: dict[str, Any]) -> str:
@@ -415,24 +521,37 @@ def write_json_atomic(path: Path, data: dict[str, Any], *, temp_tag: str | None 
 
     A sidecar is written after its video was renamed into the same folder: this one folder
     sync makes both renames durable before the job is recorded as succeeded. It gets the user's
-    usual file mode (0666 less the umask), as its video does, not ``mkstemp``'s 0600. A process
-    killed before the rename leaves its temporary ``.<name>.[<temp_tag>-]*.tmp``: the job's next
-    download removes it (:func:`remove_stale_partials`), at once when it carries the tag of the
-    lease it was written under (:func:`partial_tag`), which the next holder has outlived."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    usual file mode (0666 less the umask), as its video does (:func:`create_temporary`). Its
+    bytes are made first and written in one ``write``. A process killed before the rename
+    leaves its temporary ``.<name>.[<temp_tag>-]*.tmp``: the job's next download removes it
+    (:func:`remove_stale_partials`), at once when it carries the tag of the lease it was
+    written under (:func:`partial_tag`), which the next holder has outlived. The folder is
+    made only when it is not there (no ``mkdir`` and ``stat`` each time)."""
+    body = sidecar_json(data).encode("utf-8")
     prefix = f".{path.name}." + (f"{temp_tag}-" if temp_tag else "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=SIDECAR_TEMP_SUFFIX)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(sidecar_json(data))
-            fh.flush()
-            os.fchmod(fh.fileno(), file_mode())  # mkstemp's is 0600: the user's usual mode instead
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
+        fd, tmp = create_temporary(path.parent, prefix, SIDECAR_TEMP_SUFFIX)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_temporary(path.parent, prefix, SIDECAR_TEMP_SUFFIX)
+    try:
+        try:
+            write_all(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` unbuffered (one ``write`` unless the system takes less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def relative_to_output(path: Path, output_dir: Path) -> str:

@@ -112,7 +112,7 @@ _VIDEO_DECODERS = frozenset({"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", 
 _DECODERS = ",".join(sorted(_VIDEO_DECODERS | {"aac", "mp3", "mp3float", "opus"}))
 
 
-def probe(path: Path | str) -> MediaInfo:
+def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
     """Width, height, frame count, fps, duration and codec of the video at ``path``.
 
     Headers only (``stream.frames``, ``average_rate``, ``duration × time_base``, falling back to
@@ -123,14 +123,16 @@ def probe(path: Path | str) -> MediaInfo:
     frame count of a faststart MP4 from its ``moov`` and decodes its first frame however little
     of the rest arrived. A fresh download was refused as truncated already (and downloaded
     again: ``worker.fal.storage``); this catches a file that came another way (one an earlier
-    try left, a staged one a rerun takes).
+    try left, a staged one a rerun takes). ``walked``: the caller has just walked this very
+    file's boxes (a fresh download: ``DownloadResult.whole``), so they are not read again.
     """
-    try:
-        cut = file_truncation(path)
-    except OSError as exc:
-        raise NotAVideoError(f"{Path(path).name}: cannot be read ({exc.strerror or exc})") from exc
-    if cut is not None:
-        raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
+    if not walked:
+        try:
+            cut = file_truncation(path)
+        except OSError as exc:
+            raise NotAVideoError(f"{Path(path).name}: cannot be read ({exc.strerror or exc})") from exc
+        if cut is not None:
+            raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
     try:
         with av.open(
             str(path),

@@ -7,6 +7,7 @@ download whose lease is taken over mid-stream, an output folder that refuses wri
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -380,6 +381,62 @@ def test_an_output_is_on_disk_for_good_before_its_success_is_recorded(
     folder_syncs = [i for i, step in enumerate(steps) if step == ("fsync", str(folder))]
     assert len(folder_syncs) == 1  # one sync makes both renames durable
     assert renames[-1] < folder_syncs[0] < steps.index(("succeeded", job_id))
+
+
+def test_a_download_reads_its_video_back_once_and_its_folder_path_without_walking_it(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file-system calls of one stored video (issue #11's CPU line): the video and its
+    sidecar are made with the user's mode as they are created (no umask read from /proc, no
+    ``fchmod``); the MP4's boxes are walked once, on the download's open file, not again by the
+    probe through a new ``open``; the output folder is resolved once and the batch folder found
+    by one ``lstat``, not resolved again for the placement. What is stored is unchanged."""
+    import os
+    import stat
+
+    from jobs import fs
+
+    FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    (tmp_path / "outputs" / "steps").mkdir(parents=True)  # there, as for every video but a batch's first
+    mask = fs.umask()
+    opened: list[str] = []
+    resolved: list[str] = []
+    real_open, real_resolve = os.open, Path.resolve
+
+    def recording_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        opened.append(Path(os.fsdecode(path)).name)
+        return real_open(path, flags, *args, **kwargs)
+
+    def recording_resolve(self: Path, strict: bool = False) -> Path:
+        resolved.append(self.name)
+        return real_resolve(self, strict)
+
+    def no_umask() -> int:
+        raise AssertionError("the umask was read for a file the kernel can give the mode to")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(Path, "resolve", recording_resolve)
+    monkeypatch.setattr(fs, "umask", no_umask)
+    monkeypatch.setattr(os, "fchmod", lambda *_: (_ for _ in ()).throw(AssertionError("fchmod")))
+    try:
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    monkeypatch.undo()
+    (video,) = (tmp_path / "outputs" / "steps").glob("*.mp4")
+    sidecar = video.with_suffix(".json")
+    # one open of the video under its name: the shared lock held while it is stored
+    assert opened.count(video.name) == 1
+    assert resolved == ["outputs"]  # the output folder, once; the batch folder by one lstat
+    for path in (video, sidecar):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.output_path == str(video)
+    assert job.media is not None
+    assert job.media["width"] > 0
+    assert json.loads(sidecar.read_text())["video_path"] == f"steps/{video.name}"
 
 
 def _resume_and_download(engine: Engine, batch_id: str, rt: Runtime, job_id: str) -> None:

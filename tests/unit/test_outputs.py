@@ -224,15 +224,15 @@ def test_a_sidecars_temporary_left_by_a_killed_write_goes_with_the_old_partials(
 
 def test_a_sidecars_temporary_carries_the_tag_it_is_given(tmp_path: Path) -> None:
     made: list[str] = []
-    real = tempfile.mkstemp
+    real = outputs.create_temporary
 
-    def recording(**kwargs: Any) -> tuple[int, str]:
-        fd, name = real(**kwargs)
-        made.append(Path(name).name)
-        return fd, name
+    def recording(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+        fd, path = real(folder, prefix, suffix)
+        made.append(path.name)
+        return fd, path
 
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(tempfile, "mkstemp", recording)
+        patched.setattr(outputs, "create_temporary", recording)
         outputs.write_json_atomic(tmp_path / "000001-abc.json", {"v": 1}, temp_tag=outputs.partial_tag(4))
     (name,) = made
     assert name.startswith(".000001-abc.json.v4-")
@@ -341,3 +341,55 @@ def test_a_sidecar_is_the_standard_encoders_text_written_in_c() -> None:
     finally:
         sys.setprofile(None)
     assert calls < 20, calls  # the pure-Python encoder made hundreds
+
+
+def test_a_folder_sync_is_shared_by_renames_made_before_it_began_and_only_by_those(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fsync_dir`` after a rename returns only once a sync of the folder that *began after*
+    that rename has ended (the entry is then durable); renames of other threads waiting
+    meanwhile share the next sync instead of one each. A sync already under way when a rename
+    is made never counts for it."""
+    import threading
+
+    events: list[str] = []
+    first_started, release_first = threading.Event(), threading.Event()
+    syncs = 0
+
+    def sync(folder: Path) -> None:
+        nonlocal syncs
+        syncs += 1
+        number = syncs
+        events.append(f"sync {number} begins")
+        if number == 1:
+            first_started.set()
+            assert release_first.wait(30)
+        events.append(f"sync {number} ends")
+
+    monkeypatch.setattr(outputs, "_sync_folder", sync)
+
+    def renamed(name: str) -> None:
+        outputs.fsync_dir(tmp_path)
+        events.append(f"{name} returns")
+
+    first = threading.Thread(target=renamed, args=("a",))
+    first.start()
+    assert first_started.wait(30)
+    # b and c renamed while a's sync was under way: it may not count for them
+    later = [threading.Thread(target=renamed, args=(name,)) for name in ("b", "c")]
+    for thread in later:
+        thread.start()
+    state = outputs._FOLDER_SYNCS._folders
+    for _ in range(3000):  # both have taken their tickets (and wait): not a timing assertion
+        if state.get(tmp_path, [0])[0] == 3:
+            break
+        threading.Event().wait(0.01)
+    assert state[tmp_path][0] == 3
+    release_first.set()
+    for thread in [first, *later]:
+        thread.join(30)
+    assert syncs == 2  # one for a, one shared by b and c
+    assert events.index("a returns") > events.index("sync 1 ends")
+    for name in ("b", "c"):
+        assert events.index(f"{name} returns") > events.index("sync 2 ends")
+    assert tmp_path not in state  # nobody waits: the folder is forgotten

@@ -228,3 +228,6 @@ class DownloadResult:
     path: Path
     sha256: str
     size: int
+    #: Its MP4 boxes were walked as it was written, and tile it whole (``worker.fal.storage``'s
+    #: truncation check): the probe need not open it and walk them again.
+    whole: bool = False

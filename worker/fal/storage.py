@@ -9,9 +9,9 @@ module only offers the seam (:class:`MediaPreparer` takes lookup/record callback
 SHA-256) so it stays free of SQL.
 
 Downloads are written so a crash can never leave a half file under the final name: stream to a
-temp file of its own beside the destination, hash while streaming, give it the user's usual
-file mode (``mkstemp`` makes it 0600; a plain ``open()`` would give 0666 less the umask), fsync,
-``os.replace``. Only
+temp file of its own beside the destination (made with the user's usual file mode, as a plain
+``open()`` gives: :func:`jobs.outputs.create_temporary`), hash while streaming, fsync, rename
+(a hard link when the name must not be taken over a file). Only
 http(s) URLs are fetched, redirects are followed by hand with every hop re-checked, and
 :class:`DownloadPolicy` refuses internal addresses (loopback, private, link-local, …) at connect
 time unless the URL is on a configured fal origin (scheme, host and port) or allow-listed
@@ -39,7 +39,6 @@ import hashlib
 import ipaddress
 import mimetypes
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -52,11 +51,11 @@ import httpx
 
 from jobs.endpoints import FieldType
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
-from jobs.fs import file_kind, file_mode, is_missing, os_reason, shown_in_folder, shown_path
+from jobs.fs import file_kind, is_missing, os_reason, shown_in_folder, shown_path
 from jobs.http_environment import no_proxy_entries, no_proxy_pattern, proxy_variables
 from jobs.key_forms import holds_known_key
 from jobs.media import MediaKind, classify, media_type, sent_form
-from jobs.outputs import OutputWriteError, fsync_dir
+from jobs.outputs import PARTIAL_SUFFIX, OutputWriteError, create_temporary, fsync_dir
 from jobs.settings import DOWNLOAD_PROXY_FROM_ENV, allowed_host_entry
 from jobs.url_secrets import masked_url
 from worker.fal.client import FalClient
@@ -890,18 +889,20 @@ def _check_video(head: bytes) -> None:
         raise FinalProviderError(f"the output is not a video (it starts with '{shown}')")
 
 
-def _check_whole(fd: int) -> None:
+def _check_whole(fd: int) -> bool:
     """Refuse an MP4 cut short (:func:`worker.mp4.truncation`: its last box runs past its end,
     or it has no ``moov``/``mdat``). When fal gave no ``file_size``, a body ended by the
     connection closing, or by a ``Content-Length`` shorter than the file, is otherwise taken
     whole, and FFmpeg reads the header of a faststart file cut after a third as the full clip.
     Retryable, as any size mismatch: it is a download's fault, so the next attempt downloads
-    again (never a new submission), and the temporary file never takes the output's name."""
+    again (never a new submission), and the temporary file never takes the output's name.
+    True when the MP4's boxes were walked and tile it (``DownloadResult.whole``)."""
     if os.pread(fd, len(_EBML_MAGIC), 0) == _EBML_MAGIC:
-        return  # WebM/Matroska: the probe's MP4 reader refuses it anyway
+        return False  # WebM/Matroska: the probe's MP4 reader refuses it anyway
     cut = fd_truncation(fd)
     if cut is not None:
         raise DownloadIntegrityError(f"download truncated: the MP4 is {cut}")
+    return True
 
 
 def _download_error(response: httpx.Response) -> ProviderError:
@@ -980,12 +981,19 @@ def download(
         policy = DownloadPolicy(allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
     current = _check_url(url, policy)
     dest = Path(dest)
-    with _writing("create the folder", dest.parent):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    with _writing("create a temporary file in", dest.parent):
-        prefix = f".{dest.name}.{temp_tag}-" if temp_tag else f".{dest.name}."
-        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    prefix = f".{dest.name}.{temp_tag}-" if temp_tag else f".{dest.name}."
+    # The user's usual mode, not mkstemp's 0600 (the output is theirs to share: an hf export
+    # hard-links it into a dataset), given as the file is made; the folder made only when missing.
+    try:
+        with _writing("create a temporary file in", dest.parent):
+            fd, tmp = create_temporary(dest.parent, prefix, PARTIAL_SUFFIX)
+    except OutputWriteError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):
+            raise
+        with _writing("create the folder", dest.parent):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        with _writing("create a temporary file in", dest.parent):
+            fd, tmp = create_temporary(dest.parent, prefix, PARTIAL_SUFFIX)
     own = client is None
     http = client or guarded_client(policy, timeout or httpx.Timeout(60.0, connect=10.0))
     deadline = None if total_timeout is None else time.monotonic() + total_timeout
@@ -1005,13 +1013,11 @@ def download(
                 progress,
                 _PerRequest(timeout, on_response),
             )
+            whole = False
             if expect_video and (expected_size is None or size == expected_size):
                 with _writing("read back", tmp):
-                    _check_whole(fd)
+                    whole = _check_whole(fd)
             with _writing("write", tmp):
-                # The user's usual mode, not mkstemp's 0600: the output is theirs to share (an
-                # hf export hard-links it into a dataset); set before the fsync that makes it durable.
-                os.fchmod(fd, file_mode())
                 os.fsync(fd)
         finally:
             with _writing("close", tmp):
@@ -1036,7 +1042,7 @@ def download(
             raise
         if sync_dir:
             fsync_dir(dest.parent)
-        return DownloadResult(path=dest, sha256=digest, size=size)
+        return DownloadResult(path=dest, sha256=digest, size=size, whole=whole)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -676,7 +676,7 @@ def _store_video(
     job = claim.job  # detached: setting what was fetched writes nothing
     for name, value in claim.fetched.items():
         setattr(job, name, value)
-    checked = _check_media(rt, job_id, claim, job, result.path)
+    checked = _check_media(rt, job_id, claim, job, result.path, walked=result.whole)
     if isinstance(checked, str):
         return checked
     location, shown = outs.placement(dest, claim.batch_name, claim.item_index, job_id)
@@ -996,14 +996,16 @@ def _downloaded_before(
     if sent_at is None and not staged:
         return None
     try:
-        if not _current(dest, sent_at) and (
-            earlier := _under_an_earlier_number(dest, job_id, earlier_items, sent_at)
-        ):
+        current = _current(dest, sent_at)
+        if not current:
+            earlier = _under_an_earlier_number(dest, job_id, earlier_items, sent_at)
+            if earlier is None:
+                return None  # nothing of this request at dest (the usual case: one lstat, no more)
             earlier.replace(dest)  # over a stale file of its own, if any: an earlier request's video
             if not staged:
                 outputs.sidecar_path(earlier).unlink(missing_ok=True)
-        if not _written_since(dest, sent_at):
-            return None
+            if not _written_since(dest, sent_at):
+                return None
         if not staged and outputs.read_sidecar(dest) is None and _being_stored(dest):
             return None  # another process (a copy of this database) is storing its video there
         size = dest.stat().st_size
@@ -1074,7 +1076,7 @@ def _written_since(path: Path, sent_at: datetime | None) -> bool:
 
 
 def _check_media(
-    rt: Runtime, job_id: str, claim: DownloadClaim, job: JobView, path: Path
+    rt: Runtime, job_id: str, claim: DownloadClaim, job: JobView, path: Path, *, walked: bool = False
 ) -> dict[str, Any] | str:
     """Probe the saved video and compare it with the request (:mod:`worker.probe`).
 
@@ -1084,15 +1086,17 @@ def _check_media(
     The file of a failed job is removed: no output is kept that does not count — but for a
     staged video a rerun's job took (``reused_from``), which it never deletes: it was paid for.
     A file gone before it is probed (its folder removed mid-run) is no verdict on the video:
-    the batch is paused as for any output that cannot be kept (:func:`_write_failed`).
+    the batch is paused as for any output that cannot be kept (:func:`_write_failed`) — looked
+    at once the probe failed, not before every probe. ``walked``: a fresh download's boxes
+    were walked as it was written (``DownloadResult.whole``).
     """
     keep = job.reused_from is not None
-    if not path.exists():  # removed under us (its folder deleted mid-run): the disk's doing, not fal's
-        gone = OutputWriteError(f"the saved video {path} was removed before it could be stored")
-        return _write_failed(rt, job_id, claim, gone)
     try:
-        info = probe.probe(path)
+        info = probe.probe(path, walked=walked)
     except probe.NotAVideoError as exc:
+        if not path.exists():  # removed under us (its folder deleted mid-run): the disk's doing, not fal's
+            gone = OutputWriteError(f"the saved video {path} was removed before it could be stored")
+            return _write_failed(rt, job_id, claim, gone)
         if not keep:
             with contextlib.suppress(OSError):
                 path.unlink()
