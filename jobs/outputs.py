@@ -435,11 +435,14 @@ class _FolderSyncs:
                     covers = state[0]  # every ticket taken before this sync begins
                     break
                 self._done.wait()
+        synced = False
         try:
             _sync_folder(folder)
+            synced = True
         finally:
             with self._lock:
-                state[1] = max(state[1], covers)
+                if synced:  # a failed sync (EIO) covers nobody: each waiter then syncs, and fails, itself
+                    state[1] = max(state[1], covers)
                 state[2] = 0
                 self._forget(folder, state)
                 self._done.notify_all()
