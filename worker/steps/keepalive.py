@@ -28,6 +28,7 @@ whether its output was stored (the step's own success moves the version on too).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -89,6 +90,10 @@ class StepLeases:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._closed = False
+        #: While the thread waits (under ``_lock``): the time (``time.monotonic``) it looks again
+        #: by itself; ``-inf`` while it does not wait — it reads ``_held`` before its next wait.
+        #: A step held later than that needs no wake-up (:meth:`kept`).
+        self._wakes_at = -math.inf
 
     @contextmanager
     def kept(self, fence: Fence) -> Iterator[HeldLease]:
@@ -101,8 +106,12 @@ class StepLeases:
                     target=self._run, name=f"wanbatch-{self._what}-leases", daemon=True
                 )
                 self._thread.start()
-            else:
-                self._wake.notify()  # a lingering thread: due later than any other, but it may be idle
+            elif held.due < self._wakes_at:
+                # The thread sleeps past this lease's renewal (it lingers longer than a third of
+                # a lease): wake it. Otherwise it wakes in time by itself, for an earlier renewal
+                # or its linger's end — a wake-up for every step held cost each POST and each
+                # download a thread hand-off (and a turn of the GIL) for nothing.
+                self._wake.notify()
         try:
             yield held
         finally:
@@ -127,14 +136,14 @@ class StepLeases:
         while True:
             with self._lock:
                 if not self._held and not self._closed and self._linger > 0:
-                    self._wake.wait(self._linger)
+                    self._sleep(self._linger)
                 if not self._held or self._closed:
                     self._thread = None
                     return
                 wait = min(h.due for h in self._held.values()) - time.monotonic()
                 if wait > 0:
-                    self._wake.wait(wait)
-                    continue  # woken early (a step held, or closed), or due now: look again
+                    self._sleep(wait)
+                    continue  # woken early (a step due sooner, or closed), or due now: look again
             try:
                 self._renew_due()
             except Exception:  # a bug: said once per round, and the thread lives on
@@ -146,6 +155,15 @@ class StepLeases:
                 with self._lock:
                     held = list(self._held.values())
                 self._postpone(held, RETRY_SECONDS)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait (``_lock`` held) up to ``seconds``, or until :meth:`kept` or :meth:`close` wakes
+        the thread; :meth:`kept` does only for a lease due before then (``_wakes_at``)."""
+        self._wakes_at = time.monotonic() + seconds
+        try:
+            self._wake.wait(seconds)
+        finally:
+            self._wakes_at = -math.inf
 
     def _renew_due(self) -> None:
         now = time.monotonic()
