@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import case, false, func, select, tuple_, type_coerce
+from sqlalchemy import case, false, func, literal_column, select, tuple_, type_coerce
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -373,15 +373,16 @@ class ProofWait:
 
 def proof_waits(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, ProofWait]:
     """:class:`ProofWait` of each of ``batch_ids`` that has such jobs, from one query
-    (``ix_jobs_batch_id_state_next_attempt_at``). A ``submit_unknown`` job whose wait has ended
-    is the reconciler's to settle at once, no longer waiting for proof: it is not counted."""
+    (``ix_jobs_batch_id_state_next_attempt_at``, partial: the state is spelt out as its predicate
+    has it). A ``submit_unknown`` job whose wait has ended is the reconciler's to settle at once,
+    no longer waiting for proof: it is not counted."""
     if not batch_ids:
         return {}
     rows = session.execute(
         select(Job.batch_id, func.count(), func.max(Job.next_attempt_at))
         .where(
             Job.batch_id.in_(list(batch_ids)),
-            Job.state == JobState.SUBMIT_UNKNOWN,
+            Job.state == literal_column(f"'{JobState.SUBMIT_UNKNOWN.value}'", type_=Job.state.type),
             Job.next_attempt_at > now,
         )
         .group_by(Job.batch_id)

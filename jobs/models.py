@@ -392,18 +392,13 @@ class Job(Base):
         # Claims read these in order (oldest first) and stop at their limit: see store.claim_jobs.
         Index("ix_jobs_batch_id_state_order", "batch_id", "state", "created_at", "item_index", "id"),
         Index("ix_jobs_state_order", "state", "created_at", "item_index", "id"),
-        # … but the due retries through these, not every retry still backing off: store._due_retries.
-        Index("ix_jobs_state_next_attempt_at", "state", "next_attempt_at"),
-        Index("ix_jobs_batch_id_state_next_attempt_at", "batch_id", "state", "next_attempt_at"),
-        Index("ix_jobs_request_id", "request_id"),
+        # (The due retries, the request ids and the finish times: partial indexes, below.)
         # reuse_outputs looks up a succeeded job with the same key in any batch.
         Index("ix_jobs_job_key", "job_key"),
         # … or a stored job whose key is an older rule's (content_key): see migration 0024.
         Index("ix_jobs_content_key", "content_key"),
         # The dashboard pages a batch's jobs in item order (keyset): see jobs.listing.
         Index("ix_jobs_batch_id_item_order", "batch_id", "item_index", "variant", "id"),
-        # /metrics reads the jobs finished lately, not all of them (store.MetricsScope).
-        Index("ix_jobs_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -667,6 +662,31 @@ _partial_index(
 _partial_index(
     "ix_jobs_to_send_batch_id", Job.batch_id, where=Job.state.in_([JobState.PENDING, JobState.RETRY_WAIT])
 )
+
+#: The states whose jobs are looked up by when their wait ends (``next_attempt_at``): the due
+#: retries (store.due._due_retries, a claim for a retry reads only the due ones, not every retry
+#: still backing off) and the unknown submits waiting for fal's proof (listing.proof_waits).
+#: Only their jobs are in the two indexes below (migration 0049): every move of a job rewrote an
+#: entry of each, two B-tree pages, five times a job, while hardly any job ever waits so. Spelt
+#: as an OR of equalities, not ``IN``: SQLite sees ``state = 'retry_wait'`` (or a parameter bound
+#: to it) imply only that form, and its queries repeat the literal state (store.due).
+WAITING_STATES = (JobState.RETRY_WAIT, JobState.SUBMIT_UNKNOWN)
+_WAITING = (Job.state == WAITING_STATES[0]) | (Job.state == WAITING_STATES[1])
+_partial_index(
+    "ix_jobs_batch_id_state_next_attempt_at", Job.batch_id, Job.state, Job.next_attempt_at, where=_WAITING
+)
+#: Partial on SQLite only. PostgreSQL keeps every job in it: its planner reads the unfinished
+#: jobs of /metrics (``state IN`` the unfinished states, store.MetricsScope) through this narrow
+#: index, and without it chose, on a small table, to read every job through another.
+Index("ix_jobs_state_next_attempt_at", Job.state, Job.next_attempt_at, sqlite_where=_WAITING)
+
+#: A request is looked up by its id, never by the lack of one; and /metrics reads the jobs
+#: finished lately, not all of them (store.MetricsScope): the jobs without a request or not
+#: finished are in neither index (every comparison implies the column is not NULL, on both
+#: dialects), so a job's first request id and its finish each write one entry, not also the
+#: removal of its NULL one (migration 0049).
+_partial_index("ix_jobs_request_id", Job.request_id, where=Job.request_id.is_not(None))
+_partial_index("ix_jobs_finished_at", Job.finished_at, where=Job.finished_at.is_not(None))
 
 #: The events of jobs adopted from the outputs folder (``jobs.store.outcomes.mark_adopted``), so
 #: ``status`` counts them without reading every event of every succeeded job (migration 0047).

@@ -315,6 +315,13 @@ def _due_retries(
 _DUE = ("unset", "passed")
 
 
+#: ``retry_wait`` as the partial indexes on ``next_attempt_at`` (:data:`jobs.models.WAITING_STATES`)
+#: need it: a literal, not a parameter. SQLite would match a parameter bound to it as well (and
+#: prepare the statement again for another value), but PostgreSQL's generic plan of a prepared
+#: statement (psycopg prepares one run five times) cannot prove a partial index's predicate.
+_RETRY_WAITING = _JOBS.c.state == literal_column(f"'{JobState.RETRY_WAIT.value}'", type_=_JOBS.c.state.type)
+
+
 def _due_retry_moment(due: str) -> ColumnElement[bool]:
     """``retry_wait`` jobs due at once (``unset``: no ``next_attempt_at``) or whose moment has
     come (``passed``), as the index on ``next_attempt_at`` finds them (one equality, or one
@@ -328,7 +335,7 @@ def _any_due_retry(due: str) -> ColumnElement[bool]:
     """Whether any ``retry_wait`` job is due so (:func:`_due_retry_moment`): the first entry of
     the index on (``state``, ``next_attempt_at``) says. Never correlated with an enclosing query
     of the jobs (:func:`in_flight`)."""
-    where = (_JOBS.c.state == JobState.RETRY_WAIT, _due_retry_moment(due))
+    where = (_RETRY_WAITING, _due_retry_moment(due))
     return select(literal(1)).select_from(_JOBS).where(*where).correlate(None).exists()
 
 
@@ -337,7 +344,7 @@ def _count_due(scoped: bool) -> Any:
     how many are due by ``now``, each counted up to :data:`FEW_DUE_RETRIES` on the index alone."""
 
     def counted(due: str) -> Any:
-        where = [_JOBS.c.state == JobState.RETRY_WAIT, _due_retry_moment(due)]
+        where = [_RETRY_WAITING, _due_retry_moment(due)]
         if scoped:
             where.append(_JOBS.c.batch_id == bindparam("batch_id"))
         few = select(literal(1)).where(*where).limit(bindparam("few")).subquery()
@@ -396,7 +403,9 @@ def _claim_candidates(
     ``next_attempt_at`` (:func:`_due_retries`)."""
     now: BindParameter[datetime] = bindparam("now")
     conditions: list[ColumnElement[bool]] = [
-        _JOBS.c.state == bindparam("state", type_=_JOBS.c.state.type),
+        _JOBS.c.state == bindparam("state", type_=_JOBS.c.state.type)
+        if due is None
+        else _RETRY_WAITING,  # its ``state`` parameter is ``retry_wait``
         or_(_JOBS.c.next_attempt_at.is_(None), _JOBS.c.next_attempt_at <= now)
         if due is None
         else _due_retry_moment(due),

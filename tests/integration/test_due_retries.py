@@ -87,7 +87,9 @@ def _retry_claims(executed: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [
         (sql, parameters)
         for sql, parameters in executed
-        if sql.lstrip().startswith("SELECT jobs.id,") and "retry_wait" in _values(parameters)
+        if sql.lstrip().startswith("SELECT jobs.id,")
+        # the state a parameter, or spelt out as the partial indexes on next_attempt_at need it
+        and ("retry_wait" in _values(parameters) or "jobs.state = 'retry_wait'" in sql)
     ]
 
 
