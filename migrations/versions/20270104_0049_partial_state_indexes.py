@@ -4,8 +4,8 @@
 and every move of a job (five a job on its way to ``succeeded``) rewrote an entry of each: a
 delete and an insert, two B-tree pages apiece on SQLite, while they are read only for the jobs
 waiting out a retry's backoff (``retry_wait``) or fal's proof of an unknown submit
-(``submit_unknown``). They now hold only those jobs — but ``ix_jobs_state_next_attempt_at`` on
-PostgreSQL, whose planner reads the unfinished jobs of /metrics through it (left as it is there).
+(``submit_unknown``). On SQLite they now hold only those jobs; PostgreSQL keeps both whole (its
+planner reads the unfinished jobs of /metrics through them, and a write's CPU there is the server's).
 ``ix_jobs_request_id`` and
 ``ix_jobs_finished_at`` no longer hold the jobs without a request id or not finished (NULL, never
 looked up), so a job's first request id and its finish write one entry each, not also the removal
@@ -46,7 +46,7 @@ PARTIAL = (
 
 
 #: Partial on SQLite only (see above).
-SQLITE_ONLY = frozenset({"ix_jobs_state_next_attempt_at"})
+SQLITE_ONLY = frozenset({"ix_jobs_state_next_attempt_at", "ix_jobs_batch_id_state_next_attempt_at"})
 
 
 def _changed() -> list[tuple[str, list[str], sa.TextClause]]:
