@@ -929,7 +929,7 @@ BROKER_UNREACHABLE = "broker unreachable"
 def batch_standing(
     batch: Batch,
     totals: listing.Totals,
-    last_beat: datetime | None,
+    last_beat: listing.LastBeat | None,
     broker_down: datetime | None,
     *,
     now: datetime,
@@ -952,8 +952,9 @@ class Forecast:
     #: :func:`jobs.listing.forecast`: the time left, and what the schedule cuts short of it.
     eta_seconds: float | None
     eta_note: str | None
-    #: When a process last said it works on the batch (:func:`jobs.listing.heartbeat`).
-    last_beat: datetime | None
+    #: When a process last said it works on the batch, and one not known to have ended
+    #: (:func:`jobs.listing.heartbeat`).
+    last_beat: listing.LastBeat | None
     #: Its jobs waiting for fal's webhook proof of their submit (:func:`jobs.listing.proof_waits`),
     #: which ``eta_seconds`` never ends before; None when none.
     proof: listing.ProofWait | None = None
@@ -1077,11 +1078,24 @@ def elsewhere_note(
     return listing.elsewhere_wait_text(listing.elsewhere_waits(session, [batch.id], here).get(batch.id, []))
 
 
-def held_note(session: Session, batch: Batch, counts: Mapping[str, int], phase: str, caps: CapCheck) -> str:
+def held_note(
+    session: Session,
+    batch: Batch,
+    counts: Mapping[str, int],
+    phase: str,
+    caps: CapCheck,
+    *,
+    beat: listing.LastBeat | None = None,
+    now: datetime | None = None,
+) -> str:
     """What holds an ``active`` batch's unsent (``pending``) jobs back, counted as ``caps`` counts
     (:func:`cap_holds`, :func:`cap_note`): ``status``'s ``phase_reason`` for it, for the
-    dashboard's batch page; "" when nothing does, or the batch is not active or has none pending."""
+    dashboard's batch page; "" when nothing does, or the batch is not active or has none pending,
+    or (``beat``: :attr:`Forecast.last_beat`) the run that worked on it was killed
+    (:func:`jobs.listing.ended_run`), as ``status`` says."""
     if phase != "active" or not counts.get(JobState.PENDING.value, 0):
+        return ""
+    if listing.ended_run(beat, now=now or utcnow()):
         return ""
     return cap_note(cap_holds(session, batch.id, caps.scope(batch), caps), batch.id)
 
@@ -1309,7 +1323,7 @@ class _Reads(Protocol):
         self, scope: store.CapScope, caps: CapCheck, now: datetime
     ) -> store.QueueWaits | None: ...
     def pending_endpoints(self, batch: Batch) -> set[str]: ...
-    def heartbeat(self, batch: Batch, now: datetime) -> datetime | None: ...
+    def heartbeat(self, batch: Batch, now: datetime) -> listing.LastBeat | None: ...
     def fal_holds(
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
     ) -> list[listing.FalHoldView]: ...
@@ -1365,7 +1379,7 @@ class _OneBatch:
     def pending_endpoints(self, batch: Batch) -> set[str]:
         return store.batch_endpoints(self.session, batch.id, [JobState.PENDING])
 
-    def heartbeat(self, batch: Batch, now: datetime) -> datetime | None:
+    def heartbeat(self, batch: Batch, now: datetime) -> listing.LastBeat | None:
         return listing.heartbeat(self.session, batch.id, now=now)
 
     def fal_holds(
@@ -1482,9 +1496,9 @@ class _AllBatches:
         )
         return set(found.get(batch.id, set()))
 
-    def heartbeat(self, batch: Batch, now: datetime) -> datetime | None:
+    def heartbeat(self, batch: Batch, now: datetime) -> listing.LastBeat | None:
         found = self._once("beats", lambda: listing.heartbeats(self.session, self.ids, now=self.now))
-        return cast(datetime | None, found.get(batch.id))
+        return cast(listing.LastBeat | None, found.get(batch.id))
 
     def fal_holds(
         self, batch: Batch, now: datetime, gone: Callable[[str], bool] | None
@@ -1603,11 +1617,20 @@ def _report(
         paused_by_user=batch.paused_by_user,
         schedule_state=shown_schedule,
     )
+    beat = reads.heartbeat(batch, now)
+    processing = listing.is_processing(beat, now=now)
     # The workers cannot hand anything on: no batch they process moves (a simulation is a run's).
     broker_down = None if done or batch.simulated else reads.broker_down(now)
     if broker_down is not None and phase == "active":
         phase_reason = broker_down_text(broker_down, broker_url, now=now)
-    elif caps is not None and phase == "active" and counts.get(JobState.PENDING.value, 0):
+    elif (
+        caps is not None
+        and phase == "active"
+        and counts.get(JobState.PENDING.value, 0)
+        # Its run was killed: what a cap or fal's queue seemed to hold back was that run's (its
+        # requests, its beat), and nothing sends the batch; the idle line says so instead.
+        and not listing.ended_run(beat, now=now)
+    ):
         scope = caps.scope(batch)
         holds = _cap_holds(
             reads.cap_holders(scope),
@@ -1620,8 +1643,6 @@ def _report(
             ),
         )
         phase_reason = cap_note(holds, batch.id) or None
-    beat = reads.heartbeat(batch, now)
-    processing = listing.is_processing(beat, now=now)
     # The dashboard's forecast, to the second: the pace of the last minutes, and none for a batch
     # held back, with nothing in flight or that no process works on (it would only mislead).
     held = batch_standing(batch, totals, beat, broker_down, now=now)
@@ -1663,7 +1684,7 @@ def _report(
         "eta_seconds": eta,
         "eta_note": eta_note,
         "processing": processing,
-        "processed_at": beat.isoformat() if beat is not None else None,
+        "processed_at": beat.seen.isoformat() if beat is not None else None,
         "broker_unreachable_since": broker_down.isoformat() if broker_down is not None else None,
         "fal_unreachable": [hold.as_json() for hold in fal_holds],
         "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),

@@ -36,7 +36,7 @@ from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.digits import ascii_int
 from jobs.models import EVERY_BATCH, Batch, BatchState, Job, KeyRefusal, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
-from jobs.processes import owner_prefix
+from jobs.processes import owner_gone, owner_prefix
 from jobs.schedule import Schedule, format_age, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.storable import holds_unstorable
@@ -590,17 +590,31 @@ def eta_at_pace(remaining: int, per_minute: float | None, *, held: str, busy: in
 PROCESSING_STALE_SECONDS = HEARTBEAT_STALE_SECONDS
 
 
-def heartbeats(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, datetime]:
-    """When a process last said it works on each of ``batch_ids`` (:func:`jobs.store.last_heartbeats`):
+#: When processes last said they work on a batch: :class:`jobs.store.BatchBeat` (its last
+#: sighting, and the last one of a process not known to have ended).
+LastBeat = store.BatchBeat
+
+
+def heartbeats(
+    session: Session,
+    batch_ids: Collection[str],
+    *,
+    now: datetime,
+    gone: Callable[[str], bool] | None = owner_gone,
+) -> dict[str, LastBeat]:
+    """When a process last said it works on each of ``batch_ids`` (:func:`jobs.store.batch_beats`):
     the workers' beat from before a batch existed counts only while they are alive (as the
-    batch's creation), never as a "last seen" earlier than the batch."""
+    batch's creation), never as a "last seen" earlier than the batch. A beat of a process of this
+    host that has ended (``gone``: :func:`jobs.processes.owner_gone`) says when the batch was last
+    seen, never that it is processed (:func:`is_processing`): a killed ``run`` no longer looked
+    busy, with an ETA, for a minute after its death."""
     if not batch_ids:
         return {}
     live_since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
-    return store.last_heartbeats(session, batch_ids, live_since=live_since)
+    return store.batch_beats(session, batch_ids, live_since=live_since, gone=gone)
 
 
-def heartbeat(session: Session, batch_id: str, *, now: datetime) -> datetime | None:
+def heartbeat(session: Session, batch_id: str, *, now: datetime) -> LastBeat | None:
     """:func:`heartbeats` of one batch."""
     return heartbeats(session, [batch_id], now=now).get(batch_id)
 
@@ -913,18 +927,32 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
     return f"{jobs} {noun} held by process {who}, {state}: taken over at {at} when {ends}"
 
 
-def is_processing(last_beat: datetime | None, *, now: datetime) -> bool:
-    """Whether a process said recently enough (``last_beat``) that it works on a batch."""
-    return last_beat is not None and (now - last_beat).total_seconds() <= PROCESSING_STALE_SECONDS
+def is_fresh(at: datetime | None, *, now: datetime) -> bool:
+    """Whether a beat at ``at`` is recent enough (:data:`PROCESSING_STALE_SECONDS`) to say that
+    its process works now."""
+    return at is not None and (now - at).total_seconds() <= PROCESSING_STALE_SECONDS
 
 
-def idle_reason(totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:
+def is_processing(last_beat: LastBeat | None, *, now: datetime) -> bool:
+    """Whether a process not known to have ended said recently enough (``last_beat``) that it
+    works on a batch."""
+    return last_beat is not None and is_fresh(last_beat.live, now=now)
+
+
+def ended_run(last_beat: LastBeat | None, *, now: datetime) -> bool:
+    """Whether the process that last worked on a batch is known to have ended (a killed ``run``
+    of this host) and no other works on it now: what a cap or fal's queue seemed to hold back
+    was that process's, and ``status`` says that nothing processes the batch instead."""
+    return last_beat is not None and last_beat.ended and not is_processing(last_beat, now=now)
+
+
+def idle_reason(totals: Totals, last_beat: LastBeat | None, *, now: datetime) -> str:
     """ "nothing is processing it" when a batch has work left but no process works on it (its
-    ``run`` was stopped, no worker runs); "" otherwise. Jobs waiting at fal hold no lease, so
-    without this a stopped batch looked as busy as a running one, and got a forecast."""
+    ``run`` was stopped or killed, no worker runs); "" otherwise. Jobs waiting at fal hold no
+    lease, so without this a stopped batch looked as busy as a running one, and got a forecast."""
     if totals.finished >= totals.total or is_processing(last_beat, now=now):
         return ""
-    return not_processing(last_beat, now=now)
+    return not_processing(last_beat.seen if last_beat is not None else None, now=now)
 
 
 def not_processing(last_beat: datetime | None, *, now: datetime) -> str:
@@ -934,7 +962,7 @@ def not_processing(last_beat: datetime | None, *, now: datetime) -> str:
     return f"nothing is processing it (last seen {format_age((now - last_beat).total_seconds())} ago)"
 
 
-def standing(batch: Batch, totals: Totals, last_beat: datetime | None, *, now: datetime) -> str:
+def standing(batch: Batch, totals: Totals, last_beat: LastBeat | None, *, now: datetime) -> str:
     """Why ``batch`` does not move now, in words ("" when it does): what holds it back
     (:func:`held_reason`), else that nothing processes it (:func:`idle_reason`). A cancelled
     batch with jobs still at fal or downloading (a video fal finished despite the cancel, proved

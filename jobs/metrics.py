@@ -356,10 +356,11 @@ def batch_phases(
 
 def unattended_batches(session: Session, batches: dict[str, store.UnfinishedBatch] | None = None) -> int:
     """Batches with work that needs a process and that no process works on (no heartbeat within
-    :data:`jobs.listing.PROCESSING_STALE_SECONDS`): requests at fal or downloads nobody will
-    collect, or jobs that may be sent now or when the schedule opens. A batch its user or fal
-    paused, with nothing at fal, waits on purpose and is not counted. What an operator alerts
-    on: an overnight render whose run died in the evening."""
+    :data:`jobs.listing.PROCESSING_STALE_SECONDS` of a process not known to have ended: a killed
+    ``run`` of this host counts at once, :func:`jobs.listing.is_processing`): requests at fal or
+    downloads nobody will collect, or jobs that may be sent now or when the schedule opens. A
+    batch its user or fal paused, with nothing at fal, waits on purpose and is not counted. What
+    an operator alerts on: an overnight render whose run died in the evening."""
     now = utcnow()
     if batches is None:
         batches = store.unfinished_batches(session)

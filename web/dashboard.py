@@ -608,7 +608,9 @@ class Dashboard:
                 ),
                 # A cap (or the queue-wait back-off) holding its unsent jobs back, and whose jobs
                 # fill it: `status`'s phase_reason, counted as a run from this environment counts.
-                "cap_hold": batches.held_note(session, batch, totals.counts, phase, self._caps()),
+                "cap_hold": batches.held_note(
+                    session, batch, totals.counts, phase, self._caps(), beat=forecast.last_beat, now=now
+                ),
                 # Requests of a cancelled batch whose cancel a process gave up at fal: fal may
                 # still run and bill them (`status`'s uncancelled_note).
                 "uncancelled": batches.uncancelled_note(session, batch, totals.counts),

@@ -767,7 +767,7 @@ def workers_heartbeat(settings: Settings) -> datetime | None:
 def beating_here(last_beat: datetime | None, *, now: datetime | None = None) -> bool:
     """Whether the workers' latest heartbeat in this database (``last_beat``) says they work on
     it now: the same minute :func:`jobs.listing.is_processing` gives a batch's (``status``)."""
-    return listing.is_processing(last_beat, now=now or utcnow())
+    return listing.is_fresh(last_beat, now=now or utcnow())
 
 
 def elsewhere_warning(

@@ -142,6 +142,8 @@ from jobs.store.due import catch_up_with_timeline as catch_up_with_timeline
 from jobs.store.fal_outages import FalHoldRow, fal_holds, hold_fal, release_fal_hold
 from jobs.store.heartbeats import (
     HEARTBEAT_KEPT,
+    BatchBeat,
+    batch_beats,
     drop_heartbeats,
     heartbeat_owners,
     last_heartbeat,
@@ -371,6 +373,7 @@ __all__ = [
     "UPLOAD_REUSE",
     "WEBHOOK_SECRET",
     "WINDOW_DUPLICATE",
+    "BatchBeat",
     "BatchCost",
     "BatchMoney",
     "CapHolder",
@@ -406,6 +409,7 @@ __all__ = [
     "adopt_restored_proof",
     "adopt_unknown_cancelled",
     "adopt_window_proof",
+    "batch_beats",
     "batch_committed_usd",
     "batch_cost",
     "batch_endpoints",

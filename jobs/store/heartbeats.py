@@ -3,7 +3,8 @@ and which other processes share the submit pacing."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, select, update
@@ -137,41 +138,90 @@ def last_heartbeat(session: Session, batch_id: str, *, live_since: datetime | No
     return last_heartbeats(session, [batch_id], live_since=live_since).get(batch_id)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchBeat:
+    """When processes last said they work on a batch (:func:`batch_beats`)."""
+
+    #: The latest beat of any process, one that has ended too: when the batch was last seen
+    #: processed (``status``'s "last seen 40s ago").
+    seen: datetime
+    #: The latest beat of a process not known to have ended (``gone`` of :func:`batch_beats`);
+    #: None when every process that beat for the batch is known to have ended.
+    live: datetime | None
+
+    @property
+    def ended(self) -> bool:
+        """Whether the latest beat is a process's that is known to have ended (a killed ``run``
+        of this host): it tells when the batch was last seen, never that it is processed."""
+        return self.live is None or self.live < self.seen
+
+
 def last_heartbeats(
     session: Session, batch_ids: Collection[str], *, live_since: datetime | None = None
 ) -> dict[str, datetime]:
-    """:func:`last_heartbeat` of each of ``batch_ids`` (those never beaten for are left out), in
-    one query (and one more for the batches, when the workers ever beat).
+    """:func:`last_heartbeat` of each of ``batch_ids`` (those never beaten for are left out):
+    :attr:`BatchBeat.seen` of :func:`batch_beats`."""
+    return {b: beat.seen for b, beat in batch_beats(session, batch_ids, live_since=live_since).items()}
+
+
+def batch_beats(
+    session: Session,
+    batch_ids: Collection[str],
+    *,
+    live_since: datetime | None = None,
+    gone: Callable[[str], bool] | None = None,
+) -> dict[str, BatchBeat]:
+    """When a process last said it works on each of ``batch_ids`` (those never beaten for are
+    left out), and when one not known to have ended did (``gone``: whether an owner,
+    ``host:pid:``…, is a process known to have ended; each owner asked once), in one query (and
+    one more for the batches, when the workers ever beat). A row per process and scope: a
+    batch has a few (its runs, their claims), the workers' every-batch scope one per live leader.
 
     The workers' every-batch beat counts for a batch from its creation on. One from before the
     batch existed said nothing of it: it counts, as the batch's creation, only when it is no
     older than ``live_since`` (the workers are alive, and take the new batch on at their next
     tick); otherwise it is a worker's that stopped before the batch existed, and a "last seen"
     earlier than the batch's creation is no answer (None: such beats never count)."""
-    beats: dict[str, datetime] = {}
+    seen: dict[str, datetime] = {}
+    live: dict[str, datetime] = {}
+    ended: dict[str, bool] = {}
     rows = session.execute(
-        select(ConductorHeartbeat.scope, func.max(ConductorHeartbeat.seen_at))
-        .where(ConductorHeartbeat.scope.in_([*batch_ids, EVERY_BATCH]))
-        .group_by(ConductorHeartbeat.scope)
+        select(ConductorHeartbeat.scope, ConductorHeartbeat.owner, ConductorHeartbeat.seen_at).where(
+            ConductorHeartbeat.scope.in_([*batch_ids, EVERY_BATCH])
+        )
     )
-    for scope, seen in rows:
-        beats[scope] = seen
-    every = beats.pop(EVERY_BATCH, None)
-    if every is None:
-        return beats
-    # The workers' beat covers every batch they may send: a simulation is not one of them.
-    created = session.execute(
-        select(Batch.id, Batch.created_at).where(Batch.id.in_(list(batch_ids)), Batch.simulated.isnot(True))
-    )
-    for batch_id, created_at in created:
-        if every >= created_at:
-            covered = every
-        elif live_since is not None and every >= live_since:
-            covered = created_at
-        else:
+    for scope, owner, at in rows:
+        seen[scope] = max(seen.get(scope, at), at)
+        if gone is not None and ended.setdefault(owner, gone(owner)):
             continue
-        beats[batch_id] = max(beats.get(batch_id, covered), covered)
-    return beats
+        live[scope] = max(live.get(scope, at), at)
+    every = seen.pop(EVERY_BATCH, None)
+    every_live = live.pop(EVERY_BATCH, None)
+    if every is not None:
+        # The workers' beat covers every batch they may send: a simulation is not one of them.
+        created = session.execute(
+            select(Batch.id, Batch.created_at).where(
+                Batch.id.in_(list(batch_ids)), Batch.simulated.isnot(True)
+            )
+        )
+        for batch_id, created_at in created:
+            if (covered := _covered(every, created_at, live_since)) is not None:
+                seen[batch_id] = max(seen.get(batch_id, covered), covered)
+            if (covered := _covered(every_live, created_at, live_since)) is not None:
+                live[batch_id] = max(live.get(batch_id, covered), covered)
+    return {b: BatchBeat(at, live.get(b)) for b, at in seen.items()}
+
+
+def _covered(every: datetime | None, created_at: datetime, live_since: datetime | None) -> datetime | None:
+    """What the workers' every-batch beat ``every`` says of a batch created at ``created_at``
+    (:func:`batch_beats`): itself, the creation while the workers are alive, or nothing."""
+    if every is None:
+        return None
+    if every >= created_at:
+        return every
+    if live_since is not None and every >= live_since:
+        return created_at
+    return None
 
 
 def workers_last_beat(session: Session) -> datetime | None:

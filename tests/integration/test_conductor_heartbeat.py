@@ -268,3 +268,67 @@ def test_a_worker_that_does_not_lead_beats_as_a_worker_and_clears_on_close(engin
         runner.join(20)
         conductor.close()
     assert _beats(engine) == {}
+
+
+def _ended_pid() -> int:
+    """The pid of a process of this host that has ended (and was reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(30)
+    return child.pid
+
+
+def test_a_fresh_beat_of_a_process_that_has_ended_is_only_a_last_sighting(engine: Engine) -> None:
+    """A killed ``run`` leaves its heartbeat behind: for the minute it stayed fresh ``status`` said
+    the batch was processed (and gave it an ETA). A beat of a process of this host that has ended
+    now tells when the batch was last seen, never that it is processed; beats of a live process,
+    of another host, and the workers' are read as before, in as many queries."""
+    import os
+    import socket
+
+    from jobs import listing
+
+    now = utcnow()
+    killed, beside, elsewhere, by_workers = (
+        add_batch(engine, name, [("fal-ai/wan-22", {"prompt": name})])
+        for name in ("killed", "beside", "elsewhere", "by-workers")
+    )
+    for batch_id in (killed, beside, elsewhere, by_workers):
+        _created(engine, batch_id, now - timedelta(hours=1))
+    host = socket.gethostname()
+    dead = f"{host}:{_ended_pid()}:1"
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, dead, [killed, beside], now - timedelta(seconds=2))
+        store.record_heartbeat(session, f"{host}:{os.getpid()}:1", [beside], now - timedelta(seconds=20))
+        store.record_heartbeat(session, "otherhost:4242:1", [elsewhere], now - timedelta(seconds=2))
+    with db.read_scope(engine) as session:
+        beats = listing.heartbeats(session, [killed, beside, elsewhere, by_workers], now=now)
+        assert beats == {
+            killed: store.BatchBeat(seen=now - timedelta(seconds=2), live=None),
+            beside: store.BatchBeat(seen=now - timedelta(seconds=2), live=now - timedelta(seconds=20)),
+            elsewhere: store.BatchBeat(seen=now - timedelta(seconds=2), live=now - timedelta(seconds=2)),
+        }
+        assert [listing.is_processing(beats.get(b), now=now) for b in (killed, beside, elsewhere)] == [
+            False,
+            True,  # the live process works on it beside the killed one
+            True,  # another host's: the staleness decides, as before
+        ]
+        # The last sighting is unchanged (`status`'s "last seen 2s ago").
+        assert store.last_heartbeats(session, [killed])[killed] == now - timedelta(seconds=2)
+        report = batches.batch_report(session, killed, now=now)
+        assert (report["processing"], report["eta_seconds"]) == (False, None)
+        assert report["processed_at"] == (now - timedelta(seconds=2)).isoformat()
+
+    # The workers' leader of this host, killed: no batch is processed by it any more.
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(
+            session, f"{host}:{_ended_pid()}:leader", [EVERY_BATCH], now - timedelta(seconds=1)
+        )
+    with db.read_scope(engine) as session:
+        beats = listing.heartbeats(session, [killed, by_workers], now=now)
+        assert beats[by_workers] == store.BatchBeat(seen=now - timedelta(seconds=1), live=None)
+        assert beats[killed] == store.BatchBeat(seen=now - timedelta(seconds=1), live=None)
+        assert not listing.is_processing(beats[by_workers], now=now)
+        assert batches.batch_report(session, by_workers, now=now)["processing"] is False

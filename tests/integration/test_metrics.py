@@ -374,6 +374,29 @@ def test_batches_nothing_processes_are_counted_for_alerts(engine: Engine) -> Non
     assert unattended() == 3
 
 
+def test_a_batch_whose_run_was_killed_is_unattended_at_once(engine: Engine) -> None:
+    """A killed ``run`` (kill -9, a closed SSH session) leaves its heartbeat behind: the batch was
+    counted as attended for the minute that beat stayed fresh, though nothing collected its
+    requests. A beat of a process of this host that has ended counts for nothing; another
+    host's counts until it goes stale, as before."""
+    import socket
+    import subprocess
+    import sys
+
+    def unattended() -> float:
+        return value(scrape(engine, Settings()), "wanbatch_batches_unattended")
+
+    killed = add_batch(engine, "killed-run", [("fal-ai/wan-22", {"prompt": "at fal"})])
+    elsewhere = add_batch(engine, "run-elsewhere", [("fal-ai/wan-22", {"prompt": "at fal too"})])
+    _set(engine, "UPDATE jobs SET state = 'queued'")  # both runs have a request at fal
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(30)  # a process of this host that has ended: the killed run
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, f"{socket.gethostname()}:{child.pid}:1", [killed], utcnow())
+        store.record_heartbeat(session, "otherhost:4242:1", [elsewhere], utcnow())
+    assert unattended() == 1
+
+
 def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape(tmp_path: Path) -> None:
     dead = make_engine("postgresql://postgres@127.0.0.1:1/nowhere")
     samples = scrape(dead, Settings())

@@ -311,3 +311,47 @@ def test_requests_whose_cancel_was_given_up_are_named_as_status_names_them(
     assert shown.startswith(
         "1 request(s) of this cancelled batch could not be cancelled at fal (request req-stuck"
     )
+
+
+def test_a_batch_whose_run_was_killed_is_said_to_be_processed_by_nothing(
+    sqlite_engine: Engine, output_dir: Path, frozen: datetime
+) -> None:
+    """A killed ``run`` (kill -9, a closed SSH session) leaves its heartbeat behind: for the minute
+    it stayed fresh the page gave the batch a time left, and its headline blamed the outstanding
+    cap. A beat of a process of this host that has ended tells only when the batch was last seen:
+    the page says nothing processes it, as ``status`` does, and blames no cap. Another host's
+    beat still counts until it goes stale."""
+    import socket
+    import subprocess
+    import sys
+
+    from sqlalchemy import update
+
+    from jobs.models import Job
+
+    settings = settings_for(sqlite_engine, output_dir, token=TOKEN, max_outstanding=2)
+    with session_factory(sqlite_engine)() as work:
+        killed = mixed_batch(work, "killed", processing=False)
+        elsewhere = mixed_batch(work, "elsewhere", processing=False)
+        work.execute(update(Job).values(api_key_id=api_key_id(settings)))  # both fill the cap
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait(30)  # a process of this host that has ended: the killed run
+        store.record_heartbeat(work, f"{socket.gethostname()}:{child.pid}:1", [killed.batch.id], frozen)
+        store.record_heartbeat(work, "otherhost:4242:1", [elsewhere.batch.id], frozen)
+        work.commit()
+    browser = logged_in(client(app_for(sqlite_engine, settings)))
+    cap_hold = r'data-testid="cap-hold">(.*?)</p>'
+
+    html = browser.get(f"/batches/{killed.batch.id}", headers=HTML).text
+    idle = "nothing is processing it (last seen 0s ago)"
+    assert _said(html, ETA) == f"ETA none — {idle}"
+    assert re.search(cap_hold, html, re.S) is None
+    report = _report(sqlite_engine, killed.batch.id, frozen)
+    assert (report["processing"], report["eta_seconds"]) == (False, None)  # status agrees
+    listed = browser.get("/", headers=HTML).text
+    row = listed[listed.index(f"/batches/{killed.batch.id}") :]
+    assert idle in html_text(re.sub(r"<[^>]*>", "", row[: row.index("</tr>")]))
+
+    html = browser.get(f"/batches/{elsewhere.batch.id}", headers=HTML).text
+    assert not _said(html, ETA).startswith("ETA none"), _said(html, ETA)
+    assert _said(html, cap_hold).startswith("submits held back: the outstanding cap is full")
