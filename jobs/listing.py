@@ -36,7 +36,7 @@ from jobs.db import HEARTBEAT_STALE_SECONDS
 from jobs.digits import ascii_int
 from jobs.models import EVERY_BATCH, Batch, BatchState, Job, KeyRefusal, Money, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
-from jobs.processes import owner_gone, owner_prefix
+from jobs.processes import beat_owner_ended, owner_prefix
 from jobs.schedule import Schedule, format_age, format_duration
 from jobs.states import AT_PROVIDER_STATES, TERMINAL_STATES, JobState
 from jobs.storable import holds_unstorable
@@ -600,12 +600,12 @@ def heartbeats(
     batch_ids: Collection[str],
     *,
     now: datetime,
-    gone: Callable[[str], bool] | None = owner_gone,
+    gone: Callable[[str], bool] | None = beat_owner_ended,
 ) -> dict[str, LastBeat]:
     """When a process last said it works on each of ``batch_ids`` (:func:`jobs.store.batch_beats`):
     the workers' beat from before a batch existed counts only while they are alive (as the
     batch's creation), never as a "last seen" earlier than the batch. A beat of a process of this
-    host that has ended (``gone``: :func:`jobs.processes.owner_gone`) says when the batch was last
+    host proved to have ended (``gone``: :func:`jobs.processes.beat_owner_ended`) says when the batch was last
     seen, never that it is processed (:func:`is_processing`): a killed ``run`` no longer looked
     busy, with an ETA, for a minute after its death."""
     if not batch_ids:

@@ -9,6 +9,7 @@ and to tell whether the process that claimed a batch it simulates still runs
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
@@ -78,6 +79,56 @@ def owner_gone(owner: str) -> bool:
     owner of another shape — counts as alive."""
     pid = other_pid_here(owner)
     return pid is not None and (not exists(pid) or zombie(pid))
+
+
+#: Between a heartbeat owner (``host:pid:thread``) and the proof of its process's identity
+#: (:func:`beat_owner`).
+IDENTITY_MARK = "@"
+
+
+@functools.cache
+def namespace_here() -> str | None:
+    """``BOOT.PIDNS``: this boot of this kernel (``/proc/sys/kernel/random/boot_id``) and the pid
+    namespace this process sees pids in (the inode of ``/proc/self/ns/pid``); None when either
+    cannot be read. Two processes that print the same see each other's pids — a hostname alone
+    does not say so (a container sharing the host's name has pids of its own, another machine
+    of the same name its own boot)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        pidns = Path("/proc/self/ns/pid").stat().st_ino
+    except (OSError, UnicodeDecodeError):
+        return None
+    return f"{boot}.{pidns}" if boot and "@" not in boot else None
+
+
+def beat_owner(owner: str) -> str:
+    """The heartbeat owner of this process's ``owner`` (``host:pid:thread``): ``owner`` followed
+    by ``@BOOT.PIDNS.START`` (:func:`namespace_here`, when this process started), the proof
+    :func:`beat_owner_ended` needs to say a beat's process has ended; ``owner`` itself when that
+    cannot be read. The ``host:pid:`` it begins with is the lease owners' (:func:`owner_prefix`)."""
+    here = namespace_here()
+    start = started(os.getpid())
+    return f"{owner}{IDENTITY_MARK}{here}.{start}" if here is not None and start is not None else owner
+
+
+def beat_owner_ended(owner: str) -> bool:
+    """Whether heartbeat owner ``owner`` (:func:`beat_owner`) is *proved* to be a process that has
+    ended: one of this boot and pid namespace whose pid no longer runs, is a zombie, or is now
+    another process's (a later start: pids are reused). Anything else counts as alive, its beat
+    going stale as any other: an owner without the proof (another host, a container sharing this
+    host's name with pids of its own, an older wanbatch's beat, a ``--simulate`` claim), or this
+    process. Stricter than :func:`owner_gone`: a live ``run`` judged ended would have ``status``
+    send the user to start a second one."""
+    head, mark, proof = owner.rpartition(IDENTITY_MARK)
+    pid = other_pid_here(head) if mark else None
+    if pid is None:
+        return False
+    namespace, _, start = proof.rpartition(".")
+    if namespace != namespace_here() or not start.isdigit():
+        return False
+    if not exists(pid) or zombie(pid):
+        return True
+    return started(pid) not in (None, start)
 
 
 #: What follows ``host:pid:`` in the heartbeat owner under which a ``--simulate`` process claims

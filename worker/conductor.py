@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import db, processes, store
 from jobs.errors import SchemaBehindError
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
@@ -162,6 +162,9 @@ class Conductor:
         #: ``rt.budget_cancelled`` as :meth:`_redispatch_at` last saw it.
         self._budget_cancelled_seen = rt.budget_cancelled
         self._beat_lock = threading.Lock()
+        #: Who this process's heartbeat rows say beat: its owner with the proof of its identity,
+        #: by which ``status`` tells at once that a killed run has ended (processes.beat_owner).
+        self._beat_owner = processes.beat_owner(rt.owner)
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_follower_beat = 0.0  # monotonic, while not leading (_follower_beat); 0: never
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
@@ -774,7 +777,7 @@ class Conductor:
             with db.session_scope(self.rt.engine) as session:
                 store.record_heartbeat(
                     session,
-                    self.rt.owner,
+                    self._beat_owner,
                     scopes,
                     at,
                     supersede_before=stale,
@@ -799,7 +802,7 @@ class Conductor:
                 return
             self._next_follower_beat = now + HEARTBEAT_SECONDS
             with db.session_scope(self.rt.engine) as session:
-                store.record_heartbeat(session, self.rt.owner, [WORKER_SCOPE], utcnow())
+                store.record_heartbeat(session, self._beat_owner, [WORKER_SCOPE], utcnow())
             self._schema_still_ours()
 
     def _schema_still_ours(self) -> None:
@@ -853,7 +856,7 @@ class Conductor:
                 return  # no row (yet, or any more): the first beat carries it
             try:
                 with db.session_scope(self.rt.engine) as session:
-                    store.mark_broker_down(session, self.rt.owner, since)
+                    store.mark_broker_down(session, self._beat_owner, since)
             except Exception as exc:
                 log.debug(
                     "could not record the broker's state (%s); the next beat does",
@@ -879,7 +882,7 @@ class Conductor:
                 unpublish_limits(self.rt.limiter)
             try:
                 with db.session_scope(self.rt.engine) as session:
-                    store.drop_heartbeats(session, self.rt.owner)
+                    store.drop_heartbeats(session, self._beat_owner)
             except Exception as exc:  # the database is gone: the rows go stale instead
                 # Said already: the run ends with where to free space, or that another process
                 # holds the database's lock (a stopping run does not wait for it).

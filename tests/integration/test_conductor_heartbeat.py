@@ -15,6 +15,7 @@ from sqlalchemy import Engine, select
 
 from jobs import batches, db, store
 from jobs.models import EVERY_BATCH, ConductorHeartbeat, utcnow
+from jobs.processes import beat_owner
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker import conductor as conductor_module
 from worker.conductor import Conductor
@@ -46,7 +47,7 @@ def test_a_conductor_beats_for_its_batches_at_its_pace_and_clears_on_close(
 
     conductor = Conductor(rt, stream=False)
     conductor._beat()
-    assert _beats(engine) == {first: rt.owner, second: rt.owner}
+    assert _beats(engine) == {first: beat_owner(rt.owner), second: beat_owner(rt.owner)}
     stamped = _seen_at(engine)
     conductor._beat()  # within HEARTBEAT_SECONDS: no write
     assert _seen_at(engine) == stamped
@@ -76,9 +77,9 @@ def test_a_worker_leader_beats_for_every_batch_through_its_tick(engine: Engine) 
     runner.start()
     try:
         deadline = utcnow() + timedelta(seconds=20)
-        while _beats(engine) != {EVERY_BATCH: rt.owner} and utcnow() < deadline:
+        while _beats(engine) != {EVERY_BATCH: beat_owner(rt.owner)} and utcnow() < deadline:
             stopping.wait(0.05)
-        assert _beats(engine) == {EVERY_BATCH: rt.owner}
+        assert _beats(engine) == {EVERY_BATCH: beat_owner(rt.owner)}
         with db.read_scope(engine) as session:
             assert store.last_heartbeat(session, batch_id) is not None
             # A batch that does not exist has no creation the workers' beat could cover.
@@ -219,7 +220,11 @@ def test_a_clean_stop_of_the_leader_leaves_no_last_seen_of_a_crashed_one(engine:
     rt = make_runtime(engine, settings_for(URL, KEY))  # no batch scope: a distributed worker
     conductor = Conductor(rt, stream=False)
     conductor._beat()
-    assert _rows(engine) == {(rt.owner, EVERY_BATCH), ("peer:2:", EVERY_BATCH), ("run:3:", "other")}
+    assert _rows(engine) == {
+        (beat_owner(rt.owner), EVERY_BATCH),
+        ("peer:2:", EVERY_BATCH),
+        ("run:3:", "other"),
+    }
     conductor.close()
     with db.session_scope(engine) as session:
         store.drop_heartbeats(session, "peer:2:")  # the peer stops cleanly too
@@ -256,9 +261,9 @@ def test_a_worker_that_does_not_lead_beats_as_a_worker_and_clears_on_close(engin
     runner.start()
     try:
         deadline = utcnow() + timedelta(seconds=20)
-        while _beats(engine) != {WORKER_SCOPE: rt.owner} and utcnow() < deadline:
+        while _beats(engine) != {WORKER_SCOPE: beat_owner(rt.owner)} and utcnow() < deadline:
             stopping.wait(0.05)
-        assert _beats(engine) == {WORKER_SCOPE: rt.owner}
+        assert _beats(engine) == {WORKER_SCOPE: beat_owner(rt.owner)}
         assert conductor.stats.ticks == 0
         with db.read_scope(engine) as session:
             assert store.last_heartbeat(session, batch_id) is None
@@ -298,10 +303,12 @@ def test_a_fresh_beat_of_a_process_that_has_ended_is_only_a_last_sighting(engine
     for batch_id in (killed, beside, elsewhere, by_workers):
         _created(engine, batch_id, now - timedelta(hours=1))
     host = socket.gethostname()
-    dead = f"{host}:{_ended_pid()}:1"
+    dead = beat_owner(f"{host}:{_ended_pid()}:1")  # as the killed run wrote it
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, dead, [killed, beside], now - timedelta(seconds=2))
-        store.record_heartbeat(session, f"{host}:{os.getpid()}:1", [beside], now - timedelta(seconds=20))
+        store.record_heartbeat(
+            session, beat_owner(f"{host}:{os.getpid()}:1"), [beside], now - timedelta(seconds=20)
+        )
         store.record_heartbeat(session, "otherhost:4242:1", [elsewhere], now - timedelta(seconds=2))
     with db.read_scope(engine) as session:
         beats = listing.heartbeats(session, [killed, beside, elsewhere, by_workers], now=now)
@@ -324,7 +331,7 @@ def test_a_fresh_beat_of_a_process_that_has_ended_is_only_a_last_sighting(engine
     # The workers' leader of this host, killed: no batch is processed by it any more.
     with db.session_scope(engine) as session:
         store.record_heartbeat(
-            session, f"{host}:{_ended_pid()}:leader", [EVERY_BATCH], now - timedelta(seconds=1)
+            session, beat_owner(f"{host}:{_ended_pid()}:leader"), [EVERY_BATCH], now - timedelta(seconds=1)
         )
     with db.read_scope(engine) as session:
         beats = listing.heartbeats(session, [killed, by_workers], now=now)

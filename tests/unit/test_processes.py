@@ -44,3 +44,48 @@ def test_this_process_has_one_identity_its_leases_and_heartbeats_share() -> None
     assert processes.owner_prefix(context.worker_identity()) == prefix
     assert not hasattr(context, "process_identity")
     assert vars(context)["process_prefix"] is processes.process_prefix  # imported, not defined again
+
+
+def _owner_of(pid: int, proof: str) -> str:
+    """A heartbeat owner of process ``pid`` of this host carrying ``proof`` (``BOOT.PIDNS.START``)."""
+    import socket
+
+    return f"{socket.gethostname()}:{pid}:1{processes.IDENTITY_MARK}{proof}"
+
+
+def test_a_beat_is_proved_ended_only_in_this_boot_and_pid_namespace() -> None:
+    """``status`` says at once that a killed ``run`` has ended (its pid gone, or now another
+    process's) — but only when the beat proves it was a process whose pids this one sees: a
+    container sharing this host's name has pids of its own, and its live ``run`` judged ended
+    would send the user to start a second one."""
+    here = processes.namespace_here()
+    assert here is not None  # Linux: /proc tells the boot and the pid namespace
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = processes.started(live.pid)
+        assert start is not None
+        # A live process of this boot and namespace, as its own beat names it: alive.
+        assert not processes.beat_owner_ended(_owner_of(live.pid, f"{here}.{start}"))
+        # Its pid, but another start: a killed run's pid reused by a later process — ended.
+        assert processes.beat_owner_ended(_owner_of(live.pid, f"{here}.{int(start) - 1}"))
+    finally:
+        live.kill()
+        live.wait()
+    # Ended, in this boot and namespace: ended.
+    assert processes.beat_owner_ended(_owner_of(live.pid, f"{here}.{start}"))
+    # The same pid seen from another pid namespace (a container), or another boot: nothing is
+    # proved, the beat goes stale as any other.
+    boot, _, pidns = here.rpartition(".")
+    assert not processes.beat_owner_ended(_owner_of(live.pid, f"{boot}.{int(pidns) + 1}.{start}"))
+    assert not processes.beat_owner_ended(_owner_of(live.pid, f"another-boot.{pidns}.{start}"))
+    # No proof at all (an older wanbatch's beat): nothing is proved either.
+    assert not processes.beat_owner_ended(_owner_of(live.pid, "")[: -len(processes.IDENTITY_MARK)])
+
+
+def test_this_process_beats_with_the_proof_of_its_identity() -> None:
+    owner = processes.beat_owner(f"{processes.process_prefix()}7")
+    head, mark, proof = owner.rpartition(processes.IDENTITY_MARK)
+    assert (head, mark) == (f"{processes.process_prefix()}7", processes.IDENTITY_MARK)
+    assert proof == f"{processes.namespace_here()}.{processes.started(os.getpid())}"
+    assert processes.owner_prefix(owner) == processes.process_prefix()  # leases' prefix, as before
+    assert not processes.beat_owner_ended(owner)  # this process
