@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from cli.options import json_option
-from cli.output import EXIT_OK, EXIT_SOME_FAILED, emit_json, err, guarded, out, say, width
+from cli.output import EXIT_OK, EXIT_SOME_FAILED, emit_json, guarded, out, say, width, working
 
 #: How each status is marked for people.
 MARKS = {"ok": "[green]✓[/green]", "fail": "[red]✗[/red]", "skip": "[dim]-[/dim]"}
@@ -37,7 +37,7 @@ def doctor(as_json: bool, simulate: bool) -> None:
 
         from worker.doctor import run_checks
 
-        with err.status("checking the database, broker, provider, storage and receiver …"):
+        with working("checking the database, broker, provider, storage and receiver …"):
             checks = run_checks(simulate=simulate)
         failed = [c for c in checks if c.status == "fail"]
         code = EXIT_SOME_FAILED if failed else EXIT_OK

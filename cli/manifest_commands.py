@@ -24,6 +24,7 @@ from cli.output import (
     print_budget_note,
     print_warnings,
     say,
+    working,
 )
 
 
@@ -40,7 +41,7 @@ def validate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating {escape(str(manifest))} …"):
+        with working(f"validating {escape(str(manifest))} …"):
             report, _totals = estimate_manifest(manifest, settings, allow_dirs)
         if as_json:
             emit_json(
@@ -76,7 +77,7 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating and pricing {escape(str(manifest))} …"):
+        with working(f"validating and pricing {escape(str(manifest))} …"):
             report, totals = estimate_manifest(manifest, settings, allow_dirs)
         data = totals.as_dict()
         warnings = report.warnings
@@ -121,7 +122,7 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
         from jobs.settings import get_settings
 
         settings = get_settings()
-        with err.status(f"validating {escape(str(manifest))}, then storing its jobs …"):
+        with working(f"validating {escape(str(manifest))}, then storing its jobs …"):
             result = batches.submit_manifest(manifest, settings, allow_dirs)
         if note := result.database_note:  # the default database, made here: said once
             err.print(escape(note))

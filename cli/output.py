@@ -42,7 +42,7 @@ from jobs.clock import utcnow
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import has_escaped_bytes, path_error, shown_bytes
 from jobs.money import round_cents, usd_text
-from jobs.printable import is_a_terminal, one_line, printable, shell_ref
+from jobs.printable import is_a_terminal, one_line, printable, redraws, shell_ref
 from jobs.schedule import eta_text
 from jobs.states import JobState
 
@@ -804,6 +804,18 @@ def say(text: str, style: str | None = None, *, console: Console | None = None) 
         target.print(line, soft_wrap=False, overflow="fold")
     else:
         target.print(line, soft_wrap=True)
+
+
+def working(text: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner with ``text`` (already markup-escaped) on stderr while the block runs: only where
+    stderr may be redrawn (:func:`jobs.printable.redraws`); elsewhere nothing, as rich's own
+    transient status shows nothing in a file. ``FORCE_COLOR`` (common in CI) made rich draw it into
+    a file or a pipe: a hidden cursor, a carriage-return frame each 80 ms, a line erased.
+
+    Every live display of the commands goes through this (or ``redraws``), never ``err.status``."""
+    if redraws(err):
+        return err.status(text)
+    return contextlib.nullcontext()
 
 
 def compact_table(title: str | None = None) -> Table:

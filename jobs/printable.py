@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Protocol
 
 #: C0 controls but tab and line feed, DEL, C1 controls, and the bidirectional embeddings,
 #: overrides and isolates (U+202A–U+202E, U+2066–U+2069), plus the line and paragraph separators.
@@ -200,3 +201,28 @@ def is_a_terminal(stream: object) -> bool:
         return bool(stream.isatty())  # type: ignore[attr-defined]
     except (AttributeError, OSError, ValueError):
         return False
+
+
+class _Console(Protocol):
+    """What :func:`redraws` reads of a rich ``Console`` (the domain does not import rich)."""
+
+    @property
+    def file(self) -> object: ...
+
+    @property
+    def is_terminal(self) -> bool: ...
+
+    @property
+    def is_dumb_terminal(self) -> bool: ...
+
+
+def redraws(console: _Console) -> bool:
+    """Whether ``console`` (a rich ``Console``) may draw a live display: a spinner, a status, a
+    progress bar redrawn in place. Only when its stream :func:`is_a_terminal` and rich agrees
+    (``TTY_COMPATIBLE=0``, a dumb terminal: no redraws there either).
+
+    The one test for every live display of wanbatch (``run``'s bar, the spinner of ``validate``,
+    ``estimate``, ``submit`` and ``doctor``): with ``FORCE_COLOR`` set into a file or a pipe,
+    rich drew its spinner there (``\\x1b[?25l``, a ``\\r\\x1b[2K`` frame each 80 ms).
+    """
+    return is_a_terminal(console.file) and console.is_terminal and not console.is_dumb_terminal

@@ -68,7 +68,7 @@ from jobs.cap_holds import CapCheck, CapHold, cap_holds, cap_note
 from jobs.db import open_engine
 from jobs.errors import ConfigError, DatabaseFullError, WanbatchError
 from jobs.models import utcnow
-from jobs.printable import clause, first_line, is_a_terminal, printable, shell_ref
+from jobs.printable import clause, first_line, printable, redraws, shell_ref
 from jobs.schedule import format_age
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
@@ -1426,8 +1426,8 @@ def _watch(
     # Not a terminal (nohup, CI, `2> run.log`): a line redrawn in place would show only at the
     # end, so the same facts go out as plain lines now and then instead (PlainProgress). Whether
     # stderr really is one: FORCE_COLOR (common in CI) makes rich say so of any file; and a
-    # terminal rich will not redraw on (TTY_COMPATIBLE=0) gets the plain lines too.
-    live = is_a_terminal(console.file) and console.is_terminal
+    # terminal rich will not redraw on (TTY_COMPATIBLE=0, TERM=dumb) gets the plain lines too.
+    live = redraws(console)
     plain = PlainProgress() if show_progress and not live else None
     # Fits 80 columns.
     progress = batch_progress_display(console, disable=not show_progress or plain is not None)

@@ -104,3 +104,28 @@ def test_force_color_into_a_pipe_keeps_each_note_on_one_line(
     assert run_main(["status"], monkeypatch) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(f"`wanbatch run {name}`" in line for line in lines), lines
+
+
+#: What a live display writes: cursor hidden, a frame redrawn over the line, a line erased above.
+LIVE_CODES = ("\x1b[?25l", "\x1b[2K", "\x1b[1A", "\r")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("command", ["validate", "estimate", "submit", "doctor"])
+def test_force_color_into_a_file_draws_no_spinner(
+    manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, as_json: bool
+) -> None:
+    """``validate``, ``estimate``, ``submit`` and ``doctor`` drew rich's spinner into a file
+    stderr when ``FORCE_COLOR`` was set (``--json`` too): the README's "colours on, never the
+    live bar in a file" held for ``run`` only."""
+    path = manifest("small", SMALL.format(name=NAME))
+    argv = ["doctor", "--simulate"] if command == "doctor" else [command, str(path)]
+    argv += ["--json"] if as_json else []
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    with monkeypatch.context() as streams:
+        code, out, err = _run_into_files(argv, streams, tmp_path, command)
+    assert code in (0, 1), err  # doctor: 1 when a check fails here; the spinner is the point
+    for live in LIVE_CODES:
+        assert live not in err, (live, err)
+    if as_json:
+        json.loads(out)
