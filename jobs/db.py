@@ -76,7 +76,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from jobs import clock
+from jobs import clock, fs
 from jobs.batch_names import batch_name
 from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
 from jobs.printable import first_line, named_first_line, one_line
@@ -276,10 +276,7 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
 
 #: A relative SQLite path (the default database, ``./.wanbatch/wanbatch.db``) from a folder that
 #: was deleted under the shell (``mkdir g && cd g && rmdir ../g``).
-CURRENT_FOLDER_GONE = (
-    "the current folder no longer exists (deleted?): cd to a folder that exists, or set "
-    "WANBATCH_DATABASE_URL to an absolute path"
-)
+CURRENT_FOLDER_GONE = f"{fs.CURRENT_FOLDER_GONE}: {fs.current_folder_gone_fix('WANBATCH_DATABASE_URL')}"
 
 
 def _require_current_folder(database: str) -> None:
@@ -287,11 +284,7 @@ def _require_current_folder(database: str) -> None:
     the current folder and that folder is gone: SQLAlchemy makes the path absolute
     (``os.path.abspath``) as the engine is made, and its ``FileNotFoundError`` was an internal
     error ("please report it"). An absolute path needs no current folder: nothing to check."""
-    if Path(database).expanduser().is_absolute():
-        return
-    try:
-        Path.cwd()
-    except FileNotFoundError:
+    if fs.lost_with_current_folder(database):
         raise ConfigError(CURRENT_FOLDER_GONE) from None
 
 

@@ -228,6 +228,29 @@ def path_error(exc: OSError) -> str | None:
     return f"{shown_path(name)}: {os_reason(exc)}"
 
 
+#: Why a relative path (the default database ``.wanbatch/wanbatch.db``, the default ``outputs``)
+#: cannot be used from a folder deleted under the shell (``mkdir g && cd g && rmdir ../g``).
+CURRENT_FOLDER_GONE = "the current folder no longer exists (deleted?)"
+
+
+def current_folder_gone_fix(setting: str) -> str:
+    """What to do about :data:`CURRENT_FOLDER_GONE`, for the path ``setting`` names."""
+    return f"cd to a folder that exists, or set {setting} to an absolute path"
+
+
+def lost_with_current_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is relative to the current folder (``~`` expanded) and that folder is
+    gone: making it absolute (``Path.absolute``, ``os.path.abspath``) raises
+    ``FileNotFoundError``. An absolute path needs no current folder."""
+    if Path(path).expanduser().is_absolute():
+        return False
+    try:
+        Path.cwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def creatable(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
     """Whether this user could create ``path`` (not there yet) and the folders missing above it,
     by looking only: nothing is created, not even a probe.

@@ -63,10 +63,13 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from jobs import outputs
 from jobs.errors import StateConflict, WanbatchError
 from jobs.fs import (
+    CURRENT_FOLDER_GONE,
     creatable,
+    current_folder_gone_fix,
     file_kind,
     file_mode,
     is_missing,
+    lost_with_current_folder,
     name_problem,
     os_reason,
     shown_path,
@@ -1041,7 +1044,15 @@ def _probe_folder(folder: Path, name: str, *, create: bool = True) -> Path | Non
     under is returned (None: the folder is there and took the probe).
 
     First of all its name (:func:`_check_folder_name`): a folder this session could write but
-    not record took every paid video, then failed to record it."""
+    not record took every paid video, then failed to record it.
+
+    A relative folder (the default ``outputs``) from a current folder deleted under the shell
+    was "cannot take the outputs: not found": said as such, with what to do."""
+    if lost_with_current_folder(folder):
+        raise OutputWriteError(
+            f"{name} '{shown_path(folder)}' is relative, and {CURRENT_FOLDER_GONE}: "
+            f"{current_folder_gone_fix(name)}"
+        )
     _check_folder_name(folder, name)
     kind = file_kind(folder)
     if not create and isinstance(kind, OSError) and is_missing(kind) and not folder.is_symlink():

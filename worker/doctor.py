@@ -201,6 +201,7 @@ def check_database(settings: Settings) -> Check:
     from jobs import db
     from jobs.clock import utcnow
     from jobs.errors import WanbatchError
+    from jobs.fs import CURRENT_FOLDER_GONE, current_folder_gone_fix, lost_with_current_folder
 
     name = "database"
     where = db.safe_url(settings.database_url)
@@ -208,6 +209,10 @@ def check_database(settings: Settings) -> Check:
         url = db.normalize_url(settings.database_url)
         target = db.sqlite_file(url)
         if target is not None:
+            if lost_with_current_folder(target.path):  # what every command refuses (exit 2)
+                return _fail(
+                    name, f"{where}: {CURRENT_FOLDER_GONE}", current_folder_gone_fix("WANBATCH_DATABASE_URL")
+                )
             missing = _missing_sqlite_file(name, where, target)
             if missing is not None and missing.status == "fail":
                 return missing
@@ -913,12 +918,19 @@ def check_storage(settings: Settings) -> Check:
     local folder (the output folder, or S3's staging folder) not there yet is not created: it is
     fine when it could be (its nearest existing folder is writable)."""
     from jobs.errors import WanbatchError
-    from jobs.fs import shown_path
+    from jobs.fs import CURRENT_FOLDER_GONE, current_folder_gone_fix, lost_with_current_folder, shown_path
     from jobs.output_store import open_output_store
 
     name = "output storage"
     try:
         store = open_output_store(settings)
+        if lost_with_current_folder(root := store.local_root()):  # its probe would need it
+            setting = "WANBATCH_OUTPUT_STAGING_DIR" if store.is_remote else "WANBATCH_OUTPUT_DIR"
+            return _fail(
+                name,
+                f"{setting} {shown_path(root)} is relative, and {CURRENT_FOLDER_GONE}",
+                current_folder_gone_fix(setting),
+            )
         under = store.check_writable(create=False)
     except WanbatchError as exc:
         fix = (

@@ -25,12 +25,15 @@ MANIFEST = "name: gone\nendpoint: fal-ai/wan-22\nitems:\n  - {prompt: a kite, se
 GONE = "the current folder no longer exists (deleted?)"
 
 
-def _in_a_deleted_folder(tmp_path: Path, url: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+def _in_a_deleted_folder(
+    tmp_path: Path, url: str | None, *args: str, outputs: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """``mkdir g && cd g && rmdir ../g && python -m cli ARGS`` (the interpreter itself: a
-    pyenv shim refuses a deleted current folder before wanbatch starts)."""
+    pyenv shim refuses a deleted current folder before wanbatch starts). The output folder is
+    ``outputs`` when given (a relative one is relative to the deleted folder), else absolute."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANBATCH_") and k != "FAL_KEY"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env["WANBATCH_OUTPUT_DIR"] = str(tmp_path / "outputs")
+    env["WANBATCH_OUTPUT_DIR"] = outputs or str(tmp_path / "outputs")
     env["HOME"] = str(tmp_path)
     env["TMPDIR"] = str(tmp_path)  # a crash report, should there be one, stays here
     if url is not None:
@@ -96,3 +99,41 @@ def test_a_database_that_does_not_depend_on_the_folder_keeps_working(
     assert missing.returncode == 2, missing.stderr
     assert "no batch 'foo'" in missing.stderr
     assert GONE not in missing.stderr
+
+
+def test_doctor_from_a_deleted_folder_says_so_with_its_fix(tmp_path: Path) -> None:
+    """``doctor`` went on where the other commands refuse, and said "the check itself failed:
+    FileNotFoundError … fix: please report it" of the database and the output storage: now
+    each says what the other commands say, and the other checks still run (exit 1, doctor's
+    "something to fix")."""
+    done = _in_a_deleted_folder(tmp_path, None, "doctor", "--simulate", "--json", outputs="outputs")
+    assert done.returncode == 1, done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    database, storage = checks["database"], checks["output storage"]
+    assert (database["status"], storage["status"]) == ("fail", "fail"), checks
+    assert GONE in database["detail"], database
+    assert database["fix"] == "cd to a folder that exists, or set WANBATCH_DATABASE_URL to an absolute path"
+    assert GONE in storage["detail"], storage
+    assert storage["fix"] == "cd to a folder that exists, or set WANBATCH_OUTPUT_DIR to an absolute path"
+    for check in checks.values():
+        assert "please report it" not in (check["fix"] or ""), check
+        assert "FileNotFoundError" not in check["detail"], check
+    assert checks["configuration"]["status"] == "ok"
+
+    kept = _in_a_deleted_folder(
+        tmp_path, f"sqlite:///{tmp_path / 'kept.db'}", "doctor", "--simulate", "--json"
+    )
+    assert kept.returncode == 0, kept.stdout
+    assert GONE not in kept.stdout
+
+
+def test_run_with_a_relative_output_folder_from_a_deleted_folder_is_one_line(
+    tmp_path: Path, manifest: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    done = _in_a_deleted_folder(tmp_path, url, "run", "--simulate", str(manifest), outputs="outputs")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert GONE in lines[0], lines[0]
+    assert "set WANBATCH_OUTPUT_DIR to an absolute path" in lines[0], lines[0]
