@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import click
 
 from cli import startup
-from cli.options import allow_dir_option, json_option, progress_option, simulate_option
+from cli.options import BATCH, allow_dir_option, json_option, progress_option, simulate_option
 from cli.output import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -112,7 +112,7 @@ def _no_database_yet(settings: Settings, batch: str | None, as_json: bool) -> bo
 
 
 @click.command()
-@click.argument("batch", required=False)
+@click.argument("batch", type=BATCH, required=False)
 @json_option
 def status(batch: str | None, as_json: bool) -> None:
     """Counts by state, spend and estimate for BATCH (id, id prefix or name), or for every batch."""
@@ -180,7 +180,7 @@ def status(batch: str | None, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @json_option
 def cost(batch: str, as_json: bool) -> None:
     """Estimated vs actual (billed) vs wasted USD of BATCH, by endpoint and resolution.
@@ -256,7 +256,7 @@ def cost(batch: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @click.option(
     "--format",
     "fmt",
@@ -463,8 +463,8 @@ DIFF_ROWS = 50
 
 
 @click.command()
-@click.argument("batch_a")
-@click.argument("batch_b")
+@click.argument("batch_a", type=BATCH)
+@click.argument("batch_b", type=BATCH)
 @click.option(
     "--verify",
     is_flag=True,
@@ -1259,6 +1259,14 @@ def _batch_ref(ref: Path) -> str | None:
     return None if kind == "file" else _NOT_A_FILE
 
 
+def _ref_name(ref: Path) -> str:
+    """The batch reference ``run REF`` names when REF is no file: as typed, its bytes read as
+    UTF-8 when they are (what :data:`cli.options.BATCH` does for every other command)."""
+    from jobs.batch_names import typed_name
+
+    return typed_name(str(ref))
+
+
 def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:
     """``run REF`` where REF is neither a file nor a stored batch: say both, before anything else
     (a missing ``FAL_KEY`` said first hid that REF was a typo). Likewise a batch ``wanbatch
@@ -1269,12 +1277,13 @@ def _refuse_unknown_ref(ref: Path, settings: Settings) -> None:
         return
     from jobs import batches, db, store
     from jobs.errors import NotFoundError, UsageError
+    from jobs.fs import shown_path
 
     try:
         with db.read_scope(db.open_engine(settings)) as session:
-            batches.refuse_cancelled(session, store.get_batch(session, str(ref)), manifest=False)
+            batches.refuse_cancelled(session, store.get_batch(session, _ref_name(ref)), manifest=False)
     except NotFoundError as exc:
-        raise UsageError(f"no manifest file {str(ref)!r}, and {exc}") from None
+        raise UsageError(f"no manifest file '{shown_path(ref)}', and {exc}") from None
 
 
 def _stored_batch(ref: Path, settings: Settings) -> str | None:
@@ -1296,7 +1305,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
 
     with db.session_scope(db.open_engine(settings)) as session:
         try:
-            target = store.get_batch(session, str(ref))
+            target = store.get_batch(session, _ref_name(ref))
         except NotFoundError:
             if kind == _NOT_A_FILE:
                 return None
@@ -1371,7 +1380,7 @@ def _refuse_simulation_early(ref: Path, settings: Settings) -> None:
 
     with db.read_scope(db.open_engine(settings)) as session:
         try:
-            batch = store.get_batch(session, str(ref))
+            batch = store.get_batch(session, _ref_name(ref))
         except NotFoundError:
             return  # a folder of that name, read as a manifest: its own words come later
         batches.refuse_other_way(batch, simulated=False)
@@ -1418,7 +1427,7 @@ def _stored_batch_is(ref: Path, settings: Settings, judge: Callable[[Any, Any, A
 
     with db.read_scope(db.open_engine(settings)) as session:
         try:
-            batch = store.get_batch(session, str(ref))
+            batch = store.get_batch(session, _ref_name(ref))
         except NotFoundError:
             return False  # a folder of that name, read as a manifest
         return judge(session, batch, utcnow())
@@ -1485,6 +1494,7 @@ def run(
 
     def action() -> int:
         from jobs import batches, database_home
+        from jobs.fs import shown_path
         from jobs.settings import get_settings
 
         settings = get_settings()
@@ -1492,8 +1502,8 @@ def run(
         # nothing looks it up (which would create an empty database just to find nothing).
         fresh = database_home.missing_default(settings) is not None
         if fresh and _batch_ref(manifest) == _NO_FILE:
-            no_file = f"no manifest file {str(manifest)!r}, and "
-            database_home.refuse_missing(settings, [str(manifest)], prefix=no_file)
+            no_file = f"no manifest file '{shown_path(manifest)}', and "
+            database_home.refuse_missing(settings, [_ref_name(manifest)], prefix=no_file)
         if not fresh:
             _refuse_unknown_ref(manifest, settings)
         if not simulate and not fresh:
@@ -1537,7 +1547,7 @@ def run(
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @click.option("--failed-only", is_flag=True, help="Only the jobs that ended failed or cancelled.")
 @click.option("--new-seeds", is_flag=True, help="Draw fresh seeds instead of reusing the returned ones.")
 @click.option(
@@ -1730,7 +1740,7 @@ def _batch_found(batch_id: str) -> bool | None:
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @json_option
 @simulate_option
 @progress_option
@@ -2001,7 +2011,7 @@ def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @json_option
 def pause(batch: str, as_json: bool) -> None:
     """Stop sending new jobs of BATCH (id, id prefix or name); jobs in flight finish and download.
@@ -2013,7 +2023,7 @@ def pause(batch: str, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", type=BATCH)
 @json_option
 def resume(batch: str, as_json: bool) -> None:
     """Go on sending the jobs of BATCH (id, id prefix or name) after `wanbatch pause`.

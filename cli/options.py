@@ -7,6 +7,21 @@ from pathlib import Path
 
 import click
 
+
+def batch_reference(value: str) -> str:
+    """The type of every command-line argument that names a stored batch (its name, id or id
+    prefix): as typed, its bytes read as UTF-8 when they are (:func:`jobs.batch_names.typed_name`),
+    whatever the session's locale. ``LC_ALL=C`` made ``wanbatch status mañana`` look for
+    ``ma\\udcc3\\udcb1ana``: no such batch. (A plain function, not a ``click.ParamType``
+    subclass: that class is generic from click 8.4 on, and wanbatch takes click 8.1.)"""
+    from jobs.batch_names import typed_name
+
+    return typed_name(value)
+
+
+#: ``type=BATCH`` on every argument that names a stored batch.
+BATCH = batch_reference
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 manifest_argument = click.argument("manifest", type=click.Path(path_type=Path))
 allow_dir_option = click.option(

@@ -249,7 +249,7 @@ def refuse_missing(settings: DatabaseSettings, names: Iterable[str], *, prefix: 
 def no_database_line(path: Path, name: str | None) -> str:
     """``no batch NAME`` (or ``no batches``) where the default database does not exist, with the
     database found in a parent folder of the current one, if any."""
-    what = f"no batch {name!r}" if name is not None else "no batches"
+    what = f"no batch '{one_line(name)}'" if name is not None else "no batches"
     line = (
         f"{what}: no database here ({SHOWN} does not exist in {_shown(Path.cwd())}; "
         "without WANBATCH_DATABASE_URL the database is in the current folder)"

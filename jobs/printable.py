@@ -20,12 +20,18 @@ import re
 from typing import Protocol
 
 #: C0 controls but tab and line feed, DEL, C1 controls, and the bidirectional embeddings,
-#: overrides and isolates (U+202A–U+202E, U+2066–U+2069), plus the line and paragraph separators.
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+#: overrides and isolates (U+202A–U+202E, U+2066–U+2069), plus the line and paragraph separators;
+#: and lone surrogates (U+D800–U+DFFF), which no UTF-8 stream or strict JSON parser takes.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
 
 
 def _escaped(match: re.Match[str]) -> str:
     code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        # A byte the file-system encoding did not decode (``surrogateescape``: a command-line
+        # argument or file name under ``LC_ALL=C``): shown as the byte it is, ``\xc3``, as
+        # ``jobs.fs.shown_bytes`` shows it.
+        return f"\\x{code - 0xDC00:02x}"
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
@@ -35,7 +41,7 @@ def printable(text: str) -> str:
 
 
 #: What :func:`one_line` escapes: :data:`_UNSAFE`, and line feeds and tabs too.
-_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
+_NOT_ONE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff]")
 _BREAKS = {"\n": "\\n", "\t": "\\t"}
 
 

@@ -33,6 +33,7 @@ from jobs.batch_names import batch_name
 from jobs.endpoints import get_endpoint
 from jobs.errors import NotFoundError
 from jobs.models import Batch, BatchRecord, BatchState, Job, new_id, utcnow
+from jobs.printable import one_line
 from jobs.schedule import Schedule
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.storable import holds_unstorable
@@ -334,11 +335,14 @@ def lock_batch(session: Session, ref: str) -> Batch:
 
 
 def _no_such_batch(ref: str) -> NotFoundError:
-    """What a reference that names no batch is told (``ref`` shortened, control characters escaped)."""
-    shown = ref if len(ref) <= 80 else ref[:80] + "…"
+    """What a reference that names no batch is told: ``ref`` cut at 80 characters, control
+    characters escaped and the bytes of a command line no encoding decoded shown as ``\\xc3``
+    (:func:`jobs.printable.one_line`), never as ``\\udcc3`` (``{ref!r}`` did: a lone surrogate
+    to every JSON parser that reads ``--json``'s error, and not the bytes the user typed)."""
+    shown = one_line(ref) if len(ref) <= 80 else one_line(ref[:80]) + "…"
     return NotFoundError(
-        f"no batch {shown!r}: give a batch name, its id, or an id prefix of at least {MIN_ID_PREFIX} "
-        "characters (`wanbatch status` lists batches)"
+        f"no batch '{shown}': give a batch name, its id, or an id prefix of at least "
+        f"{MIN_ID_PREFIX} characters (`wanbatch status` lists batches)"
     )
 
 

@@ -137,3 +137,64 @@ def test_a_path_the_file_name_encoding_cannot_hold_is_an_issue(tmp_path: Path) -
         "pаysage é.jpg",
     )
     assert issue["message"].startswith("file name cannot be represented")
+
+
+#: Commands that take a batch by name, each as a script would call it. ``run NAME --simulate``
+#: finds the batch, then refuses to simulate one sent to fal: found, not "no batch".
+BY_NAME = [
+    ["status", NAME],
+    ["status", NAME, "--json"],
+    ["cost", NAME, "--json"],
+    ["export", NAME, "--format", "jsonl"],
+    ["diff", NAME, NAME, "--json"],
+    ["pause", NAME],
+    ["resume", NAME],
+    ["run", NAME, "--simulate"],
+]
+
+
+def test_a_batch_made_under_utf8_is_found_by_name_under_the_c_locale(tmp_path: Path) -> None:
+    """``LC_ALL=C`` (UTF-8 mode off) decodes ``ñ``'s two bytes on the command line as two lone
+    surrogates: ``status mañana`` looked for ``ma\\udcc3\\udcb1ana`` and found nothing. Those bytes
+    are UTF-8: the name they spell is meant, by every command that takes a batch."""
+    path = _manifest(tmp_path, "m.yaml", "a.jpg")
+    made = _wb(tmp_path, "submit", "--json", path)
+    assert made.returncode == 0, made.stderr.decode()
+    batch = json.loads(made.stdout)["batch"]
+    for args in BY_NAME:
+        done = _wb(tmp_path, *args, **C_LOCALE)
+        err = _no_bug(done)
+        assert "no batch" not in err, (args, err)
+        assert "\\udc" not in err, (args, err)
+        if args[0] == "run":
+            assert done.returncode == 2, err
+            assert "is sent to fal" in err, err
+        else:
+            assert done.returncode in (0, 1), (args, err)  # diff: 1 when the jobs have no video
+        if "--json" in args:
+            document = json.loads(done.stdout.decode("ascii"))
+            assert batch in json.dumps(document), (args, document)
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+def test_an_unknown_batch_name_is_shown_by_its_bytes_never_a_surrogate(
+    tmp_path: Path, json_flag: list[str]
+) -> None:
+    """A name whose bytes are no UTF-8 (latin-1 ``ñ``) names no batch; its message showed it as
+    ``'ma\\udcf1ana'`` (``{ref!r}``): now ``'ma\\xf1ana'``, the byte typed, as the README says."""
+    done = subprocess.run(
+        [WANBATCH, "status", b"ma\xf1ana", *json_flag],
+        capture_output=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env=_env(tmp_path, **C_LOCALE),
+    )
+    _no_bug(done)
+    assert done.returncode == 2
+    said = done.stdout if json_flag else done.stderr
+    assert b"\\udc" not in said, said
+    if json_flag:
+        assert json.loads(said)["error"].startswith("no batch 'ma\\xf1ana': give a batch name")
+    else:
+        assert said.startswith(b"error: no batch 'ma\\xf1ana': give a batch name"), said
