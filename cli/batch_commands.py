@@ -272,7 +272,7 @@ def cost(batch: str, as_json: bool) -> None:
     # As typed: a Path would collapse ``s3://b/k`` into the local ``s3:/b/k`` before it is seen.
     type=click.Path(),
     default=None,
-    help="File to write (default: stdout); for hf, a new or empty folder (required). A local path.",
+    help="File to write (default, or -: stdout); for hf, a new or empty folder (required). A local path.",
 )
 @click.option(
     "--include",
@@ -288,7 +288,9 @@ def cost(batch: str, as_json: bool) -> None:
 )
 def export(batch: str, fmt: str, output_given: str | None, include: str | None, as_json: bool) -> None:
     """One record per job of BATCH (id, id prefix or name), as JSONL, CSV, Parquet or a HF dataset."""
-    output = None if output_given is None else Path(output_given)
+    # ``-o -`` is standard output, as for most tools: it wrote a file named ``-`` (``-o ./-`` does).
+    dash = output_given == STDOUT_DASH
+    output = None if output_given is None or dash else Path(output_given)
 
     def action() -> int:
         from jobs import database_home, db, store
@@ -299,6 +301,10 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
 
         if output_given is not None:  # before anything is opened: s3://b/ds is not a folder ./s3:/b/ds
             refuse_uri(output_given)
+        if dash and fmt == "hf":  # as -o /dev/stdout is: a stream is no folder
+            raise UsageError("-o - is standard output, not a folder; choose a new folder (the export is one)")
+        if dash and as_json:  # as -o /dev/stdout is
+            raise UsageError("--json prints to standard output: -o - must be another file")
         if fmt == "hf" and output is None:
             raise UsageError("--format hf needs -o DIR (a new folder for the dataset)")
         if as_json and output is None:
@@ -386,6 +392,10 @@ def export(batch: str, fmt: str, output_given: str | None, include: str | None, 
         return EXIT_OK
 
     guarded_read(as_json, action)
+
+
+#: What ``export -o`` takes for standard output (a file of that name: ``-o ./-``).
+STDOUT_DASH = "-"
 
 
 def _follow_batch_outputs(engine: Any, settings: Settings, batch: str) -> dict[str, str]:
