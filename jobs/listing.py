@@ -306,6 +306,11 @@ def work_stretches(session: Session, batch_ids: Collection[str], *, now: datetim
     return {batch_id: stretch for batch_id, stretch in found.items() if stretch is not None}
 
 
+#: How far a batch's stamps may lie ahead of ``now`` (the clocks of the hosts that wrote them
+#: differ a little) before :func:`pace` takes it that the clock went back since.
+CLOCK_STEPPED_BACK = timedelta(seconds=5)
+
+
 def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     """Throughput over the current stretch of work (:attr:`Totals.stretch`, when read: at most
     :data:`THROUGHPUT_WINDOW`), else over the window or since the first submit, when that is
@@ -324,6 +329,11 @@ def pace(totals: Totals, *, held: str, now: datetime) -> Pace:
     if first is None:
         return Pace(None, None, held)
     stretch = totals.stretch
+    if max(first, stretch.started_at if stretch is not None else first) - now > CLOCK_STEPPED_BACK:
+        # The host's clock went back since these were stamped (NTP correcting a clock that ran
+        # ahead): the time they span is unknown, and measured against a window cut to a second
+        # the pace said "~0:00:00 left" until the clock caught up — no pace rather than a wrong one.
+        return Pace(None, None, held)
     if stretch is not None:
         window = max(now - max(stretch.started_at, first, now - THROUGHPUT_WINDOW), timedelta(seconds=1))
         per_minute = stretch.finishes / (window.total_seconds() / 60)

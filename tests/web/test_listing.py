@@ -267,6 +267,16 @@ def test_a_stretch_of_work_starts_after_the_last_pause_in_the_finishes() -> None
     assert pace(totals, held="", now=now).per_minute == 4 / (29 / 60)
     young = Totals(first_submitted_at=now - timedelta(seconds=10), stretch=resumed)
     assert pace(young, held="", now=now).per_minute == 24.0
+    # The host's clock went back an hour since the stamps (NTP): no pace, never "~0:00:00 left"
+    # from a window cut to one second; a few seconds of skew between hosts is no such step.
+    ahead = Totals(first_submitted_at=now + timedelta(hours=1) - timedelta(minutes=2), recent=5)
+    ahead.counts.update(succeeded=5, pending=40, running=8)
+    assert pace(ahead, held="", now=now) == listing.Pace(None, None, "")
+    ahead.stretch = listing.Stretch(started_at=now + timedelta(minutes=59), finishes=5)
+    assert pace(ahead, held="", now=now).eta_seconds is None
+    skewed = Totals(first_submitted_at=now + timedelta(seconds=2), recent=5)
+    skewed.counts.update(succeeded=5, pending=40, running=8)
+    assert pace(skewed, held="", now=now).eta_seconds is not None
 
 
 def _walk_forward(session: Session, batch_id: str, limit: int, **filters: object) -> list[str]:
