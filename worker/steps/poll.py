@@ -3,8 +3,11 @@ with the time waited; completed jobs go on to download. No worker slot waits on 
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,13 +19,15 @@ from jobs.errors import (
     AccountLockedError,
     FinalProviderError,
     ProviderError,
+    RetryableProviderError,
     WanbatchError,
 )
 from jobs.models import BatchState, JobSnapshot, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import logs, telemetry
-from worker.fal.errors import ProviderProtocolError
+from worker.fal.errors import UNREACHED, ProviderProtocolError
+from worker.fal.http import cut_off_at
 from worker.fal.models import RequestHandle, Status
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
 from worker.steps.download import handed_claim
@@ -40,6 +45,20 @@ log = logging.getLogger(__name__)
 
 #: Malformed status answers for one request before its job fails (instead of polling forever).
 PROTOCOL_ERROR_LIMIT = 5
+
+#: The most one poll waits on fal, all its status calls together, in seconds: a status answer
+#: is a few hundred bytes. A call not answered by then (a network that accepts connections and
+#: never answers: a stalled proxy, a laptop just resumed) is "not known yet", asked again at
+#: the next poll interval — never a failure, never a try of its job. Without it, a tick waited
+#: up to three tries of the connect and read timeouts per job, the conductor's loop with it
+#: (no heartbeat, no progress line, no dispatch, no deadline) for minutes.
+STATUS_POLL_SECONDS = 5.0
+#: How many status calls of one poll are in flight at once (issue #11).
+STATUS_THREADS = 8
+#: How much longer than :data:`STATUS_POLL_SECONDS` a poll waits for its calls' threads (their
+#: retries' short sleeps) before it leaves a call that still runs behind: the conductor's loop
+#: never waits on fal for longer, whatever a client does.
+STATUS_GRACE_SECONDS = 3.0
 
 
 def first_poll_at(settings: Settings, submitted_at: datetime) -> datetime:
@@ -106,6 +125,8 @@ def poll(
         job_of = {j.id: j for j in due}  # read as rows: usable after the session
         elsewhere = {j.id for j in due if not rt.in_scope(j.batch_id)}
         batch_of = {j.id: j.batch_id for j in due}
+    answers = _ask(rt, [(fence.job_id, handle, batch_of[fence.job_id]) for fence, handle, _ in snapshot])
+    _judge_reach(rt, answers)
     calls = 0
     for fence, handle, submitted_at in snapshot:
         job_id = fence.job_id
@@ -113,7 +134,7 @@ def poll(
         with logs.job_context(job_id, batch_id=batch_of[job_id], request_id=handle.request_id):
             calls += 1
             try:
-                status = rt.client.status(handle)
+                status = _answer(answers[job_id])
             except AccountLockedError as exc:
                 # The account, not the request: pause the batch, keep the job, and ask again later —
                 # the request is still at fal, running and billed, whatever our key's state.
@@ -177,6 +198,101 @@ def poll(
                 request_id=handle.request_id,
             )
     return calls
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What one status call of a poll came to: its status, its error, or neither (not answered
+    within the poll's deadline, or not asked before it: ``unanswered`` says why)."""
+
+    status: Status | None = None
+    error: Exception | None = None
+    unanswered: str = ""
+    #: The call met no server at all: its connection failed, or the deadline cut it short.
+    unreached: bool = False
+
+
+def _answer(answer: _Answer) -> Status:
+    if answer.status is not None:
+        return answer.status
+    if answer.error is not None:
+        raise answer.error
+    raise RetryableProviderError(f"fal status: {answer.unanswered}")
+
+
+def _ask(rt: Runtime, asks: Sequence[tuple[str, RequestHandle, str]]) -> dict[str, _Answer]:
+    """Ask fal for the status of each ``(job id, handle, batch id)``, at most
+    :data:`STATUS_THREADS` at once, off the calling thread (the conductor's loop), all within
+    :data:`STATUS_POLL_SECONDS`: every network wait of every call ends by then
+    (:func:`~worker.fal.http.cut_off_at`, as every exchange is bounded by its own), a call not
+    begun by then is not made, and one whose thread is still busy after
+    :data:`STATUS_GRACE_SECONDS` more is left behind. Each answer is its status, its error, or
+    neither (:class:`_Answer`)."""
+    answers = {job_id: _Answer() for job_id, _, _ in asks}
+    if not asks:
+        return answers
+    seconds = STATUS_POLL_SECONDS
+    deadline = time.monotonic() + seconds
+    late = f"no answer within {seconds:g}s (this poll's deadline); asked again at the next poll"
+
+    def one(job_id: str, handle: RequestHandle, batch_id: str) -> None:
+        answer = answers[job_id]
+        if time.monotonic() >= deadline:
+            answer.unanswered = (
+                f"not asked within {seconds:g}s (this poll's deadline); asked at the next poll"
+            )
+            return
+        with (
+            logs.job_context(job_id, batch_id=batch_id, request_id=handle.request_id),
+            cut_off_at(deadline, late) as cut,
+        ):
+            try:
+                answer.status = rt.client.status(handle)
+            except Exception as exc:
+                answer.error = exc
+                answer.unreached = (cut is not None and cut.hit) or isinstance(exc.__cause__, UNREACHED)
+
+    pool = ThreadPoolExecutor(
+        max_workers=min(STATUS_THREADS, len(asks)), thread_name_prefix="wanbatch-status"
+    )
+    try:
+        futures: list[Future[None]] = [
+            pool.submit(contextvars.copy_context().run, one, job_id, handle, batch_id)
+            for job_id, handle, batch_id in asks
+        ]
+        wait(futures, timeout=seconds + STATUS_GRACE_SECONDS, return_when=FIRST_EXCEPTION)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    for (job_id, _, _), future in zip(asks, futures, strict=True):
+        answer = answers[job_id]
+        if not future.done() or future.cancelled():
+            # Left behind (its thread ends with its call): its status, should it come, is dropped.
+            answers[job_id] = _Answer(unanswered=late, unreached=True)
+        elif (exc := future.exception()) is not None:  # BaseException outside ``one``'s except
+            raise exc
+        elif answer.status is None and answer.error is None and not answer.unanswered:
+            answer.unanswered = late
+    return answers
+
+
+def _judge_reach(rt: Runtime, answers: dict[str, _Answer]) -> None:
+    """fal's answers to a poll tell whether it can be reached (:mod:`worker.steps.fal_reach`):
+    any answer at all (a status, an HTTP error) says it can; a poll none of whose calls met a
+    server (each cut short by its deadline, or its connection failing) says it cannot — ``run``'s
+    progress line and ``status`` then say so, and submits are held as after a failed connect."""
+    reached = [
+        a for a in answers.values() if a.status is not None or (a.error is not None and not a.unreached)
+    ]
+    if reached:
+        if any(getattr(a.error, "status_code", 0) or a.status is not None for a in reached):
+            rt.fal_reach.answered()
+        return
+    unreached = [a for a in answers.values() if a.unreached]
+    if not unreached:
+        return
+    first = unreached[0]
+    said = first.unanswered or (str(first.error) if first.error is not None else "no answer")
+    rt.fal_reach.failed(f"{len(unreached)} status check(s) unanswered: {said}", probe=False)
 
 
 def _not_ours(
