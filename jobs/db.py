@@ -1961,13 +1961,13 @@ def live_processes(conn: Connection, tables: Iterable[str], *, now: datetime) ->
     expired. Read with the columns every schema has, never with the models (an older schema
     lacks some of theirs).
 
-    A process of this host that has ended (:func:`jobs.processes.owner_gone`) and this process
+    A process of this host that has ended (:func:`jobs.processes.owner_ended`) and this process
     itself are left out; one of another host counts while its rows say it lives (nothing here
     can ask that host). An owner that names no process (``download-queue``: a download handed to
     whichever worker takes it) is not one. Empty when nothing tells: a schema without heartbeats
     whose processes hold no lease at that moment (a run waiting on fal holds none)."""
     from jobs.models import UTCDateTime
-    from jobs.processes import owner_gone, process_prefix
+    from jobs.processes import owner_ended, process_prefix
 
     names = set(tables)
     when = UTCDateTime()
@@ -1977,7 +1977,7 @@ def live_processes(conn: Connection, tables: Iterable[str], *, now: datetime) ->
     def note(owner: str, seen: datetime | None, until: datetime | None) -> None:
         host, _, rest = owner.partition(":")
         pid, sep, _ = rest.partition(":")
-        if not host or not sep or not pid.isdigit() or owner.startswith(mine) or owner_gone(owner):
+        if not host or not sep or not pid.isdigit() or owner.startswith(mine) or owner_ended(owner):
             return
         name = f"{host}:{pid}"
         was_seen, was_until = found.get(name, (None, None))

@@ -101,6 +101,7 @@ def namespace_here() -> str | None:
     return f"{boot}.{pidns}" if boot and "@" not in boot else None
 
 
+@functools.lru_cache(maxsize=64)
 def beat_owner(owner: str) -> str:
     """The heartbeat owner of this process's ``owner`` (``host:pid:thread``): ``owner`` followed
     by ``@BOOT.PIDNS.START`` (:func:`namespace_here`, when this process started), the proof
@@ -129,6 +130,17 @@ def beat_owner_ended(owner: str) -> bool:
     if not exists(pid) or zombie(pid):
         return True
     return started(pid) not in (None, start)
+
+
+def owner_ended(owner: str) -> bool:
+    """Whether a heartbeat or lease owner's process has ended, by the one rule every check of a
+    live process shares: a heartbeat owner carrying the proof of its identity (:func:`beat_owner`)
+    by that proof (:func:`beat_owner_ended`: a process of another pid namespace is never judged
+    ended), any other owner (a lease's, an older wanbatch's beat) by its ``host:pid``
+    (:func:`owner_gone`)."""
+    if IDENTITY_MARK in owner.partition(":")[2].partition(":")[2]:
+        return beat_owner_ended(owner)
+    return owner_gone(owner)
 
 
 #: What follows ``host:pid:`` in the heartbeat owner under which a ``--simulate`` process claims

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
-from jobs import db, processes, store
+from jobs import db, store
 from jobs.errors import SchemaBehindError
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
@@ -164,7 +164,7 @@ class Conductor:
         self._beat_lock = threading.Lock()
         #: Who this process's heartbeat rows say beat: its owner with the proof of its identity,
         #: by which ``status`` tells at once that a killed run has ended (processes.beat_owner).
-        self._beat_owner = processes.beat_owner(rt.owner)
+        self._beat_owner = rt.beat_owner
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_follower_beat = 0.0  # monotonic, while not leading (_follower_beat); 0: never
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits

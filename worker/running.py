@@ -1328,7 +1328,9 @@ class _CapWatch:
         self.rt = rt
         # Its fal queue's (a simulation's: its simulator's) and its own heartbeat, as its dispatch.
         origin = rt.queue_origin if rt is not None else queue_origin(settings.fal_queue_url)
-        self.check = CapCheck.of(settings, api_key_id(settings), origin, rt.owner if rt is not None else "")
+        self.check = CapCheck.of(
+            settings, api_key_id(settings), origin, rt.beat_owner if rt is not None else ""
+        )
         # Embedded, what this process's dispatch counts; watching, what the workers' leader
         # counts (every key's requests: CapScope.every_key).
         self.scope: CapScope = rt.cap_scope() if rt is not None else self.check.workers_scope()

@@ -92,7 +92,7 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     this host that has ended is left out too, and a ``serve`` (:data:`~jobs.models.SERVE_SCOPE`:
     it sends nothing). One short query, asked at a heartbeat, not per submit: whether the submit
     pacing is to be shared through the database (:func:`share_pacing`)."""
-    from jobs.processes import owner_gone, owner_prefix
+    from jobs.processes import owner_ended, owner_prefix
 
     rows = session.scalars(
         select(ConductorHeartbeat.owner)
@@ -102,7 +102,7 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     found: set[str] = set()
     for owner in rows:
         prefix = owner_prefix(str(owner))
-        if prefix is None or prefix == own or owner_gone(str(owner)):
+        if prefix is None or prefix == own or owner_ended(str(owner)):
             continue
         found.add(prefix)
     return sorted(found)

@@ -50,7 +50,7 @@ def _beat(rt: Runtime) -> bool:
     from jobs.models import EVERY_BATCH, utcnow
 
     with db.session_scope(rt.engine) as session:
-        store.record_heartbeat(session, rt.owner, {EVERY_BATCH}, utcnow())
+        store.record_heartbeat(session, rt.beat_owner, {EVERY_BATCH}, utcnow())
         return note_peers(session, rt)
 
 

@@ -106,7 +106,7 @@ def test_followed_requests_count_however_old_unfollowed_ones_while_lately_heard_
     mine, _pending = _batch(engine, "mine", 10)
     rt = _run_of(engine, mine, [], max_outstanding=12)
     with db.session_scope(engine) as session:
-        store.record_heartbeat(session, rt.owner, [mine, own_beat], utcnow())
+        store.record_heartbeat(session, rt.beat_owner, [mine, own_beat], utcnow())  # as its conductor
         store.record_heartbeat(session, B, [followed], utcnow())
     assert len(dispatch(rt)) == 7  # 12 less 3 followed and 2 fal may still run (before: 9)
 

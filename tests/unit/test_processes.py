@@ -89,3 +89,19 @@ def test_this_process_beats_with_the_proof_of_its_identity() -> None:
     assert proof == f"{processes.namespace_here()}.{processes.started(os.getpid())}"
     assert processes.owner_prefix(owner) == processes.process_prefix()  # leases' prefix, as before
     assert not processes.beat_owner_ended(owner)  # this process
+
+
+def test_every_check_of_a_live_process_judges_a_proved_beat_by_its_proof() -> None:
+    """The schema-upgrade guard, ``doctor`` and the shared submit pacing judge a heartbeat owner
+    as ``status`` does (:func:`processes.owner_ended`): a live ``run`` of another pid namespace
+    (a container sharing this host's name) whose pid does not run here is not ended; a lease's
+    owner, which carries no proof, is judged by its ``host:pid`` as before."""
+    here = processes.namespace_here()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    boot, _, pidns = str(here).rpartition(".")
+    elsewhere = _owner_of(gone.pid, f"{boot}.{int(pidns) + 1}.123")
+    assert processes.owner_gone(elsewhere)  # its pid, seen from here, does not run …
+    assert not processes.owner_ended(elsewhere)  # … but it is another namespace's: alive
+    assert processes.owner_ended(_owner_of(gone.pid, f"{here}.123"))
+    assert processes.owner_ended(_owner_of(gone.pid, "")[: -len(processes.IDENTITY_MARK)])  # a lease's

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import db, processes, store
 from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.processes import process_prefix
 from jobs.schedule import Schedule
@@ -411,6 +411,13 @@ class Runtime:
                 now=utcnow(),
             )
 
+    @property
+    def beat_owner(self) -> str:
+        """The heartbeat owner of this runtime's process: :attr:`owner` with the proof of its
+        identity (:func:`jobs.processes.beat_owner`), as its conductor writes its rows — and as
+        whatever tells its own rows from another process's must name it (:meth:`cap_scope`)."""
+        return processes.beat_owner(self.owner)
+
     def lease_until(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.settings.lease_seconds)
 
@@ -538,7 +545,7 @@ class Runtime:
             simulated=self.simulated,
             every_key=self.batch_ids is None,
             origin=self.queue_origin,
-            me=self.owner,
+            me=self.beat_owner,
         )
 
     def fence(self, job: JobRecord) -> Fence:
