@@ -103,12 +103,16 @@ def namespace_here() -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def beat_owner(owner: str) -> str:
-    """The heartbeat owner of this process's ``owner`` (``host:pid:thread``): ``owner`` followed
-    by ``@BOOT.PIDNS.START`` (:func:`namespace_here`, when this process started), the proof
-    :func:`beat_owner_ended` needs to say a beat's process has ended; ``owner`` itself when that
-    cannot be read. The ``host:pid:`` it begins with is the lease owners' (:func:`owner_prefix`)."""
+    """The heartbeat owner of ``owner`` (``host:pid:thread``, a process of this host: this one's):
+    ``owner`` followed by ``@BOOT.PIDNS.START`` (:func:`namespace_here`, when the process it names
+    started), the proof :func:`beat_owner_ended` needs to say a beat's process has ended;
+    ``owner`` itself when that cannot be read. The ``host:pid:`` it begins with is the lease
+    owners' (:func:`owner_prefix`)."""
     here = namespace_here()
-    start = started(os.getpid())
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    named = int(pid) if host == socket.gethostname() and pid.isascii() and pid.isdigit() else os.getpid()
+    start = started(named)
     return f"{owner}{IDENTITY_MARK}{here}.{start}" if here is not None and start is not None else owner
 
 

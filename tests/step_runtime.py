@@ -157,3 +157,12 @@ def completion_heard(engine: Engine, rt: Runtime, job_id: str) -> Seen:
     status = rt.client.status(rt.client.handle(job.endpoint, job.request_id))
     assert status.completed
     return Seen(job_id, job.request_id, status)
+
+
+def ended_beat_owner(owner: str) -> str:
+    """The heartbeat owner a process of this host named ``owner`` (``host:pid:thread``) wrote, with
+    the proof of its identity (:func:`jobs.processes.beat_owner`), once its pid no longer runs:
+    what a killed ``run`` leaves behind (its start time is moot: the pid is gone)."""
+    from jobs import processes
+
+    return f"{owner}{processes.IDENTITY_MARK}{processes.namespace_here()}.0"

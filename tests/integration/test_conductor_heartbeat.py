@@ -16,7 +16,7 @@ from sqlalchemy import Engine, select
 from jobs import batches, db, store
 from jobs.models import EVERY_BATCH, ConductorHeartbeat, utcnow
 from jobs.processes import beat_owner
-from tests.step_runtime import add_batch, make_runtime, settings_for
+from tests.step_runtime import add_batch, ended_beat_owner, make_runtime, settings_for
 from worker import conductor as conductor_module
 from worker.conductor import Conductor
 
@@ -303,7 +303,7 @@ def test_a_fresh_beat_of_a_process_that_has_ended_is_only_a_last_sighting(engine
     for batch_id in (killed, beside, elsewhere, by_workers):
         _created(engine, batch_id, now - timedelta(hours=1))
     host = socket.gethostname()
-    dead = beat_owner(f"{host}:{_ended_pid()}:1")  # as the killed run wrote it
+    dead = ended_beat_owner(f"{host}:{_ended_pid()}:1")  # as the killed run wrote it
     with db.session_scope(engine) as session:
         store.record_heartbeat(session, dead, [killed, beside], now - timedelta(seconds=2))
         store.record_heartbeat(
@@ -331,7 +331,10 @@ def test_a_fresh_beat_of_a_process_that_has_ended_is_only_a_last_sighting(engine
     # The workers' leader of this host, killed: no batch is processed by it any more.
     with db.session_scope(engine) as session:
         store.record_heartbeat(
-            session, beat_owner(f"{host}:{_ended_pid()}:leader"), [EVERY_BATCH], now - timedelta(seconds=1)
+            session,
+            ended_beat_owner(f"{host}:{_ended_pid()}:leader"),
+            [EVERY_BATCH],
+            now - timedelta(seconds=1),
         )
     with db.read_scope(engine) as session:
         beats = listing.heartbeats(session, [killed, by_workers], now=now)

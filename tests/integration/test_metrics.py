@@ -29,11 +29,10 @@ from jobs import batches, db, store
 from jobs.db import make_engine
 from jobs.metrics import DURATION_BUCKETS, MAX_ERROR_GROUPS, snapshot
 from jobs.models import Job, utcnow
-from jobs.processes import beat_owner
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.ports import unused_port
-from tests.step_runtime import add_batch
+from tests.step_runtime import add_batch, ended_beat_owner
 from web.app import create_app
 from web.metrics import metrics_route
 from worker import telemetry
@@ -394,7 +393,7 @@ def test_a_batch_whose_run_was_killed_is_unattended_at_once(engine: Engine) -> N
     child.wait(30)  # a process of this host that has ended: the killed run
     with db.session_scope(engine) as session:
         store.record_heartbeat(
-            session, beat_owner(f"{socket.gethostname()}:{child.pid}:1"), [killed], utcnow()
+            session, ended_beat_owner(f"{socket.gethostname()}:{child.pid}:1"), [killed], utcnow()
         )
         store.record_heartbeat(session, "otherhost:4242:1", [elsewhere], utcnow())
     assert unattended() == 1

@@ -21,6 +21,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, insert, inspect, text
 
 from jobs.db import SCHEMA_HEAD, alembic_config, downgrade, make_engine, migrate
 from jobs.models import Base
+from jobs.processes import beat_owner
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -1399,7 +1400,7 @@ def test_an_upgrade_refused_names_every_worker_not_only_the_leader(
             runner.start()
             conductors.append((stopping, runner))
         try:
-            beaten = {f"{_owner(live_child.pid)}1", f"{_owner(other.pid)}1"}
+            beaten = {beat_owner(f"{_owner(live_child.pid)}1"), beat_owner(f"{_owner(other.pid)}1")}
             deadline = datetime.now(UTC).timestamp() + 30  # only so that a beat never written fails
             while True:
                 with empty_engine.connect() as conn:

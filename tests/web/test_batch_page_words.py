@@ -29,9 +29,9 @@ from cli.output import _pending_line, report_ref
 from jobs import batches, cap_holds, db, listing, store
 from jobs.db import session_factory
 from jobs.models import EVERY_BATCH, BatchState, FalHold, utcnow
-from jobs.processes import beat_owner
 from jobs.schedule import Schedule
 from jobs.states import JobState
+from tests.step_runtime import ended_beat_owner
 from tests.web.web_helpers import HTML, JSON, TOKEN, app_for, client, logged_in, mixed_batch, settings_for
 from worker.limits import api_key_id
 
@@ -338,7 +338,7 @@ def test_a_batch_whose_run_was_killed_is_said_to_be_processed_by_nothing(
         child = subprocess.Popen([sys.executable, "-c", "pass"])
         child.wait(30)  # a process of this host that has ended: the killed run
         store.record_heartbeat(
-            work, beat_owner(f"{socket.gethostname()}:{child.pid}:1"), [killed.batch.id], frozen
+            work, ended_beat_owner(f"{socket.gethostname()}:{child.pid}:1"), [killed.batch.id], frozen
         )
         store.record_heartbeat(work, "otherhost:4242:1", [elsewhere.batch.id], frozen)
         work.commit()
