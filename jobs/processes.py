@@ -109,10 +109,7 @@ def beat_owner(owner: str) -> str:
     ``owner`` itself when that cannot be read. The ``host:pid:`` it begins with is the lease
     owners' (:func:`owner_prefix`)."""
     here = namespace_here()
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    named = int(pid) if host == socket.gethostname() and pid.isascii() and pid.isdigit() else os.getpid()
-    start = started(named)
+    start = started(other_pid_here(owner) or os.getpid())
     return f"{owner}{IDENTITY_MARK}{here}.{start}" if here is not None and start is not None else owner
 
 
