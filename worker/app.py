@@ -167,8 +167,10 @@ def run_worker(
         options["concurrency"] = concurrency
     if hostname:
         options["hostname"] = hostname
+    from worker.logs import celery_task_lines_from_debug
     from worker.peers import name_this_node
 
+    celery_task_lines_from_debug(mlevel(loglevel))  # before Celery's worker asks its loggers
     name_this_node(hostname)  # its record on the limiter's Redis names it (``doctor`` reads it)
     worker = _stopping_on_hangup(app.Worker)(
         pool_cls=pool_cls,

@@ -291,6 +291,34 @@ def timestamp_text_lines() -> None:
             handler.setFormatter(formatter_for("text", timestamps=True))
 
 
+#: The loggers of Celery's two lines for every task a worker runs, both at ``INFO``:
+#: ``celery.worker.strategy``'s "Task wanbatch.submit_job[<id>] received" and
+#: ``celery.app.trace``'s "Task …[<id>] succeeded in 0.05s: 'submitted'".
+CELERY_TASK_LINE_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def celery_task_lines_from_debug(level: int) -> None:
+    """Celery's two ``INFO`` lines for every task (:data:`CELERY_TASK_LINE_LOGGERS`) only when
+    the worker logs at ``DEBUG`` (``--loglevel`` is ``level``); what those loggers say at
+    ``WARNING`` and above (a task that raised, with its traceback) is logged at any level.
+
+    At the default ``INFO`` a worker already logs each step of each job once, in wanbatch's own
+    line (``job.submit``, ``job.download``: the job, its batch and request, the outcome); Celery's
+    pair per task said it again by task id, four lines per job, which were two fifths of a
+    worker's log records (4 of 10 a job on the drain benchmark, ``python -m bench.drain``) and
+    CPU on the consumer's own loop: Celery builds each line's context (the task's ``saferepr``'d
+    return value, its run time) only when its logger is enabled for ``INFO``, which it asks once,
+    as the worker starts (``celery.worker.strategy.default`` and ``celery.app.trace.build_tracer``:
+    ``_does_info = logger.isEnabledFor(logging.INFO)``), so this must run before that. The task
+    ids stay visible in the task events (Flower, ``celery events``) and at ``--loglevel DEBUG``.
+    """
+    if level <= logging.DEBUG:
+        return
+    for name in CELERY_TASK_LINE_LOGGERS:
+        # Never below the worker's own level: at --loglevel ERROR their warnings stay out too.
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
 def celery_logs_through_ours() -> None:
     """Have the two loggers Celery's worker gives handlers of its own log through the root
     logger's handler instead, so that every line of a worker has one format: the time first in
