@@ -345,6 +345,10 @@ class Runtime:
     #: Cancels fal failed to take so far, per job, and the requests given up after a few
     #: (:mod:`worker.steps.cancel_tries`): ``wanbatch cancel`` ends instead of asking for ever.
     cancel_tries: CancelTries = field(default_factory=CancelTries)
+    #: Held while a sequence of this runtime's cancels is under way at fal, on its own thread
+    #: (:mod:`worker.steps.cancels`): one left behind by a tick keeps the next from sending the
+    #: same cancels again, or others out of their order, meanwhile.
+    cancel_lane: threading.Lock = field(default_factory=threading.Lock)
     #: Requests sent with another API key that fal told this key it does not know (or refused):
     #: :mod:`worker.steps.other_key`. A run ends once only such requests are left.
     other_keys: OtherKeys = field(default_factory=OtherKeys)

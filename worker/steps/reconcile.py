@@ -25,6 +25,7 @@ from jobs.printable import one_line
 from jobs.store import Fence
 from worker.fal.models import CancelOutcome, RequestHandle
 from worker.steps.cancel_tries import CancelTries
+from worker.steps.cancels import CancelRound, in_lane
 from worker.steps.context import DOWNLOAD_QUEUE, Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import (
     backoff,
@@ -206,12 +207,21 @@ def _retry_held(rt: Runtime, late: list[_Late], *, wait: bool) -> int:
 
 
 def _settle_late(rt: Runtime, late: list[_Late]) -> int:
-    adopted = 0
-    for accepted, endpoint, ours in late:  # after the transactions: a cancel is a call to fal
-        # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
-        settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
-        adopted += settled == "adopted"
-    return adopted
+    """Settle the late answers found (after the transactions: a cancel is a call to fal), on the
+    cancels' own thread (:func:`~worker.steps.cancels.in_lane`): the caller waits a bounded
+    time, never a fal that does not answer. How many were adopted (known by then)."""
+    if not late:
+        return 0
+
+    def settle(_round: CancelRound) -> int:
+        adopted = 0
+        for accepted, endpoint, ours in late:
+            # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
+            settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
+            adopted += settled == "adopted"
+        return adopted
+
+    return in_lane(rt, "late answers", settle, wait_turn=True) or 0
 
 
 def _adopt_one(
@@ -328,6 +338,11 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
     number of times, a transient failure after a backoff, then given up
     (:mod:`worker.steps.cancel_tries`): the job stays ``queued`` or ``running`` (fal may still
     run and bill it), and a run of the batch ends naming it instead of asking for ever.
+
+    The cancels go off the conductor's loop, in this order, within a bound
+    (:mod:`worker.steps.cancels`): one fal does not answer in time is not known yet — no failed
+    try, not ``cancelling``, sent again next tick (a queued one holding the running ones back
+    meanwhile) — and the tick goes on.
     """
     # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
     with db.read_scope(rt.engine) as session:
@@ -362,7 +377,23 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             (rt.fence(j), handle_of(j, rt.settings.fal_queue_url), rt.other_key(j))
             for j in [*queued, *running]
         ]
-    may_still_queue = in_flight
+    sent = in_lane(rt, "cancel", lambda round_: _cancel_in_order(rt, round_, plan, may_still_queue=in_flight))
+    return moved + (sent or 0)
+
+
+def _cancel_in_order(
+    rt: Runtime,
+    round_: CancelRound,
+    plan: list[tuple[Fence, RequestHandle, str | None]],
+    *,
+    may_still_queue: int,
+) -> int:
+    """Send the cancels of ``plan`` in its order (:func:`cancel_jobs_of_cancelled_batches`), on
+    the cancels' own thread within ``round_``'s deadline (:mod:`worker.steps.cancels`); how many
+    jobs moved to ``cancelling``. A cancel nothing answered in time (or not sent before the
+    deadline) is not known yet: not a failed try, not recorded, sent again next tick — and, a
+    queued one, it holds the running ones back as a failed one does."""
+    moved = 0
     tries = rt.cancel_tries
     for fence, handle, other_key in plan:
         if fence.state == S.RUNNING and may_still_queue:
@@ -384,10 +415,13 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             may_still_queue += _may_still_queue(tries, fence, handle)
             continue
         try:
-            outcome = rt.client.cancel(handle)
+            outcome = round_.send(handle)
         except ProviderError as exc:
             _cancel_failed(rt, fence, handle, exc)
             may_still_queue += _may_still_queue(tries, fence, handle)
+            continue
+        if outcome is None:  # not known yet: whether fal took it is learnt next tick
+            may_still_queue += fence.state == S.QUEUED
             continue
         tries.done(fence.job_id)
         if outcome == CancelOutcome.NOT_FOUND and other_key is not None:

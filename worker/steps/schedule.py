@@ -48,6 +48,7 @@ from jobs.models import BatchState, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.store import Fence
 from worker.fal.models import RequestHandle, Status
+from worker.steps.cancels import CancelRound, in_lane
 from worker.steps.context import Runtime, S, handle_of, tail_of_fal_queue_first
 from worker.steps.failures import billed
 
@@ -97,7 +98,9 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
     of fal's FIFO queue (:func:`~worker.steps.context.tail_of_fal_queue_first`): our ``queued``
     lags fal, and cancelling one that in fact runs frees a slot into which fal starts the
     request at the head of its queue — if that were ours, still to be cancelled, it would be
-    cancelled while running, and billed.
+    cancelled while running, and billed. They go off the conductor's loop, in that order,
+    within a bound (:mod:`worker.steps.cancels`): one fal does not answer in time is sent again
+    next tick, and the tick goes on.
     """
     now = now or utcnow()
     moved = 0
@@ -141,9 +144,19 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
         whys = {job.id: why for job, why in closing}
         for job in tail_of_fal_queue_first(job for job, _why in closing):
             plan.append((rt.fence(job), handle_of(job, rt.settings.fal_queue_url), whys[job.id]))
+    if plan:
+        moved += in_lane(rt, "schedule", lambda round_: _cancel_closing(rt, round_, plan)) or 0
+    return moved
+
+
+def _cancel_closing(rt: Runtime, round_: CancelRound, plan: list[tuple[Fence, RequestHandle, str]]) -> int:
+    """Cancel the queued requests of ``plan`` at fal, in its order, on the cancels' own thread
+    within ``round_``'s deadline (:mod:`worker.steps.cancels`); how many jobs moved to
+    ``cancelling``. One refused, or not answered in time, is sent again next tick."""
+    moved = 0
     for fence, handle, why in plan:
         try:
-            outcome = rt.client.cancel(handle)
+            outcome = round_.send(handle)
         except ProviderError as exc:
             log.info(
                 "job %s: cancel at the %s failed (%s); will try again",
@@ -156,6 +169,8 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
                     "request_id": handle.request_id,
                 },
             )
+            continue
+        if outcome is None:  # not answered within the bound: not known yet, sent again next tick
             continue
         with db.session_scope(rt.engine) as session:
             reason = "deadline passed" if why == DEADLINE else "window closed"
