@@ -377,6 +377,8 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             (rt.fence(j), handle_of(j, rt.settings.fal_queue_url), rt.other_key(j))
             for j in [*queued, *running]
         ]
+    if not plan:
+        return moved
     sent = in_lane(rt, "cancel", lambda round_: _cancel_in_order(rt, round_, plan, may_still_queue=in_flight))
     return moved + (sent or 0)
 
