@@ -163,16 +163,21 @@ def transition(
         if guarded:  # not moved: held by another job (raised here, nothing written), or moved on
             _refuse_held_in(session, job_id, fields)
         return False
-    _refresh_loaded(session, job_id, moved._mapping)
+    written: Mapping[str, Any] = moved._mapping
+    refused = False
+    if leaving and not logged:  # the UPDATE said whether the job has refusals to forget
+        written = dict(written)
+        refused = bool(written.pop(_REFUSALS_HELD))
+    _refresh_loaded(session, job_id, written)
     if new.terminal:
         usd = finished_usd(new, moved.actual_usd, moved.est_usd, moved.ambiguous_usd)
         _add_finished(session, moved.batch_id, moved.submitted_at, usd)
     if not logged:
         _run(session, _INSERT_EVENT, {"job_id": job_id, "version": moved.version, **event})
-        if leaving:
+        if refused:
             _run(session, _FORGET_REFUSALS, {"job_id": job_id})
     if row is not None:
-        row.update(moved._mapping)
+        row.update(written)
     return True
 
 
@@ -180,8 +185,15 @@ _EVENTS = cast(Table, JobEvent.__table__)
 _INSERT_EVENT = _kept(insert(_EVENTS))
 _REFUSALS = cast(Table, KeyRefusal.__table__)
 #: A job's refusals going with its move out of :data:`REFUSABLE_STATES` (SQLite; PostgreSQL's
-#: statement does it in a ``WITH`` of its own, :func:`_with_event`).
+#: statement does it in a ``WITH`` of its own, :func:`_with_event`). Run only when the move's
+#: UPDATE returned that the job has some (:data:`_REFUSALS_HELD`).
 _FORGET_REFUSALS = _kept(delete(_REFUSALS).where(_REFUSALS.c.job_id == bindparam("job_id")))
+#: The column a move out of :data:`REFUSABLE_STATES` returns on SQLite: whether the job has
+#: :class:`KeyRefusal` rows, read by the UPDATE itself (a look-up in the table's primary key).
+#: Nearly every job has none, and the DELETE run after every such move was a statement per job
+#: for nothing. Nothing can add a refusal between the two statements: the transaction holds
+#: SQLite's write lock from its ``BEGIN IMMEDIATE`` (:func:`jobs.db._configure_sqlite`).
+_REFUSALS_HELD = "wanbatch_refusals_held"
 _EVENT_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "worker")
 #: What a transition's event row is written from, in this order (:func:`_with_event`).
 _EVENT_ROW_COLUMNS = ("job_id", "at", "from_state", "to_state", "version", "reason", "details", "worker")
@@ -219,7 +231,8 @@ def _transition_statement(
     data-modifying ``WITH`` runs exactly once whether or not the outer query reads it (https://www.postgresql.org/docs/current/queries-with.html#QUERIES-WITH-MODIFYING).
     SQLite has no data-modifying ``WITH``: there the event is a second INSERT. ``leaving`` (the
     job leaves :data:`REFUSABLE_STATES`): on PostgreSQL its :class:`KeyRefusal` rows are deleted
-    by one more ``WITH`` of the same statement (SQLite: :data:`_FORGET_REFUSALS` after it).
+    by one more ``WITH`` of the same statement; on SQLite the UPDATE also returns whether it has
+    any (:data:`_REFUSALS_HELD`), and only then does :data:`_FORGET_REFUSALS` follow it.
     """
     plain: dict[str, Any] = {}
     expressions: dict[str, Any] = {}
@@ -251,7 +264,10 @@ def _transition_statement(
         if logged:
             statement = _with_event(moving, returned, leaving=leaving)
         else:
-            statement = moving.returning(*[_JOBS.c[name] for name in returned])
+            columns: list[Any] = [_JOBS.c[name] for name in returned]
+            if leaving:  # SQLite allows subqueries in RETURNING (https://sqlite.org/lang_returning.html)
+                columns.append(exists().where(_REFUSALS.c.job_id == _JOBS.c.id).label(_REFUSALS_HELD))
+            statement = moving.returning(*columns)
         if not expressions:
             _STATEMENTS[key] = _kept(statement)
     return statement, {f"v_{k}": v for k, v in plain.items()}
