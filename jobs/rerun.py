@@ -85,6 +85,39 @@ def _dropped(state: JobState, error_type: str | None) -> bool:
     return state == JobState.CANCELLED and error_type == NOT_IN_MANIFEST
 
 
+#: The ``error_type`` of a job whose video fal made and billed, but that never reached the
+#: output folder: the video, or fal's result naming it, could not be fetched
+#: (:mod:`worker.steps.download`). Not ``not_a_video`` or ``media_mismatch``: those videos came,
+#: and were wrong.
+PAID_NOT_FETCHED = frozenset({"download_failed", "result_unavailable", "result_expired"})
+
+
+def _paid_not_fetched(state: JobState, error_type: str | None, actual_usd: Decimal | None) -> bool:
+    """Whether a job failed after fal made, and billed, its video, never fetched
+    (:data:`PAID_NOT_FETCHED`)."""
+    return state == JobState.FAILED and error_type in PAID_NOT_FETCHED and bool(actual_usd)
+
+
+def _paid_again(parent: Batch, rows: Sequence[store.NewJob], unfetched: dict[str, Decimal]) -> str | None:
+    """The warning of a rerun that renders again jobs whose paid videos were never fetched
+    (:func:`_paid_not_fetched`): how many, what fal billed for them, what they cost again. A
+    CDN outage once failed such jobs within a minute, and ``rerun --failed-only`` paid for
+    every one of them a second time without a word. None when the rerun repeats none."""
+    again = [row for row in rows if row.rerun_of in unfetched]
+    if not again:
+        return None
+    parents = {row.rerun_of for row in again}
+    billed = sum((unfetched[job_id] for job_id in parents if job_id is not None), Decimal(0))
+    cost = sum((row.est_usd for row in again), Decimal(0))
+    ref = shell_ref(parent.name, parent.id)
+    return (
+        f"{len(parents)} job(s) of batch {parent.name} were made and paid for ({usd_text(billed)}) but "
+        f"failed at download, their videos never fetched: this rerun renders and pays for them again "
+        f"(est. {usd_text(cost)}); fal may still serve those videos (`wanbatch export {ref}` gives each "
+        "download_failed job's URL in provider_output)"
+    )
+
+
 def _dropped_left_out(parent: Batch, jobs: int) -> str:
     """The line of a plain ``rerun`` that left out the jobs a resubmit dropped: never sent, they
     have nothing to repeat, and sending them would bill a job the user removed or corrected."""
@@ -246,6 +279,8 @@ def rerun_batch(
                     continue
                 if job.not_in_manifest:
                     not_in_manifest_jobs.append(job.id)
+                if _paid_not_fetched(job.state, job.error_type, job.actual_usd):
+                    unfetched[job.id] = job.actual_usd or Decimal(0)
                 spec = get_endpoint(job.endpoint)
                 stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
@@ -280,6 +315,7 @@ def rerun_batch(
         not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
         not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
         dropped: list[str] = []  # jobs a resubmit dropped (never sent), which a plain rerun leaves out
+        unfetched: dict[str, Decimal] = {}  # parent's job id → what fal billed for a video never fetched
         inputs = _InputCheck()
         rows = list(new_jobs())
         if inputs.lines:
@@ -317,6 +353,8 @@ def rerun_batch(
             warnings.insert(0, _dropped_left_out(parent, len(dropped)))
         if sources.left_out:
             warnings.append(_changed_left_out(parent, sources))
+        if (paid_again := _paid_again(parent, rows, unfetched)) is not None:
+            warnings.insert(0, paid_again)
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)

@@ -30,7 +30,7 @@ from worker.fal.storage import MediaPreparer
 from worker.here import queue_origin
 from worker.limits import SubmitLimiter, api_key_id, limiter_for
 from worker.steps.cancel_tries import CancelTries
-from worker.steps.download_reach import DownloadReach
+from worker.steps.download_reach import DownloadReach, DownloadTrouble
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.held import HeldMarks
 from worker.steps.keepalive import StepLeases
@@ -371,6 +371,10 @@ class Runtime:
     #: Whether this process's downloads connect to fal's media hosts, and the hold on them
     #: while they do not (:mod:`worker.steps.download_reach`).
     download_reach: DownloadReach = field(default_factory=DownloadReach)
+    #: Whether fal's media host serves this process's downloads (not a 5xx/429 or a body dropped
+    #: midway), and each waiting job's backoff while it does not
+    #: (:class:`~worker.steps.download_reach.DownloadTrouble`).
+    download_trouble: DownloadTrouble = field(default_factory=DownloadTrouble)
     #: Whether another live process shares the database's submit pacing, so that each POST of
     #: this one takes its slot there (:mod:`worker.steps.shared_pacing`).
     pacing: SharedPacing = field(default_factory=SharedPacing)

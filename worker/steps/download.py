@@ -72,6 +72,7 @@ from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
 from worker.crash import summary
 from worker.fal.errors import (
+    DownloadIntegrityError,
     DownloadUnreachedError,
     RequestFailedError,
     ResultExpiredError,
@@ -83,6 +84,7 @@ from worker.fal.results import Video, parse_result
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
+from worker.steps.download_reach import MEDIA_HORIZON_DAYS
 from worker.steps.failures import (
     backoff,
     billed,
@@ -946,8 +948,12 @@ def _download_video(
     except ProviderError as exc:
         if exc.status_code is not None or isinstance(exc, RetryableProviderError):
             _media_host_answered(rt)  # it answered, or the connection was made: not a refusal here
+        if host_trouble(exc):
+            return _download_troubled(rt, job_id, claim, exc, _host_of(video.url))
+        rt.download_trouble.forget(job_id)
         return _download_failed(rt, job_id, claim, exc)
     _media_host_answered(rt)
+    _media_host_served(rt, job_id)
     return result
 
 
@@ -1162,6 +1168,135 @@ def _download_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Provid
     return "download-retry"
 
 
+#: The statuses of a media host's answer that say it is in trouble, not that the file is bad or
+#: gone: a request timeout, too many requests, any server error (RFC 9110 §15.6). 403/404/410 are
+#: final (the file expired: :func:`worker.fal.storage._download_error`); other 4xx are counted.
+HOST_TROUBLE_STATUSES = frozenset({408, 429})
+
+
+def host_trouble(exc: ProviderError) -> bool:
+    """Whether a failed download is the media host's passing trouble (:class:`DownloadTrouble`
+    of :mod:`worker.steps.download_reach`): an error answer in :data:`HOST_TROUBLE_STATUSES` or
+    ``5xx``, or the connection lost while the body came (a reset, a read timeout: a transport
+    error once connected). Not a whole answer that is wrong (a body shorter or longer than fal's
+    ``file_size``, an MP4 cut short, not a video: :class:`DownloadIntegrityError` or final), nor
+    a download that took longer than ``WANBATCH_DOWNLOAD_TIMEOUT`` altogether (a host that drips
+    its bytes): those stay counted tries, bounded by ``WANBATCH_DOWNLOAD_ATTEMPTS``; nor one that
+    could not connect (:class:`DownloadUnreachedError`, held on its own path)."""
+    if not isinstance(exc, RetryableProviderError) or isinstance(
+        exc, DownloadIntegrityError | DownloadUnreachedError
+    ):
+        return False
+    code = exc.status_code
+    if code is not None:
+        return code >= 500 or code in HOST_TROUBLE_STATUSES
+    return isinstance(exc.__cause__, httpx.TransportError)
+
+
+def _host_of(url: str) -> str:
+    """The host (and port, when not the scheme's) a video URL names, for the words of a pause."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "the media host"
+    host = parsed.host or "the media host"
+    shown = f"[{host}]" if ":" in host else host
+    return shown + (f":{parsed.port}" if parsed.port not in (None, 80, 443) else "")
+
+
+def _trouble_words(exc: ProviderError) -> str:
+    """How the media host failed, after its name: ``answers HTTP 503`` or ``drops the download
+    midway (ReadError)``."""
+    if exc.status_code is not None:
+        return f"answers HTTP {exc.status_code}"
+    return f"drops the download midway ({type(exc.__cause__).__name__})"
+
+
+def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ProviderError, host: str) -> str:
+    """fal's media host failed the download in a way it may get over (:func:`host_trouble`):
+    the video was made and paid for, and fal keeps it (an expired file answers 403/404/410).
+
+    Not a try: the job waits in ``downloading``, its ``download_attempts`` unchanged, tried
+    again after a backoff of its own that grows to ``WANBATCH_RETRY_MAX_DELAY`` (or the host's
+    ``Retry-After``, capped there). Once the host has failed downloads for
+    :data:`~worker.steps.download_reach.PAUSE_AFTER_SECONDS` with none stored whole, the job's
+    batch (when active) is paused naming the host and what it answers: nothing more is sent to
+    be paid for and meet the same outage; the pause ends by itself with the first output of the
+    batch stored again (:func:`jobs.store.resume_after_outputs_stored`), or with the next run.
+    A paused or cancelled batch's job just waits.
+
+    The horizon: the job fails (``download_failed``, its billed cost) only once fal completed
+    its request more than :data:`~worker.steps.download_reach.MEDIA_HORIZON_DAYS` days ago — the
+    media lifetime fal gives by default — and the host has failed it ``WANBATCH_DOWNLOAD_ATTEMPTS``
+    times in a row since this process began trying: not on a single 503 after a week's pause."""
+    telemetry.count_provider_error(exc)
+    what = _trouble_words(exc)
+    trouble = rt.download_trouble.failed(job_id, host, what)
+    horizon = timedelta(days=MEDIA_HORIZON_DAYS)
+    past = claim.completed_at is not None and utcnow() >= claim.completed_at + horizon
+    if past and trouble.tries >= rt.settings.download_attempts:
+        rt.download_trouble.forget(job_id)
+        with db.session_scope(rt.engine) as session:
+            error = (
+                f"download failed {trouble.tries} time(s) in a row, more than {MEDIA_HORIZON_DAYS} days "
+                f"after fal made the video (its default media lifetime): {host} {what}: {exc}"
+            )
+            logs.note_error(error, "download_failed")
+            return _fail_paid(
+                session,
+                claim,
+                error=error,
+                error_type="download_failed",
+                download_attempts=claim.failures,
+                **claim.fetched,
+            )
+    logs.note_error(f"download held, not counted: {host} {what}: {exc}", "download_unavailable")
+    delay = max(backoff(rt.settings, min(trouble.tries, 64)), retry_after(rt.settings, exc))
+    lasted = f" for {trouble.lasted:.0f}s" if trouble.lasted >= 1 else ""
+    reason = (
+        f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {host} {what} to every download{lasted} ({exc}); "
+        "the videos already made wait at fal and are downloaded once it serves them again (the batch "
+        "then resumes by itself) or by the next run, never made again"
+    )
+    paused = False
+    with db.session_scope(rt.engine) as session:
+        if trouble.pause:
+            batch = store.get_batch(session, claim.batch_id)
+            if batch.state == BatchState.ACTIVE:
+                store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
+                paused = True
+        kept = store.release_lease(
+            session,
+            claim.fence,
+            next_attempt_at=in_seconds(delay),
+            download_attempts=claim.failures,
+            **claim.fetched,
+        )
+    if not kept:
+        return "lost-lease"
+    if paused:
+        log.warning(
+            "job %s: fal's media host keeps failing downloads; batch paused: %s",
+            job_id,
+            reason,
+            extra={"event": "download.host_trouble_paused", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+        return "outputs-paused"
+    log.log(
+        logging.WARNING if trouble.say else logging.INFO,
+        "downloads wait%s: %s %s (%s); the paid videos wait at fal (none fails, no try counted), "
+        "job %s tried again in %.0fs",
+        lasted,
+        host,
+        what,
+        exc,
+        job_id,
+        delay,
+        extra={"event": "download.host_trouble", "job_id": job_id, "batch_id": claim.batch_id},
+    )
+    return "download-held"
+
+
 #: How a pause for downloads that cannot connect begins (after :data:`store.OUTPUTS_PAUSE_PREFIX`).
 CANNOT_DOWNLOAD = "be downloaded here"
 
@@ -1222,6 +1357,17 @@ def _media_host_answered(rt: Runtime) -> None:
     lasted = rt.download_reach.answered()
     if lasted is not None:
         log.warning("downloads connect again after %.0fs", lasted, extra={"event": "download.reachable"})
+
+
+def _media_host_served(rt: Runtime, job_id: str) -> None:
+    """A video was downloaded whole: the media host's trouble, if any, is over."""
+    lasted = rt.download_trouble.succeeded(job_id)
+    if lasted is not None:
+        log.warning(
+            "fal's media host serves downloads again after %.0fs",
+            lasted,
+            extra={"event": "download.host_serves", "job_id": job_id},
+        )
 
 
 def unreached_fix(settings: Settings, host: str, proxy: str | None = None) -> str:

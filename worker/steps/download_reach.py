@@ -123,3 +123,88 @@ class DownloadReach:
         with self._lock:
             self._failures = 0
         return lasted
+
+
+#: How long after fal completed a request its video's host may keep failing before the job is
+#: given up: fal's CDN keeps generated media 7 days unless the request asked otherwise
+#: (``X-Fal-Object-Lifecycle-Preference``, https://fal.ai/docs/model-apis/data-retention).
+MEDIA_HORIZON_DAYS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Troubled:
+    """What :meth:`DownloadTrouble.failed` makes of one download the media host failed."""
+
+    #: This job's failures of this kind in a row, in this process (its backoff's attempt number).
+    tries: int
+    #: Seconds the outage has lasted.
+    lasted: float
+    #: Whether to say it now (a warning line).
+    say: bool
+    #: Whether it has lasted long enough to pause the job's batch.
+    pause: bool
+
+
+class DownloadTrouble:
+    """This process's view of whether fal's media host serves its downloads: an outage is
+    downloads the host answered with an error it may get over (``5xx``, ``429``, ``408``) or
+    whose body it dropped midway (a reset, a read timeout), from the first such failure to the
+    next video downloaded whole. Unlike :class:`DownloadReach`, any answer does not end it: the
+    host answering is the very trouble. Thread-safe; ``clock`` (monotonic seconds) may be
+    replaced in tests.
+
+    Why not count such a failure toward ``WANBATCH_DOWNLOAD_ATTEMPTS``: five tries took about
+    75 s, and an outage of the CDN longer than that failed every paid video that met it, which
+    ``rerun --failed-only`` then rendered (and billed) again. Such a failure says nothing about
+    the file, which fal keeps (an expired one answers 403/404/410, final). So the job waits in
+    ``downloading`` with its own backoff (its :attr:`Troubled.tries`, kept here, per process:
+    a new process starts again from the base delay), the batch is paused once the outage has
+    lasted :data:`PAUSE_AFTER_SECONDS`, as for downloads that cannot connect.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lock = threading.Lock()
+        self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
+        self._tries: dict[str, int] = {}
+        self._host = ""
+        self._what = ""
+
+    @property
+    def down(self) -> bool:
+        return self._outage.down
+
+    def failed(self, job_id: str, host: str = "", what: str = "") -> Troubled:
+        """The host failed ``job_id``'s download (``what``: how, e.g. ``answers HTTP 503``)."""
+        said = self._outage.failed()
+        with self._lock:
+            if len(self._tries) >= 4096 and job_id not in self._tries:
+                self._tries.clear()  # bounded: a job forgotten starts its backoff over, no more
+            tries = self._tries[job_id] = self._tries.get(job_id, 0) + 1
+            if host:
+                self._host, self._what = host, what
+        return Troubled(
+            tries=tries, lasted=said.lasted, say=said.due, pause=said.lasted >= PAUSE_AFTER_SECONDS
+        )
+
+    def forget(self, job_id: str) -> None:
+        """``job_id`` no longer waits on the host (it failed otherwise, or left)."""
+        with self._lock:
+            self._tries.pop(job_id, None)
+
+    def succeeded(self, job_id: str) -> float | None:
+        """A video was downloaded whole: the outage, if any, is over; how long it lasted (None
+        when there was none)."""
+        if self._tries:
+            self.forget(job_id)
+        if not self._outage.down:
+            return None
+        return self._outage.answered()
+
+    def note(self) -> str | None:
+        """The progress line's note while the media host fails downloads; None while it serves."""
+        if not self._outage.down:
+            return None
+        with self._lock:
+            host, what = self._host, self._what
+        who = f"{host} {what}" if host else "the media host fails downloads"
+        return f"downloads wait: {who}; held, no try counted"
