@@ -1478,6 +1478,8 @@ def _watch(
         if conductor is not None and (line := conductor.rt.download_reach.unshown()) is not None:
             progress.console.print(f"[yellow]{shown(line)}[/yellow]")
         held = held or (conductor.rt.download_reach.note() if conductor is not None else None)
+        # While fal's media host answers its downloads 5xx/429 or drops them (a CDN outage).
+        held = held or (conductor.rt.download_trouble.note() if conductor is not None else None)
         held = held or leased
         # A cap that holds the unsent jobs back, and whose jobs fill it: in full once, then short.
         if (line := caps.first_said(holds)) is not None:

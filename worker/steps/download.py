@@ -15,7 +15,10 @@ What a failure leads to, by where it happened:
   ``WANBATCH_DOWNLOAD_ATTEMPTS`` times, then the job fails with the reason and the billed cost.
 * The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a refused host, a body that
   is not a video or an expired file fails at once. One attempt lasts at most
-  ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive.
+  ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive. A host
+  that cannot be connected to (:func:`_download_unreached`), or that answers 5xx/429/408 or
+  drops the body midway (:func:`_download_troubled`), is no try: the job waits, and after a
+  minute its batch pauses until a video is stored again.
 * A process that dies once the video is saved but before the job's success is stored: the next
   try takes the file it left (hashed, probed) instead of downloading it again — fal may no
   longer serve it (:func:`_downloaded_before`).

@@ -1,0 +1,56 @@
+"""Which failed downloads are a CDN outage (waited for, never counted), and the outage's log."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError
+from worker.fal.errors import DownloadIntegrityError, DownloadUnreachedError
+from worker.steps.download import host_trouble
+from worker.steps.download_reach import PAUSE_AFTER_SECONDS, DownloadTrouble
+
+
+def _dropped(cause: Exception) -> RetryableProviderError:
+    try:
+        raise RetryableProviderError("fal download: network error") from cause
+    except RetryableProviderError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "trouble"),
+    [
+        (RetryableProviderError("HTTP 503", status_code=503), True),
+        (RetryableProviderError("HTTP 500", status_code=500), True),
+        (RetryableProviderError("HTTP 429", status_code=429), True),
+        (RetryableProviderError("HTTP 408", status_code=408), True),
+        (_dropped(httpx.RemoteProtocolError("peer closed connection")), True),
+        (_dropped(httpx.ReadTimeout("timed out")), True),
+        (RetryableProviderError("HTTP 409", status_code=409), False),
+        (RetryableProviderError("download took longer than 600 s"), False),  # WANBATCH_DOWNLOAD_TIMEOUT
+        (DownloadIntegrityError("download truncated: the MP4 is cut"), False),
+        (DownloadUnreachedError("could not connect to v3.fal.media", host="v3.fal.media"), False),
+        (FinalProviderError("output no longer downloadable (HTTP 404)", status_code=404), False),
+        (FinalProviderError("the output is not a video"), False),
+    ],
+)
+def test_only_the_hosts_passing_trouble_is_held(exc: ProviderError, trouble: bool) -> None:
+    assert host_trouble(exc) is trouble
+
+
+def test_the_outage_counts_each_jobs_tries_pauses_after_a_minute_and_ends_with_a_video() -> None:
+    now = [0.0]
+    trouble = DownloadTrouble(lambda: now[0])
+    assert trouble.note() is None
+    first = trouble.failed("a", "v3.fal.media", "answers HTTP 503")
+    assert (first.tries, first.say, first.pause) == (1, True, False)
+    assert trouble.failed("b").tries == 1  # each job its own backoff
+    now[0] = PAUSE_AFTER_SECONDS
+    later = trouble.failed("a")
+    assert (later.tries, later.pause) == (2, True)
+    assert trouble.note() == "downloads wait: v3.fal.media answers HTTP 503; held, no try counted"
+    assert trouble.succeeded("a") == PAUSE_AFTER_SECONDS
+    assert trouble.note() is None
+    assert trouble.failed("a").tries == 1  # its backoff starts over
+    assert trouble.failed("b").tries == 2
