@@ -181,3 +181,29 @@ def test_a_video_cut_short_by_a_whole_answer_still_counts_as_a_try(
     finally:
         rt.client.close()
     assert _job(engine, job_id).error_type == "download_failed"
+
+
+def test_one_file_the_host_fails_while_it_serves_others_counts_its_tries(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Not an outage: the host stores other videos while it answers this one's file with 503
+    every time. Held without a count, the job (and a run waiting on it) stayed ``downloading``
+    for fal's whole media lifetime; its failures count once the host served others since."""
+    fal = FakeFal(hostile)
+    fal.on_file("r1.mp4", GATEWAY_503)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)
+    try:
+        assert download(rt, job_id) == "download-held"  # maybe an outage: nothing to tell yet
+        make_due(engine, job_id)
+        rt.download_trouble.succeeded("another-job")  # the host stores another video whole
+        assert download(rt, job_id) == "download-retry"  # this file's trouble: a try
+        make_due(engine, job_id)
+        rt.download_trouble.succeeded("another-job")
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert (job.state, job.error_type) == (JobState.FAILED, "download_failed")
+    assert "HTTP 503" in (job.error or "")
+    assert job.actual_usd == job.est_usd
+    assert fal.posts() == 1

@@ -54,3 +54,17 @@ def test_the_outage_counts_each_jobs_tries_pauses_after_a_minute_and_ends_with_a
     assert trouble.note() is None
     assert trouble.failed("a").tries == 1  # its backoff starts over
     assert trouble.failed("b").tries == 2
+
+
+def test_a_job_whose_host_stored_other_videos_since_its_last_failure_is_told_to_count_it() -> None:
+    """One file the host fails for good while it serves the others is that file's trouble: the
+    job's failures count as tries, else it (and the run waiting on it) was held for days."""
+    trouble = DownloadTrouble(lambda: 0.0)
+    assert trouble.failed("a").serves_others is False  # a first failure: nothing to go by
+    assert trouble.failed("a").serves_others is False  # nothing stored meanwhile: an outage
+    trouble.succeeded("b")
+    assert trouble.failed("a").serves_others is True
+    assert trouble.failed("a").serves_others is False  # counted from its last failure on
+    trouble.succeeded("b")
+    trouble.forget("a")
+    assert trouble.failed("a").serves_others is False  # forgotten: a first failure again

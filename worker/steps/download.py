@@ -1226,15 +1226,25 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
     batch (when active) is paused naming the host and what it answers: nothing more is sent to
     be paid for and meet the same outage; the pause ends by itself with the first output of the
     batch stored again (:func:`jobs.store.resume_after_outputs_stored`), or with the next run.
-    A paused or cancelled batch's job just waits.
+    A paused or cancelled batch's job just waits. Only while the host serves nothing: once
+    another video was stored whole since this job's previous failure, the failure is about this
+    job's file and counts as a try (:attr:`~worker.steps.download_reach.Troubled.serves_others`).
 
     The horizon: the job fails (``download_failed``, its billed cost) only once fal completed
     its request more than :data:`~worker.steps.download_reach.MEDIA_HORIZON_DAYS` days ago — the
     media lifetime fal gives by default — and the host has failed it ``WANBATCH_DOWNLOAD_ATTEMPTS``
     times in a row since this process began trying: not on a single 503 after a week's pause."""
-    telemetry.count_provider_error(exc)
     what = _trouble_words(exc)
     trouble = rt.download_trouble.failed(job_id, host, what)
+    if trouble.serves_others:
+        # The host stored other videos since this job's last failure: not an outage, this
+        # file's trouble. Counted (the job fails after WANBATCH_DOWNLOAD_ATTEMPTS), or one
+        # file a host fails for good held its job, and the run waiting on it, for days.
+        outcome = _download_failed(rt, job_id, claim, exc)
+        if outcome != "download-retry":
+            rt.download_trouble.forget(job_id)  # it failed for good (or lost its lease): no more tries
+        return outcome
+    telemetry.count_provider_error(exc)
     horizon = timedelta(days=MEDIA_HORIZON_DAYS)
     past = claim.completed_at is not None and utcnow() >= claim.completed_at + horizon
     if past and trouble.tries >= rt.settings.download_attempts:

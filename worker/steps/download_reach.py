@@ -55,6 +55,11 @@ class Held:
     say: bool
     #: Whether it has lasted long enough to pause the job's batch.
     pause: bool
+    #: Whether the host stored another video whole since this job's previous failure: it
+    #: serves, so this failure is about this job's file, and counts as a try
+    #: (``WANBATCH_DOWNLOAD_ATTEMPTS``) — a file the host fails for good must not hold the job
+    #: (and the ``run`` waiting on it) for the media lifetime.
+    serves_others: bool = False
 
 
 class DownloadReach:
@@ -143,6 +148,11 @@ class Troubled:
     say: bool
     #: Whether it has lasted long enough to pause the job's batch.
     pause: bool
+    #: Whether the host stored another video whole since this job's previous failure: it
+    #: serves, so this failure is about this job's file, and counts as a try
+    #: (``WANBATCH_DOWNLOAD_ATTEMPTS``) — a file the host fails for good must not hold the job
+    #: (and the ``run`` waiting on it) for the media lifetime.
+    serves_others: bool = False
 
 
 class DownloadTrouble:
@@ -166,6 +176,10 @@ class DownloadTrouble:
         self._lock = threading.Lock()
         self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
         self._tries: dict[str, int] = {}
+        #: Videos downloaded whole so far, and each waiting job's count at its last failure
+        #: (:attr:`Troubled.serves_others`).
+        self._served = 0
+        self._served_at: dict[str, int] = {}
         self._host = ""
         self._what = ""
 
@@ -179,21 +193,32 @@ class DownloadTrouble:
         with self._lock:
             if len(self._tries) >= 4096 and job_id not in self._tries:
                 self._tries.clear()  # bounded: a job forgotten starts its backoff over, no more
+                self._served_at.clear()
             tries = self._tries[job_id] = self._tries.get(job_id, 0) + 1
+            before = self._served_at.get(job_id)
+            self._served_at[job_id] = self._served
+            serves_others = before is not None and self._served > before
             if host:
                 self._host, self._what = host, what
         return Troubled(
-            tries=tries, lasted=said.lasted, say=said.due, pause=said.lasted >= PAUSE_AFTER_SECONDS
+            tries=tries,
+            lasted=said.lasted,
+            say=said.due,
+            pause=said.lasted >= PAUSE_AFTER_SECONDS,
+            serves_others=serves_others,
         )
 
     def forget(self, job_id: str) -> None:
         """``job_id`` no longer waits on the host (it failed otherwise, or left)."""
         with self._lock:
             self._tries.pop(job_id, None)
+            self._served_at.pop(job_id, None)
 
     def succeeded(self, job_id: str) -> float | None:
         """A video was downloaded whole: the outage, if any, is over; how long it lasted (None
         when there was none)."""
+        with self._lock:
+            self._served += 1
         if self._tries:
             self.forget(job_id)
         if not self._outage.down:
