@@ -648,10 +648,11 @@ def print_warnings(result: SubmitResult) -> None:
 
 
 def print_budget_note(result: SubmitResult) -> None:
-    """Say on stderr that (re)submitting changed the batch's budget cap."""
-    note = result.budget_note()
-    if note:
-        err.print(f"[yellow]{escape(note)}[/yellow]")
+    """Say on stderr that (re)submitting changed the batch's budget cap, or the estimates of its
+    jobs not sent yet (the prices in force changed since they were stored)."""
+    for note in (result.budget_note(), result.estimate_note()):
+        if note:
+            err.print(f"[yellow]{escape(note)}[/yellow]")
 
 
 def final_code(report: BatchReport) -> int:

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, cast
 
@@ -22,7 +21,7 @@ from jobs import clock, database_home, db, listing, store
 from jobs.cap_holds import CapCheck, _cap_holds, cap_holds, cap_note, normal_batches_ahead, queue_waits
 from jobs.db import open_engine
 from jobs.digits import NUMBER
-from jobs.endpoints import get_endpoint, registry_sha256
+from jobs.endpoints import registry_sha256
 from jobs.errors import (
     DEADLINE_PASSED,
     NEVER_OPENS,
@@ -41,8 +40,8 @@ from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, Job, utcnow
-from jobs.money import too_much_usd, usd_json, usd_text
-from jobs.pricing import estimate_job
+from jobs.money import too_much_usd, usd_apart, usd_json, usd_text
+from jobs.pricing import estimate_job, price_table
 from jobs.printable import printable, shell_ref
 from jobs.processes import process_prefix
 from jobs.rendered import (
@@ -195,6 +194,10 @@ class SubmitResult:
     #: output folder, found under the current one with the recorded SHA-256, and recorded there
     #: (:func:`_follow_outputs`). Distinct files, not jobs.
     outputs_followed: int = 0
+    #: ``{"from": old, "to": new, "jobs": n}`` (USD: the batch's estimate) when this submit priced
+    #: again the ``n`` stored jobs not sent yet with the prices in force and that changed the
+    #: estimate (``WANBATCH_PRICING_OVERRIDES`` corrected since: :func:`jobs.store.reprice_unsent`).
+    estimate_changed: dict[str, float | int | None] | None = None
     #: The stderr line saying this submit made the default database (``./.wanbatch/wanbatch.db``)
     #: in the current folder, and where another one was found (:mod:`jobs.database_home`); None else.
     database_note: str | None = None
@@ -211,6 +214,7 @@ class SubmitResult:
             "counts": self.counts,
             "budget_max_usd": _money(self.budget_max_usd),
             "budget_changed": self.budget_changed,
+            "estimate_changed": self.estimate_changed,
             "schedule": self.schedule,
             "priority": self.priority,
             "schedule_changed": self.schedule_changed,
@@ -274,9 +278,25 @@ class SubmitResult:
         if self.budget_changed is None:
             return None
         old, new = self.budget_changed["from"], self.budget_changed["to"]
+        if old is not None and new is not None:  # never "$1.01 → $1.01" for 1.01 → 1.005
+            was, now = usd_apart(old, new)
+        else:
+            was, now = _cap_text(old), _cap_text(new)
+        return f"budget of batch {self.name} changed: {was} → {now} (applies to every job not yet sent)"
+
+    def estimate_note(self) -> str | None:
+        """The stderr line saying the prices in force changed the estimates of jobs not sent
+        yet (old → new total of the batch), or None."""
+        if self.estimate_changed is None:
+            return None
+        old, new = self.estimate_changed["from"], self.estimate_changed["to"]
+        assert old is not None
+        assert new is not None
+        was, now = usd_apart(old, new)
         return (
-            f"budget of batch {self.name} changed: {_cap_text(old)} → {_cap_text(new)} "
-            "(applies to every job not yet sent)"
+            f"estimates of batch {self.name} changed with the prices in force: {was} → {now} "
+            f"({self.estimate_changed['jobs']} job(s) not sent yet priced again; jobs already sent "
+            "keep theirs)"
         )
 
     def schedule_note(self) -> str | None:
@@ -338,23 +358,6 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
     if (problem := too_much_usd(value)) is not None:
         raise UsageError(f"{option} {text.strip()} {problem}")
     return value
-
-
-@lru_cache(maxsize=64)
-def _registry_pricing(endpoint: str) -> dict[str, Any]:
-    """The registry's pricing entry of ``endpoint`` as JSON (built once, shared by its jobs)."""
-    return get_endpoint(endpoint).pricing.model_dump(mode="json", exclude_none=True)
-
-
-def price_table(endpoint: str, settings: Settings) -> dict[str, Any]:
-    """The pricing a job's estimate used: the registry entry, plus the user's
-    ``WANBATCH_PRICING_OVERRIDES`` for the endpoint (``overrides``) when there are any.
-
-    Stored per job, so an estimate stays explainable after fal's prices or the registry change.
-    """
-    table = _registry_pricing(endpoint)
-    overrides = settings.pricing_overrides.get(endpoint)
-    return table if not overrides else {**table, "overrides": overrides}
 
 
 def _new_job(
@@ -610,6 +613,9 @@ def submit_manifest(
                 refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored, in_manifest)
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
+        # The jobs stored before and not sent yet: priced with the prices in force now, as
+        # `estimate` prices them, so the cap reserves what they will cost (the new jobs were).
+        repriced = None if created else store.reprice_unsent(session, batch.id, settings)
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
         if batch.state == BatchState.PAUSED:
@@ -636,6 +642,11 @@ def submit_manifest(
             result.dropped, result.restored = stored.dropped, stored.restored
             result.ended_unsent = stored.ended_unsent
             result.defaults_matched = stored.defaults_matched
+        if repriced is not None and repriced.changed:
+            _ESTIMATES.pop(batch.id, None)
+            after = store.batch_estimated_usd(session, batch.id)
+            before = after - repriced.after_usd + repriced.before_usd
+            result.estimate_changed = {"from": _money(before), "to": _money(after), "jobs": repriced.jobs}
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
@@ -1048,7 +1059,7 @@ def batch_progress(
         "total": total,
         "finished": finished,
         "counts": counts,
-        "estimated_usd": _money(_estimated_usd(session, batch, total, counts[JobState.CANCELLED.value])),
+        "estimated_usd": _money(_estimated_usd(session, batch, total, counts)),
         "spent_usd": _money(store.batch_spent_usd(session, batch.id)),
         "paused_by_user": batch.paused_by_user,
         "schedule_open": schedule.is_open(now) and not batch.paused_by_user,
@@ -1118,19 +1129,26 @@ def left_to_collect(progress: BatchProgress) -> int:
 
 #: Batch id → (what says whether its estimate can have changed, the sum of its estimates) as
 #: last read by this process.
-_ESTIMATES: dict[str, tuple[tuple[int, int, str], Decimal]] = {}
+_ESTIMATES: dict[str, tuple[tuple[int, int, int, str], Decimal]] = {}
 
 
-def _estimated_usd(session: Session, batch: Batch, jobs: int, cancelled: int) -> Decimal:
+def _estimated_usd(session: Session, batch: Batch, jobs: int, counts: Mapping[str, int]) -> Decimal:
     """The sum of the batch's estimates, read again only when it can have changed.
 
     ``run`` shows it every second, and summing a 100,000-job batch each time was most of the
-    progress line's CPU. A job's estimate is fixed when the job is stored and jobs are never
-    removed; only a resubmit of its manifest drops (cancels) a job never sent that it no longer
-    has, or brings one back, which changes the estimate (:func:`jobs.store.estimated_usd`): the
-    number of jobs, of cancelled jobs and the manifest's SHA-256 say whether the sum can have
-    changed."""
-    key = (jobs, cancelled, batch.manifest_sha256)
+    progress line's CPU. A job's estimate changes only while it waits to be sent: a resubmit of
+    its manifest drops (cancels) a job never sent that it no longer has, or brings one back
+    (:func:`jobs.store.estimated_usd`), and a job not sent yet is priced again when the prices in
+    force differ from those it was stored with (:func:`jobs.store.reprice_unsent`): by a
+    resubmit (which forgets the sum it changed), or by a dispatch round, which moves a job it
+    claimed out of ``pending`` in the same transaction. So the number of jobs, of cancelled and
+    of pending jobs and the manifest's SHA-256 say whether the sum can have changed."""
+    key = (
+        jobs,
+        counts.get(JobState.CANCELLED.value, 0),
+        counts.get(JobState.PENDING.value, 0),
+        batch.manifest_sha256,
+    )
     known = _ESTIMATES.get(batch.id)
     if known is not None and known[0] == key:
         return known[1]

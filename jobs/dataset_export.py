@@ -120,7 +120,9 @@ _INT_FIELDS = frozenset(
 )
 #: fal's seeds reach ``2**64 - 1``: past int64, within uint64.
 _UINT_FIELDS = frozenset({"seed"})
-_FLOAT_FIELDS = frozenset({"billing_units", "cost_usd", "est_billing_units", "est_usd"})
+_FLOAT_FIELDS = frozenset(
+    {"billing_units", "cost_usd", "est_billing_units", "est_usd", "possibly_billed_usd"}
+)
 _TIME_FIELDS = frozenset({"submitted_at", "finished_at"})
 _BOOL_FIELDS = frozenset({"simulated", "in_manifest"})
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from jobs.errors import Issue, ManifestError
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
-from jobs.money import usd_text
+from jobs.money import usd_apart, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import InputSettings, Settings
 
@@ -95,8 +95,9 @@ def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
     warnings: list[str] = []
     if cap is not None and totals.usd > cap:
         share = int(totals.jobs * cap / totals.usd) if totals.usd else totals.jobs
+        estimate, capped = usd_apart(totals.usd, cap)  # never "$1.01 exceeds $1.01"
         warnings.append(
-            f"the estimate {usd_text(totals.usd)} exceeds budget.max_usd {usd_text(cap)}: only about "
+            f"the estimate {estimate} exceeds budget.max_usd {capped}: only about "
             f"{share} of {totals.jobs} job(s) will run, the rest end cancelled (budget); raise "
             "budget.max_usd or shrink the batch"
         )

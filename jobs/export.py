@@ -9,7 +9,8 @@ version of it: :func:`in_manifest`), batch_name, seed_text, actual_prompt, regis
 estimates, error_type, timestamps) and
 the provider's metadata the sidecar keeps: ``provider_metrics`` (fal's ``metrics``, e.g.
 ``inference_time``) and ``provider_output`` (fal's result JSON), each null when fal gave none,
-secrets masked and size bounded (:func:`export_provider_json`).
+secrets masked and size bounded (:func:`export_provider_json`), and ``possibly_billed_usd`` (what
+submits of the job whose outcome stayed unknown may have cost, as ``status`` and ``cost`` count it).
 ``seed_text`` is ``seed`` as decimal text, exact in every reader: fal's seeds reach
 ``2**64 - 1``, and a JSON reader that makes numbers float64 (pyarrow's, hence
 ``datasets.load_dataset("json")`` and ``"videofolder"``) rounds any seed above ``2**53``. Rows are in
@@ -65,7 +66,7 @@ from jobs import store
 from jobs.errors import ConfigError, UsageError
 from jobs.fs import file_kind, file_mode, is_missing, name_problem, os_reason, shown_path, utf8_file_names
 from jobs.models import Batch, Job
-from jobs.money import usd_json
+from jobs.money import usd_json, usd_text
 from jobs.moved_outputs import moved_path
 from jobs.printable import one_line, shell_ref
 from jobs.states import UNFINISHED_STATES, JobState
@@ -120,6 +121,8 @@ FIELDS = (
     "finished_at",
     "provider_metrics",
     "provider_output",
+    # Added last, so that no CSV column moves: a script may read them by position.
+    "possibly_billed_usd",
 )
 
 
@@ -487,7 +490,7 @@ def record(
         "est_usd": usd_json(job.est_usd),
         "attempts": job.attempts,
         "possible_duplicate_charges": job.possible_duplicate_charges,
-        "error": job.error if job.state.value != "succeeded" else None,
+        "error": _error(job),
         "error_type": job.error_type if job.state.value != "succeeded" else None,
         "submitted_at": job.submitted_at.isoformat() if job.submitted_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
@@ -495,7 +498,28 @@ def record(
         # result JSON, secrets masked and bounded (export_provider_json).
         "provider_metrics": export_provider_json(job.provider_metrics),
         "provider_output": export_provider_json(job.provider_output),
+        # What submits of it whose outcome stayed unknown may have cost (fal may have billed
+        # them): the job's share of `status`'s and `cost`'s "possibly billed", null when none.
+        "possibly_billed_usd": usd_json(job.ambiguous_usd) if job.ambiguous_usd else None,
     }
+
+
+def _error(job: Job) -> str | None:
+    """The record's ``error``: null on success; else the job's, and, when a submit of it whose
+    outcome stayed unknown may have been billed (``ambiguous_usd``), that it had been sent.
+
+    A job whose submit's answer was lost, sent again and then refused by its budget cap reads
+    ``cancelled``, ``error_type: budget``, no cost: "submitting would commit …" says nothing of
+    the request fal accepted before, which ``status`` counts as possibly billed.
+    """
+    if job.state is JobState.SUCCEEDED:
+        return None
+    if job.error is None or not job.ambiguous_usd:
+        return job.error
+    return (
+        f"{job.error}; it had been sent: an earlier submit's outcome is unknown, so fal may have "
+        f"billed it ({usd_text(job.ambiguous_usd)} possibly billed)"
+    )
 
 
 def records(

@@ -65,6 +65,39 @@ def usd_text(value: Decimal | float | int | str | None, *, none: str = "$0.00") 
     return f"{sign}${abs(cents):,.2f}"
 
 
+#: The most decimals :func:`usd_apart` shows: money is stored in nano-dollars (``Money``), so two
+#: stored amounts that differ always differ by then.
+MOST_DECIMALS = 9
+
+
+def _usd_places(value: Decimal, places: int) -> str:
+    """``value`` as dollars rounded half up to ``places`` decimals, with thousands separators."""
+    rounded = value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    sign = "-" if rounded < 0 else ""
+    return f"{sign}${abs(rounded):,.{places}f}"
+
+
+def usd_apart(*amounts: Decimal | float | int | str) -> tuple[str, ...]:
+    """The ``amounts`` a message compares, each as :func:`usd_text` would write it, but with as
+    many decimals (the same number for all, from 2 up to :data:`MOST_DECIMALS`) as it takes for
+    amounts that differ to read differently.
+
+    A cap compares two amounts; rounded to the cent, an estimate of $1.0125 against a cap of
+    $1.01 read "the estimate $1.01 exceeds budget.max_usd $1.01", and a job refused by a cap of
+    $0.199999 "would commit $0.20 of the batch's $0.20 cap": each message contradicted itself.
+    Now ``$1.013`` and ``$1.010``, ``$0.203`` and ``$0.200``. Amounts that do not differ, or
+    whose cents already differ, read as :func:`usd_text` reads them. The one way every message
+    that compares money writes it (``estimate``'s budget warning, the budget caps' refusals).
+    """
+    exact = [as_decimal(a) for a in amounts]
+    distinct = len(set(exact))
+    for places in range(2, MOST_DECIMALS + 1):
+        shown = tuple(_usd_places(a, places) for a in exact)
+        if len(set(shown)) == distinct:
+            return shown
+    return tuple(_usd_places(a, MOST_DECIMALS) for a in exact)
+
+
 def usd_json(value: Decimal | float | int | str | None) -> float | None:
     """Dollars for JSON: a number rounded half up to the micro-dollar (None stays None)."""
     if value is None:

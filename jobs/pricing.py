@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
@@ -122,6 +123,38 @@ def estimate_job(
         assumption=pricing.assumption and not overridden,
         unit=pricing.unit_symbol,
     )
+
+
+@lru_cache(maxsize=64)
+def _registry_pricing(endpoint: str) -> dict[str, Any]:
+    """The registry's pricing entry of ``endpoint`` as JSON (built once, shared by its jobs)."""
+    return get_endpoint(endpoint).pricing.model_dump(mode="json", exclude_none=True)
+
+
+def price_table(endpoint: str, prices: BudgetSettings) -> dict[str, Any]:
+    """The pricing a job's estimate used: the registry entry, plus the user's
+    ``WANBATCH_PRICING_OVERRIDES`` for the endpoint (``overrides``) when there are any.
+
+    Stored per job (``Job.price_table``), so an estimate stays explainable after fal's prices or
+    the registry change, and so a job not sent yet whose table is not the one in force now is
+    known to be priced again (:func:`repricer`).
+    """
+    table = _registry_pricing(endpoint)
+    overrides = prices.pricing_overrides.get(endpoint)
+    return table if not overrides else {**table, "overrides": overrides}
+
+
+def priced_otherwise(endpoint: str, stored: Mapping[str, Any] | None, prices: BudgetSettings) -> bool:
+    """Whether a job of ``endpoint`` whose estimate used the table ``stored`` (its
+    ``price_table``) was priced otherwise than ``prices`` (a process's settings) price it now.
+
+    A job's estimate is what its budget cap reserves when it is sent. Fixed when the job was
+    stored, a price corrected afterwards (``WANBATCH_PRICING_OVERRIDES``) was ignored by the cap:
+    ``estimate`` said about 3 of 10 jobs fit, and 9 were sent. A job not sent yet that this says
+    True of is priced again (:func:`jobs.store.reprice_unsent`). One with no table (stored by a
+    version that kept none, or by hand) keeps its estimate: nothing says what priced it.
+    """
+    return stored is not None and dict(stored) != price_table(endpoint, prices)
 
 
 class EndpointEstimate(TypedDict):

@@ -37,7 +37,7 @@ from jobs.manifest import job_key
 from jobs.manifest.expand import MAX_JOBS
 from jobs.media import MediaKind, classify
 from jobs.models import NOT_IN_MANIFEST, Batch, utcnow
-from jobs.money import usd_text
+from jobs.money import usd_apart
 from jobs.printable import one_line, shell_ref, shortened
 from jobs.rendered import (
     RERUN_FAILED_STATES,
@@ -398,9 +398,10 @@ def _nothing_fits(parent: Batch, rows: list[store.NewJob], cap: Decimal, *, give
     cheapest = min(row.est_usd for row in rows)
     enough = cheapest.quantize(Decimal("0.01"), rounding=ROUND_CEILING)
     whose = "--max-usd" if given else f"batch {parent.name}'s budget.max_usd, which a rerun keeps"
+    capped, least = usd_apart(cap, cheapest)  # never "its cap $0.20 is below … $0.20"
     return (
-        f"cannot rerun batch {parent.name}: its cap {usd_text(cap)} ({whose}) is below the estimate of "
-        f"each of its {len(rows)} job(s) (the cheapest: {usd_text(cheapest)}), so every job would be "
+        f"cannot rerun batch {parent.name}: its cap {capped} ({whose}) is below the estimate of "
+        f"each of its {len(rows)} job(s) (the cheapest: {least}), so every job would be "
         f"cancelled for budget; nothing was stored. Give --max-usd {enough} or more"
     )
 

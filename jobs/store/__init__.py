@@ -36,7 +36,8 @@ The package is split by what its queries are about; everything is imported from 
   :mod:`~jobs.store.proofs` (proof that arrives late), :mod:`~jobs.store.unsent` (cancels of jobs
   fal does not hold);
 * :mod:`~jobs.store.batches`, :mod:`~jobs.store.dispatch` (its lock, the submit rate and pace),
-  :mod:`~jobs.store.creating` (storing a manifest's jobs);
+  :mod:`~jobs.store.creating` (storing a manifest's jobs), :mod:`~jobs.store.repricing` (jobs not
+  sent yet priced again with the prices in force);
 * :mod:`~jobs.store.leases` and :mod:`~jobs.store.due` (claims);
 * reads: :mod:`~jobs.store.reading`, :mod:`~jobs.store.repeats` (reruns' repeats),
   :mod:`~jobs.store.caps` (what the caps count), :mod:`~jobs.store.money`,
@@ -320,6 +321,8 @@ from jobs.store.repeats import rerun_repeats as rerun_repeats
 from jobs.store.repeats import rerun_repeats_of_batches as rerun_repeats_of_batches
 from jobs.store.repeats import rerun_wanted_of_batches as rerun_wanted_of_batches
 from jobs.store.repeats import sent_repeat
+from jobs.store.repricing import Repriced as Repriced
+from jobs.store.repricing import reprice_unsent as reprice_unsent
 from jobs.store.submitting import (
     adopt_request,
     followed_with_key,

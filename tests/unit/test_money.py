@@ -58,3 +58,25 @@ def test_a_rounding_note_names_only_the_columns_whose_lines_do_not_add_up() -> N
     )
     assert note is not None
     assert "(estimated)" in note
+
+
+@pytest.mark.parametrize(
+    ("amounts", "texts"),
+    [
+        # Rounded to the cent each read "$1.01": "the estimate $1.01 exceeds budget.max_usd $1.01".
+        ((Decimal("1.0125"), Decimal("1.01")), ("$1.013", "$1.010")),
+        ((Decimal("0.2025"), Decimal("0.199999")), ("$0.203", "$0.200")),
+        ((Decimal("1.00000001"), Decimal(1)), ("$1.00000001", "$1.00000000")),
+        ((Decimal("1234.5"), Decimal("1234.501")), ("$1,234.500", "$1,234.501")),
+        # Cents that already differ, or amounts that are equal, read as usd_text reads them.
+        ((Decimal("2.03"), Decimal(2)), ("$2.03", "$2.00")),
+        ((Decimal("1.01"), 1.01), ("$1.01", "$1.01")),
+        ((Decimal("-0.2025"), Decimal("-0.199999")), ("-$0.203", "-$0.200")),
+    ],
+)
+def test_usd_apart_shows_the_decimals_that_tell_two_amounts_apart(
+    amounts: tuple[Decimal | float, ...], texts: tuple[str, ...]
+) -> None:
+    from jobs.money import usd_apart
+
+    assert usd_apart(*amounts) == texts

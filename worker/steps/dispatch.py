@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.orm import Session
 
 from jobs import db, moved_outputs, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
-from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_text
+from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_apart, usd_text
 from jobs.output_store import OutputReadError
 from jobs.outputs import OutputWriteError
+from jobs.pricing import priced_otherwise
 from jobs.rendered import rerun_input
 from jobs.states import JobState
 from worker import logs
@@ -159,6 +160,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     if jobs:
         VERIFIED.next_round()  # outputs read for the previous round only serve this one
     batches.read({job.batch_id for job in jobs})
+    jobs = _priced_now(session, rt, jobs, batches)
     if len(jobs) < free:
         # Fewer due than tokens: nothing waits for the rate, whatever the bucket could not grant
         # (it holds a second's worth, often less than the cap has room for). Left "short", the
@@ -226,6 +228,64 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     if done.unused > 0:  # the shared bucket's too (the local one gets them in hand_on)
         store.return_submit_tokens(session, key_id, done.unused, capacity=rt.bucket.capacity)
     return done
+
+
+class _PricedAgain:
+    """A claimed job's columns as read, its estimate as this round priced it again
+    (:func:`_priced_now`): what its budget check and its reservation go by."""
+
+    def __init__(self, job: JobRecord, billing_units: Decimal, usd: Decimal) -> None:
+        self._job = job
+        self.est_billing_units = billing_units
+        self.est_usd = usd
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._job, name)
+
+
+def _priced_now(
+    session: Session, rt: Runtime, jobs: list[JobRecord], batches: _RoundBatches
+) -> list[JobRecord]:
+    """``jobs`` (this round's claims) with the estimates of those never sent priced by this
+    process's prices in force, when they were stored with others (:func:`jobs.pricing.priced_otherwise`).
+
+    The estimate a cap reserves is decided here, by the process that sends: in distributed mode
+    a worker's ``WANBATCH_PRICING_OVERRIDES``, not the prices of whoever submitted the manifest
+    (a price corrected after the submit was ignored: 9 of 10 jobs went out under a cap that
+    had room for 3). Every job of such a batch not sent yet is priced again at once
+    (:func:`jobs.store.reprice_unsent`), so the jobs a refusal ends with it
+    (:func:`_end_what_cannot_fit`, by their estimate in SQL) are judged by the same prices; one
+    line says how the batch's estimate changed. A job sent before keeps its estimate.
+    """
+    stale = {
+        job.batch_id
+        for job in jobs
+        if job.attempts == 0
+        and job.submitted_at is None
+        and priced_otherwise(job.endpoint, job.price_table, rt.settings)
+    }
+    if not stale:
+        return jobs
+    priced: dict[str, tuple[Decimal, Decimal]] = {}
+    for batch_id in sorted(stale):
+        wanted = [job.id for job in jobs if job.batch_id == batch_id]
+        repriced = store.reprice_unsent(session, batch_id, rt.settings, wanted=wanted)
+        priced.update(repriced.wanted)
+        if repriced.changed:
+            after = store.batch_estimated_usd(session, batch_id)
+            was, now = usd_apart(after - repriced.after_usd + repriced.before_usd, after)
+            said = partial(
+                log.warning,
+                "batch %s: estimates changed with the prices in force: %s → %s (%d job(s) not sent "
+                "yet priced again; jobs already sent keep theirs)",
+                batches.get(batch_id).name,
+                was,
+                now,
+                repriced.jobs,
+                extra={"event": "dispatch.repriced", "batch_id": batch_id},
+            )
+            db.after_commit(session, said)
+    return [cast(JobRecord, _PricedAgain(job, *priced[job.id])) if job.id in priced else job for job in jobs]
 
 
 class _RoundBatches:
@@ -778,19 +838,17 @@ def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | 
 
 
 def _batch_cap_error(batch_committed: Decimal, cap: Decimal, est_usd: Decimal) -> str:
-    """The ``error`` of a job its batch's cap refused (:data:`~jobs.money.BATCH_CAP_ERROR`)."""
-    return (
-        f"budget: submitting would commit {usd_text(batch_committed + est_usd)} "
-        f"of the batch's {usd_text(cap)} cap"
-    )
+    """The ``error`` of a job its batch's cap refused (:data:`~jobs.money.BATCH_CAP_ERROR`): the
+    two amounts with the decimals that tell them apart (:func:`~jobs.money.usd_apart`)."""
+    would, capped = usd_apart(batch_committed + est_usd, cap)
+    return f"budget: submitting would commit {would} of the batch's {capped} cap"
 
 
 def _daily_cap_error(today: Decimal, daily_cap: Decimal, est_usd: Decimal) -> str:
-    """The ``error`` of a job the day's cap refused (:data:`~jobs.money.DAILY_CAP_ERROR`)."""
-    return (
-        f"budget: submitting would commit {usd_text(today + est_usd)} of today's "
-        f"{usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD)"
-    )
+    """The ``error`` of a job the day's cap refused (:data:`~jobs.money.DAILY_CAP_ERROR`), its
+    amounts as :func:`_batch_cap_error` writes them."""
+    would, capped = usd_apart(today + est_usd, daily_cap)
+    return f"budget: submitting would commit {would} of today's {capped} cap (WANBATCH_DAILY_BUDGET_USD)"
 
 
 def _end_what_cannot_fit(
