@@ -628,13 +628,14 @@ def guarded_read(as_json: bool, action: Callable[[], int | None]) -> None:
     ``diff``): its PostgreSQL transactions wait at most ``WANBATCH_DATABASE_LOCK_WAIT`` for a lock
     another session holds (:func:`jobs.db.lock_waits_bounded`), then it ends with one line naming
     that session (exit 2, as for a database that cannot be reached) instead of waiting in silence
-    for as long as the other session stays open."""
+    for as long as the other session stays open. It only reads (:func:`jobs.db.only_reading`): a
+    SQLite database whose disk is full is read as it is, where a writing command refuses."""
 
     def bounded() -> int | None:
         from jobs import db
         from jobs.settings import get_settings
 
-        with db.lock_waits_bounded(get_settings()):
+        with db.lock_waits_bounded(get_settings()), db.only_reading():
             return action()
 
     guarded(as_json, bounded)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import logging
 import math
 import os
@@ -2183,7 +2184,11 @@ def _opened_engine(url: str) -> Engine:
     """A new engine for ``url``, migrated to head (:func:`migrate`); :class:`ConfigError` else.
 
     A SQLite file this call created (:func:`_prepare_sqlite_file`) whose schema could not be
-    created for want of space is removed again: a full disk left an empty ``wb.db`` behind."""
+    created for want of space is removed again: a full disk left an empty ``wb.db`` behind. On
+    an existing SQLite file, the side files the failed open made are removed
+    (:func:`_remove_open_debris`), and inside :func:`only_reading` the database is read without
+    them (:func:`_full_disk_reader`) rather than refused."""
+    absent = _absent_side_files(url)
     engine, created = _built_engine(url)  # ConfigError for a URL that is not SQLite or PostgreSQL
     try:
         migrate(engine)
@@ -2196,6 +2201,10 @@ def _opened_engine(url: str) -> Engine:
         if is_disk_full(exc) or (isinstance(exc, DBAPIError | sqlite3.Error) and _no_room_beside(url)):
             if created is not None:
                 _remove_if_empty(created)
+            else:
+                _remove_open_debris(url, absent)
+                if _ONLY_READING.get():
+                    return _full_disk_reader(url)
             raise disk_full_error(url) from None
         if is_lock_timeout(exc):  # an operator's command bounded its wait (lock_waits_bounded)
             raise database_locked_error(url) from None
@@ -2230,6 +2239,188 @@ def _holds_no_table(path: Path) -> bool:
             return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0)
     except (OSError, sqlite3.Error):
         return False
+
+
+# --------------------------------------------------------------------------- reading on a full disk
+
+#: True inside :func:`only_reading`: this context only reads the database.
+_ONLY_READING: contextvars.ContextVar[bool] = contextvars.ContextVar("wanbatch_only_reading", default=False)
+#: The engines :func:`_full_disk_reader` made (:class:`_Engines` hands one out only to a reader).
+_FULL_DISK_READERS: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def only_reading() -> Iterator[None]:
+    """Inside the block, this context only reads the database: the commands an operator runs
+    to look (``status``, ``cost``, ``export``, ``diff``: :func:`cli.output.guarded_read`). A
+    SQLite database that cannot be opened because its disk is full is then read without the
+    ``-shm`` file SQLite needs room for (:func:`_full_disk_reader`), instead of refused: in WAL
+    mode SQLite creates and grows ``-shm`` even to read (``SQLITE_IOERR_SHMSIZE``), and so does
+    a ``mode=ro`` connection. Follows the context (:mod:`contextvars`), as
+    :func:`lock_waits_bounded` does."""
+    token = _ONLY_READING.set(True)
+    try:
+        yield
+    finally:
+        _ONLY_READING.reset(token)
+
+
+#: SQLite's locks on a database file (https://www.sqlite.org/lockingv3.html; ``PENDING_BYTE``,
+#: ``SHARED_FIRST`` and ``SHARED_SIZE`` in https://sqlite.org/src/file?name=src/os.h): every
+#: connection holds a read lock on one byte of this range for as long as it has a WAL database
+#: open; an exclusive lock on all of it is SQLite's "EXCLUSIVE", held by nobody else.
+_SQLITE_SHARED_FIRST = 0x40000000 + 2
+_SQLITE_SHARED_SIZE = 510
+
+
+def _absent_side_files(url: str) -> frozenset[str]:
+    """The side files (``-wal``, ``-shm``) missing beside the SQLite file of ``url`` now (none
+    for PostgreSQL or an unusable URL): what an open that fails afterwards made itself."""
+    with contextlib.suppress(ConfigError):
+        target = sqlite_file(url)
+        if target is not None:
+            return frozenset(side for side in ("-wal", "-shm") if not os.path.lexists(f"{target.path}{side}"))
+    return frozenset()
+
+
+def _remove_open_debris(url: str, absent: frozenset[str]) -> None:
+    """Remove the ``-wal`` and ``-shm`` files an open of ``url`` that failed for want of space
+    left beside the database (an empty ``-wal``, a 3-byte ``-shm``: SQLite could create them
+    but not grow the index), when they were ``absent`` before it and still hold nothing: an
+    empty log, an index of zero bytes only (SQLite writes a header into one it uses).
+
+    Only while no other connection has the database open: SQLite's own test before it deletes
+    a WAL database's side files on close (``sqlite3WalClose``, https://sqlite.org/src/file?name=src/wal.c),
+    an exclusive lock on the database file's shared-lock range, which every connection to a WAL
+    database holds a part of (:data:`_SQLITE_SHARED_FIRST`); held while they are removed, so
+    that no connection opens them meanwhile. A file that cannot be locked (this user may not
+    write it) is left as it is."""
+    target = sqlite_file(url)
+    if target is None or not absent:
+        return
+    candidates = [Path(f"{target.path}{side}") for side in ("-wal", "-shm") if side in absent]
+    candidates = [path for path in candidates if _holds_nothing(path)]
+    if not candidates:
+        return
+    try:
+        fd = os.open(target.path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, _SQLITE_SHARED_SIZE, _SQLITE_SHARED_FIRST)
+        except OSError:  # another connection has the database open: the files are its too
+            return
+        for path in candidates:
+            if _holds_nothing(path):  # looked at again, under the lock
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    finally:
+        os.close(fd)  # releases the lock
+
+
+#: The largest side file :func:`_holds_nothing` reads through: a failed open leaves a few bytes.
+_DEBRIS_BYTES = 1 << 16
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is a regular file of zero bytes only (no more than :data:`_DEBRIS_BYTES`)."""
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _DEBRIS_BYTES:
+            return False
+        return path.read_bytes().count(0) == info.st_size
+    except OSError:
+        return False
+
+
+def _unread_log(path: Path) -> str | None:
+    """Which file beside the SQLite database ``path`` holds changes that are not in the file
+    itself (a non-empty ``-wal``, or a rollback ``-journal``: a process that ended without a
+    checkpoint, or one still running); None when everything is in the file."""
+    for side in ("-wal", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            if Path(f"{path}{side}").stat().st_size > 0:
+                return f"{path.name}{side}"
+    return None
+
+
+def _full_disk_reader(url: str) -> Engine:
+    """An engine that reads the SQLite database of ``url`` whose disk is full, for a context
+    that only reads (:func:`only_reading`); the :func:`disk_full_error` line when it cannot.
+
+    The file is opened ``mode=ro&immutable=1`` (https://www.sqlite.org/uri.html#uriimmutable):
+    no locks, no ``-wal`` and no ``-shm``, so no room needed. That reads exactly what the
+    database holds only while everything is in the file: no ``-wal`` with changes beside it.
+    When there is one (a process that ended without a checkpoint, its ``-shm`` gone; or one
+    still running), this refuses, saying so, rather than show an older database that the
+    commands would present as the current one: reading the log needs the ``-shm`` index. A
+    process that writes while this reads would change the file under an immutable reader, but
+    on a full disk nothing can be written; freed space lets writers on again at once, and a
+    command that meets a change mid-read is one a second later would not.
+
+    The schema must be this version's (:data:`SCHEMA_HEAD`): nothing can be migrated. A write
+    tried on it fails as SQLite's ``SQLITE_FULL`` would (:func:`is_disk_full`), where the disk
+    would have refused it too."""
+    target = sqlite_file(url)
+    if target is None:
+        raise disk_full_error(url) from None
+    if (unread := _unread_log(target.path)) is not None:
+        raise disk_full_error(
+            url,
+            then=(
+                f"run the command again ({unread} holds changes not yet in the database file, and "
+                f"reading them needs room for SQLite's {target.path.name}-shm); nothing was changed"
+            ),
+        ) from None
+    parsed = normalize_url(url)
+    options = [(k, v) for k, v in target.options if k not in ("mode", "immutable")]
+    options += [("mode", "ro"), ("immutable", "1")]
+    database = f"file:{quote(str(target.path))}?{urlencode(options)}"
+    query = {k: v for k, v in parsed.query.items() if k in _PYSQLITE_OPTIONS} | {"uri": "true"}
+    engine = _create_engine(parsed.set(database=database, query=query))
+    _configure_full_disk_reader(engine)
+    try:
+        heads, tables = _current_schema(engine)
+        if heads != {SCHEMA_HEAD}:  # older (no migration can run), newer, or none
+            raise disk_full_error(url)
+        if missing := _missing_tables(tables):
+            raise schema_missing_error(url, f"no table {', '.join(missing)}")
+    except ConfigError:
+        engine.dispose()
+        raise
+    except (DBAPIError, OSError, sqlite3.Error):
+        engine.dispose()
+        raise disk_full_error(url) from None
+    _FULL_DISK_READERS.add(engine)
+    return engine
+
+
+def _configure_full_disk_reader(engine: Engine) -> None:
+    """A :func:`_full_disk_reader` engine's connections: transactions begun here (a deferred
+    ``BEGIN``: there is no lock to take), nothing written (``query_only``), a write refused as
+    the full disk would refuse it."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # as _configure_sqlite: the "begin" event begins
+        dbapi_connection.execute("PRAGMA query_only = ON")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        _begin(connection.connection.dbapi_connection, "BEGIN")
+
+    @event.listens_for(engine, "handle_error")
+    def _as_full(context: Any) -> None:
+        orig = context.original_exception
+        if (
+            isinstance(orig, sqlite3.Error)
+            and (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY
+        ):
+            full = sqlite3.OperationalError("database or disk is full (read without room to write)")
+            full.sqlite_errorcode = _SQLITE_FULL
+            full.sqlite_errorname = "SQLITE_FULL"
+            raise OperationalError(context.statement, context.parameters, full) from None
 
 
 #: How long :func:`sqlite_holds_batch` waits for a lock before it gives up (and says "not known").
@@ -2282,6 +2473,10 @@ class _Engines:
     def __call__(self, url: str) -> Engine:
         with self._lock:
             engine = self._engines.get(url)
+            if engine is not None and engine in _FULL_DISK_READERS and not _ONLY_READING.get():
+                del self._engines[url]  # read-only, for reading on a full disk: open it afresh
+                engine.dispose()
+                engine = None
             if engine is not None:
                 self._engines.move_to_end(url)
                 return engine

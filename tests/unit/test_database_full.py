@@ -3,8 +3,11 @@ submissions the database could not take (its file, its folders, what it trusts w
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import stat
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,3 +98,50 @@ def test_the_journal_is_kept_in_the_first_folder_that_takes_it_and_removed_once_
     assert list(second.iterdir()) == []
     # A folder that cannot take it at all: nowhere, said so (the caller logs the entries).
     assert Journal("sqlite:///x.db", folders=[missing]).save([one]) is None
+
+
+def test_side_files_a_failed_open_left_are_removed_only_while_nobody_has_the_database_open(
+    tmp_path: Path,
+) -> None:
+    """An empty ``-wal`` and a ``-shm`` of zero bytes (what an open on a full disk leaves) are
+    removed, but not while another process holds the database (SQLite's shared lock on it), and
+    never a file that holds something."""
+    path = tmp_path / "wb.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+    url = f"sqlite:///{path}"
+    wal, shm = tmp_path / "wb.db-wal", tmp_path / "wb.db-shm"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "conn.execute('BEGIN'); conn.execute('SELECT * FROM t').fetchall()\n"
+            "print('holding', flush=True); sys.stdin.read()\n",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "holding\n"
+        wal.write_bytes(b"")
+        shm.write_bytes(b"\0\0\0")
+        db._remove_open_debris(url, frozenset({"-wal", "-shm"}))
+        assert wal.exists()
+        assert shm.exists()
+    finally:
+        holder.communicate("", timeout=10)
+    db._remove_open_debris(url, frozenset({"-wal"}))  # only what this open made
+    assert not wal.exists()
+    assert shm.exists()
+    shm.write_bytes(b"\0\0\1")  # holds something
+    db._remove_open_debris(url, frozenset({"-shm"}))
+    assert shm.exists()
+    shm.write_bytes(b"\0\0\0")
+    db._remove_open_debris(url, frozenset({"-shm"}))
+    assert not shm.exists()
