@@ -33,6 +33,7 @@ from cli.output import (
     cost_heading,
     cost_rounding_note,
     cost_table,
+    daily_cap_origin,
     emit_json,
     emit_json_list,
     err,
@@ -171,7 +172,11 @@ def status(batch: str | None, as_json: bool) -> None:
             return EXIT_OK
         if batch is not None:
             # paused: with the reason; an ETA only while work goes on
-            print_report(reports[0], distributed=bool(settings.broker_url))
+            print_report(
+                reports[0],
+                distributed=bool(settings.broker_url),
+                daily_cap_from=daily_cap_origin(settings, reports[0]),
+            )
             return EXIT_OK
         print_batches(reports, distributed=bool(settings.broker_url))
         return EXIT_OK
@@ -1041,7 +1046,9 @@ def _run_and_report(
             }
         )
     else:
-        print_summary(report, distributed=bool(settings.broker_url))
+        print_summary(
+            report, distributed=bool(settings.broker_url), daily_cap_from=daily_cap_origin(settings, report)
+        )
         where = open_output_store(settings).describe()
         say(escape(f"outputs in {where}; finished in {stats.wall_seconds:.1f}s"))
     return EXIT_USAGE if held else final_code(report)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from jobs.batches import BatchReport, SubmitResult
     from jobs.cost import CostLine, CostReport
     from jobs.pricing import EstimateReport
+    from jobs.settings import Settings
 
 #: The widest ``COLUMNS`` (and tallest ``LINES``) taken: wider than any screen; a larger value is
 #: taken as this. Layout loops over the width (:func:`distinct_fits`): a billion never ended.
@@ -1017,9 +1018,10 @@ def pause_over_text(report: BatchReport) -> str:
     return f"{words}: its {unsent} unsent job(s) end cancelled when a run or a worker processes it"
 
 
-def money_line(report: BatchReport) -> str:
+def money_line(report: BatchReport, *, daily_cap_from: str | None = None) -> str:
     """Estimated, spent, budget and what went wrong with money: short lines, no markup escaping
-    needed by the caller (ids and numbers only)."""
+    needed by the caller (ids and numbers only). ``daily_cap_from``: where the day's cap that
+    applied is set, when not in this process (:func:`daily_cap_origin`)."""
     first = [f"estimated {usd_text(report['estimated_usd'])}", f"spent {usd_text(report['spent_usd'])}"]
     if report["budget_max_usd"] is not None:
         first.append(f"budget {usd_text(report['budget_max_usd'])}")
@@ -1051,7 +1053,7 @@ def money_line(report: BatchReport) -> str:
         lines.append(
             f"[yellow]{report['cancelled_for_budget']} job(s) cancelled: budget cap reached[/yellow]"
         )
-        lines.extend(_budget_advice(report))
+        lines.extend(_budget_advice(report, daily_cap_from=daily_cap_from))
     if report.get("cancelled_for_deadline") and report["finished"] == report["total"]:
         lines.append(f"[yellow]{deadline_cancelled_text(report)}[/yellow]")
         lines.extend(_deadline_advice(report))
@@ -1105,12 +1107,17 @@ def _pending_line(report: BatchReport) -> str:
     return escape("; ".join(parts))
 
 
-def _budget_advice(report: BatchReport) -> list[str]:
-    """How to run what a cap cancelled: a new batch cap (``--max-usd``) for the jobs the batch's
-    own cap stopped; a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC day, for those the
-    daily cap stopped — which no ``--max-usd`` can let through. Jobs a rerun already rendered,
-    or an unfinished one is rendering, are not counted: ``rerun --failed-only`` leaves them out
-    (:func:`_rendered_line` says where their videos are, :func:`_pending_line` how to go on)."""
+def _budget_advice(report: BatchReport, *, daily_cap_from: str | None = None) -> list[str]:
+    """How to run what a cap cancelled: for the jobs the batch's own cap stopped, a higher
+    ``budget.max_usd`` in its manifest, run again (the jobs the cap cancelled unsent are pending
+    again, :func:`jobs.store.revive_budget_cancelled`; a batch made from a manifest only), or a
+    rerun with a new cap (``--max-usd``); a higher ``WANBATCH_DAILY_BUDGET_USD``, or the next UTC
+    day, for those the daily cap stopped — which no ``--max-usd`` can let through, and which a
+    raised batch cap leaves cancelled. ``daily_cap_from``: how to raise the day's cap where it
+    is set, when this process's is not the one that applied (the workers', with a broker:
+    :func:`daily_cap_origin`). Jobs a rerun already rendered, or an unfinished one is rendering,
+    are not counted: ``rerun --failed-only`` leaves them out (:func:`_rendered_line` says where
+    their videos are, :func:`_pending_line` how to go on)."""
     # A simulation's jobs go to the simulator again: without --simulate the hint would send
     # them to fal (paid), or stop at the missing FAL_KEY.
     simulate = " --simulate" if report["simulated"] else ""
@@ -1121,13 +1128,55 @@ def _budget_advice(report: BatchReport) -> list[str]:
     advice = []
     if capped:
         them = f"the other {capped}" if any(c["cancelled_for_budget"] for c in covered) else "them"
-        advice.append(f"  to run {them}: `{rerun} --max-usd AMOUNT`")
+        if report.get("parent_batch") is None:  # made from a manifest: its cap can be raised there
+            again = f"`wanbatch run MANIFEST{simulate}`"
+            advice.append(
+                f"  to run {them}: raise budget.max_usd in its manifest, then {again} (the jobs its "
+                f"cap cancelled unsent are sent under the new cap), or `{rerun} --max-usd AMOUNT`"
+            )
+        else:
+            advice.append(f"  to run {them}: `{rerun} --max-usd AMOUNT`")
     if daily:
+        how = escape(daily_cap_from) if daily_cap_from else "raise it"
         advice.append(
-            f"  {daily} by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next "
+            f"  {daily} by today's cap (WANBATCH_DAILY_BUDGET_USD): {how}, or wait for the next "
             f"UTC day, then `{rerun}`"
         )
     return advice
+
+
+def daily_cap_words(here: Decimal | None, workers: Mapping[str, list[str]] | None) -> str:
+    """How to raise the day's cap that applied, in a distributed setup: the workers dispatch, so
+    their ``WANBATCH_DAILY_BUDGET_USD`` decides, not the one of the process that says it.
+    ``here``: this process's; ``workers``: each value the live workers publish
+    (:func:`worker.peers.outcome_settings`), with the workers that have it (None or empty: none
+    could be read). An audit set ``WANBATCH_DAILY_BUDGET_USD=100`` on its ``run`` while the
+    workers had 3.00: every job was cancelled, and the advice said only "raise it"."""
+    mine = str(here) if here is not None else "(unset)"
+    restart = "raise it where the workers run and restart them"
+    if not workers:
+        return f"the workers' setting applies, not this process's ({mine}): {restart}"
+    if set(workers) == {mine}:
+        return f"the workers' setting applies ({mine} on each): {restart}"
+    theirs = "; ".join(f"{value} on {', '.join(names)}" for value, names in workers.items())
+    return f"the workers' setting applies, not this process's ({mine}): {theirs}; {restart}"
+
+
+def daily_cap_origin(settings: Settings, report: BatchReport) -> str | None:
+    """:func:`daily_cap_words` for ``report``'s jobs the day's cap cancelled, when a broker is
+    configured (the workers dispatch: their setting applied); None without one (this process's
+    setting is the one), or when no such job is advised (nothing read then)."""
+    if not settings.broker_url or report["simulated"] or not report["cancelled_for_daily_budget"]:
+        return None
+    # Not worker.steps: a run that watches the workers never loads their machinery.
+    from worker.doctor import database_id
+    from worker.peers import read_peers
+
+    workers: dict[str, list[str]] = {}
+    for peer in read_peers(settings, database_id(settings)):
+        value = peer.settings.get("WANBATCH_DAILY_BUDGET_USD", "(not published)")
+        workers.setdefault(value, []).append(peer.name)
+    return daily_cap_words(settings.daily_budget_usd, workers)
 
 
 def _deadline_advice(report: BatchReport) -> list[str]:
@@ -1177,10 +1226,12 @@ def print_failures(report: BatchReport) -> None:
         out.print(line, soft_wrap=True)
 
 
-def print_report(report: BatchReport, *, distributed: bool = False) -> None:
+def print_report(
+    report: BatchReport, *, distributed: bool = False, daily_cap_from: str | None = None
+) -> None:
     """One batch for a human (``status BATCH``, and the end of ``run``): heading, why it is held
     back, counts, progress, money, schedule notes and failure reasons (``distributed``: a broker
-    is configured, see :func:`idle_text`)."""
+    is configured, see :func:`idle_text`; ``daily_cap_from``: :func:`daily_cap_origin`)."""
     from jobs.batches import (  # loaded already: they made the report
         SCHEDULE_OVER,
         schedule_words,
@@ -1204,7 +1255,7 @@ def print_report(report: BatchReport, *, distributed: bool = False) -> None:
         say(escape(uncancelled), "yellow")
     out.print(status_table(report))
     say(escape(progress_text(report, distributed=distributed)))
-    for line in money_line(report).splitlines():
+    for line in money_line(report, daily_cap_from=daily_cap_from).splitlines():
         say(line)
     # "schedule: paused by user (…)", "…: waiting for window (opens …)", "…: past deadline: …"
     # (the dashboard's batch page says the same words)
@@ -1245,9 +1296,11 @@ def _paused_text(report: BatchReport) -> str:
     )
 
 
-def print_summary(report: BatchReport, *, distributed: bool = False) -> None:
+def print_summary(
+    report: BatchReport, *, distributed: bool = False, daily_cap_from: str | None = None
+) -> None:
     """A finished batch for a human: the counts, the money lines and why jobs failed."""
-    print_report(report, distributed=distributed)
+    print_report(report, distributed=distributed, daily_cap_from=daily_cap_from)
 
 
 # --------------------------------------------------------------------------- every batch

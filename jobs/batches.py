@@ -154,6 +154,9 @@ class SubmitResult:
     budget_max_usd: Decimal | None = None
     #: ``{"from": old, "to": new}`` (USD, None = no cap) when this submit changed the cap.
     budget_changed: dict[str, float | None] | None = None
+    #: Jobs the batch's old cap had cancelled before sending them that this submit, raising or
+    #: removing the cap, made ``pending`` again (:func:`jobs.store.revive_budget_cancelled`).
+    budget_revived: int = 0
     #: The batch's schedule (``Schedule.as_json()``, None = none) and queue priority after this submit.
     schedule: dict[str, Any] | None = None
     priority: str = "normal"
@@ -215,6 +218,7 @@ class SubmitResult:
             "budget_max_usd": _money(self.budget_max_usd),
             "budget_changed": self.budget_changed,
             "estimate_changed": self.estimate_changed,
+            "budget_revived": self.budget_revived,
             "schedule": self.schedule,
             "priority": self.priority,
             "schedule_changed": self.schedule_changed,
@@ -282,7 +286,13 @@ class SubmitResult:
             was, now = usd_apart(old, new)
         else:
             was, now = _cap_text(old), _cap_text(new)
-        return f"budget of batch {self.name} changed: {was} → {now} (applies to every job not yet sent)"
+        revived = ""
+        if self.budget_revived:
+            revived = (
+                f"; {self.budget_revived} job(s) its old cap cancelled before sending them are pending "
+                "again, decided by the new cap"
+            )
+        return f"budget of batch {self.name} changed: {was} → {now} (applies to every job not yet sent){revived}"
 
     def estimate_note(self) -> str | None:
         """The stderr line saying the prices in force changed the estimates of jobs not sent
@@ -480,6 +490,15 @@ def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dic
     return change
 
 
+def cap_raised(old: Decimal | None, new: Decimal | None) -> bool:
+    """Whether a batch cap going from ``old`` to ``new`` (None: no cap) lets more through: the
+    jobs the old one cancelled unsent are then decided again (:func:`jobs.store.revive_budget_cancelled`);
+    a lower cap would only cancel them again."""
+    if old is None:
+        return False  # no cap before: nothing was cancelled by one
+    return new is None or new > old
+
+
 def _schedule_json(schedule: Schedule) -> dict[str, Any] | None:
     """How a schedule is stored and compared: None when it constrains nothing."""
     return None if schedule.is_empty() else schedule.as_json()
@@ -514,7 +533,10 @@ def submit_manifest(
     an edited manifest adds only its new jobs, and gives every job its place in the edited text:
     :func:`jobs.store.resubmit_jobs`). The manifest's *current* budget always applies:
     submitting again with a lower, higher or no ``budget.max_usd`` changes the stored cap (and
-    the result says so in ``budget_changed``); so do its current ``schedule`` and ``priority``
+    the result says so in ``budget_changed``); a raised or removed cap makes ``pending`` again
+    the jobs the old one cancelled before sending them (``budget_revived``,
+    :func:`jobs.store.revive_budget_cancelled`): the message says the new cap applies to every
+    job not yet sent, and those were never sent. So do its current ``schedule`` and ``priority``
     (``schedule_changed``), and ``reuse_outputs``. A user's ``wanbatch pause`` is left as it is:
     only ``resume`` ends it. A batch ``wanbatch cancel`` ended is refused (:func:`refuse_cancelled`)
     and nothing is stored: its new jobs would only be cancelled. Submitted from another place
@@ -590,6 +612,7 @@ def submit_manifest(
             # where its files are; resubmit_jobs gives the stored jobs their new paths.
             manifest_moved = {"from": batch.manifest_path, "to": manifest_path}
             store.set_batch_manifest_path(session, batch.id, manifest_path)
+        cap_before = batch.budget_max_usd
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
             # Provenance: the batch keeps the manifest it was last submitted from.
@@ -613,8 +636,12 @@ def submit_manifest(
                 refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored, in_manifest)
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
-        # The jobs stored before and not sent yet: priced with the prices in force now, as
-        # `estimate` prices them, so the cap reserves what they will cost (the new jobs were).
+        revived = 0
+        if budget_changed is not None and cap_raised(cap_before, manifest.budget_max_usd):
+            # After resubmit_jobs: a job the manifest no longer has is marked, and stays ended.
+            revived = store.revive_budget_cancelled(session, batch.id)
+        # The jobs stored before and not sent yet (those just revived included): priced with the
+        # prices in force now, as `estimate` prices them, so the cap reserves what they will cost.
         repriced = None if created else store.reprice_unsent(session, batch.id, settings)
         if refuse_paused_batch:
             refuse_paused(session, batch)  # raised inside the transaction: nothing is stored
@@ -635,6 +662,7 @@ def submit_manifest(
         result = _submitted(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
+        result.budget_revived = revived
         if moved:
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:

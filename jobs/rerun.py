@@ -194,7 +194,9 @@ def rerun_batch(
     returned (so a rerun reproduces the outputs); ``failed_only`` keeps only jobs that ended
     failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
     submission so the rerun is itself reproducible. ``max_usd`` is the new batch's budget cap
-    (default: the parent's cap), which is how jobs a cap cancelled get another chance. The
+    (default: what is left of the parent's cap once the parent and its reruns committed their
+    money, :func:`_left_of_cap`, said in a warning; none when the parent has none), which is how
+    jobs a cap cancelled get another chance. The
     parent's queue priority and daily window carry over; its ``not_before`` and deadline do
     not (the parent's deadline has usually passed: the jobs it cancelled are what is rerun).
     ``simulated`` (``--simulate``) makes the new batch a simulation, whatever the parent was.
@@ -343,9 +345,10 @@ def rerun_batch(
         if not rows:
             raise NothingToRerun(_all_changed(parent, sources))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
-        cap = parent.budget_max_usd if max_usd is None else max_usd
+        left = None if max_usd is not None else _left_of_cap(session, parent)
+        cap = max_usd if left is None else left.cap
         if cap is not None and rows and min(row.est_usd for row in rows) > cap:
-            raise UsageError(_nothing_fits(parent, rows, cap, given=max_usd is not None))
+            raise UsageError(_nothing_fits(parent, rows, cap, given=max_usd is not None, left=left))
         warnings[:0] = _left_out(parent, covered)
         if not_in_manifest:
             warnings.insert(0, _not_in_manifest_left_out(parent, len(not_in_manifest)))
@@ -359,12 +362,14 @@ def rerun_batch(
             before_storing()
         name = _rerun_name(session, parent)
         check_output_names(settings, name)  # raised inside the transaction: nothing is stored
+        if left is not None and left.committed:
+            warnings.insert(0, left.line(name, parent))
         batch, created = store.get_or_create_batch(
             session,
             name=name,
             manifest_path=parent.manifest_path,
             manifest_sha256=parent.manifest_sha256,
-            budget_max_usd=parent.budget_max_usd if max_usd is None else max_usd,
+            budget_max_usd=cap,
             parent_batch_id=parent.id,
             priority=parent.priority,
             schedule=None if send_now else _rerun_schedule(parent),
@@ -391,13 +396,63 @@ def rerun_batch(
         return _submitted(session, batch, created, added, existing, warnings)
 
 
-def _nothing_fits(parent: Batch, rows: list[store.NewJob], cap: Decimal, *, given: bool) -> str:
+@dataclass(frozen=True, slots=True)
+class _LeftOfCap:
+    """A rerun's default cap (no ``--max-usd``): what is left of its parent's cap once the parent
+    and its reruns (every generation) have committed their money."""
+
+    #: The parent's cap.
+    parent_cap: Decimal
+    #: What the parent and its reruns have committed (:func:`jobs.store.lineage_committed_usd`).
+    committed: Decimal
+
+    @property
+    def cap(self) -> Decimal:
+        """The new rerun's cap: never below 0."""
+        return max(self.parent_cap - self.committed, Decimal(0))
+
+    def words(self, parent: Batch) -> str:
+        """``what is left of batch sweep's budget.max_usd ($2.00; $1.60 committed by it and its reruns)``."""
+        return (
+            f"what is left of batch {parent.name}'s budget.max_usd ({usd_text(self.parent_cap)}; "
+            f"{usd_text(self.committed)} committed by it and its reruns)"
+        )
+
+    def line(self, name: str, parent: Batch) -> str:
+        """The stderr line saying where the new rerun's cap comes from."""
+        return (
+            f"rerun {name}: its cap is {usd_text(self.cap)}: what is left of batch {parent.name}'s "
+            f"{usd_text(self.parent_cap)} budget.max_usd, {usd_text(self.committed)} of which it and its "
+            "reruns have committed; `--max-usd AMOUNT` sets another cap"
+        )
+
+
+def _left_of_cap(session: Session, parent: Batch) -> _LeftOfCap | None:
+    """The default cap of a rerun of ``parent`` (None: the parent has no cap, nor has its rerun).
+
+    It used to be the parent's cap itself, afresh: a batch that spent its $2.00 and was rerun
+    ``--failed-only`` could spend $2.00 more, $4.00 for a manifest that says ``max_usd: 2.00``
+    (each rerun as much again). The user's cap is for the lineage, so a rerun gets what the
+    parent and its reruns have not committed; ``--max-usd`` says otherwise on purpose."""
+    if parent.budget_max_usd is None:
+        return None
+    return _LeftOfCap(parent.budget_max_usd, store.lineage_committed_usd(session, parent.id))
+
+
+def _nothing_fits(
+    parent: Batch, rows: list[store.NewJob], cap: Decimal, *, given: bool, left: _LeftOfCap | None = None
+) -> str:
     """Why a rerun whose budget cap is below every job's estimate is refused: the cap would
     cancel each one before sending it (a job is sent when its estimate fits under what is left),
     and each such command stored a batch of nothing but jobs cancelled for budget."""
     cheapest = min(row.est_usd for row in rows)
     enough = cheapest.quantize(Decimal("0.01"), rounding=ROUND_CEILING)
-    whose = "--max-usd" if given else f"batch {parent.name}'s budget.max_usd, which a rerun keeps"
+    if given:
+        whose = "--max-usd"
+    elif left is not None:
+        whose = left.words(parent)
+    else:
+        whose = f"batch {parent.name}'s budget.max_usd, which a rerun keeps"
     capped, least = usd_apart(cap, cheapest)  # never "its cap $0.20 is below … $0.20"
     return (
         f"cannot rerun batch {parent.name}: its cap {capped} ({whose}) is below the estimate of "

@@ -1142,7 +1142,8 @@ def _database_fingerprint(settings: Settings) -> str | _Unknown | None:
     from sqlalchemy.pool import NullPool
 
     from jobs import db, store
-    from worker.steps.webhooks import WEBHOOK_SECRET, database_fingerprint
+    from jobs.fingerprint import database_fingerprint
+    from jobs.store import WEBHOOK_SECRET
 
     try:
         url = db.normalize_url(settings.database_url)

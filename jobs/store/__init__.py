@@ -122,6 +122,7 @@ from jobs.store.creating import Resubmitted as Resubmitted
 from jobs.store.creating import mark_reruns_not_in_manifest as mark_reruns_not_in_manifest
 from jobs.store.creating import places_after as places_after
 from jobs.store.creating import resubmit_jobs as resubmit_jobs
+from jobs.store.creating import revive_budget_cancelled as revive_budget_cancelled
 from jobs.store.dashboard_sessions import dashboard_session_revoked, revoke_dashboard_session
 from jobs.store.dispatch import (
     SubmitTokens,
@@ -214,6 +215,7 @@ from jobs.store.money import (
     count_media_mismatches,
     estimated_usd,
     job_money,
+    lineage_committed_usd,
     reserved_usd,
     spent_usd,
     wasted_usd,
@@ -490,6 +492,7 @@ __all__ = [
     "last_heartbeats",
     "lease_holders",
     "lease_holders_of_batches",
+    "lineage_committed_usd",
     "list_batches",
     "live_simulators",
     "lock_batch",

@@ -36,10 +36,12 @@ from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
 from jobs.manifest.keys import defaults_free_key
-from jobs.models import NOT_IN_MANIFEST, Money, new_id, utcnow
+from jobs.models import NOT_IN_MANIFEST, Batch, Money, new_id, utcnow
+from jobs.money import BATCH_CAP_ERROR
 from jobs.states import JobState
 from jobs.store.batches import _set_media
 from jobs.store.core import _JOBS, _dialect_insert
+from jobs.store.repeats import covered_by_reruns
 from jobs.store.transitions import _EVENT_COLUMNS, _EVENTS
 from jobs.store.unsent import _cancel_in_state, _cancel_values
 
@@ -758,16 +760,54 @@ def _restore(session: Session, batch_id: str, in_manifest: ColumnElement[bool]) 
     are sent as any new job is; the same row, so the batch holds one job per key. A
     compare-and-set on ``cancelled`` and the drop's ``error_type``, the version grows by one,
     each with its event. How many."""
+    where = [_JOBS.c.batch_id == batch_id, _JOBS.c.error_type == NOT_IN_MANIFEST, in_manifest]
+    return _back_to_pending(session, where, "in the manifest again", not_in_manifest=False)
+
+
+def revive_budget_cancelled(session: Session, batch_id: str) -> int:
+    """Make ``pending`` again the jobs of ``batch_id`` its own budget cap cancelled before ever
+    sending them (``cancelled``, ``error_type`` :data:`~jobs.money.BATCH_CAP_ERROR`, and
+    :func:`_nothing_sent`: no attempt, no POST recorded, nothing billed), once its cap was raised
+    or removed: the new cap decides them when dispatch claims them, as it does every job not
+    sent yet. How many.
+
+    A resubmit with a higher ``budget.max_usd`` said the new cap "applies to every job not yet
+    sent", yet those jobs stayed cancelled and nothing was sent; the only way on was ``rerun
+    --failed-only``, a new batch with a cap of its own on top of the money spent. Left as they
+    are: a job sent before (its request may have been billed; ``rerun`` repeats it), one another
+    cause ended (the day's cap, a deadline, ``wanbatch cancel``: a raised batch cap lifts none
+    of them), one its manifest no longer has, and one a rerun rendered or is rendering
+    (:func:`~jobs.store.repeats.covered_by_reruns`: sent here as well, it would be paid twice;
+    one whose rerun failed or was cancelled is revived all the same). Nothing of
+    them was billed, so the batch's finished totals (:class:`~jobs.models.BatchTotals`, which
+    counted 0 for each) stay right. A compare-and-set on ``cancelled``, the version grows by
+    one, each with its event, set-based (one statement, whatever the batch's size)."""
+    batch = session.get(Batch, batch_id)
+    simulated = bool(batch is not None and batch.simulated)
+    covered = covered_by_reruns(session, batch_id, [JobState.CANCELLED], simulated=simulated)
+    where = [
+        _JOBS.c.batch_id == batch_id,
+        _JOBS.c.error_type == BATCH_CAP_ERROR,
+        _JOBS.c.not_in_manifest.is_(False),
+        *_nothing_sent(),
+    ]
+    if covered:  # few: the jobs a rerun rendered or is rendering
+        where.append(_JOBS.c.id.not_in(sorted(covered)))
+    return _back_to_pending(session, where, "budget raised: never sent, decided again")
+
+
+def _back_to_pending(
+    session: Session, where: Sequence[ColumnElement[bool]], reason: str, **values: Any
+) -> int:
+    """Move the ``cancelled`` jobs that match ``where`` back to ``pending`` in one UPDATE (the
+    compare-and-set on ``cancelled``; ``values`` written too), their end forgotten (error,
+    finished_at, what they billed: nothing), the version one more, each with its event
+    (``reason``). How many."""
     conn = session.connection()
     now = utcnow()
     moved = conn.execute(
         update(_JOBS)
-        .where(
-            _JOBS.c.batch_id == batch_id,
-            _JOBS.c.state == JobState.CANCELLED,
-            _JOBS.c.error_type == NOT_IN_MANIFEST,
-            in_manifest,
-        )
+        .where(_JOBS.c.state == JobState.CANCELLED, *where)
         .values(
             state=JobState.PENDING,
             version=_JOBS.c.version + 1,
@@ -778,7 +818,7 @@ def _restore(session: Session, batch_id: str, in_manifest: ColumnElement[bool]) 
             error_type=None,
             actual_usd=None,
             actual_billing_units=None,
-            not_in_manifest=False,
+            **values,
         )
         .returning(_JOBS.c.id, _JOBS.c.version)
     ).all()
@@ -789,15 +829,7 @@ def _restore(session: Session, batch_id: str, in_manifest: ColumnElement[bool]) 
                 dict(
                     zip(
                         _EVENT_COLUMNS,
-                        (
-                            row.id,
-                            now,
-                            JobState.CANCELLED,
-                            JobState.PENDING,
-                            row.version,
-                            "in the manifest again",
-                            None,
-                        ),
+                        (row.id, now, JobState.CANCELLED, JobState.PENDING, row.version, reason, None),
                         strict=True,
                     )
                 )

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, bindparam, case, func, select, text, type_
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
-from jobs.models import NOT_IN_MANIFEST, Job, Money
+from jobs.models import NOT_IN_MANIFEST, Batch, Job, Money
 from jobs.money import BUDGET_ERRORS
 from jobs.states import AT_PROVIDER_STATES, JobState
 from jobs.store.core import _paid, _prepared, _run
@@ -205,6 +205,23 @@ def batch_committed_usd(session: Session, batch_id: str) -> Decimal:
     equal to :func:`batch_money`'s sum through every kind of move."""
 
     return _summed_by_totals(session, batch_id, "batch_committed", committed_usd)
+
+
+def lineage_committed_usd(session: Session, batch_id: str) -> Decimal:
+    """What ``batch_id`` and its reruns (every generation, :attr:`Batch.parent_batch_id`) have
+    committed together (:func:`batch_committed_usd` of each): the money a new rerun of it must
+    leave room for under the cap its user set (``rerun``'s default cap). Each rerun had a cap
+    of its own, so the batch's alone let a lineage spend its cap once per rerun."""
+    total = Decimal(0)
+    todo, seen = [batch_id], {batch_id}  # a chain edited by hand into a cycle is walked once
+    while todo:
+        current = todo.pop()
+        total += batch_committed_usd(session, current)
+        for child in session.scalars(select(Batch.id).where(Batch.parent_batch_id == current)):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return total
 
 
 def _summed_by_totals(

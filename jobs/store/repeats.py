@@ -119,6 +119,30 @@ def rerun_repeats(session: Session, batch_id: str, states: Sequence[JobState]) -
     )
 
 
+def covered_by_reruns(
+    session: Session, batch_id: str, states: Sequence[JobState], *, simulated: bool
+) -> set[str]:
+    """The ids of ``batch_id``'s jobs in ``states`` that a rerun (any generation, of the
+    ``simulated`` kind) rendered or is still rendering (:func:`covering`, judged as
+    :func:`jobs.rendered.still_rendering` judges it): a repeat of a repeat that failed counts for
+    the job at the root of its chain. Any such repeat counts, whatever its input (a ``--vary``
+    or ``--new-seeds`` one too): sending that job again would pay for what a rerun already took."""
+    repeats = rerun_repeats(session, batch_id, states)
+    parent = {r.job_id: r.rerun_of for r in repeats}
+    covered: set[str] = set()
+    for r in repeats:
+        if r.simulated != simulated:
+            continue
+        if not (r.succeeded or (r.state in _COVERING_STATES[1:] and not r.batch_cancelled)):
+            continue
+        root, seen = r.rerun_of, {r.job_id}
+        while root in parent and root not in seen:  # up the chain to the batch's own job
+            seen.add(root)
+            root = parent[root]
+        covered.add(root)
+    return covered
+
+
 def _walk(session: Session, batch_id: str, repeated: Any, wanted: Any = None) -> list[RerunRepeat]:
     """:func:`rerun_repeats` of the jobs of ``batch_id`` that ``repeated`` (a query of job ids)
     selects; with ``wanted`` (SQL of a job joined to its batch), only the rows it holds for,

@@ -162,9 +162,10 @@ def test_rerun_after_a_source_file_changed_is_refused_with_nothing_stored(
     assert "  images/landscape.jpg: missing" in gone.stderr
     assert counts(pg) == stored
 
-    # The original back: the rerun reproduces the parent byte for byte.
+    # The original back: the rerun reproduces the parent byte for byte (with a cap of its own:
+    # the parent spent $1.80 of its $2.00, and a rerun's default cap is what is left of it).
     shutil.copy(original, image)
-    again = processed(wb, "rerun", parent, "--simulate")
+    again = processed(wb, "rerun", parent, "--simulate", "--max-usd", "2.00")
     assert again["counts"]["succeeded"] == 6
     same = wb("diff", parent, str(again["batch"]), "--json")
     assert same.code == 0, same.stdout

@@ -102,7 +102,8 @@ def test_failed_only_leaves_out_only_what_a_rerun_rendered_in_any_generation(
     assert child.code == 1, child.stderr  # jobs cancelled: exit 1
     assert child.json()["counts"]["succeeded"] == 1
     status = _status(wb, "budget1")
-    assert "to run the other 2: `wanbatch rerun" in status
+    assert "to run the other 2: raise budget.max_usd in its manifest" in status
+    assert "`wanbatch rerun budget1 --failed-only --max-usd AMOUNT`" in status
     assert "1 failed or cancelled job(s) rendered since by a rerun: budget1-rerun-1" in status
 
     second = wb("rerun", "budget1", "--failed-only", "--max-usd", "0.20", "--json", "--no-progress")
@@ -164,7 +165,9 @@ def test_failed_only_again_before_the_first_rerun_ran_pays_once(
 
     # Cancelled, that rerun renders nothing: its jobs cover nothing any more.
     assert wb("cancel", "budget1-rerun-1").code == 1  # its 3 jobs end cancelled: exit 1
-    assert "to run them: `wanbatch rerun" in _status(wb, "budget1")
+    advised = _status(wb, "budget1")
+    assert "to run them: raise budget.max_usd in its manifest" in advised
+    assert "`wanbatch rerun budget1 --failed-only --max-usd AMOUNT`" in advised
     second = processed(wb, "rerun", "budget1", "--failed-only", "--max-usd", "5")
     assert (second["name"], second["counts"]["succeeded"]) == ("budget1-rerun-2", 3)
     assert sim.ledger()["accepted"] == 6

@@ -230,8 +230,9 @@ def test_a_rerun_whose_cap_fits_no_job_is_refused_before_storing(engine: Engine)
         "job(s) (the cheapest: $0.20), so every job would be cancelled for budget; nothing was stored. "
         "Give --max-usd 0.21 or more"
     )
-    with pytest.raises(UsageError, match=r"\(batch capped's budget.max_usd, which a rerun keeps\)"):
-        rerun_batch("capped", failed_only=True, settings=settings)  # the parent's cap, kept
+    # What is left of the parent's cap: all of it, nothing committed.
+    with pytest.raises(UsageError, match=r"\(what is left of batch capped.s budget.max_usd \(\$0.10; "):
+        rerun_batch("capped", failed_only=True, settings=settings)
     assert _names(engine) == ["capped"]
     # One job fits: stored (the cap cancels the other, as asked).
     assert rerun_batch("capped", failed_only=True, max_usd=Decimal("0.21"), settings=settings).added == 2

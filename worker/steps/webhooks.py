@@ -90,6 +90,9 @@ from sqlalchemy.orm import Session
 
 from jobs import billing, db, store
 from jobs.errors import NotFoundError
+from jobs.fingerprint import FINGERPRINT_HEX_DIGITS as FINGERPRINT_HEX_DIGITS
+from jobs.fingerprint import FINGERPRINT_LABEL as FINGERPRINT_LABEL
+from jobs.fingerprint import database_fingerprint as database_fingerprint
 from jobs.models import Job, WebhookDelivery, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
@@ -187,23 +190,6 @@ def binding_token(secret: bytes, job_id: str, attempt: int) -> str:
     (:func:`worker.steps.submit.webhook_for`)."""
     digest = hmac.new(secret, f"{job_id}:{attempt}".encode(), hashlib.sha256).hexdigest()
     return digest[:TOKEN_HEX_DIGITS]
-
-
-#: The message the database's fingerprint is the HMAC of: no token's (``job:attempt``, always
-#: with a colon), so the fingerprint is never a token, and, HMAC being a pseudorandom function
-#: (RFC 2104; RFC 6151 section 2.3), it tells nothing about any token or about the secret.
-FINGERPRINT_LABEL = b"wanbatch database fingerprint v1"
-#: Hex digits of a fingerprint: 64 bits, so two databases' never meet by chance.
-FINGERPRINT_HEX_DIGITS = 16
-
-
-def database_fingerprint(secret: bytes) -> str:
-    """A name of the database whose webhook secret is ``secret``, safe to show anyone: the
-    receiver's ``/healthz`` says it, and ``wanbatch doctor`` compares it with its own database's,
-    since a receiver serving another database refuses every delivery (403: another secret, so
-    every token is wrong). It forges nothing: it is an HMAC of a fixed label under the secret,
-    never of a job and attempt."""
-    return hmac.new(secret, FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
 
 def binding_holds(secret: bytes, job_id: str | None, attempt: int | None, token: str | None) -> bool:
