@@ -194,9 +194,10 @@ def rerun_batch(
     returned (so a rerun reproduces the outputs); ``failed_only`` keeps only jobs that ended
     failed or cancelled; ``new_seeds`` draws a fresh seed per job instead, recorded before
     submission so the rerun is itself reproducible. ``max_usd`` is the new batch's budget cap
-    (default: what is left of the parent's cap once the parent and its reruns committed their
-    money, :func:`_left_of_cap`, said in a warning; none when the parent has none), which is how
-    jobs a cap cancelled get another chance. The
+    (default: with ``failed_only``, what is left of the parent's cap once the parent and its
+    reruns committed their money, :func:`_left_of_cap`, said in a warning; otherwise the
+    parent's cap, a whole batch rendered again as it was; none when the parent has none), which
+    is how jobs a cap cancelled get another chance. The
     parent's queue priority and daily window carry over; its ``not_before`` and deadline do
     not (the parent's deadline has usually passed: the jobs it cancelled are what is rerun).
     ``simulated`` (``--simulate``) makes the new batch a simulation, whatever the parent was.
@@ -345,8 +346,10 @@ def rerun_batch(
         if not rows:
             raise NothingToRerun(_all_changed(parent, sources))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
-        left = None if max_usd is not None else _left_of_cap(session, parent)
-        cap = max_usd if left is None else left.cap
+        # --failed-only goes on with the parent's work, under the parent's cap: what is left of it.
+        # A plain rerun renders the whole batch again (a comparison run): its own cap, as the parent's.
+        left = _left_of_cap(session, parent) if max_usd is None and failed_only else None
+        cap = max_usd if max_usd is not None else (left.cap if left is not None else parent.budget_max_usd)
         if cap is not None and rows and min(row.est_usd for row in rows) > cap:
             raise UsageError(_nothing_fits(parent, rows, cap, given=max_usd is not None, left=left))
         warnings[:0] = _left_out(parent, covered)

@@ -5,14 +5,17 @@ the manifest to ``max_usd: 2.00`` and ran it again: stderr said the new cap "app
 not yet sent", yet the 15 stayed cancelled and nothing was sent; the advised ``rerun
 --failed-only`` then made a batch with a fresh $2.00 cap, and fal billed $3.00 for a manifest
 that said $2.00. Now the jobs the old cap cancelled unsent are pending again (said, with how
-many), and a rerun's default cap is what is left of its parent's.
+many), and a ``--failed-only`` rerun's default cap is what is left of its parent's.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
 
+import pytest
+
 from falsim.server import SimulatorHandle
+from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import MakeManifest, Wb
 
 #: ``{n}`` jobs × $0.20.
@@ -75,25 +78,36 @@ def test_lowering_the_cap_revives_nothing(wb: Wb, sim: SimulatorHandle, manifest
     assert again.json()["counts"]["cancelled"] == 2
 
 
-def test_a_reruns_default_cap_is_what_is_left_of_its_parents(
-    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+def test_a_failed_only_reruns_default_cap_is_what_is_left_of_its_parents(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = manifest("raise", _sweep(3, "1.00"))
+    path = manifest("raise", _sweep(5, "1.00"))
+    # Today's cap stops the batch at $0.60 while its own $1.00 cap has $0.40 left.
+    monkeypatch.setenv("WANBATCH_DAILY_BUDGET_USD", "0.60")
+    get_settings.cache_clear()
     first = wb("run", path, "--json", "--no-progress")
-    assert first.code == 0, first.stderr  # 3 × $0.20: $0.60 spent, $0.40 left
-    rerun = wb("rerun", "raise", "--json", "--no-progress")
+    assert first.json()["counts"]["succeeded"] == 3, first.stderr
+    monkeypatch.delenv("WANBATCH_DAILY_BUDGET_USD")
+    get_settings.cache_clear()
+    rerun = wb("rerun", "raise", "--failed-only", "--json", "--no-progress")
     assert "its cap is $0.40: what is left of batch raise's $1.00" in rerun.stderr
     report = rerun.json()
     assert report["budget_max_usd"] == 0.4
     assert report["counts"]["succeeded"] == 2
-    assert report["cancelled_for_budget"] == 1
     assert Decimal(sim.ledger()["billed_usd"]) == Decimal("1.00")  # the lineage stayed within $1.00
 
-    # Its rerun has nothing left either; --max-usd still sets the cap outright.
-    none_left = wb("rerun", "raise-rerun-1", "--failed-only", "--json", "--no-progress")
-    assert none_left.code == 2, none_left.stderr
-    assert "what is left of batch raise-rerun-1's budget.max_usd ($0.40; $0.40 committed" in none_left.stderr
-    given = wb("rerun", "raise-rerun-1", "--failed-only", "--max-usd", "0.20", "--json", "--no-progress")
-    assert given.code == 0, given.stderr
-    assert given.json()["budget_max_usd"] == 0.2
+
+def test_a_plain_rerun_keeps_its_parents_cap(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest) -> None:
+    """A plain rerun renders the whole batch again (a comparison run): a cap of its own, the
+    parent's, not what the parent left of it."""
+    path = manifest("raise", _sweep(3, "1.00"))
+    first = wb("run", path, "--json", "--no-progress")
+    assert first.code == 0, first.stderr  # 3 × $0.20: $0.60 spent, $0.40 left
+    rerun = wb("rerun", "raise", "--json", "--no-progress")
+    assert rerun.code == 0, rerun.stderr
+    assert "what is left" not in rerun.stderr
+    report = rerun.json()
+    assert report["budget_max_usd"] == 1.0
+    assert report["counts"]["succeeded"] == 3
+    given = wb("rerun", "raise", "--failed-only", "--max-usd", "0.20", "--json", "--no-progress")
     assert "what is left" not in given.stderr

@@ -162,10 +162,10 @@ def test_rerun_after_a_source_file_changed_is_refused_with_nothing_stored(
     assert "  images/landscape.jpg: missing" in gone.stderr
     assert counts(pg) == stored
 
-    # The original back: the rerun reproduces the parent byte for byte (with a cap of its own:
-    # the parent spent $1.80 of its $2.00, and a rerun's default cap is what is left of it).
+    # The original back: the rerun reproduces the parent byte for byte (a plain rerun keeps the
+    # parent's $2.00 cap, though the parent spent $1.80 of it: only --failed-only gets what is left).
     shutil.copy(original, image)
-    again = processed(wb, "rerun", parent, "--simulate", "--max-usd", "2.00")
+    again = processed(wb, "rerun", parent, "--simulate")
     assert again["counts"]["succeeded"] == 6
     same = wb("diff", parent, str(again["batch"]), "--json")
     assert same.code == 0, same.stdout
