@@ -292,7 +292,9 @@ class SubmitResult:
                 f"; {self.budget_revived} job(s) its old cap cancelled before sending them are pending "
                 "again, decided by the new cap"
             )
-        return f"budget of batch {self.name} changed: {was} → {now} (applies to every job not yet sent){revived}"
+        return (
+            f"budget of batch {self.name} changed: {was} → {now} (applies to every job not yet sent){revived}"
+        )
 
     def estimate_note(self) -> str | None:
         """The stderr line saying the prices in force changed the estimates of jobs not sent

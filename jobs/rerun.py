@@ -37,7 +37,7 @@ from jobs.manifest import job_key
 from jobs.manifest.expand import MAX_JOBS
 from jobs.media import MediaKind, classify
 from jobs.models import NOT_IN_MANIFEST, Batch, utcnow
-from jobs.money import usd_apart
+from jobs.money import usd_apart, usd_text
 from jobs.printable import one_line, shell_ref, shortened
 from jobs.rendered import (
     RERUN_FAILED_STATES,
