@@ -1822,6 +1822,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
         stranded = _refused_at_fal(batch_id, settings) if settings.broker_url else []
         at_fal = max(0, done.at_fal - sum(1 for n in stranded if n.at_fal))
         err.print(f"cancel: {escape(ended)}; {at_fal} at fal being cancelled there{earlier}")
+        if (waiting := batches.outputs_waiting_line(done)) is not None:
+            err.print(escape(waiting))  # what the cancel waits for, never minutes in silence
         if settings.broker_url:
             _broker_warnings(settings)  # the cancel is recorded; the workers carry it out
             if stranded:

@@ -2019,6 +2019,11 @@ class CancelResult:
     at_fal: int
     #: Jobs not terminal once the cancel is recorded (those at fal, those being downloaded).
     unfinished: int
+    #: Paid videos that waited to be downloaded for the batch's pause for its outputs (a full
+    #: disk, a read-only folder, a storage refusing them), made due at once by the cancel.
+    outputs_waiting: int = 0
+    #: That pause's reason (None: the batch was not paused for its outputs).
+    outputs_reason: str | None = None
 
     @property
     def changed(self) -> bool:
@@ -2037,6 +2042,7 @@ class CancelResult:
             "outcome_unknown": self.at_once.outcome_unknown,
             "at_fal": self.at_fal,
             "unfinished": self.unfinished,
+            "outputs_waiting": self.outputs_waiting,
         }
 
 
@@ -2065,6 +2071,13 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
       unsent (a cancel stopped half-way) end now. The CLI always finished such a cancel, while
       the dashboard answered "already cancelled" and left them waiting: both finish it now, as a
       user who cancels again expects. With nothing left unsent, nothing changes.
+    * A batch paused for its outputs (:data:`jobs.store.OUTPUTS_PAUSE_PREFIX`: a full disk, a
+      read-only folder) has paid videos waiting in ``downloading``, each due only after
+      ``WANBATCH_RETRY_MAX_DELAY`` (:func:`worker.steps.download._pause_for_outputs`): the cancel
+      makes them due at once (:attr:`CancelResult.outputs_waiting`), so whatever processes the
+      batch tries each now — stored if there is room, else failed ``output_not_kept`` as a
+      cancelled batch ends them — instead of waiting minutes in silence. So does a cancel run
+      again on a cancelled batch (the pause's reason is gone by then; its waits are not).
 
     ``simulate``: None when the caller only records the cancel (the dashboard); else the caller
     goes on to process the batch here, with ``--simulate`` or not (the CLI), and what that needs
@@ -2076,7 +2089,10 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
         already = batch.state == BatchState.CANCELLED
         unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
         finished = not already and not unfinished
-        at_once, at_fal = store.UnsentCancelled(), 0
+        at_once, at_fal, outputs_waiting = store.UnsentCancelled(), 0, 0
+        reason = batch.pause_reason or ""
+        outputs_paused = reason.startswith(store.OUTPUTS_PAUSE_PREFIX)
+        paused_for_outputs = batch.state == BatchState.PAUSED and outputs_paused
         if unfinished:
             if simulate is not None:
                 refuse_other_way(batch, simulated=simulate, command="cancel")
@@ -2090,6 +2106,8 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
                 error_type="cancelled",
                 worker=by,
             )
+            if paused_for_outputs or already:
+                outputs_waiting = store.downloads_due_now(session, batch.id)
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
             unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
         return CancelResult(
@@ -2101,7 +2119,23 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
             at_once=at_once,
             at_fal=at_fal,
             unfinished=unfinished,
+            outputs_waiting=outputs_waiting,
+            outputs_reason=reason if paused_for_outputs else None,
         )
+
+
+def outputs_waiting_line(done: CancelResult) -> str | None:
+    """What ``wanbatch cancel`` says of the paid videos that waited for the batch's outputs to be
+    kept (:attr:`CancelResult.outputs_waiting`), in one line: what they waited for (the pause's
+    reason up to its advice) and what the cancel does with them now. None: none waited."""
+    if not done.outputs_waiting:
+        return None
+    why = f" ({done.outputs_reason.split(' — ', 1)[0]})" if done.outputs_reason else ""
+    return (
+        f"cancel: {done.outputs_waiting} paid video(s) waited for the batch's outputs to be kept{why}: "
+        "each is tried once now, not after WANBATCH_RETRY_MAX_DELAY — stored if there is room (never "
+        "made again), else it ends failed (output_not_kept) as the cancel ends them"
+    )
 
 
 #: ``error_type`` of a job whose request, sent with another API key, ``wanbatch cancel

@@ -79,6 +79,7 @@ from jobs.store.batches import (
     set_batch_state,
     set_paused_by_user,
 )
+from jobs.store.batches import downloads_due_now as downloads_due_now
 from jobs.store.batches import folder_name as folder_name
 from jobs.store.batches import is_stored as is_stored
 from jobs.store.batches import set_batch_reuse_outputs as set_batch_reuse_outputs

@@ -414,7 +414,7 @@ def resume_batch(session: Session, batch_id: str) -> bool:
     )
     if not cast("CursorResult[Any]", resumed).rowcount:
         return False
-    _downloads_due_now(session, batch_id)
+    downloads_due_now(session, batch_id)
     return True
 
 
@@ -449,14 +449,18 @@ def resume_after_outputs_stored(session: Session, batch_id: str) -> bool:
     resumed = _run(session, query, {"batch_id": batch_id})
     if not resumed.rowcount:
         return False
-    _downloads_due_now(session, batch_id)
+    downloads_due_now(session, batch_id)
     return True
 
 
-def _downloads_due_now(session: Session, batch_id: str) -> None:
-    """The batch's downloads waiting for a retry, and held by nobody, are due at once."""
+def downloads_due_now(session: Session, batch_id: str) -> int:
+    """The batch's downloads waiting for a retry, and held by nobody, are due at once; how many.
+
+    Also what ``wanbatch cancel`` of a batch paused for its outputs does: the jobs that wait for
+    the disk (due only after ``WANBATCH_RETRY_MAX_DELAY``) are tried at once — stored if there is
+    room now, else ended as a cancelled batch ends them — not waited for minutes."""
     now = utcnow()
-    session.execute(
+    made = session.execute(
         update(Job)
         .where(
             Job.batch_id == batch_id,
@@ -467,6 +471,7 @@ def _downloads_due_now(session: Session, batch_id: str) -> None:
         .values(next_attempt_at=None)
         .execution_options(synchronize_session=False)
     )
+    return int(cast("CursorResult[Any]", made).rowcount)
 
 
 def set_batch_budget(session: Session, batch_id: str, budget_max_usd: Decimal | None) -> None:

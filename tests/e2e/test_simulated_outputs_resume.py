@@ -117,6 +117,61 @@ def test_a_simulation_paused_for_its_outputs_resumes_and_downloads_the_waiting_v
     assert len(list((e2e_env.parent / "outputs").rglob("*.mp4"))) == JOBS
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("room", [False, True], ids=["disk-still-full", "room-again"])
+def test_cancel_of_a_batch_paused_for_its_outputs_settles_its_waiting_videos_at_once(
+    e2e_env: Path,
+    manifest: MakeManifest,
+    monkeypatch: pytest.MonkeyPatch,
+    simulators: list[SimulatorHandle],
+    capsys: pytest.CaptureFixture[str],
+    room: bool,
+) -> None:
+    """Before: `cancel` left the waiting jobs due only after WANBATCH_RETRY_MAX_DELAY (300 s by
+    default: 4 min 49 s measured, an hour here), saying nothing of why, then failed them
+    `output_not_kept`. Now they are tried at once: stored if there is room again (a paid video
+    is never made again), else ended at once, the cancel naming the wait in one line."""
+    from jobs.settings import get_settings
+
+    url = os.environ["WANBATCH_DATABASE_URL"]
+    monkeypatch.setenv("WANBATCH_RETRY_MAX_DELAY", "3600")  # the wait the cancel no longer waits
+    get_settings.cache_clear()
+    writes = outputs.write_json_atomic
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_json_atomic", no_room)  # the output disk is full
+    path = manifest("cancelfull", _manifest("cancelfull", 3))
+    assert run_main(["run", str(path), "--simulate", "--no-progress"], monkeypatch) == 2  # paused
+    waiting = db_rows(url, "SELECT count(*) FROM jobs WHERE state = 'downloading'")[0][0]
+    assert waiting > 0
+    if room:
+        monkeypatch.setattr(outputs, "write_json_atomic", writes)  # space was freed
+    capsys.readouterr()
+
+    started = time.monotonic()
+    code = run_main(["cancel", "cancelfull", "--simulate", "--no-progress"], monkeypatch)
+    took = time.monotonic() - started
+
+    said = capsys.readouterr().err
+    rows = db_rows(url, "SELECT state, error_type FROM jobs WHERE request_id IS NOT NULL")
+    assert took < 60, (took, said)
+    assert (
+        f"cancel: {waiting} paid video(s) waited for the batch's outputs to be kept (outputs cannot be "
+        "written here: "
+    ) in said, said
+    if room:
+        assert code == 0, said  # every job was sent, and is stored now
+        assert sorted(rows) == [("succeeded", None)] * len(rows), rows  # paid, and kept: none lost
+        assert len(list((e2e_env.parent / "outputs").rglob("*.mp4"))) == len(rows)
+    else:
+        assert code == 1, said
+        assert [t for s, t in rows if s != "succeeded"] == ["output_not_kept"] * waiting, rows
+    ledger = simulators[-1].engine.ledger.snapshot()
+    assert ledger["billed_count"] == 0  # nothing was made (or paid for) again
+
+
 def test_a_submission_only_the_journal_kept_finishes_at_the_next_simulator(
     e2e_env: Path, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch, simulators: list[SimulatorHandle]
 ) -> None:

@@ -107,6 +107,10 @@ def _caused(exc: E, cause: BaseException) -> E:
         (errno.EMFILE, "this process ran out of file descriptors", "free space"),
         (errno.EISDIR, "a folder is in the way where the output file goes", "free space"),
         (errno.ENOSPC, "free space or fix WANBATCH_OUTPUT_DIR", "file descriptors"),
+        # A read-only mount is no full disk: no freed space heals it (before: "free space or fix").
+        (errno.EROFS, "the output folder is on a read-only file system", "free space"),
+        (errno.EACCES, "this process may not write in the output folder", "free space"),
+        (errno.EPERM, "this process may not write in the output folder", "free space"),
     ],
 )
 def test_an_output_that_cannot_be_written_gets_the_fix_of_its_cause(
@@ -120,6 +124,12 @@ def test_an_output_that_cannot_be_written_gets_the_fix_of_its_cause(
     assert not_said not in fix
     if code == errno.EMFILE:
         assert "ulimit -n" in fix
+    if code == errno.EROFS:
+        assert "remount it read-write" in fix
+        assert "they can be written" in _once
+    if code in (errno.EACCES, errno.EPERM):
+        assert "permissions" in fix
+        assert "they can be written" in _once
 
 
 def test_a_submit_out_of_file_descriptors_is_not_called_fals_outage(caplog: pytest.LogCaptureFixture) -> None:

@@ -1506,14 +1506,31 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
 def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
     """What to do about an output that could not be written, by the operating system's error
     behind it, and when the videos waiting at fal are downloaded: "free space or fix
-    WANBATCH_OUTPUT_DIR" is the fix of a full disk or an unwritable folder, not of a process out
-    of file descriptors (raise its open-file limit) or of a folder where the file goes."""
+    WANBATCH_OUTPUT_DIR" is the fix of a full disk, not of a process out of file descriptors
+    (raise its open-file limit), of a folder where the file goes, of a read-only mount
+    (``EROFS``: no space freed heals it, remounting does) or of a folder this process may not
+    write in (``EACCES``/``EPERM``: its permissions or owner). The errno meanings are POSIX's
+    (https://man7.org/linux/man-pages/man3/errno.3.html)."""
     if (short := out_of_files(exc)) is not None:
         return f"{short[0]}: {short[1]}", "they can be written"
-    if os_errno(exc) == errno.EISDIR:
+    code = os_errno(exc)
+    if code == errno.EISDIR:
         return (
             "a folder is in the way where the output file goes: move or remove it, or fix "
             "WANBATCH_OUTPUT_DIR",
+            "they can be written",
+        )
+    if code == errno.EROFS:
+        return (
+            "the output folder is on a read-only file system (EROFS): remount it read-write, or "
+            "point WANBATCH_OUTPUT_DIR at a writable folder",
+            "they can be written",
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            "this process may not write in the output folder (permission denied): fix its "
+            "permissions or owner for the user wanbatch runs as, or point WANBATCH_OUTPUT_DIR at a "
+            "writable folder",
             "they can be written",
         )
     return "free space or fix WANBATCH_OUTPUT_DIR", "there is room"
