@@ -20,7 +20,7 @@ from types import TracebackType
 from jobs import db
 from worker import logs, steps
 from worker.crash import crash_file, summary, traceback_text
-from worker.step_outage import GiveBack, database_failed
+from worker.step_outage import DATABASE_FULL, GiveBack, after_full_disk, database_failed
 from worker.steps import Runtime
 from worker.steps.context import outcome_error
 
@@ -110,6 +110,8 @@ class InProcessWorker:
         with logs.job_context(job_id):  # every line the step logs names its job
             try:
                 outcome = step(rt, job_id)
+                if outcome == DATABASE_FULL:  # not sent; its lease may be held still
+                    after_full_disk(self._give_back, rt, job_id)
                 logs.step_done(log, step.__name__, job_id, outcome, **outcome_error(rt, job_id, outcome))
             except Exception as exc:
                 if db.is_disk_full(exc):  # no bug: `run` says where to free space, once
@@ -120,6 +122,7 @@ class InProcessWorker:
                         job_id,
                         extra={"event": "step.database_full"},
                     )
+                    after_full_disk(self._give_back, rt, job_id)  # given back once there is room
                     return
                 if db.gave_up_on_lock(exc) or (not self._accepting.is_set() and db.is_unavailable(exc)):
                     # Stopped with the run, whose last line says what became of its jobs (the

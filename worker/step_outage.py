@@ -43,6 +43,10 @@ SCHEMA_BEHIND = "schema-behind"
 #: ... for a database without wanbatch's tables, and for one that is unavailable.
 SCHEMA_MISSING = "schema-missing"
 DATABASE_UNAVAILABLE = "database-unavailable"
+#: What a submit step returns when the database's disk is full (:func:`worker.steps.submit`):
+#: nothing was sent, and the job may still be under this process's lease (its give-back was
+#: refused too). The caller hands it to :meth:`GiveBack.when_it_answers` (:func:`after_full_disk`).
+DATABASE_FULL = "database-full"
 
 #: Guards ``Runtime.schema_behind_said``: the first step left for the schema says why.
 _schema_lock = threading.Lock()
@@ -116,6 +120,18 @@ def database_failed(
     return DATABASE_UNAVAILABLE
 
 
+def after_full_disk(give_back: GiveBack, rt: Runtime, job_id: str) -> None:
+    """A step of ``job_id`` ended on the database's full disk (:func:`jobs.db.is_disk_full`, or
+    the submit step's :data:`DATABASE_FULL`): its job may still be under this process's lease,
+    the write that would have given it back refused too. ``give_back`` gives it back as soon as
+    the disk takes writes again, as after any outage: before, nothing tried again, and the job
+    sat ``submitting`` (or ``downloading``) until its lease ran out, a minute or two after space
+    was freed, while the progress line said ``~0:00:00 left · submitting:2``. A job that was
+    given back already (the write fitted) is left as it is (:func:`jobs.store.release_step_jobs`
+    moves only a job not sent yet, fenced by its version, and this process's leases)."""
+    give_back.when_it_answers(rt, job_id)
+
+
 class GiveBack:
     """Gives back, as soon as the database answers again, the jobs whose step it failed.
 
@@ -186,6 +202,7 @@ class GiveBack:
                 self._forget(mine)
                 continue
             self._forget(mine)
+            rt.unrecorded.writable()  # a write worked: a disk that was full has room again
             if got.unsent or got.released:  # none when a POST may be out: the reconciler's
                 for job_id in sorted(mine):
                     rt.notify("freed", job_id)  # dispatch (and the tick, which hands downloads on) now

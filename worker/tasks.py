@@ -32,7 +32,7 @@ from worker import logs, steps
 from worker.crash import crash_file
 from worker.embedded import after_crash
 from worker.runtime import build_runtime
-from worker.step_outage import GiveBack, database_failed, left_for_schema
+from worker.step_outage import DATABASE_FULL, GiveBack, after_full_disk, database_failed, left_for_schema
 from worker.steps import Runtime
 from worker.steps.context import outcome_error
 from worker.task_events import sent_events
@@ -286,6 +286,8 @@ def _run(task: Task, job_id: str, step: Callable[[Runtime, str], str]) -> str:
                 after_crash(rt, step, job_id, exc, crash_file(exc, where=step.__name__))
                 raise
             return met
+        if outcome == DATABASE_FULL:  # not sent; its lease may be held still: given back once there is room
+            after_full_disk(_give_back, rt, job_id)
         logs.step_done(log, step.__name__, job_id, outcome, **outcome_error(rt, job_id, outcome))
     return outcome
 

@@ -114,6 +114,35 @@ def test_nothing_is_sent_while_the_disk_is_full(
     assert _job(sqlite_engine, first) == (S.SUBMITTING, None, 1)  # its lease runs out, then it is sent
 
 
+def test_a_job_claimed_while_the_disk_was_full_is_given_back_as_soon_as_it_takes_writes(
+    sqlite_engine: Engine, sqlite_url: str, sim: SimulatorHandle, disk: FullDisk
+) -> None:
+    """Before: the step's give-back, refused for the full disk, was never tried again: the job
+    stayed `submitting` under this run's lease (60 s here) after space was freed, the progress
+    line saying `~0:00:00 left · submitting:1`. It is given back as a database outage's is
+    (:class:`worker.step_outage.GiveBack`), and the conductor told to dispatch it again."""
+    from worker.embedded import InProcessWorker
+
+    rt = _runtime(sqlite_engine, sim, sqlite_url)  # a lease of 60 s
+    add_batch(sqlite_engine, "given-back", [(T2V, {"prompt": "a lighthouse at noon"})])
+    (job_id,) = dispatch(rt)
+    told: list[tuple[str, str]] = []
+    rt.notify = lambda kind, job: told.append((kind, job))
+    worker = InProcessWorker(1)
+    worker.bind(rt)
+    with worker:
+        disk.full = True
+        worker.submit(job_id)
+        _wait("the step to meet the full disk", lambda: rt.unrecorded.full and not rt.unrecorded.busy())
+        time.sleep(0.5)
+        assert _job(sqlite_engine, job_id) == (S.SUBMITTING, None, 1)  # its give-back was refused too
+
+        disk.full = False  # space is freed: well within the lease, the job goes back
+        _wait("the job to be given back", lambda: _job(sqlite_engine, job_id)[0] == S.PENDING, timeout=10)
+        _wait("the conductor to be told", lambda: ("freed", job_id) in told, timeout=5)
+    assert sim.ledger()["accepted"] == 0  # nothing was sent meanwhile
+
+
 def test_an_accepted_id_waits_for_room_for_as_long_as_it_takes_then_is_recorded(
     sqlite_engine: Engine, sqlite_url: str, sim: SimulatorHandle, disk: FullDisk, tmp_path: Path
 ) -> None:

@@ -150,8 +150,10 @@ def submit(rt: Runtime, job_id: str) -> str:
     be watched, any other end gave its outstanding slot back (dispatch again now).
 
     A write the database refuses because its disk is full ends the step (``database-full``)
-    without a traceback: the job keeps its lease, and the conductor holds every round until
-    space is freed (:mod:`worker.steps.unrecorded`).
+    without a traceback: nothing is sent, and the conductor holds every round until space is
+    freed (:mod:`worker.steps.unrecorded`). The job may keep its lease (the write that would give
+    it back was refused too): whoever ran the step gives it back as soon as the disk takes writes
+    again (:func:`worker.step_outage.after_full_disk`), not when the lease runs out.
     """
     with rt.unrecorded.step():
         try:
@@ -163,7 +165,7 @@ def submit(rt: Runtime, job_id: str) -> str:
             log.info(
                 "job %s: not sent: the database's disk is full", job_id, extra={"event": "submit.db_full"}
             )
-            outcome = "database-full"
+            outcome = "database-full"  # worker.step_outage.DATABASE_FULL: given back once there is room
     if outcome in _KEPT:
         rt.notify("submitted", job_id)
     elif outcome not in ("skipped", "ambiguous", "duplicate-request", "database-full", "unrecorded"):
