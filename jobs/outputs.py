@@ -7,6 +7,7 @@ index and id), never from a name the provider supplied, so no response can steer
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -379,6 +380,30 @@ def remove_stale_partials(
             removed += 1
         with _PARTIALS_LOCK:
             names.discard(name)
+    return removed
+
+
+def remove_attempt_partials(dest: Path, version: int) -> int:
+    """Delete the temporary files of the attempt that holds the job's lease at ``version``
+    (:func:`partial_tag`) beside ``dest``: its download's ``.<name>.v<version>-….part`` and its
+    sidecar's ``.<name>.json.v<version>-….tmp`` — never another attempt's. What a run that stops
+    under control removes of a download it did not wait for
+    (:meth:`worker.steps.output_writes.OutputWrites.stop`). How many it removed."""
+    tag = f"{partial_tag(version)}-"
+    prefixes = (
+        (f".{dest.name}.{tag}", PARTIAL_SUFFIX),
+        (f".{sidecar_path(dest).name}.{tag}", SIDECAR_TEMP_SUFFIX),
+    )
+    removed = 0
+    try:
+        found = list(dest.parent.iterdir())
+    except FileNotFoundError:
+        return 0
+    for path in found:
+        if any(path.name.startswith(start) and path.name.endswith(end) for start, end in prefixes):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
     return removed
 
 

@@ -8,8 +8,10 @@ warning when no worker answers. Either way the same steps run and the same rows 
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP (the terminal or SSH session closed) stops a run within
 seconds (:func:`stop_on_signals`): nothing more is sent, the leases this process holds are given
-back so the next run picks its jobs up at once, running downloads are abandoned (they write to
-per-attempt temporary files), and the command exits 130. A second Ctrl-C exits at once.
+back so the next run picks its jobs up at once, running downloads stop at their next chunk and
+remove their per-attempt temporary files (those still under way after :data:`STOP_WRITES_SECONDS`
+have theirs removed: :func:`_stop_output_writes`; so does a run the database's full disk stops),
+and the command exits 130. A second Ctrl-C exits at once.
 
 A database that does not answer at all — a frozen server whose kernel still acknowledges every
 packet, so neither TCP keepalives nor ``tcp_user_timeout`` ever fire, and psycopg waits for ever
@@ -101,6 +103,10 @@ WORKER_CHECK_SECONDS = 30.0
 
 #: How long a stopping run lets its loop finish the step it is in (a claim being committed).
 STOP_WAIT_SECONDS = 2.0
+
+#: How long a stopping run waits for its downloads under way to stop (each at its next chunk)
+#: or to store the video they have whole, before it removes their temporary files itself.
+STOP_WRITES_SECONDS = 2.0
 
 
 #: The most of a run's wall time its progress refresh may take (reading the batch's counts and
@@ -1144,6 +1150,7 @@ def _process_embedded(
                 abandoned = True
                 worker.abandon()  # a step that starts from now on does nothing
                 conductor.close()
+                _stop_output_writes(rt)  # no temporary output file left behind
                 # Accepted ids the database could not take (its disk is full) stay in the journal.
                 lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
                 said = _give_back(rt, batch_id, kept=len(lost))
@@ -1159,6 +1166,7 @@ def _process_embedded(
                 abandoned = True
                 worker.abandon()
                 conductor.close()
+                _stop_output_writes(rt)
                 given_back = _give_back(rt, batch_id, stopped="stopped")
                 raise DatabaseUnavailableError(
                     f"{exc}; {given_back}; run the same command again once the database answers, to resume"
@@ -1169,6 +1177,7 @@ def _process_embedded(
                 abandoned = True
                 worker.abandon()
                 conductor.close()
+                _stop_output_writes(rt)  # before: `.…mp4.v5-….part` files left for the next run
                 raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
@@ -1176,6 +1185,21 @@ def _process_embedded(
         _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _stop_output_writes(rt: Runtime) -> None:
+    """A run that stops under control (Ctrl-C, the database's full disk, a database gone) ends
+    its process at once (``os._exit``, threads abandoned): its downloads under way stop first,
+    each removing its temporary file, and what is still under way after
+    :data:`STOP_WRITES_SECONDS` has its temporary files removed here
+    (:meth:`worker.steps.output_writes.OutputWrites.stop`). Before, the next run swept them."""
+    removed = rt.output_writes.stop(STOP_WRITES_SECONDS)
+    if removed:
+        log.debug(
+            "removed %d temporary output file(s) of downloads still under way",
+            removed,
+            extra={"event": "run.partials_removed"},
+        )
 
 
 def _stopped_by_full_disk(rt: Runtime) -> DatabaseFullError:

@@ -197,6 +197,40 @@ def test_a_download_that_lost_its_lease_stops_and_leaves_nothing(
     assert fal.posts() == 1
 
 
+@pytest.mark.parametrize("stalled", [False, True], ids=["streaming", "stalled"])
+def test_a_run_that_stops_leaves_no_temporary_file_of_its_downloads(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, stalled: bool
+) -> None:
+    """A run that stops under control (the database's disk full, Ctrl-C) ends its process at once:
+    before, a download under way left its `.…mp4.v5-….part` in the output folder for the next
+    run to sweep. Now the download stops at its next chunk and removes it; one whose stream
+    sends nothing more has it removed by the stop, after its grace."""
+    fal = FakeFal(hostile)
+    every = 30.0 if stalled else 0.05  # a stream that stalls after its first chunk, or one that flows
+    fal.on_file("r1.mp4", drip(fal.video, chunk=64, every=every))
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(download(rt, job_id)), daemon=True)
+    folder = tmp_path / "outputs" / "steps"
+    try:
+        worker.start()
+        assert wait_for(lambda: folder.is_dir() and any(folder.glob(".*.part")))
+        removed = rt.output_writes.stop(0.5)
+        assert list(folder.iterdir()) == []  # nothing left, whichever removed it
+        assert removed == (1 if stalled else 0)
+        if not stalled:
+            worker.join(timeout=10)
+            assert outcome == ["lost-lease"]  # stopped: nothing recorded, the run gives it back
+    finally:
+        hostile.close()  # ends a stalled stream
+        worker.join(timeout=10)
+        rt.client.close()
+    assert list(folder.iterdir()) == []
+    with db.session_scope(engine) as session:
+        assert store.get_job(session, job_id).state == JobState.DOWNLOADING  # its video waits at fal
+    assert fal.posts() == 1
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     """A folder on a read-only tmpfs: refused even to root (``chmod`` is not, for root)."""

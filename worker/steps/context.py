@@ -35,6 +35,7 @@ from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.held import HeldMarks
 from worker.steps.keepalive import StepLeases
 from worker.steps.other_key import OtherKeys
+from worker.steps.output_writes import OutputWrites
 from worker.steps.unrecorded import Unrecorded
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,9 @@ class Runtime:
     #: stored (an upload to object storage may wait on a slow answer past a lease):
     #: :mod:`worker.steps.keepalive`.
     output_leases: StepLeases = field(init=False)
+    #: The download attempts writing local outputs now, and whether the run is stopping: a run
+    #: that stops under control leaves none of their temporary files (:mod:`worker.steps.output_writes`).
+    output_writes: OutputWrites = field(default_factory=OutputWrites)
     #: Whether fal answers this process's submits, and the hold on them while it does not
     #: (:mod:`worker.steps.fal_reach`).
     fal_reach: FalReach = field(default_factory=FalReach)

@@ -99,6 +99,7 @@ from worker.steps.failures import (
     settle,
 )
 from worker.steps.keepalive import HeldLease
+from worker.steps.output_writes import Attempt
 from worker.steps.staged import find_staged
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,8 @@ def _download(rt: Runtime, job_id: str) -> str:
         return _result_unavailable(rt, job_id, claim, exc)
     # The lease is kept from here until the job's success is stored (or the step gives it back):
     # a download's bytes may arrive slowly, and an upload's answer come late.
-    with rt.output_leases.kept(claim.fence) as held:
-        return _fetch_video(rt, job_id, claim, video, held)
+    with rt.output_leases.kept(claim.fence) as held, rt.output_writes.attempt(claim.version) as files:
+        return _fetch_video(rt, job_id, claim, video, held, files)
 
 
 def _claim(rt: Runtime, job_id: str) -> DownloadClaim | str:
@@ -451,6 +452,7 @@ class _LeaseKeeper:
         self._last = time.monotonic()
 
     def __call__(self, _bytes_so_far: int) -> None:
+        self._rt.output_writes.check(self._fence.job_id)  # the run stops: no more bytes written
         if time.monotonic() - self._last < self._every:
             return
         self._last = time.monotonic()
@@ -513,9 +515,11 @@ def _discard_download_client(key: int) -> None:
         shared.close()
 
 
-def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, held: HeldLease) -> str:
+def _fetch_video(
+    rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, held: HeldLease, files: Attempt
+) -> str:
     """Download (or find already downloaded: :func:`_downloaded_before`), probe, then store the
-    output."""
+    output. ``files``: where it writes, for a run that stops meanwhile (:mod:`worker.steps.output_writes`)."""
     settings = rt.settings
     outs = open_output_store(settings)
     try:
@@ -529,6 +533,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, h
         # A paid video of another request under the job's name stays: this one goes beside it.
         # (In S3 the upload's conditional write finds it: S3OutputStore.publish.)
         dest = _own_name(job_id, dest, request_id)
+    files.add(dest)
     try:
         # debris of attempts that are over (temporary files of downloads and sidecars): never
         # the file of a download that holds the job
@@ -551,6 +556,7 @@ def _fetch_video(rt: Runtime, job_id: str, claim: DownloadClaim, video: Video, h
         result = fetched
     # where the video went: ``dest``, or beside it when another request's took the name meanwhile
     dest = result.path
+    files.add(dest)  # its sidecar's temporary file goes beside it
     with _storing(dest, local=not outs.is_remote):
         return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
 

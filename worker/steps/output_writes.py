@@ -1,0 +1,103 @@
+"""The local output files this process's download steps are writing right now, so that a run
+that stops under control (Ctrl-C, the database's full disk, a database gone for too long) leaves
+none of their temporary files behind.
+
+A download streams into ``.<video>.v<version>-….part`` and its sidecar is written through
+``.<video>.json.v<version>-….tmp`` (:func:`jobs.outputs.partial_tag`: the version of the job's
+lease the attempt holds). Such a run used to end its process (``os._exit``: a download abandoned
+on a worker thread would otherwise keep it alive) while they were being written: the files
+stayed, until the next run swept them. Now :meth:`OutputWrites.stop` first tells every download
+to stop at its next chunk (:meth:`OutputWrites.check`, called as the bytes stream in: the
+download removes its own file on the way out), lets a step that has the whole video store it
+and its sidecar, and after a short grace removes itself the files of an attempt still under way
+(a stream that sends nothing any more): the attempt's own tag names them, never another's.
+
+A video already renamed into place but without its sidecar yet is left: it is a paid video,
+whole and checked, which the next run finds and keeps (:func:`worker.steps.download._downloaded_before`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from jobs import outputs
+from jobs.errors import StateConflict
+
+#: How often :meth:`OutputWrites.stop` looks whether the downloads under way have ended.
+_LOOK_SECONDS = 0.05
+
+
+class RunStopped(StateConflict):
+    """The run is stopping: a download under way ends at its next chunk, writing nothing more
+    (a :class:`~jobs.errors.StateConflict`, as a lost lease: the step records nothing; the
+    run gives the job back, or its lease runs out)."""
+
+
+class Attempt:
+    """The output files of one download attempt: where its video goes (and went), and the tag of
+    its temporary files."""
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.videos: list[Path] = []
+
+    def add(self, video: Path) -> None:
+        """The attempt writes (or renamed its video) to ``video``: its temporary files are beside it."""
+        if video not in self.videos:
+            self.videos.append(video)
+
+
+class OutputWrites:
+    """The download attempts of this process under way, and whether its run is stopping."""
+
+    def __init__(self) -> None:
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._attempts: dict[int, Attempt] = {}
+        self._ids = itertools.count()
+
+    @contextlib.contextmanager
+    def attempt(self, version: int) -> Iterator[Attempt]:
+        """While a download step writes its outputs (its lease at ``version``)."""
+        key = next(self._ids)
+        attempt = Attempt(version)
+        with self._lock:
+            self._attempts[key] = attempt
+        try:
+            yield attempt
+        finally:
+            with self._lock:
+                self._attempts.pop(key, None)
+
+    def check(self, job_id: str) -> None:
+        """:class:`RunStopped` once the run stops: a download under way ends at its next chunk."""
+        if self.stopping.is_set():
+            raise RunStopped(f"job {job_id}: the run stopped during its download")
+
+    def under_way(self) -> int:
+        """How many download attempts are writing outputs now."""
+        with self._lock:
+            return len(self._attempts)
+
+    def stop(self, grace: float) -> int:
+        """The run stops: every download under way stops at its next chunk (removing its own
+        temporary file); a step that has its whole video stores it meanwhile. Waits up to
+        ``grace`` seconds for them to end, then removes the temporary files of those still under
+        way (a stream that stalled). Returns how many files it removed itself."""
+        self.stopping.set()
+        deadline = time.monotonic() + grace
+        while self.under_way() and time.monotonic() < deadline:
+            time.sleep(_LOOK_SECONDS)
+        with self._lock:
+            left = list(self._attempts.values())
+        removed = 0
+        for attempt in left:
+            for video in list(attempt.videos):
+                with contextlib.suppress(OSError):
+                    removed += outputs.remove_attempt_partials(video, attempt.version)
+        return removed
