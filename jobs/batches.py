@@ -2020,7 +2020,9 @@ class CancelResult:
     #: Jobs not terminal once the cancel is recorded (those at fal, those being downloaded).
     unfinished: int
     #: Paid videos that waited to be downloaded for the batch's pause for its outputs (a full
-    #: disk, a read-only folder, a storage refusing them), made due at once by the cancel.
+    #: disk, a read-only folder, a storage refusing them), made due at once by the cancel (a
+    #: cancel run again makes the downloads still waiting due too, uncounted: why they wait is
+    #: no longer known).
     outputs_waiting: int = 0
     #: That pause's reason (None: the batch was not paused for its outputs).
     outputs_reason: str | None = None
@@ -2106,8 +2108,9 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
                 error_type="cancelled",
                 worker=by,
             )
-            if paused_for_outputs or already:
-                outputs_waiting = store.downloads_due_now(session, batch.id)
+            if paused_for_outputs or already:  # already: the pause's reason is gone, its waits are not
+                due = store.downloads_due_now(session, batch.id)
+                outputs_waiting = due if paused_for_outputs else 0  # said only when known to be for outputs
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
             unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
         return CancelResult(
