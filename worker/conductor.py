@@ -563,14 +563,15 @@ class Conductor:
         if self.watcher is not None:
             young, old = self.watcher.by_age(self.rt.settings.poll_max_interval)
         self.rt.nothing_in_flight = False  # the tick's dispatch says otherwise, if it runs
-        report = steps.tick(self.rt, stopping, exclude=young, streamed=old)
-        self.stats.status_calls += report.status_calls
-        self.stats.dispatched += report.dispatched
-        if old:
-            self._let_go_of_ended(old)
-        self._prune_given_up()
-        if self.watcher is not None and not stopping.is_set():
-            self._watch(set())
+        with self.rt.reach_once():  # the simulations' batches read once a tick (Runtime.reach_once)
+            report = steps.tick(self.rt, stopping, exclude=young, streamed=old)
+            self.stats.status_calls += report.status_calls
+            self.stats.dispatched += report.dispatched
+            if old:
+                self._let_go_of_ended(old)
+            self._prune_given_up()
+            if self.watcher is not None and not stopping.is_set():
+                self._watch(set())
         did = (
             report.webhooks
             + report.reconciled

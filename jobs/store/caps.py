@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, bindparam, func, literal, or_, select, true
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
@@ -115,6 +115,10 @@ class InFlight:
     #: look for them. Not a count of them all: a 5xx outage leaves thousands waiting out their
     #: backoff, and counting them read every one on every round.
     retry_due: bool
+    #: Whether any ``pending`` job of the batches :func:`in_flight` was given (every batch when
+    #: none) exists, whether due or not, paused or not: none, and with :attr:`retry_due` False a
+    #: claim can find nothing (the round claims only those two states), so the round stops there.
+    pending: bool = True
 
 
 #: How long a request sent to another fal queue (:attr:`CapScope.origin`) that no live process
@@ -255,10 +259,13 @@ def in_flight(
     sent_before: datetime,
     now: datetime,
     followed: Followed | None = None,
+    pending_of: Collection[str] | None = None,
 ) -> InFlight:
     """The counts of :class:`InFlight` in ``scope``, in one pass over the in-flight states' index
     entries, and whether a ``retry_wait`` job is due at ``now`` (one look at the index on
     (``state``, ``next_attempt_at``)). ``followed``: :func:`followed_now`, read here when None.
+    Whether any ``pending`` job of ``pending_of`` (None: of any batch) exists: the first entry of
+    an index on (``batch_id``, ``state``) or on (``state``) says, in the same statement.
 
     A dispatch round runs on every completion; the three counts it used to ask one by one,
     and a claim query for retries when there were none, were a third of its statements.
@@ -269,6 +276,10 @@ def in_flight(
 
     def build() -> Any:
         requests = _requests_in(scope, followed=followed)
+        unsent = [Job.state == JobState.PENDING]
+        if pending_of is not None:
+            unsent.append(Job.batch_id.in_(bindparam("pending_of", expanding=True)))
+        any_pending = select(literal(1)).select_from(Job).where(*unsent).correlate(None).exists()
         return select(
             func.count().filter(Job.state.in_(bindparam("at_fal", expanding=True)), *requests),
             func.count().filter(Job.state == JobState.DOWNLOADING, _downloads_in(scope)),
@@ -279,6 +290,7 @@ def in_flight(
                 *_requests_in(scope, own_queue=True),
             ),
             or_(*(_any_due_retry(due) for due in _DUE)),
+            any_pending,
         ).where(Job.state.in_(bindparam("states", expanding=True)))
 
     at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
@@ -289,8 +301,11 @@ def in_flight(
         "now": now,
         **_scope_params(scope, now, followed),
     }
-    row: Any = _run(session, _prepared(("in_flight", *_scope_shape(scope, followed)), build), params).one()
-    return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]))
+    if pending_of is not None:
+        params["pending_of"] = sorted(pending_of)
+    shape = ("in_flight", pending_of is None, *_scope_shape(scope, followed))
+    row: Any = _run(session, _prepared(shape, build), params).one()
+    return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]), bool(row[4]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,7 +132,9 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     # who follows another fal queue's requests: one small read of the heartbeats per round, bound
     # into the counts (a correlated look-up per in-flight row cost a 20,000-row backlog 50 ms a round)
     followed = _followed(session, rt, scope, now)
-    flight = store.in_flight(session, scope=scope, sent_before=now - waited, now=now, followed=followed)
+    flight = store.in_flight(
+        session, scope=scope, sent_before=now - waited, now=now, followed=followed, pending_of=rt.batch_ids
+    )
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
     below_cap = rt.settings.max_outstanding - flight.outstanding
     free = _room_at_fal(session, rt, flight, below_cap, scope, now - waited)
@@ -143,6 +145,14 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     rt.downloads_held = room < free  # until the claim below shows whether any job is left waiting
     free = min(free, room)
     if free <= 0:
+        return done
+    if not flight.pending and not flight.retry_due:
+        # Nothing this round could claim (it claims ``pending`` jobs of its batches, and due
+        # ``retry_wait`` ones only when one is due), read in this transaction, which holds the
+        # dispatch lock: the rate's buckets, the batches and the claim would only take tokens
+        # and give them back (a write of the shared bucket each tick, and four more statements,
+        # while every job waits at fal). Nothing waits for the rate or the backlog then.
+        rt.downloads_held = False
         return done
     _heed_pause(rt)
     free = _heed_fal_reach(rt, free)

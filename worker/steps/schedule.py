@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from jobs import billing, db, store
 from jobs.errors import ProviderError
-from jobs.models import BatchState, Job, utcnow
+from jobs.models import Batch, BatchState, Job, utcnow
 from jobs.schedule import Schedule
 from jobs.store import Fence
 from worker.fal.models import RequestHandle, Status
@@ -106,16 +106,18 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
     moved = 0
     plan: list[tuple[Fence, RequestHandle, str]] = []
     closing: list[tuple[Job, str]] = []
+    # Only a look first (every tick, nearly always finding nothing): no write lock for nothing.
+    # Whatever it finds is decided again below, in the transaction that acts; a batch that
+    # closes after the look is found by the next tick, as one closing after the transaction was.
+    with db.read_scope(rt.engine) as session:
+        if not any(_acts_on(rt, batch, now) for batch in store.scheduled_batches(session)):
+            return 0
     with db.session_scope(rt.engine) as session:
         for batch in store.scheduled_batches(session):
-            if batch.state != BatchState.ACTIVE or not rt.in_scope(batch.id):
-                continue
-            if batch.simulated != rt.simulated:  # its requests are another provider's (Runtime.reach)
+            if not _acts_on(rt, batch, now):
                 continue
             schedule = store.batch_schedule(batch)
             why = closed_by(schedule, now)
-            if why is None and schedule.over(now) is None:  # open, or not started yet
-                continue
             if schedule.deadline is not None and schedule.over(now) is not None:
                 # Past the deadline, or no window opens before it any more: nothing will ever
                 # be sent, so the unsent jobs end now, as the deadline would end them (waiting
@@ -147,6 +149,17 @@ def enforce_schedules(rt: Runtime, now: datetime | None = None) -> int:
     if plan:
         moved += in_lane(rt, "schedule", lambda round_: _cancel_closing(rt, round_, plan)) or 0
     return moved
+
+
+def _acts_on(rt: Runtime, batch: Batch, now: datetime) -> bool:
+    """Whether :func:`enforce_schedules` has anything to do about ``batch`` at ``now``: an active
+    batch of this runtime's scope and provider past its deadline or outside its window."""
+    if batch.state != BatchState.ACTIVE or not rt.in_scope(batch.id):
+        return False
+    if batch.simulated != rt.simulated:  # its requests are another provider's (Runtime.reach)
+        return False
+    schedule = store.batch_schedule(batch)
+    return closed_by(schedule, now) is not None or schedule.over(now) is not None
 
 
 def _cancel_closing(rt: Runtime, round_: CancelRound, plan: list[tuple[Fence, RequestHandle, str]]) -> int:
