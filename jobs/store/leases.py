@@ -3,7 +3,7 @@ job's lease, recording a submit's POST as sent, and taking back the jobs of proc
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -383,7 +383,7 @@ class TakenBack:
 
 
 def adopt_requests_sent_elsewhere(
-    session: Session, batch_id: str, origin: str, *, now: datetime
+    session: Session, batch_id: str, origin: str, *, now: datetime, only_if: Callable[[], bool] | None = None
 ) -> dict[str, int]:
     """Make ``batch_id``'s requests at fal that were sent to another fal queue than ``origin`` this
     queue's to follow (``Job.fal_origin`` := ``origin``): how many, by the origin they had.
@@ -397,12 +397,18 @@ def adopt_requests_sent_elsewhere(
 
     Its two statements are built once (:func:`_prepared`): an embedded run asks this every
     :data:`worker.steps.dead_leases.SCAN_SECONDS`, and building them (an alias, a correlated
-    ``EXISTS``) cost ~2.5 ms of CPU a call, ten times running them."""
+    ``EXISTS``) cost ~2.5 ms of CPU a call, ten times running them.
+
+    ``only_if``: asked, in the caller's transaction, only once some request is found to adopt;
+    False leaves them all as they are (and returns nothing). The caller's condition (no other
+    live process follows the batch: two reads of the heartbeats) then costs nothing in the usual
+    case, every request sent to this queue."""
     params = {"a_batch": batch_id, "a_origin": origin, "a_now": now}
     count, move = _prepared(("adopt-elsewhere",), _adopt_elsewhere_statements)
     counts = {str(was): int(n) for was, n in _run(session, count, params)}
-    if counts:
-        _run(session, move, params)
+    if not counts or (only_if is not None and not only_if()):
+        return {}
+    _run(session, move, params)
     return counts
 
 

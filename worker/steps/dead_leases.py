@@ -222,18 +222,23 @@ class DeadLeases:
         distributed workers (which follow every batch, maybe on that queue). Otherwise a request
         sent to a queue URL nobody runs any more (``WANBATCH_FAL_QUEUE_URL`` changed between runs
         of the batch, a stand-in's port changed) was never asked about again, and its job and the
-        run waited for good. How many were adopted, by the origin they had."""
+        run waited for good. How many were adopted, by the origin they had.
+
+        The heartbeats are read only once such a request is found (in the same transaction):
+        every :data:`SCAN_SECONDS` they were read first, two statements, nearly always for none."""
         since = now - timedelta(seconds=PROCESSING_STALE_SECONDS)
         mine = process_prefix()
-        others = [
-            owner
-            for scope in (self.batch_id, EVERY_BATCH)
-            for owner in store.heartbeat_owners(session, scope, since=since)
-            if not owner.startswith(mine) and not process_gone(owner)
-        ]
-        if others:
-            return {}
-        return store.adopt_requests_sent_elsewhere(session, self.batch_id, self.rt.queue_origin, now=now)
+
+        def nobody_else() -> bool:
+            return not any(
+                not owner.startswith(mine) and not process_gone(owner)
+                for scope in (self.batch_id, EVERY_BATCH)
+                for owner in store.heartbeat_owners(session, scope, since=since)
+            )
+
+        return store.adopt_requests_sent_elsewhere(
+            session, self.batch_id, self.rt.queue_origin, now=now, only_if=nobody_else
+        )
 
     def note(self, now: datetime | None = None) -> str:
         """The progress line's words for the leases still waited for ("" when none): those of
