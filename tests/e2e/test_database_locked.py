@@ -39,6 +39,11 @@ pytestmark = pytest.mark.postgres
 
 #: How long the commands wait for a lock here (short: the tests wait for it to end).
 LOCK_WAIT = "0.5"
+#: The wait of the tests that check which session a command names as the one it waited for: the
+#: watcher (jobs.db._LockWatcher) must look at least once while the wait lasts, and on a loaded
+#: machine (a CI run beside other work) its thread and connection took longer than 0.5 s to start,
+#: so the fallback named every strong lock, the innocent's first.
+WATCHED_WAIT = "3"
 #: Longest a command may take here before the test calls it hung.
 DEADLINE = 90.0
 
@@ -353,9 +358,10 @@ def innocent_and_blocker(database: str) -> Iterator[tuple[int, int]]:
     ids=lambda args: args[0],
 )
 def test_the_command_names_the_session_it_waited_for_not_an_innocent_one(
-    args: tuple[str, ...], innocent_and_blocker: tuple[int, int]
+    args: tuple[str, ...], innocent_and_blocker: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     innocent, blocker = innocent_and_blocker
+    monkeypatch.setenv("WANBATCH_DATABASE_LOCK_WAIT", WATCHED_WAIT)
     done = wanbatch(*args, timeout=DEADLINE)
     line = assert_one_line(
         done,
@@ -372,7 +378,7 @@ def test_the_bound_s_error_carries_the_blocker_s_pid(
     database: str, innocent_and_blocker: tuple[int, int]
 ) -> None:
     innocent, blocker = innocent_and_blocker
-    settings = DatabaseSettings(database_url=database, database_lock_wait=float(LOCK_WAIT))
+    settings = DatabaseSettings(database_url=database, database_lock_wait=float(WATCHED_WAIT))
     engine = db.make_engine(database)
     try:
         with (
@@ -393,7 +399,7 @@ def test_a_wait_on_the_innocent_table_names_the_innocent_session(
 ) -> None:
     """The same two locks, a read of ``fal_accounts``: now that one is the holder."""
     innocent, blocker = innocent_and_blocker
-    settings = DatabaseSettings(database_url=database, database_lock_wait=float(LOCK_WAIT))
+    settings = DatabaseSettings(database_url=database, database_lock_wait=float(WATCHED_WAIT))
     engine = db.make_engine(database)
     try:
         with (
