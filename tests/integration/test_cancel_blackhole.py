@@ -256,3 +256,31 @@ def test_a_cancel_never_answered_leaves_the_conductor_beating(
             conductor.close()
             rt.client.close()
         assert not runner.is_alive()
+
+
+def test_a_cancel_thread_that_cannot_start_does_not_hold_the_lane(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane was taken before the thread started, and only the thread gave it back: a start
+    that failed (``RuntimeError: can't start new thread``, the thread limit reached) held it for
+    ever, and every later tick's cancels were skipped as "still under way", in silence."""
+    with HostileProvider() as hostile:
+        batch_id, rt = _at_fal(engine, hostile, tmp_path, "cancel-nothread")
+        try:
+            hostile.route("PUT", CANCEL, json_reply({"status": "CANCELLATION_REQUESTED"}, 202))
+            _cancel_batch(engine, batch_id)
+            real_start = threading.Thread.start
+
+            def no_thread(self: threading.Thread) -> None:
+                raise RuntimeError("can't start new thread")
+
+            monkeypatch.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(RuntimeError, match="can't start new thread"):
+                cancel_jobs_of_cancelled_batches(rt)
+            monkeypatch.setattr(threading.Thread, "start", real_start)
+            assert not rt.cancel_lane.locked()
+            assert hostile.count("PUT", CANCEL) == 0
+            assert cancel_jobs_of_cancelled_batches(rt) == JOBS  # the next tick sends them
+            assert _jobs(engine, batch_id) == [(JobState.CANCELLING, 1)] * JOBS
+        finally:
+            rt.client.close()

@@ -275,6 +275,57 @@ def test_the_next_process_records_a_journal_left_behind(
     assert [p.name for p in _journals(folder)] == [f"{PREFIX}{'0' * 16}-99999999-1{SUFFIX}"]
 
 
+def test_a_late_answer_is_settled_before_the_tick_goes_on_even_behind_a_slow_cancel(
+    sqlite_engine: Engine,
+    sqlite_url: str,
+    sim: SimulatorHandle,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A journal's entry whose job moved on is a late answer: its file is removed and the
+    entry settled (cancelled at fal, put on the job's history) — nothing else sends it. Settled
+    on the cancels' thread behind a cancel sequence still under way (fal slow), the tick gave up
+    waiting after 8 s and a ``run`` ending then lost it: accepted and billed at fal, neither
+    cancelled nor recorded anywhere. It is settled before the tick goes on."""
+    rt = _runtime(sqlite_engine, sim, sqlite_url)
+    add_batch(sqlite_engine, "late-lane", [(T2V, {"prompt": "a quiet pier"})])
+    (job_id,) = dispatch(rt)
+    now = utcnow()
+    with db.session_scope(sqlite_engine) as session:
+        job = store.get_job(session, job_id)
+        store.take_lease(
+            session, rt.fence(job), now=now, lease_seconds=0.0, submitted_input=dict(job.input), sent_at=now
+        )
+        store.fail_job(session, rt.fence(store.get_job(session, job_id)), error="gone", error_type="test")
+    late = Accepted(
+        job_id=job_id,
+        attempt=1,
+        request_id="2d6b3e5a-7f8c-4d9e-8f0a-1b2c3d4e5f60",
+        gateway_request_id=None,
+        status_url=None,
+        response_url=None,
+        cancel_url=None,
+        running=False,
+        submitted_at=now,
+    )
+    journal = tmp_path / f"{PREFIX}{database_key(sqlite_url)}-99999999-1{SUFFIX}"
+    journal.write_text(late.as_json() + "\n")
+
+    with rt.cancel_lane:  # an earlier tick's cancels, left behind, still under way
+        started = time.monotonic()
+        assert adopt_unrecorded(rt) == 0
+        took = time.monotonic() - started
+        # Settled by now, whatever the lane: the journal is gone, so it must be on the history.
+        said = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "submit.adopt_too_late"]
+        assert len(said) == 1, said
+        assert late.request_id in said[0]
+        with db.read_scope(sqlite_engine) as session:
+            history = [e.reason or "" for e in store.job_events(session, job_id)]
+        assert any(late.request_id in reason for reason in history), history
+    assert not journal.exists()
+    assert took < 5, took  # never the cancels' wait (8 s) either
+
+
 def test_an_id_recorded_late_is_said_recorded_only_once_the_commit_took_it(
     sqlite_engine: Engine,
     sqlite_url: str,

@@ -207,3 +207,28 @@ def test_one_file_the_host_fails_while_it_serves_others_counts_its_tries(
     assert "HTTP 503" in (job.error or "")
     assert job.actual_usd == job.est_usd
     assert fal.posts() == 1
+
+
+def test_a_503_an_hour_after_a_job_that_left_does_not_pause_at_once(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """One job met a 503, then left without a video stored (its file answered 404 or 410, a
+    short body, its lease lost): the outage stayed open, so an hour later the first 503 of
+    another job had "lasted" an hour and paused its batch at once (and `run` exited 2)."""
+    fal = FakeFal(hostile)
+    fal.on_file("r1.mp4", GATEWAY_503)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=5)
+    clock = _Clock()
+    rt.download_trouble = DownloadTrouble(clock)
+    rt.download_trouble.failed("other-job", "v3.fal.media", "answers HTTP 503")
+    rt.download_trouble.forget("other-job")  # _download_failed's path: it left without a video
+    assert rt.download_trouble.note() is None
+    clock.now += 3600  # an hour later, no trouble meanwhile
+    try:
+        assert download(rt, job_id) == "download-held"  # this job's first 503
+        clock.now += 30
+        _due(engine, job_id)
+        assert download(rt, job_id) == "download-held"
+    finally:
+        rt.client.close()
+    assert _batch(engine, _job(engine, job_id).batch_id).state == BatchState.ACTIVE

@@ -68,3 +68,37 @@ def test_a_job_whose_host_stored_other_videos_since_its_last_failure_is_told_to_
     trouble.succeeded("b")
     trouble.forget("a")
     assert trouble.failed("a").serves_others is False  # forgotten: a first failure again
+
+
+def test_the_outage_ends_when_no_job_waits_on_the_host_any_more() -> None:
+    """A job that met one 503, then left (its file answered 404, its lease was lost...): the
+    outage stayed open, the progress line said "downloads wait" for good, and an hour later
+    the first 503 of any job had "lasted" an hour and paused its batch at once."""
+    now = [0.0]
+    trouble = DownloadTrouble(lambda: now[0])
+    trouble.failed("gone", "v3.fal.media", "answers HTTP 503")
+    trouble.failed("still", "v3.fal.media", "answers HTTP 503")
+    trouble.forget("gone")
+    assert trouble.note() is not None  # another job still waits on the host
+    trouble.forget("still")
+    assert trouble.note() is None
+    now[0] = 3600.0
+    first = trouble.failed("new", "v3.fal.media", "answers HTTP 503")
+    assert (first.tries, first.lasted, first.say, first.pause) == (1, 0.0, True, False)
+
+
+def test_the_pause_counts_from_the_oldest_failure_still_waiting() -> None:
+    now = [0.0]
+    trouble = DownloadTrouble(lambda: now[0])
+    trouble.failed("a")
+    now[0] = 30.0
+    trouble.failed("b")
+    trouble.forget("a")  # the oldest leaves; b has waited 30 s of the outage
+    now[0] = 80.0
+    assert (trouble.failed("b").lasted, trouble.failed("c").pause) == (50.0, False)
+    now[0] = 30.0 + PAUSE_AFTER_SECONDS
+    assert trouble.failed("c").pause  # b's first failure, a minute ago, still waits
+    # A video stored whole ends the outage: a job waiting since before counts from the next failure.
+    trouble.succeeded("c")
+    now[0] = 200.0
+    assert trouble.failed("b").lasted == 0.0

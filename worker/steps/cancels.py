@@ -3,8 +3,7 @@
 A cancel is one PUT (:meth:`worker.fal.client.FalClient.cancel`), bounded only by the connect
 and read timeouts. The tick sent its cancels — ``wanbatch cancel``'s
 (:func:`worker.steps.reconcile.cancel_jobs_of_cancelled_batches`), a window's end or a deadline's
-(:func:`worker.steps.schedule.enforce_schedules`), a late answer's
-(:func:`worker.steps.late_answers.settle_late_answer`) — on the conductor's loop, one after
+(:func:`worker.steps.schedule.enforce_schedules`) — on the conductor's loop, one after
 another: to a fal that accepts connections and never answers (a stalled proxy, a laptop just
 resumed) each waited its timeouts, and meanwhile the conductor wrote no heartbeat (``status``
 then said "nothing is processing it" and advised a second run), showed no progress, sent
@@ -22,6 +21,12 @@ tick sends it again, in its order. The tick waits for the sequence at most
 :data:`CANCEL_GRACE_SECONDS` longer; one still under way then is left behind, and no other
 sequence starts (:attr:`~worker.steps.context.Runtime.cancel_lane` is held) until it ends, so a
 cancel is never sent twice at once, nor two sequences' out of order.
+
+Not a late answer's cancel (:func:`worker.steps.reconcile._settle_late`): nothing sends that one
+again, so it must be sent, and its outcome booked, exactly once. On a thread left behind (or
+waiting behind a sequence left behind) it could be lost with the process — ``run`` ending, the
+request accepted and billed at fal and recorded nowhere. It is settled on its caller, as a
+submit step settles the late answers it meets (rare: a submit answered after its job moved on).
 
 A round none of whose cancels met a server says fal cannot be reached, as a poll does
 (:mod:`worker.steps.fal_reach`): submits are held and ``run``'s progress line and ``status``
@@ -59,11 +64,11 @@ _T = TypeVar("_T")
 
 @dataclass(slots=True)
 class CancelRound:
-    """One sequence of cancels and its deadline (``time.monotonic()``; None: unbounded, as a
-    late answer's, see :func:`in_lane`), and what fal made of them so far."""
+    """One sequence of cancels and its deadline (``time.monotonic()``), and what fal made of
+    them so far."""
 
     rt: Runtime
-    deadline: float | None
+    deadline: float
     seconds: float = CANCEL_SECONDS
     #: Cancels fal answered (a cancel outcome, or an HTTP error).
     answered: int = 0
@@ -74,7 +79,7 @@ class CancelRound:
 
     def over(self) -> bool:
         """Whether the deadline has passed: nothing more is sent this round."""
-        return self.deadline is not None and time.monotonic() >= self.deadline
+        return time.monotonic() >= self.deadline
 
     def send(self, handle: RequestHandle) -> CancelOutcome | None:
         """Ask fal to cancel ``handle`` within the round's deadline: fal's answer, or None when
@@ -110,21 +115,19 @@ class CancelRound:
             self.rt.fal_reach.failed(f"{len(self.unreached)} cancel(s) unanswered: {said}", probe=False)
 
 
-def in_lane(
-    rt: Runtime, what: str, sequence: Callable[[CancelRound], _T], *, wait_turn: bool = False
-) -> _T | None:
+def in_lane(rt: Runtime, what: str, sequence: Callable[[CancelRound], _T]) -> _T | None:
     """Run ``sequence`` (a step's cancels, in their order, and the writes that follow each) on a
     thread of its own, with a :class:`CancelRound` whose deadline is :data:`CANCEL_SECONDS`
     away; wait for it at most :data:`CANCEL_GRACE_SECONDS` longer. Its result, or None when it
     did not run (another sequence of this runtime is still under way: tried next tick) or was
     left behind (its thread ends with its last write; its result is dropped).
 
-    ``wait_turn``: a sequence that must run once, however long another takes (a late answer's
-    settlement: nothing sends it again) waits on its thread for the one before it, and its
-    cancels are not cut short by the deadline (cut short, a late answer would be booked as run
-    and billed): only the tick's wait for it is bounded."""
+    A thread that cannot be started (``RuntimeError: can't start new thread``: the process's
+    or the system's thread limit) gives the lane back before the error is raised: only the
+    thread's own end releases it otherwise, and a lane held for ever skipped every later tick's
+    cancels — ``wanbatch cancel``'s, a window's end's — in silence."""
     lane = rt.cancel_lane
-    if not wait_turn and not lane.acquire(blocking=False):
+    if not lane.acquire(blocking=False):
         log.info(
             "%s: the cancels of an earlier tick are still under way (fal answers slowly); sent next tick",
             what,
@@ -137,9 +140,7 @@ def in_lane(
     left = threading.Event()  # the caller stopped waiting: an error is said here, not raised
 
     def body() -> None:
-        if wait_turn:
-            lane.acquire()
-        round_ = CancelRound(rt, None if wait_turn else time.monotonic() + seconds, seconds)
+        round_ = CancelRound(rt, time.monotonic() + seconds, seconds)
         try:
             done.append(sequence(round_))
             round_.judge_reach()
@@ -159,7 +160,11 @@ def in_lane(
     thread = threading.Thread(
         target=contextvars.copy_context().run, args=(body,), name="wanbatch-cancel", daemon=True
     )
-    thread.start()
+    try:
+        thread.start()
+    except Exception:  # raised by _start_new_thread, before any thread exists: body never runs
+        lane.release()  # nothing else would give the lane back
+        raise
     thread.join(seconds + CANCEL_GRACE_SECONDS)
     if thread.is_alive():
         left.set()

@@ -159,9 +159,16 @@ class DownloadTrouble:
     """This process's view of whether fal's media host serves its downloads: an outage is
     downloads the host answered with an error it may get over (``5xx``, ``429``, ``408``) or
     whose body it dropped midway (a reset, a read timeout), from the first such failure to the
-    next video downloaded whole. Unlike :class:`DownloadReach`, any answer does not end it: the
-    host answering is the very trouble. Thread-safe; ``clock`` (monotonic seconds) may be
-    replaced in tests.
+    next video downloaded whole — or until no job waits on the host any more (each one that
+    failed so left: stored, failed otherwise, its lease lost; :meth:`forget`). Unlike
+    :class:`DownloadReach`, any answer does not end it: the host answering is the very trouble.
+    Thread-safe; ``clock`` (monotonic seconds) may be replaced in tests.
+
+    How long it has lasted, for the pause (:data:`PAUSE_AFTER_SECONDS`), is counted from a
+    failure still waiting — the oldest waiting job's first failure, or the outage's start if
+    later — never from a failure whose job has gone: one stale ``503`` an hour ago, its job
+    gone since, made the first ``503`` of any later job pause its batch at once (and ``run``
+    exit 2), the progress line saying "downloads wait" all that hour.
 
     Why not count such a failure toward ``WANBATCH_DOWNLOAD_ATTEMPTS``: five tries took about
     75 s, and an outage of the CDN longer than that failed every paid video that met it, which
@@ -175,7 +182,10 @@ class DownloadTrouble:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
+        self._clock = clock
         self._tries: dict[str, int] = {}
+        #: When (``clock``) each waiting job first failed, in this process: what the pause measures.
+        self._first: dict[str, float] = {}
         #: Videos downloaded whole so far, and each waiting job's count at its last failure
         #: (:attr:`Troubled.serves_others`).
         self._served = 0
@@ -189,41 +199,50 @@ class DownloadTrouble:
 
     def failed(self, job_id: str, host: str = "", what: str = "") -> Troubled:
         """The host failed ``job_id``'s download (``what``: how, e.g. ``answers HTTP 503``)."""
-        said = self._outage.failed()
-        with self._lock:
+        with self._lock:  # one lock for the outage and the waiting jobs: forget() ends one
+            said = self._outage.failed()
             if len(self._tries) >= 4096 and job_id not in self._tries:
                 self._tries.clear()  # bounded: a job forgotten starts its backoff over, no more
                 self._served_at.clear()
+                self._first.clear()
             tries = self._tries[job_id] = self._tries.get(job_id, 0) + 1
+            self._first.setdefault(job_id, said.at)
             before = self._served_at.get(job_id)
             self._served_at[job_id] = self._served
             serves_others = before is not None and self._served > before
             if host:
                 self._host, self._what = host, what
+            # From a failure still waiting, within this outage (a video stored whole ended any before).
+            lasted = min(said.lasted, said.at - min(self._first.values()))
         return Troubled(
             tries=tries,
-            lasted=said.lasted,
+            lasted=lasted,
             say=said.due,
-            pause=said.lasted >= PAUSE_AFTER_SECONDS,
+            pause=lasted >= PAUSE_AFTER_SECONDS,
             serves_others=serves_others,
         )
 
     def forget(self, job_id: str) -> None:
-        """``job_id`` no longer waits on the host (it failed otherwise, or left)."""
+        """``job_id`` no longer waits on the host (it failed otherwise, or left). The last one
+        gone ends the outage: no job waits on the host any more, and nothing is known of it
+        since (the next failure begins another, said at once)."""
         with self._lock:
-            self._tries.pop(job_id, None)
-            self._served_at.pop(job_id, None)
+            self._drop(job_id)
+            if not self._tries:
+                self._outage.answered()
+
+    def _drop(self, job_id: str) -> None:
+        self._tries.pop(job_id, None)
+        self._served_at.pop(job_id, None)
+        self._first.pop(job_id, None)
 
     def succeeded(self, job_id: str) -> float | None:
         """A video was downloaded whole: the outage, if any, is over; how long it lasted (None
         when there was none)."""
         with self._lock:
             self._served += 1
-        if self._tries:
-            self.forget(job_id)
-        if not self._outage.down:
-            return None
-        return self._outage.answered()
+            self._drop(job_id)
+            return self._outage.answered()
 
     def note(self) -> str | None:
         """The progress line's note while the media host fails downloads; None while it serves."""

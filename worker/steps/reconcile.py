@@ -207,21 +207,22 @@ def _retry_held(rt: Runtime, late: list[_Late], *, wait: bool) -> int:
 
 
 def _settle_late(rt: Runtime, late: list[_Late]) -> int:
-    """Settle the late answers found (after the transactions: a cancel is a call to fal), on the
-    cancels' own thread (:func:`~worker.steps.cancels.in_lane`): the caller waits a bounded
-    time, never a fal that does not answer. How many were adopted (known by then)."""
-    if not late:
-        return 0
+    """Settle the late answers found (after the transactions: a cancel is a call to fal), here
+    on the caller, each before this returns; how many were adopted.
 
-    def settle(_round: CancelRound) -> int:
-        adopted = 0
-        for accepted, endpoint, ours in late:
-            # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
-            settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
-            adopted += settled == "adopted"
-        return adopted
-
-    return in_lane(rt, "late answers", settle, wait_turn=True) or 0
+    Not on the cancels' thread (:func:`~worker.steps.cancels.in_lane`), which the tick stops
+    waiting for: each entry's journal line and in-memory copy are gone by now
+    (:func:`adopt_unrecorded`, :func:`_retry_held`), and nothing else sends its cancel, so a
+    settlement left waiting behind a slow cancel sequence was lost when ``run`` ended — the
+    request accepted (and billed) at fal, neither cancelled nor recorded. A late answer is
+    rare; its cancel is bounded by the client's timeouts, as a submit step's own late answer
+    (:mod:`worker.steps.submit`) has always been."""
+    adopted = 0
+    for accepted, endpoint, ours in late:
+        # The job may keep it still (failed for its unknown outcome, its resend not sent yet).
+        settled = settle_late_answer(rt, accepted, endpoint, cancel=ours, event="submit.adopt_too_late")
+        adopted += settled == "adopted"
+    return adopted
 
 
 def _adopt_one(
