@@ -2024,8 +2024,14 @@ class CancelResult:
     #: cancel run again makes the downloads still waiting due too, uncounted: why they wait is
     #: no longer known).
     outputs_waiting: int = 0
-    #: That pause's reason (None: the batch was not paused for its outputs).
+    #: That pause's reason (None: the batch was not paused for its outputs), or the download
+    #: pause's (:attr:`downloads_waiting`).
     outputs_reason: str | None = None
+    #: Paid videos that waited for fal's media host, the batch paused because downloads fail
+    #: there or cannot connect (:func:`jobs.store.paused_for_downloads`), made due at once by the
+    #: cancel: a cancelled batch's download counts its tries (``WANBATCH_DOWNLOAD_ATTEMPTS``),
+    #: stored if the host serves it, else failed ``download_failed``.
+    downloads_waiting: int = 0
 
     @property
     def changed(self) -> bool:
@@ -2045,6 +2051,7 @@ class CancelResult:
             "at_fal": self.at_fal,
             "unfinished": self.unfinished,
             "outputs_waiting": self.outputs_waiting,
+            "downloads_waiting": self.downloads_waiting,
         }
 
 
@@ -2080,6 +2087,12 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
       batch tries each now — stored if there is room, else failed ``output_not_kept`` as a
       cancelled batch ends them — instead of waiting minutes in silence. So does a cancel run
       again on a cancelled batch (the pause's reason is gone by then; its waits are not).
+    * A batch paused because its downloads fail (:func:`jobs.store.paused_for_downloads`: fal's
+      media host fails them, or they cannot connect) has its waiting videos made due at once
+      too, told apart (:attr:`CancelResult.downloads_waiting`): no disk decides their fate, the
+      host does — a cancelled batch's download counts its tries
+      (:func:`worker.steps.download._batch_cancelled`), so the cancel ends within
+      ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries instead of waiting for the host for days.
 
     ``simulate``: None when the caller only records the cancel (the dashboard); else the caller
     goes on to process the batch here, with ``--simulate`` or not (the CLI), and what that needs
@@ -2091,10 +2104,11 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
         already = batch.state == BatchState.CANCELLED
         unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
         finished = not already and not unfinished
-        at_once, at_fal, outputs_waiting = store.UnsentCancelled(), 0, 0
+        at_once, at_fal, outputs_waiting, downloads_waiting = store.UnsentCancelled(), 0, 0, 0
         reason = batch.pause_reason or ""
         outputs_paused = reason.startswith(store.OUTPUTS_PAUSE_PREFIX)
         paused_for_outputs = batch.state == BatchState.PAUSED and outputs_paused
+        for_downloads = paused_for_outputs and store.paused_for_downloads(reason)
         if unfinished:
             if simulate is not None:
                 refuse_other_way(batch, simulated=simulate, command="cancel")
@@ -2110,7 +2124,10 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
             )
             if paused_for_outputs or already:  # already: the pause's reason is gone, its waits are not
                 due = store.downloads_due_now(session, batch.id)
-                outputs_waiting = due if paused_for_outputs else 0  # said only when known to be for outputs
+                if for_downloads:  # the media host decides their fate, not a disk
+                    downloads_waiting = due
+                elif paused_for_outputs:  # said only when known to be for outputs
+                    outputs_waiting = due
             at_fal = store.count_in_states(session, AT_PROVIDER_STATES, batch_id=batch.id)
             unfinished = store.count_in_states(session, UNFINISHED_STATES, batch_id=batch.id)
         return CancelResult(
@@ -2124,16 +2141,28 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
             unfinished=unfinished,
             outputs_waiting=outputs_waiting,
             outputs_reason=reason if paused_for_outputs else None,
+            downloads_waiting=downloads_waiting,
         )
 
 
 def outputs_waiting_line(done: CancelResult) -> str | None:
     """What ``wanbatch cancel`` says of the paid videos that waited for the batch's outputs to be
-    kept (:attr:`CancelResult.outputs_waiting`), in one line: what they waited for (the pause's
+    kept (:attr:`CancelResult.outputs_waiting`), or for fal's media host
+    (:attr:`CancelResult.downloads_waiting`), in one line: what they waited for (the pause's
     reason up to its advice) and what the cancel does with them now. None: none waited."""
+    why = ""
+    if done.outputs_reason:
+        cause = done.outputs_reason.split(" — ", 1)[0].split("; the videos already made", 1)[0]
+        why = f" ({cause})"
+    if done.downloads_waiting:
+        return (
+            f"cancel: {done.downloads_waiting} paid video(s) waited for fal's media host{why}: each is "
+            "tried now, not after WANBATCH_RETRY_MAX_DELAY, and a cancelled batch's tries count — "
+            "stored if the host serves it (never made again), else it ends failed (download_failed, "
+            "its cost recorded) after WANBATCH_DOWNLOAD_ATTEMPTS tries"
+        )
     if not done.outputs_waiting:
         return None
-    why = f" ({done.outputs_reason.split(' — ', 1)[0]})" if done.outputs_reason else ""
     return (
         f"cancel: {done.outputs_waiting} paid video(s) waited for the batch's outputs to be kept{why}: "
         "each is tried once now, not after WANBATCH_RETRY_MAX_DELAY — stored if there is room (never "

@@ -55,6 +55,7 @@ calls itself patches it in the part that calls it (``monkeypatch.setattr(store.l
 """
 
 from jobs.store.batches import ACCOUNT_PAUSE_MARK as ACCOUNT_PAUSE_MARK
+from jobs.store.batches import CANNOT_DOWNLOAD as CANNOT_DOWNLOAD
 from jobs.store.batches import ID_CHARS as ID_CHARS
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
@@ -82,6 +83,7 @@ from jobs.store.batches import (
 from jobs.store.batches import downloads_due_now as downloads_due_now
 from jobs.store.batches import folder_name as folder_name
 from jobs.store.batches import is_stored as is_stored
+from jobs.store.batches import paused_for_downloads as paused_for_downloads
 from jobs.store.batches import set_batch_reuse_outputs as set_batch_reuse_outputs
 from jobs.store.cancel_give_ups import CANCEL_GIVEN_UP as CANCEL_GIVEN_UP
 from jobs.store.cancel_give_ups import Uncancelled as Uncancelled

@@ -422,6 +422,17 @@ def resume_batch(session: Session, batch_id: str) -> bool:
 #: storage refusing uploads; :func:`worker.steps.download._pause_for_outputs`): such a pause
 #: ends by itself once an output of the batch is stored again (:func:`resume_after_outputs_stored`).
 OUTPUTS_PAUSE_PREFIX = "outputs cannot "
+#: What follows :data:`OUTPUTS_PAUSE_PREFIX` in a pause for downloads (fal's media host fails
+#: them, or they cannot connect: :mod:`worker.steps.download_reach`), not for a disk or storage
+#: that cannot keep outputs: ``wanbatch cancel`` says what it does with each apart
+#: (:func:`jobs.batches.cancel_batch`).
+CANNOT_DOWNLOAD = "be downloaded here"
+
+
+def paused_for_downloads(reason: str | None) -> bool:
+    """Whether a batch's pause ``reason`` is for downloads that cannot be made (a CDN outage,
+    no way to the CDN), not for outputs that cannot be kept."""
+    return (reason or "").startswith(OUTPUTS_PAUSE_PREFIX + CANNOT_DOWNLOAD)
 
 
 def resume_after_outputs_stored(session: Session, batch_id: str) -> bool:

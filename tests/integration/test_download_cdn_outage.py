@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from jobs import db, store
 from jobs.models import BatchState, utcnow
 from jobs.states import JobState
-from tests.hostile import HostileProvider, Recorded, raw_reply
+from tests.hostile import HostileProvider, Recorded, json_reply, raw_reply
 from tests.hostile_fal import FakeFal
 from tests.integration.test_download_steps import GATEWAY_503, completed_job, make_due
 from worker.steps import download
@@ -232,3 +232,96 @@ def test_a_503_an_hour_after_a_job_that_left_does_not_pause_at_once(
     finally:
         rt.client.close()
     assert _batch(engine, _job(engine, job_id).batch_id).state == BatchState.ACTIVE
+
+
+def _cancel(rt: Any, engine: Engine, batch_id: str) -> Any:
+    """``wanbatch cancel``'s own operation on this database."""
+    from jobs import batches
+
+    url = engine.url.render_as_string(hide_password=False)
+    return batches.cancel_batch(batch_id, rt.settings.model_copy(update={"database_url": url}), by="test")
+
+
+def test_cancel_of_a_batch_a_cdn_outage_paused_ends_within_its_download_tries(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Before, `cancel` said each waiting video was "stored if there is room, else
+    output_not_kept" (words for a full disk), while the cancelled batch's download just waited,
+    uncounted, for as long as the CDN failed — and `cancel` processes the batch until it is over:
+    days. Now it says what waits (fal's media host), and the tries count: the paid job fails
+    `download_failed`, its cost recorded, within WANBATCH_DOWNLOAD_ATTEMPTS tries."""
+    from jobs import batches
+
+    fal = FakeFal(hostile)
+    fal.on_file("r1.mp4", GATEWAY_503)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2)
+    clock = _Clock()
+    rt.download_trouble = DownloadTrouble(clock)
+    batch_id = _job(engine, job_id).batch_id
+    try:
+        assert download(rt, job_id) == "download-held"
+        clock.now += 61
+        _due(engine, job_id)
+        assert download(rt, job_id) == "outputs-paused"
+        with db.session_scope(engine) as session:  # its backoff, as in production
+            job = store.get_job(session, job_id)
+            store.update_job_fields(
+                session,
+                job_id,
+                expected_version=job.version,
+                next_attempt_at=utcnow() + timedelta(seconds=300),
+            )
+        done = _cancel(rt, engine, batch_id)
+        assert (done.outputs_waiting, done.downloads_waiting) == (0, 1)
+        line = batches.outputs_waiting_line(done) or ""
+        assert line.startswith(
+            "cancel: 1 paid video(s) waited for fal's media host (outputs cannot be downloaded here: "
+        ), line
+        assert "HTTP 503" in line
+        assert "room" not in line
+        assert "output_not_kept" not in line
+        assert "download_failed" in line
+        assert "WANBATCH_DOWNLOAD_ATTEMPTS" in line
+        assert _job(engine, job_id).next_attempt_at is None  # tried now, not in 5 minutes
+        outcomes = [download(rt, job_id)]
+        make_due(engine, job_id)
+        outcomes.append(download(rt, job_id))
+    finally:
+        rt.client.close()
+    assert outcomes == ["download-retry", "failed"]
+    job = _job(engine, job_id)
+    assert (job.state, job.error_type, job.download_attempts) == (JobState.FAILED, "download_failed", 2)
+    assert "HTTP 503" in (job.error or "")
+    assert job.actual_usd == job.est_usd  # paid: its cost recorded
+    assert fal.posts() == 1
+    assert rt.download_trouble.note() is None  # it no longer waits on the host
+
+
+def test_a_cancelled_batchs_download_that_cannot_connect_counts_its_tries(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """The cannot-connect hold had the same gap: a cancelled batch's download waited, uncounted,
+    for as long as the CDN could not be reached."""
+    fal = FakeFal(hostile)
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    gone = f"http://127.0.0.1:{port}/files/r1.mp4"
+    fal.on_result("r1", json_reply(fal.result_for("r1", url=gone)))
+    allowed = ["127.0.0.1"]  # a loopback video URL: refused unless listed
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=2, download_allowed_hosts=allowed)
+    batch_id = _job(engine, job_id).batch_id
+    try:
+        assert download(rt, job_id) == "download-held"  # active: held, uncounted
+        assert _job(engine, job_id).download_attempts == 0
+        _cancel(rt, engine, batch_id)
+        outcomes = []
+        for _ in range(2):
+            make_due(engine, job_id)
+            outcomes.append(download(rt, job_id))
+    finally:
+        rt.client.close()
+    assert outcomes == ["download-retry", "failed"]
+    job = _job(engine, job_id)
+    assert (job.state, job.error_type) == (JobState.FAILED, "download_failed")
+    assert job.actual_usd == job.est_usd

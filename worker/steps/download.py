@@ -1232,9 +1232,10 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
     batch (when active) is paused naming the host and what it answers: nothing more is sent to
     be paid for and meet the same outage; the pause ends by itself with the first output of the
     batch stored again (:func:`jobs.store.resume_after_outputs_stored`), or with the next run.
-    A paused or cancelled batch's job just waits. Only while the host serves nothing: once
-    another video was stored whole since this job's previous failure, the failure is about this
-    job's file and counts as a try (:attr:`~worker.steps.download_reach.Troubled.serves_others`).
+    A paused batch's job just waits. Only while the host serves nothing: once another video was
+    stored whole since this job's previous failure, the failure is about this job's file and
+    counts as a try (:attr:`~worker.steps.download_reach.Troubled.serves_others`). A cancelled
+    batch's counts too (:func:`_batch_cancelled`).
 
     The horizon: the job fails (``download_failed``, its billed cost) only once fal completed
     its request more than :data:`~worker.steps.download_reach.MEDIA_HORIZON_DAYS` days ago — the
@@ -1242,10 +1243,11 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
     times in a row since this process began trying: not on a single 503 after a week's pause."""
     what = _trouble_words(exc)
     trouble = rt.download_trouble.failed(job_id, host, what)
-    if trouble.serves_others:
+    if trouble.serves_others or _batch_cancelled(rt, claim.batch_id):
         # The host stored other videos since this job's last failure: not an outage, this
         # file's trouble. Counted (the job fails after WANBATCH_DOWNLOAD_ATTEMPTS), or one
-        # file a host fails for good held its job, and the run waiting on it, for days.
+        # file a host fails for good held its job, and the run waiting on it, for days. So is
+        # a cancelled batch's (its `cancel` processes it until it is over).
         outcome = _download_failed(rt, job_id, claim, exc)
         if outcome != "download-retry":
             rt.download_trouble.forget(job_id)  # it failed for good (or lost its lease): no more tries
@@ -1316,8 +1318,20 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
     return "download-held"
 
 
-#: How a pause for downloads that cannot connect begins (after :data:`store.OUTPUTS_PAUSE_PREFIX`).
-CANNOT_DOWNLOAD = "be downloaded here"
+#: How a pause for downloads that cannot connect, or that the media host fails, begins (after
+#: :data:`store.OUTPUTS_PAUSE_PREFIX`): ``wanbatch cancel`` tells it apart from a pause for a disk.
+CANNOT_DOWNLOAD = store.CANNOT_DOWNLOAD
+
+
+def _batch_cancelled(rt: Runtime, batch_id: str) -> bool:
+    """Whether ``batch_id`` was cancelled: a download it holds then counts its tries
+    (``WANBATCH_DOWNLOAD_ATTEMPTS``) whatever the media host's trouble, and ends failed
+    (``download_failed``, its cost recorded) once they are spent. A held download is waited for
+    so that the batch's next run stores it; a cancelled batch has none, and ``wanbatch cancel``
+    processes the batch until it is over — it waited for days (fal's media lifetime) while a
+    CDN outage or a network with no way to the CDN lasted."""
+    with db.read_scope(rt.engine) as session:
+        return store.get_batch(session, batch_id).state == BatchState.CANCELLED
 
 
 def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: DownloadUnreachedError) -> str:
@@ -1327,11 +1341,13 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
     warning line names the host and the fix. Once the outage has lasted
     :data:`~worker.steps.download_reach.PAUSE_AFTER_SECONDS`, the job's batch (when active) is
     paused with that reason, which ends by itself once an output is stored again: nothing more
-    is sent to be paid for and meet the same wall. A paused or cancelled batch's job just waits:
-    never failed for it."""
-    telemetry.count_provider_error(exc)
+    is sent to be paid for and meet the same wall. A paused batch's job just waits: never failed
+    for it. A cancelled batch's counts its tries (:func:`_batch_cancelled`)."""
     fix = unreached_fix(rt.settings, exc.host, exc.proxy)
     held = rt.download_reach.failed(exc.host, f"{exc} — {fix}")
+    if _batch_cancelled(rt, claim.batch_id):
+        return _download_failed(rt, job_id, claim, exc)
+    telemetry.count_provider_error(exc)
     logs.note_error(f"download held, not counted: {exc}", "download_unreachable")
     reason = (
         f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc} — {fix}; the videos already made wait at fal "
