@@ -120,6 +120,11 @@ class ConductorStats:
     streams: int = 0
     events: int = 0
     dispatched: int = 0
+    #: Rounds and ticks that changed, or may have changed, what the database holds: statuses
+    #: applied, jobs dispatched or sent, a tick that did anything (a counter that only grows).
+    #: An embedded ``run``'s progress refresh reads the batch again when it grew, and otherwise
+    #: only now and then (``worker.running.REFRESH_UNCHANGED_SECONDS``).
+    changes: int = 0
 
 
 class Conductor:
@@ -495,6 +500,8 @@ class Conductor:
                 sent = steps.dispatch(self.rt) if dispatching else []
             if submitted:
                 self._watch(submitted)
+            if seen or sent or submitted:
+                self.stats.changes += 1
             self._writes_again()
             if dispatching:
                 self.stats.dispatched += len(sent)
@@ -562,6 +569,7 @@ class Conductor:
         old: frozenset[str] = frozenset()
         if self.watcher is not None:
             young, old = self.watcher.by_age(self.rt.settings.poll_max_interval)
+        was_idle = self.rt.nothing_in_flight
         self.rt.nothing_in_flight = False  # the tick's dispatch says otherwise, if it runs
         with self.rt.reach_once():  # the simulations' batches read once a tick (Runtime.reach_once)
             report = steps.tick(self.rt, stopping, exclude=young, streamed=old)
@@ -580,6 +588,8 @@ class Conductor:
             + report.budget_cancelled
             + report.downloads
         )
+        if did or self.rt.nothing_in_flight != was_idle:
+            self.stats.changes += 1
         streams = self.watcher.watching() if self.watcher is not None else frozenset()
         return did == 0 and self.rt.nothing_in_flight and not streams
 

@@ -107,6 +107,12 @@ class InProcessWorker:
         rt = self._rt
         if not self._accepting.is_set() or rt is None:
             return
+        try:
+            self._step(rt, step, job_id)
+        finally:  # whatever its outcome: `run`'s progress refresh reads the batch again
+            rt.steps_ended.add()
+
+    def _step(self, rt: Runtime, step: Step, job_id: str) -> None:
         with logs.job_context(job_id):  # every line the step logs names its job
             try:
                 outcome = step(rt, job_id)

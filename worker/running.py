@@ -114,6 +114,13 @@ STOP_WRITES_SECONDS = 2.0
 REFRESH_SHARE = 0.02
 #: The longest wait between two refreshes, however large the batch.
 REFRESH_MAX_GAP_SECONDS = 10.0
+#: Embedded, how often the progress refresh reads the batch when nothing this process knows of
+#: changed since its last read (no step ended, no status applied, nothing dispatched, no note
+#: of its own changed): the safety net for what other processes change (`wanbatch pause` or
+#: `cancel` from another terminal, a second run of the batch). While jobs wait minutes at fal,
+#: reading every 0.5 s cost more statements than the conductor's own tick, for a line that did
+#: not change.
+REFRESH_UNCHANGED_SECONDS = 5.0
 
 
 class RefreshBudget:
@@ -1427,6 +1434,31 @@ def _stranded(
     ]
 
 
+def _what_changes(conductor: Conductor) -> tuple[object, ...]:
+    """What an embedded run knows in memory that its progress line depends on, or that tells
+    the database may hold something new for it: the steps that ended, the conductor's rounds
+    and ticks that did something (``ConductorStats.changes``), a budget's cancels, a cap found
+    full, the notes of its own (limiter, database's disk, fal and download reach, leases
+    waited for, other processes beside it), the cancels given up, a stop asked for. All cheap
+    (no database, no network): compared at each look, it decides whether to read."""
+    rt = conductor.rt
+    return (
+        rt.steps_ended.count,
+        conductor.stats.changes,
+        rt.budget_cancelled,
+        rt.capped,
+        unreachable_note(rt.limiter),
+        rt.unrecorded.note(),
+        rt.fal_reach.note(),
+        rt.download_reach.note(),
+        rt.download_trouble.note(),
+        leases_note(conductor),
+        beside_note(conductor),
+        len(rt.cancel_tries.given_up()),
+        _stop_requested.is_set(),
+    )
+
+
 def _watch(
     batch_id: str,
     settings: Settings,
@@ -1470,12 +1502,23 @@ def _watch(
     # The key and fal queue this run asks about (its runtime's: a simulation's are its simulator's).
     here = process_here(conductor.rt.settings if conductor is not None else settings)
 
+    # Embedded: what the last read saw in memory (_what_changes), and when it read.
+    seen: list[tuple[object, ...] | None] = [None]
+    read_at = [0.0]
+
     def refresh(task_id: TaskID) -> bool:
         """Show where the batch is; True when there is nothing more to wait for (False, with
-        nothing read, while the refresh waits for its :class:`RefreshBudget`)."""
+        nothing read, while the refresh waits for its :class:`RefreshBudget`, and, embedded,
+        while nothing changed since the last read for less than :data:`REFRESH_UNCHANGED_SECONDS`:
+        the line keeps what it showed, its ETA included, until the next read)."""
         started = time.monotonic()
         if not budget.due(started):
             return False
+        if conductor is not None:
+            now_seen = _what_changes(conductor)
+            if now_seen == seen[0] and started - read_at[0] < REFRESH_UNCHANGED_SECONDS:
+                return False
+            seen[0], read_at[0] = now_seen, started
         # Another process's leases on the batch that this run waits out: whose, until when —
         # said instead of a cap's reason (the jobs they hold fill it) and of a forecast. Not those
         # of a live process working on the batch too (a second run of it): that one is named,

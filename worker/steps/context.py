@@ -251,6 +251,30 @@ class LeaseReclaimer(Protocol):
         ...
 
 
+class StepsEnded:
+    """How many steps (submits, downloads) of this process have ended, whatever their outcome:
+    a counter that only grows, for an embedded ``run``'s progress refresh, which reads the
+    database only when something may have changed since its last read. Counted under a lock:
+    two steps ending at once must both count (a lost increment could leave the value the
+    refresh saw last, and the batch's last download would not be noticed for seconds). Nobody
+    is woken: the refresh reads the value at its next look (every 0.5 s)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self) -> None:
+        """A step ended."""
+        with self._lock:
+            self._count += 1
+
+    @property
+    def count(self) -> int:
+        """The steps ended so far."""
+        with self._lock:
+            return self._count
+
+
 @dataclass
 class Runtime:
     """What a step needs: the database, the fal client, settings, and how to hand work on."""
@@ -310,6 +334,10 @@ class Runtime:
     #: counter that only grows): work done, though nothing was sent — the tick that did it is
     #: not idle, and the conductor dispatches again at once while a batch is being wound down.
     budget_cancelled: int = 0
+    #: The steps of this process that ended so far (:class:`StepsEnded`): counted by an
+    #: embedded ``run``'s threads (:class:`worker.embedded.InProcessWorker`), whose progress
+    #: refresh reads the batch again when it grew.
+    steps_ended: StepsEnded = field(default_factory=StepsEnded)
     #: Called in the submit step's thread the moment fal's acceptance is recorded, with the
     #: job id, the request's handle and the job's batch id: a conductor in this process starts
     #: following it without a read.
