@@ -2029,8 +2029,8 @@ class CancelResult:
     outputs_reason: str | None = None
     #: Paid videos that waited for fal's media host, the batch paused because downloads fail
     #: there or cannot connect (:func:`jobs.store.paused_for_downloads`), made due at once by the
-    #: cancel: a cancelled batch's download counts its tries (``WANBATCH_DOWNLOAD_ATTEMPTS``),
-    #: stored if the host serves it, else failed ``download_failed``.
+    #: cancel: a cancelled batch's download is held 10 minutes at most (since its first failure),
+    #: stored if the host serves it by then, else failed ``download_failed``.
     downloads_waiting: int = 0
 
     @property
@@ -2090,9 +2090,9 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
     * A batch paused because its downloads fail (:func:`jobs.store.paused_for_downloads`: fal's
       media host fails them, or they cannot connect) has its waiting videos made due at once
       too, told apart (:attr:`CancelResult.downloads_waiting`): no disk decides their fate, the
-      host does — a cancelled batch's download counts its tries
-      (:func:`worker.steps.download._batch_cancelled`), so the cancel ends within
-      ``WANBATCH_DOWNLOAD_ATTEMPTS`` tries instead of waiting for the host for days.
+      host does — a cancelled batch's download is held 10 minutes at most since its first
+      failure (:func:`worker.steps.download._cancelled_given_up`), so the cancel ends within
+      them instead of waiting for the host for days, and a short blip throws no paid video away.
 
     ``simulate``: None when the caller only records the cancel (the dashboard); else the caller
     goes on to process the batch here, with ``--simulate`` or not (the CLI), and what that needs
@@ -2157,9 +2157,9 @@ def outputs_waiting_line(done: CancelResult) -> str | None:
     if done.downloads_waiting:
         return (
             f"cancel: {done.downloads_waiting} paid video(s) waited for fal's media host{why}: each is "
-            "tried now, not after WANBATCH_RETRY_MAX_DELAY, and a cancelled batch's tries count — "
+            "tried now, not after WANBATCH_RETRY_MAX_DELAY, and held 10 minutes at most — "
             "stored if the host serves it (never made again), else it ends failed (download_failed, "
-            "its cost recorded) after WANBATCH_DOWNLOAD_ATTEMPTS tries"
+            "its cost recorded) after 10 minutes of failing"
         )
     if not done.outputs_waiting:
         return None

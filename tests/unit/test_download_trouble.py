@@ -8,7 +8,7 @@ import pytest
 from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError
 from worker.fal.errors import DownloadIntegrityError, DownloadUnreachedError
 from worker.steps.download import host_trouble
-from worker.steps.download_reach import PAUSE_AFTER_SECONDS, DownloadTrouble
+from worker.steps.download_reach import PAUSE_AFTER_SECONDS, DownloadReach, DownloadTrouble
 
 
 def _dropped(cause: Exception) -> RetryableProviderError:
@@ -102,3 +102,39 @@ def test_the_pause_counts_from_the_oldest_failure_still_waiting() -> None:
     trouble.succeeded("c")
     now[0] = 200.0
     assert trouble.failed("b").lasted == 0.0
+
+
+def test_a_job_gone_unseen_is_dropped_once_it_would_have_been_tried_again() -> None:
+    """A job finished by another process is never forgotten here: once it has not failed for
+    WANBATCH_RETRY_MAX_DELAY + WANBATCH_LEASE_SECONDS it has left, and neither keeps the outage
+    open nor dates a later job's pause."""
+    now = [0.0]
+    trouble = DownloadTrouble(lambda: now[0])
+    trouble.failed("gone", "v3.fal.media", "answers HTTP 503", stale_after=420.0)
+    now[0] = 400.0
+    assert trouble.note() is not None  # within its backoff and lease: it may still come back
+    now[0] = 421.0
+    assert trouble.note() is None  # gone: the outage is over
+    first = trouble.failed("new", "v3.fal.media", "answers HTTP 503", stale_after=420.0)
+    assert (first.tries, first.lasted, first.say, first.pause, first.held_for) == (1, 0.0, True, False, 0.0)
+
+
+def test_held_for_counts_from_the_jobs_first_failure_still_waiting() -> None:
+    now = [0.0]
+    trouble = DownloadTrouble(lambda: now[0])
+    trouble.failed("a")
+    now[0] = 250.0
+    trouble.failed("b")
+    assert trouble.failed("a").held_for == 250.0
+    trouble.forget("a")
+    now[0] = 300.0
+    assert trouble.failed("a").held_for == 0.0  # forgotten: starts over
+    assert trouble.failed("b").held_for == 50.0
+    reach = DownloadReach(lambda: now[0])
+    assert reach.failed("v3.fal.media", job_id="a").held_for == 0.0
+    now[0] = 600.0
+    assert reach.failed("v3.fal.media", job_id="a", stale_after=420.0).held_for == 300.0
+    reach.forget("a")
+    assert reach.failed("v3.fal.media", job_id="a").held_for == 0.0
+    now[0] = 1021.0  # silent longer than WANBATCH_RETRY_MAX_DELAY + WANBATCH_LEASE_SECONDS: gone
+    assert reach.failed("v3.fal.media", job_id="a").held_for == 0.0

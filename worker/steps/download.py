@@ -87,7 +87,7 @@ from worker.fal.results import Video, parse_result
 from worker.fal.storage import DownloadPolicy, SharedDownloadClient
 from worker.fal.storage import download as download_file
 from worker.steps.context import DOWNLOAD_QUEUE, DownloadClaim, Runtime, S, handle_of, in_seconds
-from worker.steps.download_reach import MEDIA_HORIZON_DAYS
+from worker.steps.download_reach import CANCELLED_PATIENCE_SECONDS, MEDIA_HORIZON_DAYS
 from worker.steps.failures import (
     backoff,
     billed,
@@ -135,6 +135,9 @@ def schedule_downloads(rt: Runtime, limit: int = 200) -> list[str]:
 
 #: Outcomes of :func:`download` after which the job no longer waits for its download.
 LEFT_BACKLOG = frozenset({"succeeded", "failed", "retry"})
+#: Outcomes of :func:`download` after which the job still waits on the media host in this
+#: process: any other forgets it there (:meth:`DownloadTrouble.forget`).
+STILL_HELD = frozenset({"download-held", "outputs-paused", "download-retry"})
 
 
 def download(rt: Runtime, job_id: str) -> str:
@@ -153,6 +156,12 @@ def download(rt: Runtime, job_id: str) -> str:
     backlog bound holds submits back, that is what frees the next one.
     """
     outcome = _download(rt, job_id)
+    if outcome not in STILL_HELD:
+        # Every other way out, in one place: a job that left (stored, failed, its lease refused
+        # or taken over, its batch cancelled) and stayed known as waiting kept the outage open
+        # ("downloads wait" for ever) and dated the next job's pause from its old failure.
+        rt.download_trouble.forget(job_id)
+        rt.download_reach.forget(job_id)
     if outcome in LEFT_BACKLOG:
         rt.notify("downloaded", job_id)
     return outcome
@@ -1235,28 +1244,26 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
     A paused batch's job just waits. Only while the host serves nothing: once another video was
     stored whole since this job's previous failure, the failure is about this job's file and
     counts as a try (:attr:`~worker.steps.download_reach.Troubled.serves_others`). A cancelled
-    batch's counts too (:func:`_batch_cancelled`).
+    batch's is held :data:`~worker.steps.download_reach.CANCELLED_PATIENCE_SECONDS` at most
+    (:func:`_cancelled_given_up`).
 
     The horizon: the job fails (``download_failed``, its billed cost) only once fal completed
     its request more than :data:`~worker.steps.download_reach.MEDIA_HORIZON_DAYS` days ago — the
     media lifetime fal gives by default — and the host has failed it ``WANBATCH_DOWNLOAD_ATTEMPTS``
     times in a row since this process began trying: not on a single 503 after a week's pause."""
     what = _trouble_words(exc)
-    trouble = rt.download_trouble.failed(job_id, host, what)
-    if trouble.serves_others or _batch_cancelled(rt, claim.batch_id):
+    trouble = rt.download_trouble.failed(job_id, host, what, _stale_after(rt))
+    if trouble.serves_others:
         # The host stored other videos since this job's last failure: not an outage, this
         # file's trouble. Counted (the job fails after WANBATCH_DOWNLOAD_ATTEMPTS), or one
-        # file a host fails for good held its job, and the run waiting on it, for days. So is
-        # a cancelled batch's (its `cancel` processes it until it is over).
-        outcome = _download_failed(rt, job_id, claim, exc)
-        if outcome != "download-retry":
-            rt.download_trouble.forget(job_id)  # it failed for good (or lost its lease): no more tries
-        return outcome
+        # file a host fails for good held its job, and the run waiting on it, for days.
+        return _download_failed(rt, job_id, claim, exc)
     telemetry.count_provider_error(exc)
+    if trouble.held_for >= CANCELLED_PATIENCE_SECONDS and _batch_cancelled(rt, claim.batch_id):
+        return _cancelled_given_up(rt, claim, trouble.held_for, f"{host} {what}: {exc}")
     horizon = timedelta(days=MEDIA_HORIZON_DAYS)
     past = claim.completed_at is not None and utcnow() >= claim.completed_at + horizon
     if past and trouble.tries >= rt.settings.download_attempts:
-        rt.download_trouble.forget(job_id)
         with db.session_scope(rt.engine) as session:
             error = (
                 f"download failed {trouble.tries} time(s) in a row, more than {MEDIA_HORIZON_DAYS} days "
@@ -1324,14 +1331,42 @@ CANNOT_DOWNLOAD = store.CANNOT_DOWNLOAD
 
 
 def _batch_cancelled(rt: Runtime, batch_id: str) -> bool:
-    """Whether ``batch_id`` was cancelled: a download it holds then counts its tries
-    (``WANBATCH_DOWNLOAD_ATTEMPTS``) whatever the media host's trouble, and ends failed
-    (``download_failed``, its cost recorded) once they are spent. A held download is waited for
-    so that the batch's next run stores it; a cancelled batch has none, and ``wanbatch cancel``
-    processes the batch until it is over — it waited for days (fal's media lifetime) while a
-    CDN outage or a network with no way to the CDN lasted."""
+    """Whether ``batch_id`` was cancelled: a download it holds then waits
+    :data:`~worker.steps.download_reach.CANCELLED_PATIENCE_SECONDS` at most (:func:`_cancelled_given_up`)."""
     with db.read_scope(rt.engine) as session:
         return store.get_batch(session, batch_id).state == BatchState.CANCELLED
+
+
+def _stale_after(rt: Runtime) -> float:
+    """After how long without a failure a held job has left unseen: it would have been tried
+    again by then (its backoff is at most ``WANBATCH_RETRY_MAX_DELAY``, a lease it left behind
+    lapses within ``WANBATCH_LEASE_SECONDS``)."""
+    return rt.settings.retry_max_delay + rt.settings.lease_seconds
+
+
+def _cancelled_given_up(rt: Runtime, claim: DownloadClaim, held_for: float, what: str) -> str:
+    """A cancelled batch's download held for :data:`~worker.steps.download_reach.CANCELLED_PATIENCE_SECONDS`
+    since its first failure still waiting: it fails (``download_failed``, its cost recorded).
+
+    A held download is waited for so that the batch's next run stores it; a cancelled batch has
+    none, and ``wanbatch cancel`` processes the batch until it is over — it waited for days
+    (fal's media lifetime) while a CDN outage or a network with no way to the CDN lasted. Nor by
+    its tries (``WANBATCH_DOWNLOAD_ATTEMPTS``): those took about 75 s, and a blip that long threw
+    away every paid video of the batch (``rerun --failed-only`` then paid for them again)."""
+    error = (
+        f"download held {held_for:.0f}s after its batch was cancelled (at most "
+        f"{CANCELLED_PATIENCE_SECONDS:.0f}s), not downloaded: {what}"
+    )
+    with db.session_scope(rt.engine) as session:
+        logs.note_error(error, "download_failed")
+        return _fail_paid(
+            session,
+            claim,
+            error=error,
+            error_type="download_failed",
+            download_attempts=claim.failures,
+            **claim.fetched,
+        )
 
 
 def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: DownloadUnreachedError) -> str:
@@ -1342,12 +1377,13 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
     :data:`~worker.steps.download_reach.PAUSE_AFTER_SECONDS`, the job's batch (when active) is
     paused with that reason, which ends by itself once an output is stored again: nothing more
     is sent to be paid for and meet the same wall. A paused batch's job just waits: never failed
-    for it. A cancelled batch's counts its tries (:func:`_batch_cancelled`)."""
+    for it. A cancelled batch's is held :data:`~worker.steps.download_reach.CANCELLED_PATIENCE_SECONDS`
+    at most (:func:`_cancelled_given_up`)."""
     fix = unreached_fix(rt.settings, exc.host, exc.proxy)
-    held = rt.download_reach.failed(exc.host, f"{exc} — {fix}")
-    if _batch_cancelled(rt, claim.batch_id):
-        return _download_failed(rt, job_id, claim, exc)
+    held = rt.download_reach.failed(exc.host, f"{exc} — {fix}", job_id, _stale_after(rt))
     telemetry.count_provider_error(exc)
+    if held.held_for >= CANCELLED_PATIENCE_SECONDS and _batch_cancelled(rt, claim.batch_id):
+        return _cancelled_given_up(rt, claim, held.held_for, f"{exc} — {fix}")
     logs.note_error(f"download held, not counted: {exc}", "download_unreachable")
     reason = (
         f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc} — {fix}; the videos already made wait at fal "

@@ -41,6 +41,19 @@ LONGEST_PAUSE_SECONDS = 60.0
 WARN_EVERY_SECONDS = 30.0
 #: How long the outage may last before the batch of a job that meets it is paused.
 PAUSE_AFTER_SECONDS = 60.0
+#: How long a download of a CANCELLED batch is held (the host failing it, or no connection to
+#: it) before it fails (``download_failed``, its cost recorded), counted from this job's first
+#: failure still waiting. Not its tries: with the defaults (5 tries, backoff 5+10+20+40 s) a
+#: CDN blip of 75 s failed every paid video of a cancelled batch, and ``rerun --failed-only``
+#: paid for them again. Not days either (fal's media lifetime, as an active batch waits): the
+#: user asked to stop, and ``wanbatch cancel`` processes the batch until it is over.
+CANCELLED_PATIENCE_SECONDS = 600.0
+#: After how long without a failure a job's entry is dropped when nothing else forgot it
+#: (``WANBATCH_RETRY_MAX_DELAY`` + ``WANBATCH_LEASE_SECONDS`` at their defaults, 300 + 120 s):
+#: a job held is tried again within its backoff, so one silent that long has left — finished by
+#: another process, say — and must not keep the outage open, nor date a later job's pause.
+#: The download step passes the settings' own sum with each failure.
+STALE_AFTER_SECONDS = 420.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +73,43 @@ class Held:
     #: (``WANBATCH_DOWNLOAD_ATTEMPTS``) — a file the host fails for good must not hold the job
     #: (and the ``run`` waiting on it) for the media lifetime.
     serves_others: bool = False
+    #: Seconds since this job's first failure still waiting (0 when no job was named): what
+    #: :data:`CANCELLED_PATIENCE_SECONDS` measures.
+    held_for: float = 0.0
+
+
+class _Waiting:
+    """When each job still waiting first failed and last failed (``clock`` seconds); not
+    thread-safe (its owner's lock guards it). An entry goes with :meth:`forget`, or once it
+    has not failed for ``stale_after`` seconds (:meth:`prune`): it left without saying so."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.stale_after = STALE_AFTER_SECONDS
+
+    def failed(self, job_id: str, now: float) -> float:
+        """``job_id`` failed at ``now``: seconds since its first failure still waiting."""
+        if len(self.first) >= 4096 and job_id not in self.first:
+            self.clear()  # bounded: a job forgotten starts over, no more
+        first = self.first.setdefault(job_id, now)
+        self.last[job_id] = now
+        return now - first
+
+    def clear(self) -> None:
+        self.first.clear()
+        self.last.clear()
+
+    def prune(self, now: float) -> list[str]:
+        """Drop the jobs silent for ``stale_after``; the ones dropped."""
+        gone = [job for job, at in self.last.items() if now - at > self.stale_after]
+        for job in gone:
+            self.forget(job)
+        return gone
+
+    def forget(self, job_id: str) -> None:
+        self.first.pop(job_id, None)
+        self.last.pop(job_id, None)
 
 
 class DownloadReach:
@@ -77,23 +127,45 @@ class DownloadReach:
         self._words = ""
         #: Whether :meth:`unshown` gave this outage's words already.
         self._shown = False
+        #: Each held job's first failure: a cancelled batch's waits :data:`CANCELLED_PATIENCE_SECONDS`.
+        self._waiting = _Waiting()
 
     @property
     def down(self) -> bool:
         return self._outage.down
 
-    def failed(self, host: str = "", words: str = "") -> Held:
-        """A download could not connect (to ``host``; ``words``: what failed and the fix, as
-        its warning says them): how long its job waits, and what to do about it."""
+    def failed(
+        self, host: str = "", words: str = "", job_id: str = "", stale_after: float | None = None
+    ) -> Held:
+        """A download (of ``job_id``) could not connect (to ``host``; ``words``: what failed and
+        the fix, as its warning says them): how long its job waits, and what to do about it.
+        ``stale_after``: see :data:`STALE_AFTER_SECONDS`."""
         said = self._outage.failed()
         with self._lock:
+            held_for = 0.0
+            if job_id:
+                if stale_after is not None:
+                    self._waiting.stale_after = stale_after
+                self._waiting.prune(said.at)
+                held_for = self._waiting.failed(job_id, said.at)
             self._failures = 1 if said.began else self._failures + 1
             delay = min(LONGEST_PAUSE_SECONDS, FIRST_PAUSE_SECONDS * 2 ** min(self._failures - 1, 16))
             if said.began:
                 self._shown = False
             if words:
                 self._host, self._words = host, words
-        return Held(delay=delay, lasted=said.lasted, say=said.due, pause=said.lasted >= PAUSE_AFTER_SECONDS)
+        return Held(
+            delay=delay,
+            lasted=said.lasted,
+            say=said.due,
+            pause=said.lasted >= PAUSE_AFTER_SECONDS,
+            held_for=held_for,
+        )
+
+    def forget(self, job_id: str) -> None:
+        """``job_id`` no longer waits for a connection (it left: stored, failed, its lease lost)."""
+        with self._lock:
+            self._waiting.forget(job_id)
 
     def note(self) -> str | None:
         """The progress line's note while downloads cannot connect; None while they do."""
@@ -153,6 +225,9 @@ class Troubled:
     #: (``WANBATCH_DOWNLOAD_ATTEMPTS``) — a file the host fails for good must not hold the job
     #: (and the ``run`` waiting on it) for the media lifetime.
     serves_others: bool = False
+    #: Seconds since this job's first failure still waiting: what
+    #: :data:`CANCELLED_PATIENCE_SECONDS` measures.
+    held_for: float = 0.0
 
 
 class DownloadTrouble:
@@ -168,7 +243,9 @@ class DownloadTrouble:
     failure still waiting — the oldest waiting job's first failure, or the outage's start if
     later — never from a failure whose job has gone: one stale ``503`` an hour ago, its job
     gone since, made the first ``503`` of any later job pause its batch at once (and ``run``
-    exit 2), the progress line saying "downloads wait" all that hour.
+    exit 2), the progress line saying "downloads wait" all that hour. The download step forgets
+    each job that leaves (:func:`worker.steps.download.download`); one that left unseen (finished
+    by another process) is dropped once it has not failed for :data:`STALE_AFTER_SECONDS`.
 
     Why not count such a failure toward ``WANBATCH_DOWNLOAD_ATTEMPTS``: five tries took about
     75 s, and an outage of the CDN longer than that failed every paid video that met it, which
@@ -184,8 +261,9 @@ class DownloadTrouble:
         self._outage = OutageLog(WARN_EVERY_SECONDS, clock)
         self._clock = clock
         self._tries: dict[str, int] = {}
-        #: When (``clock``) each waiting job first failed, in this process: what the pause measures.
-        self._first: dict[str, float] = {}
+        #: When (``clock``) each waiting job first and last failed, in this process: what the
+        #: pause measures, and what tells a job gone unseen (:data:`STALE_AFTER_SECONDS`).
+        self._waiting = _Waiting()
         #: Videos downloaded whole so far, and each waiting job's count at its last failure
         #: (:attr:`Troubled.serves_others`).
         self._served = 0
@@ -195,31 +273,50 @@ class DownloadTrouble:
 
     @property
     def down(self) -> bool:
+        if self._outage.down:
+            with self._lock:
+                self._prune()
         return self._outage.down
 
-    def failed(self, job_id: str, host: str = "", what: str = "") -> Troubled:
-        """The host failed ``job_id``'s download (``what``: how, e.g. ``answers HTTP 503``)."""
+    def _prune(self) -> bool:
+        """Drop the jobs gone unseen (:data:`STALE_AFTER_SECONDS`); none left waiting ends the
+        outage. Whether one is still under way. Under the lock."""
+        for job_id in self._waiting.prune(self._clock()):
+            self._drop(job_id)
+        if not self._tries:
+            self._outage.answered()
+        return self._outage.down
+
+    def failed(
+        self, job_id: str, host: str = "", what: str = "", stale_after: float | None = None
+    ) -> Troubled:
+        """The host failed ``job_id``'s download (``what``: how, e.g. ``answers HTTP 503``;
+        ``stale_after``: see :data:`STALE_AFTER_SECONDS`)."""
         with self._lock:  # one lock for the outage and the waiting jobs: forget() ends one
+            if stale_after is not None:
+                self._waiting.stale_after = stale_after
+            self._prune()  # before this failure: one gone unseen neither prolongs nor dates it
             said = self._outage.failed()
             if len(self._tries) >= 4096 and job_id not in self._tries:
                 self._tries.clear()  # bounded: a job forgotten starts its backoff over, no more
                 self._served_at.clear()
-                self._first.clear()
+                self._waiting.clear()
             tries = self._tries[job_id] = self._tries.get(job_id, 0) + 1
-            self._first.setdefault(job_id, said.at)
+            held_for = self._waiting.failed(job_id, said.at)
             before = self._served_at.get(job_id)
             self._served_at[job_id] = self._served
             serves_others = before is not None and self._served > before
             if host:
                 self._host, self._what = host, what
             # From a failure still waiting, within this outage (a video stored whole ended any before).
-            lasted = min(said.lasted, said.at - min(self._first.values()))
+            lasted = min(said.lasted, said.at - min(self._waiting.first.values()))
         return Troubled(
             tries=tries,
             lasted=lasted,
             say=said.due,
             pause=lasted >= PAUSE_AFTER_SECONDS,
             serves_others=serves_others,
+            held_for=held_for,
         )
 
     def forget(self, job_id: str) -> None:
@@ -234,7 +331,7 @@ class DownloadTrouble:
     def _drop(self, job_id: str) -> None:
         self._tries.pop(job_id, None)
         self._served_at.pop(job_id, None)
-        self._first.pop(job_id, None)
+        self._waiting.forget(job_id)
 
     def succeeded(self, job_id: str) -> float | None:
         """A video was downloaded whole: the outage, if any, is over; how long it lasted (None
@@ -249,6 +346,8 @@ class DownloadTrouble:
         if not self._outage.down:
             return None
         with self._lock:
+            if not self._prune():
+                return None
             host, what = self._host, self._what
         who = f"{host} {what}" if host else "the media host fails downloads"
         return f"downloads wait: {who}; held, no try counted"
