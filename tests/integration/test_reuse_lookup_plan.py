@@ -20,6 +20,7 @@ from sqlalchemy import Engine, event
 from jobs import db, store
 from jobs.db import make_engine, migrate
 from jobs.models import Job, utcnow
+from jobs.states import JobState
 from tests.step_runtime import add_batch, job_ids
 
 T2V = "fal-ai/wan-22"
@@ -80,7 +81,7 @@ def test_twins_by_either_key_come_oldest_first_and_within_the_limit(engine: Engi
         for age, twin_id in enumerate(twins):
             twin = session.get(Job, twin_id)
             assert twin is not None
-            twin.state = "succeeded"
+            twin.state = JobState.SUCCEEDED
             twin.output_sha256 = "0" * 64
             twin.output_path = f"/videos/{twin_id}.mp4"
             twin.finished_at = now - timedelta(minutes=age)
