@@ -164,6 +164,8 @@ def jsonl_items(
                 obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_whole)
             except UnicodeDecodeError:
                 sink.append(row_issue(display, lineno, index, "not UTF-8 text"))
+            except json.JSONDecodeError as exc:
+                sink.append(row_issue(display, lineno, index, f"not valid JSON ({_json_error(exc)})"))
             except ValueError as exc:
                 sink.append(row_issue(display, lineno, index, f"not valid JSON ({exc})"))
             except RecursionError:
@@ -192,6 +194,15 @@ def jsonl_items(
                         )
                     )
             index += 1
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    """What is wrong with one JSON Lines row and where, within that row: the decoder's own
+    ``line 2 column 1 (char 35)`` counted from the row and past its line break (a row cut short
+    ends there), which read as a line of the file the message already names."""
+    if exc.lineno > 1:
+        return f"{exc.msg} at the end of the line"
+    return f"{exc.msg} at column {exc.colno}"
 
 
 def value_problem(value: object, depth: int = 0, where: str = "") -> tuple[str, str] | None:
