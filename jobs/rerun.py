@@ -118,6 +118,27 @@ def _paid_again(parent: Batch, rows: Sequence[store.NewJob], unfetched: dict[str
     )
 
 
+def _possibly_paid_again(
+    parent: Batch, rows: Sequence[store.NewJob], possibly: dict[str, Decimal]
+) -> str | None:
+    """The warning of a rerun that sends again jobs fal may already have made and billed: a
+    submit whose outcome was never known (its answer lost, the process killed before storing
+    it: ``submit_unknown``), counted as possibly billed. ``rerun --failed-only`` sent them again
+    without a word, and fal billed many a second time. None when the rerun repeats none."""
+    again = [row for row in rows if row.rerun_of in possibly]
+    if not again:
+        return None
+    parents = {row.rerun_of for row in again}
+    maybe = sum((possibly[job_id] for job_id in parents if job_id is not None), Decimal(0))
+    cost = sum((row.est_usd for row in again), Decimal(0))
+    return (
+        f"{len(parents)} job(s) of batch {parent.name} may already have been made and billed "
+        f"({usd_text(maybe)} possibly billed: their submit's outcome was never known): this rerun "
+        f"sends them again and pays for them again (est. {usd_text(cost)}); a webhook receiver "
+        "(WANBATCH_WEBHOOK_URL) proves such submits instead"
+    )
+
+
 def _dropped_left_out(parent: Batch, jobs: int) -> str:
     """The line of a plain ``rerun`` that left out the jobs a resubmit dropped: never sent, they
     have nothing to repeat, and sending them would bill a job the user removed or corrected."""
@@ -284,6 +305,8 @@ def rerun_batch(
                     not_in_manifest_jobs.append(job.id)
                 if _paid_not_fetched(job.state, job.error_type, job.actual_usd):
                     unfetched[job.id] = job.actual_usd or Decimal(0)
+                elif job.state != JobState.SUCCEEDED and job.ambiguous_usd:
+                    possibly[job.id] = job.ambiguous_usd
                 spec = get_endpoint(job.endpoint)
                 stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
@@ -319,6 +342,7 @@ def rerun_batch(
         not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
         dropped: list[str] = []  # jobs a resubmit dropped (never sent), which a plain rerun leaves out
         unfetched: dict[str, Decimal] = {}  # parent's job id → what fal billed for a video never fetched
+        possibly: dict[str, Decimal] = {}  # parent's job id → what fal may have billed (outcome unknown)
         inputs = _InputCheck()
         rows = list(new_jobs())
         if inputs.lines:
@@ -361,6 +385,8 @@ def rerun_batch(
             warnings.append(_changed_left_out(parent, sources))
         if (paid_again := _paid_again(parent, rows, unfetched)) is not None:
             warnings.insert(0, paid_again)
+        if (maybe_again := _possibly_paid_again(parent, rows, possibly)) is not None:
+            warnings.insert(0, maybe_again)
         if before_storing is not None:
             before_storing()
         name = _rerun_name(session, parent)

@@ -66,3 +66,26 @@ def test_a_rerun_says_how_many_paid_videos_it_pays_for_again(engine: Engine, fai
     assert "$1.20" in line  # fal billed them once already
     assert "again" in line
     assert "download" in line
+
+
+def test_a_rerun_says_how_many_possibly_billed_submits_it_sends_again(engine: Engine) -> None:
+    """A submit whose outcome was never known (``submit_unknown``: a ``run`` killed before it
+    stored fal's answer) is possibly billed; ``rerun --failed-only`` sent it again without a word
+    and fal billed it twice (an audit: 25 of 28 such jobs had been billed)."""
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name="k1", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, batch.id, [_job(i) for i in range(3)])
+    unknown = {"error_type": "submit_unknown", "error": "the submit's outcome is unknown"}
+    _failed(engine, batch.id, 0, ambiguous_usd=Decimal("0.40"), **unknown)
+    _failed(engine, batch.id, 1, ambiguous_usd=Decimal("0.40"), **unknown)
+    _failed(engine, batch.id, 2, error_type="model_error", actual_usd=Decimal(0))  # not billed
+    settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
+
+    result = rerun_batch("k1", failed_only=True, settings=settings)
+
+    said = [w for w in result.warnings if "possibly billed" in w]
+    assert len(said) == 1, result.warnings
+    assert "2 job(s) of batch k1 may already have been made and billed ($0.80 possibly billed" in said[0]
+    assert "sends them again and pays for them again (est. $" in said[0]
