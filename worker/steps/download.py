@@ -1286,30 +1286,19 @@ def _download_troubled(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Prov
         "the videos already made wait at fal and are downloaded once it serves them again (the batch "
         "then resumes by itself) or by the next run, never made again"
     )
-    paused = False
-    with db.session_scope(rt.engine) as session:
-        if trouble.pause:
-            batch = store.get_batch(session, claim.batch_id)
-            if batch.state == BatchState.ACTIVE:
-                store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
-                paused = True
-        kept = store.release_lease(
-            session,
-            claim.fence,
-            next_attempt_at=in_seconds(delay),
-            download_attempts=claim.failures,
-            **claim.fetched,
-        )
-    if not kept:
-        return "lost-lease"
-    if paused:
-        log.warning(
-            "job %s: fal's media host keeps failing downloads; batch paused: %s",
-            job_id,
-            reason,
-            extra={"event": "download.host_trouble_paused", "job_id": job_id, "batch_id": claim.batch_id},
-        )
-        return "outputs-paused"
+    ended = _hold(
+        rt,
+        job_id,
+        claim,
+        reason,
+        pause=trouble.pause,
+        delay=delay,
+        why="fal's media host keeps failing downloads",
+        event="download.host_trouble_paused",
+        download_attempts=claim.failures,
+    )
+    if ended is not None:
+        return ended
     log.log(
         logging.WARNING if trouble.say else logging.INFO,
         "downloads wait%s: %s %s (%s); the paid videos wait at fal (none fails, no try counted), "
@@ -1390,26 +1379,18 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
         "and are downloaded once it connects (the batch then resumes by itself) or by the next run, "
         "never made again"
     )
-    paused = False
-    with db.session_scope(rt.engine) as session:
-        if held.pause:
-            batch = store.get_batch(session, claim.batch_id)
-            if batch.state == BatchState.ACTIVE:
-                store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
-                paused = True
-        kept = store.release_lease(
-            session, claim.fence, next_attempt_at=in_seconds(held.delay), **claim.fetched
-        )
-    if not kept:
-        return "lost-lease"
-    if paused:
-        log.warning(
-            "job %s: downloads cannot connect; batch paused: %s",
-            job_id,
-            reason,
-            extra={"event": "download.unreachable_paused", "job_id": job_id, "batch_id": claim.batch_id},
-        )
-        return "outputs-paused"
+    ended = _hold(
+        rt,
+        job_id,
+        claim,
+        reason,
+        pause=held.pause,
+        delay=held.delay,
+        why="downloads cannot connect",
+        event="download.unreachable_paused",
+    )
+    if ended is not None:
+        return ended
     if held.say:
         lasted = f" for {held.lasted:.0f}s" if held.lasted >= 1 else ""
         log.warning(
@@ -1422,6 +1403,47 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
             extra={"event": "download.unreachable", "job_id": job_id, "batch_id": claim.batch_id},
         )
     return "download-held"
+
+
+def _hold(
+    rt: Runtime,
+    job_id: str,
+    claim: DownloadClaim,
+    reason: str,
+    *,
+    pause: bool,
+    delay: float,
+    why: str,
+    event: str,
+    **fields: Any,
+) -> str | None:
+    """Keep a paid download waiting, uncounted (:func:`_download_troubled`,
+    :func:`_download_unreached`): its lease given back with the next try ``delay`` seconds
+    away (and ``fields``), and, when the outage has lasted long enough (``pause``), its batch
+    paused with ``reason`` if still active. ``"lost-lease"`` or ``"outputs-paused"`` (said in
+    a warning: ``why``, ``event``) when the step ends so; None when the job simply waits."""
+    paused = False
+    with db.session_scope(rt.engine) as session:
+        if pause:
+            batch = store.get_batch(session, claim.batch_id)
+            if batch.state == BatchState.ACTIVE:
+                store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
+                paused = True
+        kept = store.release_lease(
+            session, claim.fence, next_attempt_at=in_seconds(delay), **fields, **claim.fetched
+        )
+    if not kept:
+        return "lost-lease"
+    if paused:
+        log.warning(
+            "job %s: %s; batch paused: %s",
+            job_id,
+            why,
+            reason,
+            extra={"event": event, "job_id": job_id, "batch_id": claim.batch_id},
+        )
+        return "outputs-paused"
+    return None
 
 
 def _media_host_answered(rt: Runtime) -> None:
