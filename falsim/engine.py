@@ -222,7 +222,7 @@ class Engine:
         self.ledger = Ledger()
         self.store.clear()
         self.deliveries.clear()
-        self.faults.clear()
+        self.faults.reset()  # and the counts of faults fired: a fresh ledger's
         self._notify()
 
     def ledger_report(self) -> LedgerReport:

@@ -149,6 +149,13 @@ class FaultPlan:
         with self._lock:
             self._rules.clear()
 
+    def reset(self) -> None:
+        """No faults, and no count of fired ones: the simulator starts afresh (its reset), and a
+        test that reads how often a fault fired counts only its own."""
+        with self._lock:
+            self._rules.clear()
+            self.fired.clear()
+
     def fire(self, kind: str) -> dict[str, Any] | None:
         """The fault's parameters when ``kind`` fires for this event, else None."""
         with self._lock:

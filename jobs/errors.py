@@ -25,6 +25,7 @@ lives in this module unless ``[module]`` names another::
     │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
+    │   └── RunStopped               [worker.steps.output_writes] the run stops: downloads end mid-chunk
     ├── RequestHeldError             fal's request id is another job's of the same fal queue: not taken
     ├── Interrupted                  [worker.running] exit 130: SIGINT/SIGTERM stopped the command
     ├── LimiterUnavailableError      [worker.limits] the shared submit-rate limiter is unreachable: no submit

@@ -154,10 +154,12 @@ def test_rerun_failed_says_its_rerun_waits_for_its_window(
     assert rerun["ok"], rerun
     waits = Schedule.from_json(rerun["schedule"]).waits(frozen)  # Schedule.waits: status's words
     assert re.fullmatch(r"waits for its window \(opens \d\d:\d\d UTC, in [0-9hm]+\)", waits), waits
-    assert rerun["message"] == (
+    assert rerun["message"].startswith(
         f"created batch mixed-rerun-1 with 6 job(s) of mixed: it {waits}; then `wanbatch run "
         "mixed-rerun-1` (no workers: no WANBATCH_BROKER_URL) sends it"
     ), rerun["message"]
+    # Its cap is what the parent left of its own (a --failed-only rerun goes on with its work).
+    assert "rerun mixed-rerun-1: its cap is $47.60: what is left of batch mixed's $50.00" in rerun["message"]
     # `status` of the parent, and `rerun`'s own note on the new batch, say the same wait.
     assert f"it {waits}; then `wanbatch run mixed-rerun-1` sends them" in _pending_line(
         _report(sqlite_engine, mixed.batch.id, frozen)
