@@ -11,6 +11,7 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from worker import crash
 from worker.embedded import InProcessWorker
 from worker.logs import TEXT_FORMAT, JsonFormatter, TextFormatter
+from worker.steps.context import StepsEnded
 
 
 @pytest.fixture
@@ -54,7 +56,8 @@ def test_a_steps_bug_is_one_line_and_its_traceback_is_in_a_file(
 ) -> None:
     text, as_json = stderr_of_embedded
     worker = InProcessWorker(1)
-    worker.bind(object())  # type: ignore[arg-type]  # no step here reads the runtime
+    # No step here reads the runtime; the worker counts each step's end on it (run's refresh).
+    worker.bind(SimpleNamespace(steps_ended=StepsEnded()))  # type: ignore[arg-type]
     try:
         worker._run(download, "job-1")
         worker._run(download, "job-2")
