@@ -30,6 +30,7 @@ from jobs.errors import (
     ManifestError,
     NotFoundError,
     UsageError,
+    WanbatchError,
 )
 from jobs.estimates import fal_keys, input_dirs
 from jobs.fs import shown_path
@@ -370,6 +371,36 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
     if (problem := too_much_usd(value)) is not None:
         raise UsageError(f"{option} {text.strip()} {problem}")
     return value
+
+
+#: Seconds ``validate`` and ``estimate`` wait for PostgreSQL to answer before they warn about
+#: the day's cap without today's spend (:func:`committed_today`): a warning is not worth a hang.
+COMMITTED_TODAY_TIMEOUT = 5
+
+
+def committed_today(settings: DatabaseSettings) -> Decimal | None:
+    """What every batch has committed today (the day's cap counts it, ``run``'s dispatch reads
+    the same sum: :func:`jobs.store.committed_usd_today`), or None when the database cannot tell.
+
+    For the warnings of ``validate`` and ``estimate`` about ``WANBATCH_DAILY_BUDGET_USD``, which
+    never create, migrate or write a database: read through :func:`jobs.db.read_engine` (a
+    missing SQLite file stays missing), and a database that is missing, unreachable or of another
+    schema is not an error here — the warning is then about the whole cap."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        url = db.normalize_url(settings.database_url)
+        postgres = url.get_backend_name() == "postgresql"
+        connect_args = {"connect_timeout": COMMITTED_TODAY_TIMEOUT} if postgres else {}
+        engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
+        try:
+            with db.read_scope(engine) as session:
+                return store.committed_usd_today(session, utcnow())
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, WanbatchError, OSError):
+        return None
 
 
 def _new_job(

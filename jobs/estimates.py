@@ -10,12 +10,13 @@ start-up CPU.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from pathlib import Path
 
 from jobs.errors import Issue, ManifestError
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
-from jobs.money import usd_apart, usd_text
+from jobs.money import DAILY_CAP_ERROR, usd_apart, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import InputSettings, Settings
 
@@ -63,12 +64,19 @@ LARGE_BATCH_JOBS = 100
 
 
 def estimate_manifest(
-    path: str | Path, settings: Settings, allowed_dirs: Iterable[Path] = ()
+    path: str | Path,
+    settings: Settings,
+    allowed_dirs: Iterable[Path] = (),
+    *,
+    spent_today: Callable[[], Decimal | None] | None = None,
 ) -> tuple[ValidationReport, Totals]:
     """Job count, billing units and USD of a valid manifest, per endpoint and in total.
 
-    The report's issues gain the budget warnings (:func:`budget_issues`), so ``validate`` and
-    ``estimate``, which both run this, say the same thing about money before any is spent.
+    The report's issues gain the budget warnings (:func:`budget_issues`, then
+    :func:`daily_budget_issues`), so ``validate`` and ``estimate``, which both run this, say the
+    same thing about money before any is spent. ``spent_today``: what every batch committed
+    today, when the caller can read it (asked only while ``WANBATCH_DAILY_BUDGET_USD`` is set:
+    this module never reads the database itself).
     """
     totals = Totals()
     # Priced as the validation pass checks them (one pass, not two): a job with an error is not
@@ -81,6 +89,10 @@ def estimate_manifest(
     )
     assert report.manifest is not None
     report.issues.extend(budget_issues(report.manifest, totals))
+    daily_cap = settings.daily_budget_usd
+    if daily_cap is not None:
+        today = spent_today() if spent_today is not None else None
+        report.issues.extend(daily_budget_issues(report.manifest, totals, daily_cap, today))
     return report, totals
 
 
@@ -112,4 +124,42 @@ def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
             file=manifest.display, line=None, item=None, field="budget.max_usd", message=m, severity="warning"
         )
         for m in warnings
+    ]
+
+
+def daily_budget_issues(
+    manifest: Manifest, totals: Totals, daily_cap: Decimal, today: Decimal | None
+) -> list[Issue]:
+    """The warning that the estimate exceeds ``WANBATCH_DAILY_BUDGET_USD`` — or what is left of
+    it once ``today`` (what every batch committed today, when known) is counted — a warning, as
+    :func:`budget_issues`'s: the cap still holds, and ``run`` cancels, unsent, the jobs that would
+    cross it (``daily_budget``). Said with ``run``'s words for that cap (its cancellations name
+    ``today's $X cap (WANBATCH_DAILY_BUDGET_USD)``; its advice "raise it, or wait for the next
+    UTC day"), so the two read as one rule. A batch capped lower by its own budget is
+    still warned: both caps hold, and the day's may be the one that stops it."""
+    spent = today if today is not None and today > 0 else Decimal(0)
+    room = daily_cap - spent
+    if totals.usd <= room:
+        return []
+    cap = f"today's {usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD; {usd_text(spent)} committed today)"
+    if room <= 0:
+        said = f"nothing is left of {cap}: none of the {totals.jobs} job(s) will run today"
+    else:
+        # The amounts with the decimals that tell them apart: never "$1.01 exceeds $1.01".
+        estimate, left = usd_apart(totals.usd, room)
+        where = f"the {left} left of {cap}" if spent else f"today's {left} cap (WANBATCH_DAILY_BUDGET_USD)"
+        share = int(totals.jobs * room / totals.usd)
+        said = f"the estimate {estimate} exceeds {where}: only about {share} of {totals.jobs} job(s)"
+        said += " will run today"
+    message = f"{said}, the rest end cancelled (daily budget); raise it, or wait for the next UTC day"
+    return [
+        Issue(
+            file=manifest.display,
+            line=None,
+            item=None,
+            field=None,  # no field of the manifest: the setting, named in the message
+            message=message,
+            severity="warning",
+            code=DAILY_CAP_ERROR,  # what run's cancellations by this cap are typed
+        )
     ]

@@ -125,6 +125,46 @@ def test_validate_and_estimate_warn_about_the_budget(wb: Wb, manifest: MakeManif
     assert "budget" not in wb("validate", fits).stderr
 
 
+def test_validate_and_estimate_warn_about_the_daily_budget(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An estimate over ``WANBATCH_DAILY_BUDGET_USD`` (or what is left of it today) was said
+    only once ``run`` had cancelled the jobs; now ``validate`` and ``estimate`` warn, in run's
+    words for that cap, and still exit 0 (a warning, as budget.max_usd's)."""
+    over = manifest("daily", FOUR_JOBS.format(name="daily"))  # 4 jobs, $0.80
+    monkeypatch.setenv("WANBATCH_DAILY_BUDGET_USD", "0.50")
+    get_settings.cache_clear()
+    whole = "the estimate $0.80 exceeds today's $0.50 cap (WANBATCH_DAILY_BUDGET_USD): only about 2 of 4"
+    advice = "the rest end cancelled (daily budget); raise it, or wait for the next UTC day"
+    for command in ("validate", "estimate"):
+        human = wb(command, over)
+        assert human.code == 0, human.stderr
+        assert whole in human.stderr
+        assert advice in human.stderr
+    (warning,) = [i for i in wb("validate", over, "--json").json()["issues"] if "DAILY" in i["message"]]
+    assert warning["severity"] == "warning"
+    (text,) = wb("estimate", over, "--json").json()["budget_warnings"]
+    assert whole in text
+    # Today's spend is read only where a database is: none is made to read it.
+    database = Path(os.environ["WANBATCH_DATABASE_URL"].removeprefix("sqlite:///"))
+    assert not database.exists()
+
+    # Under the cap: nothing to say, until other batches committed most of it today.
+    monkeypatch.setenv("WANBATCH_DAILY_BUDGET_USD", "1.00")
+    get_settings.cache_clear()
+    assert "DAILY" not in wb("validate", over).stderr
+    assert wb("submit", manifest("spent", FOUR_JOBS.format(name="spent"))).code == 0
+    _set_jobs("spent", state=JobState.QUEUED, submitted_at=utcnow())  # at fal: $0.80 committed
+    left = (
+        "the estimate $0.80 exceeds the $0.20 left of today's $1.00 cap (WANBATCH_DAILY_BUDGET_USD; "
+        "$0.80 committed today): only about 1 of 4 job(s) will run today"
+    )
+    for command in ("validate", "estimate"):
+        human = wb(command, over)
+        assert human.code == 0, human.stderr
+        assert left in human.stderr
+
+
 def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_it(
     wb: Wb, manifest: MakeManifest
 ) -> None:
