@@ -42,9 +42,11 @@ generation's command). Every file gets the user's usual mode (0666 less the umas
 ``include_failed`` adds the failed and cancelled ones with ``file_name: null`` (jobs still in
 flight are never exported). What is left out is said (:func:`left_out_warnings`), and an export
 that would hold no row is refused before anything is made (:func:`refuse_empty`).
-A new folder is built as a hidden sibling (``.DIR.*.part``) and renamed into place at the end,
-so a failed export never leaves a half dataset under the target name (nor the parent folders it
-created for it). An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
+A new folder is built as a hidden sibling (``.DIR.*.locked.part``, locked as the part folder
+inside an existing DIR is, below) and renamed into place at the end, so a failed export never
+leaves a half dataset under the target name (nor the parent folders it created for it); one a
+killed export left beside DIR is removed by the next export into DIR, by the same rules
+(:func:`_clear_stale_siblings`), and never stops it. An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
 cannot replace) is written into: built in a hidden ``DIR/.wanbatch-export.*.part``, its entries
 moved out at the end (:func:`_publish_into`); a failed export leaves it empty. The export
 holds an exclusive ``flock`` on that part folder while it writes, and says so in its name
@@ -884,13 +886,14 @@ def write_hf(
     # one (a mount point, a symlink to a folder) cannot be renamed over: the export is built in a
     # hidden folder inside it, on its own file system, and its entries moved out of it at the end.
     made = [] if existing else _missing_folders(dest.parent)
-    held: int | None = None  # the lock on the part folder inside an existing DIR, while it is written
+    held: int | None = None  # the lock on the part folder (beside DIR, or inside it), while it is written
     try:
         if existing:
             tmp, held = _part_inside(dest)
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+            _clear_stale_siblings(dest)
+            tmp, held = _locked_part(dest.parent, f".{dest.name}.")
     except OSError as exc:
         _remove_empty(made)
         raise UsageError(f"cannot write the export to {str(dest)!r}: {exc.strerror or exc}") from None
@@ -1119,6 +1122,36 @@ def _is_part(entry: os.DirEntry[str]) -> bool:
     )
 
 
+#: ``tempfile``'s random part of a name (:data:`tempfile._RandomNameSequence`: 8 of these, no
+#: dot), which tells the part folders of an export into ``new`` (``.new.RANDOM.part``) from those
+#: of one into ``new.v2`` (``.new.v2.RANDOM.part``), which begin alike.
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _is_sibling_part(entry: os.DirEntry[str], dest: Path) -> bool:
+    """Whether ``entry`` is a part folder an export into the new folder ``dest`` made beside it
+    (a real folder): ``.DEST.RANDOM.locked.part``, or an earlier version's ``.DEST.RANDOM.part``."""
+    pattern = re.escape(f".{dest.name}.") + _RANDOM + r"(?:\.locked)?\.part"
+    return re.fullmatch(pattern, entry.name) is not None and entry.is_dir(follow_symlinks=False)
+
+
+def _clear_stale_siblings(dest: Path) -> None:
+    """Remove the part folders that exports into the new folder ``dest``, killed before they
+    renamed theirs into place, left beside it (:func:`_is_sibling_part`): by the rules that clear
+    stale ones inside an existing folder (:func:`_take_stale`): one nobody holds the lock of,
+    named as taking one, is removed; one held is a running export's, and left alone; one of an
+    earlier version's name (which took no lock) only once untouched for
+    :data:`UNLOCKED_PART_AGE`. Nothing here refuses the export: what cannot be removed was never
+    in its way (each export builds its own part folder), and stays for the user to judge."""
+    try:
+        with os.scandir(dest.parent) as entries:
+            parts = [Path(entry.path) for entry in entries if _is_sibling_part(entry, dest)]
+    except OSError:  # a folder it may not list: making the part folder there says why
+        return
+    for part in parts:
+        _take_stale(part)
+
+
 def _clear_stale_parts(dest: Path) -> bool:
     """Whether the existing folder ``dest`` is empty, once the part folders that exports which
     ended without finishing left in it (killed: nothing removed them) are removed.
@@ -1233,13 +1266,19 @@ def _last_change(folder: Path, since: float) -> float | None:
 
 
 def _part_inside(dest: Path) -> tuple[Path, int | None]:
-    """A new hidden part folder inside ``dest`` and the descriptor holding its exclusive
-    ``flock`` (None where the file system has none: unheld, as before), named with the lock
-    record (:data:`LOCKED_SUFFIX`). The lock is taken after the folder is made, so a retry
-    clearing stale ones (:func:`_clear_stale_parts`) may remove it in between: the folder at
-    the path is checked to be the one locked, else another made."""
+    """A new hidden part folder inside ``dest``, locked (:func:`_locked_part`)."""
+    return _locked_part(dest, PART_PREFIX)
+
+
+def _locked_part(folder: Path, prefix: str) -> tuple[Path, int | None]:
+    """A new hidden part folder in ``folder`` (``prefix``, tempfile's random part, then
+    :data:`LOCKED_SUFFIX`) and the descriptor holding its exclusive ``flock`` (None where the
+    file system has none: unheld, as before). The lock is taken after the folder is made, so a
+    retry clearing stale ones (:func:`_clear_stale_parts`, :func:`_clear_stale_siblings`) may
+    remove it in between: the folder at the path is checked to be the one locked, else another
+    made."""
     for _ in range(8):
-        tmp = Path(tempfile.mkdtemp(prefix=PART_PREFIX, suffix=LOCKED_SUFFIX, dir=dest))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=LOCKED_SUFFIX, dir=folder))
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -1256,7 +1295,7 @@ def _part_inside(dest: Path) -> tuple[Path, int | None]:
         if same:
             return tmp, fd
         os.close(fd)
-    raise OSError(errno.EAGAIN, "its part folder kept being removed by another export", str(dest))
+    raise OSError(errno.EAGAIN, "its part folder kept being removed by another export", str(folder))
 
 
 def _refuse_another_writer(dest: Path, own: Path) -> None:

@@ -9,6 +9,10 @@
 - A killed ``--format hf`` export into an existing empty folder left its hidden part folder
   inside, and every retry said the folder was not empty. A part folder no export holds is now
   removed; one a running export holds is refused, naming it, and untouched.
+- A killed ``--format hf`` export into a new folder left its hidden part folder beside it
+  (``.DIR.RANDOM.part``) for good. It is now named and locked as the one inside an existing
+  folder is, and the next export into DIR removes it by the same rules; one a running export
+  holds, and those of another destination, are left alone.
 - An export of an earlier wanbatch, which took no lock, had its part folder removed under it by
   the next export into the same folder (nobody held it): a part folder whose name does not say
   that its export takes a lock is removed only once untouched for a day; a younger one is
@@ -19,6 +23,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -258,3 +265,46 @@ def test_an_export_of_an_earlier_version_started_alongside_stops_this_one(
     assert f"({old[0].name}, made by an earlier wanbatch" in err
     assert os.listdir(volume) == [old[0].name]
     assert (old[0] / "videos" / "000000-old.mp4").stat().st_size == 100
+
+
+#: An export into ``sys.argv[2]`` that SIGKILLs itself once it placed its first video (what an
+#: OOM kill or ``kill -9`` does midway): nothing of it runs after, no ``finally``.
+_KILLED_MIDWAY = """
+import os, signal, sys
+from jobs import dataset_export
+place = dataset_export._place_video
+def placing(*args, **kwargs):
+    place(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+dataset_export._place_video = placing
+sys.argv = ["wanbatch", "export", sys.argv[1], "--format", "hf", "-o", sys.argv[2]]
+from cli import main
+main()
+"""
+
+
+def test_a_killed_export_into_a_new_folder_leaves_nothing_after_the_next(
+    batch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "datasets" / "new"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MIDWAY, batch, str(dest)], capture_output=True, text=True, timeout=120
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = os.listdir(dest.parent)  # its part folder, a video in it
+    assert left.startswith(".new.")
+    assert left.endswith(".part")
+    assert os.listdir(dest.parent / left / "videos")
+    # A running export's part folder for the same destination, and another destination's.
+    running = dest.parent / ".new.runn1ng0.locked.part"
+    other = dest.parent / ".new.v2.k1ll3d00.locked.part"
+    running.mkdir()
+    other.mkdir()
+    fd = os.open(running, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the export writing it holds it
+        assert run_main(["export", batch, "--format", "hf", "-o", str(dest)], monkeypatch) == 0
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(dest.parent)) == sorted([running.name, other.name, "new"])
+    assert len(os.listdir(dest / "videos")) == 2
