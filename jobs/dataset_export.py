@@ -46,15 +46,15 @@ A new folder is built as a hidden sibling (``.DIR.*.locked.part``, locked as the
 inside an existing DIR is, below) and renamed into place at the end, so a failed export never
 leaves a half dataset under the target name (nor the parent folders it created for it); one a
 killed export left beside DIR is removed by the next export into DIR, by the same rules
-(:func:`_clear_stale_siblings`), and never stops it. An existing empty DIR (a mount point or a symlink to a folder, which rename(2)
-cannot replace) is written into: built in a hidden ``DIR/.wanbatch-export.*.part``, its entries
-moved out at the end (:func:`_publish_into`); a failed export leaves it empty. The export
-holds an exclusive ``flock`` on that part folder while it writes, and says so in its name
-(``.locked.part``): one a killed export left behind (nobody holds it) is removed by the next
-export into DIR, and a held one makes that export stop, naming it (two exports never fill one
-DIR). A part folder without that name may be an earlier version's, whose export took no lock
-and may still be writing: it is removed only once untouched for a day, and stops the export
-before then, named. An existing
+(:func:`_clear_stale_siblings`), and never stops it. An existing empty DIR (a mount point or a
+symlink to a folder, which rename(2) cannot replace) is written into: built in a hidden
+``DIR/.wanbatch-export.*.part``, its entries moved out at the end (:func:`_publish_into`); a
+failed export leaves it empty. The export holds an exclusive ``flock`` on that part folder
+while it writes, and says so in its name (``.locked.part``): one a killed export left behind
+(nobody holds it) is removed by the next export into DIR, and a held one makes that export
+stop, naming it (two exports never fill one DIR). A part folder without that name may be an
+earlier version's, whose export took no lock and may still be writing: it is removed only once
+untouched for a day, and stops the export before then, named. An existing
 non-empty DIR is refused, never merged into, and so is a symlink leading nowhere, before any
 video is placed (:func:`_refuse_taken`).
 """
