@@ -58,7 +58,7 @@ from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.states import JobState
 from jobs.url_secrets import mask_urls
-from jobs.validation import ValueCache, check_input
+from jobs.validation import FieldProblem, ValueCache, check_input, check_value
 from jobs.vary import Sweep, Vary, checked_values
 
 
@@ -267,7 +267,9 @@ def rerun_batch(
     longer has whose file changed (an image replaced, the manifest resubmitted) is left out
     instead, with a warning. Every input it would send is checked against the endpoint registry
     as ``submit`` checks a manifest's (:class:`_InputCheck`): a value no longer allowed is a
-    :class:`UsageError` with one line per problem, nothing stored; so is a budget cap below
+    :class:`UsageError` with one line per problem, nothing stored; so is an image (or audio)
+    file, unchanged, that the registry's limits no longer allow (:meth:`_InputCheck.media_allowed`,
+    after the SHA-256 check); so is a budget cap below
     every job's estimate (:func:`_nothing_fits`), which stored a batch of jobs all cancelled.
 
     ``on_batch(id, name)`` is called with the new batch before its jobs are stored, in the same
@@ -369,6 +371,10 @@ def rerun_batch(
         rows = sources.kept
         if not rows:
             raise NothingToRerun(_all_changed(parent, sources))
+        media = _InputCheck()
+        rows = [row for row in rows if media.media_allowed(row)]
+        if media.lines:
+            raise UsageError(_media_refused(parent, media.said()))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
         # --failed-only goes on with the parent's work, under the parent's cap: what is left of it.
         # A plain rerun renders the whole batch again (a comparison run): its own cap, as the parent's.
@@ -773,19 +779,52 @@ class _InputCheck:
 
     One line per problem: ``job 3c1a2b4d (item 0): field 'resolution': '1080p' is not one of the
     allowed values (allowed: 480p, 580p, 720p)``; the same problem in other jobs is counted on
-    its line (``; and 41 more job(s)``), so 100,000 jobs give a few lines. Media fields are left
-    to :func:`_checked_sources`: their files are checked against the SHA-256 recorded of them."""
+    its line (``; and 41 more job(s)``), so 100,000 jobs give a few lines. Media fields are
+    checked apart (:meth:`media_allowed`), once :func:`_checked_sources` has found their files
+    unchanged: a file changed or missing is said as that, not as an image that breaks a limit."""
 
     def __init__(self) -> None:
         self._cache = ValueCache()
+        #: Media verdicts by (endpoint, field, value): a batch of one image reads it once.
+        self._media: dict[tuple[str, str, str], list[FieldProblem]] = {}
         #: Each problem (endpoint, field, message, allowed) → its line and how many more jobs have it.
         self.lines: dict[tuple[str, str, str, str], list[Any]] = {}
 
     def allowed(self, spec: EndpointSpec, values: dict[str, Any], job_id: str, item: int) -> bool:
         """Whether ``values`` (parent job ``job_id``'s, of manifest item ``item``) has no error."""
         media = [fld.name for fld in spec.media_fields]
+        problems = check_input(spec, values, skip=media, value_cache=self._cache)
+        return self._noted(spec, problems, job_id, item)
+
+    def media_allowed(self, row: store.NewJob) -> bool:
+        """Whether the media values ``row`` would send (its parent job's: media fields are never
+        varied) pass the endpoint registry's limits now, checked as ``validate`` checks a
+        manifest's (:func:`jobs.validation.check_value`: a local file's format, size, dimensions
+        and alpha, a data URI's bytes, a URL's form), a problem naming the file as the manifest
+        did (``source_files``). The registry is wanbatch's: an upgrade may narrow a limit (the
+        Wan 2.6 images' 240-7680 pixels became fal's published 360-2000), and a rerun sent its
+        parent's images unchecked, for fal to refuse each job."""
+        spec = get_endpoint(row.endpoint)
+        sources = row.source_files or {}
+        problems: list[FieldProblem] = []
+        for fld in spec.media_fields:
+            value = row.input.get(fld.name)
+            if not isinstance(value, str):
+                continue  # not a value a media field takes: allowed() said so already
+            mark = (spec.id, fld.name, value)
+            if mark not in self._media:
+                source = sources.get(fld.name)
+                shown = source.get("source") if isinstance(source, dict) else None
+                self._media[mark] = check_value(fld, value, shown=shown if isinstance(shown, str) else None)
+            problems += self._media[mark]
+        return self._noted(spec, problems, row.rerun_of or "", row.item_index)
+
+    def _noted(self, spec: EndpointSpec, problems: Iterable[FieldProblem], job_id: str, item: int) -> bool:
+        """Note the errors among ``problems`` (of parent job ``job_id``, of manifest item
+        ``item``) as lines; whether there was none. Warnings (a limit wanbatch only assumed)
+        never refuse, as in ``validate``."""
         ok = True
-        for problem in check_input(spec, values, skip=media, value_cache=self._cache):
+        for problem in problems:
             if problem.severity != "error":
                 continue
             ok = False
@@ -813,6 +852,20 @@ def _inputs_refused(parent: Batch, lines: list[str]) -> str:
         f"cannot rerun batch {parent.name}: {problems} no longer allowed by the endpoint registry, so "
         "fal would refuse the jobs; nothing was stored. `--vary FIELD=VALUE` sends an allowed value "
         "of such a field instead; or edit the manifest and submit it:\n"
+        + "\n".join(f"  batch {parent.name}, {line}" for line in lines)
+    )
+
+
+def _media_refused(parent: Batch, lines: list[str]) -> str:
+    """Why a rerun of ``parent`` is refused: images (or audio) its jobs would send break the
+    endpoint registry's limits now (:meth:`_InputCheck.media_allowed`); its first line says what
+    to do (``--vary`` cannot: media fields are never varied), then one per problem."""
+    problems = (
+        "1 stored media input is" if len(lines) == 1 else f"{len(lines)} stored media input problems are"
+    )
+    return (
+        f"cannot rerun batch {parent.name}: {problems} no longer allowed by the endpoint registry, so "
+        "fal would refuse the jobs; nothing was stored. Edit the manifest (another file) and submit it:\n"
         + "\n".join(f"  batch {parent.name}, {line}" for line in lines)
     )
 

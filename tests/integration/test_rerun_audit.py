@@ -4,7 +4,8 @@
   both ``rerun A --failed-only``): only B's own reruns were asked. ``status B`` never said so.
 * A plain ``rerun`` after an image was replaced and the manifest resubmitted was refused for
   ever, the digests of the jobs no longer in the manifest merged with the current ones.
-* A rerun sent stored inputs the endpoint registry no longer allows.
+* A rerun sent stored inputs the endpoint registry no longer allows; its images too, which
+  were left to the SHA-256 check alone (a file unchanged, but past a limit narrowed since).
 * ``rerun --max-usd`` below every job's estimate stored a batch whose every job the cap cancelled.
 """
 
@@ -25,6 +26,8 @@ from jobs.rendered import rerun_covered, rerun_covered_of_batches
 from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import Settings
 from jobs.states import JobState as S
+
+IMAGES = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "images"
 
 
 def _job(
@@ -126,7 +129,8 @@ def test_a_plain_rerun_after_an_image_was_replaced_leaves_out_the_old_jobs(
     folder = tmp_path.resolve()
     image = folder / "images" / "night.jpg"
     image.parent.mkdir()
-    old, new = b"the original night", b"the new night"
+    # Real images: a rerun checks them against the endpoint's limits as validate does.
+    old, new = (IMAGES / "landscape.jpg").read_bytes(), (IMAGES / "night.jpg").read_bytes()
     image.write_bytes(new)
     with db.session_scope(engine) as session:
         batch, _ = store.get_or_create_batch(
@@ -213,6 +217,62 @@ def test_a_rerun_refuses_stored_inputs_the_registry_no_longer_allows(engine: Eng
         )
         assert "(allowed: the fields of fal-ai/wan-22: prompt, " in lines[2]
     assert _names(engine) == ["old"]
+
+
+def test_a_rerun_refuses_an_image_past_the_registrys_limits_now(engine: Engine, tmp_path: Path) -> None:
+    """Wan 2.6's images were checked against its schema's 240-7680 pixels; the registry now holds
+    fal's published 360-2000. A job stored under the old range, its file unchanged, was rerun
+    with its image unchecked (only its SHA-256 was): fal refuses it. Now refused as ``validate``
+    refuses that image, naming the parent batch, job and field; nothing stored. A URL is not
+    fetched (its form alone is checked, as validate checks it): a job sending one goes."""
+    from PIL import Image
+
+    folder = tmp_path.resolve()
+    image = folder / "images" / "wide.png"
+    image.parent.mkdir()
+    Image.new("RGB", (2400, 1200), "gray").save(image)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    endpoint = "wan/v2.6/image-to-video"
+    sources = {"image_url": {"source": "images/wide.png", "sha256": digest}}
+    jobs = [
+        _job(i, {"prompt": f"p{i}", "image_url": str(image), "seed": 3}, sources=sources, endpoint=endpoint)
+        for i in range(3)
+    ]
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session,
+            name="wide",
+            manifest_path=str(folder / "wide.yaml"),
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+        )
+        store.add_jobs(session, batch.id, jobs)
+        session.execute(update(Job).values(state=S.FAILED, seed=3, error_type="model_error"))
+        first = min(store.jobs_of_batch(session, batch.id), key=lambda j: j.item_index).id[:8]
+
+    with pytest.raises(UsageError) as refused:
+        rerun_batch("wide", failed_only=True, settings=_settings(engine))
+
+    assert refused.value.exit_code == 2
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("cannot rerun batch wide: 1 stored media input is no longer allowed"), lines
+    assert lines[0].endswith("nothing was stored. Edit the manifest (another file) and submit it:")
+    assert lines[1] == (
+        f"  batch wide, job {first} (item 0): field 'image_url': the image is 2400x1200 pixels, "
+        "too large (allowed: from 360x360 to 2000x2000 pixels); and 2 more job(s)"
+    )
+    assert len(lines) == 2
+    assert _names(engine) == ["wide"]
+
+    # Sent by URL: not fetched here (nor by validate), so not refused.
+    url = {"prompt": "u", "image_url": "https://example.com/wide.png", "seed": 3}
+    with db.session_scope(engine) as session:
+        other, _ = store.get_or_create_batch(
+            session, name="byurl", manifest_path="/m.yaml", manifest_sha256="1" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, other.id, [_job(0, url, endpoint=endpoint)])
+    result = rerun_batch("byurl", settings=_settings(engine))
+    assert result.added == 1
 
 
 def test_a_rerun_whose_cap_fits_no_job_is_refused_before_storing(engine: Engine) -> None:
