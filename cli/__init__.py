@@ -421,6 +421,32 @@ def main() -> None:
     Deliberate errors never get here: every command turns :class:`~jobs.errors.WanbatchError`
     into its message and exit code.
     """
+    try:
+        _main_guarded()
+    except SystemExit as exc:
+        if _AS_COMMAND and _ends_the_process():  # nothing follows: no teardown of the heap
+            startup.end_process(exc.code)
+        raise
+
+
+def _ends_the_process() -> bool:
+    """Whether :func:`main` is the last thing this process runs: it was started as the console
+    script (its file is the ``wanbatch`` script pip wrote, whose ``sys.exit(main())`` is all it
+    does) or as ``python -m cli`` (:mod:`cli.__main__`). Not for a program that calls main()
+    itself, even with ``wanbatch`` as its ``argv[0]`` (a test that reads the process afterwards)."""
+    entry = sys.modules.get("__main__")
+    spec = getattr(entry, "__spec__", None)
+    if spec is not None and spec.name in _MAIN_MODULES:
+        return True
+    file = getattr(entry, "__file__", None)
+    if not isinstance(file, str):
+        return False
+    name = os.path.basename(file)  # noqa: PTH119 (as _launched_as_command reads argv[0])
+    return name.removesuffix(".exe").removesuffix("-script.pyw").removesuffix("-script.py") == "wanbatch"
+
+
+def _main_guarded() -> None:
+    """:func:`main`'s work, under its guards (see there)."""
     _reserve_standard_descriptors()  # already done at import for the console script
     replaced = _exit_on_interrupt()
     replaced_termination = _exit_on_termination()

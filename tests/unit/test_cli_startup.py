@@ -379,6 +379,90 @@ def test_the_command_itself_does_without_trio_and_a_program_calling_main_keeps_i
     assert ("trio" in elsewhere) == (importlib.util.find_spec("trio") is not None)
 
 
+#: A ``sitecustomize`` for the command's process: its exit handlers and its teardown each leave a
+#: line in ``EXIT_PROBE``'s file (the object is freed when the interpreter tears the modules down).
+_EXIT_PROBE = """
+import atexit, os
+
+class _Probe:
+    # What it writes with is kept: the teardown takes modules' names (open, os…) away first.
+    def __init__(self):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        self.fd, self.write = os.open(os.environ["EXIT_PROBE"], flags), os.write
+
+    def say(self, what):
+        self.write(self.fd, what.encode() + b"\\n")
+
+    def __del__(self):
+        self.say("torn down")
+
+probe = _Probe()
+atexit.register(probe.say, "exit handlers")
+"""
+
+
+def _ended(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """``python -m cli ARGS`` with :data:`_EXIT_PROBE` loaded; the process and its probe's lines."""
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    (probe_dir / "sitecustomize.py").write_text(_EXIT_PROBE)
+    said = tmp_path / "exit-probe.txt"
+    said.unlink(missing_ok=True)
+    env = _clean_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), env.get("PYTHONPATH", "")) if p)
+    env["EXIT_PROBE"] = str(said)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    return done, said.read_text().splitlines() if said.exists() else []
+
+
+def test_the_command_ends_without_tearing_down_its_heap(tmp_path: Path) -> None:
+    """The ``wanbatch`` process ends once its exit handlers ran and its output is flushed
+    (:func:`cli.startup.end_process`): no module teardown freeing the start-up's objects one by
+    one (30–50 ms of a ``run``'s CPU), whatever the exit status; its output whole."""
+    manifest = tmp_path / "many.yaml"
+    items = "".join(f'  - prompt: "kite number {n}"\n' for n in range(3))
+    manifest.write_text(f"name: exit-probe\nendpoint: fal-ai/wan-22\nitems:\n{items}")
+    done, said = _ended(tmp_path, "validate", "--json", str(manifest))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+    assert said == ["exit handlers"]
+    done, said = _ended(tmp_path, "status", "no-such-batch")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: no batch 'no-such-batch'")
+    assert said == ["exit handlers"]
+
+
+def test_a_program_calling_main_keeps_its_process(tmp_path: Path) -> None:
+    """A program that calls :func:`cli.main` itself (argv[0] ``wanbatch`` included) goes on after
+    it: the command's exit status is its ``SystemExit``, and its interpreter ends as usual."""
+    manifest = tmp_path / "one.yaml"
+    manifest.write_text('name: exit-probe\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: "a red kite"\n')
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "sitecustomize.py").write_text(_EXIT_PROBE)
+    said = tmp_path / "exit-probe.txt"
+    env = _clean_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(probe_dir), env.get("PYTHONPATH", "")) if p)
+    env["EXIT_PROBE"] = str(said)
+    program = (
+        f"import sys\nsys.argv = ['wanbatch', 'validate', {str(manifest)!r}]\nfrom cli import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    print('after', exc.code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "after 0"
+    assert said.read_text().splitlines() == ["exit handlers", "torn down"]
+
+
 # --------------------------------------------------------------------------- dataclasses' methods
 
 
