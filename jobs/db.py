@@ -148,6 +148,9 @@ _WRITE_LOCK_HELD = "wanbatch_write_lock"
 #: Execution option of the long-lived writer connection (:class:`_Writer`), whose units of work
 #: hold the writer lock from their start: its BEGIN takes no lock, its COMMIT releases none.
 _SCOPED_OPTION = "wanbatch_scoped_writer"
+#: Set on a SQLite connection's pool record while it runs ``synchronous = NORMAL`` (the writer
+#: connection's units sync themselves: :class:`_Durability`); any other use syncs as SQLite does.
+_SYNC_NORMAL = "wanbatch_sync_normal"
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -671,6 +674,149 @@ _WRITER_ENGINES: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDict
 _WRITERS: weakref.WeakKeyDictionary[Engine, _Writer] = weakref.WeakKeyDictionary()
 
 
+#: ``Session.info`` key of a :class:`_Writer` unit's :class:`_Covered` count.
+_COVERED_KEY = "wanbatch_covered"
+
+
+class _Covered:
+    """The rows a unit of work on the writer connection changed inside :func:`covered` blocks,
+    counted with SQLite's ``total_changes`` (every row an INSERT, UPDATE or DELETE touched on
+    the connection, whichever way the statement was sent: :func:`jobs.store.direct.run_reusable`
+    bypasses SQLAlchemy's statement events)."""
+
+    __slots__ = ("changes", "dbapi", "depth")
+
+    def __init__(self, dbapi: Any) -> None:
+        self.dbapi = dbapi
+        self.changes = 0
+        self.depth = 0
+
+
+@contextlib.contextmanager
+def covered(session: Session) -> Iterator[None]:
+    """Mark the writes of this block as needing no sync of their own (SQLite only).
+
+    A write is *covered* when nothing outside the database acts on it before a later synced
+    commit does, or when losing it to a power cut only makes wanbatch redo free work (ask a
+    status again, fetch a result again). SQLite appends its write-ahead log in order, so the
+    sync of a later commit makes every earlier one durable too
+    (https://www.sqlite.org/wal.html; https://www.sqlite.org/pragma.html#pragma_synchronous:
+    in WAL mode with ``NORMAL`` a commit not yet synced can be rolled back by a power loss,
+    never corrupted). A unit of work is synced when it commits unless *every* row it changed
+    was changed inside such a block: a write nobody classified syncs, as every commit did
+    before. Nested blocks count once; outside a :func:`session_scope` on a SQLite file
+    (PostgreSQL, a session of :func:`session_factory`) this does nothing."""
+    count: _Covered | None = session.info.get(_COVERED_KEY)
+    if count is None or count.depth:
+        yield
+        return
+    before = count.dbapi.total_changes
+    count.depth = 1
+    try:
+        yield
+    finally:
+        count.depth = 0
+        count.changes += count.dbapi.total_changes - before
+
+
+def in_covered(session: Session) -> bool:
+    """Whether this is inside a :func:`covered` block of a unit of work on a SQLite file."""
+    count: _Covered | None = session.info.get(_COVERED_KEY)
+    return count is not None and count.depth > 0
+
+
+class _Durability:
+    """Which commits of a SQLite file's writer connection (:class:`_Writer`) are on disk.
+
+    That connection runs with ``PRAGMA synchronous = NORMAL``: its commits are not synced by
+    SQLite. A unit of work whose writes were not all :func:`covered` syncs the write-ahead log
+    itself once it committed (:meth:`sync`), before it returns to its caller, which may then act
+    on it outside the database (a POST to fal); a covered one only counts as written. SQLite
+    decides a commit's sync before the transaction begins ("Safety level may not be changed
+    inside a transaction"), when what the unit will write is not known yet: so the sync is
+    ``fdatasync(2)`` on the ``-wal`` file, what ``synchronous = FULL`` runs at a WAL commit (on
+    the inode: any descriptor of the file flushes the same pages). Syncs run outside the
+    process's write lock, one at a time: a sync that began after a commit covers it, so units
+    that commit together share one (a group commit).
+    """
+
+    def __init__(self, wal: Path) -> None:
+        self.wal = wal
+        #: Commits that changed rows, in the order they reached the log.
+        self.committed = 0
+        #: Every commit up to this one is on disk.
+        self.synced = 0
+        self._lock = threading.Lock()
+        self._inode: tuple[int, int] | None = None
+
+    def commit(self, count: _Covered, changed: int) -> int:
+        """Count a unit's commit (under the process's write lock, so in log order); the commit
+        number :meth:`sync` must reach before the unit returns, 0 when it needs none."""
+        if changed <= 0:
+            return 0
+        self.committed += 1
+        return self.committed if changed > count.changes else 0
+
+    def sync(self, upto: int) -> None:
+        """Make every commit up to number ``upto`` durable (nothing when a sync that began after
+        it is done already)."""
+        with self._lock:
+            if self.synced >= upto:
+                return
+            target = self.committed
+            self._sync_wal()
+            self.synced = max(self.synced, target)
+
+    def _sync_wal(self) -> None:
+        try:
+            fd = os.open(self.wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and removed: its pages are in the database file, synced
+        try:
+            sync_file(fd)
+            seen = os.fstat(fd)
+            inode = (seen.st_dev, seen.st_ino)
+        except OSError as exc:
+            raise DBAPIError.instance(
+                "fdatasync", (), sqlite3.OperationalError(f"disk I/O error: {exc}"), sqlite3.Error
+            ) from exc
+        finally:
+            os.close(fd)
+        if inode != self._inode:
+            # A log this process has not synced yet may have been created since: its name must
+            # be on disk too (SQLite syncs a new log's folder the same way: unixSync).
+            _sync_folder(self.wal.parent)
+            self._inode = inode
+
+
+def _sync_folder(folder: Path) -> None:
+    """``fsync(2)`` on ``folder``, where folders can be opened (not everywhere: then nothing)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+#: ``fdatasync(2)`` where there is one (Linux); ``fsync(2)`` elsewhere (macOS).
+sync_file: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def sync_commits(engine: Engine) -> None:
+    """Make every commit this process made on ``engine`` durable (see :func:`covered`), before
+    something outside the database depends on commits that were not synced: ``run``'s report
+    and exit status, a file renamed into place. One ``fdatasync`` at most, none when nothing
+    waits for one; nothing on PostgreSQL, whose every commit is durable."""
+    writer = _WRITERS.get(engine)
+    if writer is not None:
+        writer.durability.sync(writer.durability.committed)
+
+
 class _Writer:
     """The one connection every :func:`session_scope` of this process writes a SQLite file on,
     kept open for the life of the engine, and the units of work that take turns on it.
@@ -687,9 +833,10 @@ class _Writer:
     raises instead (with a pool it waited forever).
     """
 
-    def __init__(self, engine: Engine, writers: threading.Lock) -> None:
+    def __init__(self, engine: Engine, writers: threading.Lock, wal: Path) -> None:
         self.engine = engine
         self.writers = writers
+        self.durability = _Durability(wal)
         self._connection: Connection | None = None
         self._pid = os.getpid()
         self._owner: int | None = None  # the thread whose unit of work holds ``writers``
@@ -702,13 +849,19 @@ class _Writer:
         if not nested:
             self.writers.acquire()
             self._owner = me
+        upto = 0
         try:
             connection = self._connect()
             if nested and connection.in_transaction():
                 raise RuntimeError("a unit of work was opened inside another one's transaction")
+            count = _Covered(connection.connection.dbapi_connection)
+            before = count.dbapi.total_changes
             try:
-                with _unit_of_work(Session(bind=connection, expire_on_commit=False)) as session:
+                session = Session(bind=connection, expire_on_commit=False)
+                session.info[_COVERED_KEY] = count
+                with _unit_of_work(session) as session:
                     yield session
+                upto = self.durability.commit(count, count.dbapi.total_changes - before)
             finally:
                 if connection.in_transaction() or connection.invalidated:
                     self._discard()  # a rollback that failed: the next unit starts afresh
@@ -716,6 +869,8 @@ class _Writer:
             if not nested:
                 self._owner = None
                 self.writers.release()
+        if upto:  # outside the lock: the next writer commits meanwhile, a later sync covers both
+            self.durability.sync(upto)
 
     def _connect(self) -> Connection:
         connection = self._connection
@@ -724,6 +879,9 @@ class _Writer:
         if connection is None or connection.closed or connection.invalidated:
             self._discard()
             connection = self.engine.connect().execution_options(**{_SCOPED_OPTION: True})
+            # Its units sync the log themselves, when they must (_Durability): SQLite does not.
+            connection.connection.dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+            connection.connection.info[_SYNC_NORMAL] = True
             self._connection, self._pid = connection, os.getpid()
         return connection
 
@@ -766,10 +924,15 @@ def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
     # process's writer (in WAL the statements after it wait for nothing): it waits in slices.
     _configure_sqlite(writer, writers, busy_ms=SQLITE_BUSY_SLICE_MS)
     _WRITER_ENGINES[engine] = writer
-    held = _WRITERS[engine] = _Writer(writer, writers)
+    # SQLite names the log after the database file (https://www.sqlite.org/wal.html), a relative
+    # one after the working folder it was opened from: this one.
+    wal = Path(os.path.abspath(Path(url.database or "").expanduser()) + "-wal")
+    held = _WRITERS[engine] = _Writer(writer, writers, wal)
 
     @event.listens_for(engine, "engine_disposed")
     def _dispose_writer(_engine: Engine) -> None:
+        with contextlib.suppress(Exception):  # a log gone with its folder: nothing left to sync
+            held.durability.sync(held.durability.committed)
         held.close()
         writer.dispose()
 
@@ -818,6 +981,8 @@ def _configure_sqlite(
         if options.get(_SCOPED_OPTION):  # its unit of work holds the lock already (_Writer)
             _begin(dbapi, "BEGIN IMMEDIATE")
             return
+        if connection.connection.info.pop(_SYNC_NORMAL, False):  # the writer's, handed back
+            dbapi.execute("PRAGMA synchronous = FULL")
         writers.acquire()
         connection.info[_WRITE_LOCK_HELD] = True
         try:

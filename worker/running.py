@@ -1188,10 +1188,28 @@ def _process_embedded(
                 raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
+        _sync_commits(rt)
         stop_metrics()
         _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _sync_commits(rt: Runtime) -> None:
+    """Before ``run`` reports what it did (or why it stopped) and exits: every commit of this
+    process on disk, those that synced nothing of their own too (a success stored in a local
+    folder, a status heard: :func:`jobs.db.covered`), so that a power cut after the report
+    cannot take back what it said. A sync that fails is said, and the report still comes: the
+    commits are in the database, only their surviving a power cut is in doubt."""
+    try:
+        db.sync_commits(rt.engine)
+    except Exception as exc:
+        log.warning(
+            "could not sync the database before the report (%s): a power cut now could lose "
+            "its last changes",
+            db.database_problem(exc),
+            extra={"event": "run.sync_failed"},
+        )
 
 
 def _stop_output_writes(rt: Runtime) -> None:

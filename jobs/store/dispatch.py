@@ -12,6 +12,7 @@ from typing import Any, cast
 from sqlalchemy import Float, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from jobs import db
 from jobs.models import Batch, BatchRecord, BatchState, SubmitPace, SubmitRate
 from jobs.store.batches import _has_unfinished_jobs
 from jobs.store.core import _dialect_insert, _prepared, _run
@@ -92,6 +93,10 @@ def take_submit_tokens(
     nothing (its wait is what is left of it). That read of the key's :class:`SubmitPace` row
     takes no lock: the round, which keeps the bucket's row locked until it commits, never holds
     up a submit taking its slot there (:func:`take_pace_slot`).
+
+    The bucket's write is not synced on its own (:func:`jobs.db.covered`): a token is spent by a
+    POST, and every POST waits for its :func:`record_send` to commit synced, which makes this
+    write durable first; one lost to a power cut with nothing sent took nothing.
     """
     dialect = session.connection().dialect.name
 
@@ -128,7 +133,8 @@ def take_submit_tokens(
     granted = max(0, min(wanted, int(tokens)))
     tokens -= granted
     write = _prepared(("rate-write", dialect), lambda: _rate_upsert(dialect))
-    _run(session, write, {"api_key_id": api_key_id, "tokens": tokens, "stamp": now})
+    with db.covered(session):
+        _run(session, write, {"api_key_id": api_key_id, "tokens": tokens, "stamp": now})
     wait = 0.0 if tokens >= 1 else (1.0 - tokens) / rate
     return SubmitTokens(granted, wait, held_for, shared_for)
 

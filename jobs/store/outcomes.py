@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import exists, func, literal, literal_column, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from jobs import db
 from jobs.models import ADOPTED_REASON as ADOPTED_REASON
 from jobs.models import Batch, Job, JobEvent, JobRecord, utcnow
 from jobs.states import JobState
@@ -183,10 +184,14 @@ def give_back(
 
 
 def mark_running(session: Session, fence: Fence, *, next_poll_at: datetime) -> bool:
-    """``queued`` → ``running``: fal said IN_PROGRESS. Its status is asked again at ``next_poll_at``."""
-    return _move(
-        session, fence, JobState.RUNNING, "running at fal", next_attempt_at=next_poll_at, **_UNLEASED
-    )
+    """``queued`` → ``running``: fal said IN_PROGRESS. Its status is asked again at ``next_poll_at``.
+
+    Not synced on its own (:func:`jobs.db.covered`): lost to a power cut, the job is ``queued``
+    again and its next status call says IN_PROGRESS again."""
+    with db.covered(session):
+        return _move(
+            session, fence, JobState.RUNNING, "running at fal", next_attempt_at=next_poll_at, **_UNLEASED
+        )
 
 
 def status_due(session: Session, fence: Fence, *, at: datetime) -> bool:
@@ -216,21 +221,26 @@ def mark_completed(
     marks a download already queued for it (see ``worker.steps.context.DOWNLOAD_QUEUE``). The
     polling's count of malformed answers (``download_attempts``) is reset for the download.
     ``row``: filled with the job as moved (:func:`~jobs.store.transitions.transition`).
+
+    Not synced on its own (:func:`jobs.db.covered`): lost to a power cut, the job is back where
+    it was and asks fal's status and result again (free). The download it leads to syncs it
+    before its video is renamed into place (:func:`jobs.db.sync_commits`).
     """
     failed = error is not None or error_type is not None
-    return _move(
-        session,
-        fence,
-        JobState.DOWNLOADING,
-        "completed at fal" + (f" with error {error_type}" if failed else ""),
-        details={"error": error, "error_type": error_type} if failed else None,
-        row=row,
-        completed_at=completed_at,
-        provider_metrics=provider_metrics,
-        download_attempts=0,
-        lease_owner=lease_owner,
-        lease_expires_at=lease_expires_at,
-    )
+    with db.covered(session):
+        return _move(
+            session,
+            fence,
+            JobState.DOWNLOADING,
+            "completed at fal" + (f" with error {error_type}" if failed else ""),
+            details={"error": error, "error_type": error_type} if failed else None,
+            row=row,
+            completed_at=completed_at,
+            provider_metrics=provider_metrics,
+            download_attempts=0,
+            lease_owner=lease_owner,
+            lease_expires_at=lease_expires_at,
+        )
 
 
 def mark_succeeded(

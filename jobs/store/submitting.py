@@ -11,6 +11,7 @@ from sqlalchemy import insert, literal, null, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from jobs import db
 from jobs.models import JobEvent, utcnow
 from jobs.states import JobState
 from jobs.store.core import _JOBS, _refresh_loaded, _run
@@ -26,19 +27,24 @@ def mark_submitting(
     forgotten: each attempt records them right before its POST (:func:`record_send`). Its
     ``start_timeout_at`` is kept until then (:func:`record_send` writes the new one, None too):
     a claimed resend dropped for the earlier attempt's proof (:func:`adopt_before_resend`) keeps
-    that attempt's request, which was sent with it."""
-    return _move(
-        session,
-        fence,
-        JobState.SUBMITTING,
-        f"attempt {attempt}",
-        attempts=attempt,
-        api_key_id=api_key_id,
-        submitted_input=None,
-        sent_at=None,
-        lease_owner=fence.owner,
-        lease_expires_at=lease_expires_at,
-    )
+    that attempt's request, which was sent with it.
+
+    Not synced on its own (:func:`jobs.db.covered`): nothing is sent before :func:`record_send`
+    commits, synced, which makes this claim (and the budget it holds) durable first; lost to a
+    power cut before that, the job is ``pending`` again and is claimed again."""
+    with db.covered(session):
+        return _move(
+            session,
+            fence,
+            JobState.SUBMITTING,
+            f"attempt {attempt}",
+            attempts=attempt,
+            api_key_id=api_key_id,
+            submitted_input=None,
+            sent_at=None,
+            lease_owner=fence.owner,
+            lease_expires_at=lease_expires_at,
+        )
 
 
 def mark_submitted(

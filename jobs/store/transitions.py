@@ -5,6 +5,7 @@ fal queue hold the same request (:func:`refuse_held_request`)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, SessionTransaction
 
+from jobs import db
 from jobs.errors import RequestHeldError
 from jobs.models import BatchTotals, Job, JobEvent, JobRecord, KeyRefusal, utcnow
 from jobs.states import JobState, can_transition
@@ -311,6 +313,8 @@ def finished_usd(
 
 #: ``session.info`` key: (batch id, day) → finished money added by this transaction, not yet written.
 _FINISHED_KEY = "wanbatch.finished_usd"
+#: ``session.info`` key: some of that money was added outside a :func:`jobs.db.covered` block.
+_FINISHED_SYNCED_KEY = "wanbatch.finished_synced"
 
 
 def utc_day(moment: datetime | None) -> str:
@@ -325,6 +329,8 @@ def _add_finished(session: Session, batch_id: str, submitted_at: datetime | None
         pending: dict[tuple[str, str], Decimal] = session.info.setdefault(_FINISHED_KEY, {})
         key = (batch_id, utc_day(submitted_at))
         pending[key] = pending.get(key, Decimal(0)) + usd
+        if not db.in_covered(session):
+            session.info[_FINISHED_SYNCED_KEY] = True
 
 
 _TOTALS = cast(Table, BatchTotals.__table__)
@@ -345,12 +351,15 @@ def _write_finished(session: Session) -> None:
     order: two transactions that finish jobs of the same batches then take these row locks in
     the same order, after every job row lock they need (no lock cycle through them)."""
     pending: dict[tuple[str, str], Decimal] | None = session.info.pop(_FINISHED_KEY, None)
+    synced = session.info.pop(_FINISHED_SYNCED_KEY, False)
     if not pending:
         return
     dialect = session.connection().dialect.name
     upsert = _prepared(("finished-add", dialect), lambda: _totals_upsert(dialect))
-    for (batch_id, day), usd in sorted(pending.items()):
-        _run(session, upsert, {"batch_id": batch_id, "day": day, "finished_usd": usd})
+    # The totals follow the moves that added to them: synced unless every one was covered.
+    with contextlib.nullcontext() if synced else db.covered(session):
+        for (batch_id, day), usd in sorted(pending.items()):
+            _run(session, upsert, {"batch_id": batch_id, "day": day, "finished_usd": usd})
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -358,6 +367,7 @@ def _forget_finished(session: Session, transaction: SessionTransaction) -> None:
     """A rolled-back transaction's finished money never happened (a committed one's is written)."""
     if transaction.parent is None:
         session.info.pop(_FINISHED_KEY, None)
+        session.info.pop(_FINISHED_SYNCED_KEY, None)
 
 
 def update_job_fields(session: Session, job_id: str, *, expected_version: int, **fields: Any) -> bool:

@@ -710,6 +710,9 @@ def _store_video(
     sidecar.update(rerun_of=job.rerun_of, parent_batch=claim.parent_batch)
     sidecar.update(checked)
     started = time.monotonic()
+    # What the video is stored on (the job's completion at fal, committed without a sync of its
+    # own: jobs.store.mark_completed) is on disk before the video is under its final name.
+    db.sync_commits(rt.engine)
     try:
         output_path = outs.publish(
             result.path,
@@ -730,17 +733,24 @@ def _store_video(
     except OutputWriteError as exc:
         return _write_failed(rt, job_id, claim, exc)
     resumed = False
+    # The success needs no sync of its own when nothing is removed once it is stored (a local
+    # folder's video, no staged copy taken): lost to a power cut, the job takes the saved video
+    # again, without a download (README: "A run killed after a video was saved"); `run` syncs
+    # before it reports (jobs.db.sync_commits). A copy removed after it (S3's staged video, a
+    # taken one) must not go before the success is on disk.
+    removes = outs.is_remote or taken is not None
     with db.session_scope(rt.engine) as session:
-        stored = store.mark_succeeded(
-            session,
-            claim.fence,
-            output_path=output_path,
-            output_sha256=result.sha256,
-            output_bytes=result.size,
-            **claim.fetched,
-            **checked,
-            **cost,
-        )
+        with contextlib.nullcontext() if removes else db.covered(session):
+            stored = store.mark_succeeded(
+                session,
+                claim.fence,
+                output_path=output_path,
+                output_sha256=result.sha256,
+                output_bytes=result.size,
+                **claim.fetched,
+                **checked,
+                **cost,
+            )
         # A job tried again (a full disk held it back, or a download failed) is the one whose
         # success may end its batch's pause for outputs: there is room again.
         if stored and claim.job.next_attempt_at is not None:
