@@ -740,8 +740,9 @@ class _Durability:
     that commit together share one (a group commit).
     """
 
-    def __init__(self, wal: Path) -> None:
-        self.wal = wal
+    def __init__(self) -> None:
+        #: The ``-wal`` file (set when the writer connects: :meth:`_Writer._connect`).
+        self.wal: Path | None = None
         #: Commits that changed rows, in the order they reached the log.
         self.committed = 0
         #: Every commit up to this one is on disk.
@@ -768,6 +769,8 @@ class _Durability:
             self.synced = max(self.synced, target)
 
     def _sync_wal(self) -> None:
+        if self.wal is None:  # never connected, so never committed
+            return
         try:
             fd = os.open(self.wal, os.O_RDONLY)
         except FileNotFoundError:
@@ -833,10 +836,10 @@ class _Writer:
     raises instead (with a pool it waited forever).
     """
 
-    def __init__(self, engine: Engine, writers: threading.Lock, wal: Path) -> None:
+    def __init__(self, engine: Engine, writers: threading.Lock) -> None:
         self.engine = engine
         self.writers = writers
-        self.durability = _Durability(wal)
+        self.durability = _Durability()
         self._connection: Connection | None = None
         self._pid = os.getpid()
         self._owner: int | None = None  # the thread whose unit of work holds ``writers``
@@ -880,8 +883,14 @@ class _Writer:
             self._discard()
             connection = self.engine.connect().execution_options(**{_SCOPED_OPTION: True})
             # Its units sync the log themselves, when they must (_Durability): SQLite does not.
-            connection.connection.dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+            dbapi = connection.connection.dbapi_connection
+            assert dbapi is not None  # just connected
+            dbapi.execute("PRAGMA synchronous = NORMAL")
             connection.connection.info[_SYNC_NORMAL] = True
+            # The log is named after the database file as SQLite opened it (symbolic links
+            # followed, a relative path made whole): https://www.sqlite.org/wal.html
+            main = dbapi.execute("PRAGMA database_list").fetchone()
+            self.durability.wal = Path(f"{main[2]}-wal")
             self._connection, self._pid = connection, os.getpid()
         return connection
 
@@ -924,10 +933,7 @@ def _add_writer(engine: Engine, url: URL, writers: threading.Lock) -> None:
     # process's writer (in WAL the statements after it wait for nothing): it waits in slices.
     _configure_sqlite(writer, writers, busy_ms=SQLITE_BUSY_SLICE_MS)
     _WRITER_ENGINES[engine] = writer
-    # SQLite names the log after the database file (https://www.sqlite.org/wal.html), a relative
-    # one after the working folder it was opened from: this one.
-    wal = Path(os.path.abspath(Path(url.database or "").expanduser()) + "-wal")
-    held = _WRITERS[engine] = _Writer(writer, writers, wal)
+    held = _WRITERS[engine] = _Writer(writer, writers)
 
     @event.listens_for(engine, "engine_disposed")
     def _dispose_writer(_engine: Engine) -> None:

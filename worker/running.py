@@ -1205,8 +1205,7 @@ def _sync_commits(rt: Runtime) -> None:
         db.sync_commits(rt.engine)
     except Exception as exc:
         log.warning(
-            "could not sync the database before the report (%s): a power cut now could lose "
-            "its last changes",
+            "could not sync the database before the report (%s): a power cut now could lose its last changes",
             db.database_problem(exc),
             extra={"event": "run.sync_failed"},
         )

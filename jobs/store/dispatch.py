@@ -245,7 +245,9 @@ def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capa
     """Give ``unused`` submits back to the key's shared bucket (:func:`take_submit_tokens`, same
     round): a round granted more than it had jobs for. Kept, they were lost to every other
     process — a run whose jobs are all at fal still dispatches at each completion, and would
-    starve a second run of the rate it does not use."""
+    starve a second run of the rate it does not use. Not synced on its own, as the taking is
+    not (:func:`jobs.db.covered`): lost to a power cut, the tokens were never taken either, or
+    a later synced commit (a POST's :func:`record_send`) made both durable."""
 
     def build() -> Any:
         more = _SUBMIT_RATE.c.tokens + bindparam("unused", type_=Float())
@@ -253,7 +255,8 @@ def return_submit_tokens(session: Session, api_key_id: str, unused: int, *, capa
         return update(_SUBMIT_RATE).where(_SUBMIT_RATE.c.api_key_id == bindparam("key")).values(tokens=capped)
 
     statement = _prepared(("rate-return",), build)
-    _run(session, statement, {"key": api_key_id, "unused": float(unused), "capacity": float(capacity)})
+    with db.covered(session):
+        _run(session, statement, {"key": api_key_id, "unused": float(unused), "capacity": float(capacity)})
 
 
 def _rate_upsert(dialect: str) -> Any:

@@ -27,16 +27,28 @@ from sqlalchemy import Engine, event, select, text
 from falsim import SimulatorOptions, running_simulator
 from jobs import db, store
 from jobs.models import Job, utcnow
+from jobs.output_store import LocalOutputStore
 from jobs.states import JobState
-from tests.step_runtime import add_batch, job_ids, settings_for
+from tests.hostile import HostileProvider
+from tests.hostile_fal import FakeFal
+from tests.step_runtime import add_batch, completion_heard, job_ids, make_runtime, settings_for
 from worker.fal.client import FalClient
 from worker.running import process_batch
+from worker.steps import dispatch, download, submit
+from worker.steps.poll import apply_seen
 
 KEY = "durability-key-3c7d"
 T2V = "fal-ai/wan-22"
 FULL = 2
 #: Store verbs whose commits need no sync of their own.
-COVERED = {"take_submit_tokens", "mark_submitting", "mark_running", "mark_completed", "mark_succeeded"}
+COVERED = {
+    "take_submit_tokens",
+    "return_submit_tokens",
+    "mark_submitting",
+    "mark_running",
+    "mark_completed",
+    "mark_succeeded",
+}
 #: Store verbs whose commits must be on disk before their unit of work returns.
 SYNCED = {"record_send", "mark_submitted"}
 
@@ -57,10 +69,12 @@ class Trace:
     clock: Callable[[], int] = field(default_factory=lambda: itertools.count().__next__)
     lock: threading.Lock = field(default_factory=threading.Lock)
     commits: list[Commit] = field(default_factory=list)
-    #: (began, ended) of every sync of the log wanbatch ran.
-    syncs: list[tuple[int, int]] = field(default_factory=list)
+    #: (began, ended, thread) of every sync of the log wanbatch ran.
+    syncs: list[tuple[int, int, int]] = field(default_factory=list)
     #: job id → when its POST left.
     posts: dict[str, int] = field(default_factory=dict)
+    #: job id → when its video began to be stored under its final name.
+    stored: dict[str, int] = field(default_factory=dict)
     #: (thread, when) each unit of work returned to its caller.
     units_ended: list[tuple[int, int]] = field(default_factory=list)
     pending: dict[int, tuple[list[str], set[str]]] = field(default_factory=dict)
@@ -72,7 +86,7 @@ class Trace:
     def synced(self, commit: Commit, before: int) -> bool:
         """Whether ``commit`` was on disk by the moment ``before``."""
         return commit.level == FULL or any(
-            commit.at < began and ended < before for began, ended in self.syncs
+            commit.at < began and ended < before for began, ended, _thread in self.syncs
         )
 
     def unit_end(self, commit: Commit) -> int:
@@ -92,7 +106,7 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
         began = seen.now()
         if real_sync is not None:
             real_sync(fd)
-        seen.syncs.append((began, seen.now()))
+        seen.syncs.append((began, seen.now(), threading.get_ident()))
 
     monkeypatch.setattr(db, "sync_file", sync, raising=False)
     real_submit = FalClient.submit
@@ -102,6 +116,13 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Trace:
         return real_submit(self, endpoint_id, input, **kwargs)
 
     monkeypatch.setattr(FalClient, "submit", submit)
+    real_publish = LocalOutputStore.publish
+
+    def publish(self: LocalOutputStore, video: Path, **kwargs: Any) -> str:
+        seen.stored[kwargs["sidecar"]["job_id"]] = seen.now()
+        return real_publish(self, video, **kwargs)
+
+    monkeypatch.setattr(LocalOutputStore, "publish", publish)
     real_scope = db.session_scope
 
     def scope(engine: Engine) -> Any:
@@ -115,9 +136,9 @@ def _noting(seen: Trace, verb: str, real: Callable[..., Any]) -> Callable[..., A
     def noted(session: Any, *args: Any, **kwargs: Any) -> Any:
         verbs, jobs = seen.pending.setdefault(threading.get_ident(), ([], set()))
         verbs.append(verb)
-        fence = args[0] if args else None
-        if hasattr(fence, "job_id"):
-            jobs.add(fence.job_id)
+        job_id = getattr(args[0], "job_id", None) if args else None
+        if job_id is not None:
+            jobs.add(job_id)
         return real(session, *args, **kwargs)
 
     return noted
@@ -180,10 +201,16 @@ def test_an_embedded_run_syncs_only_what_an_outside_effect_depends_on(tmp_path: 
     for commit in by_verb["record_send"]:
         (job_id,) = commit.job_ids
         post = trace.posts[prompts[job_id]]
-        assert commit.at < post and trace.synced(commit, post), f"{job_id}: POST before its send was synced"
+        assert commit.at < post
+        assert trace.synced(commit, post), f"{job_id}: POST before its send was synced"
     # The request id fal gave back is on disk before the submit step goes on.
     for commit in by_verb["mark_submitted"]:
         assert trace.synced(commit, trace.unit_end(commit))
+    # A video is stored under its final name once the completion it stands on is on disk.
+    for commit in by_verb["mark_completed"]:
+        for job_id in commit.job_ids:
+            stored = trace.stored[job_id]
+            assert trace.synced(commit, stored), f"{job_id}: stored before its completion was synced"
     # Units that only held covered writes synced nothing of their own: neither SQLite at the commit
     # nor wanbatch before the unit returned (another thread's sync may have covered them meanwhile).
     only_covered = [c for c in commits if c.verbs and set(c.verbs) <= COVERED]
@@ -199,7 +226,9 @@ def test_an_embedded_run_syncs_only_what_an_outside_effect_depends_on(tmp_path: 
 def _synced_by_its_unit(seen: Trace, commit: Commit) -> bool:
     """A sync that began after ``commit`` on its own thread, before its unit returned."""
     end = seen.unit_end(commit)
-    return any(commit.at < began and ended < end for began, ended in seen.syncs)
+    return any(
+        commit.at < began and ended < end and thread == commit.thread for began, ended, thread in seen.syncs
+    )
 
 
 @pytest.fixture
@@ -231,13 +260,17 @@ def _pending_job(engine: Engine, name: str = "one") -> str:
     return job_ids(engine, batch_id)[0]
 
 
-def test_a_write_nobody_classified_syncs_when_its_unit_commits(sqlite_engine: Engine, syncs: list[int]) -> None:
+def test_a_write_nobody_classified_syncs_when_its_unit_commits(
+    sqlite_engine: Engine, syncs: list[int]
+) -> None:
     job_id = _pending_job(sqlite_engine)
     syncs.clear()
     with db.session_scope(sqlite_engine) as session:
         job = store.get_job(session, job_id)
         # A transition of its own (none of the covered verbs): as a new one would be written.
-        assert store.transition(session, job_id, JobState.PENDING, JobState.CANCELLED, expected_version=job.version)
+        assert store.transition(
+            session, job_id, JobState.PENDING, JobState.CANCELLED, expected_version=job.version
+        )
         assert syncs == []  # not before the commit
     assert len(syncs) == 1
 
@@ -266,7 +299,9 @@ def test_a_unit_with_covered_and_unclassified_writes_syncs(sqlite_engine: Engine
         fence = store.Fence.of(store.get_job(session, job_id), "me")
         assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=utcnow())
         job = store.get_job(session, other)
-        assert store.transition(session, other, JobState.PENDING, JobState.CANCELLED, expected_version=job.version)
+        assert store.transition(
+            session, other, JobState.PENDING, JobState.CANCELLED, expected_version=job.version
+        )
     assert len(syncs) == 1
 
 
@@ -281,3 +316,38 @@ def test_only_the_writer_connection_leaves_syncing_to_wanbatch(sqlite_engine: En
             session.commit()
     finally:
         session.close()
+
+
+def test_a_video_is_stored_once_its_completion_is_on_disk(
+    sqlite_engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    syncs: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The completion heard is not synced when it commits; the download syncs it before the video
+    is renamed into place, and the success stored in a local folder waits for the next sync."""
+    FakeFal(hostile)
+    rt = make_runtime(sqlite_engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "out"))
+    rt.download_claims = {}  # as in an embedded run: the completion hands its download its claim
+    job_id = _pending_job(sqlite_engine)
+    assert dispatch(rt) == [job_id]
+    assert submit(rt, job_id) == "submitted"
+    seen = completion_heard(sqlite_engine, rt, job_id)
+    syncs.clear()
+    assert apply_seen(rt, [seen]) == 1
+    assert syncs == []
+    assert job_id in rt.download_claims
+    synced_when_stored: list[int] = []
+    real_publish = LocalOutputStore.publish
+
+    def publish(self: LocalOutputStore, video: Path, **kwargs: Any) -> str:
+        synced_when_stored.append(len(syncs))
+        return real_publish(self, video, **kwargs)
+
+    monkeypatch.setattr(LocalOutputStore, "publish", publish)
+    assert download(rt, job_id) == "succeeded"
+    assert synced_when_stored == [1]
+    assert len(syncs) == 1  # the success: not yet
+    db.sync_commits(sqlite_engine)  # as run does before its report
+    assert len(syncs) == 2
