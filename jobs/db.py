@@ -11,6 +11,8 @@ says. Two dialects are supported and tested:
   claiming safe there: a transaction that read first and wrote later could otherwise fail with
   ``SQLITE_BUSY_SNAPSHOT`` (or, worse, act on a stale read), whereas an immediate transaction
   holds the single write lock from its first statement, so transactions simply take turns.
+  A unit of work's commit is synced (``fdatasync`` of the ``-wal`` file) unless every row it
+  changed was :func:`covered`: see :class:`_Durability`.
 * **PostgreSQL** (distributed workers): the psycopg 3 driver, a pooled connection pinged before
   use when it sat idle in the pool (:func:`_ping_after_idle`) so a database restart costs one
   failed checkout rather than a crashed worker, and row locks with ``SKIP LOCKED`` for claiming
