@@ -151,7 +151,8 @@ def status(batch: str | None, as_json: bool) -> None:
             if unread:  # Redis does not answer: one line, not the leader's limits' read as well
                 warnings.append(unread)
             else:
-                warnings += published_mismatch(settings, database) + peer_warnings(records.peers)
+                warnings += published_mismatch(settings, database)
+                warnings += peer_warnings(records.peers, records.leader)
         reports = batches.status(
             batch,
             settings,

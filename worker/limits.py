@@ -274,6 +274,13 @@ return {hold, now}
 #: lets the limiter write those lets it write this (no endpoint's key: an endpoint id has a /).
 CHECK_KEY_SUFFIX = ":limiter-check"
 
+#: How long the copy of the limits published last (:func:`last_policy_key`) outlives the last
+#: beat of the leader that published it: long past the policy's hour, so that a leader taking
+#: over after the previous one stopped (cleanly: its policy deleted; or died: gone stale) still
+#: learns what the limits in force were, and says what its own change. One small hash per API
+#: key and database.
+LAST_POLICY_KEEP_SECONDS = 7 * 24 * 3600
+
 
 #: The tick leader's limits replace those published before (returned, as ``HGETALL`` gives them,
 #: with Redis' clock in µs): ``KEYS[1]`` the policy (:func:`policy_key`), ``KEYS[2]`` the
@@ -282,7 +289,12 @@ CHECK_KEY_SUFFIX = ":limiter-check"
 #: :data:`POLICY_FRESH_SECONDS` tells a live leader's from a dead one's. The leader record gets the
 #: policy's ``key``, ``by`` and ``at``, with the same TTL: which API key the database's leader uses,
 #: for a worker with another ``FAL_KEY`` (whose policy is another key's) to learn that it differs.
-PUBLISH_LUA = """
+#: ``KEYS[3]`` (:func:`last_policy_key`), when given, is replaced by the policy's ``key``, ``by``,
+#: ``at`` and ``limits``, kept :data:`LAST_POLICY_KEEP_SECONDS`, and what it held is returned
+#: third: the limits published last before these, by whichever leader, even one that has stopped
+#: since (a clean stop deletes the policy, never this copy), for the new leader to say what changed.
+PUBLISH_LUA = (
+    """
 local t = redis.call('TIME')
 local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
 local before = redis.call('HGETALL', KEYS[1])
@@ -294,8 +306,19 @@ redis.call('DEL', KEYS[2])
 local key, by = redis.call('HGET', KEYS[1], 'key'), redis.call('HGET', KEYS[1], 'by')
 redis.call('HSET', KEYS[2], 'key', key, 'by', by, 'at', now)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
-return {before, now}
+local last = {}
+if #KEYS > 2 then
+  last = redis.call('HGETALL', KEYS[3])
+  redis.call('DEL', KEYS[3])
+  local limits = redis.call('HGET', KEYS[1], 'limits')
+  redis.call('HSET', KEYS[3], 'key', key, 'by', by, 'at', now, 'limits', limits)
+  redis.call('EXPIRE', KEYS[3], """
+    + str(LAST_POLICY_KEEP_SECONDS)
+    + """)
+end
+return {before, now, last}
 """
+)
 
 #: The policy ``KEYS[1]`` as ``HGETALL`` gives it, Redis' clock (µs), and the leader record
 #: ``KEYS[2]`` (:func:`leader_key`) as ``HGETALL`` gives it (empty when none, or not asked).
@@ -443,6 +466,14 @@ def policy_key(key_id: str, database: str | None) -> str:
     return f"{KEY_PREFIX}{key_id}:{database or 'no-database'}:policy"
 
 
+def last_policy_key(key_id: str, database: str | None) -> str:
+    """The copy of the limits published last for ``key_id`` and ``database`` (:data:`PUBLISH_LUA`):
+    the policy (:func:`policy_key`) goes when its leader stops cleanly, this copy stays
+    (:data:`LAST_POLICY_KEEP_SECONDS`), so the next leader compares its limits with the ones that
+    were in force, not with none (:func:`publish_limits`)."""
+    return f"{policy_key(key_id, database)}:last"
+
+
 def leader_key(database: str | None) -> str:
     """The Redis hash naming the API key (its id, :func:`api_key_id`) the tick leader of
     ``database`` (its fingerprint; None: not known) uses, who it is and when it last published
@@ -567,24 +598,29 @@ class Limits:
         except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
             return None
 
+    def _differing(self, other: Limits) -> list[tuple[str, object, object]]:
+        """Each limit (the API key apart) whose value differs: its variable, this one's, ``other``'s."""
+        pairs: list[tuple[str, object, object]] = [
+            ("WANBATCH_SUBMIT_RATE", self.submit_rate, other.submit_rate),
+            ("WANBATCH_SUBMIT_JITTER_ALLOWANCE", self.jitter, other.jitter),
+            ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", self.rate_per_endpoint, other.rate_per_endpoint),
+            ("WANBATCH_MAX_OUTSTANDING", self.max_outstanding, other.max_outstanding),
+            (
+                "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT",
+                self.outstanding_per_endpoint,
+                other.outstanding_per_endpoint,
+            ),
+        ]
+        return [(name, mine, theirs) for name, mine, theirs in pairs if mine != theirs]
+
     def differences(self, other: Limits) -> list[str]:
         """``NAME here, other there`` for each limit that differs (the API key apart)."""
-        out: list[str] = []
+        differing = self._differing(other)
+        return [f"{name} {_shown(mine)} here, {_shown(theirs)} there" for name, mine, theirs in differing]
 
-        def differ(name: str, mine: object, theirs: object) -> None:
-            if mine != theirs:
-                out.append(f"{name} {_shown(mine)} here, {_shown(theirs)} there")
-
-        differ("WANBATCH_SUBMIT_RATE", self.submit_rate, other.submit_rate)
-        differ("WANBATCH_SUBMIT_JITTER_ALLOWANCE", self.jitter, other.jitter)
-        differ("WANBATCH_SUBMIT_RATE_PER_ENDPOINT", self.rate_per_endpoint, other.rate_per_endpoint)
-        differ("WANBATCH_MAX_OUTSTANDING", self.max_outstanding, other.max_outstanding)
-        differ(
-            "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT",
-            self.outstanding_per_endpoint,
-            other.outstanding_per_endpoint,
-        )
-        return out
+    def changes(self, before: Limits) -> list[str]:
+        """``NAME before -> now`` for each limit these change from ``before`` (the API key apart)."""
+        return [f"{name} {_shown(old)} -> {_shown(new)}" for name, new, old in self._differing(before)]
 
 
 #: The fields of :class:`Limits` that say where a process works rather than how fast.
@@ -1170,6 +1206,11 @@ class RedisGCRA:
         return self._database if isinstance(self._database, str) else None
 
     @property
+    def last_published(self) -> str:
+        """The Redis key of the copy of the limits published last (:func:`last_policy_key`)."""
+        return self.policy + ":last"
+
+    @property
     def leader_record(self) -> str:
         """The Redis key of the database's leader record (:func:`leader_key`), whatever the API key."""
         _ = self.policy  # resolves the database once, for both keys
@@ -1335,22 +1376,28 @@ class RedisGCRA:
         the intervals every grant honours from now on (:data:`GCRA_LUA`). Returns the limits
         published before if a live leader published them (None: none, or a stale policy, older
         than :data:`POLICY_FRESH_SECONDS`). Raises :class:`LimiterUnavailableError` like :meth:`acquire`."""
+        return self.publish_over(by)[0]
+
+    def publish_over(self, by: str) -> tuple[Limits | None, Limits | None]:
+        """:meth:`publish`, and the limits published last before these (:func:`last_policy_key`),
+        by whichever leader, live or not, this one too (None: none kept)."""
         with self._leading_lock:
             self._leading_as = by
             return self._publish_as(by)
 
-    def _publish_as(self, by: str) -> Limits | None:
-        """:meth:`publish`, for a process that leads already (``by``: as what)."""
+    def _publish_as(self, by: str) -> tuple[Limits | None, Limits | None]:
+        """:meth:`publish_over`, for a process that leads already (``by``: as what)."""
         flat = [part for pair in Limits.of(self.settings, by).fields().items() for part in pair]
         try:
-            before, now_us = self._publish(
-                keys=[self.policy, self.leader_record], args=[POLICY_TTL_SECONDS, *flat]
+            before, now_us, last = self._publish(
+                keys=[self.policy, self.leader_record, self.last_published], args=[POLICY_TTL_SECONDS, *flat]
             )
         except client_error() as exc:
             raise self._unreachable(exc) from exc
         self.outage.answered()
         found = Limits.parse(dict(zip(before[::2], before[1::2], strict=True)))
-        return found if found is not None and found.fresh(int(now_us) / 1_000_000) else None
+        fresh = found if found is not None and found.fresh(int(now_us) / 1_000_000) else None
+        return fresh, Limits.parse(dict(zip(last[::2], last[1::2], strict=True))) or found
 
     def unpublish(self) -> None:
         """A leader's clean stop: its policy goes with it (if still its own), so no later
@@ -1438,22 +1485,41 @@ def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
     unreachable Redis is said by the limiter (and retried at once when it answers again)."""
     if not isinstance(limiter, RedisGCRA):
         return
+    seen = limiter.seen  # before this publish: the previous leader's, when this process watched it
     try:
-        before = limiter.publish(by)
+        before, last = limiter.publish_over(by)
     except LimiterUnavailableError:
         return
-    if before is None or before.by == by:
+    # The limits in force until now: the copy of the last published (stays when its leader stops
+    # cleanly), else the policy replaced (one published by a version without the copy), else the
+    # policy this process saw last (the limiter's Redis flushed meanwhile).
+    previous = last or before or seen
+    if previous is None or previous.by == by:
         return
-    mine = Limits.of(limiter.settings, by)
-    changed = mine.differences(before) if before.key_id == mine.key_id else ["the API key"]
-    if changed:
-        log.warning(
-            "this worker now leads, and its limits replace those of the previous leader (%s) for "
-            "every worker: %s; give every worker the same settings",
-            before.by.rstrip(":") or "unknown",
-            "; ".join(changed),
-            extra={"event": "limits.changed"},
-        )
+    line = limits_changed(Limits.of(limiter.settings, by), previous, live=before is not None)
+    if line is not None:
+        log.warning(line, extra={"event": "limits.changed"})
+
+
+def limits_changed(mine: Limits, previous: Limits, *, live: bool) -> str | None:
+    """What a new tick leader (``mine``, by its ``by``) says when its limits, which now apply to
+    every worker, are not those published last (``previous``, by another leader; ``live``: that
+    leader still published lately). None when they are the same.
+
+    Said whether the previous leader is live or not: a leader that stopped cleanly took its policy
+    with it and one that died left it to go stale, yet the workers kept to its limits until now,
+    and the new leader's replace them for every worker (a cap raised from 8 to 20 on a failover
+    was said by nothing). Said once: the next beat finds this leader's own limits published last."""
+    changes = mine.changes(previous)
+    if not changes:
+        return None
+    who = previous.by.rstrip(":") or "unknown"
+    state = "live" if live else "no longer live"
+    return (
+        f"global limits changed with the new tick leader {mine.by.rstrip(':') or 'unknown'}: "
+        f"{'; '.join(changes)} (the previous values were published by {who}, {state}); the new "
+        "leader's apply to every worker: give every worker the same settings"
+    )
 
 
 def resign_limits(limiter: SubmitLimiter | None) -> None:

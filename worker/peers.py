@@ -41,6 +41,7 @@ from jobs.settings import Settings
 from worker.limits import (
     KEY_PREFIX,
     POLICY_FRESH_SECONDS,
+    Leader,
     LimiterUnavailableError,
     RedisGCRA,
     SubmitLimiter,
@@ -52,6 +53,7 @@ from worker.limits import (
     client_error,
     describe,
     fal_location,
+    leader_key,
     output_location,
     output_real,
     say_mismatch,
@@ -75,7 +77,9 @@ PEER_GONE_SECONDS = 3 * 10.0 + 15.0
 
 #: Write this process's record ``ARGV[1]`` = ``ARGV[2]`` (JSON) into the hash ``KEYS[1]``,
 #: stamped with Redis' clock (µs), prune records older than ``ARGV[3]`` seconds, and return the
-#: hash (``HGETALL``) and the clock.
+#: hash (``HGETALL``), the clock, and the database's tick leader record ``KEYS[2]``
+#: (:func:`worker.limits.leader_key`, ``HGETALL``; empty when none or not asked): which worker's
+#: global limits apply to all (:func:`peer_warnings`), in the same round trip.
 ANNOUNCE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -92,14 +96,41 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {keep, stamp}
+local leader = {}
+if #KEYS > 1 then leader = redis.call('HGETALL', KEYS[2]) end
+return {keep, stamp, leader}
 """
 
-#: The hash ``KEYS[1]`` and Redis' clock (µs).
+#: The hash ``KEYS[1]``, Redis' clock (µs), and the leader record ``KEYS[2]`` as :data:`ANNOUNCE_LUA`.
 READ_PEERS_LUA = """
 local t = redis.call('TIME')
-return {redis.call('HGETALL', KEYS[1]), string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))}
+local leader = {}
+if #KEYS > 1 then leader = redis.call('HGETALL', KEYS[2]) end
+local now = string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+return {redis.call('HGETALL', KEYS[1]), now, leader}
 """
+
+#: The compared settings that only the tick leader applies, for every worker: dispatch runs on it
+#: alone (:func:`worker.steps.dispatch.dispatch_in`, from the leader's ticks), and reads there the
+#: outstanding caps, the download backlog's bound (``_room_for_downloads``), the queue-wait
+#: back-off, the daily budget and the prices a job not sent yet is priced again with
+#: (``_priced_now``); and every submit's token, on any worker, is spaced by the leader's published
+#: rates (:data:`worker.limits.GCRA_LUA`), or the worker's own when stricter (:data:`SPACING`).
+#: A worker's own value of these decides nothing while another leads, and everything once it leads.
+LEADER_APPLIED = (
+    "WANBATCH_SUBMIT_RATE",
+    "WANBATCH_SUBMIT_RATE_PER_ENDPOINT",
+    "WANBATCH_SUBMIT_JITTER_ALLOWANCE",
+    "WANBATCH_MAX_OUTSTANDING",
+    "WANBATCH_MAX_OUTSTANDING_PER_ENDPOINT",
+    "WANBATCH_MAX_DOWNLOAD_BACKLOG",
+    "WANBATCH_QUEUE_WAIT_BACKOFF",
+    "WANBATCH_DAILY_BUDGET_USD",
+    "WANBATCH_PRICING_OVERRIDES",
+)
+#: Of :data:`LEADER_APPLIED`, those a worker's own stricter value also applies to the submits it
+#: makes (the stricter of its interval and the leader's, :data:`worker.limits.GCRA_LUA`).
+SPACING = ("WANBATCH_SUBMIT_RATE", "WANBATCH_SUBMIT_RATE_PER_ENDPOINT", "WANBATCH_SUBMIT_JITTER_ALLOWANCE")
 
 
 def peers_key(database: str | None) -> str:
@@ -239,54 +270,113 @@ def _names(group: list[Peer]) -> str:
     return ", ".join(p.name for p in group)
 
 
-def disagreements(peers: list[Peer]) -> list[str]:
-    """One line per setting on which the live workers ``peers`` disagree, naming the odd worker
-    and its value against the others' (``worker pid 123@host: WANBATCH_MEDIA_MISMATCH=fail, the
-    others flag``), or, with no majority, each value and its workers. Nothing when they agree."""
-    if len(peers) < 2:
-        return []
+def _setting_names(peers: list[Peer]) -> list[str]:
+    """Every setting any of ``peers`` published, in the order first met."""
     names: list[str] = []
     for peer in peers:
         names += [name for name in peer.settings if name not in names]
+    return names
+
+
+def _groups(name: str, peers: list[Peer]) -> list[list[Peer]]:
+    """``peers`` grouped by their value of ``name`` (:func:`_same`), the largest group first."""
+    groups: list[list[Peer]] = []
+    for peer in peers:
+        for group in groups:
+            if _same(name, group[0], peer):
+                group.append(peer)
+                break
+        else:
+            groups.append([peer])
+    groups.sort(key=len, reverse=True)
+    return groups
+
+
+def _value(group: list[Peer], name: str) -> str:
+    return group[0].settings.get(name, "(not published)")
+
+
+def disagreements(peers: list[Peer]) -> list[str]:
+    """One line per setting each worker applies itself to the steps it runs on which the live
+    workers ``peers`` disagree, naming the odd worker and its value against the others' (``worker
+    pid 123@host: WANBATCH_MEDIA_MISMATCH=fail, the others flag``), or, with no majority, each
+    value and its workers. Nothing when they agree. The tick leader's global limits are not
+    among them (:data:`LEADER_APPLIED`): one value applies to all, :func:`global_disagreements`."""
+    if len(peers) < 2:
+        return []
     lines = []
-    for name in names:
-        groups: list[list[Peer]] = []
-        for peer in peers:
-            for group in groups:
-                if _same(name, group[0], peer):
-                    group.append(peer)
-                    break
-            else:
-                groups.append([peer])
+    for name in _setting_names(peers):
+        if name in LEADER_APPLIED:
+            continue
+        groups = _groups(name, peers)
         if len(groups) < 2:
             continue
-        groups.sort(key=len, reverse=True)
-
-        def value(group: list[Peer], name: str = name) -> str:
-            return group[0].settings.get(name, "(not published)")
-
         if len(groups[0]) > len(groups[1]):
-            others = value(groups[0])
-            odd = "; ".join(f"{_names(g)}: {name}={value(g)}" for g in groups[1:])
-            lines.append(f"{odd}, the others {others}")
+            odd = "; ".join(f"{_names(g)}: {name}={_value(g, name)}" for g in groups[1:])
+            lines.append(f"{odd}, the others {_value(groups[0], name)}")
         else:
             lines.append(
-                f"the workers disagree on {name}: " + "; ".join(f"{value(g)} on {_names(g)}" for g in groups)
+                f"the workers disagree on {name}: "
+                + "; ".join(f"{_value(g, name)} on {_names(g)}" for g in groups)
             )
     return lines
 
 
-def peer_warnings(peers: list[Peer]) -> list[str]:
-    """:func:`disagreements` as one warning line (empty when the workers agree)."""
-    found = disagreements(peers)
-    if not found:
+def global_disagreements(peers: list[Peer], leader: str | None) -> list[str]:
+    """One part per global limit (:data:`LEADER_APPLIED`) on which the live workers ``peers``
+    disagree, naming the value in force: the tick leader's (``leader``: its ``host:pid:``, from its
+    live record; None: no live leader is known), which applies to every worker, and the workers
+    that have another (``WANBATCH_MAX_OUTSTANDING: the tick leader's (vm:11452) value 8 applies to
+    all workers; worker pid 11460@vm has 20``). Nothing when they agree.
+
+    Not "each worker applies its own", as for the other settings: that was false for these, and
+    named no value in force, though it is the leader's, and changes when another worker leads."""
+    if len(peers) < 2:
         return []
-    return [
-        f"the workers run with different settings: {'; '.join(found)}. Each worker applies its own "
-        "to the steps it runs (a video one fails another flags, a job one retries another fails, "
-        "outputs stored in two places), so a batch's outcome depends on which worker ran each job; "
-        "give every worker the same settings and restart the odd one"
-    ]
+    chief = next((p for p in peers if p.owner == leader), None)
+    who = f" ({leader.rstrip(':')})" if leader else ""
+    parts = []
+    for name in _setting_names(peers):
+        groups = _groups(name, peers) if name in LEADER_APPLIED else []
+        if len(groups) < 2:
+            continue
+        if chief is not None:
+            head = f"the tick leader's{who} value {_value([chief], name)} applies to all workers"
+            others = [g for g in groups if not _same(name, g[0], chief)]
+        elif leader is not None:
+            head = f"the tick leader's{who} value applies to all workers (it published no record of its own)"
+            others = groups
+        else:
+            head = "the tick leader's value applies to all workers (no live tick leader is known)"
+            others = groups
+        rest = "; ".join(f"{_names(g)} {'has' if len(g) == 1 else 'have'} {_value(g, name)}" for g in others)
+        parts.append(f"{name}: {head}; {rest}")
+    return parts
+
+
+def peer_warnings(peers: list[Peer], leader: str | None = None) -> list[str]:
+    """:func:`disagreements` as one warning line, and :func:`global_disagreements` (``leader``: the
+    live tick leader's ``host:pid:``; None: none known) as another (empty when the workers agree)."""
+    lines = []
+    found = disagreements(peers)
+    if found:
+        lines.append(
+            f"the workers run with different settings: {'; '.join(found)}. Each worker applies its own "
+            "to the steps it runs (a video one fails another flags, a job one retries another fails, "
+            "outputs stored in two places), so a batch's outcome depends on which worker ran each job; "
+            "give every worker the same settings and restart the odd one"
+        )
+    limits = global_disagreements(peers, leader)
+    if limits:
+        lines.append(
+            f"the workers run with different global limits: {'. '.join(limits)}. The tick leader "
+            "applies these for every worker (dispatch runs on it alone: the outstanding caps, the "
+            "download backlog, the queue-wait back-off, the daily budget and the prices; every "
+            "submit, on any worker, is spaced by the leader's rates, or by the worker's own where "
+            "stricter), so the values in force change when another worker takes the lead; give "
+            "every worker the same settings"
+        )
+    return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,9 +395,19 @@ class WorkerRecords:
     seen: dict[str, float] = field(default_factory=dict)
     #: Whether the records were read (False: no Redis limiter, or it did not answer).
     read: bool = False
+    #: The live tick leader (``host:pid:``, its record: :func:`worker.limits.leader_key`), whose
+    #: global limits apply to every worker; None: none published lately.
+    leader: str | None = None
 
 
-def _records(raw: list[bytes], now_us: bytes | int) -> WorkerRecords:
+def _live_leader(raw_leader: list[bytes], now_us: bytes | int) -> str | None:
+    """The tick leader (``host:pid:``) of a leader record as ``HGETALL`` gives it, if it published
+    within :data:`worker.limits.POLICY_FRESH_SECONDS` (None: none, or a stopped or dead one's)."""
+    found = Leader.parse(raw_leader)
+    return found.by if found is not None and found.by and found.fresh(int(now_us) / 1_000_000) else None
+
+
+def _records(raw: list[bytes], now_us: bytes | int, raw_leader: list[bytes] | None = None) -> WorkerRecords:
     now = int(now_us) / 1_000_000
     silent: dict[str, float] = {}
     seen: dict[str, float] = {}
@@ -321,7 +421,8 @@ def _records(raw: list[bytes], now_us: bytes | int) -> WorkerRecords:
         node = peer.node_name
         if node is not None:
             seen[node] = min(age, seen.get(node, age))
-    return WorkerRecords(_live(raw, now_us), silent, seen=seen, read=True)
+    leader = _live_leader(raw_leader or [], now_us)
+    return WorkerRecords(_live(raw, now_us), silent, seen=seen, read=True, leader=leader)
 
 
 def read_records(settings: Settings, database: str | None) -> WorkerRecords:
@@ -334,8 +435,10 @@ def read_records(settings: Settings, database: str | None) -> WorkerRecords:
     setting, url = found
     client = _client(url)
     try:
-        raw, now_us = client.register_script(READ_PEERS_LUA)(keys=[peers_key(database)])
-        return _records(raw, now_us)
+        raw, now_us, raw_leader = client.register_script(READ_PEERS_LUA)(
+            keys=[peers_key(database), leader_key(database)]
+        )
+        return _records(raw, now_us, raw_leader)
     except Exception as exc:  # unreachable, refused: one line, never a traceback
         return WorkerRecords(error=f"{describe(setting, url)}: {_reason(exc, url)}")
     finally:
@@ -378,7 +481,8 @@ def last_seen(records: WorkerRecords, nodes: list[str]) -> dict[str, float | Non
 
 def workers_mismatch(settings: Settings, database: str | None) -> list[str]:
     """What ``doctor`` and ``status`` say about the workers of ``database`` disagreeing."""
-    return peer_warnings(read_peers(settings, database))
+    records = read_records(settings, database)
+    return peer_warnings(records.peers, records.leader)
 
 
 def other_key_refusal(settings: Settings, database: str | None, me: str) -> str | None:
@@ -444,6 +548,8 @@ class Announcer:
         self.node = node if node is not None else _this_node
         self._record = Peer.of(owner, limiter.settings, node=self.node).record()
         self._key: str | None = None
+        #: The live tick leader (``host:pid:``) as the last :meth:`announce` found it; None: none.
+        self.leader: str | None = None
         #: Held while writing or deleting the record.
         self._lock = threading.Lock()
         #: Set by the first :meth:`withdraw`: the record is never written again.
@@ -466,7 +572,11 @@ class Announcer:
         with self._lock:
             if self._withdrawn:
                 return []
-            raw, now_us = self._announce(keys=[self.key], args=[self.owner, self._record, PEERS_KEEP_SECONDS])
+            raw, now_us, raw_leader = self._announce(
+                keys=[self.key, self.limiter.leader_record],
+                args=[self.owner, self._record, PEERS_KEEP_SECONDS],
+            )
+        self.leader = _live_leader(raw_leader, now_us)
         return _live(raw, now_us)
 
     def withdraw(self) -> None:
@@ -514,7 +624,7 @@ def announce_settings(announcer: Announcer | None) -> None:
         peers = announcer.announce()
     except (client_error(), LimiterUnavailableError):
         return
-    say_mismatch(peer_warnings(peers))
+    say_mismatch(peer_warnings(peers, announcer.leader))
 
 
 def withdraw_settings(announcer: Announcer | None) -> None:

@@ -44,6 +44,7 @@ from worker.limits import (
     limiter_for,
     mismatch,
     policy_key,
+    publish_limits,
     published_mismatch,
     rate_keys,
     read_leadership,
@@ -738,11 +739,19 @@ def test_a_stopped_or_dead_leaders_limits_are_not_said(
             client.hset(leader.policy, "at", str(round((_redis_now(client) - 60) * 1_000_000)))
             worker.watch_policy()
             assert _mismatches(caplog) == []
-            # ... nor replaced with a warning by the next leader.
+            # ... but the next leader still says that its limits replace the dead leader's, which
+            # the workers kept to until then (the limits in force change: never in silence).
             successor = RedisGCRA.from_url(_settings(7), redis_url, prefix=redis_namespace, database="db-a")
-            assert successor.publish("next-leader:4:") is None
+            publish_limits(successor, "next-leader:4:")
+            assert successor.publish("next-leader:4:") is not None  # its next beat: said once
+            publish_limits(successor, "next-leader:4:")
             successor.close()
-            assert [r for r in caplog.records if getattr(r, "event", "") == "limits.changed"] == []
+            changes = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "limits.changed"]
+            (changed,) = changes
+            assert changed.startswith("global limits changed with the new tick leader next-leader:4: ")
+            assert "WANBATCH_SUBMIT_RATE 2 -> 7" in changed
+            assert "published by dead-leader:3, no longer live" in changed
+            assert _mismatches(caplog) == []
         # The grants still honour the policy seen last while none is there (fail safe), stale or not.
         client.delete(leader.policy)
         assert worker.seen is not None
