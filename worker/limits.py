@@ -1480,9 +1480,10 @@ def limiter_for(settings: Settings, database: str | Callable[[], str | None] | N
 
 def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
     """The tick leader's beat: publish its limits for every worker (:meth:`RedisGCRA.publish`),
-    and say so when they replace different ones another live leader published (a stale policy,
-    a stopped or dead leader's, is replaced in silence). Nothing for the in-process limiter; an
-    unreachable Redis is said by the limiter (and retried at once when it answers again)."""
+    and say so (:func:`limits_changed`) when they differ from the ones another leader published
+    last, live or not: a stopped or dead leader's limits were in force until now all the same.
+    Nothing for the in-process limiter; an unreachable Redis is said by the limiter (and retried
+    at once when it answers again)."""
     if not isinstance(limiter, RedisGCRA):
         return
     seen = limiter.seen  # before this publish: the previous leader's, when this process watched it

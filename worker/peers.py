@@ -7,7 +7,9 @@ the others was said in its own log alone, while ``doctor`` (run on a host that a
 leader) said all was well and ``status`` nothing. Yet most settings that decide a job's outcome
 are applied by whichever worker runs the step: ``WANBATCH_MEDIA_MISMATCH`` (the download step
 fails or flags a video that does not match), ``WANBATCH_MAX_ATTEMPTS``, the retry and
-submit-unknown policies, where the video is stored, which fal a request goes to.
+submit-unknown policies, where the video is stored, which fal a request goes to. The global limits
+(:data:`LEADER_APPLIED`) are compared too, but said otherwise: the tick leader applies its own for
+every worker, so a difference there names the value in force, the leader's (:func:`global_disagreements`).
 
 So every ``wanbatch worker`` (leader or not) writes its own record, at each heartbeat, into one
 Redis hash per database (:func:`peers_key`; a field per process, ``host:pid:``): Redis' clock
