@@ -356,9 +356,11 @@ def global_disagreements(peers: list[Peer], leader: str | None) -> list[str]:
     return parts
 
 
-def peer_warnings(peers: list[Peer], leader: str | None = None) -> list[str]:
+def peer_warnings(peers: list[Peer], leader: str | None = None, *, leaderless: bool = True) -> list[str]:
     """:func:`disagreements` as one warning line, and :func:`global_disagreements` (``leader``: the
-    live tick leader's ``host:pid:``; None: none known) as another (empty when the workers agree)."""
+    live tick leader's ``host:pid:``; None: none known) as another (empty when the workers agree).
+    ``leaderless`` False: no line for the global limits while no live leader is known (a worker's
+    log, between a leader's clean stop and the next one's first publish: said once one is)."""
     lines = []
     found = disagreements(peers)
     if found:
@@ -368,7 +370,7 @@ def peer_warnings(peers: list[Peer], leader: str | None = None) -> list[str]:
             "outputs stored in two places), so a batch's outcome depends on which worker ran each job; "
             "give every worker the same settings and restart the odd one"
         )
-    limits = global_disagreements(peers, leader)
+    limits = global_disagreements(peers, leader) if leader is not None or leaderless else []
     if limits:
         lines.append(
             f"the workers run with different global limits: {'. '.join(limits)}. The tick leader "
@@ -626,7 +628,7 @@ def announce_settings(announcer: Announcer | None) -> None:
         peers = announcer.announce()
     except (client_error(), LimiterUnavailableError):
         return
-    say_mismatch(peer_warnings(peers, announcer.leader))
+    say_mismatch(peer_warnings(peers, announcer.leader, leaderless=False))
 
 
 def withdraw_settings(announcer: Announcer | None) -> None:

@@ -96,6 +96,7 @@ def test_a_global_limit_is_named_with_the_tick_leaders_value_in_force() -> None:
     assert global_disagreements([w1, w3], "old:1:")[0].startswith(
         "WANBATCH_MAX_OUTSTANDING: the tick leader's (old:1) value applies to all workers (it published"
     )
+    assert peer_warnings([w1, w3], None, leaderless=False) == []  # a worker's log, between two leaders
     (line,) = peer_warnings([w1, w2, w3], "vm:11452:")
     assert "Each worker applies its own" not in line
     assert line.startswith("the workers run with different global limits: WANBATCH_MAX_OUTSTANDING: ")
@@ -387,6 +388,8 @@ def test_the_global_limits_in_force_are_the_leaders_and_a_new_leaders_change_is_
                 "WANBATCH_MAX_OUTSTANDING: the tick leader's (host-c:103) value 20 applies to all workers; "
                 "worker pid 102@host-b has 8"
             ) in doctor.detail
+            said = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "limits.mismatch"]
+            assert not [line for line in said if "no live tick leader is known" in line]  # nor between two
     finally:
         get_settings.cache_clear()
         for owner in stops:
