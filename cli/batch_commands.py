@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import click
 
 from cli import startup
-from cli.options import BATCH, allow_dir_option, json_option, progress_option, simulate_option
+from cli.options import (
+    BATCH,
+    allow_dir_option,
+    json_option,
+    progress_option,
+    simulate_option,
+    take_over_option,
+)
 from cli.output import (
     EXIT_OK,
     EXIT_SOME_FAILED,
@@ -1500,8 +1507,14 @@ def _broker_warnings(settings: Settings) -> None:
 @simulate_option
 @progress_option
 @allow_dir_option
+@take_over_option
 def run(
-    manifest: Path, as_json: bool, simulate: bool, no_progress: bool, allow_dirs: tuple[Path, ...]
+    manifest: Path,
+    as_json: bool,
+    simulate: bool,
+    no_progress: bool,
+    allow_dirs: tuple[Path, ...],
+    take_over: bool,
 ) -> None:
     """Submit MANIFEST, then process it until every job is terminal, showing progress.
 
@@ -1546,6 +1559,7 @@ def run(
                     simulated=simulate,
                     refuse_paused_batch=True,
                     refuse=_refuse_simulated_elsewhere,
+                    take_over=take_over,
                 )
                 if note := result.database_note:  # the default database, made here: said once
                     err.print(escape(note))
@@ -1794,6 +1808,8 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
         done = batches.cancel_batch(batch, settings, by="cli", simulate=simulate)
         batch_id = done.batch_id
         names[batch_id] = done.name
+        if done.manifest_elsewhere_note:  # another machine's project: said first, whose and where
+            err.print(f"[yellow]{escape(done.manifest_elsewhere_note)}[/yellow]")
 
         def reported() -> int:
             report = batches.status(batch_id, settings, policy=settings.submit_unknown_policy)[0]
@@ -2021,6 +2037,8 @@ def _pause_or_resume(batch: str, paused: bool, as_json: bool) -> None:
 
         database_home.refuse_missing(get_settings(), [batch])  # no empty database made to say so
         result = batches.set_paused(batch, paused, get_settings())
+        if result.manifest_elsewhere_note:  # another machine's project: whose, and where
+            err.print(f"[yellow]{escape(result.manifest_elsewhere_note)}[/yellow]")
         if as_json:
             emit_json(result.as_dict())
         else:

@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.options import manifest_command
+from cli.options import manifest_command, take_over_option
 from cli.output import (
     EXIT_OK,
     emit_json,
@@ -132,7 +132,8 @@ def estimate(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> Non
 
 
 @manifest_command
-def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
+@take_over_option
+def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...], take_over: bool) -> None:
     """Validate MANIFEST, store its jobs and queue them; prints the batch id.
 
     The id alone on stdout (`B=$(wanbatch submit m.yaml)`), what was stored on stderr.
@@ -146,7 +147,7 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...]) -> None:
 
         settings = get_settings()
         with working(f"validating {escape(str(manifest))}, then storing its jobs …"):
-            result = batches.submit_manifest(manifest, settings, allow_dirs)
+            result = batches.submit_manifest(manifest, settings, allow_dirs, take_over=take_over)
         if note := result.database_note:  # the default database, made here: said once
             err.print(escape(note))
         print_warnings(result)  # on stderr, with --json too: a script sees them in its log

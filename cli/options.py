@@ -40,6 +40,14 @@ simulate_option = click.option(
     is_flag=True,
     help="Start the bundled fal simulator and send every request to it (no FAL_KEY needed, nothing billed).",
 )
+take_over_option = click.option(
+    "--take-over",
+    is_flag=True,
+    help=(
+        "The manifest is the stored batch's project moved here (another folder or machine): take "
+        "the batch even though its old manifest may still be there or leaves out jobs of it."
+    ),
+)
 progress_option = click.option(
     "--no-progress",
     is_flag=True,

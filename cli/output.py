@@ -1238,6 +1238,8 @@ def print_report(
     )
 
     out.print(batch_heading(report))
+    if elsewhere := report.get("manifest_elsewhere_note"):  # another machine's project: whose, where
+        say(escape(elsewhere), "yellow")
     if report["state"] == "paused":  # fal refused the account, or the outputs could not be written
         say(escape(_paused_text(report)), "yellow")
     # a cap holds its unsent jobs back, or the workers cannot reach the broker

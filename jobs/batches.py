@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypedDict, cast
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from jobs import clock, database_home, db, listing, store
+from jobs import clock, database_home, db, listing, machine, store
 from jobs.cap_holds import CapCheck, _cap_holds, cap_holds, cap_note, normal_batches_ahead, queue_waits
 from jobs.db import open_engine
 from jobs.digits import NUMBER
@@ -187,10 +187,15 @@ class SubmitResult:
     #: for: they differ from it only by an endpoint default written out or left out.
     defaults_matched: int = 0
     #: ``{"from": old, "to": new}`` (absolute paths) when the batch's manifest was submitted
-    #: from somewhere else than last time (its folder moved): its files are read from there now.
+    #: from somewhere else than last time (its folder moved, or another machine's, the same path
+    #: or not: ``manifest_host_moved``): its files are read from there now.
     manifest_moved: dict[str, str] | None = None
     #: The manifest as the command was given it (how :meth:`moved_note` names the new place).
     manifest_given: str | None = None
+    #: ``{"from": old, "to": new}`` (machines' host names, :mod:`jobs.machine`) when the batch's
+    #: manifest was on another machine and this one took it (a copy asking for all its jobs, or
+    #: ``--take-over``): the batch is this machine's project now.
+    manifest_host_moved: dict[str, str] | None = None
     #: The batch's reruns (every generation, by name) that took its new place with it: their
     #: jobs name their files where the batch's jobs do now (:func:`jobs.store.reruns_follow`).
     reruns_followed: list[str] = field(default_factory=list)
@@ -231,6 +236,7 @@ class SubmitResult:
             "restored": self.restored,
             "defaults_matched": self.defaults_matched,
             "manifest_moved": self.manifest_moved,
+            "manifest_host_moved": self.manifest_host_moved,
             "reruns_followed": list(self.reruns_followed),
             "outputs_followed": self.outputs_followed,
             "warnings": list(self.warnings),
@@ -251,10 +257,13 @@ class SubmitResult:
             now = self.manifest_given or ""
             followed = f"reruns of batch {self.name} moved to its place ({shown_path(now)}): {reruns}"
             return followed + self._outputs_note()
-        now = self.manifest_given or self.manifest_moved["to"]
+        now = shown_path(self.manifest_given or self.manifest_moved["to"])
+        was = shown_path(self.manifest_moved["from"])
+        if (hosts := self.manifest_host_moved) is not None:  # from another machine to this one
+            now = f"{now} on this machine ({printable(hosts['to'])})"
+            was = f"{printable(hosts['from'])}:{was}"
         return (
-            f"batch {self.name} moved: its manifest is now {shown_path(now)} "
-            f"(was {shown_path(self.manifest_moved['from'])})"
+            f"batch {self.name} moved: its manifest is now {now} (was {was})"
             + (f"; its reruns moved with it: {reruns}" if reruns else "")
             + self._outputs_note()
         )
@@ -558,6 +567,7 @@ def submit_manifest(
     simulated: bool = False,
     refuse_paused_batch: bool = False,
     refuse: Callable[[Session, Batch], None] | None = None,
+    take_over: bool = False,
 ) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
@@ -588,6 +598,14 @@ def submit_manifest(
     --simulate``: a batch another live process simulates is refused,
     :func:`simulated_elsewhere_line`, else claimed for this process in the same transaction —
     two runs started together both found no other and both ran it).
+
+    The batch records the machine its manifest is on (``manifest_host``, :mod:`jobs.machine`).
+    Submitted from another machine, the manifest given must ask for every job of the batch (the
+    same project on a shared folder, or a copy with more items), whatever its path, or it is
+    refused (:func:`refuse_name_taken`): that machine's file cannot be looked at from here.
+    ``take_over`` (``--take-over``): the user says it is the batch's project moved here, and it
+    is taken whatever it leaves out, as a move on one machine is. Taken, the batch records this
+    machine (``manifest_host_moved``).
     """
     judged_at = clock.utcnow()
     report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at)
@@ -616,6 +634,7 @@ def submit_manifest(
         report.issues = [_deadline_note(i) if i.code in _SCHEDULE_OVER else i for i in report.issues]
     assert manifest is not None
     manifest_path = str(Path(path).resolve())
+    here = machine.this_machine()
     with db.session_scope(engine) as session:
         refuse_rerun_name(session, manifest.name)  # before a simulation holding it is renamed
         name, moved = store.name_for_batch(session, manifest.name, simulated=simulated)
@@ -631,6 +650,7 @@ def submit_manifest(
             reuse_outputs=manifest.reuse_outputs,
             manifest_text=manifest.text,
             simulated=simulated,
+            manifest_host=here,
         )
         if not created:  # raised inside the transaction: nothing is stored
             refuse_rerun(session, batch)
@@ -639,12 +659,19 @@ def submit_manifest(
             refuse(session, batch)
         manifest_moved = None
         in_manifest = 0  # of the batch's jobs, those its manifest as last submitted has
-        if not created and batch.manifest_path != manifest_path:
+        stored_at, stored_host = batch.manifest_path, None if created else batch.manifest_host
+        # Its manifest is known to be on another machine: its file cannot be checked from here.
+        other_host = stored_host if machine.elsewhere(stored_host) else None
+        if not created and (stored_at != manifest_path or other_host is not None):
             in_manifest = store.manifest_job_count(session, batch.id)
-            # Submitted from another place (its folder moved): the manifest submitted now says
-            # where its files are; resubmit_jobs gives the stored jobs their new paths.
-            manifest_moved = {"from": batch.manifest_path, "to": manifest_path}
-            store.set_batch_manifest_path(session, batch.id, manifest_path)
+            # Submitted from another place (its folder moved, or another machine's, the same path
+            # there or not): the manifest submitted now says where its files are; resubmit_jobs
+            # gives the stored jobs their new paths.
+            manifest_moved = {"from": stored_at, "to": manifest_path}
+            if stored_at != manifest_path:
+                store.set_batch_manifest_path(session, batch.id, manifest_path)
+        if not created and stored_host != here:  # another machine's, or not recorded yet
+            store.set_batch_manifest_host(session, batch.id, here)
         cap_before = batch.budget_max_usd
         budget_changed = None if created else _apply_budget(session, batch, manifest.budget_max_usd)
         if not created and (batch.manifest_text, batch.manifest_sha256) != (manifest.text, manifest.sha256):
@@ -665,8 +692,10 @@ def submit_manifest(
             # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
             stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
             added, existing = stored.added, stored.present
-            if manifest_moved is not None:  # raised inside the transaction: nothing is stored
-                refuse_name_taken(batch.name, manifest_moved["from"], str(path), stored, in_manifest)
+            if manifest_moved is not None and not take_over:  # raised inside the transaction
+                refuse_name_taken(
+                    batch.name, stored_at, str(path), stored, in_manifest, other_host=other_host
+                )
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
         revived = 0
@@ -709,6 +738,8 @@ def submit_manifest(
             before = after - repriced.after_usd + repriced.before_usd
             result.estimate_changed = {"from": _money(before), "to": _money(after), "jobs": repriced.jobs}
         result.manifest_moved, result.manifest_given = manifest_moved, str(path)
+        if other_host is not None:
+            result.manifest_host_moved = {"from": machine.name(other_host), "to": machine.name(here)}
         result.reruns_followed = followed
         result.database_note = home.note if home is not None else None
     if manifest_moved is not None or followed:
@@ -920,6 +951,14 @@ class BatchReport(TypedDict):
     created_at: str
     #: Made by ``--simulate``: its requests go to the bundled simulator, never to fal.
     simulated: bool
+    #: Where its manifest was last submitted from: the absolute path, and the machine's host
+    #: name (:mod:`jobs.machine`; None for a batch stored before it was recorded).
+    manifest_path: str
+    manifest_host: str | None
+    #: When that machine is not this one, a line naming it and the path, so nobody pauses or
+    #: cancels another person's batch on a shared database unawares
+    #: (:func:`manifest_elsewhere_text`); "" otherwise.
+    manifest_elsewhere_note: str
     #: Its failed or cancelled jobs a rerun of it has rendered since (:mod:`jobs.rendered`):
     #: ``rerun --failed-only`` leaves them out, and ``status`` names the rerun instead of
     #: advising one.
@@ -1801,6 +1840,9 @@ def _report(
         "parent_batch": batch.parent_batch_id,
         "created_at": batch.created_at.isoformat(),
         "simulated": batch.simulated,
+        "manifest_path": batch.manifest_path,
+        "manifest_host": machine.name(batch.manifest_host) if batch.manifest_host is not None else None,
+        "manifest_elsewhere_note": manifest_elsewhere_text(batch),
         "rerun_rendered": covered.rendered,
         "rerun_pending": covered.pending,
         "not_in_manifest": not_in_manifest_counts(totals.not_in_manifest),
@@ -1810,6 +1852,19 @@ def _report(
         "uncancelled": [u.as_json() for u in given_up],
         "uncancelled_note": uncancelled_text(given_up, batch),
     }
+
+
+def manifest_elsewhere_text(batch: Batch) -> str:
+    """The line saying batch ``batch`` is the project of another machine (its recorded
+    ``manifest_host`` is not this one): which, and its manifest's path there; "" when it is this
+    machine's or the machine is not known (stored before it was recorded)."""
+    if not machine.elsewhere(batch.manifest_host):
+        return ""
+    assert batch.manifest_host is not None
+    return (
+        f"batch {printable(batch.name)} belongs to {printable(machine.name(batch.manifest_host))}:"
+        f"{shown_path(batch.manifest_path)} (another machine): its manifest was last submitted from there"
+    )
 
 
 def uncancelled_note(session: Session, batch: Batch, counts: Mapping[str, int]) -> str:
@@ -2063,6 +2118,9 @@ class CancelResult:
     #: cancel: a cancelled batch's download is held 10 minutes at most (since its first failure),
     #: stored if the host serves it by then, else failed ``download_failed``.
     downloads_waiting: int = 0
+    #: The batch is another machine's project (:func:`manifest_elsewhere_text`): which, and its
+    #: manifest there; "" when it is this machine's (or not known).
+    manifest_elsewhere_note: str = ""
 
     @property
     def changed(self) -> bool:
@@ -2083,6 +2141,7 @@ class CancelResult:
             "unfinished": self.unfinished,
             "outputs_waiting": self.outputs_waiting,
             "downloads_waiting": self.downloads_waiting,
+            "manifest_elsewhere_note": self.manifest_elsewhere_note,
         }
 
 
@@ -2173,6 +2232,7 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
             outputs_waiting=outputs_waiting,
             outputs_reason=reason if paused_for_outputs else None,
             downloads_waiting=downloads_waiting,
+            manifest_elsewhere_note=manifest_elsewhere_text(batch),
         )
 
 
@@ -2317,7 +2377,15 @@ def refuse_rerun(session: Session, batch: Batch) -> None:
     )
 
 
-def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resubmitted, before: int) -> None:
+def refuse_name_taken(
+    name: str,
+    stored_at: str,
+    given: str,
+    stored: store.Resubmitted,
+    before: int,
+    *,
+    other_host: str | None = None,
+) -> None:
     """A manifest of another project that took a stored batch's ``name:``: a :class:`UsageError`
     (exit 2), raised before anything is stored.
 
@@ -2330,22 +2398,38 @@ def refuse_name_taken(name: str, stored_at: str, given: str, stored: store.Resub
     from elsewhere is taken only when it leaves out none of the ``before`` jobs the old one had
     (a copy, perhaps with more items): one that asks for none of them, or leaves some out, is
     refused, and the line says how to move a project on purpose. A real move leaves no file
-    behind."""
+    behind.
+
+    ``other_host``: the batch's manifest is on another machine (``batches.manifest_host``,
+    :mod:`jobs.machine`), whose files this one cannot see — "not there" here proved nothing,
+    and with the same path on both (the same dev-container layout) no move was even considered
+    — so it counts as still there, whatever the paths, and the line names that machine. The
+    caller skips this for ``--take-over``, the move the line offers."""
     kept = stored.present - stored.restored  # of the jobs the old manifest had, those asked for again
     left_out = max(before - kept, 0)
     if stored.present and not left_out:
         return
     old = Path(stored_at)
-    try:
-        if not old.is_file() or old.samefile(given):
+    if other_host is None:
+        try:
+            if not old.is_file() or old.samefile(given):
+                return
+        except OSError:
             return
-    except OSError:
-        return
-    asks = f"leaves out {left_out} of its {before} job(s)" if stored.present else "asks for none of its jobs"
+    # Its jobs a manifest dropped before, asked for again (``restored``), are none of the batch's now.
+    asks = f"leaves out {left_out} of its {before} job(s)" if kept > 0 else "asks for none of its jobs"
+    if other_host is not None:
+        owner = f"{printable(machine.name(other_host))}:{shown_path(old)} (another machine)"
+        how = "if it is the same project moved to this machine, run the command again with `--take-over`"
+    else:
+        owner = f"{shown_path(old)}, which is still there"
+        how = (
+            f"if it is the same project moved, move or delete {shown_path(old)} first, "
+            "or run the command again with `--take-over`"
+        )
     raise UsageError(
-        f"batch {name} belongs to {shown_path(old)}, which is still there, and {shown_path(Path(given))} "
-        f"{asks}: give this manifest another `name:` (or, if it is the same project moved, move or delete "
-        f"{shown_path(old)} first)"
+        f"batch {name} belongs to {owner}, and {shown_path(Path(given))} {asks}: give this manifest "
+        f"another `name:` (or, {how})"
     )
 
 
@@ -2511,6 +2595,8 @@ class PauseResult:
     waiting: int
     schedule_state: str
     message: str
+    #: The batch is another machine's project (:func:`manifest_elsewhere_text`); "" else.
+    manifest_elsewhere_note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The ``pause --json`` / ``resume --json`` object."""
@@ -2525,6 +2611,7 @@ class PauseResult:
             "waiting": self.waiting,
             "schedule_state": self.schedule_state,
             "message": self.message,
+            "manifest_elsewhere_note": self.manifest_elsewhere_note,
         }
 
 
@@ -2590,6 +2677,7 @@ def set_paused(ref: str, paused: bool, settings: DatabaseSettings) -> PauseResul
             waiting=waiting,
             schedule_state=state,
             message=line,
+            manifest_elsewhere_note=manifest_elsewhere_text(batch),
         )
 
 

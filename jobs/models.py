@@ -345,6 +345,11 @@ class Batch(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(255), unique=True)
     manifest_path: Mapped[str] = mapped_column(Text)
+    #: The machine ``manifest_path`` is a path of (:mod:`jobs.machine`: ``HOST@MACHINE-ID``, or
+    #: ``HOST``): on a database several machines share, a path alone does not say whose file it
+    #: is, so a manifest of the same name from another machine is not taken for this one moved
+    #: (:func:`jobs.batches.refuse_name_taken`). NULL for batches stored before it was kept: unknown.
+    manifest_host: Mapped[str | None] = mapped_column(Text)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: The batch this one re-runs (``wanbatch rerun``), if any.

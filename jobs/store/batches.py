@@ -226,6 +226,7 @@ def get_or_create_batch(
     manifest_text: str | None = None,
     simulated: bool = False,
     rerun_options: dict[str, Any] | None = None,
+    manifest_host: str | None = None,
 ) -> tuple[Batch, bool]:
     """The batch called ``name`` (stored, and compared, in NFC), creating it if needed; ``True``
     when it was created now. (:func:`name_for_batch` first: the name a simulated or a paid
@@ -243,6 +244,7 @@ def get_or_create_batch(
         id=new_id(),
         name=name,
         manifest_path=manifest_path,
+        manifest_host=manifest_host,
         manifest_sha256=manifest_sha256,
         budget_max_usd=budget_max_usd,
         parent_batch_id=parent_batch_id,
@@ -525,6 +527,17 @@ def set_batch_manifest_path(session: Session, batch_id: str, path: str) -> None:
         update(Batch)
         .where(Batch.id == batch_id)
         .values(manifest_path=path)
+        .execution_options(synchronize_session="fetch")
+    )
+
+
+def set_batch_manifest_host(session: Session, batch_id: str, host: str) -> None:
+    """Record the machine the batch's manifest is on now (:mod:`jobs.machine`): it was submitted
+    from another machine, or first from one since the column was added."""
+    session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id)
+        .values(manifest_host=host)
         .execution_options(synchronize_session="fetch")
     )
 

@@ -150,7 +150,7 @@ def test_the_manifest_submitted_now_defines_the_paths(
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: batch cp1 belongs to {original}, which is still there, and copy/m.yaml leaves out 1 of its "
         f"2 job(s): give this manifest another `name:` (or, if it is the same project moved, move or "
-        f"delete {original} first)"
+        f"delete {original} first, or run the command again with `--take-over`)"
     ]
     original.unlink()  # the project moved on purpose: its images stay where they were
     assert run_main(["submit", "copy/m.yaml"], monkeypatch) == 0
@@ -294,7 +294,7 @@ def test_another_project_with_the_same_name_is_refused_not_merged(
     assert err == [
         f"error: batch same belongs to {first}, which is still there, and other/m.yaml asks for none of "
         f"its jobs: give this manifest another `name:` (or, if it is the same project moved, move or "
-        f"delete {first} first)"
+        f"delete {first} first, or run the command again with `--take-over`)"
     ]
     assert _manifest_path(tmp_path, "same") == str(first)
     assert [state for state, _, _ in _jobs(tmp_path, "same")] == ["pending", "pending"]
