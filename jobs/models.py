@@ -349,7 +349,10 @@ class Batch(Base):
     #: ``HOST``): on a database several machines share, a path alone does not say whose file it
     #: is, so a manifest of the same name from another machine is not taken for this one moved
     #: (:func:`jobs.batches.refuse_name_taken`). NULL for batches stored before it was kept: unknown.
-    manifest_host: Mapped[str | None] = mapped_column(Text)
+    #: Deferred, as ``manifest_text``: read by a submit and by ``status``/``pause``/``cancel``
+    #: (:func:`jobs.store.list_batches` loads it with the rows), never on the hot paths that load
+    #: a batch.
+    manifest_host: Mapped[str | None] = mapped_column(Text, deferred=True)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: The batch this one re-runs (``wanbatch rerun``), if any.

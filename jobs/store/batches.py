@@ -27,7 +27,7 @@ from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from jobs.batch_names import batch_name
 from jobs.endpoints import get_endpoint
@@ -244,7 +244,6 @@ def get_or_create_batch(
         id=new_id(),
         name=name,
         manifest_path=manifest_path,
-        manifest_host=manifest_host,
         manifest_sha256=manifest_sha256,
         budget_max_usd=budget_max_usd,
         parent_batch_id=parent_batch_id,
@@ -259,6 +258,8 @@ def get_or_create_batch(
         simulated=simulated,
         created_at=utcnow(),
     )
+    if manifest_host is not None:  # unset otherwise, so not in the INSERT (a schema before 0050)
+        batch.manifest_host = manifest_host
     try:
         with session.begin_nested():
             session.add(batch)
@@ -355,8 +356,10 @@ def _other_batch_with_id_prefix(session: Session, prefix: str, not_id: str) -> B
 
 
 def list_batches(session: Session) -> list[Batch]:
-    """Every batch, oldest first."""
-    return list(session.scalars(select(Batch).order_by(Batch.created_at, Batch.id)))
+    """Every batch, oldest first; with its (deferred) ``manifest_host``, which ``status`` names
+    for each batch another machine's: read with the rows, not one query per batch."""
+    query = select(Batch).options(undefer(Batch.manifest_host)).order_by(Batch.created_at, Batch.id)
+    return list(session.scalars(query))
 
 
 def set_batch_state(session: Session, batch_id: str, state: BatchState, reason: str | None = None) -> None:

@@ -101,7 +101,9 @@ def _states(url: str, name: str) -> list[tuple[str, str]]:
         "SELECT j.input, j.state FROM jobs j JOIN batches b ON b.id = j.batch_id "
         f"WHERE b.name = '{name}' ORDER BY j.item_index, j.variant",
     )
-    return [((json.loads(given) if isinstance(given, str) else given)["prompt"], state) for given, state in rows]
+    return [
+        ((json.loads(given) if isinstance(given, str) else given)["prompt"], state) for given, state in rows
+    ]
 
 
 def _lines(err: str) -> list[str]:
@@ -261,24 +263,42 @@ def test_status_pause_and_cancel_name_the_machine_the_batch_belongs_to(
     assert json.loads(capsys.readouterr().out)["manifest_elsewhere_note"] == ""
 
 
-def test_two_machines_submitting_the_same_name_at_once_never_merge(
-    shared_db: str, e2e_env: Path
-) -> None:
-    """Alice and Bob start at the same moment, each from a machine of their own (two processes):
-    whichever stores the batch first has it, the other is refused, in either order."""
+def _mount_namespaces() -> bool:
+    """Whether this process may give a child a mount namespace of its own (``unshare -m``: root,
+    or a kernel allowing it), where another person's folder can be made not there."""
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode == 0
+
+
+def _on_a_machine_of_its_own(command: list[str], hidden: Path) -> list[str]:
+    """``command`` as run on another machine: ``hidden`` (the other person's project) is an empty
+    tmpfs for it, as in the audit's repro, when mount namespaces are available; else as it is."""
+    if not _mount_namespaces():
+        return command
+    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(hidden), *command]
+
+
+def test_two_machines_submitting_the_same_name_at_once_never_merge(shared_db: str, e2e_env: Path) -> None:
+    """Alice and Bob start at the same moment, each from a machine of their own (two processes,
+    neither seeing the other's folder where ``unshare -m`` is allowed): whichever stores the
+    batch first has it, the other is refused naming the first one's machine, in either order."""
     _project(e2e_env / "alice", "clip", ALICE, "20")
     _project(e2e_env / "bob", "clip", BOB, "1")
     env = {**os.environ, "WANBATCH_DATABASE_URL": shared_db}
+    people = (("alice", ALICE_HOST, "bob"), ("bob", BOB_HOST, "alice"))
     started = [
         subprocess.Popen(
-            [sys.executable, "-m", "cli", "submit", f"{who}/m.yaml"],
+            _on_a_machine_of_its_own(
+                [sys.executable, "-m", "cli", "submit", f"{who}/m.yaml"], e2e_env / other
+            ),
             cwd=e2e_env,
             env={**env, TEST_MACHINE_ENV: host},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for who, host in (("alice", ALICE_HOST), ("bob", BOB_HOST))
+        for who, host, other in people
     ]
     ended = [(proc.wait(timeout=120), proc.communicate()[1]) for proc in started]
     codes = sorted(code for code, _ in ended)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,29 @@ def drift(engine: Engine, metadata: MetaData = Base.metadata) -> list[Any]:
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
         return list(compare_metadata(context, metadata))
+
+
+def older_batch(session: Any, name: str, parent: str | None = None) -> str:
+    """A batch stored by SQL on a schema older than the models (its id): the models' INSERT
+    names every column of the head's ``batches``, some not there yet (``manifest_host``, 0050)."""
+    from uuid import uuid4
+
+    batch_id = uuid4().hex
+    session.execute(
+        text(
+            "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, priority, "
+            "paused_by_user, reuse_outputs, simulated, parent_batch_id) VALUES (:id, :name, 'm.yaml', :sha, "
+            ":at, 'active', 'normal', false, false, false, :parent)"
+        ),
+        {
+            "id": batch_id,
+            "name": name,
+            "sha": "0" * 64,
+            "at": datetime(2026, 1, 1, tzinfo=UTC),
+            "parent": parent,
+        },
+    )
+    return batch_id
 
 
 def tables(engine: Engine) -> set[str]:
@@ -500,8 +524,6 @@ def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine
     at 0020 with NULL links is what an upgrade from before 0014 brings). 0021 links each job to
     its parent's job at the same place whose plain-rerun input it sends, and no other: after
     it, ``rerun --failed-only`` knows the old rerun rendered those jobs."""
-    from decimal import Decimal
-
     from jobs import db, store
     from jobs.rendered import RERUN_FAILED_STATES, renders
 
@@ -513,23 +535,16 @@ def test_migration_0021_links_reruns_stored_before_rerun_of(empty_engine: Engine
     ) -> list[str]:
         """Jobs as ``(item, variant, input, rerun_of)``; their ids, in that order."""
         with db.session_scope(empty_engine) as session:
-            made, _ = store.get_or_create_batch(
-                session,
-                name=name,
-                manifest_path="m.yaml",
-                manifest_sha256="0" * 64,
-                budget_max_usd=None,
-                parent_batch_id=parent,
-            )
+            made_id = older_batch(session, name, parent)
             rows = [
                 store.NewJob(
                     f"{n:064x}", item, wan, payload, Decimal(1), Decimal("0.1"), variant, rerun_of=origin
                 )
                 for n, (item, variant, payload, origin) in enumerate(jobs)
             ]
-            store.add_jobs(session, made.id, rows)
+            store.add_jobs(session, made_id, rows)
             # Read by SQL: the models are a later schema's (their columns are not all there yet).
-            stored = session.execute(text("SELECT job_key, id FROM jobs WHERE batch_id = :b"), {"b": made.id})
+            stored = session.execute(text("SELECT job_key, id FROM jobs WHERE batch_id = :b"), {"b": made_id})
             by_key = {key: job_id for key, job_id in stored}
             return [by_key[row.key] for row in rows]
 
@@ -760,13 +775,58 @@ def test_migration_0039_adds_not_in_manifest_false_for_stored_jobs_and_takes_it_
     assert drift(empty_engine) == []
 
 
+def test_migration_0050_adds_the_manifest_host_unknown_for_stored_batches_and_takes_it_away(
+    empty_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0050 adds ``batches.manifest_host``: NULL (unknown) for every batch stored before, which
+    a submit from another machine treats as before; read back through the models, a batch
+    stored after it records its machine. A downgrade drops it, and the rest is 0049's schema."""
+    from jobs import db, machine, store
+
+    migrate(empty_engine, "0049", from_models=False)
+    assert "manifest_host" not in {c["name"] for c in inspect(empty_engine).get_columns("batches")}
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, priority, "
+                "paused_by_user, reuse_outputs, simulated) VALUES ('b49', 'm49', '/m.yaml', :sha, :at, "
+                "'active', 'normal', false, false, false)"
+            ),
+            {"sha": "0" * 64, "at": datetime(2026, 1, 1, tzinfo=UTC)},
+        )
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+    monkeypatch.setenv(machine.TEST_MACHINE_ENV, "host-50@" + "5" * 32)
+    with db.session_scope(empty_engine) as session:
+        before = store.get_batch(session, "b49")
+        assert (before.manifest_path, before.manifest_host) == ("/m.yaml", None)
+        assert machine.is_here(before.manifest_host) is None  # unknown: neither here nor elsewhere
+        after, _ = store.get_or_create_batch(
+            session,
+            name="m50",
+            manifest_path="/m50.yaml",
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+            manifest_host=machine.this_machine(),
+        )
+        after_id = after.id
+    with db.read_scope(empty_engine) as session:
+        stored = store.get_batch(session, after_id).manifest_host
+    assert stored == "host-50@" + "5" * 32
+    assert machine.is_here(stored) is True
+    downgrade(empty_engine, "0049")
+    assert "manifest_host" not in {c["name"] for c in inspect(empty_engine).get_columns("batches")}
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM batches")).scalar_one() == 2
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_engine: Engine) -> None:
     """A downgrade below 0039 drops ``jobs.not_in_manifest``; its upgrade refilled it only from
     the stored manifest text of batches without ``items_from``, so a job a resubmit had dropped
     from an ``items_from`` batch (``cancelled``, ``error_type`` ``not_in_manifest``) lost its mark,
     and ``rerun --failed-only`` sent and billed it. The upgrade marks every such job again."""
-    from decimal import Decimal
-
     from sqlalchemy import update
 
     from jobs import db, store
@@ -912,7 +972,6 @@ def test_migration_0022_keys_stored_data_uris_by_their_bytes(empty_engine: Engin
     another job of the batch already holds, is left as it is; a downgrade gives the old keys back."""
     import base64
     import hashlib
-    from decimal import Decimal
 
     from PIL import Image
 
@@ -936,12 +995,9 @@ def test_migration_0022_keys_stored_data_uris_by_their_bytes(empty_engine: Engin
         (local, job_key(wan, local), None),  # a file: keyed by its bytes already
     ]
     with db.session_scope(empty_engine) as session:
-        made, _ = store.get_or_create_batch(
-            session, name="replay", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
-        )
         store.add_jobs(
             session,
-            made.id,
+            older_batch(session, "replay"),
             [
                 store.NewJob(key, n, wan.id, payload, Decimal(1), Decimal("0.1"), source_files=sources)
                 for n, (payload, key, sources) in enumerate(rows)
@@ -976,7 +1032,6 @@ def test_migration_0022_gives_the_key_to_a_succeeded_twin_and_0024_records_it_fo
     on its old key records the new one (``content_key``, 0024); a downgrade gives the old keys
     back."""
     import base64
-    from decimal import Decimal
 
     from PIL import Image
 
@@ -992,12 +1047,9 @@ def test_migration_0022_gives_the_key_to_a_succeeded_twin_and_0024_records_it_fo
     first = {"prompt": "p", "seed": 7, "image_url": uri}
     second = {**first, "image_url": uri.replace("image/png", "image/x-png")}
     with db.session_scope(empty_engine) as session:
-        made, _ = store.get_or_create_batch(
-            session, name="twins", manifest_path="m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
-        )
         store.add_jobs(
             session,
-            made.id,
+            older_batch(session, "twins"),
             [
                 store.NewJob(key_of(wan.id, payload), n, wan.id, payload, Decimal(1), Decimal("0.1"))
                 for n, payload in enumerate([first, second])
@@ -1044,19 +1096,34 @@ def test_migration_0023_nulls_the_non_finite_numbers_sqlite_holds(
     SQL NULL, and leaves the rest, and a ``NaN`` in a string, as it was."""
     from sqlalchemy import update
 
-    from jobs import db
+    from jobs import db, store
     from jobs.models import Batch, Job, JobEvent, WebhookDelivery, utcnow
     from jobs.settings import get_settings
     from jobs.states import JobState as S
     from tests.in_process import run_main
-    from tests.step_runtime import add_batch, job_ids
+    from tests.step_runtime import job_ids
 
     nan, inf = float("nan"), float("inf")
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = make_engine(url)
     try:
         migrate(engine, "0022", from_models=False)
-        batch_id = add_batch(engine, "odd", [("fal-ai/wan-22", {"prompt": "NaN and Infinity, in words"})])
+        with db.session_scope(engine) as session:
+            batch_id = older_batch(session, "odd")
+            store.add_jobs(
+                session,
+                batch_id,
+                [
+                    store.NewJob(
+                        "0" * 64,
+                        0,
+                        "fal-ai/wan-22",
+                        {"prompt": "NaN and Infinity, in words"},
+                        Decimal(5),
+                        Decimal("0.25"),
+                    )
+                ],
+            )
         (job_id,) = job_ids(engine, batch_id)
         with engine.begin() as conn:  # as the JSON type wrote them: json.dumps, NaN allowed
             conn.execute(
