@@ -1480,14 +1480,7 @@ def _broker_warnings(settings: Settings) -> None:
     """Warn (never fail) when the workers that carry out a recorded change cannot be reached,
     or when those that answer work on another database (no heartbeat in this one)."""
     from jobs.errors import ConfigError
-    from worker.running import (
-        beating_here,
-        check_broker,
-        elsewhere_warning,
-        live_workers,
-        no_worker_warning,
-        workers_heartbeat,
-    )
+    from worker.running import check_broker, live_workers, no_worker_warning, workers_warning
 
     try:
         check_broker(settings)
@@ -1497,8 +1490,8 @@ def _broker_warnings(settings: Settings) -> None:
     workers = live_workers(settings)
     if workers == 0:
         err.print(f"[yellow]{no_worker_warning(settings, waiting=False)}[/yellow]")
-    elif workers and not beating_here(last := workers_heartbeat(settings)):
-        err.print(f"[yellow]{escape(elsewhere_warning(settings, workers, last, waiting=False))}[/yellow]")
+    elif workers and (warning := workers_warning(settings, workers, waiting=False)) is not None:
+        err.print(f"[yellow]{escape(warning)}[/yellow]")
 
 
 @click.command()

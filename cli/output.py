@@ -964,6 +964,8 @@ def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
         # The workers' deadline step skips a paused batch: only a run cancels its unsent jobs.
         runner = _runner(report, workers=report["state"] != "paused", distributed=distributed)
         return f"{words}: {runner} {deadline_run_text(report)}"
+    if report.get("tick_leader_note"):  # the workers beat here, but their leader is frozen
+        return f"{words}: {report['tick_leader_note']}"
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
     first = f"after `wanbatch resume {report_ref(report)}`, " if _paused_by_user(report) else ""
     # Only a run ends a pause fal's refusal of the key or the account caused: workers leave it.

@@ -903,6 +903,10 @@ class BatchReport(TypedDict):
     dead_lease_holders: list[dict[str, Any]]
     #: That in one line (:func:`jobs.listing.dead_holders_text`); "" when none.
     dead_lease_holders_note: str
+    #: While nothing processes the batch but distributed workers beat in this database: their
+    #: tick leader has stopped beating (frozen while it holds the lead), named, with how long
+    #: (:func:`jobs.listing.stalled_leader_text`); "" otherwise.
+    tick_leader_note: str
     #: Jobs in ``submit_unknown`` that wait for fal's webhook to prove whether it accepted their
     #: submit (:func:`jobs.listing.proof_waits`; 0 when none), when the last wait ends (ISO 8601,
     #: UTC; None when none: ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` then applies), and that in one
@@ -1416,6 +1420,15 @@ def low_priority_note(
     )
 
 
+def _tick_leader_note(batch: Batch, reads: _Reads, *, done: bool, processing: bool, now: datetime) -> str:
+    """``tick_leader_note``: asked only of an unfinished batch of the workers' (not a simulation)
+    that nothing processes — one read of the workers' beats, shared by every batch shown."""
+    if done or processing or batch.simulated:
+        return ""
+    beats = reads.workers_beats()
+    return listing.stalled_leader_text(beats, now=now) if listing.leader_stalled(beats, now=now) else ""
+
+
 def broker_down_text(since: datetime, broker_url: str | None, *, now: datetime) -> str:
     """What ``status`` says of a batch while the workers' leader cannot reach the broker (since
     when: its date too when not on ``now``'s UTC day, :func:`jobs.listing.utc_clock`)."""
@@ -1436,6 +1449,7 @@ class _Reads(Protocol):
     def queued_sent_at(self, batch: Batch) -> Iterable[datetime | None]: ...
     def deadline_cancelled(self, batch: Batch, *, sent: bool | None = None) -> int: ...
     def broker_down(self, now: datetime) -> datetime | None: ...
+    def workers_beats(self) -> store.WorkersBeat: ...
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]: ...
     def queue_waits(
         self, scope: store.CapScope, caps: CapCheck, now: datetime
@@ -1487,6 +1501,9 @@ class _OneBatch:
 
     def broker_down(self, now: datetime) -> datetime | None:
         return listing.broker_down_since(self.session, now=now)
+
+    def workers_beats(self) -> store.WorkersBeat:
+        return store.workers_beats(self.session)
 
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]:
         return store.cap_holders(self.session, scope)
@@ -1595,6 +1612,9 @@ class _AllBatches:
         return cast(
             datetime | None, self._once("broker", lambda: listing.broker_down_since(self.session, now=now))
         )
+
+    def workers_beats(self) -> store.WorkersBeat:
+        return cast(store.WorkersBeat, self._once("workers", lambda: store.workers_beats(self.session)))
 
     def cap_holders(self, scope: store.CapScope) -> list[store.CapHolder]:
         counts = self._once("caps", lambda: store.cap_counts(self.session, self.api_key_id, self.origin))
@@ -1755,7 +1775,9 @@ def _report(
             batch.id,
             caps,
             waiting=lambda: reads.pending_endpoints(batch),
-            queue=lambda: reads.queue_waits(scope, caps, now),
+            # Nothing processes the batch (its run stopped, the workers' leader is frozen): the
+            # requests' rows are not followed, and a back-off read from them holds nothing back.
+            queue=(lambda: reads.queue_waits(scope, caps, now)) if processing else (lambda: None),
             ahead=lambda: (
                 normal_batches_ahead(reads.session, batch.id, now=now) if batch.priority == "low" else ()
             ),
@@ -1807,7 +1829,8 @@ def _report(
         "fal_unreachable": [hold.as_json() for hold in fal_holds],
         "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),
         "dead_lease_holders": [holder.as_json() for holder in dead],
-        "dead_lease_holders_note": listing.dead_holders_text(dead, now=now),
+        "dead_lease_holders_note": listing.dead_holders_text(dead, now=now, processing=processing),
+        "tick_leader_note": _tick_leader_note(batch, reads, done=done, processing=processing, now=now),
         "proof_waiting": proof.jobs if proof is not None else 0,
         "proof_wait_until": proof.until.isoformat() if proof is not None else None,
         "proof_wait_note": listing.proof_wait_text(proof, policy=policy, now=now),

@@ -2771,6 +2771,64 @@ class AdvisoryLock:
             log.debug("closing the advisory lock's connection failed", exc_info=True)
 
 
+#: SQLSTATE of a statement the role may not run (``pg_terminate_backend`` of another role's session).
+_PG_INSUFFICIENT_PRIVILEGE = "42501"
+
+#: The session holding a session-level advisory lock of one ``bigint`` key in this database:
+#: ``pg_locks`` spells such a key as ``classid`` (its high 32 bits), ``objid`` (its low 32 bits)
+#: and ``objsubid`` 1 (https://www.postgresql.org/docs/current/view-pg-locks.html); advisory
+#: locks are per database, and another database's holder of the same key is none of ours.
+_ADVISORY_HOLDER = text(
+    "SELECT l.pid FROM pg_locks l "
+    "JOIN pg_database d ON d.oid = l.database AND d.datname = current_database() "
+    "JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid = CAST(:hi AS oid) AND l.objid = CAST(:lo AS oid) "
+    "ORDER BY a.backend_start LIMIT 1"
+)
+#: Ends ``pid``'s session only while it still holds the lock: a holder that changed since it was
+#: read (another worker took over meanwhile) is left alone. No row: it no longer holds it.
+_TERMINATE_HOLDER = text(
+    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+    "JOIN pg_database d ON d.oid = l.database AND d.datname = current_database() "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid = CAST(:hi AS oid) AND l.objid = CAST(:lo AS oid) AND l.pid = :pid"
+)
+
+
+def _advisory_key_parts(key: int) -> dict[str, int]:
+    """``key`` as ``pg_locks`` shows it: unsigned high and low 32 bits."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
+
+
+def advisory_lock_holder(engine: Engine, key: int) -> int | None:
+    """The backend pid of the session that holds the session-level advisory lock ``key`` in
+    this database (None: nobody does). One read of ``pg_locks`` and ``pg_stat_activity``,
+    which any role may read; PostgreSQL only."""
+    with engine.connect() as conn:
+        pid = conn.execute(_ADVISORY_HOLDER, _advisory_key_parts(key)).scalar()
+    return None if pid is None else int(pid)
+
+
+def terminate_advisory_holder(engine: Engine, key: int, pid: int) -> bool | None:
+    """End the session ``pid`` if it still holds the advisory lock ``key`` (the server then frees
+    the lock as its backend exits): True when it was signalled, False when it no longer held the
+    lock (or had already gone), None when this role may not end it. PostgreSQL 9.2 and later
+    let a role end its own sessions; ending another role's needs membership in that role or the
+    ``pg_signal_backend`` role, and a superuser's needs a superuser
+    (https://www.postgresql.org/docs/current/functions-admin.html#FUNCTIONS-ADMIN-SIGNAL)."""
+    try:
+        with engine.connect() as conn:
+            done = conn.execute(_TERMINATE_HOLDER, {**_advisory_key_parts(key), "pid": pid}).scalar()
+            conn.commit()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_INSUFFICIENT_PRIVILEGE:
+            return None
+        raise
+    return bool(done)
+
+
 # ----------------------------------------------------------------------------- events between processes
 
 #: The PostgreSQL channel on which processes tell each other that a job moved (``kind:job_id``).

@@ -918,11 +918,15 @@ def read_dead_holders(
     return {b: dead_holders(holders.get(b, []), seen, now=now, gone=gone, silent=silent) for b in batch_ids}
 
 
-def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
+def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime, processing: bool = True) -> str:
     """``1 job held by worker 123@host, not seen for 40s: taken over at 23:41:07 UTC when its
     lease ends``; "" when none. Without it ``status`` showed "1 in flight · ~0m02s left" for a
     lease's length, and nothing of the killed worker holding it. The takeover names its date
-    when not on ``now``'s UTC day (:func:`utc_clock`)."""
+    when not on ``now``'s UTC day (:func:`utc_clock`).
+
+    Not ``processing`` (no process works on the batch now: its run stopped, or the workers'
+    tick leader is frozen), nothing takes the jobs over when the lease ends: the line says they
+    are taken over once a process works on the batch again, after that time."""
     if not dead:
         return ""
     jobs, until, who = _held_jobs(dead, holder_who)
@@ -934,6 +938,11 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime) -> str:
     noun = "job" if jobs == 1 else "jobs"
     ends = "its lease ends" if len(dead) == 1 else "their leases end"
     at = utc_clock(until, now=now)
+    if not processing:
+        return (
+            f"{jobs} {noun} held by process {who}, {state}: taken over once a process works on the "
+            f"batch again ({ends} at {at})"
+        )
     return f"{jobs} {noun} held by process {who}, {state}: taken over at {at} when {ends}"
 
 
@@ -941,6 +950,40 @@ def is_fresh(at: datetime | None, *, now: datetime) -> bool:
     """Whether a beat at ``at`` is recent enough (:data:`PROCESSING_STALE_SECONDS`) to say that
     its process works now."""
     return at is not None and (now - at).total_seconds() <= PROCESSING_STALE_SECONDS
+
+
+def leader_stalled(beats: store.WorkersBeat | None, *, now: datetime | None = None) -> bool:
+    """Whether workers beat in this database (one that does not lead, within
+    :data:`PROCESSING_STALE_SECONDS`) while their tick leader does not: a leader frozen while it
+    holds the lead (``kill -STOP``, Ctrl-Z, a debugger, a paused VM), not workers that serve
+    another database, nor no worker at all."""
+    at = now or utcnow()
+    return (
+        beats is not None and is_fresh(beats.others_seen, now=at) and not is_fresh(beats.leader_seen, now=at)
+    )
+
+
+def stalled_leader_text(beats: store.WorkersBeat, *, now: datetime | None = None) -> str:
+    """What :func:`leader_stalled` means, naming the leader and how long it has been silent.
+
+    The other workers end a silent leader's lock session and take the lead over (after about
+    half a minute: :func:`worker.ticker.leader_silent_after`), unless their database role may
+    not end that session; until then, nothing is dispatched or collected."""
+    at = now or utcnow()
+    owner = beats.leader_owner
+    who = holder_who(owner) if owner is not None else None
+    if who is None or beats.leader_seen is None:
+        leader = "the workers' tick leader has not beaten yet"
+    else:
+        silent = format_age(max(0.0, (at - beats.leader_seen).total_seconds()))
+        leader = f"the workers' tick leader (process {who}) has not beaten for {silent}"
+    return (
+        f"{leader}, while the other workers on this database still do: it is likely frozen "
+        "(stopped by Ctrl-Z or kill -STOP, in a debugger, a paused VM) while it holds the lead, and "
+        "nothing is dispatched or collected meanwhile. Another worker ends its session and takes "
+        "the lead over once it has been silent for about half a minute (its log says so; if it "
+        "says its database role may not, resume the frozen worker with kill -CONT, or stop it)"
+    )
 
 
 def is_processing(last_beat: LastBeat | None, *, now: datetime) -> bool:

@@ -172,6 +172,10 @@ class Conductor:
         self._beat_owner = rt.beat_owner
         self._next_beat = 0.0  # monotonic; 0: never beat
         self._next_follower_beat = 0.0  # monotonic, while not leading (_follower_beat); 0: never
+        #: Called right after each heartbeat of a worker that does not lead (its write went
+        #: through, so the database answers): the distributed ticker watches the leader's beat
+        #: there, and takes the lead from one that froze (:meth:`worker.ticker.LeaderLock.watch_leader`).
+        self.after_follower_beat: Callable[[], None] | None = None
         self._next_watch = 0.0  # monotonic: when a process that does not lead reads the leader's limits
         #: A worker (no batch of its own) publishes its outcome-deciding settings beside the
         #: other workers' at each heartbeat, leader or not (:mod:`worker.peers`): when next.
@@ -419,6 +423,7 @@ class Conductor:
         interval = self.rt.settings.tick_interval
         next_tick = next_progress = 0.0
         leading = False
+        asked = 0.0  # monotonic: when ``leads`` was last asked
         quiet = 0  # ticks in a row that found nothing to do (see idle_interval)
         redispatch_at: float | None = None
         while not stopping.is_set():
@@ -429,7 +434,7 @@ class Conductor:
                 self._next_announce = now + HEARTBEAT_SECONDS
                 announce_settings(self._announcer)
             if now >= next_tick:
-                leading = leads() if leads is not None else True
+                leading, asked = (leads() if leads is not None else True), now
                 if leading:
                     quiet = quiet + 1 if self._tick(stopping) else 0
                     self.rt.unrecorded.writable()  # the tick's writes worked: sending may go on
@@ -459,7 +464,7 @@ class Conductor:
                 with self._cond:
                     republish, self._limits_due = self._limits_due, False
                 if leading:
-                    leading = leads() if leads is not None else True
+                    leading, asked = (leads() if leads is not None else True), now
                 if not leading:
                     resign_limits(self.rt.limiter)
                 elif self._next_beat and now >= self._next_beat:
@@ -481,6 +486,12 @@ class Conductor:
             if self._announcer is not None:
                 deadline = min(deadline, self._next_announce)
             seen, submitted, wants_dispatch = self._take(max(0.0, deadline - time.monotonic()))
+            if leading and leads is not None and time.monotonic() - asked >= interval:
+                # Fencing: a round after a pause (this process frozen while it waited, even for
+                # minutes) first checks the lead is still its own; another worker may have
+                # taken it over meanwhile (worker.ticker.LeaderWatch). At most one check per
+                # interval: the tick's own covers busy times.
+                leading, asked = leads(), time.monotonic()
             if stopping.is_set() or not leading:
                 if submitted:  # not followed again here: the leader's catch-up finds them
                     self._not_followed(submitted)
@@ -815,6 +826,8 @@ class Conductor:
             with db.session_scope(self.rt.engine) as session:
                 store.record_heartbeat(session, self._beat_owner, [WORKER_SCOPE], utcnow())
             self._schema_still_ours()
+        if self.after_follower_beat is not None:
+            self.after_follower_beat()
 
     def _schema_still_ours(self) -> None:
         """At every heartbeat, leading or not: stop (:meth:`_stop_for_schema`) once the database's

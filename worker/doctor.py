@@ -72,6 +72,7 @@ from jobs.url_secrets import mask_urls, masked_url
 if TYPE_CHECKING:
     from jobs.db import LockHolder, SqliteFile
     from jobs.settings import Settings
+    from jobs.store import WorkersBeat
 
 Status = Literal["ok", "fail", "skip"]
 
@@ -428,6 +429,8 @@ def _check_broker(settings: Settings) -> Check:
     """:func:`check_broker` but for the broker's memory policy."""
     from jobs.db import safe_url as db_safe_url
     from jobs.errors import WanbatchError
+    from jobs.listing import leader_stalled, stalled_leader_text
+    from jobs.store import WorkersBeat
     from worker.broker_outage import write_refused
     from worker.running import beating_here, check_broker, worker_nodes
 
@@ -462,9 +465,19 @@ def _check_broker(settings: Settings) -> Check:
     seen = _last_seen(settings, nodes)
     named = f"; the workers: {_named(nodes, seen)}"
     listed = [{"node": node, "last_seen_seconds_ago": _rounded(seen.get(node))} for node in nodes]
-    beat = _workers_beat(settings)
+    beats = _workers_beat(settings)
+    beat = beats.leader_seen if isinstance(beats, WorkersBeat) else beats
     if isinstance(beat, str):  # the database could not be read: its own check says why
         verdict = _ok(name, f"{pinged} (whether they work on this database is not known: {beat}){named}")
+    elif isinstance(beats, WorkersBeat) and leader_stalled(beats):
+        verdict = _fail(
+            name,
+            f"{pinged}, and work on this database {db_safe_url(settings.database_url)}, but "
+            f"{stalled_leader_text(beats)}{named}",
+            "find the frozen worker (the process named above) and resume it (kill -CONT, fg) or stop "
+            "it; if the other workers' logs say their database role may not end its session, give "
+            "the workers one role (or grant theirs pg_signal_backend)",
+        )
     elif beat is None or not beating_here(beat):
         last = "none ever" if beat is None else f"the last {_ago(beat)} ago"
         verdict = _fail(
@@ -521,9 +534,10 @@ def _seconds_ago(age: float) -> str:
     return format_age(max(0.0, age))
 
 
-def _workers_beat(settings: Settings) -> datetime | str | None:
-    """The workers' latest heartbeat in this database (None: none), read only — no file, folder
-    or table created; or why it could not be read. A SQLite file not there yet has none."""
+def _workers_beat(settings: Settings) -> WorkersBeat | str | None:
+    """The workers' latest heartbeats in this database, their tick leader's and the others'
+    (None: none), read only — no file, folder or table created; or why they could not be read.
+    A SQLite file not there yet has none."""
     from sqlalchemy.pool import NullPool
 
     from jobs import db, store
@@ -539,7 +553,7 @@ def _workers_beat(settings: Settings) -> datetime | str | None:
         return f"cannot open the database: {_first_line(exc)}"
     try:
         with db.read_scope(engine) as session:
-            return store.workers_last_beat(session)
+            return store.workers_beats(session)
     except Exception as exc:
         if db.is_schema_missing(exc):  # no tables: no worker ever ran on this database
             return None

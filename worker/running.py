@@ -777,6 +777,41 @@ def workers_heartbeat(settings: Settings) -> datetime | None:
         return store.workers_last_beat(session)
 
 
+def workers_beats_here(settings: Settings) -> store.WorkersBeat:
+    """The workers' latest heartbeats in this command's database, the tick leader's and the
+    others' (:func:`jobs.store.workers_beats`)."""
+    with db.read_scope(open_engine(settings)) as session:
+        return store.workers_beats(session)
+
+
+def stalled_leader_warning(
+    settings: Settings, workers: int, beats: store.WorkersBeat, *, waiting: bool = True
+) -> str:
+    """The line printed while the workers work on this database but their tick leader has stopped
+    beating (:func:`jobs.listing.leader_stalled`): not "another WANBATCH_DATABASE_URL", which sent users to
+    check URLs that were right."""
+    assert settings.broker_url
+    then = "still waiting" if waiting else "it is carried out once one leads"
+    return (
+        f"warning: {workers} wanbatch worker(s) answer on the broker {masked_url(settings.broker_url)} "
+        f"and work on this database {db.safe_url(settings.database_url)}, but "
+        f"{listing.stalled_leader_text(beats)}; {then}"
+    )
+
+
+def workers_warning(settings: Settings, workers: int, *, waiting: bool = True) -> str | None:
+    """What to say of ``workers`` that answer on the broker when this database has no fresh
+    beat of their tick leader: its leader stalled (:func:`stalled_leader_warning`), or they
+    serve another database (:func:`elsewhere_warning`); None when the leader beats here."""
+    last = workers_heartbeat(settings)
+    if beating_here(last):
+        return None
+    beats = workers_beats_here(settings)
+    if listing.leader_stalled(beats):
+        return stalled_leader_warning(settings, workers, beats, waiting=waiting)
+    return elsewhere_warning(settings, workers, last, waiting=waiting)
+
+
 def beating_here(last_beat: datetime | None, *, now: datetime | None = None) -> bool:
     """Whether the workers' latest heartbeat in this database (``last_beat``) says they work on
     it now: the same minute :func:`jobs.listing.is_processing` gives a batch's (``status``)."""
@@ -844,6 +879,8 @@ class _Look:
     alive: int | None
     here: bool | None = None
     last_beat: datetime | None = None
+    #: The workers beat here, but their tick leader has stopped (:func:`jobs.listing.leader_stalled`).
+    stalled: store.WorkersBeat | None = None
 
 
 class _WorkerWatch(threading.Thread):
@@ -868,6 +905,7 @@ class _WorkerWatch(threading.Thread):
         ask: Callable[[Settings], int | None] = live_workers,
         heard: Callable[[Settings], datetime | None] = workers_heartbeat,
         grace: float = WORKER_BEAT_GRACE_SECONDS,
+        beats: Callable[[Settings], store.WorkersBeat] = workers_beats_here,
     ) -> None:
         super().__init__(name="wanbatch-worker-watch", daemon=True)
         self.settings = settings
@@ -875,6 +913,7 @@ class _WorkerWatch(threading.Thread):
         self.every = every
         self.ask = ask
         self.heard = heard
+        self.beats = beats
         self.grace = grace
         self.stopping = threading.Event()
         self._looked = threading.Event()
@@ -894,6 +933,8 @@ class _WorkerWatch(threading.Thread):
                 self.say(no_worker_warning(self.settings))
             elif look.alive is None:  # the broker itself is down
                 self.say(broker_down_warning(self.settings))
+            elif look.stalled is not None:
+                self.say(stalled_leader_warning(self.settings, look.alive, look.stalled))
             elif look.here is False:
                 if look.began - started >= self.grace:
                     self.say(elsewhere_warning(self.settings, look.alive, look.last_beat))
@@ -914,7 +955,20 @@ class _WorkerWatch(threading.Thread):
                 "could not read the workers' heartbeat", exc_info=True, extra={"event": "broker.beat_unread"}
             )
             return _Look(began, alive)
-        return _Look(began, alive, here=beating_here(last), last_beat=last)
+        if beating_here(last):
+            return _Look(began, alive, here=True, last_beat=last)
+        # No fresh beat of the tick leader: the other workers' beats tell a frozen leader (the
+        # workers do work on this database) from workers that serve another one.
+        try:
+            beats = self.beats(self.settings)
+        except Exception:
+            log.debug(
+                "could not read the workers' beats", exc_info=True, extra={"event": "broker.beat_unread"}
+            )
+            beats = None
+        if beats is not None and listing.leader_stalled(beats):
+            return _Look(began, alive, here=True, last_beat=last, stalled=beats)
+        return _Look(began, alive, here=False, last_beat=last)
 
     def _recent(self, wait: float) -> _Look | None:
         """The latest look, if made within the last two rounds (a look that hangs proves

@@ -149,6 +149,7 @@ from jobs.store.fal_outages import FalHoldRow, fal_holds, hold_fal, release_fal_
 from jobs.store.heartbeats import (
     HEARTBEAT_KEPT,
     BatchBeat,
+    WorkersBeat,
     batch_beats,
     drop_heartbeats,
     heartbeat_owners,
@@ -158,6 +159,7 @@ from jobs.store.heartbeats import (
     mark_broker_down,
     pacing_peers,
     record_heartbeat,
+    workers_beats,
     workers_broker_down_since,
     workers_last_beat,
 )
@@ -406,6 +408,7 @@ __all__ = [
     "UnfinishedBatch",
     "UnsentCancelled",
     "WindowEnd",
+    "WorkersBeat",
     "abandon_request",
     "add_jobs",
     "adopt_before_resend",
@@ -576,6 +579,7 @@ __all__ = [
     "wasted_usd",
     "window_end",
     "window_proof_adoptable",
+    "workers_beats",
     "workers_broker_down_since",
     "workers_last_beat",
 ]

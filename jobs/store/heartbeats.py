@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import EVERY_BATCH, SERVE_SCOPE, Batch, ConductorHeartbeat
+from jobs.models import EVERY_BATCH, SERVE_SCOPE, WORKER_SCOPE, Batch, ConductorHeartbeat
 from jobs.store.core import _dialect_insert
 
 #: Heartbeats of processes that died without clearing them are forgotten after this long.
@@ -230,4 +230,41 @@ def workers_last_beat(session: Session) -> datetime | None:
     that answer the broker but never beat here process another database."""
     return session.scalar(
         select(func.max(ConductorHeartbeat.seen_at)).where(ConductorHeartbeat.scope == EVERY_BATCH)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersBeat:
+    """The distributed workers' latest heartbeats in this database (:func:`workers_beats`): the
+    tick leader's (every batch) and the others' (:data:`~jobs.models.WORKER_SCOPE`). Workers
+    that beat here while their leader does not work on this database, and their leader is
+    stuck (a frozen process holding the lead); workers that answer the broker and beat neither
+    way work on another database."""
+
+    #: Who last beat as the tick leader, and when (None: no leader ever did).
+    leader_owner: str | None
+    leader_seen: datetime | None
+    #: When a worker that does not lead last beat (None: none ever did).
+    others_seen: datetime | None
+
+
+def workers_beats(session: Session) -> WorkersBeat:
+    """:class:`WorkersBeat` from one query (a row per worker process: a handful)."""
+    rows = session.execute(
+        select(ConductorHeartbeat.scope, ConductorHeartbeat.owner, ConductorHeartbeat.seen_at).where(
+            ConductorHeartbeat.scope.in_([EVERY_BATCH, WORKER_SCOPE])
+        )
+    )
+    leader: tuple[datetime, str] | None = None
+    others: datetime | None = None
+    for scope, owner, at in rows:
+        if scope == EVERY_BATCH:
+            if leader is None or at > leader[0]:
+                leader = (at, str(owner))
+        elif others is None or at > others:
+            others = at
+    return WorkersBeat(
+        leader_owner=None if leader is None else leader[1],
+        leader_seen=None if leader is None else leader[0],
+        others_seen=others,
     )
