@@ -1757,6 +1757,9 @@ def _report(
     )
     beat = reads.heartbeat(batch, now)
     processing = listing.is_processing(beat, now=now)
+    # The workers beat here, but their tick leader is frozen: nothing follows the requests' rows
+    # nor takes leases over until another worker leads (what the notes below would promise).
+    stalled = _tick_leader_note(batch, reads, done=done, processing=processing, now=now)
     # The workers cannot hand anything on: no batch they process moves (a simulation is a run's).
     broker_down = None if done or batch.simulated else reads.broker_down(now)
     if broker_down is not None and phase == "active":
@@ -1775,9 +1778,9 @@ def _report(
             batch.id,
             caps,
             waiting=lambda: reads.pending_endpoints(batch),
-            # Nothing processes the batch (its run stopped, the workers' leader is frozen): the
-            # requests' rows are not followed, and a back-off read from them holds nothing back.
-            queue=(lambda: reads.queue_waits(scope, caps, now)) if processing else (lambda: None),
+            # The workers' leader is frozen: the requests' rows are not followed, and a back-off
+            # read from them holds nothing back (nothing is sent at all).
+            queue=(lambda: reads.queue_waits(scope, caps, now)) if not stalled else (lambda: None),
             ahead=lambda: (
                 normal_batches_ahead(reads.session, batch.id, now=now) if batch.priority == "low" else ()
             ),
@@ -1829,8 +1832,8 @@ def _report(
         "fal_unreachable": [hold.as_json() for hold in fal_holds],
         "fal_unreachable_note": listing.fal_hold_text(fal_holds, now=now),
         "dead_lease_holders": [holder.as_json() for holder in dead],
-        "dead_lease_holders_note": listing.dead_holders_text(dead, now=now, processing=processing),
-        "tick_leader_note": _tick_leader_note(batch, reads, done=done, processing=processing, now=now),
+        "dead_lease_holders_note": listing.dead_holders_text(dead, now=now, processing=not stalled),
+        "tick_leader_note": stalled,
         "proof_waiting": proof.jobs if proof is not None else 0,
         "proof_wait_until": proof.until.isoformat() if proof is not None else None,
         "proof_wait_note": listing.proof_wait_text(proof, policy=policy, now=now),

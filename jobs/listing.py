@@ -924,9 +924,9 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime, processing: 
     lease's length, and nothing of the killed worker holding it. The takeover names its date
     when not on ``now``'s UTC day (:func:`utc_clock`).
 
-    Not ``processing`` (no process works on the batch now: its run stopped, or the workers'
-    tick leader is frozen), nothing takes the jobs over when the lease ends: the line says they
-    are taken over once a process works on the batch again, after that time."""
+    Not ``processing`` (the workers' tick leader is frozen, :func:`leader_stalled`: the
+    reconciler that takes leases over does not run), nothing takes the jobs over when the lease
+    ends: the line says they are taken over once a process works on the batch again."""
     if not dead:
         return ""
     jobs, until, who = _held_jobs(dead, holder_who)

@@ -114,3 +114,121 @@ def test_a_lock_failing_for_another_reason_keeps_its_traceback(
     finally:
         lock.release()
         engine.dispose()
+
+
+class _Clock:
+    """A monotonic clock a test moves on by hand (:class:`worker.ticker.LeaderWatch`'s)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _migrated(new_pg_database: Callable[[], str]) -> tuple[str, Engine]:
+    from jobs.db import migrate
+
+    url = new_pg_database()
+    engine = make_engine(url)
+    migrate(engine, from_models=False)
+    return url, engine
+
+
+def _leader_beats(engine: Engine, at_seconds: int) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from jobs import db, store
+    from jobs.models import EVERY_BATCH
+
+    at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=at_seconds)
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, "host-a:101:MainThread", [EVERY_BATCH], at)
+
+
+def test_a_silent_leader_is_ended_taken_over_and_steps_down(
+    new_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A leader whose beat stands still (frozen: its session, and the lock, live on) is ended by
+    a follower after ``silent_after`` of the follower's own clock; one whose beat moves is not.
+    The old leader's next check finds its session gone and steps down, in one warning."""
+    url, first = _migrated(new_pg_database)
+    second = make_engine(url)
+    leader, follower = LeaderLock(first), LeaderLock(second, silent_after=35.0)
+    clock = _Clock()
+    follower._watch.clock = clock
+    try:
+        assert leader.acquire()
+        _leader_beats(first, 0)
+        with caplog.at_level(logging.INFO, logger="worker.ticker"):
+            follower.watch_leader()  # first look
+            clock.now += 30.0
+            _leader_beats(first, 10)  # it beats: alive
+            follower.watch_leader()
+            clock.now += 34.0
+            follower.watch_leader()  # silent for 34 s: not yet
+            assert not follower.held
+            assert leader.acquire()
+            clock.now += 1.0
+            follower.watch_leader()  # 35 s: ended, and taken over
+            assert follower.acquire()  # it holds the lock now
+            assert not leader.acquire()  # it wakes: its lock session is gone
+            assert not leader.acquire()  # and the lock is another's
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 2, warnings
+        assert "the tick leader host-a:101 (database backend pid " in warnings[0]
+        assert "has not beaten for 35s while holding the leader lock" in warnings[0]
+        assert "ended its lock session; this worker takes over" in warnings[0]
+        assert "lost the leader lock" in warnings[1]
+        assert "stepping down" in warnings[1]
+        assert "unavailable" not in warnings[1]
+    finally:
+        leader.release()
+        follower.release()
+        first.dispose()
+        second.dispose()
+
+
+def test_a_role_that_may_not_end_the_leader_says_so_once_and_goes_on(
+    new_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader connects as a superuser, the follower as an ordinary role: PostgreSQL refuses
+    it ``pg_terminate_backend`` of a superuser's session. One warning, no traceback, no change."""
+    import uuid
+
+    url, first = _migrated(new_pg_database)
+    role = f"wanbatch_t_role_{uuid.uuid4().hex[:8]}"
+    _admin(f"CREATE ROLE {role} LOGIN")
+    second = make_engine(url.replace("postgres@", f"{role}@", 1))
+    leader, follower = LeaderLock(first), LeaderLock(second, silent_after=35.0)
+    clock = _Clock()
+    follower._watch.clock = clock
+    try:
+        assert leader.acquire()
+        _leader_beats(first, 0)
+        name = url.rsplit("/", 1)[1]
+        _admin_in(url, f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+        _admin(f'GRANT CONNECT ON DATABASE "{name}" TO {role}')
+        with caplog.at_level(logging.INFO, logger="worker.ticker"):
+            for _ in range(3):
+                follower.watch_leader()
+                clock.now += 40.0
+        assert not follower.held
+        assert leader.acquire()  # still leading
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "may not end its session" in warnings[0].getMessage()
+        assert warnings[0].exc_info is None
+    finally:
+        leader.release()
+        follower.release()
+        first.dispose()
+        second.dispose()
+        _admin_in(url, f"DROP OWNED BY {role}")
+        _admin(f"DROP ROLE IF EXISTS {role}")
+
+
+def _admin_in(url: str, sql: str) -> None:
+    """``sql`` as the admin, in the test's own database (``DROP OWNED`` is per database)."""
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(sql)
