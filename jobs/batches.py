@@ -1421,8 +1421,9 @@ def low_priority_note(
 
 
 def _tick_leader_note(batch: Batch, reads: _Reads, *, done: bool, processing: bool, now: datetime) -> str:
-    """``tick_leader_note``: asked only of an unfinished batch of the workers' (not a simulation)
-    that nothing processes — one read of the workers' beats, shared by every batch shown."""
+    """``tick_leader_note``: asked only with a broker (workers lead ticks only there), of an
+    unfinished batch of the workers' (not a simulation) that nothing processes — one read of
+    the workers' beats, shared by every batch shown."""
     if done or processing or batch.simulated:
         return ""
     beats = reads.workers_beats()
@@ -1759,7 +1760,7 @@ def _report(
     processing = listing.is_processing(beat, now=now)
     # The workers beat here, but their tick leader is frozen: nothing follows the requests' rows
     # nor takes leases over until another worker leads (what the notes below would promise).
-    stalled = _tick_leader_note(batch, reads, done=done, processing=processing, now=now)
+    stalled = _tick_leader_note(batch, reads, done=done, processing=processing, now=now) if broker_url else ""
     # The workers cannot hand anything on: no batch they process moves (a simulation is a run's).
     broker_down = None if done or batch.simulated else reads.broker_down(now)
     if broker_down is not None and phase == "active":
