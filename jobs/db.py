@@ -2802,6 +2802,36 @@ def _advisory_key_parts(key: int) -> dict[str, int]:
     return {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
 
 
+#: Ends the session holding the advisory lock of a key (``classid``/``objid`` as above) while it
+#: sits idle in its transaction for longer than ``:secs`` by the server's clock: a process frozen
+#: mid-transaction (its kernel answers, nothing more ever comes).
+_TERMINATE_STUCK = text(
+    "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+    "JOIN pg_database d ON d.oid = l.database AND d.datname = current_database() "
+    "JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid = CAST(:hi AS oid) AND l.objid = CAST(:lo AS oid) "
+    "AND a.state LIKE 'idle in transaction%' AND a.state_change < now() - make_interval(secs => :secs)"
+)
+
+
+def terminate_stuck_holder(engine: Engine, key: int, idle_seconds: float) -> int | None:
+    """End the session that holds the (transaction-level) advisory lock ``key`` if it has sat
+    idle in its transaction for over ``idle_seconds``: how many were ended (0 or 1), None when
+    this role may not (:func:`terminate_advisory_holder`). The tick leader frozen in the middle
+    of a dispatch round holds the round's lock on a connection of its pool, not the leader
+    lock's: left alone, its successor's first round would wait for it for ever."""
+    try:
+        with engine.connect() as conn:
+            ended = conn.execute(_TERMINATE_STUCK, {**_advisory_key_parts(key), "secs": idle_seconds}).all()
+            conn.commit()
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == _PG_INSUFFICIENT_PRIVILEGE:
+            return None
+        raise
+    return sum(1 for (done,) in ended if done)
+
+
 def advisory_lock_holder(engine: Engine, key: int) -> int | None:
     """The backend pid of the session that holds the session-level advisory lock ``key`` in
     this database (None: nobody does). One read of ``pg_locks`` and ``pg_stat_activity``,

@@ -218,6 +218,13 @@ class LeaderLock:
             silent,
             extra={"event": "tick.leader_frozen"},
         )
+        # Frozen in the middle of a dispatch round, it holds that round's lock too (on another
+        # connection): its successor's first round would wait for it for ever.
+        if db.terminate_stuck_holder(self.engine, store.DISPATCH_LOCK_KEY, self._watch.silent_after):
+            log.warning(
+                "also ended the frozen leader's dispatch round, left open in its transaction",
+                extra={"event": "tick.leader_frozen_round"},
+            )
         deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
         while not self.acquire() and time.monotonic() < deadline:
             time.sleep(0.1)  # the backend exits a moment after the signal; else the next tick takes it

@@ -128,6 +128,7 @@ from jobs.store.creating import places_after as places_after
 from jobs.store.creating import resubmit_jobs as resubmit_jobs
 from jobs.store.creating import revive_budget_cancelled as revive_budget_cancelled
 from jobs.store.dashboard_sessions import dashboard_session_revoked, revoke_dashboard_session
+from jobs.store.dispatch import DISPATCH_LOCK_KEY as DISPATCH_LOCK_KEY
 from jobs.store.dispatch import (
     SubmitTokens,
     cancelled_batches_with_work,

@@ -20,6 +20,8 @@ from jobs.store.core import _dialect_insert, _prepared, _run
 #: Key of the PostgreSQL advisory lock one dispatch round holds at a time (an arbitrary constant
 #: of PostgreSQL's signed 64-bit lock keys: "dispatch" in ASCII).
 _DISPATCH_LOCK_KEY = 0x6469737061746368
+#: The same key, for those who must find a round's holder (:meth:`worker.ticker.LeaderLock.watch_leader`).
+DISPATCH_LOCK_KEY = _DISPATCH_LOCK_KEY
 
 
 def lock_dispatch(session: Session) -> None:

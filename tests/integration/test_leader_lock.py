@@ -232,3 +232,39 @@ def _admin_in(url: str, sql: str) -> None:
     """``sql`` as the admin, in the test's own database (``DROP OWNED`` is per database)."""
     with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(sql)
+
+
+def test_a_leader_frozen_in_a_dispatch_round_has_that_round_ended_too(
+    new_pg_database: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Frozen mid-round, the leader holds the dispatch round's lock on a connection of its pool:
+    ended with its lock session, or the successor's first round would wait for it for ever."""
+    import time
+
+    from jobs import store
+
+    url, first = _migrated(new_pg_database)
+    second = make_engine(url)
+    leader, follower = LeaderLock(first), LeaderLock(second, silent_after=1.0)
+    clock = _Clock()
+    follower._watch.clock = clock
+    round_conn = psycopg.connect(url, connect_timeout=5)  # the frozen leader's round, left open
+    try:
+        assert leader.acquire()
+        _leader_beats(first, 0)
+        round_conn.execute("SELECT pg_advisory_xact_lock(%s)", (store.DISPATCH_LOCK_KEY,))
+        follower.watch_leader()
+        clock.now += 1.0
+        time.sleep(1.2)  # the round's transaction idle for longer than silent_after, by the server's clock
+        with caplog.at_level(logging.INFO, logger="worker.ticker"):
+            follower.watch_leader()
+        assert follower.acquire()
+        assert any("also ended the frozen leader's dispatch round" in r.getMessage() for r in caplog.records)
+        with pytest.raises(psycopg.OperationalError):
+            round_conn.execute("SELECT 1")
+    finally:
+        round_conn.close()
+        leader.release()
+        follower.release()
+        first.dispose()
+        second.dispose()
