@@ -87,6 +87,14 @@ _tried_at: float | None = None
 _said = False
 #: A backward step of SQLite's timeline smaller than this (s) is not one (a slew, a slow tick).
 STEP_SECONDS = 2.0
+#: How far (s) SQLite's timeline may run past its high-water mark (``clock_marks``) before a tick
+#: raises it. Raised at every tick, the mark cost a write transaction a second (a WAL sync)
+#: while a run only waited at fal; raised this rarely, it costs one every 10 s, and a step back
+#: is measured at most this much short (the waits it moves are due that much late, never early).
+#: A step back of more than ``STEP_SECONDS`` + this is always caught up; one between the two is
+#: caught up when the mark happens to be fresh, as a step within a tick interval of the mark
+#: (up to 8 s between two idle ticks) never was.
+MARK_SLACK_SECONDS = 10.0
 
 
 def utcnow() -> datetime:

@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -457,24 +457,38 @@ _MARK = cast(Table, ClockMark.__table__)
 _MARK_ID = 1
 
 
-def catch_up_with_timeline(session: Session, *, now: datetime, step: timedelta) -> tuple[timedelta, int]:
+class TimelineLook(NamedTuple):
+    """What :func:`catch_up_with_timeline` found and did."""
+
+    #: How far the clock went back (zero: it did not, or another process caught up already).
+    back: timedelta
+    #: How many jobs' waits were brought forward.
+    moved: int
+    #: The high-water mark as the database holds it now.
+    mark: datetime
+
+
+def catch_up_with_timeline(
+    session: Session, *, now: datetime, step: timedelta, slack: timedelta = timedelta(0)
+) -> TimelineLook:
     """Keep the timeline's high-water mark (:class:`ClockMark`) and catch up with a backward step
     of the clock: ``now`` more than ``step`` before the mark, every wait still ahead is brought
     forward by the difference (:func:`bring_waits_forward`) and the mark set to ``now``; else the
-    mark is raised to ``now``. Idempotent across processes when each calls it in a transaction
-    that holds the writer (SQLite's ``BEGIN IMMEDIATE``), reading ``now`` once it does: the
-    second to come after a step finds the mark lowered, nothing to move. How far the clock went
-    back (zero: it did not) and how many jobs were moved."""
+    mark is raised to ``now`` once ``now`` passed it by more than ``slack``
+    (:data:`jobs.clock.MARK_SLACK_SECONDS`: no write at every tick). Idempotent across processes
+    when each calls it in a transaction that holds the writer (SQLite's ``BEGIN IMMEDIATE``),
+    reading ``now`` once it does: the second to come after a step finds the mark lowered, nothing
+    to move."""
     mark = session.execute(select(_MARK.c.high_water).where(_MARK.c.id == _MARK_ID)).scalar_one_or_none()
     if mark is None:
         session.execute(insert(_MARK).values(id=_MARK_ID, high_water=now))
-        return timedelta(0), 0
+        return TimelineLook(timedelta(0), 0, now)
     if now < mark - step:
         back = mark - now
         moved = bring_waits_forward(session, by=back, now=now)
-    elif now > mark:
+    elif now > mark + slack:
         back, moved = timedelta(0), 0
     else:
-        return timedelta(0), 0
+        return TimelineLook(timedelta(0), 0, mark)
     session.execute(update(_MARK).where(_MARK.c.id == _MARK_ID).values(high_water=now))
-    return back, moved
+    return TimelineLook(back, moved, now)

@@ -330,6 +330,11 @@ class Runtime:
     #: round comes with every completion, heartbeats every 10 s and count for 60 s, so rounds
     #: within :data:`worker.steps.dispatch.FOLLOWED_REFRESH_SECONDS` of a read reuse it.
     followed: tuple[float, store.Followed] | None = None
+    #: The high-water mark of SQLite's timeline (``clock_marks``) as this runtime's tick last read
+    #: or wrote it: the tick asks the database only when the time left the window around it that
+    #: cannot change the answer (:func:`worker.steps.tick.catch_up_with_clock_step`). None: not
+    #: read yet (or PostgreSQL, which keeps no mark).
+    timeline_mark: datetime | None = None
     #: How many jobs dispatch rounds of this runtime have cancelled for a budget cap so far (a
     #: counter that only grows): work done, though nothing was sent — the tick that did it is
     #: not idle, and the conductor dispatches again at once while a batch is being wound down.

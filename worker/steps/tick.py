@@ -81,12 +81,23 @@ def catch_up_with_clock_step(rt: Runtime) -> int:
     (:func:`jobs.store.catch_up_with_timeline`), in the tick's own ``BEGIN IMMEDIATE``
     transaction: of several processes sharing the file, the first to tick after the step moves
     the waits, and the others find nothing to do (each judging on its own moved them once each).
-    PostgreSQL: nothing (every process reads the server's clock, :mod:`jobs.clock`)."""
+    PostgreSQL: nothing (every process reads the server's clock, :mod:`jobs.clock`).
+
+    The database is asked only when its answer could be other than "nothing": when the time is
+    more than a step before the mark as this process last saw it (a step back, or another process
+    caught up with one and lowered the mark), or past it by more than
+    :data:`jobs.clock.MARK_SLACK_SECONDS` (time to raise it). A run waiting at fal wrote the mark
+    at every tick: a write transaction, and a WAL sync, every second."""
     if rt.engine.dialect.name != "sqlite":
         return 0
+    step = timedelta(seconds=clock.STEP_SECONDS)
+    slack = timedelta(seconds=clock.MARK_SLACK_SECONDS)
+    known = rt.timeline_mark
+    if known is not None and known - step <= utcnow() <= known + slack:
+        return 0
     with db.session_scope(rt.engine) as session:
-        back, moved = store.catch_up_with_timeline(
-            session, now=utcnow(), step=timedelta(seconds=clock.STEP_SECONDS)
+        back, moved, rt.timeline_mark = store.catch_up_with_timeline(
+            session, now=utcnow(), step=step, slack=slack
         )
     if not back:
         return 0
