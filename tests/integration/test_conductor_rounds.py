@@ -213,3 +213,28 @@ def test_a_submit_already_followed_wakes_no_round(
     assert conductor._take(0) == ([], set(), False)
     conductor.notify("submitted", "job-b")  # another process's submit (LISTEN): to be followed
     assert conductor._take(0) == ([], {"job-b"}, False)
+
+
+def test_a_full_cap_leaves_no_dispatch_round_to_come_back_for(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """While the jobs wait at fal (60-150 s a Wan render) and the outstanding cap is full, the
+    conductor sets no time to dispatch again (:meth:`Conductor._redispatch_at`): a freed slot
+    (``notify("freed")``, a stream's completion) or the next tick is what can change dispatch's
+    answer, and a look every 20 ms would only read the caps again. A round left short by the
+    submit rate asks to come back: once the cap is full, the round that finds it so takes that
+    back. (Issue #11 measured no such looks while waiting: a guard, not a fix.)"""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "out", max_outstanding=1))
+    batch_id = add_batch(
+        engine, "capped", [("fal-ai/wan-22", {"prompt": p, "resolution": "480p"}) for p in "ab"]
+    )
+    first, _ = job_ids(engine, batch_id)
+    conductor = Conductor(rt, stream=False)
+    assert dispatch(rt) == [first]  # the cap of 1 holds B back
+    assert submit(rt, first) == "submitted"  # A waits at fal
+    assert rt.bucket is not None
+    rt.bucket.short = True  # as a round the rate held back left it
+    assert conductor._redispatch_at() is not None
+    assert dispatch(rt) == []  # the cap is full: nothing to claim
+    assert conductor._redispatch_at() is None  # nothing to come back for before an event
