@@ -760,11 +760,12 @@ class _Durability:
         self.committed += 1
         return self.committed if changed > count.changes else 0
 
-    def sync(self, upto: int) -> None:
+    def sync(self, upto: int, *, log: bool = False) -> None:
         """Make every commit up to number ``upto`` durable (nothing when a sync that began after
-        it is done already)."""
+        it is done already). ``log``: sync the log whatever this process's counts say, for the
+        commits other processes made in it (:func:`sync_log`)."""
         with self._lock:
-            if self.synced >= upto:
+            if self.synced >= upto and not log:
                 return
             target = self.committed
             self._sync_wal()
@@ -812,11 +813,23 @@ def _sync_folder(folder: Path) -> None:
 sync_file: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
+def sync_log(engine: Engine) -> None:
+    """Make every commit in ``engine``'s SQLite file durable, whichever process made it: before
+    ``run`` reports what the batch's jobs did, which other processes may have committed without a
+    sync of their own (a worker's, or a second run's, success stored in a local folder) — this
+    process's counts (:func:`sync_commits`) know nothing of those. One ``fdatasync`` of the log,
+    also when this process never wrote; nothing on PostgreSQL."""
+    writer = _WRITERS.get(engine)
+    if writer is not None:
+        writer.sync_log()
+
+
 def sync_commits(engine: Engine) -> None:
     """Make every commit this process made on ``engine`` durable (see :func:`covered`), before
-    something outside the database depends on commits that were not synced: ``run``'s report
-    and exit status, a file renamed into place. One ``fdatasync`` at most, none when nothing
-    waits for one; nothing on PostgreSQL, whose every commit is durable."""
+    something outside the database depends on commits that were not synced: a file renamed into
+    place (``run``'s report reads other processes' commits too: :func:`sync_log`). One
+    ``fdatasync`` at most, none when nothing waits for one; nothing on PostgreSQL, whose every
+    commit is durable."""
     writer = _WRITERS.get(engine)
     if writer is not None:
         writer.durability.sync(writer.durability.committed)
@@ -876,6 +889,22 @@ class _Writer:
                 self.writers.release()
         if upto:  # outside the lock: the next writer commits meanwhile, a later sync covers both
             self.durability.sync(upto)
+
+    def sync_log(self) -> None:
+        """:func:`sync_log`: the log named as SQLite names it, asked of a connection of the pool
+        when this process's writer never connected (its units set it: :meth:`_connect`)."""
+        if self.durability.wal is None:
+            raw = self.engine.raw_connection()
+            try:
+                dbapi = raw.driver_connection
+                assert dbapi is not None  # just checked out
+                main = dbapi.execute("PRAGMA database_list").fetchone()
+            finally:
+                raw.close()
+            if not main or not main[2]:  # an in-memory database: no log on disk
+                return
+            self.durability.wal = Path(f"{main[2]}-wal")
+        self.durability.sync(self.durability.committed, log=True)
 
     def _connect(self) -> Connection:
         connection = self._connection

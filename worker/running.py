@@ -83,6 +83,7 @@ from worker.progress_line import PlainProgress, batch_progress_display, money_te
 from worker.stranded import Stranded
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
     from sqlalchemy.orm import Session
 
     from worker.conductor import Conductor
@@ -1086,6 +1087,7 @@ def process_batch(
             ) from None
         finally:
             watch.stopping.set()
+        _sync_log(open_engine(settings))  # the workers' commits: what the report reads
     else:
         _process_embedded(batch_id, settings, console, show_progress, stats, serve_metrics, again, keyless)
     stats.wall_seconds = time.monotonic() - started
@@ -1242,21 +1244,22 @@ def _process_embedded(
                 raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
-        _sync_commits(rt)
+        _sync_log(rt.engine)
         stop_metrics()
         _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
 
 
-def _sync_commits(rt: Runtime) -> None:
-    """Before ``run`` reports what it did (or why it stopped) and exits: every commit of this
-    process on disk, those that synced nothing of their own too (a success stored in a local
-    folder, a status heard: :func:`jobs.db.covered`), so that a power cut after the report
-    cannot take back what it said. A sync that fails is said, and the report still comes: the
-    commits are in the database, only their surviving a power cut is in doubt."""
+def _sync_log(engine: Engine) -> None:
+    """Before ``run`` reports what it did (or why it stopped) and exits: every commit on disk,
+    those that synced nothing of their own too (a success stored in a local folder, a status
+    heard: :func:`jobs.db.covered`) — this process's, and those of the other processes that
+    worked on the batch (the workers of a broker, a second run beside it) — so that a power cut
+    after the report cannot take back what it said. A sync that fails is said, and the report
+    still comes: the commits are in the database, only their surviving a power cut is in doubt."""
     try:
-        db.sync_commits(rt.engine)
+        db.sync_log(engine)
     except Exception as exc:
         log.warning(
             "could not sync the database before the report (%s): a power cut now could lose its last changes",

@@ -351,3 +351,73 @@ def test_a_video_is_stored_once_its_completion_is_on_disk(
     assert len(syncs) == 1  # the success: not yet
     db.sync_commits(sqlite_engine)  # as run does before its report
     assert len(syncs) == 2
+
+
+def test_a_report_syncs_the_commits_of_other_processes_too(
+    sqlite_engine: Engine, sqlite_url: str, syncs: list[int]
+) -> None:
+    """``run``'s report reads what every process committed: a success another process (a
+    worker, a second run of the batch) stored in a local folder without a sync of its own is on
+    disk before the report says it, though this process has nothing of its own left to sync."""
+    job_id = _pending_job(sqlite_engine)
+    other = db.make_engine(sqlite_url)  # another process's writer: its own connection and counts
+    try:
+        with db.session_scope(other) as session:
+            fence = store.Fence.of(store.get_job(session, job_id), "them")
+            assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=utcnow())
+        syncs.clear()
+        db.sync_log(sqlite_engine)  # as run does before its report
+        assert len(syncs) == 1
+    finally:
+        other.dispose()
+
+
+def test_a_report_syncs_the_log_of_a_process_that_never_wrote(
+    sqlite_engine: Engine, sqlite_url: str, syncs: list[int]
+) -> None:
+    """A ``run`` with a broker may write nothing itself (the workers do): its report still waits
+    for their commits to be on disk."""
+    job_id = _pending_job(sqlite_engine)
+    with db.session_scope(sqlite_engine) as session:
+        fence = store.Fence.of(store.get_job(session, job_id), "them")
+        assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=utcnow())
+    watcher = db.make_engine(sqlite_url)  # opened its writer never
+    try:
+        syncs.clear()
+        db.sync_log(watcher)
+        assert len(syncs) == 1
+    finally:
+        watcher.dispose()
+
+
+def test_a_run_with_a_broker_syncs_before_its_report(
+    sqlite_engine: Engine, sqlite_url: str, syncs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers' successes stored in a local folder wait for a sync (:func:`jobs.db.covered`):
+    ``run`` watching them through a broker syncs the log before it reads its report."""
+    from worker import running
+
+    batch_id = add_batch(sqlite_engine, "brokered", [(T2V, {"prompt": "a boat"})])
+    settings = settings_for(
+        "http://127.0.0.1:9", KEY, database_url=sqlite_url, broker_url="redis://127.0.0.1:6379/15"
+    )
+
+    class _NoWatch:
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            self.stopping = threading.Event()
+
+        def start(self) -> None:
+            pass
+
+    synced_at_report: list[int] = []
+
+    def report(_batch_id: str, _settings: Any) -> dict[str, Any]:
+        synced_at_report.append(len(syncs))
+        return {}
+
+    monkeypatch.setattr(running, "_WorkerWatch", _NoWatch)
+    monkeypatch.setattr(running, "_watch", lambda *_args, **_kwargs: None)
+    monkeypatch.setattr(running, "_final_report", report)
+    syncs.clear()
+    process_batch(batch_id, settings, show_progress=False, serve_metrics=False)
+    assert synced_at_report == [1]

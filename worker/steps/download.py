@@ -736,7 +736,7 @@ def _store_video(
     # The success needs no sync of its own when nothing is removed once it is stored (a local
     # folder's video, no staged copy taken): lost to a power cut, the job takes the saved video
     # again, without a download (README: "A run killed after a video was saved"); `run` syncs
-    # before it reports (jobs.db.sync_commits). A copy removed after it (S3's staged video, a
+    # before it reports (jobs.db.sync_log). A copy removed after it (S3's staged video, a
     # taken one) must not go before the success is on disk.
     removes = outs.is_remote or taken is not None
     with db.session_scope(rt.engine) as session:
