@@ -1379,8 +1379,9 @@ class RedisGCRA:
         return self.publish_over(by)[0]
 
     def publish_over(self, by: str) -> tuple[Limits | None, Limits | None]:
-        """:meth:`publish`, and the limits published last before these (:func:`last_policy_key`),
-        by whichever leader, live or not, this one too (None: none kept)."""
+        """:meth:`publish`, and the limits published last before these, by whichever leader, live
+        or not, this one too (None: none kept): the policy replaced, else, when there was none
+        (its leader stopped cleanly), its copy (:func:`last_policy_key`)."""
         with self._leading_lock:
             self._leading_as = by
             return self._publish_as(by)
@@ -1397,7 +1398,10 @@ class RedisGCRA:
         self.outage.answered()
         found = Limits.parse(dict(zip(before[::2], before[1::2], strict=True)))
         fresh = found if found is not None and found.fresh(int(now_us) / 1_000_000) else None
-        return fresh, Limits.parse(dict(zip(last[::2], last[1::2], strict=True))) or found
+        # The policy replaced, while there is one, is what was in force (stale or not): the copy
+        # is for a policy gone (a leader's clean stop), and one of a version that keeps no copy
+        # (a rolling upgrade) leaves an older leader's copy behind it.
+        return fresh, found or Limits.parse(dict(zip(last[::2], last[1::2], strict=True)))
 
     def unpublish(self) -> None:
         """A leader's clean stop: its policy goes with it (if still its own), so no later
@@ -1491,9 +1495,9 @@ def publish_limits(limiter: SubmitLimiter | None, by: str) -> None:
         before, last = limiter.publish_over(by)
     except LimiterUnavailableError:
         return
-    # The limits in force until now: the copy of the last published (stays when its leader stops
-    # cleanly), else the policy replaced (one published by a version without the copy), else the
-    # policy this process saw last (the limiter's Redis flushed meanwhile).
+    # The limits in force until now: the policy replaced (stale or not; one published by a version
+    # without the copy too), else the copy of the last published (stays when its leader stops
+    # cleanly), else the policy this process saw last (the limiter's Redis flushed meanwhile).
     previous = last or before or seen
     if previous is None or previous.by == by:
         return

@@ -402,3 +402,31 @@ def test_the_global_limits_in_force_are_the_leaders_and_a_new_leaders_change_is_
         redis_client.delete(peers_key(database), policy, policy + ":last", leader_key(database))
         for limiter in limiters:
             limiter.close()
+
+
+def test_a_new_leader_after_an_older_version_compares_with_that_leader_s_limits(
+    peers_db: tuple[str, redis.Redis[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling upgrade: leader A (this version) published, then B, of a version that keeps no
+    copy of the limits published last, led; C (this version) takes over from B, live. The limits
+    in force until C were B's: C compares with those and names B, never A's week-old copy."""
+    url, _client = peers_db
+    database = f"rolling-{uuid.uuid4().hex[:8]}"
+
+    def limiter(rate: float, outstanding: int) -> RedisGCRA:
+        settings = Settings(FAL_KEY=SecretStr(KEY), submit_rate=rate, max_outstanding=outstanding)
+        return RedisGCRA.from_url(settings, url, database=database)
+
+    a, b, c = limiter(2, 8), limiter(5, 20), limiter(5, 20)
+    try:
+        limits_module.publish_limits(a, "host-a:1:")
+        # B publishes as a version without the copy did: the policy and the leader record only.
+        flat = [part for pair in Limits.of(b.settings, "host-b:2:").fields().items() for part in pair]
+        b._publish(keys=[b.policy, b.leader_record], args=[limits_module.POLICY_TTL_SECONDS, *flat])
+        with caplog.at_level(logging.WARNING):
+            limits_module.publish_limits(c, "host-c:3:")
+        said = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "limits.changed"]
+        assert said == []  # C's limits are B's, in force until now: nothing changed
+    finally:
+        for one in (a, b, c):
+            one.close()
