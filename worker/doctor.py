@@ -476,7 +476,7 @@ def _check_broker(settings: Settings) -> Check:
             f"{stalled_leader_text(beats)}{named}",
             "find the frozen worker (the process named above) and resume it (kill -CONT, fg) or stop "
             "it; if the other workers' logs say their database role may not end its session, give "
-            "the workers one role (or grant theirs pg_signal_backend)",
+            "the workers one role (or grant theirs pg_signal_backend and pg_read_all_stats)",
         )
     elif beat is None or not beating_here(beat):
         last = "none ever" if beat is None else f"the last {_ago(beat)} ago"

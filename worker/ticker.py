@@ -198,7 +198,8 @@ class LeaderLock:
                 log.warning(
                     "the tick leader %s (database backend pid %d) has not beaten for %.0fs while "
                     "holding the leader lock, but this worker's database role may not end its "
-                    "session (it needs the same role, membership in it, or pg_signal_backend): "
+                    "session (it needs the same role, membership in it, or pg_signal_backend and "
+                    "pg_read_all_stats): "
                     "nothing is dispatched or collected until it resumes or its connection ends",
                     owner,
                     holder,
