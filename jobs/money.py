@@ -15,7 +15,10 @@ default banker's rounding (``$2.84``, but ``$2.825`` → ``$2.82``): two command
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
@@ -112,3 +115,52 @@ BATCH_CAP_ERROR = "budget"
 DAILY_CAP_ERROR = "daily_budget"
 #: Both: "cancelled for budget" counts them together.
 BUDGET_ERRORS = (BATCH_CAP_ERROR, DAILY_CAP_ERROR)
+
+
+#: How many batches a daily-cap message names, the largest first; the rest are counted
+#: ("and 2 more"): the message stays one line however many batches shared the day.
+NAMED_BATCHES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpender:
+    """One batch's share of what the day's cap counts (``WANBATCH_DAILY_BUDGET_USD``)."""
+
+    batch_id: str
+    name: str
+    usd: Decimal
+
+
+def others_today(spenders: Sequence[DaySpender], own: str | None) -> tuple[Decimal, str]:
+    """What the batches other than ``own`` (an id or a name; None: every batch is another)
+    committed today, and those batches named, the largest first (``spenders`` are so ordered):
+    ``"bob-lh, carol-lh"``, ``"a, b, c and 2 more"``; ``(0, "")`` when none did.
+
+    The day's cap is summed over every batch of the database (one fal account, shared): an audit
+    had three people on one PostgreSQL database, and Alice's jobs were cancelled by "$31.39 of
+    today's $5.00 cap" of which $30.59 was Bob's and Carol's, which nothing said."""
+    others = [s for s in spenders if s.usd > 0 and own not in (s.batch_id, s.name)]
+    if not others:
+        return Decimal(0), ""
+    named = ", ".join(s.name for s in others[:NAMED_BATCHES])
+    more = len(others) - NAMED_BATCHES
+    return sum((s.usd for s in others), Decimal(0)), f"{named} and {more} more" if more > 0 else named
+
+
+#: The cap a daily-cap refusal names: ``… of today's $5.00 cap …`` (:data:`DAILY_CAP_ERROR`).
+_DAILY_CAP_IN_ERROR = re.compile(r"of today's \$([0-9][0-9,]*(?:\.[0-9]+)?) cap")
+
+
+def daily_cap_in(error: str | None) -> Decimal | None:
+    """The day's cap a daily-cap refusal (``error`` of a :data:`DAILY_CAP_ERROR` job) was
+    checked against, as it wrote it (its decimals: as many as the message showed), or None.
+
+    The cap is a process's setting, not the batch's: the one that refused a job may not be the
+    one of the process that reads it (``status`` in another shell), so the advice compares them."""
+    found = _DAILY_CAP_IN_ERROR.search(error or "")
+    if found is None:
+        return None
+    try:
+        return Decimal(found.group(1).replace(",", ""))
+    except InvalidOperation:
+        return None

@@ -43,11 +43,17 @@ def _batch(engine: Engine, batch_id: str) -> tuple[Decimal, Decimal]:
 
 
 def _today(engine: Engine) -> tuple[Decimal, Decimal]:
-    """(the daily budget check's figure, the full sum) for today (UTC)."""
+    """(the daily budget check's figure, the full sum) for today (UTC). The same figure by batch
+    (whose spending a daily-cap refusal names) sums to it, every batch named once."""
     now = utcnow()
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with db.read_scope(engine) as session:
-        return store.committed_usd_today(session, now), store.committed_usd_since(session, midnight)
+        fast = store.committed_usd_today(session, now)
+        by_batch = store.committed_usd_today_by_batch(session, now)
+        assert sum((s.usd for s in by_batch), Decimal(0)) == fast
+        assert len({s.batch_id for s in by_batch}) == len(by_batch)
+        assert [s.usd for s in by_batch] == sorted((s.usd for s in by_batch), reverse=True)
+        return fast, store.committed_usd_since(session, midnight)
 
 
 def _finished(engine: Engine, batch_id: str) -> Decimal:

@@ -47,7 +47,10 @@ def test_one_round_stops_at_the_batch_cap_then_at_the_daily_cap(engine: Engine) 
     # $1.00 of today's $1.50 is committed (reserved) by the first batch: two more fit.
     other = add_batch(engine, "other", [WAN] * 4, est_usd=Decimal("0.25"))
     assert len(dispatch(make_runtime(engine, settings, batch_ids=frozenset({other})))) == 2
-    daily_refusal = "budget: submitting would commit $1.75 of today's $1.50 cap (WANBATCH_DAILY_BUDGET_USD)"
+    daily_refusal = (  # whose the rest of the day's money is: the first batch's
+        "budget: submitting would commit $1.75 of today's $1.50 cap "
+        "(WANBATCH_DAILY_BUDGET_USD; $1.00 of it by other batches: capped)"
+    )
     assert errors_of(engine, other) == {"submitting": [None] * 2, "cancelled": [daily_refusal] * 2}
 
 

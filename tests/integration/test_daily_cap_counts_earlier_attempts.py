@@ -117,7 +117,8 @@ def test_a_job_sent_again_counts_its_earlier_attempts_bill_in_the_day(engine: En
     job = _job(engine, other)
     assert (job.state, job.error_type) == (S.CANCELLED, DAILY_CAP_ERROR)
     assert job.error == (
-        "budget: submitting would commit $0.75 of today's $0.70 cap (WANBATCH_DAILY_BUDGET_USD)"
+        "budget: submitting would commit $0.75 of today's $0.70 cap "
+        "(WANBATCH_DAILY_BUDGET_USD; $0.50 of it by other batches: billed-then-resent)"
     )
 
 
@@ -132,6 +133,11 @@ def test_in_one_round_a_resent_job_keeps_its_bill_in_the_day(engine: Engine) -> 
     assert sent == [_job(engine, resent).id]
     job = _job(engine, other)
     assert (job.state, job.error_type) == (S.CANCELLED, DAILY_CAP_ERROR)
+    # Whose the day's money is, read in the round after the resend: its bill and its estimate.
+    assert job.error == (
+        "budget: submitting would commit $0.75 of today's $0.70 cap "
+        "(WANBATCH_DAILY_BUDGET_USD; $0.50 of it by other batches: billed-then-resent)"
+    )
     assert _today(engine) == (Decimal("0.50"), Decimal("0.50"))
 
 

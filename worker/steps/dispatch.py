@@ -9,7 +9,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from functools import partial
+from functools import cache, partial
 from typing import Any, cast
 
 from sqlalchemy.orm import Session
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from jobs import db, moved_outputs, output_store, store
 from jobs.endpoints import all_endpoints
 from jobs.models import BatchRecord, BatchState, Job, JobRecord, utcnow
-from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, usd_apart, usd_text
+from jobs.money import BATCH_CAP_ERROR, DAILY_CAP_ERROR, DaySpender, others_today, usd_apart, usd_text
 from jobs.output_store import OutputReadError
 from jobs.outputs import OutputWriteError
 from jobs.pricing import priced_otherwise
@@ -781,6 +781,7 @@ class _Committed:
         self.daily_cap = daily_cap
         self._batches: dict[str, tuple[Decimal | None, Decimal]] = {}  # id → (cap, committed)
         self._today: Decimal | None = None
+        self._by_batch: dict[str, DaySpender] | None = None  # the day's sum by batch: whose
 
     def batch(self, batch_id: str) -> tuple[Decimal | None, Decimal]:
         """The batch's cap (None: no cap) and what it has committed."""
@@ -795,6 +796,21 @@ class _Committed:
         if self._today is None:
             self._today = store.committed_usd_today(self._session, self.since)
         return self._today
+
+    def others_today(self, batch_id: str) -> str:
+        """Whose spending the day's cap counts besides ``batch_id``'s, for its refusal's
+        ``error`` (:func:`_daily_cap_error`): ``"; $30.59 of it by other batches: bob-lh,
+        carol-lh"``, or "" when no other batch committed anything today.
+
+        The breakdown is one grouped query (:func:`jobs.store.committed_usd_today_by_batch`),
+        read only once a round refuses a job for the day's cap, then kept current by
+        :meth:`add` as the day's sum is."""
+        if self._by_batch is None:
+            spenders = store.committed_usd_today_by_batch(self._session, self.since)
+            self._by_batch = {s.batch_id: s for s in spenders}
+        spenders = sorted(self._by_batch.values(), key=lambda s: (-s.usd, s.name))
+        usd, names = others_today(spenders, batch_id)
+        return f"; {usd_text(usd)} of it by other batches: {names}" if names else ""
 
     def counts_today(self, batch_id: str) -> bool:
         """Whether the batch's money counts toward the daily budget: a simulation's never does
@@ -816,6 +832,16 @@ class _Committed:
             self._batches[job.batch_id] = (cap, committed + job.est_usd)
         if self._today is not None and self.counts_today(job.batch_id):
             self._today += self.adds_today(job)
+            self._add_by_batch(job)
+
+    def _add_by_batch(self, job: JobRecord) -> None:
+        """:meth:`add` for the day's sum by batch, once it was read (:meth:`others_today`)."""
+        if self._by_batch is None:
+            return
+        was = self._by_batch.get(job.batch_id)
+        name = was.name if was is not None else self._round_batches.get(job.batch_id).name
+        usd = (was.usd if was is not None else Decimal(0)) + self.adds_today(job)
+        self._by_batch[job.batch_id] = DaySpender(batch_id=job.batch_id, name=name, usd=usd)
 
     def adds_today(self, job: JobRecord) -> Decimal:
         """What sending ``job`` adds to the day's committed sum: its estimate, and what its
@@ -843,7 +869,8 @@ def _budget_refusal(committed: _Committed, job: JobRecord) -> tuple[str, str] | 
     if daily_cap is not None and committed.counts_today(job.batch_id):
         today, adds = committed.today(), committed.adds_today(job)
         if today + adds > daily_cap:
-            return _daily_cap_error(today, daily_cap, adds), DAILY_CAP_ERROR
+            whose = committed.others_today(job.batch_id)
+            return _daily_cap_error(today, daily_cap, adds, whose), DAILY_CAP_ERROR
     return None
 
 
@@ -854,11 +881,15 @@ def _batch_cap_error(batch_committed: Decimal, cap: Decimal, est_usd: Decimal) -
     return f"budget: submitting would commit {would} of the batch's {capped} cap"
 
 
-def _daily_cap_error(today: Decimal, daily_cap: Decimal, est_usd: Decimal) -> str:
+def _daily_cap_error(today: Decimal, daily_cap: Decimal, est_usd: Decimal, others: str = "") -> str:
     """The ``error`` of a job the day's cap refused (:data:`~jobs.money.DAILY_CAP_ERROR`), its
-    amounts as :func:`_batch_cap_error` writes them."""
+    amounts as :func:`_batch_cap_error` writes them; ``others``: the part other batches hold,
+    and which (:meth:`_Committed.others_today`), since the cap counts every batch's money and a
+    user was refused by a total that was mostly someone else's. The cap's amount stays where
+    :func:`jobs.money.daily_cap_in` reads it back (``status`` compares it with its own)."""
     would, capped = usd_apart(today + est_usd, daily_cap)
-    return f"budget: submitting would commit {would} of today's {capped} cap (WANBATCH_DAILY_BUDGET_USD)"
+    cap = f"today's {capped} cap (WANBATCH_DAILY_BUDGET_USD{others})"
+    return f"budget: submitting would commit {would} of {cap}"
 
 
 def _end_what_cannot_fit(
@@ -901,11 +932,13 @@ def _end_what_cannot_fit(
     daily_cap = committed.daily_cap
     if daily_cap is not None and committed.counts_today(batch.id):
         today = committed.today()
+        # Whose spending it is, read only if some job is over (cancel_unsent_over asks the words then).
+        whose = cache(partial(committed.others_today, batch.id))
         over = store.cancel_unsent_over(
             session,
             batch.id,
             over_usd=daily_cap - today,
-            error_for=partial(_daily_cap_error, today, daily_cap),
+            error_for=lambda est_usd: _daily_cap_error(today, daily_cap, est_usd, whose()),
             error_type=DAILY_CAP_ERROR,
             **common,
         )
