@@ -8,7 +8,6 @@ print. Nothing here talks to fal, so nothing of :mod:`worker` is imported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,15 +30,16 @@ from cli.output import (
 )
 
 if TYPE_CHECKING:
+    from jobs.money import DaySpender
     from jobs.settings import Settings
 
 
-def _spent_today(settings: Settings) -> Callable[[], Decimal | None]:
-    """What every batch committed today, read from the database only when asked: only while
+def _spent_today(settings: Settings) -> Callable[[], list[DaySpender] | None]:
+    """What each batch committed today, read from the database only when asked: only while
     ``WANBATCH_DAILY_BUDGET_USD`` is set (:func:`jobs.estimates.estimate_manifest`), so without
     it ``validate`` and ``estimate`` load nothing of the database (half their start-up CPU)."""
 
-    def read() -> Decimal | None:
+    def read() -> list[DaySpender] | None:
         from jobs.batches import committed_today
 
         return committed_today(settings)

@@ -27,7 +27,7 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from rich import box
@@ -41,7 +41,7 @@ from rich.text import Text
 from jobs.clock import utcnow
 from jobs.errors import Issue, ManifestError, UsageError, WanbatchError
 from jobs.fs import has_escaped_bytes, path_error, shown_bytes
-from jobs.money import round_cents, usd_text
+from jobs.money import DAILY_CAP_ERROR, daily_cap_in, round_cents, usd_apart, usd_text
 from jobs.printable import is_a_terminal, one_line, printable, redraws, shell_ref
 from jobs.schedule import eta_text
 from jobs.states import JobState
@@ -1164,12 +1164,36 @@ def daily_cap_words(here: Decimal | None, workers: Mapping[str, list[str]] | Non
     return f"the workers' setting applies, not this process's ({mine}): {theirs}; {restart}"
 
 
+def daily_cap_in_force(here: Decimal | None, report: BatchReport) -> str | None:
+    """Without a broker, the day's cap that cancelled ``report``'s jobs, when it is not this
+    process's (``here``): the cap is the setting of the ``run`` that dispatched, read back from
+    the refusal's words (:func:`jobs.money.daily_cap_in`, in its example among the report's
+    ``failures``). None when they agree (to the decimals the refusal showed) or none is known.
+
+    An audit: Alice ran with ``WANBATCH_DAILY_BUDGET_USD=5`` and her jobs were cancelled; Bob,
+    his own unset, ran ``status`` on her batch and was told "raise it" — of a cap that was not
+    his, and which his shell did not even set."""
+    refusals = (g["example"] for g in report.get("failures", ()) if g["error_type"] == DAILY_CAP_ERROR)
+    cap = next((c for e in refusals if (c := daily_cap_in(e)) is not None), None)
+    if cap is None or (here is not None and here.quantize(cap, rounding=ROUND_HALF_UP) == cap):
+        return None
+    if here is None:
+        capped, mine = usd_text(cap), "unset"
+    else:
+        capped, mine = usd_apart(cap, here)
+    in_force = f"the cap in force was {capped} (the run's setting); this shell's is {mine}"
+    return f"{in_force}: raise it where the batch is run"
+
+
 def daily_cap_origin(settings: Settings, report: BatchReport) -> str | None:
     """:func:`daily_cap_words` for ``report``'s jobs the day's cap cancelled, when a broker is
-    configured (the workers dispatch: their setting applied); None without one (this process's
-    setting is the one), or when no such job is advised (nothing read then)."""
-    if not settings.broker_url or report["simulated"] or not report["cancelled_for_daily_budget"]:
+    configured (the workers dispatch: their setting applied); without one,
+    :func:`daily_cap_in_force` (the ``run``'s setting applied, which may not be this
+    process's). None when they agree, or when no such job is advised (nothing read then)."""
+    if report["simulated"] or not report["cancelled_for_daily_budget"]:
         return None
+    if not settings.broker_url:
+        return daily_cap_in_force(settings.daily_budget_usd, report)
     # Not worker.steps: a run that watches the workers never loads their machinery.
     from worker.doctor import database_id
     from worker.peers import read_peers

@@ -41,7 +41,7 @@ from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, Job, utcnow
-from jobs.money import too_much_usd, usd_apart, usd_json, usd_text
+from jobs.money import DaySpender, too_much_usd, usd_apart, usd_json, usd_text
 from jobs.pricing import estimate_job, price_table
 from jobs.printable import printable, shell_ref
 from jobs.processes import process_prefix
@@ -387,9 +387,10 @@ def parse_usd(text: str, option: str = "--max-usd") -> Decimal:
 COMMITTED_TODAY_TIMEOUT = 5
 
 
-def committed_today(settings: DatabaseSettings) -> Decimal | None:
-    """What every batch has committed today (the day's cap counts it, ``run``'s dispatch reads
-    the same sum: :func:`jobs.store.committed_usd_today`), or None when the database cannot tell.
+def committed_today(settings: DatabaseSettings) -> list[DaySpender] | None:
+    """What each batch has committed today, the largest first (the day's cap counts their sum,
+    ``run``'s dispatch reads the same: :func:`jobs.store.committed_usd_today_by_batch`), or
+    None when the database cannot tell. By batch, so that the warning says whose it is.
 
     For the warnings of ``validate`` and ``estimate`` about ``WANBATCH_DAILY_BUDGET_USD``, which
     never create, migrate or write a database: read through :func:`jobs.db.read_engine` (a
@@ -405,7 +406,7 @@ def committed_today(settings: DatabaseSettings) -> Decimal | None:
         engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
         try:
             with db.read_scope(engine) as session:
-                return store.committed_usd_today(session, utcnow())
+                return store.committed_usd_today_by_batch(session, utcnow())
         finally:
             engine.dispose()
     except (SQLAlchemyError, WanbatchError, OSError):

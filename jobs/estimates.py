@@ -9,14 +9,14 @@ start-up CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
 from jobs.errors import Issue, ManifestError
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
-from jobs.money import DAILY_CAP_ERROR, usd_apart, usd_text
+from jobs.money import DAILY_CAP_ERROR, DaySpender, others_today, usd_apart, usd_text
 from jobs.pricing import Totals, estimate_job
 from jobs.settings import InputSettings, Settings
 
@@ -68,15 +68,15 @@ def estimate_manifest(
     settings: Settings,
     allowed_dirs: Iterable[Path] = (),
     *,
-    spent_today: Callable[[], Decimal | None] | None = None,
+    spent_today: Callable[[], Sequence[DaySpender] | None] | None = None,
 ) -> tuple[ValidationReport, Totals]:
     """Job count, billing units and USD of a valid manifest, per endpoint and in total.
 
     The report's issues gain the budget warnings (:func:`budget_issues`, then
     :func:`daily_budget_issues`), so ``validate`` and ``estimate``, which both run this, say the
     same thing about money before any is spent. ``spent_today``: what every batch committed
-    today, when the caller can read it (asked only while ``WANBATCH_DAILY_BUDGET_USD`` is set:
-    this module never reads the database itself).
+    today, by batch, when the caller can read it (asked only while ``WANBATCH_DAILY_BUDGET_USD``
+    is set: this module never reads the database itself).
     """
     totals = Totals()
     # Priced as the validation pass checks them (one pass, not two): a job with an error is not
@@ -128,20 +128,24 @@ def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
 
 
 def daily_budget_issues(
-    manifest: Manifest, totals: Totals, daily_cap: Decimal, today: Decimal | None
+    manifest: Manifest, totals: Totals, daily_cap: Decimal, today: Sequence[DaySpender] | None
 ) -> list[Issue]:
     """The warning that the estimate exceeds ``WANBATCH_DAILY_BUDGET_USD`` — or what is left of
-    it once ``today`` (what every batch committed today, when known) is counted — a warning, as
+    it once ``today`` (what each batch committed today, when known) is counted — a warning, as
     :func:`budget_issues`'s: the cap still holds, and ``run`` cancels, unsent, the jobs that would
     cross it (``daily_budget``). Said with ``run``'s words for that cap (its cancellations name
     ``today's $X cap (WANBATCH_DAILY_BUDGET_USD)``; its advice "raise it, or wait for the next
     UTC day"), so the two read as one rule. A batch capped lower by its own budget is
-    still warned: both caps hold, and the day's may be the one that stops it."""
-    spent = today if today is not None and today > 0 else Decimal(0)
+    still warned: both caps hold, and the day's may be the one that stops it. Whose spending
+    today's is, when other batches than the manifest's own hold some (:func:`_whose_today`),
+    as ``run``'s refusals say it: the cap counts every batch of the database."""
+    spent = sum((s.usd for s in today or ()), Decimal(0))
+    spent = max(spent, Decimal(0))
     room = daily_cap - spent
     if totals.usd <= room:
         return []
-    cap = f"today's {usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD; {usd_text(spent)} committed today)"
+    committed = f"{usd_text(spent)} committed today{_whose_today(today or (), manifest.name, spent)}"
+    cap = f"today's {usd_text(daily_cap)} cap (WANBATCH_DAILY_BUDGET_USD; {committed})"
     if room <= 0:
         said = f"nothing is left of {cap}: none of the {totals.jobs} job(s) will run today"
     else:
@@ -163,3 +167,16 @@ def daily_budget_issues(
             code=DAILY_CAP_ERROR,  # what run's cancellations by this cap are typed
         )
     ]
+
+
+def _whose_today(today: Sequence[DaySpender], own: str, spent: Decimal) -> str:
+    """The part of ``spent`` (today's committed money) batches other than ``own`` (the
+    manifest's name: its batch, when stored already) hold, and which: `` by other batches:
+    bob-lh, carol-lh`` when they hold all of it, ``, $0.50 of it by other batches: bob-lh``
+    when the manifest's batch holds the rest; "" when they hold none."""
+    usd, names = others_today(today, own)
+    if not names:
+        return ""
+    if usd >= spent:
+        return f" by other batches: {names}"
+    return f", {usd_text(usd)} of it by other batches: {names}"

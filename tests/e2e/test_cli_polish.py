@@ -155,14 +155,23 @@ def test_validate_and_estimate_warn_about_the_daily_budget(
     assert "DAILY" not in wb("validate", over).stderr
     assert wb("submit", manifest("spent", FOUR_JOBS.format(name="spent"))).code == 0
     _set_jobs("spent", state=JobState.QUEUED, submitted_at=utcnow())  # at fal: $0.80 committed
+    # Whose it is, as run's refusals say it: the cap counts every batch of the database.
     left = (
         "the estimate $0.80 exceeds the $0.20 left of today's $1.00 cap (WANBATCH_DAILY_BUDGET_USD; "
-        "$0.80 committed today): only about 1 of 4 job(s) will run today"
+        "$0.80 committed today by other batches: spent): only about 1 of 4 job(s) will run today"
     )
     for command in ("validate", "estimate"):
         human = wb(command, over)
         assert human.code == 0, human.stderr
-        assert left in human.stderr
+        assert left in " ".join(human.stderr.split())
+
+    # The manifest's own batch, stored and partly at fal already, is not "other batches".
+    assert wb("submit", over).code == 0
+    _set_jobs("spent", state=JobState.QUEUED, submitted_at=utcnow(), est_usd=Decimal("0.10"))
+    _set_jobs("daily", state=JobState.QUEUED, submitted_at=utcnow(), est_usd=Decimal("0.15"))
+    mine = "nothing is left of today's $1.00 cap (WANBATCH_DAILY_BUDGET_USD; $1.00 committed today, "
+    mine += "$0.40 of it by other batches: spent)"
+    assert mine in " ".join(wb("estimate", over).stderr.split())
 
 
 def test_status_shows_a_paused_batch_as_paused_and_no_eta_when_nothing_works_on_it(

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 
 from cli import cli
-from cli.output import money_line
+from cli.output import daily_cap_origin, money_line
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
@@ -256,10 +256,24 @@ def test_daily_budget_spans_batches(sim: SimulatorHandle, settings: Settings, tm
     assert "--max-usd" not in advice
     assert "10 by today's cap (WANBATCH_DAILY_BUDGET_USD): raise it, or wait for the next UTC day" in advice
     with db.read_scope(db.open_engine(daily)) as session:
-        kinds = {
-            j.error_type for j in store.jobs_of_batch(session, second.batch_id, states=[JobState.CANCELLED])
-        }
+        cancelled = list(store.jobs_of_batch(session, second.batch_id, states=[JobState.CANCELLED]))
+        kinds = {j.error_type for j in cancelled}
+        whose = {j.error.split("; ", 1)[1] for j in cancelled if j.error}
     assert kinds == {"daily_budget"}
+    # Most of the day's $1.00 is the first batch's: each refusal says whose.
+    (held,) = whose
+    assert held.endswith(" of it by other batches: day-a)")
+    # Another shell, with no daily cap of its own, reads the batch: the cap in force was the run's.
+    unset = settings.model_copy(update={"daily_budget_usd": None, "broker_url": None})
+    where = daily_cap_origin(unset, report)
+    assert where == (
+        "the cap in force was $1.00 (the run's setting); this shell's is unset: "
+        "raise it where the batch is run"
+    )
+    assert f"10 by today's cap (WANBATCH_DAILY_BUDGET_USD): {where}" in money_line(
+        report, daily_cap_from=where
+    )
+    assert daily_cap_origin(daily.model_copy(update={"broker_url": None}), report) is None  # the run's own
 
 
 @pytest.mark.parametrize("policy", ["fail", "resubmit"])

@@ -5,8 +5,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, cast
 
-from cli.output import _budget_advice, daily_cap_words
+from cli.output import _budget_advice, daily_cap_in_force, daily_cap_origin, daily_cap_words
 from jobs.batches import BatchReport
+from jobs.money import daily_cap_in
+from jobs.settings import Settings
 
 BATCH_ID = "a9262bde" + "0" * 24
 NOTHING_RENDERED = {"jobs": 0, "cancelled_for_budget": 0, "cancelled_for_daily_budget": 0, "reruns": []}
@@ -119,3 +121,53 @@ def test_the_daily_cap_the_workers_applied_is_named_where_it_is_set() -> None:
         "the workers' setting applies, not this process's ((unset)): raise it where the workers run "
         "and restart them"
     )
+
+
+#: A job the day's cap refused in Alice's run (WANBATCH_DAILY_BUDGET_USD=5), as ``status`` lists it.
+ALICE_REFUSAL = (
+    "budget: submitting would commit $31.39 of today's $5.00 cap "
+    "(WANBATCH_DAILY_BUDGET_USD; $30.59 of it by other batches: bob-lh, carol-lh)"
+)
+
+
+def _refused(error: str = ALICE_REFUSAL) -> BatchReport:
+    failures = [
+        {"state": "cancelled", "error_type": "daily_budget", "count": 3, "example": error, "sent": False}
+    ]
+    return _report(name="alice-day", cancelled_for_daily_budget=3, failures=failures)
+
+
+def test_a_daily_cap_that_is_not_this_shells_is_named() -> None:
+    """An audit: Bob (his own setting unset, or 500) ran ``status alice-day`` and was told
+    "raise it" — of Alice's $5 cap, the one in force when her run refused the jobs."""
+    assert daily_cap_in(ALICE_REFUSAL) == Decimal("5.00")
+    assert daily_cap_in("budget: submitting would commit $1.25 of the batch's $1.00 cap") is None
+    where = daily_cap_in_force(None, _refused())
+    assert where == (
+        "the cap in force was $5.00 (the run's setting); this shell's is unset: "
+        "raise it where the batch is run"
+    )
+    assert daily_cap_in_force(Decimal(500), _refused()) == (
+        "the cap in force was $5.00 (the run's setting); this shell's is $500.00: "
+        "raise it where the batch is run"
+    )
+    # Without a broker, status and run say it in their advice.
+    bob = Settings(broker_url=None, daily_budget_usd=None)
+    assert daily_cap_origin(bob, _refused()) == where
+    assert _budget_advice(_refused(), daily_cap_from=where) == [
+        f"  3 by today's cap (WANBATCH_DAILY_BUDGET_USD): {where}, or wait for the next UTC day, "
+        "then `wanbatch rerun alice-day --failed-only`"
+    ]
+
+
+def test_the_same_daily_cap_as_this_shells_says_only_raise_it() -> None:
+    """Alice's own ``status``: her setting is the one that applied (to the decimals the refusal
+    showed: $5.00 is 5, and 5.004); nothing more to say. None known: nothing said either."""
+    for mine in ("5", "5.00", "5.004"):
+        assert daily_cap_in_force(Decimal(mine), _refused()) is None
+    assert daily_cap_in_force(Decimal("5.006"), _refused()) == (
+        "the cap in force was $5.00 (the run's setting); this shell's is $5.01: "
+        "raise it where the batch is run"
+    )
+    assert daily_cap_in_force(None, _report(cancelled_for_daily_budget=3)) is None
+    assert daily_cap_in_force(None, _refused("budget: cancelled by hand")) is None
