@@ -54,6 +54,11 @@ class CapHold:
     #: the cap between every batch with jobs to send; else as an embedded ``run``, which sends its
     #: own batch only.
     distributed: bool = False
+    #: The other live processes dispatching for the same account whose value of :attr:`setting`
+    #: differs (``another run (bob-laptop pid 4242) runs with WANBATCH_MAX_OUTSTANDING=40``):
+    #: every one applies the strictest (:mod:`jobs.account_limits`), so raising this process's
+    #: own value frees nothing, and the note says so instead of advising it.
+    others: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -78,11 +83,26 @@ class CapCheck:
     queue_wait_backoff: float = 0.0
     #: The counting process's heartbeat owner (:attr:`jobs.store.CapScope.me`); "" for ``status``.
     me: str = ""
+    #: By variable, the other live processes whose account-wide limit differs from this one's
+    #: (:attr:`worker.steps.context.Runtime.peer_limits`); the caps above are then the strictest.
+    differing: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def others(self, setting: str) -> tuple[str, ...]:
+        """The parts of :attr:`differing` for ``setting`` (none: every live process agrees)."""
+        return next((parts for name, parts in self.differing if name == setting), ())
 
     @classmethod
-    def of(cls, settings: Settings, api_key_id: str, origin: str | None = None, me: str = "") -> CapCheck:
+    def of(
+        cls,
+        settings: Settings,
+        api_key_id: str,
+        origin: str | None = None,
+        me: str = "",
+        differing: dict[str, tuple[str, ...]] | None = None,
+    ) -> CapCheck:
         """The caps ``run`` (or the workers, with a broker) would apply with ``settings``, sending
-        to the fal queue at ``origin`` (``worker.here.queue_origin`` of its queue URL)."""
+        to the fal queue at ``origin`` (``worker.here.queue_origin`` of its queue URL);
+        ``differing``: the other live processes whose limits differ (:attr:`differing`)."""
         return cls(
             api_key_id=api_key_id,
             max_outstanding=settings.max_outstanding,
@@ -94,6 +114,7 @@ class CapCheck:
             origin=origin,
             queue_wait_backoff=settings.queue_wait_backoff,
             me=me,
+            differing=tuple(sorted((differing or {}).items())),
         )
 
     def waited_long_before(self, now: datetime) -> datetime:
@@ -235,7 +256,13 @@ def _cap_holds(
     for setting, limit, endpoint in caps:
         rows = ((h.batch_id, h.name, h.requests) for h in holders if endpoint in (None, h.endpoint))
         requests = CapHold(
-            "outstanding", setting, limit, _per_batch(rows), endpoint, distributed=check.distributed
+            "outstanding",
+            setting,
+            limit,
+            _per_batch(rows),
+            endpoint,
+            distributed=check.distributed,
+            others=check.others(setting),
         )
         if requests.total >= limit and any(held != batch_id for held, _name, _n in requests.holders):
             holds.append(requests)
@@ -349,8 +376,15 @@ def _hold_text(hold: CapHold, batch_id: str) -> str:
             f"the cap is shared with {_names(hold, batch_id)}, and each `run` sends its own batch's "
             "jobs into the slots it finds free"
         )
+    if hold.others:  # raising this process's own value would change nothing: the strictest holds
+        advice = (
+            f"every live process sending with this fal key applies the strictest {hold.setting} "
+            f"of theirs, {hold.limit} here, and {'; '.join(hold.others)}: give them all the same "
+            "value, your fal account's limit"
+        )
+    else:
+        advice = f"or raise {hold.setting} if your fal account runs more at once"
     return (
         f"submits held back: the {_cap_name(hold)} is full ({full}): requests at fal "
-        f"({_who(hold, batch_id)}); sending resumes as fal finishes them: {shared}; or raise "
-        f"{hold.setting} if your fal account runs more at once"
+        f"({_who(hold, batch_id)}); sending resumes as fal finishes them: {shared}; {advice}"
     )

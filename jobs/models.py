@@ -774,6 +774,13 @@ class ConductorHeartbeat(Base):
     #: The workers' leader could not reach the broker (Redis, RabbitMQ) since then: its
     #: hand-offs fail, so submits and downloads wait (``status`` says so); None: it answers.
     broker_down_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The account-wide limits this process dispatches with, its own (its settings, not what it
+    #: applies): the outstanding caps, the submit rates and the jitter allowance, with its API key
+    #: id and fal queue origin (:func:`jobs.account_limits.published`). Every dispatching process
+    #: applies the strictest of the live ones sharing its key and queue
+    #: (:func:`jobs.account_limits.strictest`), and ``doctor`` compares them. None: a process that
+    #: dispatches nothing (a ``serve``, a worker that does not lead), or an earlier version's row.
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSONDoc)
 
 
 class FalHold(Base):

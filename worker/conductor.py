@@ -43,7 +43,7 @@ from worker.db_outage import DatabaseOutage
 from worker.fal.models import RequestHandle, Status
 from worker.limits import publish_limits, republish_through, resign_limits, unpublish_limits, watch_limits
 from worker.peers import announce_settings, announcer_for, withdraw_settings
-from worker.steps import shared_pacing
+from worker.steps import peer_limits, shared_pacing
 from worker.steps.context import Reach, Runtime, handle_of
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
@@ -804,10 +804,14 @@ class Conductor:
                     at,
                     supersede_before=stale,
                     broker_down_since=self._broker_down_since,
+                    limits=peer_limits.published_by(self.rt),
                 )
                 # Another live process on the database and no limiter Redis: POSTs take their
                 # slots from the database (one short query per beat, none per submit).
                 shared_pacing.note_peers(session, self.rt)
+                # The account's limits: the strictest of the live dispatching processes' (one
+                # short query per beat).
+                peer_limits.note_limits(session, self.rt)
             self._schema_still_ours()
             if not self.rt.batch_ids:  # the workers' leader: its limits hold for every worker
                 publish_limits(self.rt.limiter, process_prefix())

@@ -1187,8 +1187,20 @@ def check_limiter(settings: Settings) -> Check:
 
     name = "limiter"
     probed = probe_limiter(settings)
+    limits = dispatchers_differ(settings)
     if probed is None:
-        return _skip(name, "no WANBATCH_LIMITS_URL and no Redis broker: the submit rate is kept in process")
+        if limits:
+            return _fail(
+                name,
+                f"no WANBATCH_LIMITS_URL and no Redis broker; {_LIMITS_DIFFER}{'. '.join(limits)}",
+                _SAME_LIMITS,
+            )
+        return _skip(
+            name,
+            "no WANBATCH_LIMITS_URL and no Redis broker: each process spaces its submits in its own "
+            "memory, and the processes dispatching on one database share the submit rate and the "
+            "outstanding caps through it (each applies the strictest of the live ones')",
+        )
     problem = probed.problem()
     if problem is not None:
         if probed.refused:
@@ -1211,13 +1223,60 @@ def check_limiter(settings: Settings) -> Check:
     warning = "".join(f"; warning: {line}" for line in differ)
     # Failed: the workers themselves disagree, so a job's outcome depends on which one ran it.
     peers = workers_mismatch(settings, database)
+    if limits:
+        peers.append(f"{_LIMITS_DIFFER}{'. '.join(limits)}")
     if peers:
         return _fail(
             name,
             f"{probed.where} answers; {' '.join(peers)}{warning}",
-            "give every `wanbatch worker` the same settings (the variables named) and restart the odd one",
+            "give every `wanbatch worker` (and `wanbatch run` on this database) the same settings "
+            "(the variables named) and restart the odd one",
         )
     return _ok(name, f"{probed.where} answers{warning}")
+
+
+_LIMITS_DIFFER = (
+    "the live processes dispatching on this database for one fal account run with different "
+    "account-wide limits: "
+)
+_SAME_LIMITS = (
+    "give every `wanbatch run` and `wanbatch worker` on this database the same values (your fal "
+    "account's limits); until then each applies the strictest of the live ones'"
+)
+
+
+def dispatchers_differ(settings: Settings) -> list[str]:
+    """Where the live processes dispatching on this database (embedded ``run``s, the workers'
+    tick leader) differ on an account-wide limit they published with their heartbeat
+    (:func:`jobs.account_limits.disagreements`). Read only; nothing when the database cannot be
+    read (its own check says why) or its schema is older than the column."""
+    from datetime import timedelta
+
+    from sqlalchemy.pool import NullPool
+
+    from jobs import account_limits, db, store
+    from jobs.models import utcnow
+    from jobs.processes import process_prefix
+
+    try:
+        url = db.normalize_url(settings.database_url)
+        target = db.sqlite_file(url)
+        if target is not None and not target.path.exists():
+            return []
+        connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
+        engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
+    except Exception:
+        return []
+    try:
+        with db.read_scope(engine) as session:
+            since = utcnow() - timedelta(seconds=db.HEARTBEAT_STALE_SECONDS)
+            docs = store.live_limits(session, process_prefix(), since=since)
+    except Exception:  # unreachable, no such column yet: said by the database check
+        return []
+    finally:
+        engine.dispose()
+    peers = [p for owner, doc in docs.items() if (p := account_limits.parse(owner, doc)) is not None]
+    return account_limits.disagreements(peers)
 
 
 # --------------------------------------------------------------------------- all of them

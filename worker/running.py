@@ -1431,16 +1431,25 @@ class _CapWatch:
     def __init__(self, batch_id: str, settings: Settings, rt: Runtime | None) -> None:
         self.batch_id = batch_id
         self.rt = rt
-        # Its fal queue's (a simulation's: its simulator's) and its own heartbeat, as its dispatch.
-        origin = rt.queue_origin if rt is not None else queue_origin(settings.fal_queue_url)
-        self.check = CapCheck.of(
-            settings, api_key_id(settings), origin, rt.beat_owner if rt is not None else ""
-        )
+        self.settings = settings
         # Embedded, what this process's dispatch counts; watching, what the workers' leader
         # counts (every key's requests: CapScope.every_key).
         self.scope: CapScope = rt.cap_scope() if rt is not None else self.check.workers_scope()
         #: The caps (and whose jobs) last said in full: said again only when that changes.
         self._said: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()
+
+    @property
+    def check(self) -> CapCheck:
+        """The caps as this process's dispatch applies them now: embedded, the strictest of the
+        live processes' (:mod:`worker.steps.peer_limits`, changed at a heartbeat) and those that
+        differ; from its fal queue's origin (a simulation's: its simulator's) and its own heartbeat."""
+        rt = self.rt
+        if rt is None:
+            settings = self.settings
+            return CapCheck.of(settings, api_key_id(settings), queue_origin(settings.fal_queue_url))
+        return CapCheck.of(
+            rt.settings, api_key_id(rt.settings), rt.queue_origin, rt.beat_owner, rt.peer_limits
+        )
 
     def holds(self, session: Session, current: BatchProgress) -> list[CapHold]:
         """The caps holding the batch back now (empty: none, or not worth a query)."""

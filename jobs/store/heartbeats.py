@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
@@ -25,11 +26,13 @@ def record_heartbeat(
     *,
     supersede_before: datetime | None = None,
     broker_down_since: datetime | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> None:
     """``owner`` works on ``scopes`` (batch ids, or :data:`~jobs.models.EVERY_BATCH`) as of ``now``;
     rows of processes silent for :data:`HEARTBEAT_KEPT` go (each crash leaves its rows behind).
     ``broker_down_since``: since when ``owner`` could not reach the broker (None: it can; see
-    :func:`mark_broker_down`).
+    :func:`mark_broker_down`). ``limits``: the account-wide limits it dispatches with
+    (:func:`jobs.account_limits.published`; None: it dispatches nothing), read by :func:`live_limits`.
 
     ``supersede_before`` (with :data:`~jobs.models.EVERY_BATCH` among ``scopes``): the every-batch
     rows of other owners last seen before it go too. Those workers stopped (a live one beats far
@@ -49,11 +52,15 @@ def record_heartbeat(
     dialect = session.get_bind().dialect.name
     for scope in sorted(scopes):  # in key order: two processes beating never deadlock
         stmt = _dialect_insert(dialect, ConductorHeartbeat).values(
-            owner=owner, scope=scope, seen_at=now, broker_down_since=broker_down_since
+            owner=owner, scope=scope, seen_at=now, broker_down_since=broker_down_since, limits=limits
         )
         beat = stmt.on_conflict_do_update(
             index_elements=["owner", "scope"],
-            set_={"seen_at": stmt.excluded.seen_at, "broker_down_since": stmt.excluded.broker_down_since},
+            set_={
+                "seen_at": stmt.excluded.seen_at,
+                "broker_down_since": stmt.excluded.broker_down_since,
+                "limits": stmt.excluded.limits,
+            },
         )
         session.execute(beat)
 
@@ -106,6 +113,28 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
             continue
         found.add(prefix)
     return sorted(found)
+
+
+def live_limits(session: Session, own: str, *, since: datetime) -> dict[str, Any]:
+    """The account-wide limits each other live dispatching process published with its heartbeat
+    (:func:`record_heartbeat`'s ``limits``), by ``host:pid:``: a heartbeat at ``since`` or later
+    that carries them. ``own``: this process's prefix, left out (None: none, ``doctor``); a
+    process of this host that has ended is left out too. One short query, at a heartbeat (or
+    ``doctor``): the rows are a handful, one per process and batch."""
+    from jobs.processes import owner_ended, owner_prefix
+
+    rows = session.execute(
+        select(ConductorHeartbeat.owner, ConductorHeartbeat.limits)
+        .where(ConductorHeartbeat.seen_at >= since, ConductorHeartbeat.limits.isnot(None))
+        .order_by(ConductorHeartbeat.owner)
+    )
+    found: dict[str, Any] = {}
+    for owner, limits in rows:
+        prefix = owner_prefix(str(owner))
+        if prefix is None or prefix == own or prefix in found or owner_ended(str(owner)):
+            continue
+        found[prefix] = limits
+    return found
 
 
 def heartbeat_owners(session: Session, batch_id: str, *, since: datetime | None) -> list[str]:

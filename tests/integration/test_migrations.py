@@ -822,6 +822,40 @@ def test_migration_0050_adds_the_manifest_host_unknown_for_stored_batches_and_ta
     assert drift(empty_engine) == []
 
 
+def test_migration_0051_adds_the_heartbeat_limits_unknown_for_stored_rows_and_takes_it_away(
+    empty_engine: Engine,
+) -> None:
+    """0051 adds ``conductor_heartbeats.limits``: NULL (nothing published, not compared) for a
+    row stored before; read back through the models, a beat stored after it carries its
+    limits. A downgrade drops it, and the rest is 0050's schema."""
+    from jobs import db, store
+    from jobs.models import ConductorHeartbeat
+
+    migrate(empty_engine, "0050", from_models=False)
+    assert "limits" not in {c["name"] for c in inspect(empty_engine).get_columns("conductor_heartbeats")}
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    with empty_engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO conductor_heartbeats (owner, scope, seen_at) VALUES ('h:1:', 'b50', :at)"),
+            {"at": at},
+        )
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+    with db.session_scope(empty_engine) as session:
+        stored = session.get(ConductorHeartbeat, ("h:1:", "b50"))
+        assert stored is not None
+        assert stored.limits is None
+        store.record_heartbeat(session, "h:2:", ["b51"], at, limits={"max_outstanding": 40})
+    with db.read_scope(empty_engine) as session:
+        assert store.live_limits(session, "h:9:", since=at) == {"h:2:": {"max_outstanding": 40}}
+    downgrade(empty_engine, "0050")
+    assert "limits" not in {c["name"] for c in inspect(empty_engine).get_columns("conductor_heartbeats")}
+    with empty_engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM conductor_heartbeats")).scalar_one() == 2
+    migrate(empty_engine, from_models=False)
+    assert drift(empty_engine) == []
+
+
 def test_migration_0039_marks_the_dropped_jobs_again_after_a_downgrade(empty_engine: Engine) -> None:
     """A downgrade below 0039 drops ``jobs.not_in_manifest``; its upgrade refilled it only from
     the stored manifest text of batches without ``items_from``, so a job a resubmit had dropped
@@ -946,7 +980,7 @@ def test_alembic_commands_step_a_sqlite_database_with_data_down_and_up(tmp_path:
         engine.dispose()
     cfg = alembic_config()
     cfg.set_main_option("sqlalchemy.url", url)
-    steps = [f"{n:04d}" for n in range(50, 14, -1)]  # 0050 (the head) down to 0015
+    steps = [f"{n:04d}" for n in range(51, 14, -1)]  # 0051 (the head) down to 0015
     assert steps[0] == SCHEMA_HEAD
     for below in steps[1:]:
         command.downgrade(cfg, "-1")

@@ -29,7 +29,7 @@ from worker.fal.client import FalClient
 from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.here import queue_origin
-from worker.limits import SubmitLimiter, api_key_id, limiter_for
+from worker.limits import LocalGCRA, RedisGCRA, SubmitLimiter, api_key_id, limiter_for
 from worker.steps.cancel_tries import CancelTries
 from worker.steps.download_reach import DownloadReach, DownloadTrouble
 from worker.steps.fal_reach import FalReach, Hold
@@ -80,6 +80,14 @@ class RateBucket:
         #: Until when (monotonic) the shared bucket of every dispatching process has no whole
         #: token (:meth:`shared_short`).
         self._shared_until = 0.0
+
+    def set_rate(self, rate: float) -> None:
+        """Refill at ``rate`` from now on (its capacity with it, a second's worth): another
+        process's stricter submit rate now applies (:meth:`Runtime.apply_limits`), or no longer."""
+        self._refill()
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = min(self.tokens, self.capacity)
 
     def _refill(self) -> None:
         """Add the tokens the time since the last refill brought (up to the capacity)."""
@@ -416,6 +424,15 @@ class Runtime:
     #: Whether another live process shares the database's submit pacing, so that each POST of
     #: this one takes its slot there (:mod:`worker.steps.shared_pacing`).
     pacing: SharedPacing = field(default_factory=SharedPacing)
+    #: Of the account-wide limits (:data:`jobs.account_limits.ACCOUNT_WIDE`), those on which
+    #: another live process dispatching for the same account differs from this one's own
+    #: settings: one part per such process (``another run (bob-laptop pid 4242) runs with
+    #: WANBATCH_MAX_OUTSTANDING=40``), by variable; ``run``'s held message names them
+    #: (:mod:`worker.steps.peer_limits`).
+    peer_limits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: This process's own settings while :attr:`settings` holds the strictest limits of the live
+    #: processes (:meth:`apply_limits`); None: :attr:`settings` are its own.
+    _own: Settings | None = field(default=None, init=False, repr=False)
     #: The origin (``scheme://host:port``) of this runtime's fal queue (``WANBATCH_FAL_QUEUE_URL``):
     #: recorded with every request it sends (``Job.fal_origin``), and the only requests it asks
     #: about (:meth:`reach`).
@@ -439,6 +456,28 @@ class Runtime:
             self.limiter = limiter_for(self.settings)
         if self.fal_reach.recorder is None:
             self.fal_reach.recorder = self.record_fal_hold
+
+    @property
+    def own_settings(self) -> Settings:
+        """This process's own settings, whatever limits it applies now (:meth:`apply_limits`): what
+        it publishes with its heartbeat (another's value is never passed on as its own)."""
+        return self._own if self._own is not None else self.settings
+
+    def apply_limits(self, applied: Settings) -> bool:
+        """Dispatch and submit with ``applied`` (:attr:`own_settings` with the strictest
+        account-wide limits of the live processes, :func:`jobs.account_limits.strictest`) from
+        now on: the settings every step reads, the in-process limiter's (its spacing) and the
+        dispatch bucket's rate. True when that changed anything."""
+        own = self.own_settings
+        if applied is self.settings:
+            return False
+        self._own = None if applied is own else own
+        self.settings = applied
+        if isinstance(self.limiter, LocalGCRA | RedisGCRA):
+            self.limiter.settings = applied
+        if self.bucket is not None:
+            self.bucket.set_rate(applied.submit_rate / (1 + applied.submit_jitter_allowance))
+        return True
 
     def record_fal_hold(self, hold: Hold | None) -> None:
         """Record in the database that this process holds its submits because fal cannot be
