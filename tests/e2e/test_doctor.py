@@ -118,7 +118,7 @@ def test_all_well_embedded_with_the_simulator(wb: Wb, sim: SimulatorHandle) -> N
         "limiter": "skip",
     }
     assert "embedded" in checks["broker"]["detail"]
-    assert "kept in process" in checks["limiter"]["detail"]
+    assert "share the submit rate and the outstanding caps through it" in checks["limiter"]["detail"]
     assert "accepted the key" in checks["provider"]["detail"]
     # What an embedded run does without a receiver: it follows fal's status streams.
     assert "completions come from fal's status streams" in checks["receiver"]["detail"]
