@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 
@@ -38,6 +38,11 @@ from jobs import avcompat
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import WanbatchError
 from worker.mp4 import file_truncation
+
+if TYPE_CHECKING:
+    from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 #: Relative difference allowed between the short side and the nominal height.
 SIZE_TOLERANCE = 0.10
@@ -105,11 +110,21 @@ class Expectation:
 #: and a provider's "video" that is an HLS playlist or a concat script had it open and read
 #: other files of this machine (or wait on a device such as ``/dev/zero``).
 _CONTAINER = "mp4"
-#: The decoders that may read a stream of it: the video codecs an MP4 of a video model holds,
-#: and the usual audio ones (Wan 2.5 and 2.6 add sound). Opening a file probes each stream it
-#: declares with the decoder the file names (FFmpeg's ``codec_whitelist`` stops any other).
+#: The decoders that may read the video stream: the video codecs an MP4 of a video model holds.
+#: The probe opens the one decoder it decodes with itself, after checking its name here.
 _VIDEO_DECODERS = frozenset({"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "libvpx-vp9"})
-_DECODERS = ",".join(sorted(_VIDEO_DECODERS | {"aac", "mp3", "mp3float", "opus"}))
+#: ``av.open``'s options. Every ``av.open`` runs FFmpeg's ``avformat_find_stream_info``, which
+#: opens a decoder per stream and decodes packets until it knows each stream's pixel format and
+#: B-frame delay: on a Wan-like 832×480 H.264 output it decoded the key frame in full, that the
+#: probe then decodes again with its own decoder (PyAV's ``stream.codec_context`` is a separate
+#: one). Nothing it learns is used: the size is the decoded frame's, the frame count, rate and
+#: duration are the ``moov``'s. So it is given no decoder at all: an empty ``codec_whitelist``
+#: (FFmpeg refuses to open any decoder not on the list; the pass logs it and goes on), and
+#: ``probesize`` at its minimum (32 bytes) so that, left without the parameters a decoder would
+#: give, it stops after one packet instead of reading 5 s of them. The file's bytes then reach
+#: one decoder only: the video decoder the probe opens, one of :data:`_VIDEO_DECODERS` (the audio
+#: decoders of Wan 2.5/2.6 outputs no longer run on them at all).
+_OPEN_OPTIONS = {"codec_whitelist": "", "probesize": "32"}
 
 
 def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
@@ -137,7 +152,7 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
         with av.open(
             str(path),
             format=_CONTAINER,
-            options={"codec_whitelist": _DECODERS},
+            options=_OPEN_OPTIONS,
             # Its tags are never read: a title that is not UTF-8 must not fail the probe.
             **avcompat.tolerant_metadata(),
         ) as container:
@@ -150,7 +165,7 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
             # One frame is decoded: a decoder thread pool (FFmpeg's default, one per core) would
             # cost more to start than the frame itself.
             ctx.thread_count = 1
-            width, height, codec = int(ctx.width or 0), int(ctx.height or 0), str(ctx.name or "")
+            codec = str(ctx.name or "")
             frames = int(stream.frames) if stream.frames else None
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
@@ -159,11 +174,11 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
                 duration = float(stream.duration * Fraction(stream.time_base))
             elif container.duration is not None:
                 duration = container.duration / av.time_base
-            first = next(container.decode(stream), None)
+            first = _first_frame(container, stream)
             if first is None:
                 raise NotAVideoError(f"{Path(path).name}: the video stream has no decodable frame")
-            if not width or not height:
-                width, height = first.width, first.height
+            # The decoded picture's size (the bitstream's, cropped), not the ``moov``'s claim.
+            width, height = int(first.width), int(first.height)
     except NotAVideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
@@ -176,6 +191,29 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
         duration_s=round(duration, 3) if duration is not None else None,
         codec=codec,
     )
+
+
+def _first_frame(container: InputContainer, stream: VideoStream) -> VideoFrame | None:
+    """The first frame of ``stream``, decoded from as few packets as it takes.
+
+    A decoder holds frames back as deep as the stream's B-frame reordering (x264's default: 2
+    frames), so decoding "until a frame comes out" also decoded the next two packets, a P frame
+    often larger than the key frame among them: half the probe's CPU on a Wan-like output, for
+    frames never looked at. Once a key frame has gone in, the decoder is drained instead
+    (``decode(None)``, FFmpeg's end of stream), which hands out what it holds: the same first
+    frame. Should that give nothing, the decoder is reset (``flush_buffers``) and decoding goes on
+    with the next packet, as before; the stream's end drains it too (PyAV's empty last packet).
+    """
+    ctx = stream.codec_context
+    for packet in container.demux(stream):
+        decoded = ctx.decode(packet)
+        if not decoded and packet.is_keyframe and packet.size:
+            decoded = ctx.decode(None)
+            if not decoded:
+                ctx.flush_buffers()
+        if decoded:
+            return decoded[0]
+    return None
 
 
 def _value(spec: EndpointSpec, data: dict[str, Any], name: str) -> Any:
