@@ -499,6 +499,7 @@ def _stdout_to_devnull() -> None:
 
 def _main() -> None:
     startup.fewer_malloc_arenas()  # before any thread: their freed memory is kept per arena
+    startup.steady_malloc_thresholds()  # a probe's decoder buffers kept for the next probe
     startup.pause()  # no cyclic GC over the imports; the long-running commands resume it
     from worker.logs import configure_logging  # stdlib only: text, or JSON lines (WANBATCH_LOG_FORMAT)
 

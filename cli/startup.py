@@ -33,11 +33,11 @@ import os
 import sys
 import threading
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.util import MAGIC_NUMBER, cache_from_source
 from pathlib import Path
 from types import CodeType
-from typing import Any
+from typing import Any, cast
 
 #: The collector is back on this long after :func:`pause` at the latest, whatever the command.
 RESUME_AFTER_SECONDS = 10.0
@@ -51,6 +51,42 @@ _paused = False
 _M_ARENA_MAX = -8
 #: The malloc arenas wanbatch's own processes use (:func:`fewer_malloc_arenas`).
 MALLOC_ARENAS = 2
+#: glibc's ``mallopt`` parameters of the size from which a block is mapped on its own
+#: (``M_MMAP_THRESHOLD``) and of the free space at the top of a heap that is handed back to the
+#: kernel (``M_TRIM_THRESHOLD``), in glibc's malloc.h (the same man page).
+_M_MMAP_THRESHOLD = -3
+_M_TRIM_THRESHOLD = -1
+#: Blocks up to this size come from the heap (:func:`steady_malloc_thresholds`): above a
+#: 1080p frame's largest plane (1920×1080 is ~2.1 MB of luma with FFmpeg's padding).
+MMAP_THRESHOLD = 4 * 1024 * 1024
+#: Free space at a heap's top kept instead of handed back: twice :data:`MMAP_THRESHOLD`, as
+#: glibc's own dynamic rule sets it when it raises the mmap threshold.
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD
+#: What a user sets glibc's thresholds with (environment, ``GLIBC_TUNABLES``): any of them
+#: leaves all of them to the user, since setting one turns glibc's dynamic thresholds off.
+_THRESHOLD_VARIABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
+_THRESHOLD_TUNABLES = ("malloc.mmap_threshold", "malloc.trim_threshold", "malloc.top_pad", "malloc.mmap_max")
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt`` of this process; None on another C library (musl has none), another
+    system, or a Python built without :mod:`ctypes`."""
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes  # here, not at the top: every command imports this module
+
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (ImportError, OSError, AttributeError):
+        return None
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return cast("Callable[[int, int], int]", mallopt)
 
 
 def fewer_malloc_arenas() -> bool:
@@ -69,17 +105,40 @@ def fewer_malloc_arenas() -> bool:
     or one that ignores it) and a Python built without :mod:`ctypes` are left alone.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform != "linux" or "MALLOC_ARENA_MAX" in os.environ or "malloc.arena_max" in tunables:
+    if "MALLOC_ARENA_MAX" in os.environ or "malloc.arena_max" in tunables:
         return False
-    try:
-        import ctypes  # here, not at the top: every command imports this module
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
 
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
-    except (ImportError, OSError, AttributeError):
+
+def steady_malloc_thresholds() -> bool:
+    """Keep blocks up to :data:`MMAP_THRESHOLD` in glibc's heaps, and up to
+    :data:`TRIM_THRESHOLD` of free space at a heap's top, for the whole process; whether they
+    were set here.
+
+    Each downloaded output is probed (:func:`worker.probe.probe`): one H.264 decoder opened,
+    one frame decoded, the decoder closed, its buffers freed (a frame pool of ~0.6 MB at 480p,
+    ~3 MB at 1080p, and the decoder's tables). glibc's defaults map a block above 128 KiB on its
+    own and hand a heap's free top above 128 KiB back to the kernel, raising both only once a
+    mapped block is freed (its "dynamic" thresholds, mallopt(3)): how far they had risen
+    depended on what else the process had freed, and mostly they had not, so the freed
+    decoder went back to the kernel at every probe, and the next probe faulted every page of
+    it in again: ~300 page faults a probe of a 480p clip, ~800 at 1080p, where with these
+    settings it is ~1 (counted with ``getrusage`` over 300 probes in a thread). The memory kept is
+    what the next probe takes again; peak memory is the same. Both are needed: the mmap
+    threshold alone still trims the heap, and the trim threshold alone freezes the mmap
+    threshold wherever the dynamic rule had left it (setting either turns the rule off).
+    Thresholds the user set for glibc (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
+    ``MALLOC_TOP_PAD_``, ``MALLOC_MMAP_MAX_``, or their ``glibc.malloc.*`` tunables) are left
+    to decide, all of them; another C library and a Python without :mod:`ctypes` are left alone.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(v in os.environ for v in _THRESHOLD_VARIABLES) or any(t in tunables for t in _THRESHOLD_TUNABLES):
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    mallopt = _mallopt()
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        return False
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def pause() -> None:

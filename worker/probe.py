@@ -113,6 +113,11 @@ _CONTAINER = "mp4"
 #: The decoders that may read the video stream: the video codecs an MP4 of a video model holds.
 #: The probe opens the one decoder it decodes with itself, after checking its name here.
 _VIDEO_DECODERS = frozenset({"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", "libvpx-vp9"})
+#: The same list as FFmpeg's own ``codec_whitelist`` of the probe's decoder: ``avcodec_open2``
+#: refuses to open a decoder not on it (https://ffmpeg.org/ffmpeg-codecs.html#Codec-Options), so
+#: the list binds the one decoder that reads the file's bytes in FFmpeg too, not only in the
+#: name check before it.
+_DECODER_WHITELIST = ",".join(sorted(_VIDEO_DECODERS))
 #: ``av.open``'s options. Every ``av.open`` runs FFmpeg's ``avformat_find_stream_info``, which
 #: opens a decoder per stream and decodes packets until it knows each stream's pixel format and
 #: B-frame delay: on a Wan-like 832×480 H.264 output it decoded the key frame in full, that the
@@ -123,7 +128,10 @@ _VIDEO_DECODERS = frozenset({"h264", "hevc", "mpeg4", "av1", "libdav1d", "vp9", 
 #: ``probesize`` at its minimum (32 bytes) so that, left without the parameters a decoder would
 #: give, it stops after one packet instead of reading 5 s of them. The file's bytes then reach
 #: one decoder only: the video decoder the probe opens, one of :data:`_VIDEO_DECODERS` (the audio
-#: decoders of Wan 2.5/2.6 outputs no longer run on them at all).
+#: decoders of Wan 2.5/2.6 outputs no longer run on them at all). That decoder's buffers (a
+#: frame pool of ~0.6 MB at 480p, 3 MB at 1080p) are then the largest a probe allocates: what
+#: keeps glibc from handing them back to the kernel at every close (and faulting them in again
+#: at the next probe) is :func:`cli.startup.steady_malloc_thresholds`.
 _OPEN_OPTIONS = {"codec_whitelist": "", "probesize": "32"}
 
 
@@ -165,6 +173,7 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
             # One frame is decoded: a decoder thread pool (FFmpeg's default, one per core) would
             # cost more to start than the frame itself.
             ctx.thread_count = 1
+            ctx.options = {"codec_whitelist": _DECODER_WHITELIST}
             codec = str(ctx.name or "")
             frames = int(stream.frames) if stream.frames else None
             rate = stream.average_rate or stream.guessed_rate
