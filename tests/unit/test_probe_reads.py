@@ -133,3 +133,36 @@ def test_the_first_frame_is_decoded_from_the_key_frame_alone(
     """Not the two packets after it that the decoder would wait for: it is drained instead."""
     probe.probe(wan_like_clip(tmp_path / "clip.mp4"))
     assert [r.packets for r in recorded] == [1]
+
+
+def mjpeg_clip(path: Path) -> Path:
+    """An MP4 whose video stream is Motion JPEG: a codec no video model's output holds."""
+    with av.open(str(path), "w", format="mp4") as out:
+        video = out.add_stream("mjpeg", rate=Fraction(FPS))
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuvj420p"
+        for _ in range(3):
+            frame = av.VideoFrame.from_ndarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8), format="rgb24")
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+    return path
+
+
+def test_a_video_of_another_codec_reaches_no_decoder(tmp_path: Path, recorded: list[Recording]) -> None:
+    """With no decoder at open, the probe's own decoder is the only one: one not on the list
+    never gets a packet."""
+    with pytest.raises(probe.NotAVideoError, match="mjpeg"):
+        probe.probe(mjpeg_clip(tmp_path / "clip.mp4"))
+    assert [(r.packets, r.formats_at_open) for r in recorded] == [(0, {"video": [None], "audio": []})]
+
+
+def test_ffmpeg_itself_refuses_the_probe_a_decoder_off_the_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list binds the decoder in FFmpeg too (its ``codec_whitelist``, given to the decoder
+    the probe opens), not only in the name check: with the check passing MJPEG, FFmpeg still
+    refuses to open its decoder."""
+    monkeypatch.setattr(probe, "_VIDEO_DECODERS", probe._VIDEO_DECODERS | {"mjpeg"})
+    with pytest.raises(probe.NotAVideoError, match="not a decodable video"):
+        probe.probe(mjpeg_clip(tmp_path / "clip.mp4"))
