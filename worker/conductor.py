@@ -442,6 +442,7 @@ class Conductor:
                         redispatch_at = self._redispatch_at()
                 if not leading:  # the lock is another's (or was lost): never publish meanwhile
                     resign_limits(self.rt.limiter)
+                    peer_limits.let_go(self.rt)  # nor apply the strictest of the runs' limits
                 if not leading and now >= self._next_watch:
                     # Not leading: the leader's limits, when one first publishes or another takes
                     # over, are compared with this process's (said once) and kept (fail safe).
@@ -467,6 +468,7 @@ class Conductor:
                     leading, asked = (leads() if leads is not None else True), now
                 if not leading:
                     resign_limits(self.rt.limiter)
+                    peer_limits.let_go(self.rt)
                 elif self._next_beat and now >= self._next_beat:
                     self._beat()  # publishes too
                 elif republish and not self.rt.batch_ids:

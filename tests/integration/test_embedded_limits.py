@@ -15,6 +15,8 @@ owners, each beating through its own conductor).
 
 from __future__ import annotations
 
+import threading
+
 from sqlalchemy import Engine, select
 
 from jobs import db, store
@@ -138,3 +140,36 @@ def test_doctor_compares_the_live_runs_limits(engine: Engine) -> None:
     assert "run alice-laptop pid 1: 10" in found.detail
     assert "each applies the strictest, 10" in found.detail
     assert "WANBATCH_SUBMIT_RATE (" in found.detail
+
+
+def test_a_tick_leader_that_loses_the_lead_applies_its_own_limits_again(engine: Engine) -> None:
+    """The workers' tick leader applies the strictest limits of the live runs while it leads;
+    once the lead is another worker's, it dispatches nothing and publishes nothing, so the strict
+    copy must not stay: its submits (its spacing, its grants' intervals) and what it compares with
+    the next leader's policy are its own settings again, not a run's it no longer hears of."""
+    alice, _ = _run(engine, "alice-laptop:1:", "alice", 1, max_outstanding=10, submit_rate=5.0)
+    own = settings_for(
+        URL,
+        KEY,
+        database_url=engine.url.render_as_string(hide_password=False),
+        max_outstanding=40,
+        submit_rate=20.0,
+    )
+    leader = make_runtime(engine, own)  # no batch of its own: the workers' tick leader
+    leader.owner = "vm:11452:"
+    _beat(Conductor(alice, stream=False))
+    workers = Conductor(leader, stream=False)
+    _beat(workers)
+    assert leader.settings.max_outstanding == 10  # leading beside Alice's run: the strictest
+    assert leader.peer_limits
+
+    # Another worker takes the lead: this one's next round finds it does not lead.
+    workers.run(threading.Event(), on_progress=lambda: True, leads=lambda: False, resilient=True)
+    assert leader.settings is leader.own_settings
+    assert (leader.settings.max_outstanding, leader.settings.submit_rate) == (40, 20.0)
+    assert isinstance(leader.limiter, LocalGCRA)
+    assert leader.limiter.settings.submit_rate == 20.0
+    assert leader.bucket is not None
+    assert leader.bucket.rate == 20.0 / 1.05
+    assert leader.peer_limits == {}
+    workers.close()

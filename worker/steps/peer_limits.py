@@ -8,7 +8,8 @@ transaction), and from then on dispatches and submits with the strictest of them
 account (:meth:`worker.steps.context.Runtime.apply_limits`): its outstanding caps, its dispatch
 bucket and the database's (refilled at its rate), its submit spacing (the in-process limiter, the
 database's pacing slots, a limiter Redis' grants). When the stricter process stops (its heartbeat
-gone, or older than :data:`jobs.db.HEARTBEAT_STALE_SECONDS`), its own limits apply again.
+gone, or older than :data:`jobs.db.HEARTBEAT_STALE_SECONDS`), its own limits apply again; so
+they do once the tick leader finds the lead another worker's (:func:`let_go`).
 
 Said once per change in a warning line naming the other process and its value, and kept on the
 runtime for ``run``'s held message (:attr:`~worker.steps.context.Runtime.peer_limits`).
@@ -72,6 +73,23 @@ def note_limits(session: Session, rt: Runtime) -> bool:
         return False
     _say(rt, own)
     return True
+
+
+def let_go(rt: Runtime) -> None:
+    """``rt``'s process no longer dispatches: the workers' tick leader found the lead another
+    worker's. The strictest limits it applied while leading were for its dispatch rounds and its
+    published policy; kept, they went on spacing its own submits (and pushing the shared rate
+    keys) at another process's rate, and being compared with the next leader's policy as its own,
+    until it led again, however long after that process stopped. Its own settings apply again
+    (the leader's policy still binds its submits). No database statement; nothing at all when
+    they apply already (called at every round of a worker that does not lead)."""
+    rt.peer_limits = {}
+    if rt.apply_limits(rt.own_settings):
+        log.info(
+            "this worker no longer leads: it applies its own account-wide limits again (the tick "
+            "leader's policy still binds its submits)",
+            extra={"event": "limits.peers_applied"},
+        )
 
 
 def _say(rt: Runtime, own: Any) -> None:
