@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
+from jobs.printable import one_line
+
 CENT = Decimal("0.01")
 MICRO = Decimal("0.000001")
 
@@ -142,7 +144,9 @@ def others_today(spenders: Sequence[DaySpender], own: str | None) -> tuple[Decim
     others = [s for s in spenders if s.usd > 0 and own not in (s.batch_id, s.name)]
     if not others:
         return Decimal(0), ""
-    named = ", ".join(s.name for s in others[:NAMED_BATCHES])
+    # As ``status`` shows a name stored before line breaks and tabs were refused: escaped, so
+    # the refusal (a job's one-line ``error``, its log line) and the warning stay on one line.
+    named = ", ".join(one_line(s.name) for s in others[:NAMED_BATCHES])
     more = len(others) - NAMED_BATCHES
     return sum((s.usd for s in others), Decimal(0)), f"{named} and {more} more" if more > 0 else named
 

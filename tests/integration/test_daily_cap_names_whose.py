@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import Engine, update
 
 from jobs import db, store
+from jobs.manifest.expand import Manifest
 from jobs.models import Job, utcnow
 from jobs.money import DAILY_CAP_ERROR, DaySpender
 from jobs.states import JobState
@@ -125,3 +127,33 @@ def test_no_other_batch_no_breakdown_and_no_read_without_a_refusal(
     assert len(dispatch(make_runtime(engine, solo, batch_ids=frozenset({left})))) == 2
     plain = "budget: submitting would commit $0.75 of today's $0.50 cap (WANBATCH_DAILY_BUDGET_USD)"
     assert _errors(engine, left) == {(None, None), (plain, DAILY_CAP_ERROR)}
+
+
+def test_a_stored_name_with_a_line_break_stays_on_the_refusals_one_line(engine: Engine) -> None:
+    """A batch name stored before line breaks and tabs were refused (README: shown escaped) is
+    named in another batch's refusal as ``status`` shows it, ``\\n`` and ``\\t`` escaped: the
+    refusal is one line (its ``dispatch`` log line, ``status``, ``export``), and an old name must
+    not break it — nor ``validate``'s warning, which names the same batches."""
+    from jobs.estimates import daily_budget_issues
+    from jobs.pricing import Totals
+
+    _at_fal(engine, "old\nname\tone", ["2.00"])
+    mine = add_batch(engine, "mine", [WAN], est_usd=Decimal("0.80"))
+    settings = settings_for(URL, KEY, daily_budget_usd=Decimal(2))
+    assert dispatch(make_runtime(engine, settings, batch_ids=frozenset({mine}))) == []
+    ((error, kind),) = _errors(engine, mine)
+    assert kind == DAILY_CAP_ERROR
+    assert error is not None
+    assert "\n" not in error
+    assert "\t" not in error
+    assert error.endswith("$2.00 of it by other batches: old\\nname\\tone)")
+
+    with db.read_scope(engine) as session:
+        today = store.committed_usd_today_by_batch(session, utcnow())
+    totals = Totals()
+    totals.usd = Decimal("1.00")
+    totals.jobs = 1
+    manifest = cast(Manifest, SimpleNamespace(name="mine", display="mine.yaml"))
+    (issue,) = daily_budget_issues(manifest, totals, Decimal(2), today)
+    assert "\n" not in str(issue)
+    assert "by other batches: old\\nname\\tone" in str(issue)
