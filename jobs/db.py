@@ -791,22 +791,8 @@ class _Durability:
         if inode != self._inode:
             # A log this process has not synced yet may have been created since: its name must
             # be on disk too (SQLite syncs a new log's folder the same way: unixSync).
-            _sync_folder(self.wal.parent)
+            fs.sync_folder(self.wal.parent)
             self._inode = inode
-
-
-def _sync_folder(folder: Path) -> None:
-    """``fsync(2)`` on ``folder``, where folders can be opened (not everywhere: then nothing)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 #: ``fdatasync(2)`` where there is one (Linux); ``fsync(2)`` elsewhere (macOS).

@@ -325,3 +325,19 @@ def file_mode() -> int:
 def folder_mode() -> int:
     """The mode a plain ``mkdir()`` gives a new folder: 0777 less the umask (0755 under 022)."""
     return 0o777 & ~umask()
+
+
+def sync_folder(folder: Path) -> None:
+    """``fsync(2)`` on ``folder``, making the names created or renamed in it durable (POSIX: a
+    directory entry is on disk only once the directory itself is synced); nothing where folders
+    cannot be opened or synced (not every system or file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

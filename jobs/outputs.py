@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from jobs import fs
 from jobs.batch_names import batch_name
 from jobs.errors import WanbatchError
 from jobs.fs import name_problem, shown_path
@@ -418,19 +419,6 @@ def fsync_dir(folder: Path) -> None:
     _FOLDER_SYNCS.sync(folder)
 
 
-def _sync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class _FolderSyncs:
     """Group commit of folder syncs, per folder (by the path as given).
 
@@ -462,7 +450,7 @@ class _FolderSyncs:
                 self._done.wait()
         synced = False
         try:
-            _sync_folder(folder)
+            fs.sync_folder(folder)
             synced = True
         finally:
             with self._lock:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jobs import outputs
+from jobs import fs, outputs
 
 
 def test_batch_names_cannot_escape_the_output_dir(tmp_path: Path) -> None:
@@ -366,7 +366,7 @@ def test_a_folder_sync_is_shared_by_renames_made_before_it_began_and_only_by_tho
             assert release_first.wait(30)
         events.append(f"sync {number} ends")
 
-    monkeypatch.setattr(outputs, "_sync_folder", sync)
+    monkeypatch.setattr(fs, "sync_folder", sync)
 
     def renamed(name: str) -> None:
         outputs.fsync_dir(tmp_path)
