@@ -23,6 +23,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, insert, inspect, text
 from jobs.db import SCHEMA_HEAD, alembic_config, downgrade, make_engine, migrate
 from jobs.models import Base
 from jobs.processes import beat_owner
+from tests.older_rows import older_batch
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -43,29 +44,6 @@ def drift(engine: Engine, metadata: MetaData = Base.metadata) -> list[Any]:
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
         return list(compare_metadata(context, metadata))
-
-
-def older_batch(session: Any, name: str, parent: str | None = None) -> str:
-    """A batch stored by SQL on a schema older than the models (its id): the models' INSERT
-    names every column of the head's ``batches``, some not there yet (``manifest_host``, 0050)."""
-    from uuid import uuid4
-
-    batch_id = uuid4().hex
-    session.execute(
-        text(
-            "INSERT INTO batches (id, name, manifest_path, manifest_sha256, created_at, state, priority, "
-            "paused_by_user, reuse_outputs, simulated, parent_batch_id) VALUES (:id, :name, 'm.yaml', :sha, "
-            ":at, 'active', 'normal', false, false, false, :parent)"
-        ),
-        {
-            "id": batch_id,
-            "name": name,
-            "sha": "0" * 64,
-            "at": datetime(2026, 1, 1, tzinfo=UTC),
-            "parent": parent,
-        },
-    )
-    return batch_id
 
 
 def tables(engine: Engine) -> set[str]:

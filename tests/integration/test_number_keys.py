@@ -22,6 +22,7 @@ from jobs.endpoints import get_endpoint
 from jobs.manifest import key_of, keyed_input, validate_manifest
 from jobs.models import Job
 from jobs.settings import Settings
+from tests.older_rows import older_batch
 
 LANDSCAPE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "images" / "landscape.jpg"
 #: The schema audit's ``num.yaml``: items 0 and 1 are one request, item 2 writes out a default.
@@ -65,12 +66,11 @@ def _submitted_before_0034(path: Path, settings: Settings) -> str:
     engine = make_engine(settings.database_url)
     try:
         with db.session_scope(engine) as session:
-            batch, _ = store.get_or_create_batch(
+            batch_id = older_batch(
                 session,
-                name="num",
+                "num",
                 manifest_path=str(path.resolve()),
                 manifest_sha256=report.manifest.sha256,
-                budget_max_usd=None,
                 manifest_text=report.manifest.text,
             )
             old = []
@@ -79,8 +79,8 @@ def _submitted_before_0034(path: Path, settings: Settings) -> str:
                 key = key_of(endpoint.id, keyed_input(endpoint, spec.input), numbers_as_written=True)
                 (new,) = batches._new_jobs(iter([spec]), settings)
                 old.append(dataclasses.replace(new, key=key))
-            assert store.add_jobs(session, batch.id, old) == (4, 0)
-            return batch.id
+            assert store.add_jobs(session, batch_id, old) == (4, 0)
+            return batch_id
     finally:
         engine.dispose()
 

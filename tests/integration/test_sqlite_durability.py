@@ -195,7 +195,8 @@ def test_an_embedded_run_syncs_only_what_an_outside_effect_depends_on(tmp_path: 
     assert report["counts"].get("succeeded") == 12, report["failures"]
     commits = trace.commits
     by_verb = {verb: [c for c in commits if verb in c.verbs] for verb in COVERED | SYNCED}
-    assert all(by_verb[verb] for verb in ("record_send", "mark_submitted", "mark_running", "mark_completed"))
+    # (Not mark_running: a loaded machine's status stream may hear a short render only as done.)
+    assert all(by_verb[verb] for verb in ("record_send", "mark_submitted", "mark_completed"))
 
     # Every POST left once its record_send was on disk.
     for commit in by_verb["record_send"]:

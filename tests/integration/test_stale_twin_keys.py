@@ -30,6 +30,7 @@ from jobs.rendered import rerun_covered
 from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import Settings
 from jobs.states import JobState as S
+from tests.older_rows import older_batch
 from tests.step_runtime import job_ids, make_runtime
 from worker.steps import dispatch
 
@@ -66,16 +67,10 @@ def _old_batch(url: str, name: str, jobs: list[tuple[dict[str, Any], dict[str, A
     engine = make_engine(url)
     try:
         with db.session_scope(engine) as session:
-            made, _ = store.get_or_create_batch(
-                session,
-                name=name,
-                manifest_path=str(LANDSCAPE.parent.parent / "m.yaml"),
-                manifest_sha256="0" * 64,
-                budget_max_usd=None,
-            )
+            made_id = older_batch(session, name, manifest_path=str(LANDSCAPE.parent.parent / "m.yaml"))
             store.add_jobs(
                 session,
-                made.id,
+                made_id,
                 [
                     store.NewJob(
                         key_of(WAN.id, payload)
@@ -91,7 +86,7 @@ def _old_batch(url: str, name: str, jobs: list[tuple[dict[str, Any], dict[str, A
                     for item, (payload, sources) in enumerate(jobs)
                 ],
             )
-            return made.id
+            return made_id
     finally:
         engine.dispose()
 
