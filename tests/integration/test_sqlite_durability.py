@@ -392,16 +392,14 @@ def test_a_report_syncs_the_log_of_a_process_that_never_wrote(
 
 
 def test_a_run_with_a_broker_syncs_before_its_report(
-    sqlite_engine: Engine, sqlite_url: str, syncs: list[int], monkeypatch: pytest.MonkeyPatch
+    sqlite_engine: Engine, sqlite_url: str, syncs: list[int], monkeypatch: pytest.MonkeyPatch, redis_db: str
 ) -> None:
     """The workers' successes stored in a local folder wait for a sync (:func:`jobs.db.covered`):
     ``run`` watching them through a broker syncs the log before it reads its report."""
     from worker import running
 
     batch_id = add_batch(sqlite_engine, "brokered", [(T2V, {"prompt": "a boat"})])
-    settings = settings_for(
-        "http://127.0.0.1:9", KEY, database_url=sqlite_url, broker_url="redis://127.0.0.1:6379/15"
-    )
+    settings = settings_for("http://127.0.0.1:9", KEY, database_url=sqlite_url, broker_url=redis_db)
 
     class _NoWatch:
         def __init__(self, *_args: Any, **_kwargs: Any) -> None:
