@@ -32,7 +32,7 @@ from jobs.errors import (
     UsageError,
     WanbatchError,
 )
-from jobs.estimates import fal_keys, input_dirs
+from jobs.estimates import daily_budget_issues, fal_keys, input_dirs
 from jobs.fs import shown_path
 from jobs.listing import PAST_DEADLINE as PAST_DEADLINE
 from jobs.listing import PAUSED_BY_USER as PAUSED_BY_USER
@@ -42,7 +42,7 @@ from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
 from jobs.models import Batch, BatchState, Job, utcnow
 from jobs.money import DaySpender, too_much_usd, usd_apart, usd_json, usd_text
-from jobs.pricing import estimate_job, price_table
+from jobs.pricing import Totals, estimate_job, price_table
 from jobs.printable import printable, shell_ref
 from jobs.processes import process_prefix
 from jobs.rendered import (
@@ -207,6 +207,10 @@ class SubmitResult:
     #: again the ``n`` stored jobs not sent yet with the prices in force and that changed the
     #: estimate (``WANBATCH_PRICING_OVERRIDES`` corrected since: :func:`jobs.store.reprice_unsent`).
     estimate_changed: dict[str, float | int | None] | None = None
+    #: The warning that the manifest's estimate exceeds ``WANBATCH_DAILY_BUDGET_USD`` or what is
+    #: left of it today (``estimate --json``'s ``budget_warnings``, in its words); also in
+    #: ``warnings``. Empty without the setting, under it, or for a simulation.
+    budget_warnings: list[str] = field(default_factory=list)
     #: The stderr line saying this submit made the default database (``./.wanbatch/wanbatch.db``)
     #: in the current folder, and where another one was found (:mod:`jobs.database_home`); None else.
     database_note: str | None = None
@@ -240,6 +244,7 @@ class SubmitResult:
             "reruns_followed": list(self.reruns_followed),
             "outputs_followed": self.outputs_followed,
             "warnings": list(self.warnings),
+            "budget_warnings": list(self.budget_warnings),
         }
 
     def moved_note(self) -> str | None:
@@ -609,7 +614,12 @@ def submit_manifest(
     machine (``manifest_host_moved``).
     """
     judged_at = clock.utcnow()
-    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at)
+    # The day's cap holds for batches sent to fal (never a simulation's): priced as the
+    # validation pass checks the jobs, as ``estimate`` prices them, for its warning.
+    daily = _DailyWarning(None if simulated else settings.daily_budget_usd, settings)
+    report = validate_manifest(
+        path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at, each_valid=daily.pricing()
+    )
     manifest = report.manifest
     if manifest is None:
         raise ManifestError(report.issues)
@@ -625,7 +635,9 @@ def submit_manifest(
     db.on_database_clock(engine)
     now = clock.utcnow()
     if (manifest.schedule.over(judged_at) is None) != (manifest.schedule.over(now) is None):
-        report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=now)
+        report = validate_manifest(
+            path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=now, each_valid=daily.pricing()
+        )
         manifest = report.manifest
         if manifest is None:  # pragma: no cover - the same file, read again
             raise ManifestError(report.issues)
@@ -712,7 +724,8 @@ def submit_manifest(
             # Paused because fal refused the account or the outputs could not be written;
             # submitting again is the user saying "go on".
             store.resume_batch(session, batch.id)
-        warnings = [str(i) for i in report.issues if i.severity != "error"]
+        budget_warnings = daily.issues(session, manifest, now)
+        warnings = [str(i) for i in [*report.issues, *budget_warnings] if i.severity != "error"]
         if stored is not None and stored.not_in_manifest:
             warnings.append(_not_in_manifest_note(batch.name, stored, _item_count(manifest)))
         if stored is not None and stored.defaults_matched:
@@ -726,6 +739,7 @@ def submit_manifest(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
         result.budget_revived = revived
+        result.budget_warnings = [i.message for i in budget_warnings]
         if moved:
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:
@@ -746,6 +760,34 @@ def submit_manifest(
     if manifest_moved is not None or followed:
         _follow_outputs(engine, settings, result)
     return result
+
+
+class _DailyWarning:
+    """``submit``'s warning that the manifest's estimate exceeds ``WANBATCH_DAILY_BUDGET_USD``,
+    or what is left of it today: :func:`jobs.estimates.daily_budget_issues`, the words
+    ``validate`` and ``estimate`` say it in, from the same numbers (the jobs priced as the
+    validation pass keeps them, today's committed money by batch). Nothing priced or read when
+    ``cap`` is None (no daily cap, or a simulation, which the cap leaves out)."""
+
+    def __init__(self, cap: Decimal | None, settings: Settings) -> None:
+        self.cap = cap
+        self.settings = settings
+        self.totals: Totals | None = None
+
+    def pricing(self) -> Callable[[JobSpec], None] | None:
+        """``validate_manifest``'s ``each_valid``: a fresh total for each validation pass."""
+        if self.cap is None:
+            return None
+        totals = self.totals = Totals()
+        settings = self.settings
+        return lambda spec: totals.add(estimate_job(spec.endpoint, spec.input, settings))
+
+    def issues(self, session: Session, manifest: Manifest, now: datetime) -> list[Issue]:
+        """The warning (one issue, or none), with what every batch committed today."""
+        if self.cap is None or self.totals is None:
+            return []
+        today = store.committed_usd_today_by_batch(session, now)
+        return daily_budget_issues(manifest, self.totals, self.cap, today)
 
 
 def _follow_outputs(engine: Engine, settings: Settings, result: SubmitResult) -> None:
