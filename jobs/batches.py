@@ -1927,10 +1927,17 @@ def _report(
 def manifest_elsewhere_text(batch: Batch) -> str:
     """The line saying batch ``batch`` is the project of another machine (its recorded
     ``manifest_host`` is not this one): which, and its manifest's path there; "" when it is this
-    machine's or the machine is not known (stored before it was recorded)."""
+    machine's or the machine is not known (stored before it was recorded). A rerun's is the
+    machine ``rerun`` made it on: its ``manifest_path`` is its parent's, on the parent's machine
+    (maybe another), so it is not named."""
     if not machine.elsewhere(batch.manifest_host):
         return ""
     assert batch.manifest_host is not None
+    if batch.parent_batch_id is not None:
+        return (
+            f"batch {printable(batch.name)} belongs to {printable(machine.name(batch.manifest_host))} "
+            "(another machine): a rerun made there"
+        )
     return (
         f"batch {printable(batch.name)} belongs to {printable(machine.name(batch.manifest_host))}:"
         f"{shown_path(batch.manifest_path)} (another machine): its manifest was last submitted from there"

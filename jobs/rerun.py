@@ -27,7 +27,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs import db, store
+from jobs import db, machine, store
 from jobs.batches import SubmitResult, _new_job, _submitted, check_output_names
 from jobs.db import open_engine
 from jobs.endpoints import EndpointSpec, get_endpoint
@@ -410,6 +410,9 @@ def rerun_batch(
             schedule=None if send_now else _rerun_schedule(parent),
             manifest_text=parent.manifest_text,  # provenance: the manifest the jobs came from
             simulated=simulated,
+            # The machine the rerun was made on (as a submit records its own): on a database
+            # machines share, another one's status, pause and cancel say whose it is.
+            manifest_host=machine.this_machine(),
             rerun_options=rerun_options(
                 failed_only=failed_only,
                 new_seeds=new_seeds,

@@ -258,7 +258,7 @@ def get_or_create_batch(
         simulated=simulated,
         created_at=utcnow(),
     )
-    if manifest_host is not None:  # NULL otherwise: unknown (a rerun, a test)
+    if manifest_host is not None:  # NULL otherwise: unknown (a test, a batch of an older wanbatch)
         batch.manifest_host = manifest_host
     try:
         with session.begin_nested():

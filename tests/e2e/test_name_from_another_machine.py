@@ -309,3 +309,39 @@ def test_two_machines_submitting_the_same_name_at_once_never_merge(shared_db: st
     prompts = [prompt for prompt, _ in _states(shared_db, "clip")]
     assert prompts == (["alice one", "alice two", "alice three"] if winner == ALICE_HOST else ["bob's own"])
     assert _batch(shared_db, "clip")[1] == winner
+
+
+def test_a_rerun_records_the_machine_it_was_made_on(
+    sim: SimulatorHandle,
+    shared_db: str,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rerun stored no machine (``manifest_host`` NULL): on a shared database it was nobody's,
+    so ``status`` (and ``pause``, ``cancel``) on another machine said nothing of whose it was, as
+    they do of a submitted batch. It records the machine ``rerun`` ran on: Bob's rerun of
+    Alice's batch is Bob's, and said to be on Alice's machine; on Bob's, nothing is said."""
+    _project(e2e_env / "alice", "clip", ALICE, "20")
+    _on(ALICE_HOST, monkeypatch)
+    assert run_main(["run", "alice/m.yaml", "--no-progress"], monkeypatch) == 0
+    capsys.readouterr()
+
+    _on(BOB_HOST, monkeypatch)
+    assert run_main(["rerun", "clip", "--no-progress", "--json"], monkeypatch) == 0
+    rerun = json.loads(capsys.readouterr().out)["name"]
+    assert _batch(shared_db, rerun)[1] == BOB_HOST
+    assert run_main(["status", rerun, "--json"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["manifest_elsewhere_note"] == ""
+
+    note = f"batch {rerun} belongs to {BOB_HOST} (another machine): a rerun made there"
+    _on(ALICE_HOST, monkeypatch)
+    assert run_main(["status", rerun, "--json"], monkeypatch) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert report["manifest_host"] == BOB_HOST
+    assert report["manifest_elsewhere_note"] == note
+    assert run_main(["status", rerun], monkeypatch) == 0
+    assert note in capsys.readouterr().out.replace("\n", " ")
+    # Its parent stays Alice's: nothing is said of it on her machine.
+    assert run_main(["status", "clip", "--json"], monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["manifest_elsewhere_note"] == ""
