@@ -618,7 +618,11 @@ def submit_manifest(
     # validation pass checks the jobs, as ``estimate`` prices them, for its warning.
     daily = _DailyWarning(None if simulated else settings.daily_budget_usd, settings)
     report = validate_manifest(
-        path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at, each_valid=daily.pricing()
+        path,
+        input_dirs(settings, allowed_dirs),
+        fal_keys(settings),
+        now=judged_at,
+        each_valid=daily.pricing(),
     )
     manifest = report.manifest
     if manifest is None:

@@ -440,6 +440,24 @@ def paused_for_downloads(reason: str | None) -> bool:
     return (reason or "").startswith(OUTPUTS_PAUSE_PREFIX + CANNOT_DOWNLOAD)
 
 
+def renew_download_pause(session: Session, batch_id: str, reason: str) -> bool:
+    """A batch paused for downloads (:func:`paused_for_downloads`) takes ``reason``, its latest
+    failure's, in place of the one it was paused with; True when it changed. A batch resumed,
+    cancelled or paused for anything else since is left alone (one statement decides)."""
+    renewed = session.execute(
+        update(Batch)
+        .where(
+            Batch.id == batch_id,
+            Batch.state == BatchState.PAUSED,
+            Batch.pause_reason.startswith(OUTPUTS_PAUSE_PREFIX + CANNOT_DOWNLOAD, autoescape=True),
+            Batch.pause_reason != reason,
+        )
+        .values(pause_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(cast("CursorResult[Any]", renewed).rowcount)
+
+
 def resume_after_outputs_stored(session: Session, batch_id: str) -> bool:
     """An output of the batch was just stored: if the batch is paused because outputs could not
     be kept, that is over — it is active again, and its other downloads waiting on the disk are

@@ -11,6 +11,7 @@ and the pause ends by itself with the first video stored again.
 
 from __future__ import annotations
 
+import json
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -382,3 +383,48 @@ def test_a_job_that_left_without_being_forgotten_leaves_no_outage_behind(
         rt.client.close()
     assert outcome == "download-held"
     assert _batch(engine, _job(engine, b).batch_id).state == BatchState.ACTIVE
+
+
+def _closed_port() -> int:
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        return int(closed.getsockname()[1])
+
+
+def test_a_batch_paused_for_downloads_that_cannot_connect_shows_the_latest_reason(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """The batch kept the reason it was paused with (``status`` shows it) while its downloads
+    went on failing for another: the latest one is shown."""
+    fal = FakeFal(hostile)
+    first, then = _closed_port(), _closed_port()
+    fal.on_result("r1", json_reply(fal.result_for("r1", url=f"http://127.0.0.1:{first}/files/r1.mp4")))
+    allowed = ["127.0.0.1"]
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_allowed_hosts=allowed)
+    clock = _Clock()
+    rt.download_reach = DownloadReach(clock)
+    batch_id = _job(engine, job_id).batch_id
+    try:
+        assert download(rt, job_id) == "download-held"
+        clock.now += 61
+        make_due(engine, job_id)
+        assert download(rt, job_id) == "outputs-paused"
+        reason = _batch(engine, batch_id).pause_reason or ""
+        assert f"127.0.0.1:{first}" in reason
+        # Its downloads now fail for another reason (its video's URL, as fal's result stored
+        # with the job gives it, names another host): the batch's reason is that one.
+        with db.session_scope(engine) as session:
+            job = store.get_job(session, job_id)
+            output = json.loads(json.dumps(job.provider_output).replace(f":{first}/", f":{then}/"))
+            store.update_job_fields(session, job_id, expected_version=job.version, provider_output=output)
+        clock.now += 61
+        make_due(engine, job_id)
+        assert download(rt, job_id) == "download-held"
+    finally:
+        rt.client.close()
+    batch = _batch(engine, batch_id)
+    assert batch.state == BatchState.PAUSED
+    reason = batch.pause_reason or ""
+    assert reason.startswith("outputs cannot be downloaded here")
+    assert f"127.0.0.1:{then}" in reason
+    assert f"127.0.0.1:{first}" not in reason

@@ -20,7 +20,7 @@ from tests.loopback_proxy import AUTH_REQUIRED, BAD_GATEWAY, loopback_proxy
 from worker.fal import storage
 from worker.fal.errors import DownloadUnreachedError
 from worker.fal.storage import DownloadPolicy, download, internal_name, proxy_routes
-from worker.steps.download_reach import PAUSE_AFTER_SECONDS, DownloadReach
+from worker.steps.download_reach import PAUSE_AFTER_SECONDS, WARN_EVERY_SECONDS, DownloadReach
 
 VIDEO = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 200
 KEY = "key-id-1234:0123456789abcdef0123456789abcdef"
@@ -362,3 +362,27 @@ def test_the_hold_gives_its_warning_once_per_outage_and_a_short_note_meanwhile()
     assert (reach.note(), reach.unshown()) == (None, None)
     reach.failed("v3b.fal.media", "a new outage")
     assert "a new outage" in (reach.unshown() or "")
+
+
+def test_the_hold_shows_the_latest_reason_when_it_changes_within_the_outage() -> None:
+    """The run's output gave the outage's first reason only: a later, different one (the name
+    resolves now, and the proxy refuses) was never shown, and the user went on fixing what was
+    fixed. A changed reason is shown too, at most every WARN_EVERY_SECONDS; the same, never again."""
+    now = [0.0]
+    reach = DownloadReach(clock=lambda: now[0])
+    resolve = "could not connect to v3.fal.media (ConnectError: Name or service not known) — check DNS"
+    refused = "could not connect to v3.fal.media: the download proxy p:3128 refused it — set its password"
+    reach.failed("v3.fal.media", resolve, "job-1")
+    assert "Name or service not known" in (reach.unshown() or "")
+    now[0] += 1
+    reach.failed("v3.fal.media", refused, "job-1")
+    assert reach.unshown() is None  # a reason changing again and again: not a line each time
+    now[0] += WARN_EVERY_SECONDS
+    reach.failed("v3.fal.media", refused, "job-1")
+    line = reach.unshown()
+    assert line is not None
+    assert "refused it — set its password" in line
+    assert "Name or service not known" not in line
+    now[0] += WARN_EVERY_SECONDS
+    reach.failed("v3.fal.media", refused, "job-1")
+    assert reach.unshown() is None  # the same reason: said once

@@ -1398,6 +1398,7 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
         delay=held.delay,
         why="downloads cannot connect",
         event="download.unreachable_paused",
+        renew=True,
     )
     if ended is not None:
         return ended
@@ -1425,13 +1426,19 @@ def _hold(
     delay: float,
     why: str,
     event: str,
+    renew: bool = False,
     **fields: Any,
 ) -> str | None:
     """Keep a paid download waiting, uncounted (:func:`_download_troubled`,
     :func:`_download_unreached`): its lease given back with the next try ``delay`` seconds
     away (and ``fields``), and, when the outage has lasted long enough (``pause``), its batch
     paused with ``reason`` if still active. ``"lost-lease"`` or ``"outputs-paused"`` (said in
-    a warning: ``why``, ``event``) when the step ends so; None when the job simply waits."""
+    a warning: ``why``, ``event``) when the step ends so; None when the job simply waits.
+
+    ``renew``: a batch paused for downloads already takes ``reason`` when it differs (the
+    cannot-connect reason, whose words change only with what failed: another host, a proxy
+    refusing now where the name did not resolve), so ``status`` shows the latest failure's
+    reason, not the one the batch was paused with."""
     paused = False
     with db.session_scope(rt.engine) as session:
         if pause:
@@ -1439,6 +1446,8 @@ def _hold(
             if batch.state == BatchState.ACTIVE:
                 store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
                 paused = True
+            elif renew and store.paused_for_downloads(batch.pause_reason) and batch.pause_reason != reason:
+                store.renew_download_pause(session, claim.batch_id, reason)
         kept = store.release_lease(
             session, claim.fence, next_attempt_at=in_seconds(delay), **fields, **claim.fetched
         )

@@ -125,8 +125,11 @@ class DownloadReach:
         #: failed, the fix): for a ``run``'s progress output (:meth:`note`, :meth:`unshown`).
         self._host = ""
         self._words = ""
-        #: Whether :meth:`unshown` gave this outage's words already.
-        self._shown = False
+        #: The words :meth:`unshown` gave last in this outage ("" when none yet), and when
+        #: (``clock``): a later, different reason is given too, at most every
+        #: :data:`WARN_EVERY_SECONDS`.
+        self._shown = ""
+        self._shown_at = 0.0
         #: Each held job's first failure: a cancelled batch's waits :data:`CANCELLED_PATIENCE_SECONDS`.
         self._waiting = _Waiting()
 
@@ -151,7 +154,7 @@ class DownloadReach:
             self._failures = 1 if said.began else self._failures + 1
             delay = min(LONGEST_PAUSE_SECONDS, FIRST_PAUSE_SECONDS * 2 ** min(self._failures - 1, 16))
             if said.began:
-                self._shown = False
+                self._shown = ""
             if words:
                 self._host, self._words = host, words
         return Held(
@@ -177,15 +180,21 @@ class DownloadReach:
         return f"downloads cannot connect{where}: held, no try counted"
 
     def unshown(self) -> str | None:
-        """The outage's warning in full (the host, what failed, the fix), the first time it is
-        asked during an outage; None after that, and while downloads connect. An embedded
-        ``run`` prints it once on its progress output (its log line is drawn over there)."""
+        """The outage's warning in full (the host, what failed, the fix) of its latest failure,
+        the first time it is asked during an outage, and again when a later failure's words
+        differ from those given (another host, a proxy refusing now where the name did not
+        resolve), at most every :data:`WARN_EVERY_SECONDS`; None otherwise, and while downloads
+        connect. An embedded ``run`` prints it on its progress output (its log line is drawn
+        over there): the reason it shows is the latest one, not the outage's first."""
         if not self._outage.down:
             return None
         with self._lock:
-            if self._shown or not self._words:
+            if not self._words or self._words == self._shown:
                 return None
-            self._shown = True
+            now = self._clock()
+            if self._shown and now - self._shown_at < WARN_EVERY_SECONDS:
+                return None  # a reason that changes again and again: not a line each time
+            self._shown, self._shown_at = self._words, now
             return (
                 f"warning: downloads cannot connect: {self._words}; the paid videos wait at fal "
                 "(none fails, no try counted) and are downloaded once it connects"
