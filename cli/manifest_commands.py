@@ -139,6 +139,8 @@ def submit(manifest: Path, as_json: bool, allow_dirs: tuple[Path, ...], take_ove
     The id alone on stdout (`B=$(wanbatch submit m.yaml)`), what was stored on stderr.
 
     Submitting the same manifest again adds no duplicate jobs, and applies its current budget.
+    Warns on stderr, as validate does, when the estimate exceeds what is left of today's
+    WANBATCH_DAILY_BUDGET_USD (--json: budget_warnings).
     """
 
     def action() -> int:
