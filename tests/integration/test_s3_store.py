@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from decimal import Decimal
@@ -272,6 +273,81 @@ def test_an_upload_that_fails_in_a_cancelled_batch_says_where_the_paid_video_is_
     assert staged.read_bytes() == fal.video
     assert job.actual_usd == job.est_usd  # fal made it: paid for
     assert fal.posts() == 1
+
+
+def _paused_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and getattr(r, "event", None) == "download.outputs_paused"
+    ]
+
+
+def test_a_batch_paused_for_its_outputs_says_so_once_and_its_waiting_jobs_count_no_more_tries(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    s3: MotoS3,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Audit (S3 outage, 18 waiting jobs): every waiting job, at every failed try, logged the
+    ~500-character warning "its output cannot be stored now; batch paused: …" although the batch
+    was paused already (37 lines), and its "(after N tries)" went on to 3, 4, 5 with
+    WANBATCH_DOWNLOAD_ATTEMPTS=2. Now the try that pauses the batch says so; the others wait
+    quietly, and a try of a paused batch is not counted (it checks whether the storage is back)."""
+    FakeFal(hostile)
+    s3.client().create_bucket(Bucket=BUCKET)
+    settings = settings_for(
+        hostile.url,
+        KEY,
+        output_dir=f"s3://{BUCKET}/out",
+        output_staging_dir=tmp_path / "staging",
+        download_attempts=2,
+    )
+    rt = make_runtime(engine, settings)
+    prompts = ("a paper boat", "a red kite", "a tin drum")
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": p, "resolution": "480p"}) for p in prompts])
+    job_ids = dispatch(rt)
+    assert len(job_ids) == 3
+    for job_id in job_ids:
+        assert submit(rt, job_id) == "submitted"
+    wait_until(
+        lambda: all(_job(engine, j).state == JobState.DOWNLOADING for j in job_ids), step=lambda: poll(rt)
+    )
+    caplog.set_level(logging.DEBUG, logger="worker.steps.download")
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_puts("/out/")  # the storage refuses every output now
+        try:
+            for job_id in job_ids:
+                assert download(rt, job_id) == "upload-retry"
+                _make_due(engine, job_id)
+            for _round in range(3):  # the tries run out, then the paused batch tries again twice
+                for job_id in job_ids:
+                    assert download(rt, job_id) == "outputs-paused"
+                    _make_due(engine, job_id)
+            (warning,) = _paused_warnings(caplog)  # the try that paused the batch, not the 8 after it
+            batch_id = _job(engine, job_ids[0]).batch_id
+            with db.session_scope(engine) as session:  # run again while the storage still refuses
+                assert store.resume_batch(session, batch_id)
+            assert download(rt, job_ids[1]) == "outputs-paused"
+        finally:
+            rt.client.close()
+    again = _paused_warnings(caplog)[1]  # paused again, at once, saying why without a false count
+    assert "(its 2 tries had run out before; it failed again once the batch went on)" in again
+    assert warning.startswith(f"job {job_ids[0]}: its output cannot be stored now; batch paused: ")
+    assert "(after 2 tries)" in warning
+    assert [_job(engine, j).download_attempts for j in job_ids] == [2, 2, 2]  # never past the setting
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, _job(engine, job_ids[0]).batch_id)
+    assert batch.state == BatchState.PAUSED
+    assert "(its 2 tries had run out before; it failed again once the batch went on)" in (
+        batch.pause_reason or ""
+    )
+    waiting = [r.getMessage() for r in caplog.records if getattr(r, "event", None) == "download.outputs_wait"]
+    assert len(waiting) == 8  # each later try is still told, at INFO, briefly
+    assert all(len(line) < 200 for line in waiting), waiting
 
 
 @pytest.mark.parametrize(

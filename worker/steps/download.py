@@ -1537,7 +1537,8 @@ def _upload_failed(
     staged = result.path
     kept = {"output_sha256": result.sha256, "output_bytes": result.size}
     failures = claim.failures + 1
-    if failures >= rt.settings.download_attempts or exc.too_long:
+    attempts = rt.settings.download_attempts
+    if failures >= attempts or exc.too_long:
         # A key too long is refused for good: no try heals it, no storage fix either.
         then = (
             f"the videos already made wait in {staged.parent} and are uploaded by the next run "
@@ -1546,18 +1547,26 @@ def _upload_failed(
             else f"fix the storage; the videos already made wait in {staged.parent} and are uploaded "
             "once it takes them (the batch then resumes by itself) or by the next run, never made again"
         )
-        tries = "1 try" if failures == 1 else f"{failures} tries"
+        # A job whose tries ran out before waits for the storage: its later tries (its batch
+        # paused, or gone on and failing again) only ask whether the storage is back, and are not
+        # counted — "(after 5 tries)" with WANBATCH_DOWNLOAD_ATTEMPTS=2 read as a broken limit.
+        if claim.failures >= attempts:
+            tries = f"its {claim.failures} tries had run out before; it failed again once the batch went on"
+            counted = claim.failures
+        else:
+            tries = "after 1 try" if failures == 1 else f"after {failures} tries"
+            counted = failures
         return _pause_for_outputs(
             rt,
             job_id,
             claim,
-            f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} (after {tries}) — {then}",
+            f"{store.OUTPUTS_PAUSE_PREFIX}be stored: {exc} ({tries}) — {then}",
             # Where the paid video is first: a terminal shows 3 lines of a reason (`status`).
             cancelled=f"{CANCELLED_UNSTORED}: this paid video is kept in {staged.parent} as {staged.name} "
             "and nothing uploads it now (`rerun --failed-only` takes this file back and stores it, "
             "never makes or pays for it again, while it stays as it is); "
             f"the upload failed {failures} times: {exc}",
-            download_attempts=failures,
+            download_attempts=counted,
             **kept,
         )
     delay = backoff(rt.settings, failures)
@@ -1654,7 +1663,12 @@ def _pause_for_outputs(
     reason. A cancelled batch has no next run to wait for: the job fails there with its billed
     cost and ``cancelled`` as its error — not ``reason``, whose "wait … by the next run" a
     cancelled batch never keeps (``run`` refuses it): it says where the paid video is, if kept.
+
+    Only the try that pauses the batch warns, with ``reason``: the batch's other waiting jobs,
+    and each of their later tries, are told at INFO in one short line. Every job used to repeat
+    the ~500-character warning at every try (37 lines for 18 jobs of a batch paused already).
     """
+    paused = False
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.CANCELLED:
@@ -1663,6 +1677,7 @@ def _pause_for_outputs(
             )
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
+            paused = True
         kept = store.release_lease(
             session,
             claim.fence,
@@ -1672,12 +1687,20 @@ def _pause_for_outputs(
         )
     if not kept:
         return "lost-lease"
-    log.warning(
-        "job %s: its output cannot be stored now; batch paused: %s",
-        job_id,
-        reason,
-        extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},
-    )
+    if paused:
+        log.warning(
+            "job %s: its output cannot be stored now; batch paused: %s",
+            job_id,
+            reason,
+            extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+    else:
+        log.info(
+            "job %s: its output cannot be stored yet; it waits with its paused batch (tried again in %.0fs)",
+            job_id,
+            rt.settings.retry_max_delay,
+            extra={"event": "download.outputs_wait", "job_id": job_id, "batch_id": claim.batch_id},
+        )
     return "outputs-paused"
 
 
