@@ -257,7 +257,14 @@ def stretch_of(
     sent, as far as the typical time a job takes (the median of its jobs' submit to finish) says:
     a resumed batch, a restarted ``run``, a window reopening start then, not at the start of the
     window, and a first wave finishing together is not a pace of its own. Never before the window,
-    nor before the finish that ended the previous stretch. ``None`` without finishes."""
+    nor before the finish that ended the previous stretch. ``None`` without finishes.
+
+    Finishes learnt late (:func:`_learnt_late`: a laptop that slept, a ``run`` stopped while fal
+    went on) are stamped when the run heard of them, all at the resume: their submit-to-finish
+    times hold the pause, and dated back by them the stretch began before it — the frozen minutes
+    counted in the pace ("~0:05:29 left" with 2:46 left). The time a job takes is then measured
+    on the jobs sent since the resume, else on those before the pause: the stretch starts at the
+    resume, less that time."""
     if not finished:
         return None
     times = [at for at, _sent in finished]
@@ -272,9 +279,29 @@ def stretch_of(
     if capped and start == 0:
         # Older finishes were not read: the pace of the ones read, from the first of them.
         return Stretch(started_at=times[0], finishes=len(times) - 1)
-    took = sorted(at - sent for at, sent in finished[start:] if sent is not None and sent <= at)
+    took = _took(finished[start:])
+    if _learnt_late(finished[start:], quiet_since=earliest):
+        resumed = times[start]
+        took = _took((at, sent) for at, sent in finished[start:] if sent is not None and sent >= resumed)
+        took = took or _took(finished[:start]) or _took(finished[start:])
     began = times[start] - (took[len(took) // 2] if took else timedelta(0))
     return Stretch(started_at=max(began, earliest), finishes=len(times) - start)
+
+
+def _took(finished: Iterable[tuple[datetime, datetime | None]]) -> list[timedelta]:
+    """The submit-to-finish times of ``finished`` (those with a submit not after their finish), sorted."""
+    return sorted(at - sent for at, sent in finished if sent is not None and sent <= at)
+
+
+def _learnt_late(stretch: Sequence[tuple[datetime, datetime | None]], *, quiet_since: datetime) -> bool:
+    """Whether the first finishes of ``stretch`` were learnt late: nothing finished from
+    ``quiet_since`` (the finish before the gap, or the window's start) for :data:`STRETCH_GAP` or
+    more, yet some of them had been sent before it — in flight all along, finished at fal while
+    nobody heard (a sleeping laptop, a stopped ``run``), and stamped at the resume."""
+    first = stretch[0][0]
+    if first - quiet_since < STRETCH_GAP:
+        return False
+    return any(sent is not None and sent < quiet_since for _at, sent in stretch)
 
 
 def work_stretches(session: Session, batch_ids: Collection[str], *, now: datetime) -> dict[str, Stretch]:

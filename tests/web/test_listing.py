@@ -279,6 +279,73 @@ def test_a_stretch_of_work_starts_after_the_last_pause_in_the_finishes() -> None
     assert pace(skewed, held="", now=now).eta_seconds is not None
 
 
+def _slept(now: datetime, *, sleep: timedelta) -> list[tuple[datetime, datetime | None]]:
+    """The overnight audit's run, as its finishes (finish, submit) oldest first: 4 jobs in flight,
+    each 60 s at fal, one finishing every 15 s; the laptop sleeps ``sleep`` (the run frozen, fal
+    working on) and wakes 70 s before ``now``. The 4 jobs fal finished meanwhile are stamped as the
+    run learns of them, at the resume (a second apart: their downloads); the 4 it sends then
+    finished 10 s ago."""
+    resumed = now - timedelta(seconds=70)
+    froze = resumed - sleep
+    finished: list[tuple[datetime, datetime | None]] = []
+    for k in range(40):
+        sent = froze - timedelta(seconds=15 * k + 1)
+        at = sent + timedelta(seconds=60)
+        learnt = (
+            at if at < froze else resumed + timedelta(seconds=len([f for f in finished if f[0] >= resumed]))
+        )
+        if learnt >= now - listing.THROUGHPUT_WINDOW:
+            finished.append((learnt, sent))
+    finished += [(resumed + timedelta(seconds=60 + i), resumed + timedelta(seconds=i)) for i in range(4)]
+    return sorted(finished, key=lambda f: f[0])
+
+
+@pytest.mark.parametrize("sleep", [timedelta(minutes=3), timedelta(hours=8)])
+def test_after_the_laptop_slept_the_pace_is_the_work_since_it_woke(sleep: timedelta) -> None:
+    """Overnight audit: `kill -STOP` of the run for 3 minutes while fal went on, then `kill -CONT`:
+    the ETA stayed ~2x too long until the batch ended ("~0:05:29 left" with 2:46 left). The jobs fal
+    finished during the sleep were stamped at the resume, their submit-to-finish times held the
+    sleep, and dated back by them the stretch began before the sleep: the frozen minutes were
+    counted as work. The stretch now starts at the resume, less the time a job takes (60 s)."""
+    now = T0 + timedelta(hours=12)
+    resumed = now - timedelta(seconds=70)
+    stretch = listing.stretch_of(_slept(now, sleep=sleep), now=now)
+    assert stretch == listing.Stretch(started_at=resumed - timedelta(seconds=60), finishes=8)
+    totals = Totals(first_submitted_at=T0, stretch=stretch)
+    totals.counts.update(succeeded=300, pending=80, running=4)
+    moving = pace(totals, held="", now=now)
+    assert moving.per_minute is not None
+    assert 3.5 < moving.per_minute <= 4.0  # 4 jobs a minute: 4 in flight, 60 s each (was 1.8, or 0.8)
+    assert moving.eta_seconds is not None
+    assert moving.eta_seconds < 84 / 3.5 * 60
+    # Before any job sent since the resume finished, a job's time is the one before the sleep.
+    early = listing.stretch_of(
+        [f for f in _slept(now, sleep=sleep) if f[0] < now - timedelta(seconds=10)], now=now
+    )
+    assert early is not None
+    if sleep < listing.THROUGHPUT_WINDOW:  # the finishes before it are in the window
+        assert early == listing.Stretch(started_at=resumed - timedelta(seconds=60), finishes=4)
+
+
+def test_after_the_laptop_slept_status_forecasts_from_the_resume(session: Session) -> None:
+    """The same, through the store: the jobs' stamps as the run wrote them, and the batch summary."""
+    now = datetime.now(UTC)
+    finished = _slept(now, sleep=timedelta(minutes=3))
+    batch = make_batch(
+        session, "slept", [new_job(i, endpoint=ENDPOINTS[0]) for i in range(len(finished) + 20)]
+    )
+    for job, (at, sent) in zip(
+        store.jobs_of_batch(session, batch.id), [*finished, *[(None, None)] * 20], strict=True
+    ):
+        values: dict[str, object] = {"state": JobState.PENDING}
+        if at is not None:
+            values = {"state": JobState.SUCCEEDED, "submitted_at": sent, "finished_at": at}
+        session.execute(update(Job).where(Job.id == job.id).values(**values))
+    session.commit()
+    summary = listing.batch_summary(session, batch.id, now=now).all
+    assert summary.stretch == listing.Stretch(started_at=now - timedelta(seconds=130), finishes=8)
+
+
 def _walk_forward(session: Session, batch_id: str, limit: int, **filters: object) -> list[str]:
     seen: list[str] = []
     page = listing.list_jobs(session, batch_id, limit=limit, **filters)  # type: ignore[arg-type]
