@@ -81,7 +81,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from jobs import clock, fs
 from jobs.batch_names import batch_name
-from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError
+from jobs.errors import ConfigError, DatabaseFullError, DatabaseLockedError, DatabaseReadOnlyError
 from jobs.printable import first_line, named_first_line, one_line
 from jobs.settings import SQLITE_DRIVER_OPTIONS, DatabaseSettings, home_expanded
 from jobs.url_secrets import masked_url
@@ -1065,10 +1065,60 @@ def _refuse_read_only_write(context: Any) -> None:
         isinstance(orig, sqlite3.Error)
         and (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY
     ):
-        raise ConfigError(
+        raise DatabaseReadOnlyError(
             "the database is read-only (WANBATCH_DATABASE_URL has mode=ro, or this user may not "
             "write its file) and this command writes to it; nothing was changed"
         ) from None
+
+
+#: PostgreSQL's SQLSTATE for a write in a read-only transaction (``read_only_sql_transaction``:
+#: ``default_transaction_read_only = on``, or a hot standby).
+_PG_READ_ONLY = "25006"
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database refused a write because it is read-only: SQLite's
+    (:func:`_refuse_read_only_write` made it a :class:`DatabaseReadOnlyError`) or PostgreSQL's
+    ``read_only_sql_transaction`` (``default_transaction_read_only = on``, a hot standby). Not
+    an outage that passes by waiting, nor a bug: nothing can be written until someone changes
+    the database's setting or the URL."""
+    if isinstance(exc, DatabaseReadOnlyError):
+        return True
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, sqlite3.Error):
+        return (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY
+    return getattr(orig, "sqlstate", None) == _PG_READ_ONLY
+
+
+_PG_READ_ONLY_NOW = text("SELECT current_setting('transaction_read_only'), pg_is_in_recovery()")
+
+
+def read_only_reason(engine: Engine) -> str | None:
+    """Why ``engine``'s database refuses every write, as far as can be told without writing
+    (None: it takes writes, or nothing says it does not). SQLite: ``mode=ro`` in the URL, or a
+    file this user may not write (its permissions, a read-only file system); PostgreSQL: the
+    session's ``transaction_read_only`` (``default_transaction_read_only = on`` for the role or
+    database, or a hot standby). Reads only (one short query on PostgreSQL, none on SQLite); the
+    reason may name the file, so it is for a log line or the terminal, not a public answer.
+    Raises what asking PostgreSQL raised."""
+    if engine.dialect.name == "sqlite":
+        target = sqlite_file(engine.url)
+        if target is None:
+            return None
+        if dict(target.options).get("mode") == "ro":
+            return "WANBATCH_DATABASE_URL has mode=ro"
+        if target.path.exists() and not os.access(target.path, os.W_OK):
+            return f"this user may not write its file {target.path}"
+        return None
+    if engine.dialect.name != "postgresql":
+        return None
+    with read_scope(engine) as session:
+        read_only, standby = session.execute(_PG_READ_ONLY_NOW).one()
+    if standby:
+        return "the PostgreSQL server is a standby (in recovery): it takes no writes"
+    if str(read_only).lower() == "on":
+        return "PostgreSQL's transaction_read_only is on (default_transaction_read_only for this role or database)"
+    return None
 
 
 def database_problem(exc: BaseException) -> str:

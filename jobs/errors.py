@@ -18,6 +18,7 @@ lives in this module unless ``[module]`` names another::
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
     │   │   ├── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
+    │   │   ├── DatabaseReadOnlyError the database is read-only (mode=ro, a file not ours to write)
     │   │   └── SchemaBehindError    the database's schema was downgraded under this process
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── DatabaseLockedError      another session held a lock an operator's command waited for too long
@@ -95,6 +96,13 @@ class ConfigError(UsageError):
 class SchemaBehindError(ConfigError):
     """The database's schema is older than this wanbatch's: downgraded under a running process
     (:func:`jobs.db.schema_behind`), which then works on it no more (a worker exits 2)."""
+
+
+class DatabaseReadOnlyError(ConfigError):
+    """A write refused because the database is read-only (SQLite's ``SQLITE_READONLY``: a
+    ``mode=ro`` URL, or a file this user may not write; :func:`jobs.db._refuse_read_only_write`).
+    Nothing was written. A command says so in one line (exit 2); the webhook receiver answers a
+    delivery 503 (fal retries), since it was refused for the database, not for what it said."""
 
 
 class DatabaseFullError(UsageError):

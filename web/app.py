@@ -24,6 +24,7 @@ alike.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
@@ -43,6 +44,7 @@ from web.dashboard import DASHBOARD_FAILED, DATABASE_FULL, REQUEST_NOT_STORABLE,
 from web.heartbeat import ServeHeartbeat
 from web.metrics import metrics_route
 from web.receiver import (
+    DATABASE_READ_ONLY,
     DATABASE_SLOW,
     DATABASE_UNAVAILABLE,
     DATABASE_UNREADABLE,
@@ -60,10 +62,13 @@ from web.receiver import (
 from worker.fal.webhooks import JwksKeys
 from worker.steps.webhooks import Inbox
 
+log = logging.getLogger(__name__)
+
 # What this module always offered, now defined by the receiver and the dashboard.
 __all__ = [
     "DASHBOARD_FAILED",
     "DATABASE_FULL",
+    "DATABASE_READ_ONLY",
     "DATABASE_SLOW",
     "DATABASE_UNAVAILABLE",
     "DATABASE_UNREADABLE",
@@ -91,6 +96,28 @@ class _WebApp(Starlette):
         return EndsCleanly(super().build_middleware_stack(), body={"ok": False, "error": STOPPED})
 
 
+def warn_if_read_only(engine: Engine) -> bool:
+    """At ``serve``'s start: one warning line when its database is read-only
+    (:func:`jobs.db.read_only_reason`), saying that fal's deliveries cannot be stored. It
+    still starts: a read-only dashboard of a database it may not write is a use of its own.
+    True when it warned; a database that cannot be asked now says nothing here (the heartbeat
+    and ``/healthz`` say so)."""
+    try:
+        reason = db.read_only_reason(engine)
+    except Exception:  # unreachable now: its own warnings say so
+        return False
+    if reason is None:
+        return False
+    log.warning(
+        "serve: the database is read-only (%s): fal's webhook deliveries cannot be stored (each is "
+        "answered 503, and /healthz says so); the dashboard and /metrics only read and work; give "
+        "serve a database it may write to receive webhooks",
+        reason,
+        extra={"event": "serve.database_read_only"},
+    )
+    return True
+
+
 def create_app(
     settings: Settings,
     *,
@@ -114,6 +141,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def beating(_app: Starlette) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(warn_if_read_only, engine)
         beat = ServeHeartbeat(engine)
         beat.start()
         try:

@@ -11,7 +11,7 @@ and only then answered 2xx; it is applied
 to its job right away (:mod:`worker.steps.webhooks`; on PostgreSQL that also wakes the tick
 leader, wherever it runs) and, should that fail, by the tick. A
 rejected delivery is answered 4xx (503 when fal's keys cannot be fetched or the database is
-locked or unreachable: fal retries; 422 when the database refuses the delivery's data, which
+locked, unreachable or read-only: fal retries; 422 when the database refuses the delivery's data, which
 sending it again cannot change; 500 for a failure of the receiver's own) and changes nothing;
 rejections are counted and logged. A body is read within a deadline (408 when it is not all in
 by then, a client gone mid-body is a rejection too) and all bodies held at once share a budget
@@ -21,7 +21,8 @@ by then, a client gone mid-body is a rejection too) and all bodies held at once 
 answers the counts, whether fal's signatures can be verified now (keys held, or why not:
 every delivery is refused while there are none), and which database it serves (a fingerprint
 that reveals no secret: a receiver of another database than the submitters' refuses every
-delivery, which ``wanbatch doctor`` tells by comparing). Deliveries are verified and stored on threads
+delivery, which ``wanbatch doctor`` tells by comparing), and whether that database is read-only
+(every delivery refused 503: ``ok`` is false then, and the answer a 503). Deliveries are verified and stored on threads
 of their own (:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the
 dashboard's pages run on.
 
@@ -47,6 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs import db
+from jobs.errors import DatabaseReadOnlyError
 from jobs.digits import ascii_int
 from jobs.printable import one_line
 from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
@@ -86,6 +88,13 @@ DATABASE_UNREADABLE = "the receiver could not read its database (see its log)"
 #: What a client is told when the database cannot be used (fal by the receiver, ``/healthz``,
 #: and the dashboard's pages and actions); the log line says why.
 DATABASE_UNAVAILABLE = "the database is unavailable (locked or unreachable): try again in a moment"
+#: What fal and ``/healthz`` are told when the database is read-only (SQLite ``mode=ro`` or a file
+#: the receiver's user may not write; PostgreSQL ``default_transaction_read_only``, a standby):
+#: every delivery is refused (503: fal delivers it again, so a receiver given a database it may
+#: write takes it then). The log line says why.
+DATABASE_READ_ONLY = (
+    "the database is read-only: this receiver cannot store deliveries until it is given one it may write"
+)
 #: What fal is told when the database refuses a verified delivery's data (a data error: the
 #: same body again fails the same way, so a 4xx, not an outage's 503); the log line says what.
 DELIVERY_NOT_STORABLE = "the database refuses this delivery's data: sending it again cannot help"
@@ -107,6 +116,10 @@ class Counts:
         self._lock = threading.Lock()
         self.accepted = 0
         self.rejected = 0
+        #: The last delivery was refused because the database is read-only (False: the last
+        #: one was stored, or none was refused for it yet) — ``/healthz`` says so even where the
+        #: database's setting could not tell (a role that may not write, a file's folder).
+        self.read_only: bool = False
 
     def add(self, *, accepted: bool) -> None:
         with self._lock:
@@ -163,11 +176,24 @@ class WebhookReceiver:
         )
         return JSONResponse({"ok": False, "error": why.reason}, status_code=why.status_code)
 
-    def not_stored(self, exc: DBAPIError | PoolTimeoutError, request: Request) -> Response:
+    def not_stored(
+        self, exc: DBAPIError | PoolTimeoutError | DatabaseReadOnlyError, request: Request
+    ) -> Response:
         """A verified delivery the database did not take, answered for what stopped it: only a
         locked or unreachable database is "unavailable" (503: fal delivers it again later); a
-        data error is the delivery's (422: retrying the same body cannot help); anything else
-        is ours (500, with a traceback in the log; fal retries, and a fixed receiver takes it)."""
+        read-only one says so (503 as well, one warning line: a receiver given a database it may
+        write takes the delivery again); a data error is the delivery's (422: retrying the same
+        body cannot help); anything else is ours (500, with a traceback in the log; fal
+        retries, and a fixed receiver takes it)."""
+        if db.is_read_only(exc):
+            self.counts.read_only = True
+            said = (
+                "SQLite: WANBATCH_DATABASE_URL has mode=ro, or this user may not write its file"
+                if isinstance(exc, DatabaseReadOnlyError)
+                else db.database_problem(exc)
+            )
+            return self.reject(WebhookRejected(DATABASE_READ_ONLY, 503), request, said)
+        assert not isinstance(exc, DatabaseReadOnlyError)  # is_read_only said so of every one
         problem = db.database_problem(exc)
         if db.is_unavailable(exc):
             return self.reject(WebhookRejected(DATABASE_UNAVAILABLE, 503), request, problem)
@@ -214,7 +240,7 @@ class WebhookReceiver:
 
         try:
             refused = await anyio.to_thread.run_sync(bound_then_received, limiter=self.threads)
-        except (DBAPIError, PoolTimeoutError) as exc:  # not stored (every connection taken: unavailable)
+        except (DBAPIError, PoolTimeoutError, DatabaseReadOnlyError) as exc:  # not stored
             return self.not_stored(exc, request)
         if refused is not None:  # signed by fal, but for a request some other account sent: nothing stored
             detail = f"job {job_id}, attempt {attempt}"
@@ -222,16 +248,19 @@ class WebhookReceiver:
                 detail += f", fal account {delivery.user_id}"
             return self.reject(WebhookRejected(refused, 403), request, detail)
         self.counts.add(accepted=True)
+        self.counts.read_only = False  # it took this one: writable again
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})
 
-    def fingerprint(self) -> str:
-        """The served database's fingerprint, read now (on a thread: it blocks)."""
+    def fingerprint(self) -> tuple[str, bool]:
+        """The served database's fingerprint, read now (on a thread: it blocks), and whether
+        it is read-only (:func:`jobs.db.read_only_reason`, or the last delivery refused so)."""
         # The secret is read once per process; the SELECT 1 is every time, so a database that
         # stopped answering since is reported as such, not as the one served a while ago.
         secret = webhook_secret(self.engine)
         db.probe(self.engine)
-        return database_fingerprint(secret)
+        read_only = self.counts.read_only or db.read_only_reason(self.engine) is not None
+        return database_fingerprint(secret), read_only
 
     async def which_database(self) -> tuple[str | None, str | None]:
         """The database's fingerprint (:func:`worker.steps.webhooks.database_fingerprint`), or
@@ -254,7 +283,8 @@ class WebhookReceiver:
                     extra={"event": "healthz.database_error"},
                 )
                 return None, DATABASE_UNREADABLE
-            return found, None
+            fingerprint, read_only = found
+            return fingerprint, DATABASE_READ_ONLY if read_only else None
         return None, DATABASE_SLOW
 
     async def healthz(self, _request: Request) -> Response:
@@ -265,7 +295,10 @@ class WebhookReceiver:
         yet), for at most :data:`HEALTHZ_KEYS_WAIT` (a fetch still under way is reported as
         such); after a failed fetch, none again for 5 s, so asking often fetches no more often.
         The database is asked meanwhile (:meth:`which_database`), so a health check's few
-        seconds cover both. Public (no token), so it tells no secret and no database's words."""
+        seconds cover both. A read-only database (:data:`DATABASE_READ_ONLY`) is the one answer
+        that is not ``ok`` (a 503, ``database_read_only`` true): the receiver refuses every
+        delivery, and no wait ends that. Public (no token), so it tells no secret and no
+        database's words."""
         found: dict[str, Any] = {}
 
         async def keys_health() -> None:
@@ -279,9 +312,10 @@ class WebhookReceiver:
             both.start_soon(database)
         keys = found["keys"]
         fingerprint_found, database_error = found["database"]
+        read_only = database_error == DATABASE_READ_ONLY
         return JSONResponse(
             {
-                "ok": True,
+                "ok": not read_only,
                 "accepted": self.counts.accepted,
                 "rejected": self.counts.rejected,
                 "can_verify_signatures": keys.can_verify,
@@ -289,5 +323,7 @@ class WebhookReceiver:
                 "signing_keys_error": keys.error,
                 "database": fingerprint_found,
                 "database_error": database_error,
-            }
+                "database_read_only": read_only,
+            },
+            status_code=503 if read_only else 200,
         )

@@ -1028,6 +1028,16 @@ def check_receiver(settings: Settings) -> Check:
         body = answer.json()
     except ValueError:
         body = None
+    if isinstance(body, dict) and body.get("database_read_only") is True:
+        # It answers and serves a database, but may not write to it: every delivery refused (503).
+        return _fail(
+            name,
+            f"{probe} answers, but its database is read-only: it refuses every delivery (503) and "
+            "completions come only from the slow poll (WANBATCH_WEBHOOK_POLL_AFTER)",
+            "give `wanbatch serve` a WANBATCH_DATABASE_URL it may write (SQLite: no mode=ro, a file "
+            "and folder its user may write; PostgreSQL: not a standby, default_transaction_read_only "
+            "off for its role and database), then restart it",
+        )
     if answer.status_code != 200 or not (isinstance(body, dict) and body.get("ok") is True):
         return _fail(
             name,

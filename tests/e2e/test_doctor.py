@@ -572,6 +572,29 @@ def test_a_receiver_on_another_database_fails_the_check(
         assert "serves this database" in checks["receiver"]["detail"]
 
 
+def test_a_receiver_on_a_read_only_database_fails_the_check(
+    wb: Wb, sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receiver whose database is read-only (``mode=ro``) refuses every delivery (503), though
+    it serves this very database and holds fal's keys: that was "serves this database … all
+    well". Its /healthz says so, and the doctor fails naming the cause."""
+    monkeypatch.setenv("WANBATCH_WEBHOOK_JWKS_URL", _sim_jwks(sim))
+    here = os.environ["WANBATCH_DATABASE_URL"]
+    assert here.startswith("sqlite:///")
+    webhook_secret(_engine_for(here))  # the database in use, its secret made (as a run makes it)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"{here}?mode=ro")
+    get_settings.cache_clear()
+    with _serving(get_settings()) as receiver:
+        monkeypatch.setenv("WANBATCH_DATABASE_URL", here)
+        monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/webhooks/fal")
+        code, checks, _ = _doctor(wb)
+    assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+    assert checks["receiver"]["detail"].startswith(
+        f"{receiver}/healthz answers, but its database is read-only: it refuses every delivery (503)"
+    )
+    assert "WANBATCH_DATABASE_URL it may write" in checks["receiver"]["fix"]
+
+
 def test_a_receiver_that_cannot_read_its_database_or_does_not_say_which(wb: Wb) -> None:
     """What the receiver's /healthz says of its database, as the doctor reads it."""
     settings = get_settings()
