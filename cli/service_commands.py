@@ -271,6 +271,28 @@ def stopping_on_hangup(server_class: Any) -> Any:
     return Server
 
 
+def serve_host(host: str) -> str:
+    """``--host`` as a bind takes it: stripped, an IPv6 address without its brackets
+    (``[::1]`` was looked up as a host name: a DNS error); checked as
+    ``WANBATCH_METRICS_HOST`` is (:func:`jobs.settings.metrics_host_problem`). Empty is refused
+    (it bound every interface, without a word): a :class:`~jobs.errors.UsageError` (exit 2)."""
+    from jobs.errors import UsageError
+    from jobs.settings import METRICS_HOST_FORMS, metrics_host_problem
+
+    shown = host.strip()
+    if shown.startswith("[") and shown.endswith("]"):
+        shown = shown[1:-1].strip()
+    if not shown:
+        raise UsageError(
+            "--host is empty (it would listen on every interface): give the address to listen on, "
+            "127.0.0.1 (the default), or 0.0.0.0 or :: to mean every interface"
+        )
+    problem = metrics_host_problem(shown)
+    if problem:
+        raise UsageError(f"--host: {problem}; {METRICS_HOST_FORMS}")
+    return shown
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8788, show_default=True)
@@ -297,6 +319,7 @@ def serve(host: str, port: int) -> None:
 
         if not 0 <= port <= 65535:
             raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {port}")
+        bind_host = serve_host(host)
         settings = get_settings()
         require_http_environment([settings.webhook_jwks_url])  # what the JWKS fetch reads
         app = create_app(settings, heartbeat=True)  # an upgrade by a newer wanbatch waits for it
@@ -306,14 +329,15 @@ def serve(host: str, port: int) -> None:
         # Bound here, not by uvicorn: uvicorn logs a bind error and exits 3 itself (``[Errno 98]``
         # or ``Name or service not known`` on its own line), which the one-line error (exit 2)
         # every other usage mistake gets could never replace.
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in bind_host else socket.AF_INET, socket.SOCK_STREAM)
+        shown = f"[{bind_host}]" if ":" in bind_host else bind_host
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
+            sock.bind((bind_host, port))
             sock.listen(2048)
         except OSError as exc:  # in use, not ours to bind, or an unknown host
             sock.close()
-            raise UsageError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot serve on {shown}:{port}: {exc.strerror or exc}") from None
         # uvicorn's h11 parser refuses a Content-Length of more than 20 digits itself (h11's
         # fixed CONTENT_LENGTH_MAX_DIGITS, https://github.com/python-hyper/h11): a 400 the app
         # never sees, so the receiver's 413 and its count apply up to 20 digits (README: Webhooks).
@@ -339,7 +363,6 @@ def serve(host: str, port: int) -> None:
         server = stopping_on_hangup(uvicorn.Server)(config)
         # uvicorn says where it listens only for sockets it bound itself: the same line, as before.
         bound = sock.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
         said = "Uvicorn running on http://%s:%d (Press CTRL+C to quit)"
         logging.getLogger("uvicorn.error").info(said, shown, bound)
         server.run(sockets=[sock])

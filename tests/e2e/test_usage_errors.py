@@ -207,6 +207,63 @@ def test_serve_on_an_unknown_host(tmp_path: Path) -> None:
     assert_one_line(done, "cannot serve on no.such.host.invalid:0")
 
 
+@pytest.mark.parametrize("host", ["", "  ", "[]"], ids=["empty", "blank", "brackets"])
+def test_serve_on_an_empty_host_is_refused(host: str, tmp_path: Path) -> None:
+    """``--host ''`` listened on every interface without a word."""
+    env = {"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    done = wanbatch("serve", "--host", host, "--port", "0", env=env, timeout=20)
+    assert_one_line(done, "--host is empty (it would listen on every interface)")
+
+
+def test_serve_on_a_malformed_host_is_refused(tmp_path: Path) -> None:
+    env = {"WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    done = wanbatch("serve", "--host", "a..b", "--port", "0", env=env, timeout=20)
+    assert_one_line(done, "--host: ", "expected the address to listen on")
+
+
+def test_serve_on_a_bracketed_ipv6_address(tmp_path: Path) -> None:
+    """``--host '[::1]'`` (as a URL writes it) was looked up as a host name: a DNS error."""
+    import re
+    import signal
+    import socket
+    import time
+
+    from tests.e2e.e2e_helpers import wanbatch_command
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "WANBATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'wb.db'}"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*wanbatch_command(), "serve", "--host", "[::1]", "--port", "0"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + 60  # only so that a serve that never starts fails the test
+        while not (found := re.search(r"running on http://\[::1\]:(\d+)", said := log.read_text())):
+            assert proc.poll() is None, said
+            assert time.monotonic() < deadline, said
+            time.sleep(0.05)
+        import httpx
+
+        answer = httpx.get(f"http://[::1]:{found.group(1)}/healthz", timeout=30)
+        assert answer.status_code == 200, answer.text
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize(
     "value",
     ["{not json", '{"fal-ai/wan-22": 0.1}', '{"fal-ai/wan-22": {"usd_per_unit": "cheap"}}', "[1, 2]"],
