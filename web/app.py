@@ -57,6 +57,7 @@ from web.receiver import (
     NOT_OURS,
     RECEIVER_THREADS,
     Counts,
+    MisroutedWebhooks,
     WebhookReceiver,
 )
 from worker.fal.webhooks import JwksKeys
@@ -157,6 +158,9 @@ def create_app(
         # itself was such a proxy).
         middleware=[
             Middleware(ForwardedHeaders, allow_ips=trusted_proxies(settings.serve_forwarded_allow_ips)),
+            # A delivery to …/webhooks/fal under a prefix no proxy stripped: a 404 that says so,
+            # before the dashboard's guard takes it for a page request.
+            Middleware(MisroutedWebhooks, counts=receiver.counts),
             Middleware(DashboardAuth, gate=gate, engine=engine),
         ],
         # A pool timeout (every connection held by work the database does not finish) is no

@@ -18,7 +18,8 @@ by then, a client gone mid-body is a rejection too) and all bodies held at once 
 (503 beyond it): :mod:`web.bodies`. What
 ``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
 (:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
-answers the counts, whether fal's signatures can be verified now (keys held, or why not:
+answers the counts (``misrouted``: deliveries to ``…/webhooks/fal`` under a prefix a reverse proxy
+did not strip, :class:`MisroutedWebhooks`), whether fal's signatures can be verified now (keys held, or why not:
 every delivery is refused while there are none), and which database it serves (a fingerprint
 that reveals no secret: a receiver of another database than the submitters' refuses every
 delivery, which ``wanbatch doctor`` tells by comparing), and whether that database is read-only
@@ -46,6 +47,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs import db
 from jobs.errors import DatabaseReadOnlyError
@@ -106,6 +108,15 @@ NOT_OURS = "the webhook URL does not carry this receiver's token for its job and
 #: (:func:`worker.steps.accounts.account_verdict`).
 FOREIGN_ACCOUNT = "the webhook is signed for another fal account than this receiver's"
 
+#: Where the receiver listens: the path ``WANBATCH_WEBHOOK_URL`` ends in.
+WEBHOOK_PATH = "/webhooks/fal"
+#: What a POST to ``…/webhooks/fal`` under another prefix is told (404): a reverse proxy that does
+#: not strip its prefix (``/wanbatch/webhooks/fal``) delivers there, where nothing listens.
+NOT_THE_RECEIVER = (
+    f"no receiver here: the receiver listens at {WEBHOOK_PATH} (a reverse proxy in front of it must "
+    "strip its path prefix)"
+)
+
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
@@ -120,6 +131,13 @@ class Counts:
         #: one was stored, or none was refused for it yet) — ``/healthz`` says so even where the
         #: database's setting could not tell (a role that may not write, a file's folder).
         self.read_only: bool = False
+        #: Of the rejected: POSTs to ``…/webhooks/fal`` under another prefix (:class:`MisroutedWebhooks`).
+        self.misrouted = 0
+
+    def add_misrouted(self) -> None:
+        with self._lock:
+            self.rejected += 1
+            self.misrouted += 1
 
     def add(self, *, accepted: bool) -> None:
         with self._lock:
@@ -139,6 +157,45 @@ def _job_and_attempt(request: Request) -> tuple[str | None, int | None]:
     )
 
 
+class MisroutedWebhooks:
+    """ASGI middleware: a ``POST`` whose path ends in ``/webhooks/fal`` under another prefix
+    (``/wanbatch/webhooks/fal``: a reverse proxy that does not strip its prefix) is answered 404
+    saying where the receiver listens, counted (``/healthz``'s ``rejected`` and ``misrouted``) and
+    logged in one warning line naming the prefix to strip. It was taken for a dashboard request:
+    "refused … (no token configured)", which pointed at ``WANBATCH_SERVE_TOKEN`` instead, and fal's
+    every delivery was lost without a word about why. Runs before the dashboard's guard."""
+
+    def __init__(self, app: ASGIApp, counts: Counts) -> None:
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            trimmed = path.rstrip("/")
+            if trimmed.endswith(WEBHOOK_PATH) and trimmed != WEBHOOK_PATH:
+                await self.refused(scope, path, trimmed)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refused(self, scope: Scope, path: str, trimmed: str) -> Response:
+        self.counts.add_misrouted()
+        telemetry.count_webhook(accepted=False)
+        client = scope.get("client")
+        prefix = trimmed.removesuffix(WEBHOOK_PATH)
+        log.warning(
+            "webhook rejected (404) from %s: a webhook reached %s: the receiver listens at %s; make "
+            "the proxy strip its prefix %s (or point WANBATCH_WEBHOOK_URL at %s)",
+            one_line(str(client[0])) if client else "?",
+            one_line(path)[:200],  # the client's text: a %0A must not forge a log line
+            WEBHOOK_PATH,
+            one_line(prefix)[:200],
+            WEBHOOK_PATH,
+            extra={"event": "webhook.misrouted", "status": 404},
+        )
+        return JSONResponse({"ok": False, "error": NOT_THE_RECEIVER}, status_code=404)
+
+
 class WebhookReceiver:
     """fal's deliveries into ``inbox`` (verified with ``jwks``' keys), counted in ``counts``,
     their bodies held within ``budget``; and the health check that reports on all of it."""
@@ -156,7 +213,7 @@ class WebhookReceiver:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/webhooks/fal", self.fal_webhook, methods=["POST"]),
+            Route(WEBHOOK_PATH, self.fal_webhook, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
         ]
 
@@ -318,6 +375,7 @@ class WebhookReceiver:
                 "ok": not read_only,
                 "accepted": self.counts.accepted,
                 "rejected": self.counts.rejected,
+                "misrouted": self.counts.misrouted,
                 "can_verify_signatures": keys.can_verify,
                 "signing_keys": keys.keys,
                 "signing_keys_error": keys.error,

@@ -1039,10 +1039,17 @@ def check_receiver(settings: Settings) -> Check:
             "off for its role and database), then restart it",
         )
     if answer.status_code != 200 or not (isinstance(body, dict) and body.get("ok") is True):
+        prefix = urlsplit(healthz).path.removesuffix("/healthz")
+        stripped = (
+            f"; a reverse proxy serving it under {prefix} must strip that prefix (serve answers "
+            "/healthz and /webhooks/fal)"
+            if prefix
+            else ""
+        )
         return _fail(
             name,
             f"{probe} answered {answer.status_code}, not as `wanbatch serve` does",
-            "make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal)",
+            f"make WANBATCH_WEBHOOK_URL lead to `wanbatch serve` (path /webhooks/fal){stripped}",
         )
     # A receiver of another database refuses every delivery (403) though it answers: the tokens
     # of this database's webhook URLs are keyed by this database's secret. Asked after its answer,
