@@ -595,6 +595,16 @@ def test_a_receiver_on_a_read_only_database_fails_the_check(
     assert "WANBATCH_DATABASE_URL it may write" in checks["receiver"]["fix"]
 
 
+def test_a_prefix_no_proxy_strips_is_named_in_the_fix(
+    wb: Wb, monkeypatch: pytest.MonkeyPatch, receiver: str
+) -> None:
+    """A proxy that keeps its prefix hands serve /wanbatch/healthz, which the dashboard answers."""
+    monkeypatch.setenv("WANBATCH_WEBHOOK_URL", f"{receiver}/wanbatch/webhooks/fal")
+    code, checks, _ = _doctor(wb)
+    assert (code, checks["receiver"]["status"]) == (1, "fail"), checks["receiver"]
+    assert "a reverse proxy serving it under /wanbatch must strip that prefix" in checks["receiver"]["fix"]
+
+
 def test_a_receiver_that_cannot_read_its_database_or_does_not_say_which(wb: Wb) -> None:
     """What the receiver's /healthz says of its database, as the doctor reads it."""
     settings = get_settings()
