@@ -170,6 +170,8 @@ def status(batch: str | None, as_json: bool) -> None:
             policy=settings.submit_unknown_policy,
             here=process_here(settings),
         )
+        if settings.webhook_url and batch is not None and reports:  # fal's webhooks never come
+            warnings += _webhooks_silent(settings, reports[0]["batch"])
         for line in warnings:
             err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
@@ -190,6 +192,22 @@ def status(batch: str | None, as_json: bool) -> None:
         return EXIT_OK
 
     guarded_read(as_json, action)
+
+
+def _webhooks_silent(settings: Settings, batch_id: str) -> list[str]:
+    """``status``'s line when the batch's jobs sent in the last
+    :data:`~jobs.webhook_silence.STATUS_WINDOW_SECONDS` show that fal's webhooks do not arrive
+    (:func:`jobs.webhook_silence.silence`)."""
+    from datetime import timedelta
+
+    from jobs import db
+    from jobs.models import utcnow
+    from jobs.webhook_silence import STATUS_WINDOW_SECONDS, silence
+
+    since = utcnow() - timedelta(seconds=STATUS_WINDOW_SECONDS)
+    with db.read_scope(db.open_engine(settings)) as session:
+        line = silence(session, settings, batch_id, since=since)
+    return [line] if line else []
 
 
 @click.command()

@@ -1117,7 +1117,10 @@ def read_only_reason(engine: Engine) -> str | None:
     if standby:
         return "the PostgreSQL server is a standby (in recovery): it takes no writes"
     if str(read_only).lower() == "on":
-        return "PostgreSQL's transaction_read_only is on (default_transaction_read_only for this role or database)"
+        return (
+            "PostgreSQL's transaction_read_only is on "
+            "(default_transaction_read_only for this role or database)"
+        )
     return None
 
 

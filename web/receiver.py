@@ -18,14 +18,14 @@ by then, a client gone mid-body is a rejection too) and all bodies held at once 
 (503 beyond it): :mod:`web.bodies`. What
 ``jsonb`` cannot hold (``\\u0000``, lone surrogates) is stored as U+FFFD
 (:func:`jobs.storable.storable_json`), so no valid delivery is refused for it. ``GET /healthz``
-answers the counts (``misrouted``: deliveries to ``…/webhooks/fal`` under a prefix a reverse proxy
-did not strip, :class:`MisroutedWebhooks`), whether fal's signatures can be verified now (keys held, or why not:
-every delivery is refused while there are none), and which database it serves (a fingerprint
-that reveals no secret: a receiver of another database than the submitters' refuses every
-delivery, which ``wanbatch doctor`` tells by comparing), and whether that database is read-only
-(every delivery refused 503: ``ok`` is false then, and the answer a 503). Deliveries are verified and stored on threads
-of their own (:data:`RECEIVER_THREADS`), so a flood of them never takes the threads the
-dashboard's pages run on.
+answers the counts (``misrouted``: deliveries to ``…/webhooks/fal`` under a prefix a reverse
+proxy did not strip, :class:`MisroutedWebhooks`), whether fal's signatures can be verified now
+(keys held, or why not: every delivery is refused while there are none), and which database it
+serves (a fingerprint that reveals no secret: a receiver of another database than the
+submitters' refuses every delivery, which ``wanbatch doctor`` tells by comparing), and whether
+that database is read-only (every delivery refused 503: ``ok`` is false then, and the answer a
+503). Deliveries are verified and stored on threads of their own (:data:`RECEIVER_THREADS`), so
+a flood of them never takes the threads the dashboard's pages run on.
 
 The receiver only writes to the database: it needs no fal key and may run on any host that
 reaches the database. The downloads of the jobs it completes are queued by the workers' tick
@@ -50,8 +50,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs import db
-from jobs.errors import DatabaseReadOnlyError
 from jobs.digits import ascii_int
+from jobs.errors import DatabaseReadOnlyError
 from jobs.printable import one_line
 from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
 from worker import telemetry

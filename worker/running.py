@@ -76,6 +76,7 @@ from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from jobs.store import CapScope
 from jobs.url_secrets import masked_url
+from jobs.webhook_silence import SilenceWatch
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
@@ -1581,6 +1582,8 @@ def _watch(
 
     budget = RefreshBudget()
     silence = _SilenceWatch(settings.database_url)
+    # fal's webhooks that never come (a receiver fal cannot reach): said once, in full.
+    hooks = SilenceWatch(conductor.rt.settings if conductor is not None else settings, batch_id, utcnow())
     caps = _CapWatch(batch_id, settings, conductor.rt if conductor is not None else None)
     # The key and fal queue this run asks about (its runtime's: a simulation's are its simulator's).
     here = process_here(conductor.rt.settings if conductor is not None else settings)
@@ -1613,7 +1616,10 @@ def _watch(
             holds = [] if leased else caps.holds(session, current)
             uncancelled = _uncancelled(session, batch_id, current, conductor)
             stranded = _stranded(session, batch_id, settings, conductor)
+            unheard = hooks.unsaid(session)
         budget.spent(started, time.monotonic())
+        if unheard is not None:  # once, in full (as a cap's line)
+            progress.console.print(f"[yellow]{shown(unheard)}[/yellow]")
         silence.answered()
         done = current["finished"]
         waiting = compact_note(current["schedule_state"]) if not current["schedule_open"] else ""

@@ -378,6 +378,7 @@ from jobs.store.webhook_inbox import (
 )
 from jobs.store.webhook_inbox import note_request as note_request
 from jobs.store.webhook_inbox import prune_deliveries as prune_deliveries
+from jobs.store.webhook_inbox import webhooks_heard as webhooks_heard
 
 __all__ = [
     "CANCEL_BILLED_AS",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from jobs import billing
@@ -419,3 +419,24 @@ def delivery_counts(session: Session) -> dict[str, int]:
         "unprocessed": int(unprocessed or 0),
         "ignored": int(ignored),
     }
+
+
+#: The states of a job whose request fal finished (a completion or a failure fal told of).
+_ENDED_AT_FAL = (JobState.DOWNLOADING, JobState.SUCCEEDED, JobState.FAILED)
+
+
+def webhooks_heard(session: Session, batch_id: str, *, since: datetime) -> tuple[int, int]:
+    """Of ``batch_id``'s jobs sent since ``since`` whose request fal has finished: how many, and
+    for how many of them a webhook delivery was stored (``ix_webhook_deliveries_job_id``). With
+    a receiver that fal reaches, every one has its delivery (long before the safety net's poll);
+    none for several says fal's webhooks do not arrive (:mod:`jobs.webhook_silence`)."""
+    heard = select(WebhookDelivery.id).where(WebhookDelivery.job_id == Job.id).exists()
+    ended, delivered = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((heard, 1), else_=0)), 0)).where(
+            Job.batch_id == batch_id,
+            Job.request_id.is_not(None),
+            Job.submitted_at >= since,
+            Job.state.in_(_ENDED_AT_FAL),
+        )
+    ).one()
+    return int(ended), int(delivered)

@@ -82,11 +82,13 @@ def test_the_receiver_alone_verifies_before_it_binds_and_stores(
         "ok": True,
         "accepted": 0,
         "rejected": 2,
+        "misrouted": 0,
         "can_verify_signatures": True,
         "signing_keys": 1,
         "signing_keys_error": None,
         "database": database_fingerprint(webhook_secret(sqlite_engine)),
         "database_error": None,
+        "database_read_only": False,
     }
 
 

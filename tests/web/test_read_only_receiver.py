@@ -11,8 +11,8 @@ so (not ok, a 503); ``serve`` warns at its start.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +85,8 @@ def test_a_read_only_database_refuses_deliveries_503_and_healthz_says_so(
     assert app.state.counts.rejected == 1
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert warnings[0].levelno == logging.WARNING and warnings[0].exc_info is None
+    assert warnings[0].levelno == logging.WARNING
+    assert warnings[0].exc_info is None
     assert "read-only" in warnings[0].getMessage()
     assert health.status_code == 503
     said = health.json()
@@ -134,7 +135,8 @@ def test_a_file_this_user_may_not_write_is_read_only(tmp_path: Path, sqlite_engi
         if os.geteuid() == 0:  # root writes any file: SQLite would too
             assert reason is None
         else:
-            assert reason is not None and "may not write its file" in reason
+            assert reason is not None
+            assert "may not write its file" in reason
     finally:
         copy.chmod(0o644)
         ro.dispose()
