@@ -331,7 +331,11 @@ class WebhookReceiver:
                 found = await anyio.to_thread.run_sync(
                     self.fingerprint, limiter=self.fingerprint_thread, abandon_on_cancel=True
                 )
+            except DatabaseReadOnlyError:  # no webhook secret yet, and none can be made
+                return None, DATABASE_READ_ONLY
             except (DBAPIError, PoolTimeoutError) as exc:
+                if db.is_read_only(exc):  # PostgreSQL's: no webhook secret yet, none can be made
+                    return None, DATABASE_READ_ONLY
                 if db.is_unavailable(exc):
                     return None, DATABASE_UNAVAILABLE
                 log.warning(
