@@ -614,16 +614,7 @@ def submit_manifest(
     machine (``manifest_host_moved``).
     """
     judged_at = clock.utcnow()
-    # The day's cap holds for batches sent to fal (never a simulation's): priced as the
-    # validation pass checks the jobs, as ``estimate`` prices them, for its warning.
-    daily = _DailyWarning(None if simulated else settings.daily_budget_usd, settings)
-    report = validate_manifest(
-        path,
-        input_dirs(settings, allowed_dirs),
-        fal_keys(settings),
-        now=judged_at,
-        each_valid=daily.pricing(),
-    )
+    report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at)
     manifest = report.manifest
     if manifest is None:
         raise ManifestError(report.issues)
@@ -639,9 +630,7 @@ def submit_manifest(
     db.on_database_clock(engine)
     now = clock.utcnow()
     if (manifest.schedule.over(judged_at) is None) != (manifest.schedule.over(now) is None):
-        report = validate_manifest(
-            path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=now, each_valid=daily.pricing()
-        )
+        report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=now)
         manifest = report.manifest
         if manifest is None:  # pragma: no cover - the same file, read again
             raise ManifestError(report.issues)
@@ -728,7 +717,9 @@ def submit_manifest(
             # Paused because fal refused the account or the outputs could not be written;
             # submitting again is the user saying "go on".
             store.resume_batch(session, batch.id)
-        budget_warnings = daily.issues(session, manifest, now)
+        # The day's cap holds for batches sent to fal (never a simulation's).
+        cap = None if simulated else settings.daily_budget_usd
+        budget_warnings = _daily_warnings(session, batch.id, manifest, added + existing, cap, now)
         warnings = [str(i) for i in [*report.issues, *budget_warnings] if i.severity != "error"]
         if stored is not None and stored.not_in_manifest:
             warnings.append(_not_in_manifest_note(batch.name, stored, _item_count(manifest)))
@@ -766,32 +757,27 @@ def submit_manifest(
     return result
 
 
-class _DailyWarning:
-    """``submit``'s warning that the manifest's estimate exceeds ``WANBATCH_DAILY_BUDGET_USD``,
-    or what is left of it today: :func:`jobs.estimates.daily_budget_issues`, the words
-    ``validate`` and ``estimate`` say it in, from the same numbers (the jobs priced as the
-    validation pass keeps them, today's committed money by batch). Nothing priced or read when
-    ``cap`` is None (no daily cap, or a simulation, which the cap leaves out)."""
+def _daily_warnings(
+    session: Session, batch_id: str, manifest: Manifest, asked: int, cap: Decimal | None, now: datetime
+) -> list[Issue]:
+    """``submit``'s warning that what the batch will still send exceeds ``WANBATCH_DAILY_BUDGET_USD``,
+    or what is left of it today (:func:`jobs.estimates.daily_budget_issues`, the words
+    ``validate`` and ``estimate`` say it in): one issue, or none; none when ``cap`` is None (no
+    daily cap, or a simulation, which the cap leaves out).
 
-    def __init__(self, cap: Decimal | None, settings: Settings) -> None:
-        self.cap = cap
-        self.settings = settings
-        self.totals: Totals | None = None
-
-    def pricing(self) -> Callable[[JobSpec], None] | None:
-        """``validate_manifest``'s ``each_valid``: a fresh total for each validation pass."""
-        if self.cap is None:
-            return None
-        totals = self.totals = Totals()
-        settings = self.settings
-        return lambda spec: totals.add(estimate_job(spec.endpoint, spec.input, settings))
-
-    def issues(self, session: Session, manifest: Manifest, now: datetime) -> list[Issue]:
-        """The warning (one issue, or none), with what every batch committed today."""
-        if self.cap is None or self.totals is None:
-            return []
-        today = store.committed_usd_today_by_batch(session, now)
-        return daily_budget_issues(manifest, self.totals, self.cap, today)
+    Weighed are the batch's jobs not sent yet, as stored (priced with the prices in force:
+    :func:`jobs.store.reprice_unsent` ran first), against today's committed money, which holds
+    its jobs sent today already: the whole manifest counted those twice, and a batch submitted,
+    run or resumed again after it had sent (or finished) its jobs was told that "only about 1 of
+    4 job(s) will run today" when none was left to send. ``asked``: the manifest's jobs; when
+    fewer are left to send, the warning says it weighs those not sent yet."""
+    if cap is None:
+        return []
+    jobs, usd = store.unsent_estimate(session, batch_id)
+    if not jobs:
+        return []  # nothing left to send: nothing the cap could cancel
+    today = store.committed_usd_today_by_batch(session, now)
+    return daily_budget_issues(manifest, Totals(jobs=jobs, usd=usd), cap, today, unsent=jobs < asked)
 
 
 def _follow_outputs(engine: Engine, settings: Settings, result: SubmitResult) -> None:

@@ -128,7 +128,12 @@ def budget_issues(manifest: Manifest, totals: Totals) -> list[Issue]:
 
 
 def daily_budget_issues(
-    manifest: Manifest, totals: Totals, daily_cap: Decimal, today: Sequence[DaySpender] | None
+    manifest: Manifest,
+    totals: Totals,
+    daily_cap: Decimal,
+    today: Sequence[DaySpender] | None,
+    *,
+    unsent: bool = False,
 ) -> list[Issue]:
     """The warning that the estimate exceeds ``WANBATCH_DAILY_BUDGET_USD`` — or what is left of
     it once ``today`` (what each batch committed today, when known) is counted — a warning, as
@@ -138,7 +143,9 @@ def daily_budget_issues(
     UTC day"), so the two read as one rule. A batch capped lower by its own budget is
     still warned: both caps hold, and the day's may be the one that stops it. Whose spending
     today's is, when other batches than the manifest's own hold some (:func:`_whose_today`),
-    as ``run``'s refusals say it: the cap counts every batch of the database."""
+    as ``run``'s refusals say it: the cap counts every batch of the database. ``unsent``:
+    ``totals`` are the stored batch's jobs not sent yet (``submit`` of a batch that sent some),
+    and the estimate is said to be theirs."""
     spent = sum((s.usd for s in today or ()), Decimal(0))
     spent = max(spent, Decimal(0))
     room = daily_cap - spent
@@ -153,7 +160,8 @@ def daily_budget_issues(
         estimate, left = usd_apart(totals.usd, room)
         where = f"the {left} left of {cap}" if spent else f"today's {left} cap (WANBATCH_DAILY_BUDGET_USD)"
         share = int(totals.jobs * room / totals.usd)
-        said = f"the estimate {estimate} exceeds {where}: only about {share} of {totals.jobs} job(s)"
+        whose = f" of the {totals.jobs} job(s) not sent yet" if unsent else ""
+        said = f"the estimate {estimate}{whose} exceeds {where}: only about {share} of {totals.jobs} job(s)"
         said += " will run today"
     message = f"{said}, the rest end cancelled (daily budget); raise it, or wait for the next UTC day"
     return [

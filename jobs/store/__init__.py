@@ -228,6 +228,7 @@ from jobs.store.money import (
     lineage_committed_usd,
     reserved_usd,
     spent_usd,
+    unsent_estimate,
     wasted_usd,
 )
 from jobs.store.moved_outputs import batch_and_reruns as batch_and_reruns
@@ -581,6 +582,7 @@ __all__ = [
     "unfinished_batches",
     "unknown_cancel_adoptable",
     "unprocessed_deliveries",
+    "unsent_estimate",
     "update_job_fields",
     "utc_day",
     "video_bytes_per_job",

@@ -333,6 +333,25 @@ def batch_estimated_usd(session: Session, batch_id: str) -> Decimal:
     return Decimal(_run(session, query, {"batch_id": batch_id}).scalar())
 
 
+def unsent_estimate(session: Session, batch_id: str) -> tuple[int, Decimal]:
+    """The batch's jobs a dispatch round would still send (``pending``, ``retry_wait``) and the
+    sum of their estimates: what sending them reserves on top of what the day's cap already
+    counts (:func:`committed_usd_today`, in which the batch's jobs sent today are). For
+    ``submit``'s daily-cap warning (:func:`jobs.batches.submit_manifest`): a batch submitted or
+    run again weighs these, not its whole manifest, whose sent jobs the day counts already."""
+
+    def build() -> Any:
+        zero = type_coerce(0, Money())
+        total = func.coalesce(func.sum(Job.est_usd), zero)
+        return select(func.count(), total).where(
+            Job.batch_id == bindparam("batch_id"),
+            Job.state.in_([JobState.PENDING, JobState.RETRY_WAIT]),
+        )
+
+    row: Any = _run(session, _prepared(("unsent_estimate",), build), {"batch_id": batch_id}).one()
+    return int(row[0]), Decimal(row[1])
+
+
 @dataclass(frozen=True, slots=True)
 class BatchCost:
     """The short form of the cost report (``jobs.cost``) that ``status`` shows.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from falsim.server import SimulatorHandle
 from jobs import db, store
@@ -113,3 +113,49 @@ def test_run_warns_before_it_runs(
     assert WHOLE in line
     assert ADVICE in line
     assert done.json()["counts"]["succeeded"] == 2
+
+
+def _sent_today(name: str, states: dict[int, JobState]) -> None:
+    """The batch's jobs (by item index order) in ``states``, sent today at $0.20 each."""
+    engine = db.open_engine(get_settings())
+    with db.session_scope(engine) as session:
+        batch_id = store.get_batch(session, name).id
+        ids = list(session.execute(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.id)).scalars())
+        for n, state in states.items():
+            session.execute(
+                update(Job)
+                .where(Job.id == ids[n])
+                .values(state=state, submitted_at=utcnow(), est_usd=Decimal("0.20"))
+            )
+
+
+def test_submit_again_counts_its_own_sent_jobs_once(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch submitted again (or run again, resumed): its jobs sent today are in today's
+    committed money already; the warning weighs what is still to send against what is left,
+    never the whole manifest again (its sent jobs counted twice)."""
+    _daily_cap(monkeypatch, "1.00")
+    path = manifest("again", FOUR_JOBS.format(name="again"))
+    assert _warned(wb("submit", path).stderr) == []  # $0.80 under $1.00
+    # All four at fal, sent today: $0.80 committed by the batch itself, nothing left to send.
+    _sent_today("again", dict.fromkeys(range(4), JobState.QUEUED))
+    done = wb("submit", path, "--json")
+    assert done.code == 0, done.stderr
+    assert _warned(done.stderr) == [], done.stderr  # nothing will be sent, nothing cancelled
+    assert done.json()["budget_warnings"] == []
+
+
+def test_submit_again_weighs_the_unsent_jobs(
+    wb: Wb, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _daily_cap(monkeypatch, "0.70")
+    path = manifest("half", FOUR_JOBS.format(name="half"))
+    assert len(_warned(wb("submit", path).stderr)) == 1  # $0.80 over $0.70
+    # Two sent today ($0.40 committed): the two unsent ($0.40) exceed the $0.30 left.
+    _sent_today("half", {0: JobState.QUEUED, 1: JobState.QUEUED})
+    (line,) = _warned(wb("submit", path).stderr)
+    assert (
+        "the estimate $0.40 of the 2 job(s) not sent yet exceeds the $0.30 left of today's $0.70 cap" in line
+    ), line
+    assert "only about 1 of 2 job(s) will run today" in line, line
