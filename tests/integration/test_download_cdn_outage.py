@@ -11,6 +11,7 @@ and the pause ends by itself with the first video stored again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 from datetime import timedelta
@@ -26,7 +27,7 @@ from tests.hostile import HostileProvider, Recorded, json_reply, raw_reply
 from tests.hostile_fal import FakeFal
 from tests.integration.test_download_steps import GATEWAY_503, completed_job, make_due
 from worker.steps import download
-from worker.steps.download_reach import DownloadReach, DownloadTrouble
+from worker.steps.download_reach import WARN_EVERY_SECONDS, DownloadReach, DownloadTrouble
 
 MP4 = {"Content-Type": "video/mp4"}
 
@@ -428,3 +429,51 @@ def test_a_batch_paused_for_downloads_that_cannot_connect_shows_the_latest_reaso
     assert reason.startswith("outputs cannot be downloaded here")
     assert f"127.0.0.1:{then}" in reason
     assert f"127.0.0.1:{first}" not in reason
+
+
+def test_a_reason_that_keeps_changing_is_written_at_most_every_warn_every_seconds(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    """Downloads of a paused batch failing on two hosts in turn (fal serves videos from
+    several): each failure rewrote the batch's ~600-character reason, a write on its row per
+    failed try for as long as the outage lasted, and ``status`` flickered between them. The
+    reason is renewed at most every WARN_EVERY_SECONDS (per process), as the run's warning is."""
+    fal = FakeFal(hostile)
+    ports = _closed_port(), _closed_port()
+    fal.on_result("r1", json_reply(fal.result_for("r1", url=f"http://127.0.0.1:{ports[0]}/files/r1.mp4")))
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_allowed_hosts=["127.0.0.1"])
+    clock = _Clock()
+    rt.download_reach = DownloadReach(clock)
+    batch_id = _job(engine, job_id).batch_id
+
+    def fails_on(port: int) -> str:
+        with db.session_scope(engine) as session:
+            job = store.get_job(session, job_id)
+            text = json.dumps(job.provider_output)
+            for other in ports:
+                text = text.replace(f":{other}/", f":{port}/")
+            store.update_job_fields(
+                session, job_id, expected_version=job.version, provider_output=json.loads(text)
+            )
+        make_due(engine, job_id)
+        download(rt, job_id)
+        return _batch(engine, batch_id).pause_reason or ""
+
+    try:
+        assert download(rt, job_id) == "download-held"
+        clock.now += 61
+        make_due(engine, job_id)
+        assert download(rt, job_id) == "outputs-paused"
+        reasons = [_batch(engine, batch_id).pause_reason]
+        for turn in range(6):  # a failure every 2 s, on one host then the other
+            clock.now += 2
+            reasons.append(fails_on(ports[(turn + 1) % 2]))
+        written = sum(1 for a, b in itertools.pairwise(reasons) if a != b)
+        assert written <= 1, written
+        # Once the throttle allows it, the latest reason is the batch's.
+        clock.now += WARN_EVERY_SECONDS
+        latest = fails_on(ports[1])
+        assert f"127.0.0.1:{ports[1]}" in latest
+        assert f"127.0.0.1:{ports[0]}" not in latest
+    finally:
+        rt.client.close()

@@ -1398,7 +1398,7 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
         delay=held.delay,
         why="downloads cannot connect",
         event="download.unreachable_paused",
-        renew=True,
+        renew=rt.download_reach.may_renew,
     )
     if ended is not None:
         return ended
@@ -1426,7 +1426,7 @@ def _hold(
     delay: float,
     why: str,
     event: str,
-    renew: bool = False,
+    renew: Callable[[str], bool] | None = None,
     **fields: Any,
 ) -> str | None:
     """Keep a paid download waiting, uncounted (:func:`_download_troubled`,
@@ -1438,7 +1438,9 @@ def _hold(
     ``renew``: a batch paused for downloads already takes ``reason`` when it differs (the
     cannot-connect reason, whose words change only with what failed: another host, a proxy
     refusing now where the name did not resolve), so ``status`` shows the latest failure's
-    reason, not the one the batch was paused with."""
+    reason, not the one the batch was paused with — when ``renew(batch_id)`` allows it
+    (:meth:`~worker.steps.download_reach.DownloadReach.may_renew`: at most every
+    :data:`~worker.steps.download_reach.WARN_EVERY_SECONDS`, not at every failed try)."""
     paused = False
     with db.session_scope(rt.engine) as session:
         if pause:
@@ -1446,7 +1448,12 @@ def _hold(
             if batch.state == BatchState.ACTIVE:
                 store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
                 paused = True
-            elif renew and store.paused_for_downloads(batch.pause_reason) and batch.pause_reason != reason:
+            elif (
+                renew is not None
+                and store.paused_for_downloads(batch.pause_reason)
+                and batch.pause_reason != reason
+                and renew(claim.batch_id)
+            ):
                 store.renew_download_pause(session, claim.batch_id, reason)
         kept = store.release_lease(
             session, claim.fence, next_attempt_at=in_seconds(delay), **fields, **claim.fetched

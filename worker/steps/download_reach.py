@@ -132,6 +132,8 @@ class DownloadReach:
         self._shown_at = 0.0
         #: Each held job's first failure: a cancelled batch's waits :data:`CANCELLED_PATIENCE_SECONDS`.
         self._waiting = _Waiting()
+        #: When this process last gave each paused batch its latest reason (:meth:`may_renew`).
+        self._renewed: dict[str, float] = {}
 
     @property
     def down(self) -> bool:
@@ -164,6 +166,23 @@ class DownloadReach:
             pause=said.lasted >= PAUSE_AFTER_SECONDS,
             held_for=held_for,
         )
+
+    def may_renew(self, batch_id: str) -> bool:
+        """Whether this process may now give batch ``batch_id``, paused for downloads, its latest
+        failure's reason (which differs from the one it holds): the first time, then at most
+        every :data:`WARN_EVERY_SECONDS`, as :meth:`unshown` repeats a changed reason. Downloads
+        failing on two hosts in turn (fal serves videos from several) rewrote the batch's
+        reason, some 600 characters on its row, at every failed try, and ``status`` flickered."""
+        with self._lock:
+            now = self._clock()
+            last = self._renewed.get(batch_id)
+            if last is not None and now - last < WARN_EVERY_SECONDS:
+                return False
+            # Entries past the interval decide nothing any more: the dict stays as small as
+            # the batches renewed within it.
+            self._renewed = {b: at for b, at in self._renewed.items() if now - at < WARN_EVERY_SECONDS}
+            self._renewed[batch_id] = now
+            return True
 
     def forget(self, job_id: str) -> None:
         """``job_id`` no longer waits for a connection (it left: stored, failed, its lease lost)."""
