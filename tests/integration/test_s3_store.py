@@ -721,3 +721,51 @@ def test_a_storage_that_cannot_be_asked_for_sidecars_adopts_nothing_and_says_so(
     words = " ".join(caplog.text.split())
     assert "could not look for its jobs' own sidecars in the output storage" in words
     assert "does not exist" in words  # why, in one line
+
+
+def test_a_batch_paused_by_its_user_still_hears_that_its_outputs_cannot_be_stored(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    s3: MotoS3,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the try that pauses the batch warned: a batch ``wanbatch pause`` had paused already
+    (its reason "paused by user", nothing of the storage) is not paused again, so its jobs' tries
+    ran out with INFO lines only, and a ``run`` collecting it waited without a word. The try on
+    which a job's tries run out warns then, once for that job; its later tries stay quiet."""
+    FakeFal(hostile)
+    s3.client().create_bucket(Bucket=BUCKET)
+    settings = settings_for(
+        hostile.url,
+        KEY,
+        output_dir=f"s3://{BUCKET}/out",
+        output_staging_dir=tmp_path / "staging",
+        download_attempts=2,
+    )
+    rt = make_runtime(engine, settings)
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: _job(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+    batch_id = _job(engine, job_id).batch_id
+    with db.session_scope(engine) as session:  # wanbatch pause
+        store.set_batch_state(session, batch_id, BatchState.PAUSED)
+    caplog.set_level(logging.DEBUG, logger="worker.steps.download")
+    with S3FaultProxy(s3.port) as proxy:
+        aws_env(monkeypatch, proxy.url)
+        proxy.refuse_puts("/out/")
+        try:
+            assert download(rt, job_id) == "upload-retry"
+            _make_due(engine, job_id)
+            for _try in range(3):  # the try its tries run out on, then two more
+                assert download(rt, job_id) == "outputs-paused"
+                _make_due(engine, job_id)
+        finally:
+            rt.client.close()
+    (warning,) = _paused_warnings(caplog)
+    assert warning.startswith(f"job {job_id}: its output cannot be stored now; batch paused already")
+    assert "(after 2 tries)" in warning
+    with db.session_scope(engine) as session:
+        assert store.get_batch(session, batch_id).pause_reason is None  # still the user's pause

@@ -1574,6 +1574,7 @@ def _upload_failed(
             "never makes or pays for it again, while it stays as it is); "
             f"the upload failed {failures} times: {exc}",
             download_attempts=counted,
+            ran_out=claim.failures < attempts,
             **kept,
         )
     delay = backoff(rt.settings, failures)
@@ -1656,7 +1657,14 @@ CANCELLED_UNSTORED = "the batch was cancelled while its outputs could not be sto
 
 
 def _pause_for_outputs(
-    rt: Runtime, job_id: str, claim: DownloadClaim, reason: str, *, cancelled: str, **fields: Any
+    rt: Runtime,
+    job_id: str,
+    claim: DownloadClaim,
+    reason: str,
+    *,
+    cancelled: str,
+    ran_out: bool = False,
+    **fields: Any,
 ) -> str:
     """Outputs cannot be kept: pause the job's batch with ``reason``, and keep the job.
 
@@ -1674,8 +1682,11 @@ def _pause_for_outputs(
     Only the try that pauses the batch warns, with ``reason``: the batch's other waiting jobs,
     and each of their later tries, are told at INFO in one short line. Every job used to repeat
     the ~500-character warning at every try (37 lines for 18 jobs of a batch paused already).
-    """
-    paused = False
+    A batch paused for something else (``wanbatch pause``, fal refusing the key) is not paused
+    again, and its ``pause_reason`` says nothing of the storage: the try on which a job's tries
+    run out (``ran_out``) warns then, once for that job — else nobody heard that its outputs
+    cannot be stored, and a ``run`` collecting it waited without a word."""
+    paused = warn = False
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.CANCELLED:
@@ -1684,7 +1695,9 @@ def _pause_for_outputs(
             )
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
-            paused = True
+            paused = warn = True
+        elif ran_out and not (batch.pause_reason or "").startswith(store.OUTPUTS_PAUSE_PREFIX):
+            warn = True  # paused for something else: its reason says nothing of the storage
         kept = store.release_lease(
             session,
             claim.fence,
@@ -1694,10 +1707,11 @@ def _pause_for_outputs(
         )
     if not kept:
         return "lost-lease"
-    if paused:
+    if warn:
         log.warning(
-            "job %s: its output cannot be stored now; batch paused: %s",
+            "job %s: its output cannot be stored now; batch %s: %s",
             job_id,
+            "paused" if paused else "paused already, for another reason; it waits with it",
             reason,
             extra={"event": "download.outputs_paused", "job_id": job_id, "batch_id": claim.batch_id},
         )
