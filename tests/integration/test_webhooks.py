@@ -88,8 +88,12 @@ VERIFIES = {"can_verify_signatures": True, "signing_keys": 1, "signing_keys_erro
 
 
 def _serves(engine: Engine) -> dict[str, Any]:
-    """What ``/healthz`` says of the database it serves: ``engine``'s fingerprint."""
-    return {"database": database_fingerprint(webhook_secret(engine)), "database_error": None}
+    """What ``/healthz`` says of the database it serves: ``engine``'s fingerprint (writable)."""
+    return {
+        "database": database_fingerprint(webhook_secret(engine)),
+        "database_error": None,
+        "database_read_only": False,
+    }
 
 
 class JwksServer:
@@ -226,6 +230,7 @@ def test_a_valid_delivery_completes_the_job(
         "ok": True,
         "accepted": 1,
         "rejected": 0,
+        "misrouted": 0,
         **VERIFIES,
         **_serves(engine),
     }
@@ -1713,6 +1718,7 @@ def test_a_delivery_for_another_accounts_request_naming_our_job_changes_nothing(
         "ok": True,
         "accepted": 0,
         "rejected": len(forged),
+        "misrouted": 0,
         **VERIFIES,
         **_serves(engine),
     }
@@ -1949,6 +1955,7 @@ def test_healthz_says_whether_signatures_can_be_verified(
             "ok": True,
             "accepted": 0,
             "rejected": 0,
+            "misrouted": 0,
             "can_verify_signatures": False,
             "signing_keys": 0,
             "signing_keys_error": "fal's signing keys could not be fetched: HTTP 503",
@@ -1960,6 +1967,7 @@ def test_healthz_says_whether_signatures_can_be_verified(
             "ok": True,
             "accepted": 0,
             "rejected": 1,
+            "misrouted": 0,
             **VERIFIES,
             **_serves(engine),
         }
