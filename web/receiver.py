@@ -37,6 +37,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -117,22 +119,44 @@ NOT_THE_RECEIVER = (
     "strip its path prefix)"
 )
 
+#: How long after a delivery refused because the database is read-only ``/healthz`` still says
+#: so (503), where the database's own setting does not tell (a folder its user may not write, a
+#: file system remounted read-only for a while): fal's next retry says it again. Until a delivery
+#: is stored, it was for ever — a database writable again still answered 503 (``doctor`` failed on
+#: it), and a health check routing fal away from a receiver not ok let nothing clear it.
+READ_ONLY_HOLD_SECONDS = 300.0
+
 _JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 class Counts:
     """Deliveries accepted and rejected by this process (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
         self.accepted = 0
         self.rejected = 0
-        #: The last delivery was refused because the database is read-only (False: the last
-        #: one was stored, or none was refused for it yet) — ``/healthz`` says so even where the
-        #: database's setting could not tell (a role that may not write, a file's folder).
-        self.read_only: bool = False
+        #: When the last delivery was refused because the database is read-only (None: the last
+        #: one was stored, or none was refused for it yet): :attr:`read_only`.
+        self._read_only_at: float | None = None
         #: Of the rejected: POSTs to ``…/webhooks/fal`` under another prefix (:class:`MisroutedWebhooks`).
         self.misrouted = 0
+
+    @property
+    def read_only(self) -> bool:
+        """The last delivery, within :data:`READ_ONLY_HOLD_SECONDS`, was refused because the
+        database is read-only — ``/healthz`` says so even where the database's setting could not
+        tell (a role that may not write, a file's folder)."""
+        at = self._read_only_at
+        return at is not None and self._clock() - at < READ_ONLY_HOLD_SECONDS
+
+    def refused_read_only(self) -> None:
+        self._read_only_at = self._clock()
+
+    def stored(self) -> None:
+        """A delivery was stored: the database takes writes (again)."""
+        self._read_only_at = None
 
     def add_misrouted(self) -> None:
         with self._lock:
@@ -243,7 +267,7 @@ class WebhookReceiver:
         body cannot help); anything else is ours (500, with a traceback in the log; fal
         retries, and a fixed receiver takes it)."""
         if db.is_read_only(exc):
-            self.counts.read_only = True
+            self.counts.refused_read_only()
             said = (
                 "SQLite: WANBATCH_DATABASE_URL has mode=ro, or this user may not write its file"
                 if isinstance(exc, DatabaseReadOnlyError)
@@ -305,7 +329,7 @@ class WebhookReceiver:
                 detail += f", fal account {delivery.user_id}"
             return self.reject(WebhookRejected(refused, 403), request, detail)
         self.counts.add(accepted=True)
-        self.counts.read_only = False  # it took this one: writable again
+        self.counts.stored()  # it took this one: writable again
         telemetry.count_webhook(accepted=True)
         return JSONResponse({"ok": True})
 

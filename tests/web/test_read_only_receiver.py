@@ -25,6 +25,7 @@ from sqlalchemy import Engine, event, text
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db
 from jobs.db import make_engine
+from jobs.errors import DatabaseReadOnlyError
 from tests.web.web_helpers import REMOTE, settings_for
 from web.app import DATABASE_READ_ONLY, create_app, warn_if_read_only
 from worker.fal.webhooks import JwksKeys
@@ -159,3 +160,45 @@ def test_a_file_this_user_may_not_write_is_read_only(tmp_path: Path, sqlite_engi
     finally:
         copy.chmod(0o644)
         ro.dispose()
+
+
+def test_a_refusal_for_a_read_only_database_is_not_said_for_ever(
+    engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery refused while the database was read-only (a file system remounted read-only
+    for a while, a standby since promoted) made ``/healthz`` answer 503 "read-only" until a
+    delivery was stored again: with nothing delivered since (the batch done, or a health check
+    that routes fal's retries away from a receiver not ok), for ever, though the database takes
+    writes again, and ``doctor`` failed saying so. Now it is said for a while after the refusal
+    (:data:`web.receiver.READ_ONLY_HOLD_SECONDS`), then the database's own setting decides."""
+    import web.receiver
+
+    secret = webhook_secret(engine)
+    signer = WebhookSigner()
+    app = create_app(settings_for(engine, output_dir), engine=engine, keys=_keys(signer))
+    body = webhook_body("req-1", "req-1", True, {"video": {"url": "https://x/v.mp4"}}, None)
+    headers = signer.headers("req-1", "user-1", body)
+    token = binding_token(secret, "job-1", 1)
+
+    def read_only_now(*_a: Any, **_k: Any) -> None:
+        raise DatabaseReadOnlyError("the database is read-only")
+
+    async def main() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app, client=REMOTE, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8788") as client:
+            with monkeypatch.context() as patch:
+                patch.setattr(web.receiver, "receive", read_only_now)
+                hook = await client.post(
+                    f"/webhooks/fal?job_id=job-1&attempt=1&token={token}", content=body, headers=headers
+                )
+            just_after = await client.get("/healthz")
+            monkeypatch.setattr(web.receiver, "READ_ONLY_HOLD_SECONDS", 0.0, raising=False)
+            return hook, just_after, await client.get("/healthz")
+
+    hook, just_after, later = asyncio.run(main())
+    assert hook.status_code == 503, hook.text
+    assert just_after.status_code == 503  # just refused for it: said
+    assert just_after.json()["database_read_only"] is True
+    assert later.status_code == 200, later.text  # writable again, nothing delivered since
+    assert (later.json()["ok"], later.json()["database_read_only"]) == (True, False)
+
