@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 
 import anyio.to_thread
@@ -98,7 +99,7 @@ class _WebApp(Starlette):
 
 
 def warn_if_read_only(engine: Engine) -> bool:
-    """At ``serve``'s start: one warning line when its database is read-only
+    """At ``serve``'s start (on a thread of its own): one warning line when its database is read-only
     (:func:`jobs.db.read_only_reason`), saying that fal's deliveries cannot be stored. It
     still starts: a read-only dashboard of a database it may not write is a use of its own.
     True when it warned; a database that cannot be asked now says nothing here (the heartbeat
@@ -142,7 +143,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def beating(_app: Starlette) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(warn_if_read_only, engine)
+        # Asked beside, not awaited: a database that does not answer (a partitioned network:
+        # libpq's connect_timeout) must not hold /healthz and the dashboard until it gives up.
+        threading.Thread(target=warn_if_read_only, args=(engine,), name="read-only-look", daemon=True).start()
         beat = ServeHeartbeat(engine)
         beat.start()
         try:

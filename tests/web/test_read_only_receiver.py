@@ -202,3 +202,37 @@ def test_a_refusal_for_a_read_only_database_is_not_said_for_ever(
     assert later.status_code == 200, later.text  # writable again, nothing delivered since
     assert (later.json()["ok"], later.json()["database_read_only"]) == (True, False)
 
+
+def test_serve_answers_at_once_while_its_database_is_asked_whether_it_is_read_only(
+    engine: Engine, output_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-only look at ``serve``'s start was awaited in its lifespan: a PostgreSQL server
+    that does not answer (a partitioned network: libpq's connect_timeout, 10 s) held every
+    request — ``/healthz`` and the dashboard included — until it gave up. Now it is asked beside."""
+    import threading
+    import time
+
+    from starlette.testclient import TestClient
+
+    asked = threading.Event()
+    answer = threading.Event()
+
+    def slow_reason(_engine: Engine) -> str | None:
+        asked.set()
+        answer.wait(10)
+        return None
+
+    monkeypatch.setattr(db, "read_only_reason", slow_reason)
+    app = create_app(
+        settings_for(engine, output_dir), engine=engine, keys=_keys(WebhookSigner()), heartbeat=True
+    )
+    started = time.monotonic()
+    try:
+        with TestClient(app, client=("127.0.0.1", 5000)) as http:
+            took = time.monotonic() - started
+            assert asked.wait(5)
+            answer.set()
+            assert http.get("/healthz").status_code == 200
+    finally:
+        answer.set()
+    assert took < 5, took
