@@ -46,14 +46,21 @@ def silence(session: Session, settings: Settings, batch_id: str, *, since: datet
     arrive (:data:`SILENT_JOBS` finished, none delivered); None otherwise, and without a receiver."""
     if not settings.webhook_url:
         return None
-    finished, delivered = store.webhooks_heard(session, batch_id, since=since)
+    return _said(settings, *store.webhooks_heard(session, batch_id, since=since))
+
+
+def _said(settings: Settings, finished: int, delivered: int) -> str | None:
     if delivered or finished < SILENT_JOBS:
         return None
     return silence_text(settings, finished)
 
 
 class SilenceWatch:
-    """``run``'s look, every :data:`LOOK_EVERY_SECONDS` at most, said once (:meth:`unsaid`)."""
+    """``run``'s look, every :data:`LOOK_EVERY_SECONDS` at most, said once (:meth:`unsaid`).
+    Once a delivery of one of its jobs is seen, it looks no more: fal reaches the receiver, and
+    the tick prunes applied deliveries (``WANBATCH_WEBHOOK_RETENTION``, 2 hours at the least), so
+    a run waiting longer (a schedule's closed window, a daily cap) would find none left and say
+    that no webhook came; nor does a run whose webhooks arrive keep counting its jobs."""
 
     def __init__(
         self, settings: Settings, batch_id: str, since: datetime, clock: Callable[[], float] = time.monotonic
@@ -70,7 +77,8 @@ class SilenceWatch:
         if self._said or self.clock() < self._next:
             return None
         self._next = self.clock() + LOOK_EVERY_SECONDS
-        line = silence(session, self.settings, self.batch_id, since=self.since)
-        if line is not None:
-            self._said = True
+        finished, delivered = store.webhooks_heard(session, self.batch_id, since=self.since)
+        line = _said(self.settings, finished, delivered)
+        if line is not None or delivered:
+            self._said = True  # said, or fal's webhooks arrive: nothing more to look for
         return line

@@ -10,7 +10,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from jobs import billing
-from jobs.models import FalAccount, Job, JobEvent, WebhookDelivery, WebhookInboxTotals, utcnow
+from jobs.models import Batch, FalAccount, Job, JobEvent, WebhookDelivery, WebhookInboxTotals, utcnow
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.storable import storable_json
 from jobs.store.core import _JOBS, _dialect_insert, _prepared, _refresh_loaded, _run
@@ -429,7 +429,10 @@ def webhooks_heard(session: Session, batch_id: str, *, since: datetime) -> tuple
     """Of ``batch_id``'s jobs sent since ``since`` whose request fal has finished: how many, and
     for how many of them a webhook delivery was stored (``ix_webhook_deliveries_job_id``). With
     a receiver that fal reaches, every one has its delivery (long before the safety net's poll);
-    none for several says fal's webhooks do not arrive (:mod:`jobs.webhook_silence`)."""
+    none for several says fal's webhooks do not arrive (:mod:`jobs.webhook_silence`). ``(0, 0)``
+    for a ``--simulate`` batch: its requests went to the bundled simulator, never with a webhook."""
+    if session.scalar(select(Batch.simulated).where(Batch.id == batch_id)):
+        return 0, 0
     heard = select(WebhookDelivery.id).where(WebhookDelivery.job_id == Job.id).exists()
     ended, delivered = session.execute(
         select(func.count(), func.coalesce(func.sum(case((heard, 1), else_=0)), 0)).where(

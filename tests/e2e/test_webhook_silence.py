@@ -90,3 +90,60 @@ def test_one_delivery_or_few_jobs_say_nothing(engine: Engine) -> None:
         )
     with session_scope(engine) as session:
         assert silence(session, settings, batch.id, since=since) is None  # fal reaches the receiver
+
+
+def test_a_simulated_batch_says_nothing(engine: Engine) -> None:
+    """A ``run --simulate`` sends to the bundled simulator without a webhook (its settings drop
+    WANBATCH_WEBHOOK_URL): ``status`` of that batch with WANBATCH_WEBHOOK_URL set said that fal
+    cannot deliver to it, of jobs fal never saw."""
+    from sqlalchemy import update
+
+    from jobs.db import session_scope
+    from jobs.models import Batch
+    from tests.web.web_helpers import make_batch, new_job
+
+    settings = Settings(webhook_url="https://hooks.example.com/webhooks/fal")
+    since = utcnow() - timedelta(minutes=5)
+    with session_scope(engine) as session:
+        batch = make_batch(
+            session, "sim", [new_job(i, endpoint="fal-ai/wan-22") for i in range(SILENT_JOBS + 1)]
+        )
+        _ended(session, batch.id, SILENT_JOBS + 1)
+    with session_scope(engine) as session:
+        assert silence(session, settings, batch.id, since=since) is not None  # sent to fal: said
+        session.execute(update(Batch).where(Batch.id == batch.id).values(simulated=True))
+    with session_scope(engine) as session:
+        assert silence(session, settings, batch.id, since=since) is None
+
+
+def test_run_says_nothing_once_a_webhook_came_though_it_is_pruned_later(engine: Engine) -> None:
+    """A run that saw fal's webhooks arrive, then waited (a schedule's closed window, a daily cap)
+    past WANBATCH_WEBHOOK_RETENTION: the tick pruned the applied deliveries, and the run said
+    that no webhook came for any of its jobs. Once one came, the run looks no more."""
+    from sqlalchemy import delete
+
+    from jobs.db import session_scope
+    from jobs.webhook_silence import SilenceWatch
+    from tests.web.web_helpers import make_batch, new_job
+
+    settings = Settings(webhook_url="https://hooks.example.com/webhooks/fal")
+    since = utcnow() - timedelta(minutes=5)
+    now = [0.0]
+    with session_scope(engine) as session:
+        batch = make_batch(
+            session, "pruned", [new_job(i, endpoint="fal-ai/wan-22") for i in range(SILENT_JOBS + 1)]
+        )
+        ids = _ended(session, batch.id, SILENT_JOBS + 1)
+        for job_id in ids:
+            session.add(
+                WebhookDelivery(
+                    request_id=f"req-{job_id}", body_sha256="0" * 64, job_id=job_id, status="OK", body={}
+                )
+            )
+    watch = SilenceWatch(settings, batch.id, since, clock=lambda: now[0])
+    with session_scope(engine) as session:
+        assert watch.unsaid(session) is None  # they came
+        session.execute(delete(WebhookDelivery))  # prune_deliveries, WANBATCH_WEBHOOK_RETENTION later
+    now[0] += 3600.0
+    with session_scope(engine) as session:
+        assert watch.unsaid(session) is None
