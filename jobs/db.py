@@ -326,6 +326,7 @@ def _built_engine(url: str | URL, **kwargs: Any) -> tuple[Engine, Path | None]:
     if parsed.get_backend_name() == "postgresql":
         _bound_lock_waits(engine)
         watch_clock(engine)  # every stamp and comparison on the database's clock
+        event.listen(engine, "handle_error", _refuse_read_only_write)  # a standby, a read-only role…
     return engine, None
 
 
@@ -1056,19 +1057,36 @@ def _configure_sqlite(
 _SQLITE_READONLY = 8
 
 
+#: Why a SQLite database refuses writes, as the error tells (:class:`DatabaseReadOnlyError`'s reason).
+SQLITE_READ_ONLY_REASON = "WANBATCH_DATABASE_URL has mode=ro, or this user may not write its file"
+#: Why a PostgreSQL database refuses writes (SQLSTATE ``read_only_sql_transaction``): the error
+#: does not tell a standby from the setting.
+PG_READ_ONLY_REASON = (
+    "PostgreSQL's transaction_read_only is on: default_transaction_read_only for this role or "
+    "database, or a standby server"
+)
+
+
 def _refuse_read_only_write(context: Any) -> None:
-    """A write to a read-only SQLite database (``?mode=ro``, or a file this user may not write):
-    one :class:`ConfigError` line (exit 2), where it was an internal error. The statement failed,
-    so nothing was written; its unit of work rolls back as for any error."""
+    """A write to a read-only database — SQLite (``?mode=ro``, or a file this user may not
+    write) or PostgreSQL (``default_transaction_read_only = on`` for the role or database, or a
+    hot standby: SQLSTATE ``read_only_sql_transaction``): one :class:`DatabaseReadOnlyError`
+    line (exit 2), where it was an internal error. The statement failed, so nothing was written;
+    its unit of work rolls back as for any error."""
     orig = context.original_exception
-    if (
-        isinstance(orig, sqlite3.Error)
-        and (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF == _SQLITE_READONLY
-    ):
-        raise DatabaseReadOnlyError(
-            "the database is read-only (WANBATCH_DATABASE_URL has mode=ro, or this user may not "
-            "write its file) and this command writes to it; nothing was changed"
-        ) from None
+    if isinstance(orig, sqlite3.Error):
+        if (getattr(orig, "sqlite_errorcode", 0) or 0) & 0xFF != _SQLITE_READONLY:
+            return
+        reason = SQLITE_READ_ONLY_REASON
+    elif getattr(orig, "sqlstate", None) == _PG_READ_ONLY:
+        reason = PG_READ_ONLY_REASON
+    else:
+        return
+    raise DatabaseReadOnlyError(
+        f"the database is read-only ({reason}) and this command writes to it; nothing was changed",
+        reason=reason,
+        said=named_first_line(orig),
+    ) from None
 
 
 #: PostgreSQL's SQLSTATE for a write in a read-only transaction (``read_only_sql_transaction``:
@@ -1077,9 +1095,10 @@ _PG_READ_ONLY = "25006"
 
 
 def is_read_only(exc: BaseException) -> bool:
-    """Whether ``exc`` says the database refused a write because it is read-only: SQLite's
-    (:func:`_refuse_read_only_write` made it a :class:`DatabaseReadOnlyError`) or PostgreSQL's
-    ``read_only_sql_transaction`` (``default_transaction_read_only = on``, a hot standby). Not
+    """Whether ``exc`` says the database refused a write because it is read-only: SQLite's or
+    PostgreSQL's ``read_only_sql_transaction`` (``default_transaction_read_only = on``, a hot
+    standby), which :func:`_refuse_read_only_write` makes a :class:`DatabaseReadOnlyError` on
+    wanbatch's engines (the driver's error itself on any other). Not
     an outage that passes by waiting, nor a bug: nothing can be written until someone changes
     the database's setting or the URL."""
     if isinstance(exc, DatabaseReadOnlyError):

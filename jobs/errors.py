@@ -18,7 +18,7 @@ lives in this module unless ``[module]`` names another::
     ├── UsageError                   exit 2: bad option, unknown batch, bad configuration
     │   ├── ConfigError              a WANBATCH_* setting (or FAL_KEY) is missing or malformed
     │   │   ├── DatabaseUnavailableError [worker.db_outage] the database stayed away mid-run past a lease
-    │   │   ├── DatabaseReadOnlyError the database is read-only (mode=ro, a file not ours to write)
+    │   │   ├── DatabaseReadOnlyError the database is read-only (mode=ro, not ours to write, a standby)
     │   │   └── SchemaBehindError    the database's schema was downgraded under this process
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── DatabaseLockedError      another session held a lock an operator's command waited for too long
@@ -100,9 +100,18 @@ class SchemaBehindError(ConfigError):
 
 class DatabaseReadOnlyError(ConfigError):
     """A write refused because the database is read-only (SQLite's ``SQLITE_READONLY``: a
-    ``mode=ro`` URL, or a file this user may not write; :func:`jobs.db._refuse_read_only_write`).
-    Nothing was written. A command says so in one line (exit 2); the webhook receiver answers a
-    delivery 503 (fal retries), since it was refused for the database, not for what it said."""
+    ``mode=ro`` URL, or a file this user may not write; PostgreSQL's ``read_only_sql_transaction``:
+    ``default_transaction_read_only = on`` for the role or database, or a standby;
+    :func:`jobs.db._refuse_read_only_write`). Nothing was written. A command says so in one line
+    (exit 2); the webhook receiver answers a delivery 503 (fal retries), since it was refused for
+    the database, not for what it said; a dashboard action or login is answered 503 as well.
+    ``reason``: why the database is read-only, as far as the error tells (for the user);
+    ``said``: what the database said, on one line (for a log line)."""
+
+    def __init__(self, message: str, *, reason: str = "", said: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.said = said
 
 
 class DatabaseFullError(UsageError):

@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from jobs import db, store
+from jobs.errors import DatabaseReadOnlyError
 from jobs.output_location import is_s3_url
 from jobs.output_store import output_sha256
 
@@ -134,7 +135,7 @@ def record_moves(engine: Engine, moves: Iterable[tuple[str, str, str]]) -> bool:
     try:
         with db.session_scope(engine) as session:
             store.record_output_moves(session, rows)
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, DatabaseReadOnlyError) as exc:  # a read-only export, status, page
         log.warning(
             "could not record where %d moved video(s) are now: %s",
             len(rows),

@@ -13,7 +13,8 @@ receiver can face the internet while the dashboard stays private. A page or acti
 a database error is answered by the dashboard for what it was
 (:meth:`web.dashboard.Dashboard.database_error`, :meth:`~web.dashboard.Dashboard.database_locked`):
 503 with one line for a locked or unreachable database (and for an action's write that finds
-its disk full), 400 for a value of the request the database refuses, 500 for anything else —
+its disk full, or a read-only database: :meth:`~web.dashboard.Dashboard.database_read_only`),
+400 for a value of the request the database refuses, 500 for anything else —
 never "unavailable", never a traceback. The line is a page for a browser; for an action a
 script calls (``POST /batches/REF/ACTION``), one JSON object ``{"ok": false, "error": …}``, the
 format of its every answer. A batch reference, job id or endpoint filter no database can hold
@@ -38,7 +39,7 @@ from starlette.types import ASGIApp
 
 from jobs import db
 from jobs.asgi_shutdown import STOPPED, EndsCleanly
-from jobs.errors import DatabaseLockedError
+from jobs.errors import DatabaseLockedError, DatabaseReadOnlyError
 from jobs.settings import Settings
 from web.auth import DashboardAuth, ForwardedHeaders, TokenGate, trusted_proxies
 from web.dashboard import DASHBOARD_FAILED, DATABASE_FULL, REQUEST_NOT_STORABLE, Dashboard
@@ -172,6 +173,8 @@ def create_app(
             DBAPIError: dashboard.database_error,
             PoolTimeoutError: dashboard.database_error,
             DatabaseLockedError: dashboard.database_locked,
+            # A login's or logout's write (the cookie's key made the first time): 503, one line.
+            DatabaseReadOnlyError: dashboard.database_read_only,
         },
     )
     app.state.counts = receiver.counts

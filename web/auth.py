@@ -91,6 +91,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from jobs import db, store
 from jobs.digits import ascii_int
+from jobs.errors import DatabaseReadOnlyError
 from jobs.host_header import host_name, is_loopback_host, names, place
 from jobs.http_environment import is_loopback_address
 from jobs.printable import first_line, one_line
@@ -679,7 +680,12 @@ async def access_of(scope: Scope, gate: TokenGate) -> Access:
         return Access(token_configured=True, loopback=loopback, authenticated=True, by_header=True)
     # Only this dashboard's own cookie: another's (another token's name) is no credential. Its
     # name is looked up (the database's secret, the first time) only for a request carrying one.
-    name = await gate.cookie_name() if carries_a_session_cookie(headers) else None
+    try:
+        name = await gate.cookie_name() if carries_a_session_cookie(headers) else None
+    except DatabaseReadOnlyError:
+        # The cookie's key was never made, and a read-only database cannot keep one: no login
+        # was ever given under it, so no cookie is a credential (the pages still read).
+        name = None
     cookie = _cookie(headers, name) if name is not None else None
     authenticated = cookie is not None and await gate.check_cookie(cookie)
     return Access(token_configured=True, loopback=loopback, authenticated=authenticated)

@@ -49,7 +49,13 @@ from starlette.staticfiles import StaticFiles
 from jobs import batches, db, listing, store
 from jobs.cap_holds import CapCheck
 from jobs.digits import ascii_int
-from jobs.errors import DatabaseLockedError, NotFoundError, UsageError, WanbatchError
+from jobs.errors import (
+    DatabaseLockedError,
+    DatabaseReadOnlyError,
+    NotFoundError,
+    UsageError,
+    WanbatchError,
+)
 from jobs.fs import name_problem
 from jobs.models import Batch, BatchState, utcnow
 from jobs.money import usd_text
@@ -130,6 +136,14 @@ REQUEST_NOT_STORABLE = "the database refuses a value of this request: the same r
 #: What a client is told when a page or action failed on any other database error (a bug of the
 #: dashboard's: the log has its traceback).
 DASHBOARD_FAILED = "the dashboard failed on a database error (an error of the dashboard: see its log)"
+#: What a client is told when an action, a login or a logout needs a write and the database is
+#: read-only (SQLite ``mode=ro`` or a file serve's user may not write; PostgreSQL
+#: ``default_transaction_read_only``, a standby): 503, the pages still read; the log line says why.
+DATABASE_READ_ONLY = (
+    "the database is read-only: the dashboard shows batches but cannot change them (pause, "
+    "resume, cancel, rerun) or log anyone in until serve is given a database it may write; "
+    "nothing was changed"
+)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -487,6 +501,26 @@ class Dashboard:
         )
         return self.unavailable(request, str(exc))
 
+    async def database_read_only(self, request: Request, exc: Exception) -> Response:
+        """An action, login or logout whose write the database refused because it is read-only
+        (the app's handler of :class:`~jobs.errors.DatabaseReadOnlyError`, and :meth:`act`'s):
+        503 with :data:`DATABASE_READ_ONLY` (a JSON object for an action a script calls, a page
+        for a browser), one warning in the log saying why; never a 500 or a traceback. Not a
+        409: nothing about the batch conflicts, and the same action succeeds once serve is given
+        a database it may write."""
+        assert isinstance(exc, DatabaseReadOnlyError)
+        client = one_line(request.client.host) if request.client else "?"
+        failures_log.warning(
+            "dashboard: %s %s from %s: the database is read-only (%s: %s)",
+            request.method,
+            one_line(request.url.path),
+            client,
+            exc.reason,
+            exc.said,
+            extra={"event": "dashboard.database_read_only", "status": 503},
+        )
+        return self.error(request, DATABASE_READ_ONLY, 503, "Read-only")
+
     # ---------------------------------------------------------------- pages
 
     def index(self, request: Request) -> Response:
@@ -684,6 +718,8 @@ class Dashboard:
         client = one_line(request.client.host) if request.client else "?"
         try:
             outcome = await run_in_threadpool(handler, ref)
+        except DatabaseReadOnlyError as exc:  # not the request's conflict (409): the database's
+            return await self.database_read_only(request, exc)
         except WanbatchError as exc:
             # Not jobs.printable.first_line: the answer's JSON and the page quote it unescaped, as
             # the CLI's --json does (each escapes it its own way); the log line escapes it below.
@@ -859,14 +895,15 @@ class Dashboard:
         if name is not None and name in request.cookies:
             try:
                 await self.gate.end_session(request.cookies[name])
-            except (DBAPIError, PoolTimeoutError) as exc:
+            except (DBAPIError, PoolTimeoutError, DatabaseReadOnlyError) as exc:
                 # A role that may not write (a read-only serve), or no database: the browser's
                 # cookie still goes, and the log says the copy of it is not ended.
+                said = exc.said if isinstance(exc, DatabaseReadOnlyError) else db.database_problem(exc)
                 log.warning(
                     "dashboard: logout could not end the session on the server (%s): the browser's "
                     "cookie is deleted, but a copy of it keeps working until it is 30 days old; "
                     "a new WANBATCH_SERVE_TOKEN ends every session",
-                    db.database_problem(exc)[:300],
+                    said[:300],
                     extra={"event": "dashboard.logout_not_recorded"},
                 )
             # With the attributes it was set with (HttpOnly, SameSite=Strict, Secure over HTTPS).

@@ -269,7 +269,7 @@ class WebhookReceiver:
         if db.is_read_only(exc):
             self.counts.refused_read_only()
             said = (
-                "SQLite: WANBATCH_DATABASE_URL has mode=ro, or this user may not write its file"
+                f"{exc.reason} ({exc.said})"
                 if isinstance(exc, DatabaseReadOnlyError)
                 else db.database_problem(exc)
             )

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
-from jobs.errors import ConfigError
+from jobs.errors import ConfigError, DatabaseReadOnlyError
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -136,6 +136,14 @@ def _open_the_database(settings: Settings) -> None:
     from worker.steps.webhooks import database_fingerprint, webhook_secret
 
     engine = db.open_engine(settings)
+    # A read-only database (mode=ro, a file not ours, default_transaction_read_only, a standby):
+    # every claim, lease and result would be refused, each round a traceback in the log, for ever.
+    if (reason := db.read_only_reason(engine)) is not None:
+        raise DatabaseReadOnlyError(
+            f"the database is read-only: {reason}; a worker writes to it (claims, leases, "
+            "results), so it was not started",
+            reason=reason,
+        )
     database = database_fingerprint(webhook_secret(engine))
     refuse_another_key(settings, database)
     say_mismatch(published_mismatch(settings, database))

@@ -914,9 +914,10 @@ class Conductor:
                 with db.session_scope(self.rt.engine) as session:
                     store.drop_heartbeats(session, self._beat_owner)
             except Exception as exc:  # the database is gone: the rows go stale instead
-                # Said already: the run ends with where to free space, or that another process
-                # holds the database's lock (a stopping run does not wait for it).
-                if db.is_disk_full(exc) or db.gave_up_on_lock(exc):
+                # Said already: the run ends with where to free space, that another process
+                # holds the database's lock (a stopping run does not wait for it), or that the
+                # database is read-only (its heartbeat was never stored then).
+                if db.is_disk_full(exc) or db.gave_up_on_lock(exc) or db.is_read_only(exc):
                     log.debug(
                         "heartbeat left to go stale (%s)",
                         db.database_problem(exc),
