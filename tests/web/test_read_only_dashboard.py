@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
 from jobs import store
 from jobs.db import make_engine, session_factory
-from tests.read_only import read_only_url
+from tests.read_only import read_only_url, secret_removed
 from tests.web.web_helpers import TOKEN, app_for, mixed_batch, settings_for
 from web.auth import cookie_secret
 from web.dashboard import DATABASE_READ_ONLY
@@ -92,25 +92,24 @@ def test_a_login_whose_cookie_key_cannot_be_made_is_503(
     engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No serve that could write ever made the key of the cookie's name: a login cannot be given."""
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM instance_secrets WHERE name = 'dashboard_cookie'"))
-    browser = _read_only_browser(engine, output_dir)
-    with caplog.at_level(logging.WARNING):
-        answer = browser.post(
-            "/login", data={"token": TOKEN, "next": "/"}, headers={**HTML, "Origin": ORIGIN}
-        )
-    assert answer.status_code == 503, answer.text
-    assert "the database is read-only" in answer.text
-    assert "set-cookie" not in answer.headers
-    (warning,) = _warnings(caplog)
-    assert warning.exc_info is None
-    # A page asked for with a login cookie (of another serve, or stale): no credential (sent to
-    # log in, as without one), not a 500; the token reads.
-    stale = {"Cookie": "wanbatch_session_0badc0de=1.2.3"}
-    page = browser.get("/", headers={**HTML, **stale})
-    assert page.status_code == 303, page.text
-    assert page.headers["location"].startswith("/login")
-    assert browser.get("/", headers={**HTML, **stale, **BEARER}).status_code == 200
+    with secret_removed(engine, "dashboard_cookie"):
+        browser = _read_only_browser(engine, output_dir)
+        with caplog.at_level(logging.WARNING):
+            answer = browser.post(
+                "/login", data={"token": TOKEN, "next": "/"}, headers={**HTML, "Origin": ORIGIN}
+            )
+        assert answer.status_code == 503, answer.text
+        assert "the database is read-only" in answer.text
+        assert "set-cookie" not in answer.headers
+        (warning,) = _warnings(caplog)
+        assert warning.exc_info is None
+        # A page asked for with a login cookie (of another serve, or stale): no credential (sent to
+        # log in, as without one), not a 500; the token reads.
+        stale = {"Cookie": "wanbatch_session_0badc0de=1.2.3"}
+        page = browser.get("/", headers={**HTML, **stale})
+        assert page.status_code == 303, page.text
+        assert page.headers["location"].startswith("/login")
+        assert browser.get("/", headers={**HTML, **stale, **BEARER}).status_code == 200
 
 
 def test_a_logout_on_a_read_only_database_deletes_the_cookie(

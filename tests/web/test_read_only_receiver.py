@@ -20,12 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event
 
 from falsim.webhooks import WebhookSigner, webhook_body
 from jobs import db
 from jobs.db import make_engine
 from jobs.errors import DatabaseReadOnlyError
+from tests.read_only import secret_removed
 from tests.web.web_helpers import REMOTE, settings_for
 from web.app import DATABASE_READ_ONLY, create_app, warn_if_read_only
 from worker.fal.webhooks import JwksKeys
@@ -102,16 +103,15 @@ def test_healthz_of_a_read_only_database_without_a_webhook_secret(
     engine: Engine, read_only: Engine, output_dir: Path
 ) -> None:
     """No secret yet (no run made one), and none can be made: said, not a 500."""
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM instance_secrets WHERE name = 'webhook'"))
-    app = create_app(settings_for(read_only, output_dir), engine=read_only, keys=_keys(WebhookSigner()))
+    with secret_removed(engine, "webhook"):
+        app = create_app(settings_for(read_only, output_dir), engine=read_only, keys=_keys(WebhookSigner()))
 
-    async def main() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app, client=REMOTE, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8788") as client:
-            return await client.get("/healthz")
+        async def main() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app, client=REMOTE, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8788") as client:
+                return await client.get("/healthz")
 
-    health = asyncio.run(main())
+        health = asyncio.run(main())
     assert health.status_code == 503, health.text
     assert health.json()["database_error"] == DATABASE_READ_ONLY
     assert health.json()["database"] is None
