@@ -1579,7 +1579,7 @@ def lock_waits_bounded(settings: DatabaseSettings) -> Iterator[None]:
     except DBAPIError as exc:
         if not is_lock_timeout(exc):
             raise
-        raise database_locked_error(settings.database_url) from None
+        raise database_locked_error(settings.database_url, statement=exc.statement) from None
     finally:
         _WATCH.reset(watching)
         _LOCK_WAIT.reset(token)
@@ -1881,12 +1881,15 @@ _WATCH: contextvars.ContextVar[_LockWatch | None] = contextvars.ContextVar(
 _WATCHER = _LockWatcher()
 
 
-def database_locked_error(url: str | URL, engine: Engine | None = None) -> DatabaseLockedError:
+def database_locked_error(
+    url: str | URL, engine: Engine | None = None, statement: str | None = None
+) -> DatabaseLockedError:
     """The one line for a statement that gave up waiting for a lock another session holds
     (:func:`is_lock_timeout`): who held it back (inside :func:`lock_waits_bounded`, the sessions
     its backend was seen waiting for, :class:`_LockWatch`; else, or when it was never seen
     waiting, :func:`lock_holders`, asked on ``engine``, else on a connection of its own to
-    ``url``), how long it waited, and what to do."""
+    ``url``, narrowed to the tables ``statement`` names: :func:`_on_tables_of`), how long it
+    waited, and what to do."""
     from sqlalchemy.pool import NullPool
 
     from jobs.schedule import format_age
@@ -1902,6 +1905,8 @@ def database_locked_error(url: str | URL, engine: Engine | None = None) -> Datab
                 holders = lock_holders(asking)
             finally:
                 asking.dispose()
+    if statement is not None and watch is not None and not watch.blockers():
+        holders = _on_tables_of(statement, holders)
     if holders:
         who = holders[0].said()
         if len(holders) > 1:
@@ -1919,6 +1924,21 @@ def database_locked_error(url: str | URL, engine: Engine | None = None) -> Datab
         "changed: try again once that session has committed or rolled back",
         pid=holders[0].pid if holders else None,
     )
+
+
+def _on_tables_of(statement: str, holders: list[LockHolder]) -> list[LockHolder]:
+    """Of ``holders`` (every strong lock on a wanbatch table, :func:`lock_holders`), those on a
+    table the statement that gave up names, when any is: the watcher (:class:`_LockWatcher`)
+    did not see the wait (on a loaded machine its thread and connection can take longer to start
+    than the wait lasts), and an innocent session's older lock on a table the statement never
+    read was named first, with "and 1 more" after it. A lock on another table can still hold a
+    statement back (a foreign key's check), so with none on its own tables all are kept."""
+    named = [
+        holder
+        for holder in holders
+        if holder.table is not None and re.search(rf'(?<!\w)"?{re.escape(holder.table)}"?(?!\w)', statement)
+    ]
+    return named or holders
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
