@@ -72,7 +72,7 @@ RATE = 5.0
 #: databases) one submit reached the witness ≥ 150 ms later than the next five: 6 receipts in
 #: one second from grants 0.23 s apart (2 failures in 5 full runs at 0.15). A spread the
 #: limiter cannot see is what the allowance is for; 0.3 left 69 ms per interval, ~350 ms over a
-#: window. Since the suite runs in two processes (``pytest -n 2``), another test's processes share
+#: window. Since the suite runs in several processes (``pytest -n 4``), other tests' processes share
 #: the two cores too: one run saw receipts 1.47 s apart, then 25 ms (6 in a second at 0.3). 0.5
 #: leaves 100 ms per interval, ~500 ms over a window. The limiter's own spacing (Redis' clock) is
 #: checked exactly in test_limits.py.
