@@ -1121,14 +1121,7 @@ def read_only_reason(engine: Engine) -> str | None:
     reason may name the file, so it is for a log line or the terminal, not a public answer.
     Raises what asking PostgreSQL raised."""
     if engine.dialect.name == "sqlite":
-        target = sqlite_file(engine.url)
-        if target is None:
-            return None
-        if dict(target.options).get("mode") == "ro":
-            return "WANBATCH_DATABASE_URL has mode=ro"
-        if target.path.exists() and not os.access(target.path, os.W_OK):
-            return f"this user may not write its file {target.path}"
-        return None
+        return sqlite_read_only_reason(engine.url)
     if engine.dialect.name != "postgresql":
         return None
     with read_scope(engine) as session:
@@ -1140,6 +1133,21 @@ def read_only_reason(engine: Engine) -> str | None:
             "PostgreSQL's transaction_read_only is on "
             "(default_transaction_read_only for this role or database)"
         )
+    return None
+
+
+def sqlite_read_only_reason(url: str | URL) -> str | None:
+    """Why the SQLite database of ``url`` refuses every write (:func:`read_only_reason`), from
+    the URL as the user wrote it: ``mode=ro``, or a file this user may not write. None for a
+    database that takes writes, or one that is not a SQLite file. For ``doctor``, whose own
+    engine (:func:`read_engine`) opens the file ``mode=rw`` whatever the URL says."""
+    target = sqlite_file(normalize_url(url))
+    if target is None:
+        return None
+    if dict(target.options).get("mode") == "ro":
+        return "WANBATCH_DATABASE_URL has mode=ro"
+    if target.path.exists() and not os.access(target.path, os.W_OK):
+        return f"this user may not write its file {target.path}"
     return None
 
 

@@ -242,6 +242,21 @@ def _static_url() -> Callable[[str], str]:
     return lambda name: f"/static/{name}?v={versions.get(name, '0')}"
 
 
+def _warn_unavailable(request: Request, event: str, what: str, *args: object) -> None:
+    """The one warning line of a request answered 503 because of the database's state (a lock
+    another session holds, a read-only database): method, path and client as every failure line
+    of the dashboard names them, then ``what`` (a %-format of ``args``)."""
+    client = one_line(request.client.host) if request.client else "?"
+    failures_log.warning(
+        "dashboard: %s %s from %s: " + what,
+        request.method,
+        one_line(request.url.path),
+        client,
+        *args,
+        extra={"event": f"dashboard.{event}", "status": 503},
+    )
+
+
 # --------------------------------------------------------------------------- view models
 
 
@@ -490,15 +505,7 @@ class Dashboard:
         503 with the line that names that session, as ``wanbatch status`` says it (one warning
         in the log)."""
         assert isinstance(exc, DatabaseLockedError)
-        client = one_line(request.client.host) if request.client else "?"
-        failures_log.warning(
-            "dashboard: %s %s from %s: %s",
-            request.method,
-            one_line(request.url.path),
-            client,
-            exc,
-            extra={"event": "dashboard.database_locked", "status": 503},
-        )
+        _warn_unavailable(request, "database_locked", "%s", exc)
         return self.unavailable(request, str(exc))
 
     async def database_read_only(self, request: Request, exc: Exception) -> Response:
@@ -509,15 +516,8 @@ class Dashboard:
         409: nothing about the batch conflicts, and the same action succeeds once serve is given
         a database it may write."""
         assert isinstance(exc, DatabaseReadOnlyError)
-        client = one_line(request.client.host) if request.client else "?"
-        failures_log.warning(
-            "dashboard: %s %s from %s: the database is read-only (%s: %s)",
-            request.method,
-            one_line(request.url.path),
-            client,
-            exc.reason,
-            exc.said,
-            extra={"event": "dashboard.database_read_only", "status": 503},
+        _warn_unavailable(
+            request, "database_read_only", "the database is read-only (%s: %s)", exc.reason, exc.said
         )
         return self.error(request, DATABASE_READ_ONLY, 503, "Read-only")
 

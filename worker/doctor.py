@@ -236,6 +236,8 @@ def check_database(settings: Settings) -> Check:
         # for (a `LOCK TABLE jobs` left open in psql, a migration's ALTER TABLE, a plain CREATE
         # INDEX), whether or not anyone waits yet: in silence, for as long as it stays.
         locks = db.lock_holders(engine)
+        # Every write refused (submit, run, the workers, the receiver): reachable is not enough.
+        read_only = db.read_only_reason(engine) if target is None else db.sqlite_read_only_reason(url)
     except WanbatchError:  # the bound of _guarded: its line
         raise
     except Exception as exc:  # unreachable, refused, no such database, wrong password …
@@ -267,9 +269,15 @@ def check_database(settings: Settings) -> Check:
                 f"session: {locks[0].said()}{more}; {_what_waits(locks[0])}",
                 _locked_fix(locks[0].pid),
             )
+        if read_only is not None:
+            return _read_only(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)", read_only)
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
     if foreign := db.foreign_tables(heads, tables):  # what every command refuses (exit 2)
         return _fail(name, f"{where}: {db.foreign_database(foreign)}", db.FOREIGN_DATABASE_FIX)
+    if read_only is not None:  # neither the first command's schema nor the next one's upgrade
+        return _read_only(
+            name, f"{where}: reachable, schema {', '.join(sorted(heads)) or 'none yet'}", read_only
+        )
     if not heads:
         return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")
     revisions = [ascii_int(h, max_digits=12) for h in heads]
@@ -288,6 +296,19 @@ def check_database(settings: Settings) -> Check:
             f"{db.SCHEMA_HEAD})",
         )
     return _fail(name, f"{where}: {db.newer_schema(heads)}", db.NEWER_SCHEMA_FIX)
+
+
+def _read_only(name: str, found: str, reason: str) -> Check:
+    """The verdict on a database that answers but refuses every write (``reason``, from
+    :func:`jobs.db.read_only_reason`): ``status``, ``export`` and a dashboard would work, but
+    ``submit``, ``run``, the workers and the receiver refuse to (exit 2, 503), so not "ok"."""
+    return _fail(
+        name,
+        f"{found}, but read-only: {reason}; submit, run, the workers and the webhook receiver "
+        "refuse to write to it (status, export and the dashboard's pages still read it)",
+        "point WANBATCH_DATABASE_URL at a database this user may write (SQLite: no mode=ro, a file "
+        "and folder it may write; PostgreSQL: not a standby, default_transaction_read_only off)",
+    )
 
 
 def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | None:

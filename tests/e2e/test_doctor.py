@@ -1011,3 +1011,47 @@ def test_a_doctor_with_a_broker_runs_every_check_in_its_own_process(
     checks = {c["name"]: c for c in body["checks"]}
     assert checks["downloads"]["status"] == "ok", checks["downloads"]
     assert checks["limiter"]["status"] in ("ok", "warn"), checks["limiter"]
+
+
+def test_a_read_only_sqlite_database_fails_the_database_check(
+    wb: Wb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that answers but refuses every write was "✓ reachable, schema … (current)":
+    then `submit`, `run`, the workers and the receiver each refused. The check fails naming why."""
+    here = os.environ["WANBATCH_DATABASE_URL"]
+    assert here.startswith("sqlite:///")
+    webhook_secret(_engine_for(here))  # the database made, at the current schema
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"{here}?mode=ro")
+    get_settings.cache_clear()
+    code, checks, _ = _doctor(wb)
+    database = checks["database"]
+    assert (code, database["status"]) == (1, "fail"), database
+    assert (
+        f"schema {SCHEMA_HEAD} (current), but read-only: WANBATCH_DATABASE_URL has mode=ro"
+        in database["detail"]
+    )
+    assert "submit, run, the workers and the webhook receiver refuse to write" in database["detail"]
+    assert "a database this user may write" in database["fix"]
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgresql_database_fails_the_database_check(
+    wb: Wb, monkeypatch: pytest.MonkeyPatch, new_pg_database: Callable[[], str]
+) -> None:
+    """The same on PostgreSQL: ``default_transaction_read_only`` on for the database (as on a
+    replica, or a database an administrator froze): an empty one cannot even be given its schema."""
+    url = new_pg_database()
+    name = url.rsplit("/", 1)[1]
+    with create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+    ).connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", url)
+    get_settings.cache_clear()
+    code, checks, _ = _doctor(wb)
+    database = checks["database"]
+    assert (code, database["status"]) == (1, "fail"), database
+    assert (
+        "reachable, schema none yet, but read-only: PostgreSQL's transaction_read_only is on"
+        in database["detail"]
+    )
