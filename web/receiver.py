@@ -55,6 +55,7 @@ from jobs import db
 from jobs.digits import ascii_int
 from jobs.errors import DatabaseReadOnlyError
 from jobs.printable import one_line
+from web import connections
 from web.bodies import TOO_LARGE, BodyBudget, Refusal, declares_more_than, read_body
 from worker import telemetry
 from worker.fal.webhooks import JwksKeys, WebhookRejected, verify_delivery
@@ -142,6 +143,9 @@ class Counts:
         self._read_only_at: float | None = None
         #: Of the rejected: POSTs to ``…/webhooks/fal`` under another prefix (:class:`MisroutedWebhooks`).
         self.misrouted = 0
+        #: When a misrouted POST was last warned about (None: none yet), and how many came since.
+        self._misrouted_warned_at: float | None = None
+        self._misrouted_since = 0
 
     @property
     def read_only(self) -> bool:
@@ -158,10 +162,21 @@ class Counts:
         """A delivery was stored: the database takes writes (again)."""
         self._read_only_at = None
 
-    def add_misrouted(self) -> None:
+    def add_misrouted(self) -> int | None:
+        """Count a misrouted POST. Whether to warn of it: how many came since the last warning
+        (the ones told at INFO) when that was :data:`web.connections.LOG_INTERVAL` ago or more (or
+        none was said yet), else None (within the interval: told at INFO only)."""
         with self._lock:
             self.rejected += 1
             self.misrouted += 1
+            now = self._clock()
+            said = self._misrouted_warned_at
+            if said is not None and now - said < connections.LOG_INTERVAL:
+                self._misrouted_since += 1
+                return None
+            self._misrouted_warned_at = now
+            since, self._misrouted_since = self._misrouted_since, 0
+            return since
 
     def add(self, *, accepted: bool) -> None:
         with self._lock:
@@ -185,9 +200,14 @@ class MisroutedWebhooks:
     """ASGI middleware: a ``POST`` whose path ends in ``/webhooks/fal`` under another prefix
     (``/wanbatch/webhooks/fal``: a reverse proxy that does not strip its prefix) is answered 404
     saying where the receiver listens, counted (``/healthz``'s ``rejected`` and ``misrouted``) and
-    logged in one warning line naming the prefix to strip. It was taken for a dashboard request:
+    logged in one line naming the prefix to strip. It was taken for a dashboard request:
     "refused … (no token configured)", which pointed at ``WANBATCH_SERVE_TOKEN`` instead, and fal's
-    every delivery was lost without a word about why. Runs before the dashboard's guard."""
+    every delivery was lost without a word about why. Runs before the dashboard's guard.
+
+    That line is a warning for the first, and then at most once every
+    :data:`web.connections.LOG_INTERVAL` (saying how many came meanwhile); the ones between are
+    told at INFO: fal retries each delivery up to 10 times and a batch sends thousands, so a
+    warning each flooded the log."""
 
     def __init__(self, app: ASGIApp, counts: Counts) -> None:
         self.app = app
@@ -203,18 +223,26 @@ class MisroutedWebhooks:
         await self.app(scope, receive, send)
 
     def refused(self, scope: Scope, path: str, trimmed: str) -> Response:
-        self.counts.add_misrouted()
+        since = self.counts.add_misrouted()
         telemetry.count_webhook(accepted=False)
         client = scope.get("client")
         prefix = trimmed.removesuffix(WEBHOOK_PATH)
-        log.warning(
+        if since is None:
+            after = ""
+        else:
+            after = f"; the next ones within {connections.LOG_INTERVAL:g} s are logged at INFO"
+            if since:
+                after = f"; {since} more misrouted since the last warning{after}"
+        log.log(
+            logging.INFO if since is None else logging.WARNING,
             "webhook rejected (404) from %s: a webhook reached %s: the receiver listens at %s; make "
-            "the proxy strip its prefix %s (or point WANBATCH_WEBHOOK_URL at %s)",
+            "the proxy strip its prefix %s (or point WANBATCH_WEBHOOK_URL at %s)%s",
             one_line(str(client[0])) if client else "?",
             one_line(path)[:200],  # the client's text: a %0A must not forge a log line
             WEBHOOK_PATH,
             one_line(prefix)[:200],
             WEBHOOK_PATH,
+            after,
             extra={"event": "webhook.misrouted", "status": 404},
         )
         return JSONResponse({"ok": False, "error": NOT_THE_RECEIVER}, status_code=404)

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import Engine
 
 from tests.web.web_helpers import REMOTE, app_for, client, settings_for
+from web.connections import LOG_INTERVAL
 from web.receiver import NOT_THE_RECEIVER
 
 
@@ -48,3 +49,30 @@ def test_the_receiver_and_the_dashboard_keep_their_own_answers(
     assert unsigned.status_code in (400, 401, 403)  # the receiver's own refusal of an unsigned body
     assert page.status_code == 403  # the dashboard's guard, as before
     assert health.json()["misrouted"] == 0
+
+
+def test_a_flood_of_misrouted_webhooks_warns_once_a_minute_and_counts_them_all(
+    sqlite_engine: Engine, output_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fal retries each delivery up to 10 times and a batch sends thousands: every misrouted POST
+    was one warning line, a flood of them. Now the first warns; the others within
+    :data:`web.connections.LOG_INTERVAL` are told at INFO (still counted), and the first after it
+    warns again, saying how many came meanwhile."""
+    app = app_for(sqlite_engine, settings_for(sqlite_engine, output_dir))
+    now = [1000.0]
+    monkeypatch.setattr(app.state.counts, "_clock", lambda: now[0])
+    with client(app, peer=REMOTE) as remote, caplog.at_level(logging.INFO, logger="web.app"):
+        for _ in range(5):
+            assert remote.post("/wanbatch/webhooks/fal?job_id=j&attempt=1", content=b"{}").status_code == 404
+            now[0] += 10.0  # all five within a minute of the first
+        now[0] = 1000.0 + LOG_INTERVAL + 1
+        assert remote.post("/wanbatch/webhooks/fal?job_id=j&attempt=1", content=b"{}").status_code == 404
+        health = remote.get("/healthz").json()
+    misrouted = [r for r in caplog.records if getattr(r, "event", None) == "webhook.misrouted"]
+    assert [r.levelno for r in misrouted] == [logging.WARNING, *[logging.INFO] * 4, logging.WARNING]
+    first, *quiet, again = (" ".join(r.getMessage().split()) for r in misrouted)
+    assert "make the proxy strip its prefix /wanbatch" in first
+    assert "make the proxy strip its prefix /wanbatch" in again
+    assert all("strip its prefix /wanbatch" in line for line in quiet)  # said, at INFO
+    assert "4 more misrouted" in again
+    assert (health["misrouted"], health["rejected"]) == (6, 6)
