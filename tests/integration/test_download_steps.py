@@ -6,8 +6,10 @@ download whose lease is taken over mid-stream, an output folder that refuses wri
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import logging
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from typing import Any, cast
 import pytest
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import db, outputs, store
 from jobs.errors import NotFoundError
 from jobs.models import BatchState, utcnow
 from jobs.states import JobState
@@ -624,3 +626,54 @@ def test_a_distributed_download_whose_bug_is_a_missing_row_is_given_back_too(
         assert (job.state, job.lease_owner) == (JobState.DOWNLOADING, None)  # given back at once
     finally:
         rt.client.close()
+
+
+def test_a_full_disk_under_a_batch_paused_already_is_warned_once_for_the_batch(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch paused for another reason (``wanbatch pause``, a budget) whose outputs cannot be
+    written (a full disk) is not paused again, and its jobs' tries said so at INFO only: the
+    operator who resumed it later learnt of the full disk only when jobs failed again. Now the
+    storage trouble is said once at WARNING for the batch (not once per job, not per try), and
+    the batch's own pause reason is left as it was."""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    job = ("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})
+    batch_id = add_batch(
+        engine, "steps", [job, ("fal-ai/wan-22", {"prompt": "a red kite", "resolution": "480p"})]
+    )
+    try:
+        job_ids = dispatch(rt)
+        assert len(job_ids) == 2
+        for job_id in job_ids:
+            assert submit(rt, job_id) == "submitted"
+        wait_until(
+            lambda: all(state_of(engine, j) == JobState.DOWNLOADING for j in job_ids), step=lambda: poll(rt)
+        )
+        with db.session_scope(engine) as session:  # wanbatch pause
+            store.set_batch_state(session, batch_id, BatchState.PAUSED)
+
+        def full(*_args: Any, **_kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(outputs, "write_json_atomic", full)
+        caplog.set_level(logging.DEBUG, logger="worker.steps.download")
+        for _round in range(2):
+            for job_id in job_ids:
+                assert download(rt, job_id) == "outputs-paused"
+                make_due(engine, job_id)
+    finally:
+        rt.client.close()
+    said = [r for r in caplog.records if str(getattr(r, "event", "")).startswith("download.outputs_")]
+    assert [r.levelno for r in said] == [logging.WARNING] + [logging.INFO] * 3
+    warning = " ".join(said[0].getMessage().split())
+    assert warning.startswith(f"job {job_ids[0]}: its output cannot be stored now; batch paused already")
+    assert "No space left on device" in warning
+    assert "free space or fix WANBATCH_OUTPUT_DIR" in warning
+    with db.session_scope(engine) as session:
+        batch = store.get_batch(session, batch_id)
+    assert (batch.state, batch.pause_reason) == (BatchState.PAUSED, None)  # still the user's pause

@@ -375,6 +375,9 @@ class Runtime:
     adopted_said: set[str] = field(default_factory=set)
     #: The batches whose jobs' sidecars the output storage (S3) could not be asked for (said once).
     sidecars_unread: set[str] = field(default_factory=set)
+    #: The batches paused for another reason whose outputs could not be stored (a full disk, an
+    #: S3 outage: :func:`worker.steps.download._pause_for_outputs`; said once, until one is stored).
+    outputs_unstored_said: set[str] = field(default_factory=set)
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)

@@ -755,6 +755,7 @@ def _store_video(
         # success may end its batch's pause for outputs: there is room again.
         if stored and claim.job.next_attempt_at is not None:
             resumed = store.resume_after_outputs_stored(session, claim.batch_id)
+            rt.outputs_unstored_said.discard(claim.batch_id)  # stored again: its next trouble is news
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
         return _stored_late(rt, job_id, claim, outs, time.monotonic() - started, stored=True)
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
@@ -1574,7 +1575,6 @@ def _upload_failed(
             "never makes or pays for it again, while it stays as it is); "
             f"the upload failed {failures} times: {exc}",
             download_attempts=counted,
-            ran_out=claim.failures < attempts,
             **kept,
         )
     delay = backoff(rt.settings, failures)
@@ -1663,7 +1663,6 @@ def _pause_for_outputs(
     reason: str,
     *,
     cancelled: str,
-    ran_out: bool = False,
     **fields: Any,
 ) -> str:
     """Outputs cannot be kept: pause the job's batch with ``reason``, and keep the job.
@@ -1682,10 +1681,12 @@ def _pause_for_outputs(
     Only the try that pauses the batch warns, with ``reason``: the batch's other waiting jobs,
     and each of their later tries, are told at INFO in one short line. Every job used to repeat
     the ~500-character warning at every try (37 lines for 18 jobs of a batch paused already).
-    A batch paused for something else (``wanbatch pause``, fal refusing the key) is not paused
-    again, and its ``pause_reason`` says nothing of the storage: the try on which a job's tries
-    run out (``ran_out``) warns then, once for that job — else nobody heard that its outputs
-    cannot be stored, and a ``run`` collecting it waited without a word."""
+    A batch paused for something else (``wanbatch pause``, a budget, fal refusing the key) is not
+    paused again, and its ``pause_reason`` says nothing of the storage: its first such try warns
+    then, once for the batch (:attr:`Runtime.outputs_unstored_said`), as the pause would have —
+    else nobody heard that its outputs cannot be stored (a full disk said only at INFO), and an
+    operator who resumed it learnt of it only when its jobs failed again. Said again after an
+    output of the batch was stored (the storage took one: its next trouble is news)."""
     paused = warn = False
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
@@ -1696,7 +1697,9 @@ def _pause_for_outputs(
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
             paused = warn = True
-        elif ran_out and not (batch.pause_reason or "").startswith(store.OUTPUTS_PAUSE_PREFIX):
+        elif claim.batch_id not in rt.outputs_unstored_said and not (batch.pause_reason or "").startswith(
+            store.OUTPUTS_PAUSE_PREFIX
+        ):
             warn = True  # paused for something else: its reason says nothing of the storage
         kept = store.release_lease(
             session,
@@ -1708,6 +1711,8 @@ def _pause_for_outputs(
     if not kept:
         return "lost-lease"
     if warn:
+        if not paused:
+            rt.outputs_unstored_said.add(claim.batch_id)
         log.warning(
             "job %s: its output cannot be stored now; batch %s: %s",
             job_id,
