@@ -32,11 +32,11 @@ from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
-from jobs import store
+from jobs import machine, store
 from jobs.manifest.keys import stored_content_key
 from jobs.models import Batch, utcnow
 from jobs.money import BUDGET_ERRORS, DAILY_CAP_ERROR
-from jobs.printable import shell_ref
+from jobs.printable import printable, shell_ref
 from jobs.schedule import Schedule
 from jobs.states import JobState
 
@@ -70,6 +70,9 @@ class RerunBeing(TypedDict):
     #: ``waits for its window (opens 22:00 Europe/Berlin, in 23h57m)`` (:meth:`Schedule.waits`);
     #: ``""`` when it may send now. Nothing of it is sent before then, whatever runs it.
     waits: str
+    #: The machine its manifest is on (``alice-laptop``) when that is another one than this
+    #: (:func:`jobs.machine.elsewhere`): where :attr:`command` goes on; ``""`` else.
+    machine: str
 
 
 class RerunRendered(TypedDict):
@@ -119,6 +122,8 @@ class Render:
     #: Until when its batch's schedule holds it back (only for an unfinished repeat):
     #: :attr:`RerunBeing.waits`.
     waits: str = ""
+    #: The other machine its batch is on (only for an unfinished repeat): :attr:`RerunBeing.machine`.
+    machine: str = ""
 
 
 def rerun_input(stored: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
@@ -200,11 +205,15 @@ def _renders(
         if unfinished and row.batch_id not in waits:
             waits[row.batch_id] = Schedule.from_json(row.batch_schedule).waits(now)
         waiting = waits.get(row.batch_id, "") if unfinished else ""
+        host = row.batch_manifest_host
+        elsewhere = machine.name(host) if unfinished and host is not None and machine.elsewhere(host) else ""
         key = keys.get(row.job_id)
         if key is None:
             key = keys[row.job_id] = stored_content_key(row.endpoint, row.input, row.source_files)
         found.setdefault(root, []).append(
-            Render(row.batch_id, row.batch_name, row.input, key, rank, unfinished, command, waiting)
+            Render(
+                row.batch_id, row.batch_name, row.input, key, rank, unfinished, command, waiting, elsewhere
+            )
         )
     return found
 
@@ -257,6 +266,7 @@ def tally_being(renders_: Iterable[Render]) -> list[RerunBeing]:
             jobs=e["jobs"],
             command=of_batch[e["batch"]].command,
             waits=of_batch[e["batch"]].waits,
+            machine=of_batch[e["batch"]].machine,
         )
         for e in tally(shown)
     ]
@@ -349,10 +359,15 @@ def going_on(rerun: RerunBeing) -> str:
     ``"`wanbatch run sweep-rerun-1` goes on"``, or while its schedule holds it back (it kept its
     parent's window, closed now), until when first: ``"it waits for its window (opens 22:00
     Europe/Berlin, in 23h57m); then `wanbatch run sweep-rerun-1` sends them"`` — "goes on" said
-    of a rerun that sends nothing for hours was a promise nothing keeps."""
+    of a rerun that sends nothing for hours was a promise nothing keeps. A rerun made on another
+    machine (:attr:`RerunBeing.machine`) says where: ``"`wanbatch run sweep-rerun-1` on
+    alice-laptop (another machine) goes on"``, as the refusal of its manifest names it."""
+    command = rerun["command"]
+    if elsewhere := rerun.get("machine"):
+        command = f"{command} on {printable(elsewhere)} (another machine)"
     if not rerun["waits"]:
-        return f"{rerun['command']} goes on"
-    return f"it {rerun['waits']}; then {rerun['command']} sends them"
+        return f"{command} goes on"
+    return f"it {rerun['waits']}; then {command} sends them"
 
 
 def being_text(reruns: Iterable[RerunBeing]) -> str:

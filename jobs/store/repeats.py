@@ -43,6 +43,9 @@ class RerunRepeat:
     #: Its batch's schedule (:attr:`Batch.schedule`, as stored): a rerun keeps its parent's
     #: window, and while that is closed nothing of it is sent (``status`` says until when).
     batch_schedule: dict[str, Any] | None = None
+    #: The machine its batch's manifest is on (:attr:`Batch.manifest_host`: for a rerun, the one
+    #: ``rerun`` made it on), None when not recorded: where ``wanbatch run`` of it goes on.
+    batch_manifest_host: str | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -64,6 +67,7 @@ _REPEAT_COLUMNS = (
     Batch.state,
     Batch.paused_by_user,
     Batch.schedule,
+    Batch.manifest_host,
 )
 
 
@@ -90,7 +94,21 @@ _HEAVY_COLUMNS = (Job.input, Job.source_files, Batch.schedule)
 
 def _repeat(row: Any) -> RerunRepeat:
     """A row of :data:`_REPEAT_COLUMNS` as a :class:`RerunRepeat`."""
-    job_id, of, batch, name, simulated, state, data, endpoint, sources, batch_state, paused, schedule = row
+    (
+        job_id,
+        of,
+        batch,
+        name,
+        simulated,
+        state,
+        data,
+        endpoint,
+        sources,
+        batch_state,
+        paused,
+        schedule,
+        host,
+    ) = row
     return RerunRepeat(
         job_id,
         of,
@@ -104,6 +122,7 @@ def _repeat(row: Any) -> RerunRepeat:
         batch_cancelled=batch_state == BatchState.CANCELLED,
         batch_paused=bool(paused),
         batch_schedule=dict(schedule) if isinstance(schedule, dict) else None,
+        batch_manifest_host=host,
     )
 
 
