@@ -733,8 +733,9 @@ def test_a_batch_paused_by_its_user_still_hears_that_its_outputs_cannot_be_store
 ) -> None:
     """Only the try that pauses the batch warned: a batch ``wanbatch pause`` had paused already
     (its reason "paused by user", nothing of the storage) is not paused again, so its jobs' tries
-    ran out with INFO lines only, and a ``run`` collecting it waited without a word. The try on
-    which a job's tries run out warns then, once for that job; its later tries stay quiet."""
+    ran out with INFO lines only, and a ``run`` collecting it waited without a word. The first
+    try that cannot store an output of the batch warns now, once for the batch; later tries (of
+    this job or another of the batch) stay quiet."""
     FakeFal(hostile)
     s3.client().create_bucket(Bucket=BUCKET)
     settings = settings_for(
