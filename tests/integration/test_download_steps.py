@@ -677,3 +677,55 @@ def test_a_full_disk_under_a_batch_paused_already_is_warned_once_for_the_batch(
     with db.session_scope(engine) as session:
         batch = store.get_batch(session, batch_id)
     assert (batch.state, batch.pause_reason) == (BatchState.PAUSED, None)  # still the user's pause
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite writes one at a time
+def test_a_full_disk_met_by_two_downloads_at_once_is_warned_once_for_the_batch(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full disk fails every download under way at once, each on a thread of the download pool:
+    each read "not said yet" for the batch, paused already for another reason, before either had
+    said it, and each warned. The batch is claimed for its one warning in one step now."""
+    FakeFal(hostile)
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    jobs = [("fal-ai/wan-22", {"prompt": p, "resolution": "480p"}) for p in ("a paper boat", "a red kite")]
+    batch_id = add_batch(engine, "steps", jobs)
+    try:
+        job_ids = dispatch(rt)
+        assert len(job_ids) == 2
+        for job_id in job_ids:
+            assert submit(rt, job_id) == "submitted"
+        wait_until(
+            lambda: all(state_of(engine, j) == JobState.DOWNLOADING for j in job_ids), step=lambda: poll(rt)
+        )
+        with db.session_scope(engine) as session:  # wanbatch pause
+            store.set_batch_state(session, batch_id, BatchState.PAUSED)
+
+        def full(*_args: Any, **_kwargs: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(outputs, "write_json_atomic", full)
+        both_decided = threading.Barrier(2, timeout=30.0)
+        release_lease = store.release_lease
+
+        def release_together(*args: Any, **kwargs: Any) -> Any:
+            both_decided.wait()  # each has read its batch, and decided, before either goes on
+            return release_lease(*args, **kwargs)
+
+        monkeypatch.setattr(store, "release_lease", release_together)
+        caplog.set_level(logging.DEBUG, logger="worker.steps.download")
+        outcomes: list[str] = []
+        threads = [threading.Thread(target=lambda j=j: outcomes.append(download(rt, j))) for j in job_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60.0)
+    finally:
+        rt.client.close()
+    assert outcomes == ["outputs-paused", "outputs-paused"]
+    said = [r for r in caplog.records if str(getattr(r, "event", "")).startswith("download.outputs_")]
+    assert sorted(r.levelno for r in said) == [logging.INFO, logging.WARNING]

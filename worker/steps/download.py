@@ -755,7 +755,8 @@ def _store_video(
         # success may end its batch's pause for outputs: there is room again.
         if stored and claim.job.next_attempt_at is not None:
             resumed = store.resume_after_outputs_stored(session, claim.batch_id)
-            rt.outputs_unstored_said.discard(claim.batch_id)  # stored again: its next trouble is news
+            with _UNSTORED_SAID:  # stored again: its next trouble is news
+                rt.outputs_unstored_said.discard(claim.batch_id)
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
         return _stored_late(rt, job_id, claim, outs, time.monotonic() - started, stored=True)
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
@@ -1687,7 +1688,7 @@ def _pause_for_outputs(
     else nobody heard that its outputs cannot be stored (a full disk said only at INFO), and an
     operator who resumed it learnt of it only when its jobs failed again. Said again after an
     output of the batch was stored (the storage took one: its next trouble is news)."""
-    paused = warn = False
+    paused = other = False
     with db.session_scope(rt.engine) as session:
         batch = store.get_batch(session, claim.batch_id)
         if batch.state == BatchState.CANCELLED:
@@ -1696,11 +1697,9 @@ def _pause_for_outputs(
             )
         if batch.state == BatchState.ACTIVE:
             store.set_batch_state(session, claim.batch_id, BatchState.PAUSED, reason=reason)
-            paused = warn = True
-        elif claim.batch_id not in rt.outputs_unstored_said and not (batch.pause_reason or "").startswith(
-            store.OUTPUTS_PAUSE_PREFIX
-        ):
-            warn = True  # paused for something else: its reason says nothing of the storage
+            paused = True
+        else:  # paused for something else: its reason says nothing of the storage
+            other = not (batch.pause_reason or "").startswith(store.OUTPUTS_PAUSE_PREFIX)
         kept = store.release_lease(
             session,
             claim.fence,
@@ -1710,9 +1709,7 @@ def _pause_for_outputs(
         )
     if not kept:
         return "lost-lease"
-    if warn:
-        if not paused:
-            rt.outputs_unstored_said.add(claim.batch_id)
+    if paused or (other and _first_to_say(rt, claim.batch_id)):
         log.warning(
             "job %s: its output cannot be stored now; batch %s: %s",
             job_id,
@@ -1728,6 +1725,22 @@ def _pause_for_outputs(
             extra={"event": "download.outputs_wait", "job_id": job_id, "batch_id": claim.batch_id},
         )
     return "outputs-paused"
+
+
+#: Guards :attr:`Runtime.outputs_unstored_said` (:func:`_first_to_say`).
+_UNSTORED_SAID = threading.Lock()
+
+
+def _first_to_say(rt: Runtime, batch_id: str) -> bool:
+    """Whether this try is the one to warn that the outputs of ``batch_id`` (paused for another
+    reason) cannot be stored, marking it said: read and marked in one step, as a full disk fails
+    every download under way at once, each on a thread of the pool, and each that read "not said
+    yet" before another marked it warned too."""
+    with _UNSTORED_SAID:
+        if batch_id in rt.outputs_unstored_said:
+            return False
+        rt.outputs_unstored_said.add(batch_id)
+        return True
 
 
 #: How many times a job's download step may crash in one process (an exception no step expects:
