@@ -274,28 +274,30 @@ def check_database(settings: Settings) -> Check:
         return _ok(name, f"{where}: reachable, schema {db.SCHEMA_HEAD} (current)")
     if foreign := db.foreign_tables(heads, tables):  # what every command refuses (exit 2)
         return _fail(name, f"{where}: {db.foreign_database(foreign)}", db.FOREIGN_DATABASE_FIX)
+    revisions = [ascii_int(h, max_digits=12) for h in heads]
+    numbers = [n for n in revisions if n is not None]
+    # A newer wanbatch's schema, before a read-only one: every command refuses it, writable or
+    # not (exit 2), and a database this user may write would fix nothing.
+    if len(numbers) < len(revisions) or max(numbers, default=0) >= int(db.SCHEMA_HEAD):
+        return _fail(name, f"{where}: {db.newer_schema(heads)}", db.NEWER_SCHEMA_FIX)
     if read_only is not None:  # neither the first command's schema nor the next one's upgrade
         return _read_only(
             name, f"{where}: reachable, schema {', '.join(sorted(heads)) or 'none yet'}", read_only
         )
     if not heads:
         return _ok(name, f"{where}: reachable, empty (the first command creates the schema)")
-    revisions = [ascii_int(h, max_digits=12) for h in heads]
-    numbers = [n for n in revisions if n is not None]
-    if len(numbers) == len(revisions) and max(numbers) < int(db.SCHEMA_HEAD):
-        if live:  # what every command refuses (exit 2)
-            return _fail(
-                name,
-                f"{where}: schema {', '.join(sorted(heads))}, and this wanbatch needs {db.SCHEMA_HEAD}; "
-                f"{db.live_processes_said(live, now=now)}",
-                db.live_processes_fix(live),
-            )
-        return _ok(
+    if live:  # what every command refuses (exit 2)
+        return _fail(
             name,
-            f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "
-            f"{db.SCHEMA_HEAD})",
+            f"{where}: schema {', '.join(sorted(heads))}, and this wanbatch needs {db.SCHEMA_HEAD}; "
+            f"{db.live_processes_said(live, now=now)}",
+            db.live_processes_fix(live),
         )
-    return _fail(name, f"{where}: {db.newer_schema(heads)}", db.NEWER_SCHEMA_FIX)
+    return _ok(
+        name,
+        f"{where}: reachable, schema {', '.join(sorted(heads))} (the next command upgrades it to "
+        f"{db.SCHEMA_HEAD})",
+    )
 
 
 def _read_only(name: str, found: str, reason: str) -> Check:

@@ -1055,3 +1055,25 @@ def test_a_read_only_postgresql_database_fails_the_database_check(
         "reachable, schema none yet, but read-only: PostgreSQL's transaction_read_only is on"
         in database["detail"]
     )
+
+
+def test_a_read_only_database_of_a_newer_schema_fails_on_its_schema_first(
+    wb: Wb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only database a newer wanbatch migrated: every command of this one refuses it,
+    writable or not. The check said only "but read-only" and its fix (a database this user may
+    write), which fixed nothing; it names the newer schema and its fix, as on a writable one."""
+    here = os.environ["WANBATCH_DATABASE_URL"]
+    assert here.startswith("sqlite:///")
+    engine = _engine_for(here)
+    webhook_secret(engine)  # the database made, at the current schema
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"{here}?mode=ro")
+    get_settings.cache_clear()
+    code, checks, _ = _doctor(wb)
+    database = checks["database"]
+    assert (code, database["status"]) == (1, "fail"), database
+    assert "9999 is not one this wanbatch knows" in database["detail"]
+    assert "upgrade wanbatch" in database["fix"]
