@@ -6,9 +6,16 @@ as FastAPI's 422 body: ``{"detail": [{"loc": ["body", field], "msg", "type", "in
 exactly those messages and types ("Field required", "Input should be less than or equal to
 100", "Input should be '480p' or '720p'", …) instead of a hand-written imitation.
 
-Only what fal publishes is enforced: a range the registry marks ``wanbatch_only_range`` (the
-seed's 0..2**64-1, which only wanbatch's exports need) is not, nor media limits marked
-``assumed`` (fal publishes none for Wan 2.1's images).
+Only what fal's input schema publishes is enforced: a range the registry marks
+``wanbatch_only_range`` (the seed's 0..2**64-1, which only wanbatch's exports need) is not, nor
+media limits marked ``assumed`` (fal publishes none for Wan 2.1's images), nor the stricter
+figures of fal's overview kept as ``advised`` (Wan 2.6's 360-2000 pixels: its schema allows
+240-7680, and that is what is refused here).
+
+Every item of a 422 carries ``url``, which fal's error page (https://docs.fal.ai/errors) makes
+required beside ``loc``, ``msg`` and ``type``: pydantic's own link for the schema's errors (and
+the body that is no object), fal's error page at the type (``https://docs.fal.ai/errors/#image_too_large``)
+for the media and download errors fal's apps raise themselves.
 
 Media fields get the checks the model would do while downloading: a data URI must decode, and a
 URL on the simulator's own host must name a stored file. A value's form and a data URI's syntax
@@ -29,6 +36,7 @@ from functools import lru_cache
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic.version import version_short
 
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
 from jobs.media import MediaKind, check_bytes, classify, parse_data_uri
@@ -70,8 +78,19 @@ def input_model(endpoint_id: str, extra: str = "ignore") -> type[BaseModel]:
     return create_model(name, __config__=config, **definitions)
 
 
+#: Where fal documents an error type of its own (``image_too_large``, ``file_download_error``):
+#: its error page's example link, the type appended.
+FAL_ERRORS_URL = "https://docs.fal.ai/errors/#"
+
+
+def pydantic_error_url(type_: str) -> str:
+    """The link pydantic gives an error of ``type_`` (``https://errors.pydantic.dev/2.13/v/missing``)."""
+    return f"https://errors.pydantic.dev/{version_short()}/v/{type_}"
+
+
 def _error(loc: list[str | int], msg: str, type_: str, value: Any) -> dict[str, Any]:
-    return {"loc": ["body", *loc], "msg": msg, "type": type_, "input": value}
+    """One 422 item of a type fal's app raises itself (a media or download error)."""
+    return {"loc": ["body", *loc], "msg": msg, "type": type_, "input": value, "url": FAL_ERRORS_URL + type_}
 
 
 def validate_input(
@@ -96,6 +115,7 @@ def validate_input(
                 "msg": "Input should be a valid dictionary or object to extract fields from",
                 "type": "model_attributes_type",
                 "input": payload,
+                "url": pydantic_error_url("model_attributes_type"),
             }
         ]
     model = input_model(spec.id, extra)
@@ -112,8 +132,7 @@ def validate_input(
             }
             if "ctx" in err:
                 item["ctx"] = {k: _jsonable(v) for k, v in err["ctx"].items()}
-            if "url" in err:
-                item["url"] = err["url"]
+            item["url"] = err.get("url") or pydantic_error_url(err["type"])
             detail.append(item)
         return None, detail
     media_errors = []
@@ -131,7 +150,7 @@ def validate_input(
             data = local_file_data(str(value))
         if data is not None and fld.media is not None:
             for found in check_bytes(data, fld.type, fld.media):
-                if found.severity == "error":  # an assumed limit is not fal's: it only warns
+                if found.severity == "error":  # an assumed or advised limit is not the schema's: it warns
                     msg = found.message + (f" (allowed: {found.allowed})" if found.allowed else "")
                     media_errors.append(_error([fld.name], msg, found.code or "value_error", value))
     if media_errors:

@@ -21,8 +21,11 @@ no network access while validating). The format read here is also the type a loc
 sent to fal as (:func:`media_type`), whatever its name says.
 
 Limits the provider does not publish (``MediaConstraints.assumed``, e.g. Wan 2.1's image
-limits) only warn: a problem of severity ``"warning"`` names them as wanbatch's assumption. An
-unreadable file and a decompression bomb stay errors everywhere: they protect the user.
+limits) only warn: a problem of severity ``"warning"`` names them as wanbatch's assumption. So do
+the stricter figures it publishes outside its input schema (``MediaConstraints.advised``: Wan
+2.6's overview says 360-2000 pixels, its schema allows 240-7680): the schema's limit refuses, the
+overview's only warns, naming both figures and where each is published. An unreadable file and a
+decompression bomb stay errors everywhere: they protect the user.
 
 Local paths are confined: :func:`resolve_local` resolves a path the way the operating system
 will when the file is read (``~`` expanded, ``..`` and every symlink followed) and says whether
@@ -688,18 +691,62 @@ def _limit(limits: MediaConstraints, found: str, verdict: str, allowed: str, cod
     return MediaProblem(found + verdict, allowed, "error", code)
 
 
+#: Ends the warning for a value outside an advised limit (``MediaConstraints.advised``).
+ADVISED_NOTE = "sent as is"
+
+
+def _advise(
+    limits: MediaConstraints, found: str, describe: Callable[[MediaConstraints], str], code: str
+) -> MediaProblem:
+    """A warning for ``found`` (``the image is 3840x2160 pixels``), inside the hard limits but
+    outside the advised ones: both published figures (``describe`` of each), where each is
+    published, and that it is sent as is — one line."""
+    advised = limits.advised
+    assert advised is not None  # only called for limits that have some
+    message = (
+        f"{found}: {advised.published_in} says {describe(limits.with_advised())}, "
+        f"its input schema allows {describe(limits)}; {ADVISED_NOTE}"
+    )
+    return MediaProblem(message, "", "warning", code)
+
+
+def _too_small(limits: MediaConstraints, width: int, height: int) -> bool:
+    return (limits.min_width is not None and width < limits.min_width) or (
+        limits.min_height is not None and height < limits.min_height
+    )
+
+
+def _too_large(limits: MediaConstraints, width: int, height: int) -> bool:
+    return (limits.max_width is not None and width > limits.max_width) or (
+        limits.max_height is not None and height > limits.max_height
+    )
+
+
+def _over_bytes(limits: MediaConstraints, size: int) -> bool:
+    return limits.max_bytes is not None and size > limits.max_bytes
+
+
+def _at_most(limits: MediaConstraints) -> str:
+    return f"at most {_mb(limits.max_bytes or 0)}"
+
+
 def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
     problems: list[MediaProblem] = []
-    if limits.max_bytes is not None and size > limits.max_bytes:
+    # Warnings of an advised limit, said only when no hard limit refuses the image.
+    advice: list[MediaProblem] = []
+    advised = limits.with_advised() if limits.advised is not None else None
+    if _over_bytes(limits, size):
         problems.append(
             _limit(
                 limits,
                 f"the image is {_mb(size)}",
                 ", larger than the endpoint accepts",
-                f"at most {_mb(limits.max_bytes)}",
+                _at_most(limits),
                 "file_too_large",
             )
         )
+    elif advised is not None and _over_bytes(advised, size):
+        advice.append(_advise(limits, f"the image is {_mb(size)}", _at_most, "file_too_large"))
     from PIL import Image  # here, not at the top: see _read_header
 
     try:
@@ -726,30 +773,15 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                 "unsupported_image_format",
             )
         )
-    if (limits.min_width is not None and width < limits.min_width) or (
-        limits.min_height is not None and height < limits.min_height
-    ):
-        problems.append(
-            _limit(
-                limits,
-                f"the image is {width}x{height} pixels",
-                ", too small",
-                _dims(limits),
-                "image_too_small",
-            )
-        )
-    if (limits.max_width is not None and width > limits.max_width) or (
-        limits.max_height is not None and height > limits.max_height
-    ):
-        problems.append(
-            _limit(
-                limits,
-                f"the image is {width}x{height} pixels",
-                ", too large",
-                _dims(limits),
-                "image_too_large",
-            )
-        )
+    pixels = f"the image is {width}x{height} pixels"
+    if _too_small(limits, width, height):
+        problems.append(_limit(limits, pixels, ", too small", _dims(limits), "image_too_small"))
+    elif advised is not None and _too_small(advised, width, height):
+        advice.append(_advise(limits, pixels, _dims, "image_too_small"))
+    if _too_large(limits, width, height):
+        problems.append(_limit(limits, pixels, ", too large", _dims(limits), "image_too_large"))
+    elif advised is not None and _too_large(advised, width, height):
+        advice.append(_advise(limits, pixels, _dims, "image_too_large"))
     if alpha and not limits.alpha_allowed:
         problems.append(
             _limit(
@@ -771,6 +803,8 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                     code="image_load_error",
                 )
             )
+    if not any(problem.severity == "error" for problem in problems):
+        problems += advice
     return tuple(problems)
 
 
@@ -872,17 +906,23 @@ def read_audio_header(fh: BinaryIO) -> AudioHeader:
 
 
 def _check_audio(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[MediaProblem, ...]:
-    if limits.max_bytes is not None and size > limits.max_bytes:
+    if _over_bytes(limits, size):
         # Not probed: the probe is bounded by the endpoint's own limit on bytes.
         return (
             _limit(
                 limits,
                 f"the audio is {_mb(size)}",
                 ", too large",
-                f"at most {_mb(limits.max_bytes)}",
+                _at_most(limits),
                 "file_too_large",
             ),
         )
+    problems: list[MediaProblem] = []
+    # Warnings of an advised limit, said only when no hard limit refuses the audio.
+    advice: list[MediaProblem] = []
+    advised = limits.with_advised() if limits.advised is not None else None
+    if advised is not None and _over_bytes(advised, size):
+        advice.append(_advise(limits, f"the audio is {_mb(size)}", _at_most, "file_too_large"))
     try:
         header = read_audio_header(fh)
     except UnreadableAudio as exc:
@@ -893,7 +933,6 @@ def _check_audio(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                 code="unsupported_audio_format",
             ),
         )
-    problems: list[MediaProblem] = []
     if header.format not in {f.lower() for f in limits.formats}:
         problems.append(
             _limit(
@@ -905,27 +944,30 @@ def _check_audio(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
             )
         )
     seconds = header.duration_s
-    if limits.min_duration_s is not None and seconds < limits.min_duration_s:
+    length = f"the audio is {_seconds(seconds)} long"
+    if _too_short(limits, seconds):
         problems.append(
-            _limit(
-                limits,
-                f"the audio is {_seconds(seconds)} long",
-                ", too short",
-                _audio_allowed(limits),
-                "audio_duration_too_short",
-            )
+            _limit(limits, length, ", too short", _audio_allowed(limits), "audio_duration_too_short")
         )
-    if limits.max_duration_s is not None and seconds > limits.max_duration_s:
+    elif advised is not None and _too_short(advised, seconds):
+        advice.append(_advise(limits, length, _audio_allowed, "audio_duration_too_short"))
+    if _too_long(limits, seconds):
         problems.append(
-            _limit(
-                limits,
-                f"the audio is {_seconds(seconds)} long",
-                ", too long",
-                _audio_allowed(limits),
-                "audio_duration_too_long",
-            )
+            _limit(limits, length, ", too long", _audio_allowed(limits), "audio_duration_too_long")
         )
+    elif advised is not None and _too_long(advised, seconds):
+        advice.append(_advise(limits, length, _audio_allowed, "audio_duration_too_long"))
+    if not any(problem.severity == "error" for problem in problems):
+        problems += advice
     return tuple(problems)
+
+
+def _too_short(limits: MediaConstraints, seconds: float) -> bool:
+    return limits.min_duration_s is not None and seconds < limits.min_duration_s
+
+
+def _too_long(limits: MediaConstraints, seconds: float) -> bool:
+    return limits.max_duration_s is not None and seconds > limits.max_duration_s
 
 
 def _audio_allowed(limits: MediaConstraints) -> str:

@@ -804,9 +804,9 @@ class _InputCheck:
         varied) pass the endpoint registry's limits now, checked as ``validate`` checks a
         manifest's (:func:`jobs.validation.check_value`: a local file's format, size, dimensions
         and alpha, a data URI's bytes, a URL's form), a problem naming the file as the manifest
-        did (``source_files``). The registry is wanbatch's: an upgrade may narrow a limit (the
-        Wan 2.6 images' 240-7680 pixels became fal's published 360-2000), and a rerun sent its
-        parent's images unchecked, for fal to refuse each job."""
+        did (``source_files``). The registry is wanbatch's: an upgrade may narrow a limit, and a
+        rerun sent its parent's images unchecked, for fal to refuse each job. Only a hard limit
+        (fal's input schema's) refuses; an advised or assumed one only warns, as in ``validate``."""
         spec = get_endpoint(row.endpoint)
         sources = row.source_files or {}
         problems: list[FieldProblem] = []

@@ -33,7 +33,8 @@ from jobs.printable import quoted
 @dataclass(frozen=True, slots=True)
 class FieldProblem:
     """One problem with one field of an input, not yet located in a file; a ``"warning"`` (a
-    media limit wanbatch assumed, which fal does not publish) is reported but does not block."""
+    media limit wanbatch assumed, which fal does not publish, or one fal only advises outside
+    its input schema) is reported but does not block."""
 
     field: str
     message: str

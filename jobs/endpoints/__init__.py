@@ -9,6 +9,7 @@ building, the simulator) reads it from here, so there is one place to correct a 
 """
 
 from jobs.endpoints.registry import (
+    AdvisedLimits,
     EndpointSpec,
     FieldSpec,
     FieldType,
@@ -22,6 +23,7 @@ from jobs.endpoints.registry import (
 )
 
 __all__ = [
+    "AdvisedLimits",
     "EndpointSpec",
     "FieldSpec",
     "FieldType",

@@ -34,8 +34,48 @@ class FieldType(StrEnum):
     AUDIO = "audio"
 
 
+class AdvisedLimits(BaseModel):
+    """Stricter figures the provider publishes outside its input schema (fal's overview, the
+    "About" text of a model page) where the schema itself allows more: the keys of
+    :class:`MediaConstraints` that carry a number, each within the schema's own limit.
+
+    They never refuse an input: outside one (and inside the schema's) is a warning that names
+    both published figures and where each is published, and the job is sent. The simulator,
+    which stages fal's schema, does not enforce them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_width: int | None = None
+    min_height: int | None = None
+    max_width: int | None = None
+    max_height: int | None = None
+    max_bytes: int | None = None
+    min_duration_s: float | None = None
+    max_duration_s: float | None = None
+    #: Where the provider publishes these figures, as a warning names it.
+    published_in: str = "fal's overview"
+
+
+#: The keys an ``advised:`` block may lower (a ``max_``) or raise (a ``min_``).
+ADVISED_KEYS = (
+    "min_width",
+    "min_height",
+    "max_width",
+    "max_height",
+    "max_bytes",
+    "min_duration_s",
+    "max_duration_s",
+)
+
+
 class MediaConstraints(BaseModel):
     """What a provider accepts for one image or audio input; ``None`` means unconstrained.
+
+    The limits are the hard ones: outside one, an input is refused (and the simulator answers
+    fal's 422). Where the provider publishes them in its input schema, they are the schema's.
+    ``advised`` holds the stricter figures it publishes elsewhere (:class:`AdvisedLimits`:
+    fal's overview says 360-2000 pixels where its schema allows 240-7680): outside one but
+    inside the hard limit is a warning, and the input is sent.
 
     ``assumed`` marks limits the provider does not publish: we chose them and say so. Assumed
     limits never refuse an input: going past one is a warning that names it as wanbatch's
@@ -57,7 +97,33 @@ class MediaConstraints(BaseModel):
     min_duration_s: float | None = None
     max_duration_s: float | None = None
     assumed: bool = False
+    advised: AdvisedLimits | None = None
     source: str
+
+    @model_validator(mode="after")
+    def _advised_within(self) -> MediaConstraints:
+        advised = self.advised
+        if advised is None:
+            return self
+        if self.assumed:
+            raise ValueError("'advised' limits go with published limits, not 'assumed' ones")
+        given = [key for key in ADVISED_KEYS if getattr(advised, key) is not None]
+        if not given:
+            raise ValueError("'advised' names no limit")
+        for key in given:
+            hard, soft = getattr(self, key), getattr(advised, key)
+            inside = hard is None or (soft >= hard if key.startswith("min_") else soft <= hard)
+            if not inside or soft == hard:
+                raise ValueError(f"advised {key} {soft} is not stricter than the hard limit {hard}")
+        return self
+
+    def with_advised(self) -> MediaConstraints:
+        """These limits with the advised figures in place of the hard ones (no ``advised``)."""
+        if self.advised is None:
+            return self
+        update: dict[str, Any] = {key: getattr(self.advised, key) for key in ADVISED_KEYS}
+        update = {key: value for key, value in update.items() if value is not None}
+        return self.model_copy(update={**update, "advised": None})
 
 
 class FieldSpec(BaseModel):

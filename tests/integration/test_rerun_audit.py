@@ -220,17 +220,17 @@ def test_a_rerun_refuses_stored_inputs_the_registry_no_longer_allows(engine: Eng
 
 
 def test_a_rerun_refuses_an_image_past_the_registrys_limits_now(engine: Engine, tmp_path: Path) -> None:
-    """Wan 2.6's images were checked against its schema's 240-7680 pixels; the registry now holds
-    fal's published 360-2000. A job stored under the old range, its file unchanged, was rerun
-    with its image unchecked (only its SHA-256 was): fal refuses it. Now refused as ``validate``
-    refuses that image, naming the parent batch, job and field; nothing stored. A URL is not
-    fetched (its form alone is checked, as validate checks it): a job sending one goes."""
+    """A job stored under a registry whose limit has narrowed since (or one past Wan 2.6's
+    schema's 240-7680 pixels, stored by hand), its file unchanged, was rerun with its image
+    unchecked (only its SHA-256 was): fal refuses it. Now refused as ``validate`` refuses that
+    image, naming the parent batch, job and field; nothing stored. A URL is not fetched (its
+    form alone is checked, as validate checks it): a job sending one goes."""
     from PIL import Image
 
     folder = tmp_path.resolve()
     image = folder / "images" / "wide.png"
     image.parent.mkdir()
-    Image.new("RGB", (2400, 1200), "gray").save(image)
+    Image.new("RGB", (8000, 1200), "gray").save(image)
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
     endpoint = "wan/v2.6/image-to-video"
     sources = {"image_url": {"source": "images/wide.png", "sha256": digest}}
@@ -258,8 +258,8 @@ def test_a_rerun_refuses_an_image_past_the_registrys_limits_now(engine: Engine, 
     assert lines[0].startswith("cannot rerun batch wide: 1 stored media input is no longer allowed"), lines
     assert lines[0].endswith("nothing was stored. Edit the manifest (another file) and submit it:")
     assert lines[1] == (
-        f"  batch wide, job {first} (item 0): field 'image_url': the image is 2400x1200 pixels, "
-        "too large (allowed: from 360x360 to 2000x2000 pixels); and 2 more job(s)"
+        f"  batch wide, job {first} (item 0): field 'image_url': the image is 8000x1200 pixels, "
+        "too large (allowed: from 240x240 to 7680x7680 pixels); and 2 more job(s)"
     )
     assert len(lines) == 2
     assert _names(engine) == ["wide"]

@@ -7,7 +7,7 @@ Each corpus file says in its header comments what the error must mention:
 - ``# line: <n>`` and ``# in: <file>``: the line (and file, for ``items_from`` rows); without
   ``# line``, the line is the one marked ``#<-`` in the manifest itself.
 
-Cases that would need big files (a 10 MB scalar, a 17 MB manifest, an 11 MB image) are
+Cases that would need big files (a 10 MB scalar, a 17 MB manifest, a 26 MB image) are
 generated into a folder by :func:`generated_bad_manifests`. The unit corpus test and the CLI's
 end-to-end test both read the corpus through this module.
 """
@@ -66,8 +66,8 @@ def generated_bad_manifests(folder: Path) -> list[tuple[Path, dict[str, str]]]:
     heavy = folder / "images" / "heavy.jpg"
     heavy.parent.mkdir(exist_ok=True)
     Image.new("RGB", (640, 360), (10, 20, 30)).save(heavy, quality=50)
-    with heavy.open("ab") as fh:  # a valid JPEG header followed by 11 MB of padding
-        fh.write(b"\0" * (11 * 1024 * 1024))
+    with heavy.open("ab") as fh:  # a valid JPEG followed by 26 MiB of padding: past the schema's 25 MB
+        fh.write(b"\0" * (26 * 1024 * 1024))
     too_heavy = folder / "image_too_large_bytes.yaml"
     too_heavy.write_text(
         "name: x\nendpoint: fal-ai/wan-25-preview/image-to-video\nitems:\n"

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from falsim.validation import validate_input as sim_validate
-from jobs.endpoints import FieldType, MediaConstraints, all_endpoints, get_endpoint
+from jobs.endpoints import EndpointSpec, FieldType, MediaConstraints, all_endpoints, get_endpoint
 from jobs.media import check_bytes, check_file, media_type
 from jobs.validation import check_value
 from tests.in_process import run_main
@@ -241,21 +241,43 @@ def test_the_simulator_accepts_a_seed_fal_does_not_limit(endpoint_id: str) -> No
         ("audio_url", data_uri(wav_bytes(1), "audio/wav"), "audio_duration_too_short"),
         ("audio_url", data_uri(wav_bytes(31), "audio/wav"), "audio_duration_too_long"),
         ("audio_url", data_uri(b"not audio", "audio/mpeg"), "unsupported_audio_format"),
-        ("image_url", data_uri(image_bytes((300, 400)), "image/png"), "image_too_small"),
-        ("image_url", data_uri(image_bytes((2400, 400)), "image/png"), "image_too_large"),
         ("image_url", data_uri(image_bytes((400, 400), mode="RGBA"), "image/png"), "image_has_alpha"),
     ],
     ids=lambda v: v if isinstance(v, str) and not v.startswith("data:") else "data",
 )
 def test_the_simulator_refuses_what_fal_publishes(field: str, value: str, error_type: str) -> None:
     for spec in (W25, W26):
-        image = data_uri(image_bytes((400, 400)), "image/png")
-        payload = {"prompt": "a cat", "image_url": image, field: value}
-        resolved, errors = sim_validate(spec, payload)
-        assert resolved is None
-        (error,) = errors
-        assert error["loc"] == ["body", field]
-        assert error["type"] == error_type
+        _refused_by_the_simulator(spec, field, value, error_type)
+
+
+@pytest.mark.parametrize(
+    ("endpoint_id", "size", "error_type"),
+    [
+        # Wan 2.5's schema: 360 to 2000 pixels a side.
+        ("fal-ai/wan-25-preview/image-to-video", (300, 400), "image_too_small"),
+        ("fal-ai/wan-25-preview/image-to-video", (2400, 400), "image_too_large"),
+        # Wan 2.6's schema: 240 to 7680 (its overview's 360-2000 is only advised).
+        ("wan/v2.6/image-to-video", (200, 400), "image_too_small"),
+        ("wan/v2.6/image-to-video", (8000, 400), "image_too_large"),
+    ],
+)
+def test_the_simulator_refuses_pixels_outside_the_input_schema(
+    endpoint_id: str, size: tuple[int, int], error_type: str
+) -> None:
+    value = data_uri(image_bytes(size), "image/png")
+    _refused_by_the_simulator(get_endpoint(endpoint_id), "image_url", value, error_type)
+
+
+def _refused_by_the_simulator(spec: EndpointSpec, field: str, value: str, error_type: str) -> None:
+    image = data_uri(image_bytes((400, 400)), "image/png")
+    payload = {"prompt": "a cat", "image_url": image, field: value}
+    resolved, errors = sim_validate(spec, payload)
+    assert resolved is None
+    (error,) = errors
+    assert error["loc"] == ["body", field]
+    assert error["type"] == error_type
+    # fal's error item: loc, msg, type and url required (docs.fal.ai/errors)
+    assert error["url"] == f"https://docs.fal.ai/errors/#{error_type}"
 
 
 def test_the_simulator_accepts_what_only_wanbatch_assumes() -> None:
