@@ -376,6 +376,9 @@ def rerun_batch(
         if media.lines:
             raise UsageError(_media_refused(parent, media.said()))
         rows, warnings = _placed(rows, swept, lambda row, twin: _repeat_cause(row, twin, before, vary))
+        # An image past a limit fal only advises (or wanbatch only assumed) is sent, as validate
+        # sends it, and said as validate says it.
+        warnings += [f"batch {parent.name}, {line}" for line in media.warned_lines()]
         # --failed-only goes on with the parent's work, under the parent's cap: what is left of it.
         # A plain rerun renders the whole batch again (a comparison run): its own cap, as the parent's.
         left = _left_of_cap(session, parent) if max_usd is None and failed_only else None
@@ -792,6 +795,9 @@ class _InputCheck:
         self._media: dict[tuple[str, str, str], list[FieldProblem]] = {}
         #: Each problem (endpoint, field, message, allowed) → its line and how many more jobs have it.
         self.lines: dict[tuple[str, str, str, str], list[Any]] = {}
+        #: The same for each warning (a limit fal only advises, or wanbatch only assumed): said,
+        #: never refusing.
+        self.warned: dict[tuple[str, str, str, str], list[Any]] = {}
 
     def allowed(self, spec: EndpointSpec, values: dict[str, Any], job_id: str, item: int) -> bool:
         """Whether ``values`` (parent job ``job_id``'s, of manifest item ``item``) has no error."""
@@ -823,28 +829,40 @@ class _InputCheck:
         return self._noted(spec, problems, row.rerun_of or "", row.item_index)
 
     def _noted(self, spec: EndpointSpec, problems: Iterable[FieldProblem], job_id: str, item: int) -> bool:
-        """Note the errors among ``problems`` (of parent job ``job_id``, of manifest item
-        ``item``) as lines; whether there was none. Warnings (a limit wanbatch only assumed)
-        never refuse, as in ``validate``."""
+        """Note the problems among ``problems`` (of parent job ``job_id``, of manifest item
+        ``item``) as lines; whether there was no error. Warnings (a limit fal only advises, or
+        wanbatch only assumed) never refuse, as in ``validate``: they are noted apart
+        (:meth:`warned_lines`)."""
         ok = True
         for problem in problems:
-            if problem.severity != "error":
-                continue
-            ok = False
+            if problem.severity == "error":
+                ok = False
+                noted = self.lines
+            else:
+                noted = self.warned
             mark = (spec.id, problem.field, problem.message, problem.allowed or "")
-            if mark in self.lines:
-                self.lines[mark][1] += 1
+            if mark in noted:
+                noted[mark][1] += 1
                 continue
             line = f"job {job_id[:8]} (item {item}): field {problem.field!r}: {problem.message}"
             if problem.allowed:
                 line += f" (allowed: {problem.allowed})"
-            self.lines[mark] = [line, 0]
+            noted[mark] = [line, 0]
         return ok
 
     def said(self) -> list[str]:
         """The lines, each on one line, a URL's credentials masked (as every message)."""
-        shown = [line + (f"; and {more} more job(s)" if more else "") for line, more in self.lines.values()]
-        return [one_line(mask_urls(line)) for line in shown]
+        return _counted(self.lines)
+
+    def warned_lines(self) -> list[str]:
+        """The warnings' lines, as :meth:`said` gives the errors'."""
+        return _counted(self.warned)
+
+
+def _counted(noted: dict[tuple[str, str, str, str], list[Any]]) -> list[str]:
+    """Each noted line with how many more jobs have it, on one line, credentials masked."""
+    shown = [line + (f"; and {more} more job(s)" if more else "") for line, more in noted.values()]
+    return [one_line(mask_urls(line)) for line in shown]
 
 
 def _inputs_refused(parent: Batch, lines: list[str]) -> str:

@@ -275,6 +275,46 @@ def test_a_rerun_refuses_an_image_past_the_registrys_limits_now(engine: Engine, 
     assert result.added == 1
 
 
+def test_a_rerun_warns_of_an_image_past_a_limit_fal_only_advises(engine: Engine, tmp_path: Path) -> None:
+    """A 4K photo on Wan 2.6 is inside its schema's 240-7680 pixels but outside its overview's
+    advised 360-2000: ``validate``, ``submit`` and ``run`` warn and send it. A rerun sent it
+    too, but said nothing (its check kept only the errors). Now it warns as it refuses: one line
+    naming the parent batch, job and field, the other jobs counted; the rerun is stored."""
+    from PIL import Image
+
+    folder = tmp_path.resolve()
+    image = folder / "images" / "photo.jpg"
+    image.parent.mkdir()
+    Image.new("RGB", (3840, 2160), "gray").save(image)
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    endpoint = "wan/v2.6/image-to-video"
+    sources = {"image_url": {"source": "images/photo.jpg", "sha256": digest}}
+    jobs = [
+        _job(i, {"prompt": f"p{i}", "image_url": str(image), "seed": 3}, sources=sources, endpoint=endpoint)
+        for i in range(3)
+    ]
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session,
+            name="photo",
+            manifest_path=str(folder / "photo.yaml"),
+            manifest_sha256="0" * 64,
+            budget_max_usd=None,
+        )
+        store.add_jobs(session, batch.id, jobs)
+        session.execute(update(Job).values(state=S.FAILED, seed=3, error_type="model_error"))
+        first = min(store.jobs_of_batch(session, batch.id), key=lambda j: j.item_index).id[:8]
+
+    result = rerun_batch("photo", failed_only=True, settings=_settings(engine))
+
+    assert result.added == 3
+    assert result.warnings == [
+        f"batch photo, job {first} (item 0): field 'image_url': the image is 3840x2160 pixels: "
+        "fal's overview says from 360x360 to 2000x2000 pixels, its input schema allows from "
+        "240x240 to 7680x7680 pixels; sent as is; and 2 more job(s)"
+    ]
+
+
 def test_a_rerun_whose_cap_fits_no_job_is_refused_before_storing(engine: Engine) -> None:
     """``rerun X --failed-only --max-usd 0.1`` with $0.20 jobs stored, each time, a batch whose
     every job the cap cancelled."""
