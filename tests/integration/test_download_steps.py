@@ -136,6 +136,87 @@ def test_an_expired_result_of_a_request_fal_reported_failed_follows_fals_verdict
     assert fal.posts() == 1
 
 
+#: fal's words for a request its safety checker stopped: the COMPLETED status's error, which the
+#: result call replays as a 400 without an error type (an audit's loopback proxy saw exactly this).
+FLAGGED = "Video generation not completed: output flagged by the safety checker"
+
+
+def test_a_not_ready_result_of_a_request_fal_reported_failed_ends_with_fals_verdict(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    # "not completed" reads as "not ready", but the status already said COMPLETED with this very
+    # error: the job was left downloading, its result asked for every 3 s for ever.
+    fal = FakeFal(hostile)
+    fal.on_status("r1", json_reply({**COMPLETED, "error": FLAGGED}))
+    fal.on_result("r1", json_reply({"detail": FLAGGED}, 400))
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error is not None
+    assert "safety checker" in job.error
+    assert fal.result_calls("r1") == 1
+    assert fal.posts() == 1  # a model's verdict: never sent again
+
+
+def test_a_result_that_stays_not_ready_after_completion_fails_after_the_download_attempts(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    fal.on_result("r1", json_reply({"detail": "Request is still in progress"}, 400))
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=3)
+    try:
+        for tries in (1, 2):
+            assert download(rt, job_id) == "not-ready"
+            with db.session_scope(engine) as session:
+                job = store.get_job(session, job_id)
+            assert job.state == JobState.DOWNLOADING
+            assert job.download_attempts == tries
+            assert job.next_attempt_at is not None
+            assert job.next_attempt_at > utcnow()
+            make_due(engine, job_id)
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "result_unavailable"
+    assert job.error is not None
+    assert "still not ready" in job.error
+    assert "3 tries" in job.error
+    assert job.actual_usd == job.est_usd  # fal said COMPLETED without an error: a paid video
+    assert fal.result_calls("r1") == 3
+    assert fal.posts() == 1
+
+
+def test_a_result_not_ready_past_fals_retention_fails_at_once(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    fal = FakeFal(hostile)
+    fal.on_result("r1", json_reply({"detail": "Request is still in progress"}, 400))
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=5)
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        store.update_job_fields(
+            session, job_id, expected_version=job.version, completed_at=utcnow() - timedelta(minutes=61)
+        )
+    try:
+        assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "result_unavailable"
+    assert job.error is not None
+    assert "fal no longer keeps the result" in job.error
+
+
 @pytest.mark.parametrize("metrics", [True, False], ids=["with-metrics", "without-metrics"])
 def test_an_expired_result_of_a_request_fal_reported_successful_is_billed(
     engine: Engine, hostile: HostileProvider, tmp_path: Path, metrics: bool

@@ -193,12 +193,8 @@ def _download(rt: Runtime, job_id: str) -> str:
                     )
         else:
             video = parse_result(claim.output)
-    except ResultNotReadyError:
-        with db.session_scope(rt.engine) as session:
-            store.release_lease(
-                session, claim.fence, next_attempt_at=in_seconds(rt.settings.poll_min_interval)
-            )
-        return "not-ready"
+    except ResultNotReadyError as exc:
+        return _result_not_ready(rt, job_id, claim, exc)
     except AccountLockedError as exc:
         if (sent := rt.sent_elsewhere(claim.job)) is not None:  # this key's account, not the request's
             return _not_ours(rt, claim, sent, exc)
@@ -447,6 +443,60 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Pro
             provider_output=None,
         )
     return "result-retry"
+
+
+def _result_not_ready(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultNotReadyError) -> str:
+    """The result call answered "not finished yet" for a request fal's status called COMPLETED.
+
+    When that status carried fal's error, the answer is the failure replayed in other words
+    (fal: a failed request's result "returns the same error"; e.g. 400 "Video generation not
+    completed: output flagged by the safety checker"): fal's verdict decides at once, as for
+    an expired result (:func:`_fal_verdict`). Otherwise the result may still be on its way: ask
+    again with backoff, each answer counted in ``download_attempts``; after
+    ``WANBATCH_DOWNLOAD_ATTEMPTS`` of them, or once fal no longer keeps the result
+    (:data:`RESULT_RETENTION` after completion), the job fails with the billed cost instead of
+    asking for ever.
+    """
+    with db.read_scope(rt.engine) as session:
+        verdict = _status_verdict(session, job_id)
+    if verdict is not None:
+        telemetry.count_provider_error(exc)
+        return _fal_verdict(rt, job_id, claim, verdict)
+    failures = claim.failures + 1
+    now = utcnow()
+    past_retention = claim.completed_at is not None and now >= claim.completed_at + RESULT_RETENTION
+    with db.session_scope(rt.engine) as session:
+        if past_retention or failures >= rt.settings.download_attempts:
+            why = "fal no longer keeps the result" if past_retention else "giving up"
+            reason = (
+                f"fal's result still not ready though its status said COMPLETED "
+                f"({failures} tries, {why}): {describe(exc)}"
+            )
+            return _fail_paid(
+                session,
+                claim,
+                error=reason,
+                error_type="result_unavailable",
+                download_attempts=failures,
+                provider_output=None,
+            )
+        settings = rt.settings
+        delay = max(settings.poll_min_interval, backoff(settings, failures), retry_after(settings, exc))
+        log.info(
+            "job %s: result not ready (%s); asking again in %.0fs",
+            job_id,
+            exc,
+            delay,
+            extra={"event": "download.result_retry"},
+        )
+        store.release_lease(
+            session,
+            claim.fence,
+            next_attempt_at=now + timedelta(seconds=delay),
+            download_attempts=failures,
+            provider_output=None,
+        )
+    return "not-ready"
 
 
 class _LeaseKeeper:
