@@ -166,6 +166,8 @@ def poll(
                     continue
                 why = describe(exc)
                 with db.session_scope(rt.engine) as session:
+                    if gone_after_our_cancel(session, fence, exc, now=utcnow()):
+                        continue
                     store.fail_job(
                         session,
                         fence,
@@ -427,6 +429,39 @@ def _ended_by_our_cancel(session: Session, fence: Fence, status: Status, *, now:
     if batch.state == BatchState.CANCELLED:
         return USER_CANCEL
     return closed_by(store.batch_schedule(batch), now)
+
+
+def gone_after_our_cancel(session: Session, fence: Fence, exc: ProviderError, *, now: datetime) -> bool:
+    """fal's status answered 404 ("request not found") for a job whose request we asked it to
+    cancel (``cancelling``): fal lists NOT_FOUND among a cancel's outcomes, and removes a request
+    it cancelled from its queue. The job ends as the cancel meant it to — ``cancelled`` for the
+    user's (``wanbatch cancel``) or the deadline's, back for the next window for a window's end
+    (:func:`~worker.steps.schedule.end_unstarted`) — never ``failed`` as a request fal lost, which
+    ``rerun --failed-only`` would render again. Billed as any cancel fal confirmed: in its queue
+    (nothing) unless we saw it running (:func:`_seen_running`), that bill taken back should fal's
+    webhook prove it ran to the end after all. False (nothing done) for any other job or error."""
+    if fence.state != S.CANCELLING or exc.status_code != 404:
+        return False
+    job = store.get_job(session, fence.job_id)
+    why = job.error_type if job.error_type in (WINDOW_CLOSED, DEADLINE) else USER_CANCEL
+    outcome = billing.classify_cancel(job.provider_metrics, seen_running=_seen_running(session, fence))
+    how = f"fal no longer knows the request after our cancel ({describe(exc)})"
+    if why != USER_CANCEL:
+        end_unstarted(
+            session, fence, job, Status(state="COMPLETED"), why=why, how=how, now=now, outcome=outcome
+        )
+        return True
+    store.mark_cancelled(
+        session,
+        fence,
+        reason=how,
+        error="cancelled by user",
+        error_type="cancelled",
+        completed_at=now,
+        details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
+        **billed(job, outcome),
+    )
+    return True
 
 
 def record_completion(
