@@ -66,6 +66,11 @@ _NGINX_502 = (
     "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
 )
 
+_NGINX_504 = (
+    "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    "<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
 
 #: The ledger's name for a call on a request, by the path after the request id.
 _CALLS = {"": "result", "status": "status", "status/stream": "stream", "cancel": "cancel"}
@@ -269,6 +274,12 @@ class SimulatorApp:
         }
         if req.state == "IN_QUEUE":
             body["queue_position"] = engine.queue_position(req)
+        after_accept = engine.faults.fire("submit_504_after_accept")
+        if after_accept is not None:  # queued, but the ingress timed out waiting for the answer
+            engine.ledger.mark_unseen(req.request_id)
+            if int(after_accept.get("status", 504)) == 502:
+                return Response(_NGINX_502, status_code=502, media_type="text/html")
+            return Response(_NGINX_504, status_code=504, media_type="text/html")
         if engine.faults.fire("submit_drop") is not None:
             engine.ledger.mark_unseen(req.request_id)
             abort_connection(request)

@@ -26,9 +26,17 @@ from typing import Any, TypedDict
 #: the simulator (a third of a second), and the README's list is generated from it.
 FAULTS: dict[str, str] = {
     "submit_429": 'submit → 429 {"detail": "Too many requests"}, no Retry-After; nothing queued.',
-    "submit_502": "submit → 502 nginx HTML, no x-fal-request-id (fal_client retries it).",
+    "submit_502": (
+        "submit → 502 nginx HTML, no x-fal-request-id (fal_client retries it); nothing queued, "
+        "but the client cannot tell (wanbatch: submit_unknown)."
+    ),
     "submit_503": "submit → 503 JSON with x-fal-request-id (fal_client does not retry); nothing queued.",
     "submit_504_user": "submit → 504 with X-Fal-Request-Timeout-Type: user; nothing queued.",
+    "submit_504_after_accept": (
+        "the request IS queued (and billed when it runs), then the gateway answers 504 nginx HTML "
+        "(`status: 502`: a 502 page), no x-fal-request-id: its timeout expired after it forwarded "
+        "the request."
+    ),
     "submit_drop": (
         "the request IS queued (and billed when it runs), then the connection is reset before any "
         "response byte: the client sees a transport error."

@@ -66,6 +66,33 @@ def test_submit_rejections(sim: SimulatorHandle, client: httpx.Client) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("params", "status", "title"),
+    [({}, 504, "504 Gateway Time-out"), ({"status": 502}, 502, "502 Bad Gateway")],
+)
+def test_gateway_answer_after_accept_leaves_a_queued_billed_request(
+    sim: SimulatorHandle, client: httpx.Client, params: dict[str, int], status: int, title: str
+) -> None:
+    """``submit_504_after_accept``: fal queued the request, then the ingress answered its own
+    nginx page (no x-fal-request-id) — what the client sees of a gateway timeout after it
+    forwarded the POST."""
+    sim.set_faults(submit_504_after_accept={"next": 1, **params})
+    resp = client.post(f"{sim.url}/{EP}", json=PAYLOAD)
+    assert resp.status_code == status
+    assert title in resp.text
+    assert "nginx" in resp.text
+    assert "x-fal-request-id" not in resp.headers
+    deadline = time.monotonic() + 5
+    while sim.ledger()["completed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ledger = sim.ledger()
+    (entry,) = ledger["entries"]
+    assert (entry["client_saw_response"], entry["outcome"], entry["billed"]) == (False, "ok", True)
+    assert ledger["accepted"] == 1
+    assert ledger["rejections"] == []
+    assert ledger["faults"]["fired"] == {"submit_504_after_accept": 1}
+
+
 def test_drop_after_accept_leaves_a_queued_billed_request(sim: SimulatorHandle, client: httpx.Client) -> None:
     sim.set_faults(submit_drop={"next": 1})
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
@@ -26,6 +27,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import Engine
 
+from falsim import SimulatorOptions, running_simulator
+from falsim.faults import FaultRule
 from jobs import db, store
 from jobs.batches import BatchReport, batch_report
 from jobs.errors import ConfigError
@@ -301,6 +304,76 @@ def test_a_lost_answer_is_settled_at_once_without_a_receiver(
     else:  # a receiver may still prove it: wait for it, up to the deadline
         assert after.next_attempt_at is not None
         assert after.next_attempt_at > utcnow() + timedelta(seconds=500)
+
+
+@pytest.mark.parametrize("status", [504, 502])
+def test_a_gateway_answer_after_an_accepted_submit_is_not_sent_again(tmp_path: Path, status: int) -> None:
+    """An audit: fal queued the submit, then its ingress answered nginx's "504 Gateway Time-out"
+    page (no x-fal-request-id); wanbatch called it "not queued, gateway answered HTTP 504" and
+    sent the job again 7 s later — two accepted requests, both billed, and ``run --json`` said
+    possible_duplicate_charges 0. A gateway's 502/504 comes after it forwarded the POST, so the
+    job is ``submit_unknown`` as after a read timeout: one accepted request per job, and without
+    a receiver the default policy (``fail``) ends it saying why."""
+    params = {} if status == 504 else {"status": 502}
+    options = SimulatorOptions(
+        latency_seconds=0.2, rng_seed=5, faults={"submit_504_after_accept": FaultRule(next=1, params=params)}
+    )
+    with running_simulator(options) as sim:
+        settings = settings_for(
+            sim.url, KEY, database_url=f"sqlite:///{tmp_path / 'g.db'}", output_dir=tmp_path / "out"
+        )
+        local = db.open_engine(settings)
+        batch_id = add_batch(local, "g504", [(T2V, {"prompt": f"p{i}"}) for i in range(3)])
+        result, _stats = process_batch(batch_id, settings, show_progress=False)
+        ledger = sim.ledger()
+    assert ledger["faults"]["fired"] == {"submit_504_after_accept": 1}
+    assert ledger["accepted"] == 3  # exactly one accepted request per job
+    assert sorted(Counter(e["input_sha256"] for e in ledger["entries"]).values()) == [1, 1, 1]
+    assert (result["counts"]["succeeded"], result["counts"]["failed"]) == (2, 1), result["counts"]
+    assert result["possible_duplicate_charges"] == 0
+    (lost,) = [j for j in _jobs_of(local, batch_id) if j.state == S.FAILED]
+    assert (lost.error_type, lost.request_id, lost.attempts) == ("submit_unknown", None, 1)
+    assert "submission outcome unknown" in (lost.error or "")
+    assert "WANBATCH_WEBHOOK_URL" in (lost.error or "")
+    with db.session_scope(local) as session:
+        moves = {
+            (str(e.from_state), str(e.to_state)): e.reason or "" for e in store.job_events(session, lost.id)
+        }
+    why = f"the gateway answered HTTP {status} after the request was sent"
+    assert why in moves[("submitting", "submit_unknown")]  # the ambiguity, and why, on record
+
+
+def test_a_gateway_504_resent_by_the_resubmit_policy_is_a_possible_duplicate(tmp_path: Path) -> None:
+    """Under ``WANBATCH_SUBMIT_UNKNOWN_POLICY=resubmit`` the job is sent again, as the policy
+    says — and that resend is counted as a possible duplicate charge, no longer called 0."""
+    options = SimulatorOptions(
+        latency_seconds=0.2, rng_seed=5, faults={"submit_504_after_accept": FaultRule(next=1)}
+    )
+    with running_simulator(options) as sim:
+        settings = settings_for(
+            sim.url,
+            KEY,
+            database_url=f"sqlite:///{tmp_path / 'g.db'}",
+            output_dir=tmp_path / "out",
+            submit_unknown_policy="resubmit",
+        )
+        local = db.open_engine(settings)
+        batch_id = add_batch(local, "g504", [(T2V, {"prompt": f"p{i}"}) for i in range(2)])
+        result, _stats = process_batch(batch_id, settings, show_progress=False)
+        ledger = sim.ledger()
+    assert result["counts"]["succeeded"] == 2, result["counts"]
+    assert ledger["accepted"] == 3  # the policy's resend: two requests for one input
+    assert result["possible_duplicate_charges"] == 1
+    (resent,) = [j for j in _jobs_of(local, batch_id) if j.attempts == 2]
+    assert resent.possible_duplicate_charges == 1
+
+
+def _jobs_of(engine: Engine, batch_id: str) -> list[Job]:
+    with db.read_scope(engine) as session:
+        found = list(store.jobs_of_batch(session, batch_id))
+        for one in found:
+            session.expunge(one)
+    return found
 
 
 def _resubmitting(engine: Engine, hostile: HostileProvider, *then: Behaviour) -> tuple[Runtime, str, str]:

@@ -2076,6 +2076,52 @@ def test_dropped_submit_answers_are_resolved_by_webhooks_and_nobody_pays_twice(t
     assert set(paid.values()) == {1}, "a job was paid twice"
 
 
+def test_a_gateway_504_after_an_accepted_submit_is_adopted_by_proof_and_paid_once(tmp_path: Path) -> None:
+    """An audit: fal queued the submit, then its ingress answered nginx's "504 Gateway Time-out"
+    (no x-fal-request-id). wanbatch called it "not queued" and sent the job again 7 s later: two
+    requests, both billed. Now the job waits in ``submit_unknown`` and fal's webhook proves the
+    first request: it is adopted, its video fetched, paid once, and nothing is sent twice."""
+    options = SimulatorOptions(
+        concurrency_limit=4,
+        latency_seconds=0.2,
+        rng_seed=11,
+        faults={"submit_504_after_accept": FaultRule(next=1)},
+    )
+    with running_simulator(options) as sim:
+        base = settings_for(sim.url, "sim-key", database_url=f"sqlite:///{tmp_path / 'w.db'}")
+        engine = db.open_engine(base)
+        receiver = base.model_copy(update={"webhook_jwks_url": f"{sim.url}/.well-known/jwks.json"})
+        server, thread, web_url = _serve(create_app(receiver, engine=engine))
+        try:
+            settings = base.model_copy(
+                update={
+                    "webhook_url": f"{web_url}/webhooks/fal",
+                    "submit_unknown_deadline": 120.0,
+                    "output_dir": tmp_path / "out",
+                }
+            )
+            batch_id = add_batch(engine, "g504", [("fal-ai/wan-22", {"prompt": f"p{i}"}) for i in range(3)])
+            report, _stats = process_batch(batch_id, settings, show_progress=False)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+        ledger = sim.ledger()
+    assert report["counts"]["succeeded"] == 3, report["counts"]
+    assert report["possible_duplicate_charges"] == 0
+    assert ledger["faults"]["fired"] == {"submit_504_after_accept": 1}
+    assert ledger["accepted"] == 3  # one accepted request per job: nothing sent again
+    paid = Counter(e["input_sha256"] for e in ledger["entries"] if e["billed"])
+    assert sorted(paid.values()) == [1, 1, 1], "a job was paid twice"
+    jobs = _jobs(engine, batch_id)
+    (unseen,) = [e["request_id"] for e in ledger["entries"] if not e["client_saw_response"]]
+    (proved,) = [j for j in jobs if j.request_id == unseen]
+    assert (proved.state, proved.attempts, proved.possible_duplicate_charges) == (S.SUCCEEDED, 1, 0)
+    with db.session_scope(engine) as session:
+        moves = [(str(e.from_state), str(e.to_state)) for e in store.job_events(session, proved.id)]
+    assert ("submitting", "submit_unknown") in moves
+    assert ("submit_unknown", "queued") in moves
+
+
 @pytest.mark.slow
 def test_a_duplicate_charge_proved_after_the_run_is_counted_billed_and_on_its_history(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -260,14 +260,49 @@ def test_submit_transient_codes_are_retryable_and_not_resent(code: int) -> None:
     assert rec.count("POST") == 1
 
 
-def test_submit_502_nginx_html_without_request_id_is_retryable() -> None:
-    html = "<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>"
-    rec = Recorder(httpx.Response(502, text=html, headers={"content-type": "text/html"}))
-    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+NGINX_502 = "<html><head><title>502 Bad Gateway</title></head><body><center>nginx</center></body></html>"
+NGINX_504 = "<html><head><title>504 Gateway Time-out</title></head><body><center>nginx</center></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("code", "body"), [(502, NGINX_502), (504, NGINX_504), (504, "gateway timeout"), (502, "")]
+)
+def test_submit_gateway_502_504_without_request_id_is_ambiguous(code: int, body: str) -> None:
+    """A gateway answers 502/504 after it forwarded the POST (its timeout expired waiting for
+    fal, or the connection broke): fal may have queued it, so it is never resent blindly."""
+    rec = Recorder(httpx.Response(code, text=body, headers={"content-type": "text/html"}))
+    with make_client(rec) as client, pytest.raises(AmbiguousSubmitError) as info:
         client.submit(EP, {})
-    assert info.value.status_code == 502
+    assert not isinstance(info.value, RetryableProviderError)
+    assert info.value.status_code == code
     assert info.value.request_id is None
     assert "gateway" in str(info.value)
+    assert "may have queued" in str(info.value)
+    assert rec.count("POST") == 1
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        # fal's own server wrote these: a 5xx from it says "not queued"
+        httpx.Response(502, json={"detail": "bad gateway"}, headers={"x-fal-request-id": "fal-req-1"}),
+        httpx.Response(504, text="upstream timed out", headers={"x-fal-request-id": "fal-req-2"}),
+        httpx.Response(
+            502, json={"detail": "Runner incomplete response", "error_type": "runner_incomplete_response"}
+        ),
+        httpx.Response(504, json={"detail": "Request timed out"}),
+        httpx.Response(504, text="timed out", headers={"x-fal-error-type": "request_timeout"}),
+        # an ingress 503 refuses before any upstream took the request
+        httpx.Response(503, text="<html><center>nginx</center></html>"),
+        httpx.Response(503, text="Service Unavailable"),
+        httpx.Response(500, text="Internal Server Error"),
+    ],
+)
+def test_submit_fal_5xx_and_ingress_503_stay_retryable(response: httpx.Response) -> None:
+    rec = Recorder(response)
+    with make_client(rec) as client, pytest.raises(RetryableProviderError) as info:
+        client.submit(EP, {})
+    assert "not queued" in str(info.value)
     assert rec.count("POST") == 1
 
 
@@ -296,12 +331,6 @@ def test_submit_504_user_start_timeout_is_final() -> None:
         client.submit(EP, {}, start_timeout=5)
     assert isinstance(info.value, FinalProviderError)
     assert info.value.status_code == 504
-
-
-def test_submit_plain_504_is_retryable() -> None:
-    rec = Recorder(httpx.Response(504, text="gateway timeout"))
-    with make_client(rec) as client, pytest.raises(RetryableProviderError):
-        client.submit(EP, {})
 
 
 def test_submit_other_4xx_is_final() -> None:

@@ -6,12 +6,30 @@ is harmless (ask again), on the submit POST it means the request may be queued a
 
 Decisions (documented here because the worker's state machine depends on them):
 
-* Submit 5xx **with** ``x-fal-request-id``: fal's own server answered, and a queue submit that
-  was accepted answers 200 with a request id — so a 5xx is a definite "not queued". fal never
-  bills 5xx ("Server errors (HTTP 500+) are never charged"), and the queue already retried
-  server-side. It is :class:`RetryableProviderError` (the *caller* resubmits later within its
-  attempt budget; the client itself never resends a submit). Without that header (nginx, the
-  gateway) it is retryable for the same reason.
+* Submit 5xx **with** ``x-fal-request-id`` (or with fal's JSON error body): fal's own server
+  answered, and a queue submit that was accepted answers 200 with a request id — so a 5xx is a
+  definite "not queued". fal never bills 5xx ("Server errors (HTTP 500+) are never charged"),
+  and the queue already retried server-side. It is :class:`RetryableProviderError` (the
+  *caller* resubmits later within its attempt budget; the client itself never resends a
+  submit).
+* Submit 502/504 from a gateway (no ``x-fal-request-id``, a body that is not fal's JSON error:
+  nginx's HTML page) is :class:`AmbiguousSubmitError`, as a read timeout after the request was
+  sent (:func:`gateway_lost_answer`). A gateway answers so *after* it forwarded the request:
+  nginx's 504 is its ``proxy_read_timeout`` expiring while it waited for the upstream's answer,
+  its 502 an upstream that closed the connection or sent an answer it could not read
+  (https://nginx.org/en/docs/http/ngx_http_proxy_module.html#proxy_read_timeout; RFC 9110
+  §15.6.3 and §15.6.5, https://www.rfc-editor.org/rfc/rfc9110#section-15.6.3). fal may have
+  queued it meanwhile, and nginx itself refuses to pass a POST it already sent on to another
+  upstream for that reason (``proxy_next_upstream``'s ``non_idempotent``,
+  https://nginx.org/en/docs/http/ngx_http_proxy_module.html#proxy_next_upstream). A 502 when
+  nginx could not even connect looks the same, so it is ambiguous too: resending may pay twice
+  (the queue notes, §6 and §10.5, warn of duplicate jobs from retried submits).
+* Submit 503 (and 429) stay retryable, with or without the header: an ingress's 503 is said
+  before any upstream took the request — nginx's ``limit_req``/``limit_conn`` refusal (their
+  ``*_status`` default 503,
+  https://nginx.org/en/docs/http/ngx_http_limit_req_module.html#limit_req_status), a load
+  balancer with no healthy upstream — and RFC 9110 §15.6.4 makes 503 the server's "unable to
+  handle the request", not a lost answer.
 * Submit 504 with ``X-Fal-Request-Timeout-Type: user``: our own start timeout expired — final.
 * Submit 200 without a usable ``request_id`` (or not JSON): fal said yes but we cannot tell to
   what. The request may be queued and billed, so it is :class:`AmbiguousSubmitError`.
@@ -491,8 +509,31 @@ def is_user_start_timeout(response: httpx.Response) -> bool:
 
 
 def is_ingress_error(response: httpx.Response) -> bool:
-    """A 502/503/504 from the gateway or nginx (no ``x-fal-request-id``): it never reached fal's app."""
+    """A 502/503/504 from the gateway or nginx (no ``x-fal-request-id``): fal's app did not write
+    it. That is not "never reached fal": a gateway's 502/504 may follow a forwarded request
+    (:func:`gateway_lost_answer`), harmless for a GET, ambiguous for the submit POST."""
     return response.status_code in INGRESS_CODES and "x-fal-request-id" not in response.headers
+
+
+#: The gateway's answers that come after it forwarded the request: 502 (the upstream closed or
+#: broke its answer) and 504 (it timed out waiting for it). See the module docstring.
+GATEWAY_LOST_ANSWER_CODES = frozenset({502, 504})
+
+
+def gateway_lost_answer(response: httpx.Response, fields: Mapping[str, Any] | None = None) -> bool:
+    """Whether a submit's answer is a gateway's 502/504 that fal's app did not write (no
+    ``x-fal-request-id``, no error type, a body that is not fal's JSON error — nginx's HTML
+    page): the gateway forwarded the request and lost the answer, so fal may have queued it.
+    ``fields``: :func:`_fields` of ``response``, when already read."""
+    if response.status_code not in GATEWAY_LOST_ANSWER_CODES or not is_ingress_error(response):
+        return False
+    if is_user_start_timeout(response):
+        return False
+    fields = _fields(response) if fields is None else fields
+    if fields["error_type"] is not None:
+        return False
+    body = parse_body(response)
+    return not (isinstance(body, dict) and "detail" in body)
 
 
 def _account_error(what: str, response: httpx.Response, fields: dict[str, Any]) -> AccountLockedError:
@@ -536,7 +577,10 @@ def redirect_error(what: str, response: httpx.Response) -> ProviderProtocolError
 
 
 def classify_submit(response: httpx.Response) -> ProviderError:
-    """The error for a non-2xx answer to the submit POST (the client never resends it)."""
+    """The error for a non-2xx answer to the submit POST (the client never resends it).
+
+    A gateway's 502/504 (:func:`gateway_lost_answer`) is :class:`AmbiguousSubmitError`, the
+    verdict of a read timeout after the request was sent: the job becomes ``submit_unknown``."""
     fields = _fields(response)
     code = response.status_code
     text = _describe(fields["detail"], response)
@@ -545,6 +589,12 @@ def classify_submit(response: httpx.Response) -> ProviderError:
     if is_user_start_timeout(response):
         fields["error_type"] = fields["error_type"] or "start_timeout"
         return StartTimeoutError(f"fal submit: the start timeout expired (HTTP 504): {text}", **fields)
+    if gateway_lost_answer(response, fields):
+        return AmbiguousSubmitError(
+            f"fal submit: the gateway answered HTTP {code} after the request was sent, so fal may "
+            f"have queued it (the gateway lost its answer): {text}",
+            **fields,
+        )
     if code in TRANSIENT_CODES or code >= 500:
         where = "gateway" if is_ingress_error(response) else "fal"
         return RetryableProviderError(
