@@ -104,3 +104,30 @@ def test_a_request_fal_no_longer_knows_that_was_not_cancelled_still_fails(
     with db.session_scope(engine) as session:
         job = store.get_job(session, job_id)
     assert job.error_type == "request_not_found"
+
+
+def test_a_request_of_a_cancelled_batch_fal_no_longer_knows_before_cancelling_is_stored_ends_cancelled(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path
+) -> None:
+    # Our cancel was sent (fal removed the request), but the job's move to `cancelling` was not
+    # stored yet (the cancel's answer came after the cancels' deadline, or a slow lane): the
+    # poll's 404 is that cancel's answer, as a client_cancelled status would be, not a failure.
+    fal = FakeFal(hostile)
+    fal.on_status("r1", json_reply({"status": "IN_QUEUE", "queue_position": 0}, 202))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    batch_id = add_batch(engine, "cancel-404-race", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    try:
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "submitted"
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        fal.on_status("r1", NOT_FOUND)
+        _make_due(engine, job_id)
+        poll(rt)
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert job.state == JobState.CANCELLED, (job.state, job.error_type, job.error)
+    assert job.error_type != "request_not_found"
+    assert job.actual_usd == 0

@@ -437,13 +437,26 @@ def gone_after_our_cancel(session: Session, fence: Fence, exc: ProviderError, *,
     it cancelled from its queue. The job ends as the cancel meant it to — ``cancelled`` for the
     user's (``wanbatch cancel``) or the deadline's, back for the next window for a window's end
     (:func:`~worker.steps.schedule.end_unstarted`) — never ``failed`` as a request fal lost, which
-    ``rerun --failed-only`` would render again. Billed as any cancel fal confirmed: in its queue
+    ``rerun --failed-only`` would render again. So is a ``queued``/``running`` one of a cancelled
+    batch, or of one whose schedule has closed: our cancel was sent, and its move to
+    ``cancelling`` not stored yet (its answer came after the cancels' deadline, or not at all).
+    Billed as any cancel fal confirmed: in its queue
     (nothing) unless we saw it running (:func:`_seen_running`), that bill taken back should fal's
     webhook prove it ran to the end after all. False (nothing done) for any other job or error."""
-    if fence.state != S.CANCELLING or exc.status_code != 404:
+    if fence.state not in (S.CANCELLING, S.QUEUED, S.RUNNING) or exc.status_code != 404:
         return False
     job = store.get_job(session, fence.job_id)
-    why = job.error_type if job.error_type in (WINDOW_CLOSED, DEADLINE) else USER_CANCEL
+    if fence.state == S.CANCELLING:
+        why: str | None = job.error_type if job.error_type in (WINDOW_CLOSED, DEADLINE) else USER_CANCEL
+    else:  # our cancel sent, its move to ``cancelling`` not stored yet (as in _ended_by_our_cancel)
+        batch = store.get_batch(session, job.batch_id)
+        why = (
+            USER_CANCEL
+            if batch.state == BatchState.CANCELLED
+            else closed_by(store.batch_schedule(batch), now)
+        )
+        if why is None:
+            return False
     outcome = billing.classify_cancel(job.provider_metrics, seen_running=_seen_running(session, fence))
     how = f"fal no longer knows the request after our cancel ({describe(exc)})"
     if why != USER_CANCEL:
