@@ -73,9 +73,13 @@ def test_writing_commands_say_so_in_one_line_and_reading_ones_work(
     assert wb("export", "quickstart", "--format", "jsonl", "-o", tmp_path / "out.jsonl").code == 0
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 3
     assert wb("diff", "quickstart", "quickstart", "--json").code == 1  # no videos: "different"
+    # The doctor reads it too, and its database check fails naming why (the writing commands
+    # above would each refuse): it was "ok, reachable".
     doctor = wb("doctor", "--simulate", "--json")
     (database,) = [check for check in doctor.json()["checks"] if check["name"] == "database"]
-    assert database["status"] == "ok", database
+    assert database["status"] == "fail", database
+    assert "but read-only: " in database["detail"], database
+    assert _why(engine) in database["detail"], database
 
 
 def test_a_worker_is_not_started_on_a_read_only_database(engine: Engine, tmp_path: Path) -> None:
