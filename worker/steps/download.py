@@ -388,10 +388,8 @@ def _result_expired(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultE
     video and billed it, so the job carries the cost of a success (:func:`_fail_paid`), whether
     or not the status reported run-time metrics."""
     telemetry.count_provider_error(exc)
-    with db.read_scope(rt.engine) as session:
-        verdict = _status_verdict(session, job_id)
-    if verdict is not None:
-        return _fal_verdict(rt, job_id, claim, verdict)
+    if (decided := _by_fal_verdict(rt, job_id, claim)) is not None:
+        return decided
     with db.session_scope(rt.engine) as session:
         return _fail_paid(session, claim, error=describe(exc), error_type=kind_of(exc) or "result_expired")
 
@@ -406,43 +404,30 @@ def _result_unavailable(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Pro
     decides at once (the result would only have added detail).
     """
     telemetry.count_provider_error(exc)
-    with db.read_scope(rt.engine) as session:
-        verdict = _status_verdict(session, job_id)
-    if verdict is not None:
-        return _fal_verdict(rt, job_id, claim, verdict)
+    if (decided := _by_fal_verdict(rt, job_id, claim)) is not None:
+        return decided
     failures = claim.failures + 1
     now = utcnow()
     protocol = not isinstance(exc, RetryableProviderError)
     past_retention = claim.completed_at is not None and now >= claim.completed_at + RESULT_RETENTION
     exhausted = failures >= rt.settings.download_attempts and (protocol or claim.completed_at is None)
-    with db.session_scope(rt.engine) as session:
-        if past_retention or exhausted:
-            why = "fal no longer keeps the result" if past_retention and not exhausted else "giving up"
-            reason = f"could not get fal's result ({failures} tries, {why}): {describe(exc)}"
-            return _fail_paid(
-                session,
-                claim,
-                error=reason,
-                error_type="provider_protocol_error" if protocol else "result_unavailable",
-                download_attempts=failures,
-                provider_output=None,
-            )
-        delay = max(backoff(rt.settings, failures), retry_after(rt.settings, exc))
-        log.info(
-            "job %s: result not fetched (%s); asking again in %.0fs",
-            job_id,
-            exc,
-            delay,
-            extra={"event": "download.result_retry"},
-        )
-        store.release_lease(
-            session,
-            claim.fence,
-            next_attempt_at=now + timedelta(seconds=delay),
-            download_attempts=failures,
-            provider_output=None,
-        )
-    return "result-retry"
+    ended = None
+    if past_retention or exhausted:
+        ended = "fal no longer keeps the result" if past_retention and not exhausted else "giving up"
+    return _ask_again_or_fail(
+        rt,
+        job_id,
+        claim,
+        exc,
+        failures=failures,
+        now=now,
+        ended=ended,
+        error="could not get fal's result",
+        error_type="provider_protocol_error" if protocol else "result_unavailable",
+        waiting="not fetched",
+        min_delay=0.0,
+        outcome="result-retry",
+    )
 
 
 def _result_not_ready(rt: Runtime, job_id: str, claim: DownloadClaim, exc: ResultNotReadyError) -> str:
@@ -457,34 +442,74 @@ def _result_not_ready(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Resul
     (:data:`RESULT_RETENTION` after completion), the job fails with the billed cost instead of
     asking for ever.
     """
-    with db.read_scope(rt.engine) as session:
-        verdict = _status_verdict(session, job_id)
-    if verdict is not None:
+    if (decided := _by_fal_verdict(rt, job_id, claim)) is not None:
         telemetry.count_provider_error(exc)
-        return _fal_verdict(rt, job_id, claim, verdict)
+        return decided
     failures = claim.failures + 1
     now = utcnow()
     past_retention = claim.completed_at is not None and now >= claim.completed_at + RESULT_RETENTION
+    ended = None
+    if past_retention or failures >= rt.settings.download_attempts:
+        ended = "fal no longer keeps the result" if past_retention else "giving up"
+    return _ask_again_or_fail(
+        rt,
+        job_id,
+        claim,
+        exc,
+        failures=failures,
+        now=now,
+        ended=ended,
+        error="fal's result still not ready though its status said COMPLETED",
+        error_type="result_unavailable",
+        waiting="not ready",
+        min_delay=rt.settings.poll_min_interval,
+        outcome="not-ready",
+    )
+
+
+def _by_fal_verdict(rt: Runtime, job_id: str, claim: DownloadClaim) -> str | None:
+    """The job ended by fal's own verdict when its COMPLETED status carried fal's error
+    (:func:`_status_verdict`, :func:`_fal_verdict`): what a result call that failed would only
+    have said again. None: the status said nothing against it."""
+    with db.read_scope(rt.engine) as session:
+        verdict = _status_verdict(session, job_id)
+    return None if verdict is None else _fal_verdict(rt, job_id, claim, verdict)
+
+
+def _ask_again_or_fail(
+    rt: Runtime,
+    job_id: str,
+    claim: DownloadClaim,
+    exc: ProviderError,
+    *,
+    failures: int,
+    now: datetime,
+    ended: str | None,
+    error: str,
+    error_type: str,
+    waiting: str,
+    min_delay: float,
+    outcome: str,
+) -> str:
+    """A result call that did not give the result: the job fails with the billed cost when
+    ``ended`` says why it stops asking (``error (N tries, ended): what fal said``), else its
+    lease is given back to ask again after the backoff (at least ``min_delay``, and any
+    ``Retry-After``), the try counted in ``download_attempts``. ``outcome`` is the step's answer."""
     with db.session_scope(rt.engine) as session:
-        if past_retention or failures >= rt.settings.download_attempts:
-            why = "fal no longer keeps the result" if past_retention else "giving up"
-            reason = (
-                f"fal's result still not ready though its status said COMPLETED "
-                f"({failures} tries, {why}): {describe(exc)}"
-            )
+        if ended is not None:
             return _fail_paid(
                 session,
                 claim,
-                error=reason,
-                error_type="result_unavailable",
+                error=f"{error} ({failures} tries, {ended}): {describe(exc)}",
+                error_type=error_type,
                 download_attempts=failures,
                 provider_output=None,
             )
-        settings = rt.settings
-        delay = max(settings.poll_min_interval, backoff(settings, failures), retry_after(settings, exc))
+        delay = max(min_delay, backoff(rt.settings, failures), retry_after(rt.settings, exc))
         log.info(
-            "job %s: result not ready (%s); asking again in %.0fs",
+            "job %s: result %s (%s); asking again in %.0fs",
             job_id,
+            waiting,
             exc,
             delay,
             extra={"event": "download.result_retry"},
@@ -496,7 +521,7 @@ def _result_not_ready(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Resul
             download_attempts=failures,
             provider_output=None,
         )
-    return "not-ready"
+    return outcome
 
 
 class _LeaseKeeper:
