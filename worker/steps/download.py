@@ -71,6 +71,7 @@ from jobs.open_files import os_errno, out_of_files
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputFolderError, OutputWriteError
 from jobs.settings import Settings
+from jobs.states import JobState
 from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
 from worker.crash import summary
@@ -639,10 +640,15 @@ def _fetch_video(
             return fetched
         result = fetched
     # where the video went: ``dest``, or beside it when another request's took the name meanwhile
-    dest = result.path
+    canonical, dest = dest, result.path
     files.add(dest)  # its sidecar's temporary file goes beside it
     with _storing(dest, local=not outs.is_remote):
-        return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
+        outcome = _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
+    if outcome == "succeeded" and dest != canonical and request_id is not None:
+        # stored beside the job's name because a try that lost its lease was storing the same
+        # video there: that try's copy, if it finished, is a duplicate of this output
+        _withdraw_copy(canonical, job_id=job_id, request_id=request_id, sha256=result.sha256)
+    return outcome
 
 
 @contextlib.contextmanager
@@ -833,6 +839,8 @@ def _store_video(
             with _UNSTORED_SAID:  # stored again: its next trouble is news
                 rt.outputs_unstored_said.discard(claim.batch_id)
     if not stored:  # the lease moved on meanwhile: the job is its new holder's to finish
+        if not outs.is_remote:
+            _withdraw_if_stored_elsewhere(rt, job_id, Path(output_path), sidecar, result.sha256)
         return _stored_late(rt, job_id, claim, outs, time.monotonic() - started, stored=True)
     outs.finish(result.path)  # the staged copy of an uploaded video: never left behind
     if taken is not None and taken != result.path:  # copied into a local output folder
@@ -902,6 +910,66 @@ def _stored_late(
         extra={"event": "download.lease_lost_storing", "job_id": job_id, "batch_id": claim.batch_id},
     )
     return "lost-lease"
+
+
+def _withdraw_if_stored_elsewhere(
+    rt: Runtime, job_id: str, video: Path, sidecar: dict[str, Any], sha256: str
+) -> None:
+    """This try published ``video`` (and its sidecar) after its lease was taken over: if the new
+    holder already recorded the job's success under another name (it found this video there
+    without its sidecar while this try was frozen, so stored its own beside it:
+    :func:`_occupied`), this pair is a second copy no job points to — withdrawn, or every
+    listing, export and ``verify`` of the folder would meet a stray video. While the job is not
+    yet recorded the pair stays: the new holder may still take it (:func:`_downloaded_before`),
+    and if it stores its own beside it, it withdraws this one (:func:`_fetch_video`). Whichever
+    of the two comes last sees the other's work, so one of them withdraws it."""
+    request_id = sidecar.get("request_id")
+    if not isinstance(request_id, str):
+        return
+    try:
+        with db.session_scope(rt.engine) as session:
+            job = store.job_snapshot(session, job_id)
+    except Exception:  # the database cannot say: the pair stays (as it always did)
+        return
+    if job.state != JobState.SUCCEEDED or job.output_path is None or job.output_sha256 != sha256:
+        return
+    if Path(job.output_path) == video:
+        return  # the new holder took this very video: it is the job's output
+    _withdraw_copy(video, job_id=job_id, request_id=request_id, sha256=sha256)
+
+
+def _withdraw_copy(video: Path, *, job_id: str, request_id: str, sha256: str) -> bool:
+    """Remove ``video`` and its sidecar when the sidecar says it is a copy of the job's recorded
+    output — the same job, request and bytes — stored under the job's name by a try that lost
+    its lease. Nothing else is touched (another request's video, one without its sidecar: a try
+    still storing it)."""
+    record = outputs.read_sidecar(video)
+    if (
+        record is None
+        or record.get("job_id") != job_id
+        or record.get("request_id") != request_id
+        or record.get("video_sha256") != sha256
+    ):
+        return False
+    try:
+        video.unlink()
+        outputs.sidecar_path(video).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning(
+            "job %s: could not remove %s, a second copy of its output left by a try that lost its lease: %s",
+            job_id,
+            video.name,
+            exc.strerror or exc,
+            extra={"event": "download.copy_left", "job_id": job_id},
+        )
+        return False
+    log.info(
+        "job %s: removed %s, a second copy of its output stored by a try that lost its lease",
+        job_id,
+        video.name,
+        extra={"event": "download.copy_withdrawn", "job_id": job_id},
+    )
+    return True
 
 
 def nothing_more(job: JobView) -> dict[str, Any]:

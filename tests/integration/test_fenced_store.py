@@ -1,0 +1,174 @@
+"""A try that froze while storing its video (SIGSTOP, a laptop lid, a VM paused) past its lease,
+on both databases, with a local output folder.
+
+Found by the chaos suite (``test_paused_worker_is_fenced``): the frozen try had renamed the video
+to the job's name and held it (``_storing``) when the next try came; that one stored its own
+beside it (correct: a video without its sidecar that another process holds is not to be taken),
+then the frozen try woke, wrote its sidecar, found its lease gone — and left a second copy under
+the job's name that no job points to. Whichever of the two tries ends last now withdraws it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from jobs import db, store
+from jobs.models import Job, utcnow
+from jobs.states import JobState
+from tests.hostile import HostileProvider
+from tests.hostile_fal import FakeFal
+from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
+from worker import chaos
+from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps.download import _withdraw_copy
+
+KEY = "fenced-store-key-51c0"
+
+
+def get(engine: Engine, job_id: str) -> Job:
+    with db.session_scope(engine) as session:
+        return store.get_job(session, job_id)
+
+
+def completed_job(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> tuple[Runtime, str]:
+    """One job fal has completed (``downloading``), outputs going to ``tmp_path/outputs``."""
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
+    (job_id,) = dispatch(rt)
+    assert submit(rt, job_id) == "submitted"
+    wait_until(lambda: get(engine, job_id).state == JobState.DOWNLOADING, step=lambda: poll(rt))
+    return rt, job_id
+
+
+def lease_taken_over(engine: Engine, job_id: str) -> None:
+    """The frozen try's lease runs out: the next try may take the job."""
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+        store.update_job_fields(
+            session, job_id, expected_version=job.version, lease_expires_at=utcnow(), next_attempt_at=None
+        )
+
+
+class Frozen:
+    """The ``after_download`` crash point as a freeze: the named threads stop there (the video
+    is under its name, held while it is stored, its sidecar not yet written) until thawed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reached: dict[str, threading.Event] = {}
+        self.thaw: dict[str, threading.Event] = {}
+        monkeypatch.setattr(chaos, "crash_point", self._point)
+
+    def _point(self, name: str) -> None:
+        me = threading.current_thread().name
+        if name == "after_download" and me in self.thaw:
+            self.reached[me].set()
+            assert self.thaw[me].wait(30)
+
+    def start(self, name: str, rt: Runtime, job_id: str, outcomes: dict[str, str]) -> threading.Thread:
+        self.reached[name], self.thaw[name] = threading.Event(), threading.Event()
+
+        def body() -> None:
+            outcomes[name] = download(rt, job_id)
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        assert self.reached[name].wait(30), f"{name} never reached the store"
+        return thread
+
+
+@pytest.fixture
+def runtimes() -> Iterator[list[Runtime]]:
+    made: list[Runtime] = []
+    yield made
+    for rt in made:
+        rt.client.close()
+
+
+def videos(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("last", ["frozen try", "next try"])
+def test_a_try_frozen_while_storing_leaves_no_second_copy_under_the_jobs_name(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtimes: list[Runtime],
+    last: str,
+) -> None:
+    fal = FakeFal(hostile)
+    first, job_id = completed_job(engine, hostile, tmp_path)
+    runtimes.append(first)
+    folder = tmp_path / "outputs" / "steps"
+    frozen = Frozen(monkeypatch)
+    outcomes: dict[str, str] = {}
+    old = frozen.start("frozen", first, job_id, outcomes)
+    (canonical,) = folder.glob("*.mp4")  # renamed into place, held, no sidecar yet
+
+    lease_taken_over(engine, job_id)
+    second = make_runtime(engine, first.settings)
+    runtimes.append(second)
+    if last == "frozen try":
+        # the next try stores its own copy beside the held one and records it; then the frozen
+        # try wakes, writes its sidecar and finds its lease gone
+        assert download(second, job_id) == "succeeded"
+        frozen.thaw["frozen"].set()
+        old.join(30)
+    else:
+        # the next try has put its copy beside the held one, then the frozen try wakes and ends
+        # (the job not yet recorded: it leaves its pair), then the next try records the success
+        new = frozen.start("next", second, job_id, outcomes)
+        frozen.thaw["frozen"].set()
+        old.join(30)
+        assert canonical.with_suffix(".json").is_file()  # the frozen try's pair, complete
+        frozen.thaw["next"].set()
+        new.join(30)
+        assert outcomes["next"] == "succeeded"
+    assert outcomes["frozen"] == "lost-lease"
+
+    job = get(engine, job_id)
+    assert job.state == JobState.SUCCEEDED
+    output = Path(job.output_path or "")
+    assert output != canonical  # stored beside the held video
+    assert output.parent == folder
+    assert output.read_bytes() == fal.video
+    assert job.output_sha256 == hashlib.sha256(fal.video).hexdigest()
+    assert videos(folder) == sorted([output.name, output.with_suffix(".json").name])
+    assert fal.posts() == 1
+
+
+@pytest.mark.parametrize(
+    "sidecar",
+    [
+        None,
+        {"job_id": "j1", "request_id": "another", "video_sha256": "ab"},
+        {"job_id": "j1", "request_id": "r1", "video_sha256": "other bytes"},
+        {"job_id": "j2", "request_id": "r1", "video_sha256": "ab"},
+    ],
+    ids=["no sidecar", "another request", "other bytes", "another job"],
+)
+def test_only_a_copy_of_the_jobs_own_output_is_ever_withdrawn(
+    tmp_path: Path, sidecar: dict[str, str] | None
+) -> None:
+    """A video under the job's name that is not surely a copy of its recorded output — none
+    beside it yet (a try still storing it), another request's, other bytes, another job's —
+    stays where it is."""
+    video = tmp_path / "000001-j1.mp4"
+    video.write_bytes(b"video")
+    if sidecar is not None:
+        video.with_suffix(".json").write_text(json.dumps(sidecar))
+    assert not _withdraw_copy(video, job_id="j1", request_id="r1", sha256="ab")
+    assert video.is_file()
+    video.with_suffix(".json").write_text(
+        json.dumps({"job_id": "j1", "request_id": "r1", "video_sha256": "ab"})
+    )
+    assert _withdraw_copy(video, job_id="j1", request_id="r1", sha256="ab")
+    assert list(tmp_path.iterdir()) == []
