@@ -45,7 +45,8 @@ take_over_option = click.option(
     is_flag=True,
     help=(
         "The manifest is the stored batch's project moved here (another folder or machine): take "
-        "the batch even though its old manifest may still be there or leaves out jobs of it."
+        "the batch even though its old manifest may still be there or leaves out jobs of it (not "
+        "while a run of it on the other machine is alive: one that beat within WANBATCH_LEASE_SECONDS)."
     ),
 )
 progress_option = click.option(

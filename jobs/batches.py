@@ -52,7 +52,7 @@ from jobs.rendered import (
     rerun_covered,
     rerun_covered_of_batches,
 )
-from jobs.schedule import Schedule
+from jobs.schedule import Schedule, format_age
 from jobs.settings import DatabaseSettings, DownloadSettings, RetrySettings, Settings
 from jobs.states import AT_PROVIDER_STATES, UNFINISHED_STATES, JobState
 from jobs.url_secrets import masked_url
@@ -668,6 +668,8 @@ def submit_manifest(
         stored_at, stored_host = batch.manifest_path, None if created else batch.manifest_host
         # Its manifest is known to be on another machine: its file cannot be checked from here.
         other_host = stored_host if machine.elsewhere(stored_host) else None
+        if take_over and other_host is not None:  # raised inside the transaction
+            refuse_live_elsewhere(session, batch, now=now, silent_for=take_over_silence(settings))
         if not created and (stored_at != manifest_path or other_host is not None):
             in_manifest = store.manifest_job_count(session, batch.id)
             # Submitted from another place (its folder moved, or another machine's, the same path
@@ -2497,6 +2499,47 @@ def refuse_name_taken(
     raise UsageError(
         f"batch {name} belongs to {owner}, and {shown_path(Path(given))} {asks}: give this manifest "
         f"another `name:` (or, {how})"
+    )
+
+
+def take_over_silence(settings: Settings) -> float:
+    """How long a run of a batch on another machine must have been silent before ``--take-over``
+    takes the batch (:func:`refuse_live_elsewhere`), in seconds: a lease's length
+    (``WANBATCH_LEASE_SECONDS``), and never less than the silence after which a process is taken
+    for stopped (:data:`jobs.listing.PROCESSING_STALE_SECONDS`). By then every lease it held on
+    the batch's jobs has run out, so whatever it was sending or fetching is this machine's to
+    claim (its late writes lose the lease's version compare), and a run merely slow to beat
+    (a busy database) is not taken for gone."""
+    return max(settings.lease_seconds, listing.PROCESSING_STALE_SECONDS)
+
+
+def refuse_live_elsewhere(session: Session, batch: Batch, *, now: datetime, silent_for: float) -> None:
+    """``--take-over`` of a batch that a run on another machine still works on: a
+    :class:`UsageError` (exit 2), raised before anything is stored.
+
+    ``--take-over`` says the project moved here; a run of it still beating on the other machine
+    (a heartbeat for the batch within ``silent_for`` seconds, :func:`take_over_silence`) says it
+    did not. Taken anyway, both machines sent and fetched its jobs, each into its own output
+    folder, their leases fought over, and the other run ended saying its outputs were in a
+    folder that held none of them. The line names that machine and when it was last seen, and
+    the ways out: stop that run there, or wait for the silence. A machine is told from this one
+    by its heartbeats (:func:`jobs.machine.beat_machine`): a second run of the batch on this
+    machine works beside this one, as ever."""
+    since = now - timedelta(seconds=silent_for)
+    seen: dict[str, datetime] = {}
+    for owner, at in store.batch_beaters(session, batch.id, since=since).items():
+        host = machine.beat_machine(owner)
+        if host is not None and (host not in seen or at > seen[host]):
+            seen[host] = at
+    if not seen:
+        return
+    host, at = max(seen.items(), key=lambda item: item[1])
+    age = format_age(max(0.0, (now - at).total_seconds()))
+    raise UsageError(
+        f"batch {batch.name} is still being run on {printable(host)} (another machine), last seen {age} ago: "
+        "taken over now, both machines would send and fetch its jobs, each into its own output "
+        f"folder; stop that run there, or wait until it has been silent for {format_age(silent_for)} "
+        "(WANBATCH_LEASE_SECONDS), then run the command again with `--take-over`"
     )
 
 

@@ -24,6 +24,8 @@ import re
 import socket
 from pathlib import Path
 
+from jobs.processes import IDENTITY_MARK, namespace_here
+
 #: Test-only: a value here is this process's machine (``HOST`` or ``HOST@ID``), so a test can
 #: play two machines sharing one database without two machines. Not a setting: never set it
 #: outside the test suite (it would let this machine take another's batches unasked).
@@ -78,3 +80,23 @@ def is_here(stored: str | None) -> bool | None:
 def elsewhere(stored: str | None) -> bool:
     """Whether ``stored`` names a machine known not to be this one."""
     return is_here(stored) is False
+
+
+def beat_machine(owner: str) -> str | None:
+    """The host name of the machine heartbeat owner ``owner`` (``host:pid:thread``, perhaps
+    followed by ``@BOOT.PIDNS.START``, :func:`jobs.processes.beat_owner`) runs on when it is
+    known not to be this one; None when it is this machine's (or cannot be told apart from it).
+
+    Another machine: another host name than this machine's (:func:`name` of
+    :func:`this_machine`), or the same one with the proof of another boot or pid namespace (one
+    dev-container image gives every machine the same name). A beat without that proof (an older
+    wanbatch's) is told by its host name alone."""
+    host = owner.partition(":")[0]
+    if host.replace(SEPARATOR, "_") != name(this_machine()):
+        return host
+    head, mark, proof = owner.rpartition(IDENTITY_MARK)
+    if not mark or ":" not in head:
+        return None
+    here = namespace_here()
+    namespace = proof.rpartition(".")[0]
+    return host if here is not None and namespace and namespace != here else None

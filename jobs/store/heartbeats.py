@@ -146,6 +146,19 @@ def heartbeat_owners(session: Session, batch_id: str, *, since: datetime | None)
     return [str(owner) for owner in session.scalars(query.order_by(ConductorHeartbeat.owner))]
 
 
+def batch_beaters(session: Session, batch_id: str, *, since: datetime) -> dict[str, datetime]:
+    """When each process that said at ``since`` or later that it works on ``batch_id`` itself (an
+    embedded run of it, not the workers' every-batch beat) last said so, by heartbeat owner
+    (``host:pid:thread@…``): what tells a run of the batch on another machine is still alive
+    (:func:`jobs.batches.refuse_live_elsewhere`)."""
+    rows = session.execute(
+        select(ConductorHeartbeat.owner, ConductorHeartbeat.seen_at).where(
+            ConductorHeartbeat.scope == batch_id, ConductorHeartbeat.seen_at >= since
+        )
+    )
+    return {str(owner): at for owner, at in rows}
+
+
 def live_simulators(session: Session, batch_id: str) -> dict[str, int]:
     """The simulators of the other live processes of this host that simulate ``batch_id``: their
     origin (``jobs.fal_origin`` of the requests each accepted) → the pid that runs it, from the

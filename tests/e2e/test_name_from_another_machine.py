@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ from typing import Any
 import pytest
 
 from falsim.server import SimulatorHandle
-from jobs.db import close_engines
+from jobs import store
+from jobs.clock import utcnow
+from jobs.db import close_engines, open_engine, session_scope
 from jobs.machine import TEST_MACHINE_ENV
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import EXAMPLES, db_rows
@@ -345,3 +349,55 @@ def test_a_rerun_records_the_machine_it_was_made_on(
     # Its parent stays Alice's: nothing is said of it on her machine.
     assert run_main(["status", "clip", "--json"], monkeypatch) == 0
     assert json.loads(capsys.readouterr().out)["manifest_elsewhere_note"] == ""
+
+
+def _alice_runs(url: str, name: str, *, seconds_ago: float) -> None:
+    """A run of batch ``name`` on Alice's laptop last beat ``seconds_ago`` (database clock): the row
+    its heartbeat writes, owner ``host:pid:thread@BOOT.PIDNS.START`` of another boot."""
+    batch_id = db_rows(url, f"SELECT id FROM batches WHERE name = '{name}'")[0][0]
+    owner = f"{ALICE_HOST}:4242:140001@0e4a4b7c-alice-boot.4026531836.777"
+    engine = open_engine(get_settings())
+    with session_scope(engine) as session:
+        store.record_heartbeat(session, owner, [batch_id], utcnow() - timedelta(seconds=seconds_ago))
+
+
+def test_a_take_over_is_refused_while_the_other_machines_run_is_alive(
+    sim: SimulatorHandle,
+    shared_db: str,
+    e2e_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Alice's ``run`` of clip still beats on her laptop: Bob's ``--take-over`` (``submit`` and
+    ``run``) is refused in one line naming her machine and how recently it was seen, nothing
+    stored or sent. Before, it took the batch, and both machines sent and fetched its jobs, each
+    into its own output folder. Once her run has been silent for a lease's length
+    (``WANBATCH_LEASE_SECONDS``), the take-over goes through."""
+    alice = _project(e2e_env / "alice", "clip", ALICE, "20")
+    _on(ALICE_HOST, monkeypatch)
+    assert run_main(["submit", "alice/m.yaml"], monkeypatch) == 0
+    bob = _project(e2e_env / "bob", "clip", BOB, "1")
+    _alice_runs(shared_db, "clip", seconds_ago=3)
+    capsys.readouterr()
+
+    _on(BOB_HOST, monkeypatch)
+    with _hidden(e2e_env / "alice"):
+        assert run_main(["submit", "bob/m.yaml", "--take-over"], monkeypatch) == 2
+        [line] = _lines(capsys.readouterr().err)
+        assert re.fullmatch(
+            rf"error: batch clip is still being run on {ALICE_HOST} \(another machine\), last seen [3-9]s "
+            r"ago: taken over now, both machines would send and fetch its jobs, each into its own output "
+            r"folder; stop that run there, or wait until it has been silent for 2m "
+            r"\(WANBATCH_LEASE_SECONDS\), then run the command again with `--take-over`",
+            line,
+        ), line
+        assert run_main(["run", "bob/m.yaml", "--no-progress", "--take-over"], monkeypatch) == 2
+        assert f"error: batch clip is still being run on {ALICE_HOST} (another machine)" in (
+            capsys.readouterr().err
+        )
+        assert sim.ledger()["accepted"] == 0
+        assert _batch(shared_db, "clip") == (str(alice), ALICE_HOST, Decimal(20))
+
+        _alice_runs(shared_db, "clip", seconds_ago=121)  # silent for longer than a lease
+        assert run_main(["submit", "bob/m.yaml", "--take-over"], monkeypatch) == 0
+    assert _batch(shared_db, "clip") == (str(bob), BOB_HOST, Decimal(1))

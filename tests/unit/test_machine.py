@@ -53,3 +53,18 @@ def test_a_stored_machine_is_compared_by_its_id_and_named_by_its_hostname(
     monkeypatch.setenv(machine.TEST_MACHINE_ENV, "laptop")
     assert machine.is_here("laptop") is True
     assert machine.elsewhere(f"laptop@{ID}")  # one has an id the other lacks: not the same
+
+
+def test_a_heartbeat_is_another_machines_by_its_host_or_by_its_boot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``--take-over`` asks of a run's heartbeat owner (``host:pid:thread@BOOT.PIDNS.START``):
+    another host name is another machine; the same name is another machine only with the proof
+    of another boot or pid namespace (one dev-container image, one host name); a beat without
+    that proof cannot be told apart from this machine's."""
+    monkeypatch.setenv(machine.TEST_MACHINE_ENV, f"laptop@{ID}")
+    monkeypatch.setattr(machine, "namespace_here", lambda: "boot-here.4026531836")
+    assert machine.beat_machine("alice-laptop:4242:1@boot-there.4026531836.777") == "alice-laptop"
+    assert machine.beat_machine("alice-laptop:4242:1") == "alice-laptop"
+    assert machine.beat_machine("laptop:4242:1@boot-there.4026531836.777") == "laptop"
+    assert machine.beat_machine("laptop:4242:1@boot-here.4026531836.777") is None
+    assert machine.beat_machine("laptop:4242:1") is None
+    assert machine.beat_machine("laptop:4242:simulating 777 http://127.0.0.1:9") is None
