@@ -117,7 +117,8 @@ class Snapshot:
       see :func:`unattended_batches`.
     * ``attempts``: submissions counted on the jobs (every request sent to fal, one a window's
       end cancelled in fal's queue included: :data:`jobs.store.SENT_ATTEMPTS`). ``retries``:
-      attempts beyond each job's first. Both only grow. ``ambiguous_submits``: times a job's
+      attempts beyond each job's first. Both only grow, as does ``possible_duplicate_charges``
+      (:data:`jobs.store.metrics.SENT_DUPLICATES`). ``ambiguous_submits``: times a job's
       submit ended with its outcome unknown (``submit_unknown``).
     * ``usd``: money per endpoint. ``errors``: jobs holding a recorded error, per
       ``(state, error_type)``. ``durations``: the histograms, by name

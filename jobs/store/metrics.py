@@ -128,13 +128,33 @@ SENT_ATTEMPTS: ColumnElement[int] = Job.attempts - case(
     ((Job.state == JobState.SUBMITTING) & (Job.attempts > 0), 1), else_=0
 )
 
+#: A job's possible duplicate charges as ``/metrics`` counts them, in SQL: every resend of an
+#: unknown submit that was sent, but not the one a ``submitting`` job recorded as sent and may
+#: still give back. :func:`jobs.store.record_send` counts a resend in
+#: ``possible_duplicate_charges`` as its POST is recorded, and :func:`jobs.store.give_back` (fal's
+#: 429, a POST that never left) or ``fail_unsent`` uncounts it: the stored count falls by one,
+#: which ``wanbatch_possible_duplicate_charges_total`` showed as a counter reset. Counted once the
+#: job leaves ``submitting`` otherwise, as :data:`SENT_ATTEMPTS` counts its attempt: so the sum
+#: only grows. The condition is the one the uncounting applies (``_RESEND_UNSENT``).
+SENT_DUPLICATES: ColumnElement[int] = Job.possible_duplicate_charges - case(
+    (
+        (Job.state == JobState.SUBMITTING)
+        & (Job.resend_attempt == Job.attempts)
+        & Job.submitted_input.is_not(None)
+        & (Job.possible_duplicate_charges > 0),
+        1,
+    ),
+    else_=0,
+)
+
 
 def job_totals(session: Session, scope: MetricsScope | None = None) -> list[JobTotals]:
     """Every job's numbers, summed per ``(state, endpoint, error_type)`` in one pass over the table
     (or over the jobs of ``scope`` only: :class:`MetricsScope`).
 
     ``attempts``: the submissions of the jobs, every request sent to fal (:data:`SENT_ATTEMPTS`);
-    ``retries``: those beyond each job's first. Both only grow, as counters must.
+    ``retries``: those beyond each job's first; ``possible_duplicate_charges``: the resends of
+    unknown submits sent (:data:`SENT_DUPLICATES`). All only grow, as counters must.
     """
     zero = type_coerce(0, Money())
 
@@ -149,7 +169,7 @@ def job_totals(session: Session, scope: MetricsScope | None = None) -> list[JobT
                 func.count(),
                 func.coalesce(func.sum(counted), 0),
                 func.coalesce(func.sum(case((counted > 1, counted - 1), else_=0)), 0),
-                func.coalesce(func.sum(Job.possible_duplicate_charges), 0),
+                func.coalesce(func.sum(SENT_DUPLICATES), 0),
                 func.coalesce(func.sum(Job.confirmed_duplicate_charges), 0),
                 *(
                     func.coalesce(func.sum(case((paid, money), else_=zero)), zero)

@@ -149,3 +149,45 @@ def test_a_finished_batch_is_done_not_active(engine: Engine) -> None:
         kept = snapshot(session, FinishedTotals())
     for snap in (full, kept):
         assert snap.batches == {"active": 1, "paused": 1, "done": 1, "cancelled": 1}
+
+
+def _record_send(session: Session, fence: store.Fence) -> store.Fence:
+    now = utcnow()
+    sent = store.record_send(
+        session,
+        fence,
+        now=now,
+        lease_seconds=60,
+        submitted_input={"prompt": "resend"},
+        sent_at=now,
+        api_key_id="k",
+    )
+    assert sent is not None
+    return sent
+
+
+def test_possible_duplicate_charges_never_go_down_when_a_resend_is_given_back(engine: Engine) -> None:
+    """A resend of an unknown submit counts as a possible duplicate charge once its POST is
+    recorded (``record_send``) and is uncounted if that POST is then given back (fal's 429): the
+    stored count falls by one, which ``/metrics`` must not show (a counter reset)."""
+    batch_id = add_batch(engine, "monotonic-resend", [("fal-ai/wan-22", {"prompt": "resend"})])
+    scrapes = _Scrapes(engine)
+    with db.read_scope(engine) as session:
+        (job_id,) = [job.id for job in store.jobs_of_batch(session, batch_id)]
+    with db.session_scope(engine) as session:  # the first POST's answer is lost: resent
+        fence = _record_send(session, _claim(session, job_id, 1))
+        assert store.mark_submit_unknown(session, fence, why="read timeout", due_at=utcnow())
+        fence = fence.moved(S.SUBMIT_UNKNOWN)
+        assert store.retry_later(session, fence, reason="resubmitting", possible_duplicate=True)
+    scrapes.check("resend decided")
+    with db.session_scope(engine) as session:
+        fence = _record_send(session, _claim(session, job_id, 2))
+    scrapes.check("resend recorded as sent")
+    with db.session_scope(engine) as session:  # fal refused it (429): it never went out
+        assert store.give_back(session, fence, reason="rate limited")
+    assert scrapes.check("resend given back").possible_duplicate_charges == 0
+    with db.session_scope(engine) as session:
+        fence = _record_send(session, _claim(session, job_id, 2))
+        _submitted(session, fence, 2, utcnow())
+    snap = scrapes.check("resend sent")
+    assert (snap.possible_duplicate_charges, snap.attempts, snap.retries) == (1, 2, 1)
