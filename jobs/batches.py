@@ -40,7 +40,7 @@ from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
 from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
-from jobs.models import Batch, BatchState, Job, utcnow
+from jobs.models import USER_CANCELLED, Batch, BatchState, Job, utcnow
 from jobs.money import DaySpender, too_much_usd, usd_apart, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job, price_table
 from jobs.printable import printable, shell_ref
@@ -2278,7 +2278,7 @@ def cancel_batch(ref: str, settings: Settings, *, by: str, simulate: bool | None
                 [batch.id],
                 reason="batch cancelled",
                 error="cancelled by user",
-                error_type="cancelled",
+                error_type=USER_CANCELLED,
                 worker=by,
             )
             if paused_for_outputs or already:  # already: the pause's reason is gone, its waits are not

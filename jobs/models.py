@@ -234,6 +234,13 @@ def _str_enum(enum_cls: type[StrEnum]) -> Enum:
 #: Its estimate is no longer counted; the manifest bringing it back makes it ``pending`` again.
 NOT_IN_MANIFEST = "not_in_manifest"
 
+#: ``error_type`` of a job the user's cancel (``wanbatch cancel``, the dashboard's) ended, however
+#: it ended: never sent, or its request cancelled at fal — whether fal answered ``client_cancelled``
+#: or no longer knew the request (404). One type, as the deadline's is one (``deadline``), so that
+#: ``status`` counts a cancel as one reason (sent and never sent apart) and exports group it as
+#: one; fal's own word stays in the job's history (the event's reason).
+USER_CANCELLED = "cancelled"
+
 
 class BatchState(StrEnum):
     """Whether a batch's jobs may be submitted. Jobs have their own states (:class:`JobState`)."""

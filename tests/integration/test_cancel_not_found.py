@@ -131,3 +131,47 @@ def test_a_request_of_a_cancelled_batch_fal_no_longer_knows_before_cancelling_is
     assert job.state == JobState.CANCELLED, (job.state, job.error_type, job.error)
     assert job.error_type != "request_not_found"
     assert job.actual_usd == 0
+
+
+#: fal's answers to a cancelled request's status: it ended the request at our cancel
+#: (COMPLETED, ``client_cancelled``), or removed it from its queue (404).
+CANCEL_ANSWERS = {
+    "completed-client-cancelled": json_reply(
+        {"status": "COMPLETED", "error": "Request cancelled by client", "error_type": "client_cancelled"}, 200
+    ),
+    "not-found": NOT_FOUND,
+}
+
+
+@pytest.mark.parametrize("answer", sorted(CANCEL_ANSWERS))
+def test_a_cancelled_request_records_the_same_error_type_whatever_fal_answers(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, answer: str
+) -> None:
+    # The user's cancel is `cancelled` whether fal ended the request (client_cancelled) or forgot
+    # it (404), as it is for the jobs the cancel ended before they were sent: status prints
+    # "N cancelled: cancelled by user" for them all, not a line apart for fal's word.
+    fal = FakeFal(hostile)
+    fal.on_status("r1", json_reply({"status": "IN_QUEUE", "queue_position": 0}, 202))
+    hostile.route(
+        "PUT",
+        rf"{re.escape(fal.base)}/requests/r1/cancel",
+        json_reply({"status": "CANCELLATION_REQUESTED"}, 202),
+    )
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    batch_id = add_batch(engine, f"cancel-{answer}", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    try:
+        (job_id,) = dispatch(rt)
+        assert submit(rt, job_id) == "submitted"
+        with db.session_scope(engine) as session:
+            store.set_batch_state(session, batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        cancel_jobs_of_cancelled_batches(rt)
+        assert _state(engine, job_id) == JobState.CANCELLING
+        fal.on_status("r1", CANCEL_ANSWERS[answer])
+        _make_due(engine, job_id)
+        poll(rt)
+    finally:
+        rt.client.close()
+    with db.session_scope(engine) as session:
+        job = store.get_job(session, job_id)
+    assert (job.state, job.error_type, job.error) == (JobState.CANCELLED, "cancelled", "cancelled by user")
+    assert job.actual_usd == 0

@@ -2493,7 +2493,7 @@ def test_a_cancel_answered_by_webhook_ends_cancelled_and_billed_as_fal_billed(
     entry = _ledger_entry(hooked.sim, job.request_id)
     assert entry["outcome"] == "cancelled"
     assert entry["billed"] is (where == "running")
-    assert (ended.state, ended.error_type) == (S.CANCELLED, "client_cancelled")
+    assert (ended.state, ended.error_type) == (S.CANCELLED, "cancelled")
     assert ended.error == "cancelled by user"
     assert ended.actual_usd == (job.est_usd if where == "running" else 0)
 

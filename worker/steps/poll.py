@@ -22,7 +22,7 @@ from jobs.errors import (
     RetryableProviderError,
     WanbatchError,
 )
-from jobs.models import BatchState, JobSnapshot, utcnow
+from jobs.models import USER_CANCELLED, BatchState, Job, JobSnapshot, utcnow
 from jobs.settings import Settings
 from jobs.store import Fence
 from worker import logs, telemetry
@@ -464,17 +464,36 @@ def gone_after_our_cancel(session: Session, fence: Fence, exc: ProviderError, *,
             session, fence, job, Status(state="COMPLETED"), why=why, how=how, now=now, outcome=outcome
         )
         return True
-    store.mark_cancelled(
+    end_user_cancel(session, fence, job, outcome, reason=how, now=now)
+    return True
+
+
+def end_user_cancel(
+    session: Session,
+    fence: Fence,
+    job: Job,
+    outcome: billing.Outcome,
+    *,
+    reason: str,
+    now: datetime,
+    provider_metrics: dict[str, Any] | None = None,
+) -> bool:
+    """→ ``cancelled``: the user's cancel ended the job's request at fal, ``reason`` saying how
+    (fal's ``client_cancelled`` end, or its 404 after our cancel), billed as ``outcome``. Both
+    record :data:`~jobs.models.USER_CANCELLED`, as the cancel of a job never sent does: the
+    COMPLETED end recorded fal's ``client_cancelled`` and the 404 ``cancelled``, so ``status``
+    and exports showed one cancel as two reasons."""
+    return store.mark_cancelled(
         session,
         fence,
-        reason=how,
+        reason=reason,
         error="cancelled by user",
-        error_type="cancelled",
+        error_type=USER_CANCELLED,
         completed_at=now,
+        provider_metrics=provider_metrics,
         details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
         **billed(job, outcome),
     )
-    return True
 
 
 def record_completion(
@@ -506,16 +525,8 @@ def record_completion(
         if why != USER_CANCEL:  # the batch's schedule asked the cancel
             end_unstarted(session, fence, job, status, why=why, how=ended, now=now, outcome=outcome)
             return False
-        store.mark_cancelled(
-            session,
-            fence,
-            reason=ended,
-            error="cancelled by user",
-            error_type=status.error_type,
-            completed_at=now,
-            provider_metrics=status.metrics or None,
-            details={store.CANCEL_BILLED_AS: outcome.value},  # taken back should fal prove a run
-            **billed(job, outcome),
+        end_user_cancel(
+            session, fence, job, outcome, reason=ended, now=now, provider_metrics=status.metrics or None
         )
         return False
     # fal ended the request by the start timeout a schedule gave it, before it started: the

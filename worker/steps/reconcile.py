@@ -20,7 +20,7 @@ from jobs.errors import (
     RequestHeldError,
     RetryableProviderError,
 )
-from jobs.models import utcnow
+from jobs.models import USER_CANCELLED, utcnow
 from jobs.printable import one_line
 from jobs.store import Fence
 from worker.fal.models import CancelOutcome, RequestHandle
@@ -361,7 +361,7 @@ def cancel_jobs_of_cancelled_batches(rt: Runtime) -> int:
             cancelled,
             reason="batch cancelled",
             error="cancelled by user",
-            error_type="cancelled",
+            error_type=USER_CANCELLED,
             worker=rt.owner,
         )
         # A request sent to another fal queue is that queue's processes' to cancel (Runtime.reach).
