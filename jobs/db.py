@@ -1341,18 +1341,7 @@ def free_bytes_beside(path: Path) -> int | None:
     """The bytes this user may still write on the file system that holds ``path`` (a SQLite
     database, there or still to be created: its nearest folder that exists is asked); None when
     that cannot be told."""
-    folder = path.absolute().parent
-    while True:
-        try:
-            info = os.statvfs(folder)
-        except FileNotFoundError:
-            if folder.parent == folder:
-                return None
-            folder = folder.parent
-            continue
-        except (OSError, ValueError):
-            return None
-        return info.f_bavail * info.f_frsize
+    return fs.free_bytes_in(path.absolute().parent)
 
 
 #: Less free space than this beside a SQLite database counts as a full disk: one that fails to

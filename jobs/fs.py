@@ -341,3 +341,20 @@ def sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def free_bytes_in(folder: Path) -> int | None:
+    """The bytes this user may still write on the file system that holds ``folder``, there or
+    still to be created (its nearest folder that exists is asked): ``statvfs``'s ``f_bavail``,
+    what a write meets, not the blocks kept for root. None when that cannot be told."""
+    while True:
+        try:
+            info = os.statvfs(folder)
+        except FileNotFoundError:
+            if folder.parent == folder:
+                return None
+            folder = folder.parent
+            continue
+        except (OSError, ValueError):
+            return None
+        return info.f_bavail * info.f_frsize

@@ -33,7 +33,8 @@ each what is wrong and what to do about it:
   not fal's queue, or has a path before the app's (:func:`_application_not_found`);
 - **output storage**: ``WANBATCH_OUTPUT_DIR`` (folder or ``s3://``) takes a probe object
   (:meth:`jobs.output_store.OutputStore.check_writable`, what ``run`` checks at start-up); a
-  local folder not there yet is only found creatable, not created;
+  local folder not there yet is only found creatable, not created, and its disk to have room
+  for that probe (:func:`_full_output_disk`);
 - **receiver**: with ``WANBATCH_WEBHOOK_URL``, the ``wanbatch serve`` behind it answers
   ``GET /healthz`` from this host, fal's signing keys can be fetched from
   ``WANBATCH_WEBHOOK_JWKS_URL`` here, and the receiver says (``/healthz``) it can verify
@@ -70,7 +71,10 @@ from jobs.digits import ascii_int
 from jobs.url_secrets import mask_urls, masked_url
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from jobs.db import LockHolder, SqliteFile
+    from jobs.output_store import OutputStore
     from jobs.settings import Settings
     from jobs.store import WorkersBeat
 
@@ -354,6 +358,29 @@ def _missing_sqlite_file(name: str, where: str, target: SqliteFile) -> Check | N
     return _ok(name, f"{where}: not created yet: the first command creates it at {shown}")
 
 
+def _sqlite_free_bytes(target: SqliteFile) -> int | None:
+    """The bytes left for this user beside the SQLite database ``target`` when too few for any
+    command that writes (:data:`jobs.db.NO_ROOM_BYTES`: its disk is full); None when there is room
+    or that cannot be told."""
+    from jobs.db import NO_ROOM_BYTES, free_bytes_beside
+
+    free = free_bytes_beside(target.path)
+    return free if free is not None and free < NO_ROOM_BYTES else None
+
+
+#: Why the checks that read the database beside their own (the workers', the receiver's, the
+#: limiter's) leave a SQLite database whose disk is full unopened: a connection to a WAL database
+#: there leaves the ``-wal`` and ``-shm`` it could not grow behind (the doctor creates nothing),
+#: and the database check says what is wrong.
+_SQLITE_DISK_FULL = "its disk is full (see database)"
+
+
+def _sqlite_closed(target: SqliteFile | None) -> bool:
+    """Whether the checks beside the database's leave the SQLite database ``target`` unopened:
+    its disk is full (:data:`_SQLITE_DISK_FULL`). Not SQLite (None): opened."""
+    return target is not None and _sqlite_free_bytes(target) is not None
+
+
 def _full_sqlite_disk(name: str, where: str, target: SqliteFile) -> Check | None:
     """The verdict on a SQLite database whose disk is full (None: there is room).
 
@@ -363,11 +390,10 @@ def _full_sqlite_disk(name: str, where: str, target: SqliteFile) -> Check | None
     than :data:`jobs.db.NO_ROOM_BYTES` is what every command refuses ("the database's disk is
     full")."""
     from jobs.batches import size_text
-    from jobs.db import NO_ROOM_BYTES, free_bytes_beside
     from jobs.fs import shown_path
 
-    free = free_bytes_beside(target.path)
-    if free is None or free >= NO_ROOM_BYTES:
+    free = _sqlite_free_bytes(target)
+    if free is None:
         return None
     folder = shown_path(target.path.absolute().parent)
     return _fail(
@@ -570,6 +596,8 @@ def _workers_beat(settings: Settings) -> WorkersBeat | str | None:
         target = db.sqlite_file(url)
         if target is not None and not target.path.exists():
             return None  # no workers write to a database that does not exist
+        if _sqlite_closed(target):
+            return f"cannot open the database: {_SQLITE_DISK_FULL}"
         connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
         engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
     except Exception as exc:
@@ -981,11 +1009,36 @@ def check_storage(settings: Settings) -> Check:
         return _fail(name, f"{type(exc).__name__}: {_first_line(exc)}", "check WANBATCH_OUTPUT_DIR")
     if under is None:
         return _ok(name, f"{store.describe()} is writable")
+    if (full := _full_output_disk(name, store, under)) is not None:
+        return full
     folder = shown_path(store.local_root().resolve())
     created = f"not created yet: the first run creates it ({shown_path(under)} is writable)"
     if store.is_remote:
         return _ok(name, f"{store.describe()} is writable; the staging folder {folder}: {created}")
     return _ok(name, f"{folder}: {created}")
+
+
+def _full_output_disk(name: str, store: OutputStore, under: Path) -> Check | None:
+    """The verdict on a local output folder not created yet (the output folder, or S3's staging
+    folder) whose disk cannot take ``run``'s start-up probe (None: it can). A folder that is
+    there takes the probe itself and fails on a full disk ("No space left on device"); one not
+    there yet was only found creatable, and said "✓ … the first run creates it" on a full disk
+    while that run refused to start. :data:`jobs.output_store.OUTPUT_PROBE_BYTES` is what the
+    probe writes."""
+    from jobs.batches import size_text
+    from jobs.fs import free_bytes_in, shown_path
+    from jobs.output_store import OUTPUT_PROBE_BYTES
+
+    free = free_bytes_in(under)
+    if free is None or free >= OUTPUT_PROBE_BYTES:
+        return None
+    setting = "WANBATCH_OUTPUT_STAGING_DIR" if store.is_remote else "WANBATCH_OUTPUT_DIR"
+    return _fail(
+        name,
+        f"{setting} '{shown_path(store.local_root())}' cannot take the outputs: its disk is full "
+        f"({size_text(free)} free for {shown_path(under)}), so `run` refuses to start",
+        f"free space on that disk, or point {setting} at a disk with room",
+    )
 
 
 def healthz_url(webhook_url: str) -> str | None:
@@ -1204,6 +1257,8 @@ def _database_fingerprint(settings: Settings) -> str | _Unknown | None:
         target = db.sqlite_file(url)
         if target is not None and not target.path.exists():
             return None  # no secret in a database that does not exist
+        if _sqlite_closed(target):
+            return _Unknown(f"cannot open the database: {_SQLITE_DISK_FULL}")
         connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
         engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)
     except Exception as exc:
@@ -1301,7 +1356,7 @@ def dispatchers_differ(settings: Settings) -> list[str]:
     try:
         url = db.normalize_url(settings.database_url)
         target = db.sqlite_file(url)
-        if target is not None and not target.path.exists():
+        if (target is not None and not target.path.exists()) or _sqlite_closed(target):
             return []
         connect_args = {"connect_timeout": int(TIMEOUT)} if url.get_backend_name() == "postgresql" else {}
         engine = db.read_engine(url, poolclass=NullPool, connect_args=connect_args)

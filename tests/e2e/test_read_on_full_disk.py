@@ -206,3 +206,34 @@ def test_the_small_disk_is_full_for_sqlite_too(database: Path, small_disk: Small
     ):
         conn.execute("SELECT count(*) FROM batches").fetchone()
     assert failed.value.sqlite_errorcode == sqlite3.SQLITE_IOERR_SHMSIZE, failed.value
+
+
+def test_the_doctor_fails_the_database_and_the_outputs_on_a_full_disk(
+    database: Path, small_disk: SmallDisk
+) -> None:
+    """The database and the output folder (not created yet) on the one full disk: each check
+    fails, saying so; no traceback, no ✓. Before, the output folder not there yet was "✓ …
+    not created yet: the first run creates it (… is writable)", while that run's probe failed
+    with "No space left on device"."""
+    outputs = small_disk.root / "outputs"
+    env = {**_env(f"sqlite:///{database}"), "WANBATCH_OUTPUT_DIR": str(outputs)}
+    small_disk.fill()
+
+    done = wanbatch("doctor", "--simulate", "--json", env=env)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    checks = {check["name"]: check for check in json.loads(done.stdout)["checks"]}
+    assert checks["database"]["status"] == "fail"
+    assert "the database's disk is full (0 bytes free" in checks["database"]["detail"]
+    assert checks["output storage"]["status"] == "fail", checks["output storage"]
+    assert "its disk is full (0 bytes free" in checks["output storage"]["detail"]
+    assert not outputs.exists()  # the doctor creates nothing
+
+    shown = wanbatch("doctor", "--simulate", env=env)
+    assert shown.returncode == 1, shown.stderr
+    assert "Traceback" not in shown.stderr + shown.stdout, shown.stderr
+    said = shown.stdout + shown.stderr
+    assert "✗ database" in said, said
+    assert "✗ output storage" in said, said
+    assert "all well" not in said
+    assert _beside(database) == ["wb.db"]

@@ -73,6 +73,31 @@ def test_the_doctor_says_the_databases_disk_is_full(
     get_settings.cache_clear()
 
 
+def test_the_doctor_says_an_output_folder_not_created_yet_has_no_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: "✓ … not created yet: the first run creates it (… is writable)" on a full disk,
+    while that run's probe failed with "No space left on device" (a folder that is there takes
+    the probe itself, and failed already)."""
+    from worker.doctor import check_storage
+
+    outputs = tmp_path / "outputs"
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(outputs))
+    get_settings.cache_clear()
+    assert check_storage(get_settings()).status == "ok"  # room: as before
+
+    monkeypatch.setattr(os, "statvfs", _no_room(os.statvfs))
+    check = check_storage(get_settings())
+    assert check.status == "fail"
+    assert (
+        f"WANBATCH_OUTPUT_DIR '{outputs}' cannot take the outputs: its disk is full (0 bytes free"
+        in check.detail
+    )
+    assert (check.fix or "").startswith("free space on that disk")
+    assert not outputs.exists()  # the doctor creates nothing
+    get_settings.cache_clear()
+
+
 def test_a_first_start_on_a_full_disk_leaves_no_empty_database_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
