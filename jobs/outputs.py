@@ -19,7 +19,7 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
@@ -342,7 +342,12 @@ def _partials_in(folder: Path, max_age: float) -> set[str] | None:
 
 
 def remove_stale_partials(
-    dest: Path, *, older_than: float, version: int | None = None, now: float | None = None
+    dest: Path,
+    *,
+    older_than: float,
+    version: int | None = None,
+    now: float | None = None,
+    storing: Callable[[], bool] | None = None,
 ) -> int:
     """Delete temporary files left beside ``dest`` by attempts that are over: a download's
     ``.<name>.*.part`` and its sidecar's ``.<name>.json.*.tmp`` (a process killed while writing
@@ -357,6 +362,11 @@ def remove_stale_partials(
     one go while its writer holds the lease. So the file of a download (or sidecar write) still
     holding the job is never pulled from under it. The folder is listed at most once per
     ``older_than`` (:func:`_partials_in`), not once per download.
+
+    ``storing()``, asked once before a sidecar's temporary file would go: whether ``dest`` is held
+    by a process storing it now (``worker.steps.download._being_stored``). Then the file is that
+    process's sidecar on its way, kept: a try frozen past its lease (``kill -STOP``) while it wrote
+    it, its file swept, ended without a sidecar and left its video under the job's name for good.
     """
     removed = 0
     cutoff = (time.time() if now is None else now) - older_than
@@ -364,6 +374,7 @@ def remove_stale_partials(
     names = _partials_in(dest.parent, older_than)
     if not names:
         return 0
+    held: bool | None = None  # whether dest is being stored: asked once, when a sidecar's file would go
     for name in [n for n in names if n.startswith(prefix) or n.startswith(sidecar)]:
         partial = name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX)
         if not partial and not (name.startswith(sidecar) and name.endswith(SIDECAR_TEMP_SUFFIX)):
@@ -374,6 +385,10 @@ def remove_stale_partials(
         try:
             if not superseded and stale.stat().st_mtime > cutoff:
                 continue
+            if not partial and storing is not None:
+                held = storing() if held is None else held
+                if held:
+                    continue
             stale.unlink()
         except FileNotFoundError:
             pass

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import db, outputs, store
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider
@@ -145,6 +145,56 @@ def test_a_try_frozen_while_storing_leaves_no_second_copy_under_the_jobs_name(
     assert fal.posts() == 1
 
 
+def test_a_try_frozen_while_writing_its_sidecar_leaves_no_video_under_the_jobs_name(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtimes: list[Runtime],
+) -> None:
+    """Frozen a moment later than above: its sidecar's temporary file written, not yet renamed
+    (a slow ``fsync``). The next try, finding the video held, stores its own beside it — and
+    leaves the frozen try's temporary sidecar alone, the file of a try still storing. Before, it
+    swept it as the debris of a lapsed lease: the frozen try woke, found its sidecar gone, ended
+    without one, and its video stayed under the job's name, without a sidecar, for good."""
+    fal = FakeFal(hostile)
+    first, job_id = completed_job(engine, hostile, tmp_path)
+    runtimes.append(first)
+    folder = tmp_path / "outputs" / "steps"
+    reached, thaw = threading.Event(), threading.Event()
+    write_all = outputs.write_all
+
+    def frozen_write(fd: int, data: bytes) -> None:
+        if threading.current_thread().name == "frozen":
+            reached.set()
+            assert thaw.wait(30)
+        write_all(fd, data)
+
+    monkeypatch.setattr(outputs, "write_all", frozen_write)
+    outcomes: dict[str, str] = {}
+    old = threading.Thread(
+        target=lambda: outcomes.update(frozen=download(first, job_id)), name="frozen", daemon=True
+    )
+    old.start()
+    assert reached.wait(30)
+    assert len(list(folder.glob(".*.json.*.tmp"))) == 1  # the frozen try's sidecar, on its way
+
+    lease_taken_over(engine, job_id)
+    monkeypatch.setattr(outputs, "_PARTIALS", {})  # the next try lists the folder afresh (another process)
+    second = make_runtime(engine, first.settings)
+    runtimes.append(second)
+    assert download(second, job_id) == "succeeded"
+    thaw.set()
+    old.join(30)
+    assert outcomes["frozen"] == "lost-lease"
+
+    job = get(engine, job_id)
+    output = Path(job.output_path or "")
+    assert output.read_bytes() == fal.video
+    assert videos(folder) == sorted([output.name, output.with_suffix(".json").name])
+    assert fal.posts() == 1
+
+
 @pytest.mark.parametrize(
     "sidecar",
     [
@@ -171,4 +221,29 @@ def test_only_a_copy_of_the_jobs_own_output_is_ever_withdrawn(
         json.dumps({"job_id": "j1", "request_id": "r1", "video_sha256": "ab"})
     )
     assert _withdraw_copy(video, job_id="j1", request_id="r1", sha256="ab")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_the_other_try_withdrew_meanwhile_is_no_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both tries may come to withdraw the frozen try's pair at once (the frozen one woke as the
+    next one recorded the job): the one that finds it gone says nothing. Before, it warned that
+    it "could not remove" the copy — No such file or directory — though none was left."""
+    video = tmp_path / "000001-j1.mp4"
+    video.write_bytes(b"video")
+    video.with_suffix(".json").write_text(
+        json.dumps({"job_id": "j1", "request_id": "r1", "video_sha256": "ab"})
+    )
+    read_sidecar = outputs.read_sidecar
+
+    def read_then_withdrawn(path: Path) -> dict[str, object] | None:
+        record = read_sidecar(path)
+        path.unlink()  # the other try withdraws the pair meanwhile
+        path.with_suffix(".json").unlink()
+        return record
+
+    monkeypatch.setattr(outputs, "read_sidecar", read_then_withdrawn)
+    assert not _withdraw_copy(video, job_id="j1", request_id="r1", sha256="ab")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -622,7 +623,13 @@ def _fetch_video(
     try:
         # debris of attempts that are over (temporary files of downloads and sidecars): never
         # the file of a download that holds the job
-        outputs.remove_stale_partials(dest, older_than=settings.lease_seconds, version=claim.version)
+        outputs.remove_stale_partials(
+            dest,
+            older_than=settings.lease_seconds,
+            version=claim.version,
+            # the sidecar on its way of a try frozen while storing there is not debris
+            storing=None if outs.is_remote else functools.partial(_being_stored, dest),
+        )
     except OSError as exc:
         failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
         failed.__cause__ = exc  # what it was (out of file descriptors, a full disk) is told by its errno
@@ -942,7 +949,7 @@ def _withdraw_copy(video: Path, *, job_id: str, request_id: str, sha256: str) ->
     """Remove ``video`` and its sidecar when the sidecar says it is a copy of the job's recorded
     output — the same job, request and bytes — stored under the job's name by a try that lost
     its lease. Nothing else is touched (another request's video, one without its sidecar: a try
-    still storing it)."""
+    still storing it). Both tries may come to it at once: the one that finds it gone says nothing."""
     record = outputs.read_sidecar(video)
     if (
         record is None
@@ -954,6 +961,8 @@ def _withdraw_copy(video: Path, *, job_id: str, request_id: str, sha256: str) ->
     try:
         video.unlink()
         outputs.sidecar_path(video).unlink(missing_ok=True)
+    except FileNotFoundError:  # the other try withdrew it meanwhile: nothing is left
+        return False
     except OSError as exc:
         log.warning(
             "job %s: could not remove %s, a second copy of its output left by a try that lost its lease: %s",
