@@ -5,14 +5,18 @@ Found by the chaos suite (``test_paused_worker_is_fenced``): the frozen try had 
 to the job's name and held it (``_storing``) when the next try came; that one stored its own
 beside it (correct: a video without its sidecar that another process holds is not to be taken),
 then the frozen try woke, wrote its sidecar, found its lease gone — and left a second copy under
-the job's name that no job points to. Whichever of the two tries ends last now withdraws it.
+the job's name that no job points to. The frozen try now withdraws it once its database records
+the job's output under the other name (waiting for that record, at most a lease).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import pytest
 from sqlalchemy import Engine
 
 from jobs import db, outputs, store
+from jobs.db import make_engine
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider
@@ -27,7 +32,7 @@ from tests.hostile_fal import FakeFal
 from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
 from worker import chaos
 from worker.steps import Runtime, dispatch, download, poll, submit
-from worker.steps.download import _withdraw_copy
+from worker.steps.download import RECORDED_ELSEWHERE_POLL, _withdraw_copy
 
 KEY = "fenced-store-key-51c0"
 
@@ -123,14 +128,18 @@ def test_a_try_frozen_while_storing_leaves_no_second_copy_under_the_jobs_name(
         frozen.thaw["frozen"].set()
         old.join(30)
     else:
-        # the next try has put its copy beside the held one, then the frozen try wakes and ends
-        # (the job not yet recorded: it leaves its pair), then the next try records the success
+        # the next try has put its copy beside the held one, then the frozen try wakes, writes
+        # its sidecar, finds its lease gone and the job not recorded yet: it waits for the
+        # record, which the next try then makes
         new = frozen.start("next", second, job_id, outcomes)
         frozen.thaw["frozen"].set()
-        old.join(30)
-        assert canonical.with_suffix(".json").is_file()  # the frozen try's pair, complete
+        # the frozen try's pair, complete
+        wait_until(lambda: canonical.with_suffix(".json").is_file(), step=lambda: None)
+        time.sleep(2 * RECORDED_ELSEWHERE_POLL)
+        assert old.is_alive()  # waiting for the job's record
         frozen.thaw["next"].set()
         new.join(30)
+        old.join(30)
         assert outcomes["next"] == "succeeded"
     assert outcomes["frozen"] == "lost-lease"
 
@@ -224,12 +233,57 @@ def test_only_a_copy_of_the_jobs_own_output_is_ever_withdrawn(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_two_copies_of_the_database_keep_each_the_output_it_recorded(
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    runtimes: list[Runtime],
+    request: pytest.FixtureRequest,
+) -> None:
+    """README "Two copies of one project running at once": a backup run beside the database it
+    was taken from, one output folder, the same request. Copy A holds the job's name while it
+    stores its video; copy B stores its own beside it. Each records its own file, and neither is
+    removed: B cannot tell A's pair from a try of its own that lost its lease, so only a try that
+    its own database says lost its lease withdraws anything. Before, B removed A's recorded
+    output once it had recorded its own."""
+    fal = FakeFal(hostile)
+    shutil.copyfile(request.getfixturevalue("_sqlite_template"), tmp_path / "a.db")
+    engine_a = make_engine(f"sqlite:///{tmp_path / 'a.db'}")
+    first, job_id = completed_job(engine_a, hostile, tmp_path)
+    runtimes.append(first)
+    with sqlite3.connect(tmp_path / "a.db") as source, sqlite3.connect(tmp_path / "b.db") as copy:
+        source.backup(copy)
+    engine_b = make_engine(f"sqlite:///{tmp_path / 'b.db'}")
+    second = make_runtime(engine_b, first.settings)
+    runtimes.append(second)
+    folder = tmp_path / "outputs" / "steps"
+    frozen = Frozen(monkeypatch)
+    outcomes: dict[str, str] = {}
+    copy_a = frozen.start("a", first, job_id, outcomes)
+    copy_b = frozen.start("b", second, job_id, outcomes)  # A holds the name: B goes beside it
+    frozen.thaw["a"].set()
+    copy_a.join(30)
+    frozen.thaw["b"].set()
+    copy_b.join(30)
+    assert outcomes == {"a": "succeeded", "b": "succeeded"}
+    try:
+        outputs_of = {get(engine, job_id).output_path for engine in (engine_a, engine_b)}
+    finally:
+        engine_a.dispose()
+        engine_b.dispose()
+    assert len(outputs_of) == 2
+    for output in outputs_of:
+        assert Path(output or "").read_bytes() == fal.video
+        assert Path(output or "").with_suffix(".json").is_file()
+    assert len(videos(folder)) == 4
+
+
 def test_a_copy_the_other_try_withdrew_meanwhile_is_no_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both tries may come to withdraw the frozen try's pair at once (the frozen one woke as the
-    next one recorded the job): the one that finds it gone says nothing. Before, it warned that
-    it "could not remove" the copy — No such file or directory — though none was left."""
+    """The pair to withdraw is gone already (removed by hand meanwhile): nothing to say. Before,
+    a warning said it "could not remove" the copy — No such file or directory — though none was
+    left."""
     video = tmp_path / "000001-j1.mp4"
     video.write_bytes(b"video")
     video.with_suffix(".json").write_text(

@@ -72,7 +72,7 @@ from jobs.open_files import os_errno, out_of_files
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputFolderError, OutputWriteError
 from jobs.settings import Settings
-from jobs.states import JobState
+from jobs.states import TERMINAL_STATES, JobState
 from jobs.store import Fence
 from worker import chaos, logs, probe, telemetry
 from worker.crash import summary
@@ -647,15 +647,10 @@ def _fetch_video(
             return fetched
         result = fetched
     # where the video went: ``dest``, or beside it when another request's took the name meanwhile
-    canonical, dest = dest, result.path
+    dest = result.path
     files.add(dest)  # its sidecar's temporary file goes beside it
     with _storing(dest, local=not outs.is_remote):
-        outcome = _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
-    if outcome == "succeeded" and dest != canonical and request_id is not None:
-        # stored beside the job's name because a try that lost its lease was storing the same
-        # video there: that try's copy, if it finished, is a duplicate of this output
-        _withdraw_copy(canonical, job_id=job_id, request_id=request_id, sha256=result.sha256)
-    return outcome
+        return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
 
 
 @contextlib.contextmanager
@@ -919,37 +914,53 @@ def _stored_late(
     return "lost-lease"
 
 
+#: How often a try that lost its lease after storing its video asks whether the job's new holder
+#: has recorded the job's output (:func:`_withdraw_if_stored_elsewhere`), in seconds.
+RECORDED_ELSEWHERE_POLL = 0.5
+
+
 def _withdraw_if_stored_elsewhere(
     rt: Runtime, job_id: str, video: Path, sidecar: dict[str, Any], sha256: str
 ) -> None:
-    """This try published ``video`` (and its sidecar) after its lease was taken over: if the new
-    holder already recorded the job's success under another name (it found this video there
-    without its sidecar while this try was frozen, so stored its own beside it:
-    :func:`_occupied`), this pair is a second copy no job points to — withdrawn, or every
-    listing, export and ``verify`` of the folder would meet a stray video. While the job is not
-    yet recorded the pair stays: the new holder may still take it (:func:`_downloaded_before`),
-    and if it stores its own beside it, it withdraws this one (:func:`_fetch_video`). Whichever
-    of the two comes last sees the other's work, so one of them withdraws it."""
+    """This try published ``video`` (and its sidecar) after its lease was taken over (a process
+    frozen past it: ``kill -STOP``, a paused VM). The new holder may have found this video under
+    the job's name without its sidecar, held while it was stored, and stored its own copy beside
+    it (:func:`_occupied`): once it records the job's success under that other name, this pair
+    is a second copy no job points to — withdrawn, or every listing, export and ``verify`` of
+    the folder would meet a stray video.
+
+    Only this try withdraws it, and only on its own database's word: the new holder cannot tell
+    this pair from the same video that another copy of the database (a backup run beside it, a
+    shared output folder) stores and records under that name at the same moment. While the job
+    is not recorded yet (the new holder still fetching its copy), this try waits for it, at most
+    a lease (``WANBATCH_LEASE_SECONDS``) and not past a stop of the run; the pair stays when the
+    new holder takes this very video (its recorded output) or nothing is recorded by then."""
     request_id = sidecar.get("request_id")
     if not isinstance(request_id, str):
         return
-    try:
-        with db.session_scope(rt.engine) as session:
-            job = store.job_snapshot(session, job_id)
-    except Exception:  # the database cannot say: the pair stays (as it always did)
-        return
-    if job.state != JobState.SUCCEEDED or job.output_path is None or job.output_sha256 != sha256:
-        return
-    if Path(job.output_path) == video:
-        return  # the new holder took this very video: it is the job's output
+    give_up = time.monotonic() + rt.settings.lease_seconds
+    while True:
+        try:
+            with db.session_scope(rt.engine) as session:
+                job = store.job_snapshot(session, job_id)
+        except Exception:  # the database cannot say: the pair stays (as it always did)
+            return
+        if job.state == JobState.SUCCEEDED:
+            break
+        if job.state in TERMINAL_STATES or time.monotonic() >= give_up:
+            return
+        if rt.output_writes.stopping.wait(RECORDED_ELSEWHERE_POLL):
+            return
+    if job.output_path is None or job.output_sha256 != sha256 or Path(job.output_path) == video:
+        return  # the new holder took this very video (it is the job's output), or another one
     _withdraw_copy(video, job_id=job_id, request_id=request_id, sha256=sha256)
 
 
 def _withdraw_copy(video: Path, *, job_id: str, request_id: str, sha256: str) -> bool:
     """Remove ``video`` and its sidecar when the sidecar says it is a copy of the job's recorded
     output — the same job, request and bytes — stored under the job's name by a try that lost
-    its lease. Nothing else is touched (another request's video, one without its sidecar: a try
-    still storing it). Both tries may come to it at once: the one that finds it gone says nothing."""
+    its lease. Nothing else is touched (another request's video, one without its sidecar). One
+    that is gone already (removed by hand meanwhile) is nothing to say."""
     record = outputs.read_sidecar(video)
     if (
         record is None
