@@ -35,6 +35,12 @@ _REASONS = {
 }
 #: Where Linux (4.7 and later) shows a process's umask without changing it.
 _PROC_STATUS = Path("/proc/self/status")
+#: Where Linux shows how the user ids of a process's user namespace map to the host's: the
+#: host's own namespace maps every id to itself (``0 0 4294967295``).
+_UID_MAP = Path("/proc/self/uid_map")
+#: The share of a disk (1 in 50, at most 4096 blocks) ext4 keeps for itself, root's writes
+#: included (its ``reserved_clusters``), yet counts in ``statvfs``'s ``f_bfree``.
+_EXT4_KEPT_SHARE, _EXT4_KEPT_MAX = 50, 4096
 
 #: Why a path is refused that the file-system encoding cannot hold at all (``LC_ALL=C`` with
 #: Python's UTF-8 mode off: ASCII only). ``validate`` says it of a local media file.
@@ -345,8 +351,8 @@ def sync_folder(folder: Path) -> None:
 
 def free_bytes_in(folder: Path) -> int | None:
     """The bytes this user may still write on the file system that holds ``folder``, there or
-    still to be created (its nearest folder that exists is asked): ``statvfs``'s ``f_bavail``,
-    what a write meets, not the blocks kept for root. None when that cannot be told."""
+    still to be created (its nearest folder that exists is asked): what a write meets
+    (:func:`_writable_blocks`). None when that cannot be told."""
     while True:
         try:
             info = os.statvfs(folder)
@@ -357,4 +363,35 @@ def free_bytes_in(folder: Path) -> int | None:
             continue
         except (OSError, ValueError):
             return None
-        return info.f_bavail * info.f_frsize
+        return _writable_blocks(info) * info.f_frsize
+
+
+def _writable_blocks(info: os.statvfs_result) -> int:
+    """The blocks of ``info`` (``statvfs``) this process may write: ``f_bavail`` for a user, and
+    for the host's root (:func:`writes_as_root`) the blocks kept for root too (ext4's 5 % by
+    default, ``tune2fs -m``), which root's writes take: ``f_bavail`` alone made the doctor, run
+    as root, call a disk with 5 % left full ("every command that writes refuses to start"),
+    while its commands wrote there. ``f_bfree`` also counts the blocks ext4 keeps from root too
+    (:data:`_EXT4_KEPT_SHARE`), taken off where the disk keeps any (``f_bfree`` above
+    ``f_bavail``; tmpfs and XFS keep none): a disk root filled is full for root. Never less than
+    ``f_bavail``."""
+    if not writes_as_root() or info.f_bfree <= info.f_bavail:
+        return int(info.f_bavail)
+    kept = min(info.f_blocks // _EXT4_KEPT_SHARE, _EXT4_KEPT_MAX)
+    return int(max(info.f_bavail, info.f_bfree - kept))
+
+
+def writes_as_root() -> bool:
+    """Whether this process writes as the host's root, for whom a file system keeps blocks
+    (ext4 lets its reserved blocks to uid 0): effective uid 0 in the host's user namespace
+    (:data:`_UID_MAP`). The root of a user namespace of its own (a rootless container) is
+    another user to the file system, and meets ``f_bavail`` as any user does. Where there is no
+    such map to read (not Linux, no ``/proc``), uid 0 is root."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    try:
+        with _UID_MAP.open(encoding="ascii") as fh:
+            first = fh.readline().split()
+    except (OSError, ValueError):
+        return True
+    return first[:3] == ["0", "0", "4294967295"]

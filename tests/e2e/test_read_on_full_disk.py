@@ -237,3 +237,59 @@ def test_the_doctor_fails_the_database_and_the_outputs_on_a_full_disk(
     assert "✗ output storage" in said, said
     assert "all well" not in said
     assert _beside(database) == ["wb.db"]
+
+
+@pytest.fixture
+def root_reserve_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB ext4 disk keeping half its blocks for root (``mkfs.ext4 -m 50``), mounted, and
+    filled up to them: nothing left for other users (``f_bavail`` 0), some 4 MiB for root."""
+    from jobs.fs import writes_as_root
+
+    if not writes_as_root():
+        pytest.skip("the blocks ext4 keeps for root are only the host's root's to write")
+    image, root = tmp_path / "ext4.img", tmp_path / "reserved"
+    with image.open("wb") as fh:
+        fh.truncate(8 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "50", str(image)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 file system here: {made.stderr.decode(errors='replace').strip()}")
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-o", "loop", str(image), str(root)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a loop device here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        fd = os.open(root / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.statvfs(root).f_bavail > 0:
+                os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        info = os.statvfs(root)
+        assert info.f_bavail == 0, info
+        assert info.f_bfree * info.f_frsize > 2 << 20, info
+        yield root
+    finally:
+        if subprocess.run(["umount", str(root)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_the_doctor_run_as_root_writes_into_the_blocks_kept_for_root(
+    root_reserve_disk: Path, wb: Wb, manifest: MakeManifest
+) -> None:
+    """Full for every user but root, whose commands write there (ext4 lets the host's root use
+    the blocks it keeps): the doctor run as root passes the database and the output folder.
+    Before, it said "the database's disk is full (0 bytes free …): every command that writes
+    refuses to start" and "… `run` refuses to start", right after `submit` had written there."""
+    database, outputs = root_reserve_disk / "db" / "wb.db", root_reserve_disk / "outputs"
+    env = {**_env(f"sqlite:///{database}"), "WANBATCH_OUTPUT_DIR": str(outputs)}
+    submitted = wanbatch("submit", manifest("rr", BATCH.format(name="rr", seed=1)), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    assert os.statvfs(root_reserve_disk).f_bavail == 0
+
+    done = wanbatch("doctor", "--simulate", "--json", env=env)
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr
+    checks = {check["name"]: check for check in json.loads(done.stdout)["checks"]}
+    assert checks["database"]["status"] == "ok", checks["database"]
+    assert checks["output storage"]["status"] == "ok", checks["output storage"]
+    assert not outputs.exists()  # the doctor creates nothing

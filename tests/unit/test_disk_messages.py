@@ -41,9 +41,80 @@ def _no_room(real: Callable[[str], os.statvfs_result]) -> Callable[[str], object
     """``os.statvfs`` of a file system with no byte left (a tmpfs filled up)."""
 
     def statvfs(path: str) -> object:
-        return SimpleNamespace(f_bavail=0, f_frsize=real(path).f_frsize)
+        info = real(path)
+        return SimpleNamespace(f_bavail=0, f_bfree=0, f_blocks=info.f_blocks, f_frsize=info.f_frsize)
 
     return statvfs
+
+
+def _room_for_root_only(real: Callable[[str], os.statvfs_result]) -> Callable[[str], object]:
+    """``os.statvfs`` of an ext4 disk of 20 GiB filled up to the blocks it keeps for root
+    (``tune2fs -m``, 5 % by default): nothing left for other users, 1 GiB for root."""
+
+    def statvfs(path: str) -> object:
+        size = real(path).f_frsize
+        root_only, disk = (1 << 30) // size, (20 << 30) // size
+        return SimpleNamespace(f_bavail=0, f_bfree=root_only, f_blocks=disk, f_frsize=size)
+
+    return statvfs
+
+
+#: Who runs the doctor: its effective uid and its user namespace's uid map (the host's own for
+#: root; a rootless container maps its root to a user of the host), and whether the blocks ext4
+#: keeps for root are its to write.
+WRITERS = {
+    "host-root": (0, "         0          0 4294967295\n", True),
+    "namespaced-root": (0, "         0       1000          1\n", False),
+    "user": (1000, "         0          0 4294967295\n", False),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_the_doctor_counts_the_blocks_kept_for_root_when_it_runs_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str
+) -> None:
+    """A disk full for every user but root: root's `run` creates the database and takes the
+    output probe (ext4 lets the host's root write the 5 % it keeps), so the doctor run as root
+    says so. Before: "the database's disk is full: every command that writes refuses to start"
+    and "`run` refuses to start", both untrue for root (it asked ``f_bavail`` only)."""
+    from jobs import fs
+    from worker.doctor import check_database, check_storage
+
+    euid, uid_map, room = WRITERS[writer]
+    mapped = tmp_path / "uid_map"
+    mapped.write_text(uid_map, encoding="ascii")
+    monkeypatch.setattr(fs, "_UID_MAP", mapped, raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    monkeypatch.setenv("WANBATCH_DATABASE_URL", f"sqlite:///{tmp_path / 'db' / 'wb.db'}")
+    monkeypatch.setenv("WANBATCH_OUTPUT_DIR", str(tmp_path / "outputs"))
+    get_settings.cache_clear()
+    monkeypatch.setattr(os, "statvfs", _room_for_root_only(os.statvfs))
+    try:
+        database, storage = check_database(get_settings()), check_storage(get_settings())
+    finally:
+        get_settings.cache_clear()
+    expected = "ok" if room else "fail"
+    assert (database.status, storage.status) == (expected, expected), (database.detail, storage.detail)
+    if not room:
+        assert "the database's disk is full (0 bytes free for" in database.detail
+        assert "its disk is full (0 bytes free for" in storage.detail
+
+
+def test_root_keeps_off_the_blocks_ext4_keeps_from_root_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ext4 counts in ``f_bfree`` the blocks it keeps for itself (2 % of the disk, at most 4096),
+    which root may not write either: a disk root has filled shows them, and is full for root."""
+    from jobs import fs
+
+    monkeypatch.setattr(fs, "writes_as_root", lambda: True)
+    full = SimpleNamespace(f_bavail=0, f_bfree=4096, f_blocks=5_000_000, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    assert fs.free_bytes_in(Path("/data")) == 0
+    band = SimpleNamespace(f_bavail=0, f_bfree=4096 + 256, f_blocks=5_000_000, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: band)
+    assert fs.free_bytes_in(Path("/data")) == 256 * 4096
+    tmpfs = SimpleNamespace(f_bavail=10, f_bfree=10, f_blocks=256, f_frsize=4096)  # none kept
+    monkeypatch.setattr(os, "statvfs", lambda path: tmpfs)
+    assert fs.free_bytes_in(Path("/data")) == 10 * 4096
 
 
 @pytest.mark.parametrize("exists", [True, False], ids=["database-there", "not-created-yet"])
