@@ -1198,6 +1198,7 @@ def _processing(
     *,
     stored: Callable[[], str | None] = lambda: None,
     unlooked: Callable[[], str | None] = lambda: None,
+    known: Callable[[], str | None] = lambda: None,
 ) -> None:
     """:func:`guarded`, plus what Ctrl-C and SIGTERM do to a command that processes a batch.
 
@@ -1207,15 +1208,18 @@ def _processing(
     stored, or the run set up) carries no batch: ``stored()`` then says which batch the command
     had stored, if any — by asking the database; when the database does not answer at all
     (the stop ended without it: :class:`worker.running.HangWatch`), ``unlooked()`` says which
-    batch it may have stored, without asking.
+    batch it may have stored, without asking. A second signal ends the process on the spot,
+    without asking either: its ``--json`` object names the batch being processed, else
+    ``known()``, the batch the command has stored (or read) for sure, if any.
     """
 
     def interruptible() -> int:
         from jobs.errors import DatabaseFullError
-        from worker.running import Interrupted, stop_on_signals
+        from worker.running import Interrupted, processing_batch, stop_on_signals
 
-        # A second signal ends the process on the spot: under --json with the object too.
-        last_words = (lambda: hard_exit_json("interrupted again: exiting now")) if as_json else None
+        def last_words() -> bytes | None:
+            """A second signal's ``--json`` object (:func:`hard_exit_json`)."""
+            return hard_exit_json("interrupted again: exiting now", processing_batch() or known())
 
         def hung(line: str, batch_id: str | None) -> None:
             """The stop ends without the database, which does not answer (130, one line)."""
@@ -1223,7 +1227,7 @@ def _processing(
             _exit_interrupted(Interrupted(line, batch_id=batch_id), as_json, resume(batch_id), locked=True)
 
         try:
-            with stop_on_signals(last_words=last_words, on_hang=hung):
+            with stop_on_signals(last_words=last_words if as_json else None, on_hang=hung):
                 return action()
         except Interrupted as exc:
             exc.batch_id = exc.batch_id or stored()
@@ -1534,6 +1538,8 @@ def run(
     seconds (exit 130); run again to resume. MANIFEST may also name a stored batch (`run BATCH`).
     """
 
+    batch = _RunBatch()
+
     def action() -> int:
         from jobs import batches, database_home
         from jobs.fs import shown_path
@@ -1571,6 +1577,7 @@ def run(
                     refuse_paused_batch=True,
                     refuse=_refuse_simulated_elsewhere,
                     take_over=take_over,
+                    on_batch=batch.storing,
                 )
                 if note := result.database_note:  # the default database, made here: said once
                     err.print(escape(note))
@@ -1583,10 +1590,41 @@ def run(
                 if note := result.schedule_note():
                     err.print(f"[yellow]{escape(note)}[/yellow]")
                 stored = result.batch_id
+            batch.sure = stored
             _say_collecting(stored, target)
             return _run_and_report(stored, target, as_json, not no_progress, keyless=keyless)
 
-    _processing(as_json, action, lambda _: "run the same command again to resume")
+    def again(_batch_id: str | None) -> str:
+        return "run the same command again to resume"  # a submit is idempotent: stored or not
+
+    _processing(as_json, action, again, stored=batch.stored, unlooked=batch.known, known=batch.known)
+
+
+class _RunBatch:
+    """The batch ``run`` stores (or reads), for what a signal that comes before its processing
+    began reports: ``--json``'s ``batch`` named none while the database held it, pending jobs
+    and all. Running the same command again resumes it either way (a submit is idempotent)."""
+
+    def __init__(self) -> None:
+        #: Named by ``submit_manifest`` inside its transaction: stored only once that committed.
+        self.named: str | None = None
+        #: Stored (or read) for sure: ``submit_manifest`` returned it, or ``run BATCH`` names it.
+        self.sure: str | None = None
+
+    def storing(self, batch_id: str) -> None:
+        """``submit_manifest``'s ``on_batch``: the batch, found or created, not committed yet."""
+        self.named = batch_id
+
+    def stored(self) -> str | None:
+        """The batch the database holds, asked only when it may be stored and not known to be
+        (:func:`_batch_found`); None when it is not, or the database does not answer."""
+        if self.sure is None and self.named is not None and _batch_found(self.named):
+            self.sure = self.named
+        return self.sure
+
+    def known(self) -> str | None:
+        """The batch stored for sure, without asking the database."""
+        return self.sure
 
 
 @click.command()
@@ -1694,6 +1732,7 @@ def rerun(
                 else:
                     say(escape(str(nothing)))
                 return nothing.exit_code
+            new.committed = result.batch_id
             print_warnings(result)
             print_budget_note(result)
             if note := rerun_wait_note(result, utcnow()):
@@ -1701,7 +1740,7 @@ def rerun(
             again = f"run `{new.run_command(result.batch_id)}`"  # never `rerun` again: another batch
             return _run_and_report(result.batch_id, target, as_json, not no_progress, again=again)
 
-    _processing(as_json, action, new.hint, stored=new.stored, unlooked=new.unlooked)
+    _processing(as_json, action, new.hint, stored=new.stored, unlooked=new.unlooked, known=new.known)
 
 
 class _NewRerun:
@@ -1721,6 +1760,8 @@ class _NewRerun:
         #: Set once :meth:`stored` looked: True when the database could not say (not stored
         #: is ``batch_id`` None then).
         self.unsure = False
+        #: The new batch once ``rerun_batch`` returned it: stored for sure.
+        self.committed: str | None = None
 
     def storing(self, batch_id: str, name: str) -> None:
         """``rerun_batch``'s ``on_batch``: the new batch, not committed yet."""
@@ -1741,6 +1782,10 @@ class _NewRerun:
         answer): unsure from the moment it was named."""
         self.unsure = self.batch_id is not None
         return self.batch_id
+
+    def known(self) -> str | None:
+        """The new batch when it is stored for sure, without asking the database."""
+        return self.committed
 
     def hint(self, batch_id: str | None) -> str:
         """How to go on: run the stored batch (never ``rerun`` again), or start over."""
@@ -1873,7 +1918,11 @@ def cancel(batch: str, as_json: bool, simulate: bool, no_progress: bool, abandon
         ref = shell_ref(names.get(known, ""), known)
         return f"run `wanbatch cancel {ref}{_simulate_flag(simulate)}` again to finish cancelling"
 
-    _processing(as_json, action, again)
+    def read() -> str | None:
+        """The batch the cancel has read (and recorded its cancel for), if it got that far."""
+        return next(iter(names), None)
+
+    _processing(as_json, action, again, stored=read, unlooked=read, known=read)
 
 
 def _abandon_other_key(batch_id: str, settings: Settings) -> int:

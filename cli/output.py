@@ -520,15 +520,16 @@ def emit_json_list(head: Mapping[str, object], key: str, items: Iterable[Mapping
     sys.stdout.flush()
 
 
-def hard_exit_json(error: str) -> bytes | None:
+def hard_exit_json(error: str, batch_id: str | None = None) -> bytes | None:
     """The ``--json`` object of a command that is about to end on the spot (``os._exit``, a
-    second Ctrl-C), ``{"ok": false, "error": ERROR, "interrupted": true, "batch": null}``, as
-    bytes for ``os.write`` (a signal handler must not write through ``sys.stdout``, which the
-    signal may have interrupted mid-write); None when an object was already printed."""
+    second Ctrl-C), ``{"ok": false, "error": ERROR, "interrupted": true, "batch": BATCH_ID}``
+    (null when no batch is known to be stored), as bytes for ``os.write`` (a signal handler must
+    not write through ``sys.stdout``, which the signal may have interrupted mid-write); None when
+    an object was already printed."""
     if _json_written.is_set():
         return None
     _json_written.set()
-    document = {"ok": False, "error": error, "interrupted": True, "batch": None}
+    document = {"ok": False, "error": error, "interrupted": True, "batch": batch_id}
     return (json_document(document, ascii_only=True) + "\n").encode()  # any encoding takes it
 
 

@@ -574,6 +574,7 @@ def submit_manifest(
     refuse_paused_batch: bool = False,
     refuse: Callable[[Session, Batch], None] | None = None,
     take_over: bool = False,
+    on_batch: Callable[[str], None] | None = None,
 ) -> SubmitResult:
     """Validate the whole manifest, then store its batch and jobs in one transaction.
 
@@ -612,6 +613,10 @@ def submit_manifest(
     ``take_over`` (``--take-over``): the user says it is the batch's project moved here, and it
     is taken whatever it leaves out, as a move on one machine is. Taken, the batch records this
     machine (``manifest_host_moved``).
+
+    ``on_batch(id)`` is called with the batch (found or created) inside the transaction, before
+    its jobs are stored: should a signal stop the command before this returns, the caller can
+    look it up to name the batch the database holds (``run --json``'s ``batch``), or none.
     """
     judged_at = clock.utcnow()
     report = validate_manifest(path, input_dirs(settings, allowed_dirs), fal_keys(settings), now=judged_at)
@@ -661,6 +666,8 @@ def submit_manifest(
         if not created:  # raised inside the transaction: nothing is stored
             refuse_rerun(session, batch)
             refuse_cancelled(session, batch, manifest=True)
+        if on_batch is not None:
+            on_batch(batch.id)
         if refuse is not None:  # a new batch too: what it claims is claimed with the batch
             refuse(session, batch)
         manifest_moved = None

@@ -230,6 +230,12 @@ class _Stopping:
 _stopping = _Stopping()
 
 
+def processing_batch() -> str | None:
+    """The batch this process has begun processing (or watching) under :func:`stop_on_signals`;
+    None before that: what a second signal's last words name (it must not ask the database)."""
+    return _stopping.batch_id
+
+
 def database_silence(url: str, within: float | None = None, connecting: float | None = None) -> str | None:
     """Why the database at ``url`` gave no answer: neither to ``SELECT 1`` on a connection of
     its own — ``connecting`` seconds to open it, then ``within`` seconds for the answer — nor to

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import pytest
 
 import cli
+from tests.e2e.e2e_helpers import db_rows
 from tests.in_process import run_main
 from worker import running
 
@@ -94,9 +95,12 @@ def test_a_second_ctrl_c_under_json_prints_the_json_error(
     assert code == 130
     out, err = capfd.readouterr()
     assert "interrupted again: exiting now" in err
+    # The batch was stored before its processing was interrupted: the object names it (it said
+    # null, though the database held the batch and its pending jobs).
+    ((stored,),) = db_rows(os.environ["WANBATCH_DATABASE_URL"], "SELECT id FROM batches")
     assert _strict(out) == {
         "ok": False,
         "error": "interrupted again: exiting now",
         "interrupted": True,
-        "batch": None,
+        "batch": stored,
     }
