@@ -85,9 +85,12 @@ def _exit_on_interrupt() -> object:
 
 
 #: The commands a SIGTERM or a SIGHUP stops as Ctrl-C does (exit 130), start-up included: the
-#: README's **Ctrl-C**. The others keep the signals' default (``serve``: uvicorn's graceful
-#: shutdown, then the signal's own status; ``worker``: Celery's warm shutdown).
-_STOPPED_LIKE_CTRL_C = frozenset({"run", "rerun", "cancel"})
+#: README's **Ctrl-C**. ``export`` and ``submit`` too: killed by the signal (143, 129) without a
+#: word, an export left its hidden temporary file of partial records beside its target for good;
+#: stopped as Ctrl-C stops them, the file is removed and a submit's transaction rolled back on the
+#: way out. The others keep the signals' default (``serve``: uvicorn's graceful shutdown, then the
+#: signal's own status; ``worker``: Celery's warm shutdown).
+_STOPPED_LIKE_CTRL_C = frozenset({"run", "rerun", "cancel", "export", "submit"})
 
 
 def _command_name(args: list[str]) -> str | None:
@@ -103,8 +106,9 @@ def _termination_signals() -> list[signal.Signals]:
 
 
 def _exit_on_termination() -> dict[signal.Signals, object]:
-    """During the start-up of ``run``, ``rerun`` or ``cancel``, make SIGTERM and SIGHUP exit 130
-    with one line, as SIGINT (:func:`_exit_on_interrupt`); returns the handlers it replaced.
+    """During the start-up of the commands of :data:`_STOPPED_LIKE_CTRL_C`, make SIGTERM and
+    SIGHUP exit 130 with one line, as SIGINT (:func:`_exit_on_interrupt`); returns the handlers
+    it replaced.
 
     They killed the process by the signal (143, 129) without a word until the run's own handling
     (:func:`worker.running.stop_on_signals`) took over, a second or two in, though the README

@@ -88,6 +88,10 @@ from jobs.cost import cost_report
 from jobs.errors import NotFoundError, UsageError, WanbatchError
 from jobs.export import (
     FIELDS,
+    LOCKED_SUFFIX,
+    PART_SUFFIX,
+    RANDOM_PART,
+    UNLOCKED_PART_AGE,
     by_state,
     export_manifest_text,
     record,
@@ -1098,19 +1102,13 @@ def _refuse_taken(dest: Path) -> bool:
 
 
 #: The hidden folder an export into an existing DIR is built in, inside DIR (``tempfile``'s
-#: random part between them).
-PART_PREFIX, PART_SUFFIX = ".wanbatch-export.", ".part"
-#: How an export that holds its part folder's lock while it writes names that folder
-#: (``.wanbatch-export.RANDOM.locked.part``): the lock record, made with the folder. Earlier
-#: versions named theirs ``.wanbatch-export.RANDOM.part`` (``tempfile``'s random part has no dot)
-#: and the first of them took no lock: nobody holding the lock of such a folder does not prove
-#: its export ended (:func:`_take_stale`).
-LOCKED_SUFFIX = ".locked" + PART_SUFFIX
-#: Seconds a part folder without the lock record (:data:`LOCKED_SUFFIX`) must have been left
-#: untouched, every entry in it, before another export removes it: its export may be one of an
-#: earlier version, which takes no lock, still writing. A day: an export adds a video every few
-#: seconds, and a video being copied or downloaded is written to all along.
-UNLOCKED_PART_AGE = 24 * 3600
+#: random part between them), then :data:`~jobs.export.PART_SUFFIX`. An export that holds its
+#: lock while it writes ends its name with :data:`~jobs.export.LOCKED_SUFFIX`
+#: (``.wanbatch-export.RANDOM.locked.part``); one without may be an earlier version's, which
+#: took no lock: it is removed only once untouched, every entry in it, for
+#: :data:`~jobs.export.UNLOCKED_PART_AGE` (:func:`_take_stale`), as a single-file export's
+#: temporary file is.
+PART_PREFIX = ".wanbatch-export."
 
 
 def _is_part(entry: os.DirEntry[str]) -> bool:
@@ -1122,16 +1120,10 @@ def _is_part(entry: os.DirEntry[str]) -> bool:
     )
 
 
-#: ``tempfile``'s random part of a name (:data:`tempfile._RandomNameSequence`: 8 of these, no
-#: dot), which tells the part folders of an export into ``new`` (``.new.RANDOM.part``) from those
-#: of one into ``new.v2`` (``.new.v2.RANDOM.part``), which begin alike.
-_RANDOM = r"[a-z0-9_]{8}"
-
-
 def _is_sibling_part(entry: os.DirEntry[str], dest: Path) -> bool:
     """Whether ``entry`` is a part folder an export into the new folder ``dest`` made beside it
     (a real folder): ``.DEST.RANDOM.locked.part``, or an earlier version's ``.DEST.RANDOM.part``."""
-    pattern = re.escape(f".{dest.name}.") + _RANDOM + r"(?:\.locked)?\.part"
+    pattern = re.escape(f".{dest.name}.") + RANDOM_PART + r"(?:\.locked)?\.part"
     return re.fullmatch(pattern, entry.name) is not None and entry.is_dir(follow_symlinks=False)
 
 

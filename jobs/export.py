@@ -41,19 +41,26 @@ as text instead of running it. Batch names and prompts are user text and ``actua
 spreadsheet, and stays exact.
 
 With ``-o FILE`` the export is written to a temporary file beside FILE and renamed over it at
-the end, so a failed export never leaves a truncated file under the final name.
+the end, so a failed export never leaves a truncated file under the final name. That file
+(``.FILE.RANDOM.locked.part``) is locked (``flock``) while it is written, as an ``hf`` export's
+part folder is: one an export killed outright left behind (nobody holds it) is removed by the
+next export to FILE, one held is a running export's and left alone (:func:`_clear_stale_temps`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import math
 import os
+import re
 import stat
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
@@ -686,14 +693,14 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
         mode = _mode_for(output)
     except OSError as exc:
         raise UsageError(f"cannot write the export to {str(output)!r}: {exc.strerror or exc}") from None
+    _clear_stale_temps(output)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
+        fd, tmp = _locked_temp(output)
     except OSError as exc:  # e.g. /proc/version: the file is there, its folder takes no new file
         raise UsageError(
             f"cannot write the export to {str(output)!r}: cannot create its temporary file beside it "
             f"(in {str(output.parent)!r}): {exc.strerror or exc}"
         ) from None
-    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
             count = fill(fh)
@@ -710,6 +717,93 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
             tmp.unlink()
         raise
     return count
+
+
+#: The suffix of what an export writes before it renames it into place: a file beside ``-o
+#: FILE`` (:func:`write_atomically`), a folder for ``hf`` (:mod:`jobs.dataset_export`).
+PART_SUFFIX = ".part"
+#: How an export that holds its temporary file's (or part folder's) ``flock`` while it writes
+#: names it (``.FILE.RANDOM.locked.part``): the lock record, made with it. Earlier versions named
+#: theirs ``.FILE.RANDOM.part`` and took no lock: nobody holding the lock of such a one does not
+#: prove its export ended.
+LOCKED_SUFFIX = ".locked" + PART_SUFFIX
+#: Seconds a temporary file or part folder without the lock record (:data:`LOCKED_SUFFIX`) must
+#: have been left untouched before another export removes it: its export may be one of an earlier
+#: version, which takes no lock, still writing. A day: an export writes all along.
+UNLOCKED_PART_AGE = 24 * 3600
+#: ``tempfile``'s random part of a name (:data:`tempfile._RandomNameSequence`: 8 of these, no
+#: dot), which tells the temporary files of an export to ``new`` (``.new.RANDOM.part``) from those
+#: of one to ``new.v2`` (``.new.v2.RANDOM.part``), which begin alike.
+RANDOM_PART = r"[a-z0-9_]{8}"
+
+
+def _locked_temp(output: Path) -> tuple[int, Path]:
+    """A new hidden temporary file beside ``output`` (``.NAME.RANDOM.locked.part``), open, and
+    holding its exclusive ``flock`` (unheld where the file system has none) until it is closed:
+    the next export to ``output`` then tells a running export's file from one a killed export
+    left (:func:`_clear_stale_temps`). The lock is taken after the file is made, so such a sweep
+    may remove it in between: the file at the path is checked to be the one locked, else
+    another made."""
+    for _ in range(8):
+        fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=LOCKED_SUFFIX, dir=output.parent)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep holds it only for as long as it looks
+        except OSError:
+            return fd, Path(name)
+        try:
+            same = os.path.samestat(os.lstat(name), os.fstat(fd))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, Path(name)
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "its temporary file kept being removed by another export", str(output.parent))
+
+
+def _clear_stale_temps(output: Path) -> None:
+    """Remove the temporary files that exports to ``output``, ended before they renamed theirs
+    into place (``kill -9``, a crash, a power cut: nothing removed them), left beside it: each
+    a hidden copy of partial records, 0600, never removed otherwise. By the rules an ``hf``
+    export clears its stale part folders by (:func:`jobs.dataset_export._take_stale`): one nobody
+    holds the lock of, named as taking one, is removed; one held is a running export's, and left
+    alone; one of an earlier version's name (which took no lock) only once untouched for
+    :data:`UNLOCKED_PART_AGE`. Nothing here stops the export: each writes its own file, and what
+    cannot be told or removed stays for the user to judge."""
+    pattern = re.compile(
+        re.escape(f".{output.name}.") + RANDOM_PART + r"(?:\.locked)?" + re.escape(PART_SUFFIX)
+    )
+    try:
+        with os.scandir(output.parent) as entries:
+            stale = [
+                Path(e.path)
+                for e in entries
+                if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+            ]
+    except OSError:  # a folder it may not list: creating the temporary file there says why
+        return
+    for temp in stale:
+        _remove_unheld(temp)
+
+
+def _remove_unheld(temp: Path) -> None:
+    """Remove the temporary file ``temp`` of an export if that export has ended: nobody holds
+    its lock, and its name says its export took one, else it is untouched for
+    :data:`UNLOCKED_PART_AGE`. Left as it is otherwise, or when it cannot be told."""
+    try:
+        fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # gone meanwhile, or not ours to open
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: a running export's (or no flock here)
+        info = os.fstat(fd)
+        if not temp.name.endswith(LOCKED_SUFFIX) and info.st_mtime > time.time() - UNLOCKED_PART_AGE:
+            return  # an earlier version's export, which takes no lock, may still be writing it
+        if os.path.samestat(os.lstat(temp), info):  # the file looked at, not one made since
+            temp.unlink()
+    except OSError:
+        return
+    finally:
+        os.close(fd)
 
 
 def _mode_for(output: Path) -> int:

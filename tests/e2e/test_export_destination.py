@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from jobs import dataset_export
+from jobs.export import UNLOCKED_PART_AGE
 from tests.e2e.conftest import _clear_caches
 from tests.e2e.e2e_helpers import MakeManifest
 from tests.in_process import run_main
@@ -224,7 +225,7 @@ def test_an_earlier_versions_part_folder_untouched_for_a_day_is_removed(
     volume = tmp_path / "volume"
     volume.mkdir()
     part = _old_export_part(volume)
-    long_ago = time.time() - dataset_export.UNLOCKED_PART_AGE - 60
+    long_ago = time.time() - UNLOCKED_PART_AGE - 60
     for path in (part / "videos" / "000000-old.mp4", part / "videos", part):
         os.utime(path, (long_ago, long_ago))
     assert run_main(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch) == 0
@@ -238,7 +239,7 @@ def test_an_earlier_versions_part_folder_written_to_lately_is_kept(
     volume = tmp_path / "volume"
     volume.mkdir()
     part = _old_export_part(volume)
-    long_ago = time.time() - dataset_export.UNLOCKED_PART_AGE - 60
+    long_ago = time.time() - UNLOCKED_PART_AGE - 60
     for path in (part / "videos", part):
         os.utime(path, (long_ago, long_ago))
     _refused(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch, capsys)
