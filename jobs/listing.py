@@ -953,15 +953,20 @@ def dead_holders_text(dead: Sequence[DeadHolder], *, now: datetime, processing: 
 
     Not ``processing`` (the workers' tick leader is frozen, :func:`leader_stalled`: the
     reconciler that takes leases over does not run), nothing takes the jobs over when the lease
-    ends: the line says they are taken over once a process works on the batch again."""
+    ends: the line says they are taken over once a process works on the batch again.
+
+    A holder known to have ended (``ended``: a pid of this host that no longer runs,
+    :func:`jobs.processes.owner_gone`) is said to have, whenever it last beat: "not seen for 4s"
+    of a run killed a moment ago read as a process that may be alive, while the progress line
+    and ``--json``'s ``ended`` said it had ended."""
     if not dead:
         return ""
     jobs, until, who = _held_jobs(dead, holder_who)
     first = dead[0]
-    if first.last_seen is not None:
-        state = f"not seen for {format_age((now - first.last_seen).total_seconds())}"
-    else:
+    if first.ended or first.last_seen is None:
         state = "which has ended"
+    else:
+        state = f"not seen for {format_age((now - first.last_seen).total_seconds())}"
     noun = "job" if jobs == 1 else "jobs"
     ends = "its lease ends" if len(dead) == 1 else "their leases end"
     at = utc_clock(until, now=now)

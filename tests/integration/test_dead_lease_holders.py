@@ -113,3 +113,28 @@ def test_status_names_the_jobs_a_gone_process_holds_and_when_they_are_taken_over
         session.execute(update(Job).where(Job.batch_id == batch_id).values(lease_expires_at=now))
     report = json.loads(_status(engine, monkeypatch, capsys, batch_id, "--json"))
     assert (report["dead_lease_holders"], report["dead_lease_holders_note"]) == ([], "")
+
+
+def test_a_holder_of_this_host_that_has_ended_is_said_to_have_however_lately_it_beat(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run of this host killed a moment ago (SIGKILL, a second Ctrl-C) beat 4 s before: status
+    said "held by process PID@HOST, not seen for 4s", as of a process that may be alive, while
+    its ``ended`` (and the progress line) said it had ended."""
+    batch_id = add_batch(engine, "killed-run", [(T2V, {"prompt": p}) for p in "ab"])
+    now = utcnow()
+    host, pid = socket.gethostname(), _dead_pid()
+    with db.session_scope(engine) as session:
+        store.record_heartbeat(session, f"{host}:{pid}:", [batch_id], now - timedelta(seconds=4))
+    _lease(engine, batch_id, 0, f"{host}:{pid}:9", now + timedelta(minutes=2))
+
+    report: dict[str, Any] = json.loads(_status(engine, monkeypatch, capsys, batch_id, "--json"))
+
+    (dead,) = report["dead_lease_holders"]
+    assert (dead["pid"], dead["ended"], dead["last_seen"] is not None) == (pid, True, True)
+    assert report["dead_lease_holders_note"].startswith(
+        f"1 job held by process {pid}@{host}, which has ended: "
+    )
+    text = " ".join(_status(engine, monkeypatch, capsys, batch_id).split())
+    assert "which has ended: taken over at" in text
+    assert "not seen for" not in text
