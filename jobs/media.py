@@ -10,7 +10,11 @@ Pillow raises while reading is "not a readable image", never a crash. Decompress
 refused rather than decoded (their pixels counted here, :func:`_refuse_bomb`, never left to a
 warning filter). An image that passes is then decoded once (within the same pixel
 limit), so a truncated or corrupt file (half a PNG, a JPEG cut short) is refused here rather than
-by fal after it was sent and billed; the verdict is cached by the bytes' SHA-256. Pillow's own
+by fal after it was sent and billed; the verdict is cached by the bytes' SHA-256. A local file
+is read from disk once for all that (:class:`_ReadOnce`), hashed as it is read: the header, the
+decode and the SHA-256 a job records (:func:`checked_file`) are of one content, so a file
+rewritten after its check is refused when it is sent rather than sent unchecked. An animated
+WebP/APNG and greyscale of more than 8 bits pass with a warning (:func:`_header_notes`). Pillow's own
 warnings and log lines about a damaged file are kept off stderr (:func:`quiet_pillow`): the
 verdict is the one line validation prints. Audio is probed with PyAV for a WAV or MP3
 container (sniffed from its first bytes, then read by that demuxer alone: an untrusted file
@@ -61,7 +65,7 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 from urllib.parse import urlsplit
 
 from jobs import avcompat
@@ -268,13 +272,24 @@ class MediaProblem:
 
 
 def check_media(
-    value: object, kind: FieldType, limits: MediaConstraints, *, shown: str | None = None
+    value: object,
+    kind: FieldType,
+    limits: MediaConstraints,
+    *,
+    shown: str | None = None,
+    checked: dict[str, str] | None = None,
 ) -> list[MediaProblem]:
     """Every problem with one media value (an absolute path once the manifest resolved it).
 
     ``shown`` is how a message names a local file: the value as the user wrote it
     (``images/x.jpg``, relative to the file that wrote it), not the absolute path it resolved to;
-    ``value`` itself when not given."""
+    ``value`` itself when not given.
+
+    ``checked`` (one validation pass's): a local file that passes is entered under ``value``
+    with the SHA-256 of the very bytes the check read and decoded (:func:`checked_file`), which
+    is what the job records and what the worker later sends or refuses. Read twice in one pass
+    (two fields with different limits) with different bytes, it is an error: the file is being
+    written, and which of the two would be sent is anyone's guess."""
     if not isinstance(value, str):
         # Named as the user wrote it: the loader's own classes (LList, LMap) mean nothing to them.
         got = (
@@ -305,7 +320,19 @@ def check_media(
         return [MediaProblem(f"the URL scheme {scheme!r} is not supported", ALLOWED_FORMS)]
     if not representable(value):
         return [MediaProblem(UNREPRESENTABLE_MESSAGE, UNREPRESENTABLE_ALLOWED)]
-    return check_file(Path(value), kind, limits, shown=shown)
+    problems, digest = checked_file(Path(value), kind, limits, shown=shown)
+    if checked is not None and digest is not None and checked.setdefault(value, digest) != digest:
+        problems.append(_changed_while_checked(shown_path(value if shown is None else shown)))
+    return problems
+
+
+def _changed_while_checked(name: str) -> MediaProblem:
+    """A file whose bytes differed between two reads of one validation pass."""
+    return MediaProblem(
+        f"{name} changed while it was being checked (two reads of it differ)",
+        "a file that is not being written: validate or submit again once it is complete",
+        code="image_load_error",
+    )
 
 
 def check_url(value: str) -> list[MediaProblem]:
@@ -361,7 +388,22 @@ def check_bytes(data: bytes, kind: FieldType, limits: MediaConstraints) -> list[
 def check_file(
     path: Path, kind: FieldType, limits: MediaConstraints, *, shown: str | os.PathLike[str] | None = None
 ) -> list[MediaProblem]:
-    """Check a local file (cached by path, size and modification time).
+    """Check a local file (cached by path, size and modification time): its problems
+    (:func:`checked_file` without the hash)."""
+    return checked_file(path, kind, limits, shown=shown)[0]
+
+
+def checked_file(
+    path: Path, kind: FieldType, limits: MediaConstraints, *, shown: str | os.PathLike[str] | None = None
+) -> tuple[list[MediaProblem], str | None]:
+    """Check a local file (cached by path, size and modification time): its problems, and the
+    SHA-256 hex of the bytes the check read — read once, every byte hashed as it came, and the
+    header and the whole decode made from those same bytes (:class:`_ReadOnce`). None when it has
+    an error (it is never stored, so never sent).
+
+    That hash, not one of a later read, is what a job records (``source_files``, the key): a
+    file rewritten after its check (a sync tool, an export still writing) then differs from the
+    record, and the worker refuses to send it instead of sending unchecked bytes to be billed.
 
     A message names the file as ``shown`` (the value as written; ``path`` when not given), on
     one line (:func:`jobs.fs.shown_path`): a problem says where the user wrote it, and
@@ -373,35 +415,122 @@ def check_file(
     try:
         info = path.stat()
     except ValueError:  # a NUL in the path
-        return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))]
+        return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))], None
     except OSError as exc:  # missing, or there but not to be read (permissions, a symlink loop)
         if is_missing(exc):
-            return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))]
-        return [
-            MediaProblem(f"cannot read {name()}: {os_reason(exc)}", "a readable file " + _formats(limits))
-        ]
+            return [MediaProblem(f"file not found: {name()}", "an existing file " + _formats(limits))], None
+        why = f"cannot read {name()}: {os_reason(exc)}"
+        return [MediaProblem(why, "a readable file " + _formats(limits))], None
     if not stat.S_ISREG(info.st_mode):
-        return [MediaProblem(f"not a regular file: {name()}", "a regular file " + _formats(limits))]
+        return [MediaProblem(f"not a regular file: {name()}", "a regular file " + _formats(limits))], None
     found = _check_file_cached(str(path), info.st_size, info.st_mtime_ns, kind, limits)
     if isinstance(found, str):  # it could not be opened: why
-        return [MediaProblem(f"cannot read {name()}: {found}", "a readable file")]
-    return list(found)
+        return [MediaProblem(f"cannot read {name()}: {found}", "a readable file")], None
+    problems, digest = found
+    return list(problems), digest
 
 
 @lru_cache(maxsize=4096)
 def _check_file_cached(
     path: str, size: int, mtime_ns: int, kind: FieldType, limits: MediaConstraints
-) -> tuple[MediaProblem, ...] | str:
-    """The file's problems; or, when it cannot be opened, why (the caller names the file: the
-    cache is shared by every spelling of its path)."""
+) -> tuple[tuple[MediaProblem, ...], str | None] | str:
+    """The file's problems and the SHA-256 hex of the bytes checked (None when it has an
+    error); or, when it cannot be opened or read, why (the caller names the file: the cache is
+    shared by every spelling of its path)."""
     del mtime_ns  # part of the cache key only
     try:
-        with Path(path).open("rb") as fh:
+        with Path(path).open("rb") as raw:
+            once = _ReadOnce(raw)
+            fh = cast(BinaryIO, once)
             if kind is FieldType.AUDIO:
-                return _check_audio(fh, size, limits)
-            return _check_image(fh, size, limits)
+                problems = _check_audio(fh, size, limits)
+            else:
+                problems = _check_image(fh, size, limits)
+            refused = any(problem.severity == "error" for problem in problems)
+            return problems, None if refused else once.sha256()
     except OSError as exc:
         return os_reason(exc)
+
+
+class _ReadOnce(io.RawIOBase):
+    """A file read once, for a check: each byte comes from the disk once, is hashed in file
+    order as it comes, and is kept, so that every later read or seek (Pillow reads a header,
+    seeks back, opens the image again to decode it; PyAV seeks about an audio file) is served
+    from those same bytes. The header checked, the pixels decoded and :meth:`sha256` are then of
+    one content, even while the file is rewritten on disk. Only what the readers asked for is
+    kept (a file refused on its header is not read whole); :meth:`sha256` reads the rest, if
+    any, hashing without keeping it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        super().__init__()
+        self._raw = raw
+        self._kept = bytearray()
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _fill(self, upto: int | None) -> None:
+        """Read on from the disk until ``upto`` bytes are kept (None: to the end)."""
+        while not self._ended and (upto is None or len(self._kept) < upto):
+            want = 1 << 20 if upto is None else max(upto - len(self._kept), 1 << 16)
+            chunk = self._raw.read(want)
+            if not chunk:
+                self._ended = True
+                break
+            self._hash.update(chunk)
+            self._kept += chunk
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        self._fill(self._pos + len(view))
+        got = self._kept[self._pos : self._pos + len(view)]
+        view[: len(got)] = got
+        self._pos += len(got)
+        return len(got)
+
+    def readall(self) -> bytes:
+        self._fill(None)
+        data = bytes(self._kept[self._pos :])
+        self._pos = len(self._kept)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._pos
+        elif whence == os.SEEK_END:
+            self._fill(None)
+            offset += len(self._kept)
+        elif whence != os.SEEK_SET:
+            raise ValueError(f"invalid whence ({whence})")
+        if offset < 0:
+            raise OSError(f"negative seek position {offset}")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
+
+    def whole_sha256(self) -> str:
+        """:meth:`sha256`, every byte kept (a full decode is about to read them all)."""
+        self._fill(None)
+        return self._hash.hexdigest()
+
+    def sha256(self) -> str:
+        """SHA-256 hex of the whole file as this reader read it: the rest is read on (hashed,
+        not kept) first."""
+        while not self._ended:
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                self._ended = True
+                break
+            self._hash.update(chunk)
+        return self._hash.hexdigest()
 
 
 def _formats(limits: MediaConstraints) -> str:
@@ -582,6 +711,10 @@ class ImageHeader:
     width: int
     height: int
     alpha: bool
+    #: Frames of an animated WebP or PNG (APNG), as its header announces them; 1 otherwise.
+    frames: int = 1
+    #: Pillow's mode (``RGB``, ``L``, ``I;16``…): how many bits a sample has, and of what kind.
+    mode: str = ""
 
     @property
     def mime(self) -> str:
@@ -607,11 +740,58 @@ def _read_header(fh: BinaryIO) -> ImageHeader:
             fmt = _FORMAT_ALIASES.get(image.format or "", image.format or "unknown")
             width, height = image.size
             alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+            # Only where the header says it: a GIF's or TIFF's count walks the whole file.
+            frames = int(getattr(image, "n_frames", 1)) if fmt in _ANIMATED_FORMATS else 1
+            mode = image.mode
     except bomb:
         raise
     except Exception as exc:  # any failure of a reader: an unreadable file
         raise UnreadableImage(_why(exc)) from exc
-    return ImageHeader(fmt, width, height, alpha)
+    return ImageHeader(fmt, width, height, alpha, frames, mode)
+
+
+#: Accepted formats whose header announces how many frames an animation has (APNG's ``acTL``,
+#: WebP's ``ANIM``): such an image passes, and fal's model reads its first frame.
+_ANIMATED_FORMATS = frozenset({"PNG", "WEBP"})
+#: Pillow's modes of more than 8 bits a sample, greyscale (16-bit PNGs and TIFFs, 32-bit integer
+#: or float ones), as each is said in a warning. A plain conversion to RGB clips rather than
+#: scales them: a mid-grey 16-bit image (32768) comes out white.
+_WIDE_GREY_MODES = {
+    "I;16": "16-bit greyscale",
+    "I;16L": "16-bit greyscale",
+    "I;16B": "16-bit greyscale",
+    "I;16N": "16-bit greyscale",
+    "I": "32-bit integer greyscale",
+    "F": "32-bit floating-point greyscale",
+}
+
+
+def _header_notes(header: ImageHeader) -> list[MediaProblem]:
+    """Warnings about an image that passes but that fal's model may not see as the user does:
+    an animation (its first frame is what the model takes) and greyscale of more than 8 bits (a
+    plain RGB conversion changes its tones). Never a refusal: fal may accept both."""
+    notes: list[MediaProblem] = []
+    if header.frames > 1:
+        notes.append(
+            MediaProblem(
+                f"the image is animated ({header.frames} frames): the model takes its first frame; "
+                "sent as is",
+                "",
+                "warning",
+            )
+        )
+    wide = _WIDE_GREY_MODES.get(header.mode)
+    if wide is not None:
+        notes.append(
+            MediaProblem(
+                f"the image is {wide} (Pillow mode {header.mode}): the model's conversion to RGB may "
+                "change its tones (a mid-grey can come out almost white); save it as 8-bit to be sure; "
+                "sent as is",
+                "",
+                "warning",
+            )
+        )
+    return notes
 
 
 #: Full-decode verdicts by the bytes' SHA-256 (None: it decodes), most recent last.
@@ -627,9 +807,16 @@ def _decode_problem(fh: BinaryIO) -> str | None:
     the pixels decoded are within Pillow's limit. Once per distinct content: the verdict is cached
     by SHA-256, so a batch that sends one image a thousand times, as a file or as a data URI,
     decodes it once."""
-    fh.seek(0)
-    data = fh.read()
-    digest = hashlib.sha256(data).digest()
+    source: BinaryIO
+    if isinstance(fh, _ReadOnce):  # a file: decoded from the very bytes its header was read from
+        digest = bytes.fromhex(fh.whole_sha256())
+        source = fh
+    else:
+        fh.seek(0)
+        data = fh.read()
+        digest = hashlib.sha256(data).digest()
+        source = io.BytesIO(data)
+    source.seek(0)
     with _decoded_lock:
         if digest in _decoded:
             _decoded.move_to_end(digest)
@@ -638,7 +825,7 @@ def _decode_problem(fh: BinaryIO) -> str | None:
 
     why: str | None = None
     try:
-        with quiet_pillow(), Image.open(io.BytesIO(data), formats=opened_formats()) as image:
+        with quiet_pillow(), Image.open(source, formats=opened_formats()) as image:
             _refuse_bomb(image.size)  # the header check refused it already: never decoded anyway
             image.load()  # the first frame, as fal's model reads it
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -753,9 +940,7 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
         header = _read_header(fh)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Always an error, assumed limits or not: it protects this machine (and the user's bill).
-        problems.append(
-            MediaProblem(f"refused as a decompression bomb ({exc})", _bomb_allowed(), code="image_load_error")
-        )
+        problems.append(MediaProblem(_bomb_found(exc), _bomb_allowed(), code="image_load_error"))
         return tuple(problems)
     except UnreadableImage:
         problems.append(
@@ -804,8 +989,19 @@ def _check_image(fh: BinaryIO, size: int, limits: MediaConstraints) -> tuple[Med
                 )
             )
     if not any(problem.severity == "error" for problem in problems):
-        problems += advice
+        problems += advice + _header_notes(header)
     return tuple(problems)
+
+
+def _bomb_found(exc: BaseException) -> str:
+    """What a decompression bomb is told: its pixel count, never the limit (the ``allowed``
+    part says that one, :func:`_bomb_allowed`). Pillow's text quotes twice the limit when its own
+    check in ``Image.open`` raised, the limit itself when :func:`_refuse_bomb` did: quoted as it
+    is, the line named two different limits."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    if found is None:
+        return "refused as a decompression bomb"
+    return f"refused as a decompression bomb: the image has {int(found[1]):,} pixels"
 
 
 def _bomb_allowed() -> str:

@@ -121,6 +121,7 @@ def check_input(
     skip: Collection[str] = (),
     written: Mapping[str, Any] | None = None,
     value_cache: ValueCache | None = None,
+    checked: dict[str, str] | None = None,
 ) -> list[FieldProblem]:
     """Every problem of ``values`` (a resolved input) against ``spec``, in a stable order.
 
@@ -131,6 +132,8 @@ def check_input(
     (``images/x.jpg``, where ``values`` has the absolute path it resolved to): a problem names
     and quotes a file as written. ``value_cache`` remembers the verdicts on other plain values
     for one pass (:class:`ValueCache`): the same problems, found once per distinct value.
+    ``checked`` collects, for one pass, each local file that passed with the SHA-256 of the
+    bytes its check read (:func:`jobs.media.check_media`): what the job is to record.
     """
     fields = spec.fields_by_name
     problems: list[FieldProblem] = []
@@ -157,12 +160,12 @@ def check_input(
             mark = (spec.id, name, value, value if shown is None else shown)
             found = media_cache.get(mark)
             if found is None:
-                found = media_cache[mark] = check_value(fld, value, shown=shown)
+                found = media_cache[mark] = check_value(fld, value, shown=shown, checked=checked)
             problems.extend(found)
         elif value_cache is not None and fld.media is None and type(value) in _REMEMBERED:
             problems.extend(value_cache.check(spec.id, fld, value))
         else:
-            problems.extend(check_value(fld, value, shown=shown))
+            problems.extend(check_value(fld, value, shown=shown, checked=checked))
     for fld in fields.values():
         if fld.required and fld.name not in values and fld.name not in skip:
             problems.append(
@@ -171,11 +174,14 @@ def check_input(
     return problems
 
 
-def check_value(fld: FieldSpec, value: Any, *, shown: str | None = None) -> list[FieldProblem]:
+def check_value(
+    fld: FieldSpec, value: Any, *, shown: str | None = None, checked: dict[str, str] | None = None
+) -> list[FieldProblem]:
     """Problems of one value for one field (type, range, enum, length, media).
 
     ``shown``: a media value as the user wrote it (``value`` being the path it resolved to),
-    which its problems name and quote (``file not found: images/x.jpg``)."""
+    which its problems name and quote (``file not found: images/x.jpg``). ``checked``: see
+    :func:`check_input`."""
     kind = fld.type
     if value is None:
         return [FieldProblem(fld.name, "must not be null", value, fld.allowed())]
@@ -183,7 +189,7 @@ def check_value(fld: FieldSpec, value: Any, *, shown: str | None = None) -> list
         quoted_value = value if shown is None else shown
         return [
             FieldProblem(fld.name, p.message, quoted_value, p.allowed or None, p.severity)
-            for p in check_media(value, kind, fld.media, shown=shown)
+            for p in check_media(value, kind, fld.media, shown=shown, checked=checked)
         ]
     if kind is FieldType.STRING:
         return _check_string(fld, value)
@@ -318,12 +324,14 @@ def validate_input(
     skip: Collection[str] = (),
     written: Mapping[str, Any] | None = None,
     value_cache: ValueCache | None = None,
+    checked: dict[str, str] | None = None,
 ) -> list[Issue]:
     """:func:`check_input`'s problems as issues, each at the line its offending value came from
-    (``written``: media values as the user wrote them, see :func:`check_input`)."""
+    (``written``: media values as the user wrote them; ``checked``: the hashes of the files
+    checked; see :func:`check_input`)."""
     issues: list[Issue] = []
     for problem in check_input(
-        spec, values, media_cache, skip=skip, written=written, value_cache=value_cache
+        spec, values, media_cache, skip=skip, written=written, value_cache=value_cache, checked=checked
     ):
         file, line = where.origins.get(problem.field, (where.file, where.line))
         issues.append(

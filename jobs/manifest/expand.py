@@ -97,6 +97,11 @@ class Manifest:
     #: whose jobs all repeat earlier ones yields none, yet holds its index. A resubmit numbers
     #: the batch's jobs no longer in the manifest from here (:func:`jobs.store.resubmit_jobs`).
     item_count: int | None = None
+    #: Each local media file its validation checked and passed (resolved path), with the SHA-256
+    #: of the very bytes that check read and decoded (:func:`jobs.media.checked_file`). The pass
+    #: that stores the jobs records these, not a hash of a later read: a file rewritten since
+    #: its check is then refused by the worker rather than sent unchecked (and billed).
+    checked: dict[str, str] = field(default_factory=dict)
     #: FAL_KEY's values (:func:`jobs.manifest.fal_key.known_keys`): an ``items_from`` row holding
     #: one is an error as it is read (the manifest's own values are checked when it is parsed).
     fal_keys: frozenset[str] = frozenset()
@@ -134,7 +139,7 @@ class Manifest:
         duplicates = DuplicateJobs(self._source_of)
         defaulted = DefaultedDuplicates(self._source_of, self._matrix_of) if issues is not None else None
         combos = self._combos()
-        digests: dict[str, str | None] = {}
+        digests: dict[str, str | None] = dict(self.checked)
         # Resolved per pass, not per process: a file swapped for a symlink between validation
         # and storing is caught by the second pass.
         paths: dict[tuple[str, str], LocalPath] = {}

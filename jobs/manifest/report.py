@@ -30,13 +30,17 @@ MAX_ERRORS = 100_000
 
 
 def validate_job(
-    job: JobSpec, media_cache: MediaCache | None = None, value_cache: ValueCache | None = None
+    job: JobSpec,
+    media_cache: MediaCache | None = None,
+    value_cache: ValueCache | None = None,
+    checked: dict[str, str] | None = None,
 ) -> list[Issue]:
     """The located issues of one expanded job: each at the line its offending value came from,
     a local file named as the manifest wrote it (its ``source_files``), not as it resolved. A
     field its file's CSV header was already faulted for (``reported``) is not faulted again.
     The caches hold one pass's verdicts (:mod:`jobs.validation`): every job is still checked
-    against its endpoint's schema, each distinct file and value once."""
+    against its endpoint's schema, each distinct file and value once. ``checked`` collects the
+    SHA-256 of each local file's checked bytes (:attr:`Manifest.checked`)."""
     written = {name: source.get("source") for name, source in (job.source_files or {}).items()}
     return validate_input(
         get_endpoint(job.endpoint),
@@ -46,6 +50,7 @@ def validate_job(
         skip=job.refused | job.reported,
         written=written,
         value_cache=value_cache,
+        checked=checked,
     )
 
 
@@ -174,7 +179,7 @@ def _validated(
 
     def check_dropped(job: JobSpec) -> None:
         """A job dropped as identical to an earlier one is validated too: its own errors are said."""
-        for issue in validate_job(job, media_cache, value_cache):
+        for issue in validate_job(job, media_cache, value_cache, manifest.checked):
             add(issue, job.endpoint)
 
     for job in manifest.jobs(expansion, dropped=check_dropped):
@@ -182,7 +187,7 @@ def _validated(
         for issue in expansion:
             add(issue)
         expansion.clear()
-        job_issues = validate_job(job, media_cache, value_cache)
+        job_issues = validate_job(job, media_cache, value_cache, manifest.checked)
         for issue in job_issues:
             add(issue, job.endpoint)
         if each_valid is not None and not job.refused and not any(i.severity == "error" for i in job_issues):

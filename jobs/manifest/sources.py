@@ -8,8 +8,12 @@ traceable and a changed file is visible.
 
 The hash is computed while the manifest expands, where the file is read for validation anyway:
 
-- a local file: :func:`jobs.media.file_sha256` of the resolved path, shared with the job key's
-  ``digests`` cache (one read per distinct file per pass); ``None`` when unreadable;
+- a local file: the SHA-256 of the bytes its validation read and decoded
+  (:attr:`jobs.manifest.expand.Manifest.checked`, handed to the pass that stores the jobs in
+  ``digests``), so a file rewritten after its check is recorded as checked and the worker refuses
+  to send the rewrite; a file the pass did not check (an ``expand`` alone) is hashed by
+  :func:`jobs.media.file_sha256` of the resolved path, shared with the job key's ``digests``
+  cache (one read per distinct file per pass); ``None`` when unreadable;
 - a data URI: the SHA-256 of the decoded bytes (cached by value: a default image is one string
   shared by every job); ``None`` when it does not decode;
 - an http(s) URL (or anything else): ``None`` — wanbatch never fetches while validating.

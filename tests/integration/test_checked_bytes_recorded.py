@@ -1,0 +1,110 @@
+"""What validation checked is what is recorded, and so what is sent.
+
+A local image rewritten while ``submit`` runs (a sync tool, an export still writing it) was
+checked once, then read again to hash it for the job's ``source_files`` and key: the job
+recorded the SHA-256 of bytes nobody checked, and the worker, which sends only bytes matching
+that hash, sent them and was billed for fal's 422. The check now hashes the very bytes it
+decodes, and that hash is the one recorded; the worker then refuses the rewritten file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from jobs import batches, media
+from jobs.db import make_engine, session_factory
+from jobs.endpoints import FieldType, MediaConstraints
+from jobs.errors import UsageError
+from jobs.models import Job
+from jobs.settings import Settings
+from worker.fal.storage import MediaPreparer, prepare_input
+
+
+def _png(size: tuple[int, int] = (480, 480)) -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise(size, 60).convert("RGB").save(out, "PNG")  # noise: a PNG of some size
+    return out.getvalue()
+
+
+def _manifest(folder: Path) -> Path:
+    (folder / "images").mkdir()
+    path = folder / "m.yaml"
+    path.write_text(
+        "name: swapped\nendpoint: fal-ai/wan-i2v\n"
+        "items:\n  - {prompt: a cat, seed: 7, image_url: images/a.png}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, image: Path, new: bytes) -> list[int]:
+    """``jobs.media._check_image`` wrapped: once the first check of the file is done (it passed),
+    the file is rewritten with ``new`` — between the check and anything read after it."""
+    real = media._check_image
+    swaps: list[int] = []
+
+    def check_then_swap(fh: BinaryIO, size: int, limits: MediaConstraints) -> Any:
+        found = real(fh, size, limits)
+        if not swaps:
+            swaps.append(1)
+            image.write_bytes(new)
+        return found
+
+    monkeypatch.setattr(media, "_check_image", check_then_swap)
+    return swaps
+
+
+@pytest.fixture
+def fresh_caches() -> Any:
+    media._check_file_cached.cache_clear()
+    media._sha256_cached.cache_clear()
+    yield
+    media._check_file_cached.cache_clear()
+    media._sha256_cached.cache_clear()
+
+
+def test_a_file_rewritten_after_its_check_is_recorded_as_checked_and_never_sent(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, fresh_caches: None
+) -> None:
+    path = _manifest(tmp_path)
+    image = tmp_path / "images" / "a.png"
+    checked = _png()
+    image.write_bytes(checked)
+    truncated = checked[: len(checked) // 2]  # what fal calls "truncated or corrupt"
+    swaps = _swap_after_check(monkeypatch, image, truncated)
+
+    settings = Settings(database_url=sqlite_url, output_dir=str(tmp_path / "out"))
+    result = batches.submit_manifest(path, settings)
+
+    assert swaps == [1]
+    engine = make_engine(sqlite_url)
+    try:
+        with session_factory(engine)() as session:
+            (job,) = session.scalars(select(Job).where(Job.batch_id == result.batch_id)).all()
+            stored_input, sources = dict(job.input), dict(job.source_files or {})
+    finally:
+        engine.dispose()
+    recorded = sources["image_url"]["sha256"]
+    assert recorded == hashlib.sha256(checked).hexdigest()  # the bytes decoded, not the rewrite
+    assert recorded != hashlib.sha256(truncated).hexdigest()
+    sent: list[bytes] = []
+
+    def upload(data: bytes, mime: str, name: str) -> str:
+        sent.append(data)
+        return "https://storage.example/u"
+
+    preparer = MediaPreparer(uploader=upload, inline_max_bytes=0)  # every file uploaded: seen here
+    fields = {"image_url": FieldType.IMAGE}
+    with pytest.raises(UsageError, match="changed since the manifest was validated"):
+        prepare_input(stored_input, fields, preparer=preparer, source_files=sources)
+    assert sent == []  # nothing went out
+    image.write_bytes(checked)  # the original back: it is what goes
+    prepare_input(stored_input, fields, preparer=preparer, source_files=sources)
+    assert sent == [checked]
