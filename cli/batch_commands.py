@@ -1215,11 +1215,11 @@ def _processing(
 
     def interruptible() -> int:
         from jobs.errors import DatabaseFullError
-        from worker.running import Interrupted, processing_batch, stop_on_signals
+        from worker.running import INTERRUPTED_AGAIN, Interrupted, processing_batch, stop_on_signals
 
         def last_words() -> bytes | None:
             """A second signal's ``--json`` object (:func:`hard_exit_json`)."""
-            return hard_exit_json("interrupted again: exiting now", processing_batch() or known())
+            return hard_exit_json(INTERRUPTED_AGAIN, processing_batch() or known())
 
         def hung(line: str, batch_id: str | None) -> None:
             """The stop ends without the database, which does not answer (130, one line)."""
@@ -1227,7 +1227,7 @@ def _processing(
             _exit_interrupted(Interrupted(line, batch_id=batch_id), as_json, resume(batch_id), locked=True)
 
         try:
-            with stop_on_signals(last_words=last_words if as_json else None, on_hang=hung):
+            with stop_on_signals(last_words=last_words if as_json else None, on_hang=hung, again=resume):
                 return action()
         except Interrupted as exc:
             exc.batch_id = exc.batch_id or stored()

@@ -96,8 +96,10 @@ log = logging.getLogger(__name__)
 #: Exit code after SIGINT/SIGTERM: 128 + SIGINT, what shells report for a Ctrl-C'd command.
 EXIT_INTERRUPTED = 130
 
-#: How long a stopping run waits for POSTs already on their way to be answered. A submit
-#: normally takes milliseconds; one still unanswered after this is left to the reconciler.
+#: How long a stopping run waits, once the POSTs it had in flight were answered or their wait
+#: ran out (:func:`_wait_for_answers`, up to ``WANBATCH_READ_TIMEOUT``), for its submit steps to
+#: record those answers, and for their jobs' leases to show it. A record takes milliseconds; a
+#: submission still unanswered after this is left to the reconciler.
 IN_FLIGHT_GRACE_SECONDS = 3.0
 
 #: How often a run waiting on workers asks the broker whether any worker is alive.
@@ -542,10 +544,13 @@ def stop_on_signals(
     *,
     last_words: Callable[[], bytes | None] | None = None,
     on_hang: Callable[[str, str | None], None] | None = None,
+    again: Callable[[str], str] | None = None,
 ) -> Iterator[None]:
     """Turn the first SIGINT/SIGTERM/SIGHUP into :class:`Interrupted`; a second SIGINT or SIGTERM
-    exits at once (130). A second SIGHUP is ignored: closing a terminal sends one from the shell and
-    one from the kernel, and the first is being acted on (:func:`_stop_signals`).
+    exits at once (130), in one line that says how to go on (``again(batch_id)``, the command's
+    own hint) and what becomes of the submits it had in flight (:func:`second_signal_line`). A
+    second SIGHUP is ignored: closing a terminal sends one from the shell and one from the
+    kernel, and the first is being acted on (:func:`_stop_signals`).
 
     ``last_words()``, when given, is what that exit on the spot writes to standard output first
     (the command's ``--json`` object; None: nothing), with one ``os.write``, best effort: the
@@ -583,7 +588,7 @@ def stop_on_signals(
         received.append(signum)
         if len(received) > 1:
             with contextlib.suppress(OSError):
-                os.write(2, b"\ninterrupted again: exiting now\n")
+                os.write(2, f"\n{second_signal_line(again)}\n".encode(errors="replace"))
             _keep_accepted_now()
             _say_last_words(last_words)
             os._exit(EXIT_INTERRUPTED)
@@ -606,6 +611,31 @@ def stop_on_signals(
     db.wait_for_lock_again()
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+#: What a second signal's line begins with (documented: kept, and extended after a ``;``).
+INTERRUPTED_AGAIN = "interrupted again: exiting now"
+
+
+def second_signal_line(again: Callable[[str], str] | None = None) -> str:
+    """The line of a second signal, which exits on the spot: :data:`INTERRUPTED_AGAIN`, then how
+    to go on (``again(batch_id)``, once the batch being processed is known) and, when submit
+    POSTs of this run were still awaiting fal's answer, what becomes of them: fal may have
+    queued and billed them, and the next run settles them only once their leases run out —
+    never a silent exit that leaves the user guessing whether a resend pays twice.
+
+    Called from the signal handler: it reads the count of POSTs in flight without a lock (the
+    interrupted thread may hold it) and lets any failure of ``again`` go (the exit comes first)."""
+    rt, batch_id = _stopping.runtime, _stopping.batch_id
+    hint = ""
+    if again is not None and batch_id is not None:
+        with contextlib.suppress(Exception):
+            hint = again(batch_id)
+    in_flight = rt.unrecorded.in_flight_unlocked() if rt is not None else 0
+    if in_flight and rt is not None:
+        then = f": {hint}" if hint else ""
+        return f"{INTERRUPTED_AGAIN}; {in_flight} submit(s) were in flight{then} ({_unanswered_words(rt)})"
+    return f"{INTERRUPTED_AGAIN}; {hint}" if hint else INTERRUPTED_AGAIN
 
 
 #: How long a second signal's exit waits for the journal of accepted submissions to be written.
@@ -1221,6 +1251,7 @@ def _process_embedded(
                 worker.abandon()  # a step that starts from now on does nothing
                 conductor.close()
                 _stop_output_writes(rt)  # no temporary output file left behind
+                _wait_for_answers(rt, console)  # what fal accepted is recorded, not left unknown
                 # Accepted ids the database could not take (its disk is full) stay in the journal.
                 lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
                 said = _give_back(rt, batch_id, kept=len(lost))
@@ -1256,6 +1287,39 @@ def _process_embedded(
         _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _wait_for_answers(rt: Runtime, console: Console) -> int:
+    """A run stopping under a Ctrl-C or SIGTERM: send nothing more (a step that claimed its job
+    gives it back unsent), and wait for the answers of the submit POSTs already on their way
+    to fal, up to their own read timeout (``WANBATCH_READ_TIMEOUT``), saying so once on stderr.
+    Returns how many were in flight.
+
+    fal queued (and bills) such a request whether or not its answer is read: one abandoned
+    after a short grace (3 s, before) left its job without a request id, for the next run to
+    wait out the lease and then fail ``submit_unknown`` — and a ``rerun --failed-only`` of it
+    paid a second time. Each answer that arrives is recorded by its step (the request id kept);
+    a second Ctrl-C still exits at once (:func:`stop_on_signals`), journalling what was answered.
+    """
+    count = rt.unrecorded.stop_sending()
+    if not count:
+        return 0
+    bound = rt.settings.read_timeout
+    console.print(
+        f"waiting for {count} submit(s) already sent to fal to be answered (up to {bound:g}s; "
+        f"Ctrl-C again to exit now: {_unanswered_words(rt)})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    rt.unrecorded.wait_for_sends(bound)
+    return count
+
+
+def _unanswered_words(rt: Runtime) -> str:
+    """What becomes of submits whose answer a run exiting on the spot never read."""
+    lease = f"WANBATCH_LEASE_SECONDS ({rt.settings.lease_seconds:.0f}s)"
+    return f"fal may have accepted and billed them, and their outcome is settled after {lease}"
 
 
 def _sync_log(engine: Engine) -> None:

@@ -239,9 +239,13 @@ def test_a_simulated_run_stopped_with_requests_at_fal_resumes_them(
     assert _count(db, "attempts = 1") == JOBS
 
 
-def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
+def test_a_second_sigterm_leaves_a_post_in_flight_to_the_reconciler(
     manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
 ) -> None:
+    """A first SIGTERM waits for the answer of the POST in flight (up to WANBATCH_READ_TIMEOUT);
+    a second one ends the wait on the spot. The job whose POST may have reached fal is not
+    given back, and the last line says what that means and how to go on (it said only
+    "interrupted again: exiting now")."""
     db = env["WANBATCH_DATABASE_URL"]
     sim.set_faults(submit_slow={"next": 1, "delay": 30})  # the first POST hangs at fal
     proc = Proc(["run", str(_manifest(manifest)), "--no-progress"], env, e2e_env, "term")
@@ -252,14 +256,24 @@ def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
             proc,
         )
         time.sleep(0.3)  # let the others move on
+        proc.popen.send_signal(signal.SIGTERM)
+        wait_for("the stop to wait for the answer", lambda: "waiting for 1 submit(s)" in proc.stderr(), proc)
         took = _signal_and_wait(proc, signal.SIGTERM, within=10)
     finally:
         proc.kill()
     assert proc.popen.returncode == 130, proc.stderr()
     assert took < 10
-    err = proc.stderr()
-    assert "still in flight" in err
-    assert "never resending blindly" in err
+    err = " ".join(proc.stderr().split())
+    assert (
+        "waiting for 1 submit(s) already sent to fal to be answered (up to 60s; Ctrl-C again to exit "
+        "now: fal may have accepted and billed them, and their outcome is settled after "
+        "WANBATCH_LEASE_SECONDS (120s))"
+    ) in err, err
+    assert (
+        "interrupted again: exiting now; 1 submit(s) were in flight: run the same command again to "
+        "resume (fal may have accepted and billed them, and their outcome is settled after "
+        "WANBATCH_LEASE_SECONDS (120s))"
+    ) in err, err
     # The job whose POST may have reached fal is not given back: only the reconciler decides.
     in_flight = db_rows(
         db,
@@ -268,6 +282,50 @@ def test_sigterm_leaves_a_post_in_flight_to_the_reconciler(
     assert len(in_flight) == 1
     assert str(in_flight[0][0]).startswith(proc.owner_prefix)
     assert in_flight[0][1] == 1
+
+
+def test_a_stop_waits_for_the_answers_of_the_posts_already_sent(
+    manifest: MakeManifest, sim: SimulatorHandle, env: dict[str, str], e2e_env: Path
+) -> None:
+    """Audit: fal slow to answer 3 submits (10 s each), Ctrl-C 5 s into the run. The stop waited
+    3 s and left them "still in flight"; the next run waited out the 120 s lease and failed them
+    `submit_unknown` (no webhook receiver to prove anything), advising a rerun that pays them a
+    second time: 3 videos billed, 3 request ids never recorded. Now the stop waits for those
+    answers up to the POST's own read timeout (WANBATCH_READ_TIMEOUT), says so once, and records
+    them: the next run goes on at once, each job sent and billed once."""
+    db = env["WANBATCH_DATABASE_URL"]
+    sim.set_faults(submit_slow={"next": 3, "delay": 8})  # past the old grace, within the read timeout
+    path = _manifest(manifest)
+    slow = {**env, "WANBATCH_READ_TIMEOUT": "30"}
+    first = Proc(["run", str(path), "--no-progress"], slow, e2e_env, "answers")
+    in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
+    try:
+        _wait_for("3 POSTs in flight", lambda: _count(db, in_flight) >= 3, first)
+        _signal_and_wait(first, signal.SIGINT, within=40)
+    finally:
+        first.kill()
+    assert first.popen.returncode == 130, first.stderr()
+    err = " ".join(first.stderr().split())
+    waiting = (
+        "waiting for 3 submit(s) already sent to fal to be answered (up to 30s; Ctrl-C again to exit now:"
+    )
+    assert err.count(waiting) == 1, err
+    assert "still in flight" not in err, err
+    assert "run the same command again to resume" in err, err
+    # Their answers are recorded: each job has its request id, nothing is left for the reconciler.
+    assert _count(db, "state = 'submitting'") == 0
+    sent = db_rows(db, "SELECT request_id FROM jobs WHERE submitted_input IS NOT NULL")
+    assert len(sent) == sim.ledger()["accepted"] == 3
+    assert all(request_id for (request_id,) in sent)
+
+    started = time.monotonic()
+    second = Proc(["run", str(path), "--no-progress"], env, e2e_env, "answers-second")
+    assert second.wait(90) == 0, second.stderr() + second.stdout()
+    assert time.monotonic() - started < 60  # not held up by the 120 s lease
+    assert _count(db, "state = 'succeeded'") == JOBS
+    assert _count(db, "error_type = 'submit_unknown'") == 0
+    ledger = sim.ledger()
+    assert (ledger["accepted"], ledger["billed_count"], ledger["duplicates"]) == (JOBS, JOBS, [])
 
 
 def test_sighup_stops_as_sigterm_does_and_answers_in_flight_are_kept(
@@ -466,7 +524,7 @@ def test_a_second_signal_exits_at_once(
         assert db_rows(db, beats)[0][0] >= 1  # the run says it works on its batch
         proc.popen.send_signal(signal.SIGINT)
         # The first signal acted on: the run no longer says so (its conductor closed), and it now
-        # waits for the POST in flight (held 30 s at fal; given IN_FLIGHT_GRACE_SECONDS, 3 s).
+        # waits for the POST in flight (held 30 s at fal; waited for up to WANBATCH_READ_TIMEOUT).
         wait_for("the first stop to begin", lambda: db_rows(db, beats)[0][0] == 0, proc, step=0.02)
         assert proc.popen.poll() is None, proc.stderr()
         _signal_and_wait(proc, signal.SIGINT, within=30)
@@ -476,8 +534,9 @@ def test_a_second_signal_exits_at_once(
     # (whose last words say how to resume). Judged by what it said, not by a wall clock.
     assert proc.popen.returncode == 130
     err = proc.stderr()
-    assert "interrupted again: exiting now" in err, err
-    assert "run the same command again to resume" not in err, err
+    again = "interrupted again: exiting now; 1 submit(s) were in flight: run the same command again"
+    assert again in err, err
+    assert "interrupted: nothing more is sent" not in err, err
 
 
 def _json_line(text: str) -> dict[str, Any]:

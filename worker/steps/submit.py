@@ -83,6 +83,8 @@ FALLBACKS_OFF = {"X-Fal-Disable-Fallbacks": "true"}
 MIN_START_TIMEOUT_SECONDS = 1.0
 #: How long a job whose POST failed inside this process (never sent) waits before it is tried again.
 NOT_SENT_RETRY_SECONDS = 30.0
+#: Why a job claimed before the run stopped goes back unsent (:meth:`Unrecorded.stop_sending`).
+STOPPED_BEFORE_SENDING = "given back: the process stopped before sending"
 #: fal's "slow down": the request was refused, not queued (nothing ran, nothing is billed).
 RATE_LIMITED = 429
 #: 429 refusals of one job's submits that are not counted as attempts. fal's own client retries
@@ -317,6 +319,10 @@ def _submit(rt: Runtime, job_id: str) -> str:
     # In flight until its answer is held (Unrecorded.recording): a process ending without the
     # database waits for it before journalling what fal accepted (worker.running.hung_words).
     sent = rt.unrecorded.sending()
+    if sent is None:  # the run stops: nothing new is sent (its POSTs already out are waited for)
+        with db.session_scope(rt.engine) as session:
+            store.give_back(session, fence, reason=STOPPED_BEFORE_SENDING, due_at=in_seconds(0))
+        return "stopped"
     try:
         try:
             # The lease is renewed while fal's answer is awaited: a POST may take longer than the

@@ -367,6 +367,7 @@ class Unrecorded:
         self._others: dict[str, Accepted] = {}
         self._steps = 0  # submit steps under way
         self._posting = 0  # submit POSTs sent whose answer is not held here yet (:meth:`sending`)
+        self._closed = False  # the run stops: no new POST goes out (:meth:`stop_sending`)
         self._posted = threading.Condition(self._lock)  # told when one is
         self._full_since: float | None = None
         self._next_reminder = 0.0
@@ -432,14 +433,32 @@ class Unrecorded:
         accepted id stays under way until it is recorded, or :attr:`given_up`)."""
         return self._steps > 0
 
-    def sending(self) -> Sending:
+    def sending(self) -> Sending | None:
         """A submit POST goes to fal now: counted in flight until its :meth:`Sending.end` — once
         its answer is held here (:meth:`recording`), or it failed — so that a process ending
         without the database waits for its answer before keeping what fal accepted
-        (:meth:`wait_for_sends`): an answer that arrives after the journal is written is lost."""
+        (:meth:`wait_for_sends`): an answer that arrives after the journal is written is lost.
+
+        None once the run stops (:meth:`stop_sending`): the POST must not go. A stopping run
+        waits for the answers of those already sent, and a step that got past its lease while
+        that wait began would otherwise send a new one, billed, that nobody waits for."""
         with self._lock:
+            if self._closed:
+                return None
             self._posting += 1
         return Sending(self)
+
+    def stop_sending(self) -> int:
+        """The run stops: no submit POST goes out from now on (:meth:`sending` answers None);
+        returns how many are in flight, whose answers are still awaited."""
+        with self._lock:
+            self._closed = True
+            return self._posting
+
+    def in_flight_unlocked(self) -> int:
+        """:meth:`in_flight` without taking the lock, for a signal handler: the thread it
+        interrupted may hold that lock, and the handler must never wait on it."""
+        return self._posting
 
     def _sent(self) -> None:
         with self._lock:
