@@ -288,9 +288,13 @@ class _WorkerRun:
     def by_signal(self, sig: str = "", **_: object) -> None:
         """A stop signal (``worker_shutting_down``): the worker was asked to stop, and a stop that
         a database which does not answer holds back ends anyway (:attr:`stop_watch`)."""
+        from worker import tasks
+        from worker.running import say_sends_awaited
+
         self.asked_to_stop.append(sig)
         if self.stop_watch.ident is None:  # the first signal: a second one (cold shutdown) too
             self.stop_watch.start()
+            say_sends_awaited(tasks.built_runtime())  # what the warm shutdown waits for, said once
 
 
 class _StartFailure(logging.Filter):

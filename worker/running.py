@@ -424,6 +424,36 @@ def worker_stop_watch(lease_seconds: float, runtime: Callable[[], Runtime | None
     return HangWatch(hung, None, words, runtime)
 
 
+def say_sends_awaited(rt: Runtime | None) -> int:
+    """A ``wanbatch worker`` asked to stop (Celery's warm shutdown): say once, in a log line,
+    how many submit POSTs of this process are still awaiting fal's answer, and how long each
+    may take (its own deadline: ``WANBATCH_CONNECT_TIMEOUT`` + twice ``WANBATCH_READ_TIMEOUT``).
+    The warm shutdown waits for the tasks sending them — rightly: an answer abandoned leaves a
+    paid request without its id — and said nothing while it did (17.6 s once, beyond Docker's
+    default 10 s grace, which then kills it mid-POST). Returns the count (0: nothing said).
+
+    ``rt`` is this process's runtime (:func:`worker.tasks.built_runtime`): None before its first
+    task, and with ``--pool prefork`` always (the children hold theirs), so nothing is said then.
+    Called from Celery's signal handler: the count is read without a lock (the interrupted
+    thread may hold it)."""
+    if rt is None:
+        return 0
+    count = rt.unrecorded.in_flight_unlocked()
+    if count:
+        bound = rt.settings.connect_timeout + 2 * rt.settings.read_timeout
+        log.warning(
+            "warm shutdown: waiting for %d submit(s) already sent to fal to be answered (up to %.0fs: "
+            "WANBATCH_CONNECT_TIMEOUT + twice WANBATCH_READ_TIMEOUT), so that their request ids are "
+            "recorded; a container stopped sooner (Docker's default grace is 10s) leaves them to the "
+            "reconciler after WANBATCH_LEASE_SECONDS (%.0fs), possibly billed",
+            count,
+            bound,
+            rt.settings.lease_seconds,
+            extra={"event": "worker.stop_waits_for_sends"},
+        )
+    return count
+
+
 class _SilenceWatch:
     """Says, in one warning line, that the database gives no answer while a run goes on — no
     error, no progress, nothing in the log (a frozen server) — and, in one line, when it
