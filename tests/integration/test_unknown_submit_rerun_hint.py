@@ -68,6 +68,11 @@ def test_a_batch_for_fal_is_named(engine: Engine, hostile: HostileProvider) -> N
     error = _error(engine, batch_id)
     assert "fal may have accepted (and billed) it" in error
     assert _copied(error) == ["wanbatch", "rerun", "night-sweep", "--failed-only"]
+    # The advice says what following it costs (an audit paid 3 videos twice by following it).
+    assert error.endswith(
+        "`wanbatch rerun night-sweep --failed-only` sends it again, which pays a "
+        "second time if fal did accept it"
+    ), error
 
 
 def test_a_name_the_shell_would_split_is_given_as_the_id(engine: Engine, hostile: HostileProvider) -> None:
@@ -82,6 +87,7 @@ def test_a_simulation_is_named_by_its_id_which_a_rename_leaves_its_own(
     batch_id = _failed_for_unknown_outcome(engine, hostile, "rehearsal", simulated=True)
     error = _error(engine, batch_id)
     assert "a simulation, nothing was billed" in error
+    assert "pays a second time" not in error  # a simulation's resend costs nothing
     words = _copied(error)
     assert words == ["wanbatch", "rerun", batch_id[:12], "--failed-only", "--simulate"]
     # A batch for fal of the same manifest takes the name: the simulation becomes

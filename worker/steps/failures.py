@@ -383,6 +383,12 @@ def unknown_submit_wait_over(settings: Settings) -> str:
     return f"no webhook proved it within WANBATCH_SUBMIT_UNKNOWN_DEADLINE ({deadline:g}s)"
 
 
+#: What a resend of a submit whose outcome is unknown costs, said wherever one is advised: the
+#: advice read as a plain retry ("sends it again"), and following it paid a second time for
+#: every video fal had accepted (an audit: 3 of 20).
+PAYS_AGAIN = "which pays a second time if fal did accept it"
+
+
 def settle_unknown_submit(session: Session, rt: Runtime, job: Job, why: str) -> bool:
     """Apply ``WANBATCH_SUBMIT_UNKNOWN_POLICY`` to ``job`` (:func:`settle_unknown`); returns
     whether the job moved."""
@@ -432,7 +438,7 @@ def settle_unknown(session: Session, rt: Runtime, job: Job, why: str) -> str:
         fence,
         reason=f"submission outcome unknown: {why}{spent}",
         error=f"submission outcome unknown ({why}){spent}: fal may have accepted (and billed) it; "
-        f"{_rerun_hint(session, job.batch_id, simulated=False)} sends it again",
+        f"{_rerun_hint(session, job.batch_id, simulated=False)} sends it again, {PAYS_AGAIN}",
         error_type="submit_unknown",
     )
     return _ended(failed)
