@@ -7,10 +7,12 @@ still IN_QUEUE long after, dispatch keeps just one waiting at fal instead of fil
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine
 
 from jobs import batches, db, store
@@ -20,6 +22,7 @@ from jobs.settings import Settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_ids, make_runtime
 from worker.limits import api_key_id
+from worker.outage_log import HoldLog
 from worker.steps import Runtime, dispatch
 
 S = JobState
@@ -294,3 +297,77 @@ def test_with_workers_the_explanation_counts_every_keys_requests_as_their_leader
     assert _held(engine, mine[0], max_outstanding=3) is None
     embedded = _runtime(engine, [], batch_ids=_batch_id(engine, mine[0]), max_outstanding=3)
     assert len(dispatch(embedded)) == 2
+
+
+class _Clock:
+    """Monotonic seconds a test moves on by hand (the holds' :class:`HoldLog` reads them)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _lines(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if getattr(r, "event", None) == event]
+
+
+def test_a_lasting_queue_backoff_is_said_at_most_once_a_minute_and_its_end_once(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tick leader whose requests wait in fal's queue ran a round every second or so, each
+    logging the same back-off line: 57 a minute, 80,000 a day for one unchanged state."""
+    ids = _batch_of(engine, 40)
+    _at_fal(engine, ids[:1], S.RUNNING, waited=120)
+    _at_fal(engine, ids[1:4], S.QUEUED, waited=120)  # fal runs 1, 3 wait: keep 1
+    clock = _Clock()
+    rt = _runtime(engine, [], queue_wait_backoff=60)
+    rt.queue_hold = HoldLog(clock=clock)
+    with caplog.at_level(logging.INFO, logger="worker.steps.dispatch"):
+        for _ in range(180):  # three minutes of a round a second
+            assert dispatch(rt) == []
+            clock.now += 1
+        said = _lines(caplog, "dispatch.queue_backoff")
+        assert len(said) == 3  # when it began, then once a minute
+        assert said[0] == "requests wait in fal's queue over 60s: keeping 1 waiting (3 wait; room 0 of 6)"
+        assert said[1].endswith("; held back for 60s")
+
+        _at_fal(engine, ids[4:8], S.RUNNING, waited=120)  # fal runs 5 now (a higher tier): keep 2
+        assert len(dispatch(rt)) == 0
+        assert len(_lines(caplog, "dispatch.queue_backoff")) == 4  # a material change: at once
+
+        with db.session_scope(engine) as session:  # the waiting ones start: nothing waits long
+            for job_id in ids[1:4]:
+                assert store.transition(session, job_id, S.QUEUED, S.RUNNING)
+        for _ in range(5):
+            dispatch(rt)
+            clock.now += 1
+    assert _lines(caplog, "dispatch.queue_backoff_ended") == [
+        "no request waits in fal's queue over 60s any more: submits fill the cap again (held back for 180s)"
+    ]
+
+
+def test_a_full_download_backlog_is_said_at_most_once_a_minute_and_its_end_once(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = _batch_of(engine, 30)
+    _downloading(engine, ids[:5])
+    clock = _Clock()
+    rt = _runtime(engine, [], max_download_backlog=5)
+    rt.backlog_hold = HoldLog(clock=clock)
+    with caplog.at_level(logging.INFO, logger="worker.steps.dispatch"):
+        for _ in range(150):
+            assert dispatch(rt) == []
+            clock.now += 1
+        assert _lines(caplog, "dispatch.download_backlog") == [
+            "5 jobs wait for their download (bound 5): holding submits",
+            "5 jobs wait for their download (bound 5): holding submits; held back for 60s",
+            "5 jobs wait for their download (bound 5): holding submits; held back for 120s",
+        ]
+        with db.session_scope(engine) as session:
+            assert store.transition(session, ids[0], S.DOWNLOADING, S.SUCCEEDED)
+        assert len(dispatch(rt)) == 1
+    assert _lines(caplog, "dispatch.download_backlog_ended") == [
+        "4 jobs wait for their download (bound 5): submits resume (held back for 150s)"
+    ]

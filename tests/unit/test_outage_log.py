@@ -3,7 +3,7 @@ end once. A fake clock drives it: no test waits."""
 
 from __future__ import annotations
 
-from worker.outage_log import Failure, OutageLog
+from worker.outage_log import Failure, Held, HoldLog, OutageLog
 
 
 class Clock:
@@ -69,3 +69,32 @@ def test_the_clock_can_be_replaced_after_the_fact() -> None:
     clock = Clock()
     outage.clock = clock
     assert outage.failed().at == 100.0
+
+
+def test_a_hold_is_said_when_it_begins_its_figure_doubles_or_halves_and_each_minute() -> None:
+    clock = Clock()
+    hold = HoldLog(60.0, clock)
+    assert hold.ended() is None  # nothing held: nothing to say
+    said = []
+    for figure in [4, 4, 5, 7, 4, 8, 8, 4, 3, 2, 2]:  # a round a second
+        said.append(hold.holds(figure).due)
+        clock.now += 1
+    # begins (4); 5 and 7 are within a factor 2 of 4; 8 is 2x; 4 is half of 8; 2 is half of 4
+    assert said == [True, False, False, False, False, True, False, True, False, True, False]
+    clock.now += 60
+    assert hold.holds(2) == Held(due=True, lasted=71.0)
+    assert hold.ended() == 71.0
+
+
+def test_a_hold_that_flaps_is_said_at_most_once_a_minute_and_an_unsaid_one_ends_unsaid() -> None:
+    clock = Clock()
+    hold = HoldLog(60.0, clock)
+    said = []
+    for _ in range(30):  # on one round, off the next, for a minute
+        said.append(hold.holds(1).due)
+        clock.now += 1
+        said.append(hold.ended() is not None)
+        clock.now += 1
+    assert said.count(True) == 2  # the first hold, and its end
+    assert said[:2] == [True, True]
+    assert hold.holds(1).due  # a minute after the last line: said again

@@ -30,6 +30,7 @@ from worker.fal.models import RequestHandle
 from worker.fal.storage import MediaPreparer
 from worker.here import queue_origin
 from worker.limits import LocalGCRA, RedisGCRA, SubmitLimiter, api_key_id, limiter_for
+from worker.outage_log import HoldLog
 from worker.steps.cancel_tries import CancelTries
 from worker.steps.download_reach import DownloadReach, DownloadTrouble
 from worker.steps.fal_reach import FalReach, Hold
@@ -338,6 +339,10 @@ class Runtime:
     #: round comes with every completion, heartbeats every 10 s and count for 60 s, so rounds
     #: within :data:`worker.steps.dispatch.FOLLOWED_REFRESH_SECONDS` of a read reuse it.
     followed: tuple[float, store.Followed] | None = None
+    #: The dispatch rounds' holds on submits, each said within bounds (:class:`HoldLog`): the
+    #: queue-wait back-off's, and the download backlog's.
+    queue_hold: HoldLog = field(default_factory=HoldLog)
+    backlog_hold: HoldLog = field(default_factory=HoldLog)
     #: The high-water mark of SQLite's timeline (``clock_marks``) as this runtime's tick last read
     #: or wrote it: the tick asks the database only when the time left the window around it that
     #: cannot change the answer (:func:`worker.steps.tick.catch_up_with_clock_step`). None: not

@@ -684,23 +684,49 @@ def _room_at_fal(
     Only the requests of this process's own queue count (``Job.fal_origin``, or none recorded):
     it follows them, so they move. One at another queue (a stand-in stopped with requests
     waiting) stayed ``queued`` in the database for good, and every later run sent nothing.
+
+    The hold is said within bounds (:class:`~worker.outage_log.HoldLog`: when it begins, when
+    the number kept changes twofold, else once a minute; its end once): a round runs with
+    every completion and tick, and its line each round was 57 a minute for one unchanged state.
     """
     threshold = rt.settings.queue_wait_backoff
-    if threshold <= 0 or free <= 0 or flight.waiting_long == 0:
+    if free <= 0 and threshold > 0:
+        return free  # the cap is full: whether the back-off would hold is not asked
+    if threshold <= 0 or flight.waiting_long == 0:
+        _queue_hold_ended(rt, threshold)
         return free
     waits = store.queue_waits(session, scope, sent_before=before)
     room = waits.room(free)
-    if room < free:
+    if room >= free:
+        _queue_hold_ended(rt, threshold)
+        return room
+    held = rt.queue_hold.holds(waits.depth)
+    if held.due:
         log.info(
-            "requests wait in fal's queue over %.0fs: keeping %d waiting (%d wait; room %d of %d)",
+            "requests wait in fal's queue over %.0fs: keeping %d waiting (%d wait; room %d of %d)%s",
             threshold,
             waits.depth,
             waits.waiting,
             room,
             free,
+            held.for_how_long,
             extra={"event": "dispatch.queue_backoff"},
         )
     return room
+
+
+def _queue_hold_ended(rt: Runtime, threshold: float) -> None:
+    """The queue-wait back-off holds nothing back this round: say the end of a hold it said
+    (:class:`~worker.outage_log.HoldLog`)."""
+    lasted = rt.queue_hold.ended()
+    if lasted is not None:
+        log.info(
+            "no request waits in fal's queue over %.0fs any more: submits fill the cap again "
+            "(held back for %.0fs)",
+            threshold,
+            lasted,
+            extra={"event": "dispatch.queue_backoff_ended"},
+        )
 
 
 def _room_for_downloads(rt: Runtime, backlog: int) -> int:
@@ -709,15 +735,27 @@ def _room_for_downloads(rt: Runtime, backlog: int) -> int:
     Every request sent now becomes a download later; when downloads stall (a full disk, a slow
     link, an unreachable CDN) sending on would only pile paid outputs up at fal, whose files
     expire. So the download backlog (``WANBATCH_MAX_DOWNLOAD_BACKLOG``, by default the outstanding
-    cap) holds submits back, and they resume as downloads drain.
+    cap) holds submits back, and they resume as downloads drain. Said within bounds
+    (:class:`~worker.outage_log.HoldLog`): a round runs every few hundred milliseconds.
     """
     bound = rt.settings.download_backlog
     if backlog >= bound:
+        held = rt.backlog_hold.holds(backlog)
+        if held.due:
+            log.info(
+                "%d jobs wait for their download (bound %d): holding submits%s",
+                backlog,
+                bound,
+                held.for_how_long,
+                extra={"event": "dispatch.download_backlog"},
+            )
+    elif (lasted := rt.backlog_hold.ended()) is not None:
         log.info(
-            "%d jobs wait for their download (bound %d): holding submits",
+            "%d jobs wait for their download (bound %d): submits resume (held back for %.0fs)",
             backlog,
             bound,
-            extra={"event": "dispatch.download_backlog"},
+            lasted,
+            extra={"event": "dispatch.download_backlog_ended"},
         )
     return max(0, bound - backlog)
 
