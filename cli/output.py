@@ -15,6 +15,7 @@ boundary or wrapped, never left to run off the edge.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import io
@@ -738,6 +739,39 @@ def _could_be(shown: str, name: str) -> bool:
     return len(name) >= len(head) + len(tail) and name.startswith(head) and name.endswith(tail)
 
 
+class _Names:
+    """Names, sorted as they are and as read backwards: those that start with a given head, or
+    end with a given tail, are one range of either (found by bisection). What a cut of one name
+    could also be is then read among the fewer of the two ranges, not among every name: checked
+    against every other name, :func:`distinct_fits` was quadratic in the batches, and 2,000
+    long names that share a start took ``status`` 1.6 s to lay out at 80 columns."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.forward = sorted(names)
+        self.backward = sorted(name[::-1] for name in names)
+        self.every = frozenset(names)
+
+    def others_like(self, shown: str, name: str) -> bool:
+        """Whether ``shown`` (``name``, or its start and end around ``…``) could be another name."""
+        if "…" not in shown:
+            return shown != name and shown in self.every
+        head, _, tail = shown.rpartition("…")
+        starting = _starting(self.forward, head)
+        ending = _starting(self.backward, tail[::-1])
+        if len(starting) <= len(ending):
+            candidates: Iterable[str] = starting
+        else:
+            candidates = (reversed_name[::-1] for reversed_name in ending)
+        return any(other != name and _could_be(shown, other) for other in candidates)
+
+
+def _starting(ordered: list[str], head: str) -> list[str]:
+    """The strings of sorted ``ordered`` that start with ``head`` (one range of it)."""
+    low = bisect.bisect_left(ordered, head)
+    high = bisect.bisect_right(ordered, head, lo=low, key=lambda text: text[: len(head)])
+    return ordered[low:high]
+
+
 def distinct_fits(names: list[str], cells: int) -> dict[str, str | None]:
     """Each of ``names`` shown in ``cells`` cells so that what is shown could be no other of them.
 
@@ -748,13 +782,14 @@ def distinct_fits(names: list[str], cells: int) -> dict[str, str | None]:
     keep = max(cells - 1, 0)
     tails = [*range(keep // 2, keep + 1), *range(keep // 2 - 1, -1, -1)]
     shown: dict[str, str | None] = {}
+    index: _Names | None = None
     for name in distinct:
         if cell_len(name) <= cells:
             shown[name] = name
             continue
-        others = [n for n in distinct if n != name]
+        index = index or _Names(distinct)
         cuts = (fit_middle(name, cells, t) for t in tails)
-        shown[name] = next((c for c in cuts if not any(_could_be(c, n) for n in others)), None)
+        shown[name] = next((c for c in cuts if not index.others_like(c, name)), None)
     return shown
 
 
@@ -841,7 +876,15 @@ def whole_columns(table: Table) -> Table:
     fixed columns (ids, counts, money) and the name's fewest cells, it is laid out at that width
     and the terminal wraps its lines. rich would squeeze the table into the terminal instead,
     and a column it cannot wrap then shrank to nothing: ``COLUMNS=5 wanbatch status`` showed a
-    rule and blank rows, 8 columns dropped the money."""
+    rule and blank rows, 8 columns dropped the money.
+
+    A column of a set width (:func:`fixed_column`) is given it as its ``width``: laid out at
+    least this wide, the table is what it was, but rich no longer measures every cell of it,
+    three times over (for ``status``'s 2,000 batches, some 40,000 measures of cells whose width was known).
+    """
+    for column in table.columns:
+        if column.no_wrap and column.min_width is not None and column.min_width == column.max_width:
+            column.width = column.min_width
     options = out.options.update_width(MAX_TERMINAL_CELLS)
     least = Measurement.get(out, options, table).minimum
     if least > width():

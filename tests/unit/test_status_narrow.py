@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from rich.measure import Measurement
 
 from cli import output
 from jobs.batches import BatchReport
@@ -194,3 +195,63 @@ def test_a_name_is_cut_in_the_middle_where_the_cut_tells_it_apart() -> None:
         "aaaa-x-aaaa": None,
         "aaaa-y-aaaa": None,
     }
+
+
+#: A long-lived deployment's batch names: one start, a date and a number at the end.
+MANY = [f"wan22-i2v-product-shots-2026-{1 + i // 200:02d}-{i % 200:03d}" for i in range(2000)]
+
+
+def test_names_are_told_apart_without_comparing_each_with_every_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``status`` on 2,000 batches: each cut of a long name was checked against every other
+    name (millions of comparisons, 1.6 s at 80 columns for names that share their start); it
+    is checked against the few that start or end as the cut does."""
+    compared = 0
+    could_be = output._could_be
+
+    def counted(shown: str, name: str) -> bool:
+        nonlocal compared
+        compared += 1
+        return could_be(shown, name)
+
+    monkeypatch.setattr(output, "_could_be", counted)
+    shown = output.distinct_fits(MANY, 20)
+    assert compared <= 10 * len(MANY)  # was some 4,000,000
+    assert len({v for v in shown.values()}) == len(MANY)
+    assert all(v is not None and cell_len(v) <= 20 and "…" in v for v in shown.values())
+    monkeypatch.setattr(output, "_could_be", could_be)
+    assert output.distinct_fits(MANY[:50], 20) == {n: shown_alone(n, MANY[:50]) for n in MANY[:50]}
+
+
+def shown_alone(name: str, names: list[str]) -> str | None:
+    """What the first cut of ``name`` that no other of ``names`` could be is (by hand: the rule)."""
+    keep = 19
+    for tail in [*range(keep // 2, keep + 1), *range(keep // 2 - 1, -1, -1)]:
+        cut = output.fit_middle(name, 20, tail)
+        if not any(other != name and output._could_be(cut, other) for other in names):
+            return cut
+    return None
+
+
+def test_the_batch_table_measures_only_the_cells_whose_width_is_not_known(shown: io.StringIO) -> None:
+    """Every column but the name's is as wide as its widest cell (:func:`output.fixed_column`):
+    rich measured each of their cells anyway, three times over, some 40,000 measures for
+    2,000 batches. The table printed is the same."""
+    reports = [_report(i, name) for i, name in enumerate(MANY[:300])]
+    calls = 0
+    measure = Measurement.get.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[Measurement], *args: Any, **kwargs: Any) -> Measurement:
+        nonlocal calls
+        calls += 1
+        return cast(Measurement, measure(cls, *args, **kwargs))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Measurement, "get", classmethod(counted))
+        output.out.print(output.batches_table(reports))
+    assert calls <= 8 * len(reports)  # the names' cells (was 48 a row: every cell)
+    lines = shown.getvalue().splitlines()
+    assert lines[0].split() == ["batch", "name", "state", "done", "fail", "canc", "spent", "estimate"]
+    assert len(lines) == 2 + len(reports)
+    assert all(cell_len(line) <= WIDTH for line in lines)
