@@ -1290,7 +1290,8 @@ def print_failures(report: BatchReport) -> None:
         if (f["state"], f["error_type"]) in split:
             lead += ", sent to fal" if f["sent"] else ", never sent"
         lead += ": "
-        example = " ".join(f["example"].split())
+        # The summary names every file (or counts the other errors) one example would hide.
+        example = " ".join(f.get("summary", f["example"]).split())
         # Wrapped, not cut: a cap's amount or a deadline's time is often at the end of the text.
         line = wrapped(example, width(), lead=lead, lead_style="red", max_lines=FAILURE_LINES)
         out.print(line, soft_wrap=True)

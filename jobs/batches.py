@@ -860,11 +860,18 @@ class FailureReason(TypedDict):
     state: str
     error_type: str | None
     count: int
+    #: One job's error (the first by its text), exactly as stored.
     example: str
     #: Whether these jobs were sent to fal (a request of each went out) or never were: one
     #: ``error_type`` may cover both (``deadline``: cancelled in fal's queue, or not sent before
     #: it), and they are counted apart.
     sent: bool
+    #: What ``status`` shows: ``example``, or, when the jobs' errors differ (``distinct_errors``
+    #: > 1), a line naming them (every file of "media files 'a.png' and 'b.png' changed since
+    #: …"; :mod:`jobs.failure_summary`): one example hid the others.
+    summary: str
+    #: How many different errors these jobs have.
+    distinct_errors: int
 
 
 def told_apart_by_sending(groups: Iterable[tuple[str, str | None, bool]]) -> set[tuple[str, str | None]]:
@@ -1902,7 +1909,13 @@ def _report(
         "rate_limited_submits": totals.rate_limited_submits,
         "failures": [
             FailureReason(
-                state=g.state, error_type=g.error_type, count=g.count, example=g.example, sent=g.sent
+                state=g.state,
+                error_type=g.error_type,
+                count=g.count,
+                example=g.example,
+                sent=g.sent,
+                summary=g.summary,
+                distinct_errors=g.distinct,
             )
             for g in reads.failures(batch)
         ],

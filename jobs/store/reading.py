@@ -3,6 +3,7 @@ inputs and output folders, its events, counts by state and failure reasons."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -670,6 +671,32 @@ class FailureGroup:
     sent: bool
     example: str
     count: int
+    #: How many different errors the group's jobs have: ``example`` is one of them, and it can
+    #: hide the others (files 'a.png' and 'b.png' both changed, but the example names one).
+    distinct: int = 1
+    #: When ``distinct`` > 1, the group's commonest errors with their job counts (most jobs
+    #: first, at most :data:`FAILURE_ERRORS_KEPT`), for a summary that names them all
+    #: (:mod:`jobs.failure_summary`); empty otherwise.
+    errors: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def summary(self) -> str:
+        """The line shown for the group: ``example``, or, when its jobs' errors differ, one that
+        names them all (every file of ``media file '…' changed since …``)."""
+        from jobs.failure_summary import failure_summary
+
+        return failure_summary(self.example, self.errors, self.distinct)
+
+
+#: Distinct errors read per failure group that has more than one: enough for a summary to name
+#: the first few and count the rest, bounded however many different errors the jobs have.
+FAILURE_ERRORS_KEPT = 50
+
+#: The jobs :func:`failure_reasons` groups: failed or cancelled, and still in the manifest.
+_FAILED_IN_MANIFEST = (
+    Job.state.in_([JobState.FAILED, JobState.CANCELLED]),
+    Job.not_in_manifest.is_(False),
+)
 
 
 def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[FailureGroup]:
@@ -679,22 +706,31 @@ def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[
     no failure of the batch now, and ``status`` counts those apart."""
     sent = Job.submitted_at.is_not(None)
     query = (
-        select(Job.state, Job.error_type, sent, func.min(Job.error), func.count())
-        .where(
-            Job.batch_id == batch_id,
-            Job.state.in_([JobState.FAILED, JobState.CANCELLED]),
-            Job.not_in_manifest.is_(False),
+        select(
+            Job.state,
+            Job.error_type,
+            sent,
+            func.min(Job.error),
+            func.count(),
+            func.count(Job.error.distinct()),
         )
+        .where(Job.batch_id == batch_id, *_FAILED_IN_MANIFEST)
         .group_by(Job.state, Job.error_type, sent)
         .order_by(func.count().desc(), Job.state, Job.error_type, sent)
         .limit(limit)
     )
-    return [
+    groups = [
         FailureGroup(
-            state=JobState(st).value, error_type=et, sent=bool(was_sent), example=ex or "", count=int(n)
+            state=JobState(st).value,
+            error_type=et,
+            sent=bool(was_sent),
+            example=ex or "",
+            count=int(n),
+            distinct=int(d),
         )
-        for st, et, was_sent, ex, n in session.execute(query)
+        for st, et, was_sent, ex, n, d in session.execute(query)
     ]
+    return _with_errors(session, {batch_id: groups})[batch_id]
 
 
 def failure_reasons_of_batches(
@@ -717,13 +753,10 @@ def failure_reasons_of_batches(
             sent.label("sent"),
             func.min(Job.error).label("example"),
             func.count().label("n"),
+            func.count(Job.error.distinct()).label("distinct"),
             rank.label("rank"),
         )
-        .where(
-            Job.batch_id.in_(sorted(batch_ids)),
-            Job.state.in_([JobState.FAILED, JobState.CANCELLED]),
-            Job.not_in_manifest.is_(False),
-        )
+        .where(Job.batch_id.in_(sorted(batch_ids)), *_FAILED_IN_MANIFEST)
         .group_by(Job.batch_id, Job.state, Job.error_type, sent)
         .subquery()
     )
@@ -735,18 +768,69 @@ def failure_reasons_of_batches(
             ranked.c.sent,
             ranked.c.example,
             ranked.c.n,
+            ranked.c.distinct,
         )
         .where(ranked.c.rank <= limit)
         .order_by(ranked.c.batch_id, ranked.c.rank)
     )
     found: dict[str, list[FailureGroup]] = {}
-    for batch_id, st, et, was_sent, ex, n in session.execute(query):
+    for batch_id, st, et, was_sent, ex, n, d in session.execute(query):
         found.setdefault(str(batch_id), []).append(
             FailureGroup(
-                state=JobState(st).value, error_type=et, sent=bool(was_sent), example=ex or "", count=int(n)
+                state=JobState(st).value,
+                error_type=et,
+                sent=bool(was_sent),
+                example=ex or "",
+                count=int(n),
+                distinct=int(d),
             )
         )
-    return found
+    return _with_errors(session, found)
+
+
+def _with_errors(session: Session, found: dict[str, list[FailureGroup]]) -> dict[str, list[FailureGroup]]:
+    """``found`` with each group of several distinct errors given its commonest ones
+    (:attr:`FailureGroup.errors`): one more query, over the batches that have such a group only
+    (most have none: a failure's text rarely varies within its ``error_type``)."""
+    wanted = {batch_id for batch_id, groups in found.items() if any(g.distinct > 1 for g in groups)}
+    if not wanted:
+        return found
+    sent = Job.submitted_at.is_not(None)
+    per_group = (Job.batch_id, Job.state, Job.error_type, sent)
+    rank = func.row_number().over(partition_by=per_group, order_by=(func.count().desc(), Job.error))
+    ranked = (
+        select(
+            Job.batch_id.label("batch_id"),
+            Job.state.label("state"),
+            Job.error_type.label("error_type"),
+            sent.label("sent"),
+            Job.error.label("error"),
+            func.count().label("n"),
+            rank.label("rank"),
+        )
+        .where(Job.batch_id.in_(sorted(wanted)), Job.error.is_not(None), *_FAILED_IN_MANIFEST)
+        .group_by(*per_group, Job.error)
+        .subquery()
+    )
+    c = ranked.c
+    query = (
+        select(c.batch_id, c.state, c.error_type, c.sent, c.error, c.n)
+        .where(c.rank <= FAILURE_ERRORS_KEPT)
+        .order_by(c.batch_id, c.state, c.error_type, c.sent, c.rank)
+    )
+    errors: dict[tuple[str, str, str | None, bool], list[tuple[str, int]]] = {}
+    for batch_id, st, et, was_sent, error, n in session.execute(query):
+        key = (str(batch_id), JobState(st).value, et, bool(was_sent))
+        errors.setdefault(key, []).append((str(error), int(n)))
+    return {
+        batch_id: [
+            dataclasses.replace(g, errors=tuple(errors.get((batch_id, g.state, g.error_type, g.sent), ())))
+            if g.distinct > 1
+            else g
+            for g in groups
+        ]
+        for batch_id, groups in found.items()
+    }
 
 
 def count_in_states(
