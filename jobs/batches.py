@@ -33,7 +33,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.estimates import daily_budget_issues, fal_keys, input_dirs
-from jobs.fs import shown_path
+from jobs.fs import shown_in_folder, shown_path
 from jobs.listing import PAST_DEADLINE as PAST_DEADLINE
 from jobs.listing import PAUSED_BY_USER as PAUSED_BY_USER
 from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
@@ -183,6 +183,11 @@ class SubmitResult:
     ended_unsent: int = 0
     #: Jobs dropped by an earlier submit that the manifest has again: ``pending`` once more.
     restored: int = 0
+    #: Of ``not_in_manifest``, the jobs left out only because a local file they send was
+    #: rewritten since (the manifest has a job for its new bytes in place of each), by file:
+    #: ``{"source", "old_sha256" (a list), "new_sha256", "jobs", "dropped", "ended_unsent",
+    #: "kept"}`` (:func:`_changed_file_json`).
+    changed_files: list[dict[str, Any]] = field(default_factory=list)
     #: Of ``existing``, the manifest's jobs a job the batch already sent (or rendered) stands
     #: for: they differ from it only by an endpoint default written out or left out.
     defaults_matched: int = 0
@@ -238,6 +243,7 @@ class SubmitResult:
             "dropped": self.dropped,
             "ended_unsent": self.ended_unsent,
             "restored": self.restored,
+            "changed_files": list(self.changed_files),
             "defaults_matched": self.defaults_matched,
             "manifest_moved": self.manifest_moved,
             "manifest_host_moved": self.manifest_host_moved,
@@ -730,8 +736,13 @@ def submit_manifest(
         cap = None if simulated else settings.daily_budget_usd
         budget_warnings = _daily_warnings(session, batch.id, manifest, added + existing, cap, now)
         warnings = [str(i) for i in [*report.issues, *budget_warnings] if i.severity != "error"]
-        if stored is not None and stored.not_in_manifest:
-            warnings.append(_not_in_manifest_note(batch.name, stored, _item_count(manifest)))
+        if stored is not None and stored.changed_files:
+            folder = Path(manifest_path).parent
+            warnings.extend(
+                _changed_file_note(batch.name, changed, folder) for changed in stored.changed_files
+            )
+        if stored is not None and (edited := _edited_away(stored)).not_in_manifest:
+            warnings.append(_not_in_manifest_note(batch.name, edited, _item_count(manifest)))
         if stored is not None and stored.defaults_matched:
             warnings.append(_defaults_matched_note(batch.name, stored.defaults_matched))
         if stored is not None and stored.restored:
@@ -747,6 +758,9 @@ def submit_manifest(
         if moved:
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
         if stored is not None:
+            result.changed_files = [
+                _changed_file_json(changed, Path(manifest_path).parent) for changed in stored.changed_files
+            ]
             result.renumbered, result.not_in_manifest = stored.renumbered, stored.not_in_manifest
             result.dropped, result.restored = stored.dropped, stored.restored
             result.ended_unsent = stored.ended_unsent
@@ -829,6 +843,64 @@ def _defaults_matched_note(name: str, matched: int) -> str:
         "those jobs stay theirs, with their input as sent; nothing is sent again "
         f"(`wanbatch rerun {name}` renders anew)"
     )
+
+
+def _edited_away(stored: store.Resubmitted) -> store.Resubmitted:
+    """``stored`` without the jobs left out only because a file of theirs changed (its
+    ``changed_files``, each said by :func:`_changed_file_note`): the jobs left out because the
+    manifest was edited (or cut), for :func:`_not_in_manifest_note`."""
+    changed = stored.changed_files
+    return replace(
+        stored,
+        not_in_manifest=stored.not_in_manifest - sum(c.jobs for c in changed),
+        dropped=stored.dropped - sum(c.dropped for c in changed),
+        ended_unsent=stored.ended_unsent - sum(c.ended_unsent for c in changed),
+        changed_files=(),
+    )
+
+
+def _sha_prefix(digest: str) -> str:
+    """A SHA-256 as a line names it: its first 12 hex digits (as ``rerun`` names a changed file's)."""
+    return f"{digest[:12]}…"
+
+
+def _changed_file_note(name: str, changed: store.ChangedFile, folder: Path) -> str:
+    """The warning of a resubmit that found a file of the manifest rewritten since jobs of the
+    batch were stored for it: the manifest has a job for the new bytes in place of each of those
+    (their keys stood for the old bytes). It said "N job(s) of batch … are no longer in its
+    manifest", and the user looked for an edit of the manifest that nobody made."""
+    then = ", ".join(_sha_prefix(d) for d in changed.old_sha256)
+    parts = []
+    if changed.dropped:
+        parts.append(
+            f"its {changed.dropped} job(s) never sent are replaced by job(s) for the new image "
+            "(dropped, cancelled)"
+        )
+    if changed.ended_unsent:
+        parts.append(f"its {changed.ended_unsent} job(s) that ended without being sent stay as they are")
+    if changed.kept:
+        parts.append(
+            f"its {changed.kept} job(s) already sent stay in the batch (they may have been paid for), "
+            "and job(s) for the new image are added"
+        )
+    return (
+        f"{shown_in_folder(changed.path, folder)} changed since batch {name} was submitted (SHA-256 "
+        f"{then} → {_sha_prefix(changed.new_sha256)}): {'; '.join(parts)}"
+    )
+
+
+def _changed_file_json(changed: store.ChangedFile, folder: Path) -> dict[str, Any]:
+    """One of ``submit --json``'s ``changed_files``: the file as the manifest names it, its
+    SHA-256 then (a list: several when it changed more than once) and now, its jobs by kind."""
+    return {
+        "source": shown_in_folder(changed.path, folder),
+        "old_sha256": list(changed.old_sha256),
+        "new_sha256": changed.new_sha256,
+        "jobs": changed.jobs,
+        "dropped": changed.dropped,
+        "ended_unsent": changed.ended_unsent,
+        "kept": changed.kept,
+    }
 
 
 def _not_in_manifest_note(name: str, stored: store.Resubmitted, items: int) -> str:

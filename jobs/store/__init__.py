@@ -122,6 +122,7 @@ from jobs.store.caps import submitted_at_in_state as submitted_at_in_state
 from jobs.store.core import MIN_ID_PREFIX as MIN_ID_PREFIX
 from jobs.store.core import UNPROVEN_EXITS as UNPROVEN_EXITS
 from jobs.store.core import sent_to_origin as sent_to_origin
+from jobs.store.creating import ChangedFile as ChangedFile
 from jobs.store.creating import NewJob, add_jobs
 from jobs.store.creating import Resubmitted as Resubmitted
 from jobs.store.creating import mark_reruns_not_in_manifest as mark_reruns_not_in_manifest

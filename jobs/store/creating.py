@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -35,7 +35,8 @@ from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.orm import Session
 
 from jobs.endpoints import get_endpoint
-from jobs.manifest.keys import defaults_free_key
+from jobs.manifest.keys import defaults_free_key, stored_content_key
+from jobs.media import MediaKind, classify
 from jobs.models import NOT_IN_MANIFEST, Batch, Money, new_id, utcnow
 from jobs.money import BATCH_CAP_ERROR
 from jobs.states import JobState
@@ -107,6 +108,32 @@ def add_jobs(
 
 
 @dataclass(frozen=True, slots=True)
+class ChangedFile:
+    """A local file the manifest's jobs send whose bytes differ from those jobs of the batch
+    were stored for: those jobs' keys stood for the old bytes, so the manifest no longer has
+    them, and it has a job for the new bytes in place of each (:func:`_replaced_by_new_bytes`).
+    The manifest itself may not have been edited at all: the file was rewritten."""
+
+    #: The file, as the manifest's jobs name it (absolute, resolved).
+    path: str
+    #: The SHA-256 the replaced jobs recorded (several when it changed more than once).
+    old_sha256: tuple[str, ...]
+    #: Its SHA-256 now, as the manifest's jobs recorded it.
+    new_sha256: str
+    #: Of the replaced jobs, those never sent (cancelled, as :attr:`Resubmitted.dropped`), those
+    #: that ended without being sent, and those that may have been sent and paid for: they are
+    #: counted in :class:`Resubmitted`'s figures too.
+    dropped: int = 0
+    ended_unsent: int = 0
+    kept: int = 0
+
+    @property
+    def jobs(self) -> int:
+        """The batch's jobs for the old bytes the manifest's jobs for the new ones replace."""
+        return self.dropped + self.ended_unsent + self.kept
+
+
+@dataclass(frozen=True, slots=True)
 class Resubmitted:
     """What storing a manifest's jobs again in its batch did (:func:`resubmit_jobs`)."""
 
@@ -135,6 +162,9 @@ class Resubmitted:
     #: (:func:`_match_written_defaults`), nor a dropped job of their key restored; and those
     #: found so by an earlier resubmit, found now by the key that job recorded (:func:`_holders`).
     defaults_matched: int = 0
+    #: Of ``not_in_manifest``, the jobs left out only because a local file they send changed
+    #: since they were stored (the manifest has the same job for its new bytes), by file.
+    changed_files: tuple[ChangedFile, ...] = ()
 
     @property
     def kept(self) -> int:
@@ -213,7 +243,9 @@ def resubmit_jobs(
         )
         conn.execute(delete(table(_STOOD_FOR)))
     added = present = renumbered = relocated = stood_for = 0
+    files: dict[str, str] = {}  # each local file the manifest's jobs send → its SHA-256 now
     for block in _chunks(jobs, chunk):
+        _note_files(files, block)
         holders = _holders(conn, batch_id, block) if aliases else {}
         if holders:  # found by the key they stand for: nothing stored for them
             mine = [job for job in block if job.key in holders]
@@ -237,6 +269,7 @@ def resubmit_jobs(
     in_manifest = [by_key, _JOBS.c.manifest_key.in_(select(seen.c.job_key))] if aliases else [by_key]
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
     gone = dropped = ended_unsent = matched = 0
+    changed_files: tuple[ChangedFile, ...] = ()
     left_out: ColumnElement[bool] | None = None
     if conn.execute(stored).scalar_one() > added + present:
         left_out = _left_out(conn, batch_id, aliases)
@@ -269,17 +302,17 @@ def resubmit_jobs(
                 _JOBS.c.state,
                 _JOBS.c.error_type,
                 case((and_(*_nothing_sent()), 1), else_=0).label("unsent"),
+                _JOBS.c.endpoint,
+                _JOBS.c.input,
+                _JOBS.c.source_files,
             )
             .where(_JOBS.c.batch_id == batch_id, left_out)
             .order_by(_JOBS.c.item_index, _JOBS.c.variant, _JOBS.c.created_at, _JOBS.c.id)
         ).all()
         gone = len(rows)
-        dropped = sum(1 for row in rows if _is_dropped(row.state, row.error_type))
-        ended_unsent = sum(
-            1
-            for row in rows
-            if row.unsent and JobState(row.state).terminal and not _is_dropped(row.state, row.error_type)
-        )
+        dropped = sum(1 for row in rows if _left_out_kind(row) == "dropped")
+        ended_unsent = sum(1 for row in rows if _left_out_kind(row) == "ended_unsent")
+        changed_files = _replaced_by_new_bytes(conn, rows, files)
         places = [(row.id, row.item_index, row.variant) for row in rows]
         moves = [
             {"b_id": job_id, "b_item": item}
@@ -299,7 +332,101 @@ def resubmit_jobs(
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_LEFT_OUT}")
     conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_STOOD_FOR}")
     return Resubmitted(
-        added, present, renumbered, gone, relocated, dropped, restored, ended_unsent, matched + stood_for
+        added,
+        present,
+        renumbered,
+        gone,
+        relocated,
+        dropped,
+        restored,
+        ended_unsent,
+        matched + stood_for,
+        changed_files,
+    )
+
+
+def _note_files(files: dict[str, str], block: Iterable[NewJob]) -> None:
+    """Add to ``files`` each local file the jobs of ``block`` send, with the SHA-256 their
+    ``source_files`` recorded (its bytes as the manifest was read): one entry per distinct file."""
+    for job in block:
+        for name, source in (job.source_files or {}).items():
+            value = job.input.get(name)
+            digest = source.get("sha256") if isinstance(source, dict) else None
+            if not isinstance(value, str) or not isinstance(digest, str) or files.get(value) == digest:
+                continue
+            if classify(value) is MediaKind.PATH:
+                files[value] = digest
+
+
+def _left_out_kind(row: Any) -> str:
+    """How a job the manifest left out is counted (:class:`Resubmitted`): ``dropped`` (never
+    sent, cancelled), ``ended_unsent`` (ended before a send) or ``kept`` (may have been sent)."""
+    if _is_dropped(row.state, row.error_type):
+        return "dropped"
+    if row.unsent and JobState(row.state).terminal:
+        return "ended_unsent"
+    return "kept"
+
+
+def _changed_paths(row: Any, files: Mapping[str, str]) -> dict[str, str]:
+    """The local files of a left-out job (``row``) whose bytes the manifest's jobs recorded
+    otherwise: each field's name → the manifest's SHA-256 of its file now."""
+    changed: dict[str, str] = {}
+    for name, source in (row.source_files or {}).items():
+        value = (row.input or {}).get(name)
+        then = source.get("sha256") if isinstance(source, dict) else None
+        now = files.get(value) if isinstance(value, str) else None
+        if isinstance(then, str) and now is not None and now != then:
+            changed[name] = now
+    return changed
+
+
+def _replaced_by_new_bytes(
+    conn: Connection, rows: Sequence[Any], files: Mapping[str, str]
+) -> tuple[ChangedFile, ...]:
+    """Of the jobs the manifest left out (``rows``), those it has again for the new bytes of a
+    file of theirs (``files``: the manifest's, by path): the job's key recomputed from the store
+    with the file's SHA-256 now (:func:`jobs.manifest.keys.stored_content_key`) is among the
+    manifest's keys (:data:`_SEEN`), by file. A job also edited in the manifest (another prompt)
+    is not: the manifest left it out, and that is what its user is told."""
+    candidates: dict[str, list[tuple[Any, dict[str, str]]]] = {}  # key with the new bytes → jobs
+    for row in rows:
+        changed = _changed_paths(row, files)
+        if changed:
+            sources = {
+                name: {**source, "sha256": changed[name]} if name in changed else source
+                for name, source in row.source_files.items()
+            }
+            key = stored_content_key(row.endpoint, row.input or {}, sources)
+            candidates.setdefault(key, []).append((row, changed))
+    if not candidates:
+        return ()
+    seen = table(_SEEN, column("job_key"))
+    keys = list(candidates)
+    found: set[str] = set()
+    for start in range(0, len(keys), 500):
+        part = keys[start : start + 500]
+        found.update(conn.execute(select(seen.c.job_key).where(seen.c.job_key.in_(part))).scalars())
+    return _by_file([job for key in found for job in candidates[key]])
+
+
+def _by_file(replaced: Iterable[tuple[Any, dict[str, str]]]) -> tuple[ChangedFile, ...]:
+    """The replaced jobs (each with its changed fields, :func:`_changed_paths`) counted by
+    file, as ``resubmit_jobs`` counts the jobs it leaves out; a job sending two changed files
+    (a first and a last frame) by its first."""
+    old: dict[str, set[str]] = {}
+    new: dict[str, str] = {}
+    kinds: dict[str, dict[str, int]] = {}
+    for row, changed in replaced:
+        name = next(iter(changed))
+        path = row.input[name]
+        old.setdefault(path, set()).add(row.source_files[name]["sha256"])
+        new[path] = changed[name]
+        counts = kinds.setdefault(path, {"dropped": 0, "ended_unsent": 0, "kept": 0})
+        counts[_left_out_kind(row)] += 1
+    return tuple(
+        ChangedFile(path=path, old_sha256=tuple(sorted(old[path])), new_sha256=new[path], **kinds[path])
+        for path in sorted(kinds)
     )
 
 

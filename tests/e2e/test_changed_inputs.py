@@ -3,6 +3,9 @@
 * A batch whose jobs send several images, all rewritten after the submit: the failure summary
   of ``run`` and ``status`` named one file (``min(error)`` of the group) for failures spread
   over all of them.
+* The manifest run again after an image was rewritten: the jobs of the old image were said to be
+  "no longer in its manifest", as if the manifest had been edited; the image's bytes changed
+  (so its jobs' keys), not the manifest.
 """
 
 from __future__ import annotations
@@ -63,3 +66,74 @@ def test_the_failure_summary_names_every_changed_file(
     human = " ".join(wb("status", "spread").stdout.split())
     assert "media files 'images/p1.png' and 'images/p2.png' changed since" in human
     assert sim.ledger()["accepted"] == 0
+
+
+def _rewritten_after_submit(wb: Wb, manifest: MakeManifest) -> Path:
+    """Batch sweep2 submitted (nothing sent), then its images/p3.png rewritten: its manifest's path."""
+    body = (
+        "name: sweep2\nendpoint: fal-ai/wan-i2v\ndefaults: {resolution: 480p}\nitems:\n"
+        "  - {prompt: kept, image_url: images/landscape.jpg}\n"
+        "  - {prompt: replaced, image_url: images/p3.png}\n"
+    )
+    path = manifest("sweep2", body)
+    p3 = path.parent / "images" / "p3.png"
+    _png(p3, 50)
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    _png(p3, 60)
+    return path
+
+
+def test_running_the_manifest_after_an_image_changed_names_the_image(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    path = _rewritten_after_submit(wb, manifest)
+    run = wb("run", path, "--no-progress")
+    assert run.code == 0, run.stderr
+    err = " ".join(run.stderr.split())
+    assert "images/p3.png changed since batch sweep2 was submitted (SHA-256 " in err
+    assert "its 1 job(s) never sent are replaced by job(s) for the new image (dropped, cancelled)" in err
+    assert "no longer in its manifest" not in err  # the manifest was not edited
+    assert sim.ledger()["accepted"] == 2  # the kept job, and the new image's
+
+
+def test_submit_json_names_the_changed_image_and_an_edit_keeps_its_line(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, any_db: str
+) -> None:
+    path = _rewritten_after_submit(wb, manifest)
+    # An edit too: the first item's prompt changed (no file of it did).
+    path.write_text(path.read_text().replace("prompt: kept", "prompt: edited"))
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    report = submitted.json()
+    assert (report["not_in_manifest"], report["dropped"]) == (2, 2)  # counted as before
+    (changed,) = report["changed_files"]
+    assert changed["source"] == "images/p3.png"
+    assert (changed["jobs"], changed["dropped"], changed["kept"], changed["ended_unsent"]) == (1, 1, 0, 0)
+    assert changed["new_sha256"] not in changed["old_sha256"]
+    old, new = changed["old_sha256"][0][:12], changed["new_sha256"][:12]
+    err = " ".join(submitted.stderr.split())
+    assert f"images/p3.png changed since batch sweep2 was submitted (SHA-256 {old}… → {new}…)" in err
+    # The edited item's job: the manifest's own line, counting it alone.
+    edited = "1 job(s) of batch sweep2 are no longer in its manifest: 1 never sent are dropped (cancelled)"
+    assert edited in err
+    assert sim.ledger()["accepted"] == 0
+
+
+def test_a_sent_job_of_the_old_image_stays_and_the_new_image_is_sent(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    path = _rewritten_after_submit(wb, manifest)
+    _png(path.parent / "images" / "p3.png", 50)  # the original back: the batch runs as submitted
+    assert wb("run", path, "--no-progress").code == 0
+    _png(path.parent / "images" / "p3.png", 60)
+    again = wb("run", path, "--no-progress")
+    assert again.code == 0, again.stderr
+    err = " ".join(again.stderr.split())
+    assert "images/p3.png changed since batch sweep2 was submitted" in err
+    assert (
+        "its 1 job(s) already sent stay in the batch (they may have been paid for), "
+        "and job(s) for the new image are added"
+    ) in err
+    assert "no longer in its manifest:" not in err
+    assert sim.ledger()["accepted"] == 3  # both jobs, then the new image's
