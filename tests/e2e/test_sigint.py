@@ -483,7 +483,9 @@ def test_a_killed_runs_submit_in_flight_is_waited_for_aloud_never_resent(
     db = env["WANBATCH_DATABASE_URL"]
     # A backlog no drain fills (three downloads at once are 3 of 3 under the default, the
     # outstanding cap): the one thing that may hold the run back is the dead process's lease.
-    env = {**env, "WANBATCH_LEASE_SECONDS": "6", "WANBATCH_MAX_DOWNLOAD_BACKLOG": "50"}
+    # The lease outlasts the second run's start-up on a loaded machine (CI: 6 s did not — the
+    # lease ran out before its first progress line, which then had nothing to wait for).
+    env = {**env, "WANBATCH_LEASE_SECONDS": "15", "WANBATCH_MAX_DOWNLOAD_BACKLOG": "50"}
     sim.set_faults(submit_slow={"next": 1, "delay": 15})  # accepted at fal, the answer held
     path = _manifest(manifest)
     in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
