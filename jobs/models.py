@@ -241,6 +241,11 @@ NOT_IN_MANIFEST = "not_in_manifest"
 #: one; fal's own word stays in the job's history (the event's reason).
 USER_CANCELLED = "cancelled"
 
+#: ``error_type`` of a job given back unsent, uncounted, because fal could not be reached from the
+#: process that had it (``worker.steps.submit``): its ``next_attempt_at`` is that process's probe
+#: backoff, which ends with its hold (:func:`jobs.store.end_fal_waits`).
+FAL_UNREACHABLE = "fal_unreachable"
+
 
 class BatchState(StrEnum):
     """Whether a batch's jobs may be submitted. Jobs have their own states (:class:`JobState`)."""

@@ -148,7 +148,14 @@ from jobs.store.due import FEW_DUE_RETRIES as FEW_DUE_RETRIES
 from jobs.store.due import batches_with_jobs_to_send as batches_with_jobs_to_send
 from jobs.store.due import bring_waits_forward as bring_waits_forward
 from jobs.store.due import catch_up_with_timeline as catch_up_with_timeline
-from jobs.store.fal_outages import FalHoldRow, fal_holds, hold_fal, release_fal_hold
+from jobs.store.fal_outages import (
+    FalHoldRow,
+    end_fal_waits,
+    fal_holds,
+    hold_fal,
+    live_fal_hold_owners,
+    release_fal_hold,
+)
 from jobs.store.heartbeats import (
     HEARTBEAT_KEPT,
     BatchBeat,
@@ -469,6 +476,7 @@ __all__ = [
     "duration_buckets",
     "duration_histogram",
     "earlier_proof_adoptable",
+    "end_fal_waits",
     "estimated_usd",
     "expire_leases",
     "extend_lease",
@@ -511,6 +519,7 @@ __all__ = [
     "lease_holders_of_batches",
     "lineage_committed_usd",
     "list_batches",
+    "live_fal_hold_owners",
     "live_limits",
     "live_simulators",
     "lock_batch",

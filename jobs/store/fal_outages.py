@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, and_, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from jobs.models import FalHold
-from jobs.store.core import _dialect_insert
+from jobs.models import EVERY_BATCH, FAL_UNREACHABLE, Batch, FalHold
+from jobs.states import JobState
+from jobs.store.core import _JOBS, _dialect_insert
 from jobs.store.heartbeats import HEARTBEAT_KEPT
 
 
@@ -82,3 +84,52 @@ def fal_holds(session: Session, scopes: Collection[str], *, live_since: datetime
         .order_by(FalHold.since, FalHold.owner, FalHold.scope)
     )
     return [FalHoldRow(*row) for row in rows]
+
+
+def live_fal_hold_owners(session: Session, *, live_since: datetime) -> list[str]:
+    """The owners of the holds renewed at ``live_since`` or later (:func:`fal_holds`), whatever
+    their scope: those a caller may yet tell ended (a pid of its host that no longer runs)."""
+    rows = session.scalars(select(FalHold.owner).where(FalHold.seen_at >= live_since).distinct())
+    return sorted(rows)
+
+
+def end_fal_waits(
+    session: Session,
+    batch_ids: Collection[str] | None,
+    *,
+    now: datetime,
+    longest: timedelta,
+    live_since: datetime,
+    ended: Collection[str] = (),
+) -> int:
+    """Make due at ``now`` the ``pending`` jobs (of ``batch_ids``; of every batch when None) that
+    wait only for a process's hold on fal: ``error_type`` :data:`FAL_UNREACHABLE`, due within
+    ``longest`` (its longest probe pause: a later one waits for something else, such as its
+    schedule's next window), and no hold renewed since ``live_since`` covers their batch — a
+    run's of it, or a distributed worker's (every batch but a ``--simulate`` one), ``ended``
+    owners' left out. How many.
+
+    The backoff is the holding process's, stored on the job only so that no other process takes
+    it meanwhile: once no live hold covers it, it holds the job for nothing."""
+    hold = FalHold.__table__.alias("holds")
+    simulated = exists().where(Batch.id == _JOBS.c.batch_id, Batch.simulated.is_(True))
+    covered = exists().where(
+        hold.c.seen_at >= live_since,
+        hold.c.owner.not_in(sorted(ended)),
+        or_(hold.c.scope == _JOBS.c.batch_id, and_(hold.c.scope == EVERY_BATCH, ~simulated)),
+    )
+    statement = (
+        update(_JOBS)
+        .where(
+            _JOBS.c.state == JobState.PENDING,
+            _JOBS.c.error_type == FAL_UNREACHABLE,
+            _JOBS.c.next_attempt_at > now,
+            _JOBS.c.next_attempt_at <= now + longest,
+            ~covered,
+        )
+        .values(next_attempt_at=now)
+        .execution_options(preserve_rowcount=True)
+    )
+    if batch_ids is not None:
+        statement = statement.where(_JOBS.c.batch_id.in_(sorted(batch_ids)))
+    return int(cast(CursorResult[Any], session.execute(statement)).rowcount)

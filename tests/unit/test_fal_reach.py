@@ -114,3 +114,33 @@ def test_the_hold_is_recorded_when_it_begins_renewed_now_and_then_and_ended_neve
     fal.release()
     assert written[-1] is None
     assert len(written) == 2 + len(renewals)
+
+
+def test_the_first_answer_a_process_hears_records_an_end_once_though_it_never_held() -> None:
+    """A process that died holding never recorded its hold's end, and the jobs its backoff held
+    wait for it: the first answer fal gives the next process records an end (which ends those
+    waits, ``Runtime.end_fal_waits``), once; later answers write nothing."""
+    fal, _ = reach()
+    written: list[Hold | None] = []
+    fal.recorder = written.append
+    fal.answered()
+    assert written == [None]
+    fal.answered()
+    fal.release()
+    assert written == [None]
+
+
+def test_a_first_end_that_could_not_be_recorded_is_recorded_at_the_next_answer() -> None:
+    fal, _ = reach()
+    tries: list[Hold | None] = []
+
+    def refused(hold: Hold | None) -> None:
+        tries.append(hold)
+        raise OSError("the database is unreachable")
+
+    fal.recorder = refused
+    fal.answered()
+    fal.recorder = tries.append
+    fal.answered()
+    fal.answered()
+    assert tries == [None, None]

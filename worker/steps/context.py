@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from jobs import db, processes, store
+from jobs.listing import FAL_HOLD_STALE_SECONDS, FAL_PROBE_PAUSE_MAX
 from jobs.models import EVERY_BATCH, BatchRecord, Job, JobRecord, JobView, utcnow
 from jobs.processes import process_prefix
 from jobs.schedule import Schedule
@@ -491,12 +492,16 @@ class Runtime:
         """Record in the database that this process holds its submits because fal cannot be
         reached from it (``hold``), or that it no longer does (None): for ``status`` and the
         dashboard (:func:`jobs.listing.fal_holds`), under this process's name (``host:pid:``)
-        and this runtime's batches (every batch for a distributed worker)."""
+        and this runtime's batches (every batch for a distributed worker).
+
+        Its end (None) also ends the waits of the jobs given back while fal was unreachable
+        (:meth:`end_fal_waits`)."""
         owner = process_prefix()
         scopes = self.batch_ids or frozenset({EVERY_BATCH})
         with db.session_scope(self.engine) as session:
             if hold is None:
                 store.release_fal_hold(session, owner, scopes)
+                self.end_fal_waits(session)
                 return
             store.hold_fal(
                 session,
@@ -507,6 +512,33 @@ class Runtime:
                 pause_seconds=hold.pause_seconds,
                 error=hold.error,
                 now=utcnow(),
+            )
+
+    def end_fal_waits(self, session: Session) -> None:
+        """Make due at once this runtime's jobs that wait only for a hold on fal that is over.
+
+        A job given back because fal could not be reached is due when the holding process's
+        next probe may go, up to a minute ahead (:mod:`worker.steps.fal_reach`): stored on the
+        job, that backoff outlived the process that stopped holding, and the next ``run``, whose
+        fal answered, sent the job a minute late. A hold still renewed by another process (a
+        worker on another host, another run of the batch) keeps its jobs waiting; one whose
+        process is known to have ended (a pid of this host that no longer runs) does not."""
+        now = utcnow()
+        live_since = now - timedelta(seconds=FAL_HOLD_STALE_SECONDS)
+        owners = store.live_fal_hold_owners(session, live_since=live_since)
+        freed = store.end_fal_waits(
+            session,
+            self.batch_ids,
+            now=now,
+            longest=timedelta(seconds=FAL_PROBE_PAUSE_MAX),
+            live_since=live_since,
+            ended=[owner for owner in owners if processes.owner_gone(owner)],
+        )
+        if freed:
+            log.info(
+                "%d job(s) held back while fal was unreachable are due again at once",
+                freed,
+                extra={"event": "submit.fal_waits_ended"},
             )
 
     @property

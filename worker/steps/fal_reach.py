@@ -19,6 +19,14 @@ The hold is also recorded in the database (:class:`~jobs.models.FalHold`, throug
 since when, wherever it runs: written when the hold begins, renewed by a failed probe at most
 every :data:`~jobs.listing.FAL_HOLD_RENEW_SECONDS` (a process that died holding leaves a row
 that goes stale), deleted when fal answers. Never once per probe.
+
+A job given back because of the hold is due when the next probe may go: the backoff is stored
+on the job (``next_attempt_at``), so that no other process sends it meanwhile. It is this
+process's all the same, so it ends with the hold: when the hold's end is recorded (fal answers,
+or the process stops cleanly: :meth:`FalReach.release`), and when this process first hears fal
+answer (a process that died holding never recorded its end), the jobs such a backoff holds that
+no live hold of another process covers are due at once
+(:meth:`~worker.steps.context.Runtime.record_fal_hold`).
 """
 
 from __future__ import annotations
@@ -102,6 +110,9 @@ class FalReach:
         self._record_lock = threading.Lock()
         #: When (``clock``) the hold was last recorded; None while no record stands.
         self._recorded_at: float | None = None
+        #: Whether the end of a hold was recorded since this process began: until then, the
+        #: first answer fal gives records one (ending the waits a process before it left).
+        self._ended_once = False
 
     @property
     def down(self) -> bool:
@@ -168,7 +179,9 @@ class FalReach:
     def answered(self) -> None:
         """fal answered a submit (whatever it said): the hold ends."""
         if self.since is None:  # the usual case: no lock
-            if self._recorded_at is not None:  # a hold's end that could not be recorded then
+            # A hold's end that could not be recorded then; or the first answer this process
+            # hears, whose end of every hold ends the waits a process that died holding left.
+            if self._recorded_at is not None or not self._ended_once:
                 self._record()
             return
         with self._lock:
@@ -193,7 +206,7 @@ class FalReach:
             with self._lock:
                 now = self._clock()
                 since, pause, error, until = self.since, self.pause, self.error, self._until
-            if since is None and self._recorded_at is None:
+            if since is None and self._recorded_at is None and self._ended_once:
                 return  # nothing recorded, nothing to end
             hold = None
             if since is not None:
@@ -210,6 +223,7 @@ class FalReach:
                 )
                 return
             self._recorded_at = now if hold is not None else None
+            self._ended_once = self._ended_once or hold is None
 
     def release(self) -> None:
         """This process stops (its runtime or its conductor closes): a hold it recorded ends with

@@ -35,7 +35,7 @@ from jobs.errors import (
     RetryableProviderError,
     UsageError,
 )
-from jobs.models import utcnow
+from jobs.models import FAL_UNREACHABLE, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
 from jobs.store import Fence
@@ -222,15 +222,14 @@ def _submit(rt: Runtime, job_id: str) -> str:
         return _hold_for_schedule(rt, fence, schedule)
 
     # fal unreachable a moment ago (a connect failure): only one submit at a time goes, as the
-    # probe, after each pause; the others go back uncounted, due when the hold ends.
+    # probe, after each pause; the others go back uncounted, due when the hold ends (marked as
+    # the probe's job is, so that the wait ends with the hold: Runtime.end_fal_waits).
     held, probe = rt.fal_reach.admit()
     if held > 0:
+        why = f"held back: {rt.fal_reach.note(now) or 'fal unreachable'}"
         with db.session_scope(rt.engine) as session:
             store.give_back(
-                session,
-                fence,
-                reason=f"held back: {rt.fal_reach.note(now) or 'fal unreachable'}",
-                due_at=in_seconds(held),
+                session, fence, reason=why, due_at=in_seconds(held), error=why, error_type=FAL_UNREACHABLE
             )
         return "fal-unreachable"
 
@@ -474,7 +473,7 @@ def _fal_unreachable(rt: Runtime, fence: Fence, exc: Exception, *, probe: bool) 
             due_at=in_seconds(left),
             submitted_input=None,  # recorded when the lease was taken; it never left
             error=why,
-            error_type="fal_unreachable",
+            error_type=FAL_UNREACHABLE,
         )
     return "fal-unreachable"
 
