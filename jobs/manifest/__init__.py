@@ -25,7 +25,8 @@ How one job's input is resolved (each later step wins):
 3. the matrix combination. The matrix applies to every item, giving items × (product of the
    matrix lists) jobs. An item that sets a field the matrix also sets is overridden by the
    matrix, with a warning (the sweep is what the user asked for; the item value is likely a
-   leftover).
+   leftover). A value the matrix overrides (an item's, a default's) is still validated: one
+   refused without the matrix is refused with it.
 
 Then:
 

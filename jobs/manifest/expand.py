@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from jobs.manifest.model import JobSpec, RawItem, describe, error_count
 from jobs.manifest.sources import source_files
 from jobs.media import LocalPath
 from jobs.schedule import Schedule
+from jobs.validation import Location, validate_input
 from jobs.yaml_lines import LList, LMap
 
 #: Most jobs one manifest may expand to (items × matrix).
@@ -40,6 +41,17 @@ def too_many_jobs_message() -> str:
 def jobs_allowed() -> str:
     """What a manifest over :data:`MAX_JOBS` is told is allowed."""
     return f"at most {MAX_JOBS:,} jobs per manifest"
+
+
+#: What an error of a value the matrix overrides adds: why it is an error all the same.
+_STILL_CHECKED = "but a value written here is checked all the same"
+
+
+def _unread_media(spec: EndpointSpec, key: str, value: object) -> bool:
+    """Whether ``value`` is text for a media field: a file or URL that, overridden by the matrix,
+    is never sent, so it is neither read nor confined (a value of another kind is still wrong)."""
+    fld = spec.field(key)
+    return fld is not None and fld.media is not None and isinstance(value, str)
 
 
 #: One matrix combination: (field, value, line of the value) for each matrix field.
@@ -379,6 +391,7 @@ class Manifest:
                     severity="warning",
                 )
             )
+        sink.extend(self._overridden_issues(raw, spec, base, origins))
         row_dirs = self._row_dirs(raw)
         for variant, combo in enumerate(combos):
             values = dict(base)
@@ -402,6 +415,37 @@ class Manifest:
                 source_files=source_files(spec, values, resolved, digests, refused=outside),
                 reported=raw.reported,
             )
+
+    def _overridden_issues(
+        self,
+        raw: RawItem,
+        spec: EndpointSpec,
+        base: dict[str, Any],
+        origins: dict[str, tuple[str, int | None]],
+    ) -> list[Issue]:
+        """The errors of the values the matrix overrides (a default's, the item's own), each at
+        the line that wrote it. The matrix wins, but a value refused without it is refused with
+        it: ``defaults: {seed: [1, 2, 3]}`` beside ``matrix: {seed: [7]}`` is the sweep written in
+        the wrong place, and passed as valid; a stray ``seed: abc`` would turn into an error the
+        day the matrix line is removed, on a manifest ``validate`` had called valid. A local file
+        named there is not read (its value is never sent), nor its path resolved: only a media
+        value that is not text is checked. ``null`` unsets, as anywhere. A default's errors
+        come once per item and are said once (a ``defaults`` line is shared, see
+        :func:`jobs.manifest.report.validate_manifest`)."""
+        overridden = {
+            key: base[key]
+            for key in self.matrix
+            if key in base and key not in raw.reported and not _unread_media(spec, key, base[key])
+        }
+        if not overridden:
+            return []
+        values, _ = resolve_input(spec, overridden, self.base_dir, self.roots, {})
+        where = Location(raw.source, raw.line, raw.index, origins)
+        return [
+            replace(issue, message=f"{issue.message}; the matrix sets {issue.field!r} too, {_STILL_CHECKED}")
+            for issue in validate_input(spec, values, where)
+            if issue.field in values
+        ]
 
     def _row_dirs(self, raw: RawItem) -> dict[str, Path]:
         """The folder each field the item itself sets is resolved from (its file's: an

@@ -177,6 +177,55 @@ def test_defaults_then_item_then_matrix(folder: Path) -> None:
     assert [j.matrix for j in jobs] == [{"seed": 7}, {"seed": 8}]
 
 
+def test_a_list_in_defaults_for_a_field_the_matrix_sets_is_an_error(folder: Path) -> None:
+    """The matrix overwrote the default before validation: the sweep written in ``defaults``
+    passed as "all valid". Said once, at the default's line, whatever the number of items."""
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nmatrix: {seed: [7]}\ndefaults: {seed: [1, 2, 3]}\n"
+        "items:\n  - {prompt: a, image_url: a.png}\n  - {prompt: b, image_url: b.jpg}\n",
+    )
+    (error,) = validate_manifest(path).errors
+    assert (error.line, error.field) == (4, "seed")
+    assert "got a list [1, 2, 3]; a list makes one job per value only under `matrix:`" in error.message
+    assert "the matrix sets 'seed' too" in error.message
+
+
+def test_a_list_in_an_item_for_a_field_the_matrix_sets_is_an_error(folder: Path) -> None:
+    """It was only the warning "the matrix values are used"; the README calls it an error."""
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nmatrix: {seed: [7]}\n"
+        "items:\n  - prompt: a\n    image_url: a.png\n    seed: [1, 2, 3]\n",
+    )
+    report = validate_manifest(path)
+    (error,) = report.errors
+    assert (error.line, error.item, error.field) == (7, 0, "seed")
+    assert "a list makes one job per value only under `matrix:`" in error.message
+    (warning,) = report.warnings
+    assert "the matrix values are used" in warning.message
+
+
+def test_an_invalid_value_the_matrix_overrides_is_an_error_a_file_is_not_read(folder: Path) -> None:
+    """A value refused without the matrix is refused with it (removing the matrix must not
+    reveal an error); a local file it overrides is never sent, so it is not read."""
+    path = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nmatrix: {seed: [7], image_url: [a.png]}\n"
+        "defaults: {seed: abc, image_url: missing.png}\nitems:\n  - {prompt: a}\n",
+    )
+    (error,) = validate_manifest(path).errors
+    assert (error.line, error.field) == (4, "seed")
+    assert "expected an integer, got text 'abc'" in error.message
+    fine = write(
+        folder,
+        "name: x\nendpoint: fal-ai/wan-i2v\nmatrix: {image_url: [a.png]}\n"
+        "defaults: {image_url: missing.png, seed: null}\nitems:\n  - {prompt: a}\n",
+        "fine.yaml",
+    )
+    assert validate_manifest(fine).issues == []
+
+
 def test_endpoint_defaults_are_not_injected(folder: Path) -> None:
     path = write(folder, "name: x\nendpoint: fal-ai/wan-22\nitems:\n  - prompt: hi\n")
     (job,) = jobs_of(path)
