@@ -1127,17 +1127,12 @@ def deadline_cancelled_text(report: BatchReport) -> str:
 
 
 def _rendered_line(report: BatchReport) -> str:
-    """Where the videos of the failed or cancelled jobs a rerun rendered since are: ``rerun
+    """Where the videos of the failed or cancelled jobs a rerun rendered are (since, or before
+    the batch ran them, :func:`jobs.rendered.rendered_text`): ``rerun
     --failed-only`` leaves those jobs out, so advising it for them would mislead."""
-    from jobs.rendered import reruns_text  # loaded already: it made the report
+    from jobs.rendered import rendered_text  # loaded already: it made the report
 
-    rendered = report["rerun_rendered"]
-    if not rendered["jobs"]:
-        return ""
-    return escape(
-        f"{rendered['jobs']} failed or cancelled job(s) rendered since by a rerun: "
-        f"{reruns_text(rendered['reruns'])}"
-    )
+    return escape(rendered_text(report["rerun_rendered"]))
 
 
 def _pending_line(report: BatchReport) -> str:

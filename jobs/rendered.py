@@ -54,6 +54,10 @@ class RenderedBy(TypedDict):
     batch: str
     name: str
     jobs: int
+    #: Made after the batch: it rendered those jobs since. False for an earlier rerun (a sibling
+    #: made before the batch, or anything :func:`tally` judges without a batch), which had
+    #: already rendered their inputs when the batch ran them (:func:`rendered_text`).
+    since: bool
 
 
 class RerunBeing(TypedDict):
@@ -124,6 +128,8 @@ class Render:
     waits: str = ""
     #: The other machine its batch is on (only for an unfinished repeat): :attr:`RerunBeing.machine`.
     machine: str = ""
+    #: When its batch was made (None: not known): whether it rendered a batch's jobs since.
+    made_at: datetime | None = None
 
 
 def rerun_input(stored: Mapping[str, Any], seed: int | None) -> dict[str, Any]:
@@ -212,7 +218,16 @@ def _renders(
             key = keys[row.job_id] = stored_content_key(row.endpoint, row.input, row.source_files)
         found.setdefault(root, []).append(
             Render(
-                row.batch_id, row.batch_name, row.input, key, rank, unfinished, command, waiting, elsewhere
+                row.batch_id,
+                row.batch_name,
+                row.input,
+                key,
+                rank,
+                unfinished,
+                command,
+                waiting,
+                elsewhere,
+                row.batch_created_at,
             )
         )
     return found
@@ -242,13 +257,15 @@ def rendered_by(candidates: Iterable[Render], wanted: str) -> Render | None:
     return next((r for r in matching if not r.unfinished), None) or next(iter(matching), None)
 
 
-def tally(renders_: Iterable[Render]) -> list[RenderedBy]:
+def tally(renders_: Iterable[Render], *, after: datetime | None = None) -> list[RenderedBy]:
     """How many of the jobs each rerun rendered (or renders), the reruns in their
-    :attr:`Render.rank` order."""
+    :attr:`Render.rank` order; each made ``after`` the batch's creation (when given) rendered
+    them ``since`` (:attr:`RenderedBy.since`)."""
     by_batch: dict[str, RenderedBy] = {}
     for render in sorted(renders_, key=lambda r: r.rank):
+        since = after is not None and render.made_at is not None and render.made_at > after
         entry = by_batch.setdefault(
-            render.batch_id, RenderedBy(batch=render.batch_id, name=render.batch_name, jobs=0)
+            render.batch_id, RenderedBy(batch=render.batch_id, name=render.batch_name, jobs=0, since=since)
         )
         entry["jobs"] += 1
     return list(by_batch.values())
@@ -287,8 +304,9 @@ def rerun_covered(session: Session, batch: Batch, *, now: datetime | None = None
     reruns instead of advising to rerun the jobs again (``now``: for :attr:`RerunBeing.waits`)."""
     found = by_input(lineage_renders(session, batch, simulated=batch.simulated, now=now))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
-        return _covered(found, ())
-    return _covered(found, store.rerun_wanted_of_batches(session, [batch.id], RERUN_FAILED_STATES))
+        return _covered(found, (), batch.created_at)
+    jobs = store.rerun_wanted_of_batches(session, [batch.id], RERUN_FAILED_STATES)
+    return _covered(found, jobs, batch.created_at)
 
 
 def rerun_covered_of_batches(
@@ -309,11 +327,18 @@ def rerun_covered_of_batches(
     covered = [i for i, f in found.items() if f]
     for job in store.rerun_wanted_of_batches(session, covered, RERUN_FAILED_STATES):
         jobs.setdefault(job.batch_id, []).append(job)
-    return {batch_id: _covered(f, jobs.get(batch_id, ()) if f else ()) for batch_id, f in found.items()}
+    made = {b.id: b.created_at for b in batches}
+    return {
+        batch_id: _covered(f, jobs.get(batch_id, ()) if f else (), made[batch_id])
+        for batch_id, f in found.items()
+    }
 
 
-def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[store.RerunWanted]) -> Covered:
-    """:class:`Covered` of a batch's failed or cancelled ``jobs`` by :func:`by_input`'s ``found``."""
+def _covered(
+    found: Mapping[str, Sequence[Render]], jobs: Iterable[store.RerunWanted], made_at: datetime | None
+) -> Covered:
+    """:class:`Covered` of a batch's failed or cancelled ``jobs`` by :func:`by_input`'s ``found``;
+    ``made_at``: when the batch was made (a rerun made after it rendered its jobs since)."""
     rendered = RerunRendered(
         jobs=0, cancelled_for_budget=0, cancelled_for_daily_budget=0, cancelled_for_deadline=0, reruns=[]
     )
@@ -336,7 +361,7 @@ def _covered(found: Mapping[str, Sequence[Render]], jobs: Iterable[store.RerunWa
             report["cancelled_for_daily_budget"] += job.error_type == DAILY_CAP_ERROR
         if job.state == JobState.CANCELLED and job.error_type in SCHEDULE_ERRORS:
             report["cancelled_for_deadline"] += 1
-    rendered["jobs"], rendered["reruns"] = len(done), tally(done)
+    rendered["jobs"], rendered["reruns"] = len(done), tally(done, after=made_at)
     pending["jobs"], pending["reruns"] = len(going), tally_being(going)
     return Covered(rendered, pending)
 
@@ -352,6 +377,24 @@ def reruns_text(reruns: Iterable[RenderedBy]) -> str:
         names = ", ".join(parts[:-1]) + " and " + parts[-1]
     first = shown[0]
     return f"{names} (`wanbatch export {shell_ref(first['name'], first['batch'])}` lists their videos)"
+
+
+def rendered_how(since: bool) -> str:
+    """How ``status`` says its jobs were rendered: ``rendered since by a rerun:`` when every
+    rerun it names was made after the batch (``since``), else ``already rendered with the same
+    input by``, as ``rerun`` says it. A sibling made before the batch (``rerun-1``, named on
+    ``rerun-2``'s summary) rendered those inputs before the batch ran them, not since."""
+    return "rendered since by a rerun:" if since else "already rendered with the same input by"
+
+
+def rendered_text(rendered: RerunRendered) -> str:
+    """``status``'s line on the batch's failed or cancelled jobs a rerun rendered (``3 failed or
+    cancelled job(s) rendered since by a rerun: sweep-rerun-1 (…)``, :func:`rendered_how`);
+    ``""`` when none."""
+    if not rendered["jobs"]:
+        return ""
+    how = rendered_how(all(r["since"] for r in rendered["reruns"]))
+    return f"{rendered['jobs']} failed or cancelled job(s) {how} {reruns_text(rendered['reruns'])}"
 
 
 def going_on(rerun: RerunBeing) -> str:

@@ -62,7 +62,7 @@ from jobs.money import usd_text
 from jobs.printable import one_line, shell_ref
 from jobs.processes import owner_gone, process_prefix
 from jobs.redaction import masked_error
-from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rerun_covered
+from jobs.rendered import RERUN_FAILED_STATES, RenderedBy, RerunBeing, going_on, rendered_how, rerun_covered
 from jobs.rerun import rerun_batch, rerun_waits
 from jobs.schedule import eta_text, format_age
 from jobs.settings import Settings
@@ -983,6 +983,8 @@ class RenderedRerun:
     jobs: int
     #: The command that lists the videos: ``wanbatch export NAME``, in backticks.
     export: str
+    #: Made after the batch (:attr:`jobs.rendered.RenderedBy.since`).
+    since: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1012,7 +1014,11 @@ class RerunOffer:
             left=max(0, failed - covered.rendered["jobs"] - covered.pending["jobs"]),
             rendered=[
                 RenderedRerun(
-                    r["batch"], r["name"], r["jobs"], f"`wanbatch export {shell_ref(r['name'], r['batch'])}`"
+                    r["batch"],
+                    r["name"],
+                    r["jobs"],
+                    f"`wanbatch export {shell_ref(r['name'], r['batch'])}`",
+                    r["since"],
                 )
                 for r in rendered
             ],
@@ -1022,6 +1028,12 @@ class RerunOffer:
     @property
     def rendered_jobs(self) -> int:
         return sum(r.jobs for r in self.rendered)
+
+    @property
+    def rendered_how(self) -> str:
+        """How the page says the jobs were rendered (:func:`jobs.rendered.rendered_how`): not
+        "since" by a rerun made before the batch."""
+        return rendered_how(all(r.since for r in self.rendered))
 
     @property
     def covered(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Boolean, ColumnElement, and_, case, null, or_, select, true, type_coerce, union
@@ -46,6 +47,9 @@ class RerunRepeat:
     #: The machine its batch's manifest is on (:attr:`Batch.manifest_host`: for a rerun, the one
     #: ``rerun`` made it on), None when not recorded: where ``wanbatch run`` of it goes on.
     batch_manifest_host: str | None = None
+    #: When its batch was made (:attr:`Batch.created_at`): a rerun made before the batch asked
+    #: about (a sibling) rendered its jobs' inputs already, not since.
+    batch_created_at: datetime | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -68,6 +72,7 @@ _REPEAT_COLUMNS = (
     Batch.paused_by_user,
     Batch.schedule,
     Batch.manifest_host,
+    Batch.created_at,
 )
 
 
@@ -108,6 +113,7 @@ def _repeat(row: Any) -> RerunRepeat:
         paused,
         schedule,
         host,
+        created_at,
     ) = row
     return RerunRepeat(
         job_id,
@@ -123,6 +129,7 @@ def _repeat(row: Any) -> RerunRepeat:
         batch_paused=bool(paused),
         batch_schedule=dict(schedule) if isinstance(schedule, dict) else None,
         batch_manifest_host=host,
+        batch_created_at=created_at,
     )
 
 

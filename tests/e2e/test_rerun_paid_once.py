@@ -93,6 +93,30 @@ def test_failed_only_again_pays_nothing_and_status_names_the_rerun(
 
 
 @pytest.mark.slow
+def test_a_sibling_made_before_the_batch_rendered_its_jobs_already_not_since(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """``budget1-rerun-2``'s own summary said its cancelled jobs were "rendered since by a
+    rerun: budget1-rerun-1", a sibling made (and finished) before it: it had rendered them
+    already. Said as ``rerun`` says it; ``--json`` marks each rerun ``since`` or not."""
+    _capped_batch(wb, sim, manifest)
+    assert processed(wb, "rerun", "budget1", "--max-usd", "5")["counts"]["succeeded"] == 6  # seeds 1..6
+    second = wb("rerun", "budget1", "--vary", "seed=1..12", "--max-usd", "0.60", "--no-progress")
+
+    assert second.code == 1, second.stderr  # the cap cancelled 9 of the 12
+    summary = " ".join(second.stdout.split())
+    assert "failed or cancelled job(s) already rendered with the same input by budget1-rerun-1" in summary
+    assert "rendered since" not in summary
+    rendered = wb("status", "budget1-rerun-2", "--json").json()["rerun_rendered"]
+    assert rendered["jobs"] > 0
+    assert [(r["name"], r["since"]) for r in rendered["reruns"]] == [("budget1-rerun-1", False)]
+    # The parent's own status still says "since": budget1-rerun-1 came after budget1.
+    parent = wb("status", "budget1", "--json").json()["rerun_rendered"]
+    assert [(r["name"], r["since"]) for r in parent["reruns"]] == [("budget1-rerun-1", True)]
+    assert "rendered since by a rerun: budget1-rerun-1" in _status(wb, "budget1")
+
+
+@pytest.mark.slow
 def test_failed_only_leaves_out_only_what_a_rerun_rendered_in_any_generation(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
 ) -> None:

@@ -181,7 +181,7 @@ def _full_read(session: Any, batch: Batch) -> rendered.Covered:
     rows = store.lineage_repeats(session, batch, RERUN_FAILED_STATES)
     found = by_input(rendered._renders(rows, simulated=batch.simulated, now=utcnow()))
     jobs = store.rerun_wanted_of_batches(session, [batch.id], RERUN_FAILED_STATES) if found else []
-    return rendered._covered(found, jobs)
+    return rendered._covered(found, jobs, batch.created_at)
 
 
 def test_the_covering_test_in_sql_is_the_one_in_python(engine: Engine) -> None:
