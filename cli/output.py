@@ -582,21 +582,29 @@ def json_error(exc: WanbatchError) -> dict[str, Any]:
     return payload
 
 
+def refused_manifest_text(exc: ManifestError) -> str:
+    """The line under a refused manifest's issues (``1 error(s); nothing was submitted.``): on
+    stderr after its glyph, and ``--json``'s ``error`` as it is, "the same line as on stderr"
+    (the object said ``1 error(s) in manifest``, the exception's own head)."""
+    errors = sum(1 for issue in exc.issues if issue.severity == "error")
+    return f"{errors} error(s); nothing was submitted."
+
+
 def fail(exc: WanbatchError, as_json: bool) -> NoReturn:
     """Report a deliberate error (no traceback) and exit with its code: its ``error:`` line (and
     the lines under it, or a manifest's issues) on stderr, with ``--json`` too, as every other
     failure says it there (:func:`cli._fail`: a usage mistake, a bug), and with ``--json`` also
     its object on stdout (:func:`json_error`)."""
     if isinstance(exc, ManifestError):
-        errors = [i for i in exc.issues if i.severity == "error"]
         for issue in exc.issues:
             err.print(issue_line(issue))
-        err.print(f"[red]✗ {len(errors)} error(s); nothing was submitted.[/red]")
+        err.print(f"[red]✗ {refused_manifest_text(exc)}[/red]")
     else:
         err.print(f"[red]error:[/red] {escape(error_text(exc))}")
     if as_json:
         payload = json_error(exc)
         if isinstance(exc, ManifestError):
+            payload["error"] = refused_manifest_text(exc)
             payload["issues"] = [i.as_dict() for i in exc.issues]
         emit_json(payload)
     sys.exit(exc.exit_code)

@@ -55,6 +55,7 @@ CASES: list[tuple[str, list[str], int, Callable[[pytest.MonkeyPatch], None] | No
     ("bad-value", ["export", "quickstart", "--format", "xml"], 2, None),
     ("manifest-issues", ["validate", "BAD"], 2, None),
     ("manifest-issues-submit", ["submit", "BAD"], 2, None),
+    ("manifest-missing", ["validate", "/nonexistent.yaml"], 2, None),
     ("bug", ["status", "quickstart"], 70, _a_bug_in_status),
 ]
 
@@ -117,6 +118,8 @@ def test_a_failure_under_json_says_on_stderr_what_it_says_without(
             f"error {detail}" for detail in obj["details"]
         ]
         assert json_err.splitlines()[-1] == "✗ 1 error(s); nothing was submitted."
+        # "the same line as on stderr", without its glyph (it said "1 error(s) in manifest")
+        assert obj["error"] == "1 error(s); nothing was submitted."
         return
     head, *under = json_err.rstrip("\n").split("\n")
     assert head.removeprefix("error: ") == obj["error"]  # "the same line as on stderr"

@@ -187,7 +187,7 @@ def test_a_stderr_on_a_full_device_keeps_the_exit_code_and_the_json_object(tmp_p
     assert _stderr_into("/dev/full", ["validate", str(manifest)]).returncode == 2
     done = _stderr_into("/dev/full", ["validate", "--json", str(manifest)])
     assert done.returncode == 2
-    assert json.loads(done.stdout)["error"] == "1 error(s) in manifest"
+    assert json.loads(done.stdout)["error"] == "1 error(s); nothing was submitted."
 
 
 def test_a_run_whose_terminal_went_away_processes_its_batch() -> None:
