@@ -707,7 +707,9 @@ def write_atomically(output: Path, example_name: str, fill: Callable[[IO[bytes]]
             fh.flush()
             os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())
-        tmp.replace(output)
+            # Renamed while still open, its lock held: closing it first let another export to
+            # ``output`` starting in between take it for one a killed export left, and remove it.
+            tmp.replace(output)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -150,3 +150,29 @@ def test_a_file_in_a_folder_that_takes_no_new_file_says_the_temporary_file_faile
         "cannot write the export to '/proc/version': cannot create its temporary file beside it "
         "(in '/proc'): No such file or directory"
     )
+
+
+def test_a_concurrent_export_to_the_same_file_never_removes_a_finished_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the export let go of its temporary file's lock (by closing it) before renaming it
+    into place, so a second export to the same FILE starting in between found a ``.locked.part``
+    nobody held, took it for one a killed export left, and removed it: the first export then
+    failed ("cannot write the export to …: No such file or directory"), its records lost. The
+    second export starts exactly then here (the rename is where it is hooked)."""
+    out = tmp_path / "records.jsonl"
+    real_replace = Path.replace
+    second: list[int] = []
+    began: list[Path] = []
+
+    def replace_after_another_export_began(self: Path, target: Any) -> Path:
+        if not began and self.name.endswith(".locked.part"):  # the first export's rename
+            began.append(self)
+            second.append(write_file(iter(_rows(1)), "jsonl", out))  # sweeps, writes, renames
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_after_another_export_began)
+    assert write_file(iter(_rows(3)), "jsonl", out) == 3  # the first export ends, with its records
+    assert second == [1]
+    assert [json.loads(line)["job_id"] for line in out.read_text().splitlines()] == ["j0", "j1", "j2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
