@@ -8,13 +8,19 @@ nobody waiting for its answer. It gives its job back unsent instead, due at once
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, update
+from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
+from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
 from worker.steps import dispatch, submit
+from worker.steps.reconcile import reconcile
 
 T2V = "fal-ai/wan-22"
 KEY = "4b2e9d1c-7a3f-4e5d-9c8b-1a2b3c4d5e6f:9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
@@ -36,3 +42,72 @@ def test_a_claimed_job_goes_back_unsent_once_the_run_stops(engine: Engine, hosti
     unsent = (job.state, job.submitted_input, job.sent_at, job.lease_owner)
     assert unsent == (JobState.PENDING, None, None, None)
     assert job.attempts == 0  # not counted: nothing was sent
+
+
+def test_a_step_that_meets_the_stop_records_no_send_a_failed_give_back_could_strand(
+    engine: Engine, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a step that met the stop recorded its send first (``record_send``: the exact input
+    and ``sent_at``, which say "its POST may be out"), and only then, finding the run stopped,
+    gave its job back. When that give-back did not land (the database stopped answering as the
+    run stopped; or the process ended first), the job was left ``submitting`` with its input
+    recorded though nothing went to fal: once its lease ran out the reconciler failed it
+    ``submit_unknown`` ("possibly billed"), and ``rerun --failed-only`` paid for it. A step that
+    finds the run stopped before it records the send gives its job back as never sent: should
+    that give-back fail, the job reads as claimed but unsent, back to ``pending`` at once."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "never-used"}))
+    batch_id = add_batch(engine, "stopping-db-gone", [(T2V, {"prompt": "a harbour at dawn"})])
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> bool:
+        raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
+
+    try:
+        (job_id,) = dispatch(rt)
+        assert rt.unrecorded.stop_sending() == 0  # Ctrl-C, as the database stops answering
+        with monkeypatch.context() as gone:
+            gone.setattr(store, "give_back", unavailable)
+            with pytest.raises(OperationalError):
+                submit(rt, job_id)
+        assert hostile.count("POST", rf"/{T2V}") == 0
+        with db.read_scope(engine) as session:
+            (job,) = store.jobs_of_batch(session, batch_id)
+        assert (job.state, job.submitted_input, job.sent_at) == (JobState.SUBMITTING, None, None)
+        # Its lease runs out (the stopped process is gone): the reconciler sends it again later,
+        # never calls it a submit of unknown outcome.
+        with db.session_scope(engine) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+        reconcile(rt)
+    finally:
+        rt.client.close()
+    with db.read_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+    assert (job.state, job.error_type, job.attempts) == (JobState.PENDING, None, 0)
+
+
+def test_a_stop_that_comes_as_the_send_is_recorded_still_sends_nothing(
+    engine: Engine, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop lands between the step's record of its send and its POST: the POST does not go,
+    and the give-back clears that record (the job reads as never sent, its attempt uncounted)."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "never-used"}))
+    batch_id = add_batch(engine, "stopping-late", [(T2V, {"prompt": "a kite over dunes"})])
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    real_record_send = store.record_send
+
+    def recorded_then_stopped(*args: Any, **kwargs: Any) -> Any:
+        taken = real_record_send(*args, **kwargs)
+        rt.unrecorded.stop_sending()  # Ctrl-C, right after the send was recorded
+        return taken
+
+    try:
+        (job_id,) = dispatch(rt)
+        monkeypatch.setattr(store, "record_send", recorded_then_stopped)
+        assert submit(rt, job_id) == "stopped"
+    finally:
+        rt.client.close()
+    assert hostile.count("POST", rf"/{T2V}") == 0
+    with db.read_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+    unsent = (job.state, job.submitted_input, job.sent_at, job.lease_owner, job.attempts)
+    assert unsent == (JobState.PENDING, None, None, None, 0)

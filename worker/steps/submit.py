@@ -277,6 +277,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if _given_back_for_rate(rt, fence, endpoint):
         return "rate-limited"
     granted = time.monotonic()
+    if rt.unrecorded.stopped:  # the run stops: nothing new is sent, nor recorded as sent
+        return _stopped(rt, fence)
 
     # Record what we are about to send, and when, before the POST goes out: if this process
     # dies from here on, the reconciler knows the submit's outcome is unknown, and a lost answer
@@ -318,10 +320,8 @@ def _submit(rt: Runtime, job_id: str) -> str:
     # In flight until its answer is held (Unrecorded.recording): a process ending without the
     # database waits for it before journalling what fal accepted (worker.running.hung_words).
     sent = rt.unrecorded.sending()
-    if sent is None:  # the run stops: nothing new is sent (its POSTs already out are waited for)
-        with db.session_scope(rt.engine) as session:
-            store.give_back(session, fence, reason=STOPPED_BEFORE_SENDING, due_at=in_seconds(0))
-        return "stopped"
+    if sent is None:  # the run stopped since the look above (its POSTs already out are waited for)
+        return _stopped(rt, fence)
     try:
         try:
             # The lease is renewed while fal's answer is awaited: a POST may take longer than the
@@ -491,6 +491,19 @@ def _hold_for_schedule(rt: Runtime, fence: Fence, schedule: Schedule) -> str:
             submitted_input=None,  # recorded if the lease was taken; never sent
         )
     return "outside-schedule"
+
+
+def _stopped(rt: Runtime, fence: Fence) -> str:
+    """The run stops (:meth:`~worker.steps.unrecorded.Unrecorded.stop_sending`): the job goes
+    back unsent, due at once for the next run, its attempt not counted.
+
+    Asked before the send is recorded as well as right before the POST: a job whose send was
+    recorded reads "its POST may be out" until this give-back lands, and one that does not
+    (the database stopped answering as the run stopped, or the process ended first) was failed
+    ``submit_unknown`` by the next run's reconciler, possibly billed, though nothing went."""
+    with db.session_scope(rt.engine) as session:
+        store.give_back(session, fence, reason=STOPPED_BEFORE_SENDING, due_at=in_seconds(0))
+    return "stopped"
 
 
 def _not_sent(session: Session, fence: Fence, why: str) -> None:

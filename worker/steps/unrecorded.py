@@ -455,6 +455,12 @@ class Unrecorded:
             self._closed = True
             return self._posting
 
+    @property
+    def stopped(self) -> bool:
+        """Whether the run stops (:meth:`stop_sending`): a submit step asks before it records
+        its send, so that one meeting the stop leaves no "POST may be out" behind it."""
+        return self._closed
+
     def in_flight_unlocked(self) -> int:
         """:meth:`in_flight` without taking the lock, for a signal handler: the thread it
         interrupted may hold that lock, and the handler must never wait on it."""
