@@ -112,7 +112,9 @@ def end_fal_waits(
     The backoff is the holding process's, stored on the job only so that no other process takes
     it meanwhile: once no live hold covers it, it holds the job for nothing."""
     hold = FalHold.__table__.alias("holds")
-    simulated = exists().where(Batch.id == _JOBS.c.batch_id, Batch.simulated.is_(True))
+    # Not an EXISTS on batches: nested in ``covered``, it correlated to nothing (``FROM batches,
+    # jobs``), so that one simulated batch anywhere made every ``*`` hold cover nothing.
+    simulated = _JOBS.c.batch_id.in_(select(Batch.id).where(Batch.simulated.is_(True)))
     covered = exists().where(
         hold.c.seen_at >= live_since,
         hold.c.owner.not_in(sorted(ended)),

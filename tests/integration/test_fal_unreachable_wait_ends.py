@@ -19,11 +19,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 
 from sqlalchemy import Engine, select, update
 
 from jobs import db, store
-from jobs.models import FalHold, Job, utcnow
+from jobs.listing import FAL_HOLD_STALE_SECONDS
+from jobs.models import EVERY_BATCH, FAL_UNREACHABLE, FalHold, Job, utcnow
 from jobs.processes import process_prefix
 from tests.hostile import HostileProvider
 from tests.hostile_fal import accept_submits
@@ -61,6 +63,14 @@ def _waits(engine: Engine, job_id: str) -> float:
         return (job.next_attempt_at - utcnow()).total_seconds()
 
 
+def _error(engine: Engine, job_id: str) -> tuple[str | None, str | None]:
+    """``job_id``'s ``error`` and ``error_type``."""
+    with db.read_scope(engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.error, job.error_type
+
+
 def _dead_owner() -> str:
     """The hold owner (``host:pid:``) of a process of this host that has ended."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -92,6 +102,7 @@ def test_a_run_stopped_while_fal_was_unreachable_leaves_its_probe_job_due_for_th
             assert submit(again, job_id) == "submitted"
         finally:
             close_runtime(again)
+    assert _error(engine, job_id) == (None, None)  # sent: the outage is no error of it now
 
 
 def test_a_worker_that_stops_frees_the_jobs_it_held_but_not_those_a_live_hold_elsewhere_holds(
@@ -127,6 +138,10 @@ def test_a_worker_that_stops_frees_the_jobs_it_held_but_not_those_a_live_hold_el
         assert submit(worker, held) == "fal-unreachable"  # held back unsent
         assert submit(worker, other) == "fal-unreachable"
         assert min(_waits(engine, j) for j in (probe, held, other)) > LONGEST_PAUSE_SECONDS / 2
+        error, error_type = _error(engine, held)  # what status and export say of it meanwhile
+        assert error_type == FAL_UNREACHABLE
+        assert error is not None
+        assert error.startswith("held back: fal unreachable since ")
     finally:
         close_runtime(worker)
         close_runtime(leader)
@@ -175,3 +190,54 @@ def _jobs_of(engine: Engine, batch_id: str) -> set[str]:
     """The ids of ``batch_id``'s jobs."""
     with db.read_scope(engine) as session:
         return set(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
+
+
+def _held_back(engine: Engine, job_id: str, seconds: float) -> None:
+    """``job_id`` as a process holding fal gives it back: ``pending``, due ``seconds`` ahead."""
+    with db.session_scope(engine) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                state="pending",
+                error="held back: fal unreachable",
+                error_type=FAL_UNREACHABLE,
+                next_attempt_at=utcnow() + timedelta(seconds=seconds),
+            )
+        )
+
+
+def test_a_live_worker_hold_keeps_every_batch_waiting_but_a_simulated_one(engine: Engine) -> None:
+    """A live distributed worker's hold (scope ``*``) covers every batch that worker may send —
+    every one but a ``--simulate`` one, which only its own run sends. Was: the check whether a
+    job's batch is simulated did not look at that job's batch but at any batch's, so that one
+    simulated batch anywhere in the database made a live worker's hold cover nothing, and the
+    jobs it held were freed while it still could not reach fal."""
+    real = add_batch(engine, "unreach-real", [(T2V, {"prompt": "a"})])
+    rehearsal = add_batch(engine, "unreach-rehearsal", [(T2V, {"prompt": "b"})], simulated=True)
+    (held,), (simulated,) = _jobs_of(engine, real), _jobs_of(engine, rehearsal)
+    for job_id in (held, simulated):
+        _held_back(engine, job_id, LONGEST_PAUSE_SECONDS / 2)
+    now = utcnow()
+    with db.session_scope(engine) as session:  # another host's worker, holding now
+        store.hold_fal(
+            session,
+            "worker-9:4242:",
+            [EVERY_BATCH],
+            since=now,
+            next_probe_at=now,
+            pause_seconds=LONGEST_PAUSE_SECONDS,
+            error="could not connect (ConnectError): [Errno 111] Connection refused",
+            now=now,
+        )
+    with db.session_scope(engine) as session:
+        freed = store.end_fal_waits(
+            session,
+            None,
+            now=utcnow(),
+            longest=timedelta(seconds=LONGEST_PAUSE_SECONDS),
+            live_since=now - timedelta(seconds=FAL_HOLD_STALE_SECONDS),
+        )
+    assert freed == 1
+    assert _waits(engine, simulated) <= 0
+    assert _waits(engine, held) > LONGEST_PAUSE_SECONDS / 4  # the worker still holds it
