@@ -373,7 +373,6 @@ def _submit(rt: Runtime, job_id: str) -> str:
             return settle(session, rt, fence, exc)  # what it did: the last attempt's retry fails
 
     try:
-        rt.fal_reach.answered()
         telemetry.count_submit(endpoint, "accepted")
         logs.annotate(request_id=submitted.request_id)
         chaos.crash_point("after_post")
@@ -394,6 +393,9 @@ def _submit(rt: Runtime, job_id: str) -> str:
         )
     finally:
         sent.end()
+    # fal answered: a hold ends — after the request is recorded, as ending one writes to the
+    # database (the first answer a process hears ends the waits a dead process's hold left)
+    rt.fal_reach.answered()
     if outcome == "submitted":
         chaos.crash_point("after_commit")
     if outcome in _KEPT and rt.on_accepted is not None:
