@@ -24,7 +24,7 @@ import yaml
 
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import Issue
-from jobs.fs import shown_path
+from jobs.fs import shown_in_folder, shown_path
 from jobs.manifest.keys import endpoint_defaults, job_key, resolvable_fields, written_defaults
 from jobs.manifest.model import JobSpec, RawItem
 from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, representable, resolve_local
@@ -280,6 +280,55 @@ def resolve_input(
                 value = str(value)
         out[key] = value
     return out, outside
+
+
+#: What a job of a storing pass is told when it names a local file validation did not read.
+UNCHECKED_ALLOWED = (
+    "a manifest, its items_from file and its images left as they are while submit runs: submit again"
+)
+
+
+def unchecked_issues(
+    raw: RawItem,
+    spec: EndpointSpec,
+    values: Mapping[str, Any],
+    resolved: Mapping[str, Any],
+    refused: Mapping[str, str],
+    origins: Mapping[str, tuple[str, int | None]],
+    checked: Mapping[str, str],
+    folder: Path,
+) -> Iterator[Issue]:
+    """An error for each local file of a job, in the pass that stores a validated manifest's
+    jobs, that its validation did not check (``checked``, :attr:`Manifest.checked`).
+
+    That pass resolves the paths and reads the ``items_from`` rows again: a symlink pointed
+    elsewhere, or a row rewritten, since validation names a file no check read. Hashed then from
+    a fresh read, its bytes were recorded as if checked, and the worker, finding the bytes it
+    recorded, sent them (a truncated image, for fal to refuse and bill). Such a job is refused
+    before its file is read; a path outside the allowed folders (``refused``) is said apart."""
+    for fld in spec.media_fields:
+        value = resolved.get(fld.name)
+        if not isinstance(value, str) or fld.name in refused or "\0" in value:
+            continue
+        if classify(value) is not MediaKind.PATH or value in checked:
+            continue
+        written = values.get(fld.name)
+        name = shown_path(str(written))
+        now = shown_in_folder(value, folder)
+        where = origins.get(fld.name, (raw.source, raw.line))
+        yield Issue(
+            file=where[0],
+            line=where[1],
+            item=raw.index,
+            field=fld.name,
+            message=(
+                f"{name}{'' if now == name else f' (now {now})'} was not checked by this submit's "
+                "validation: the file, a symlink or the manifest's rows changed while submit ran; "
+                "nothing is stored"
+            ),
+            value=written,
+            allowed=UNCHECKED_ALLOWED,
+        )
 
 
 def outside_issues(

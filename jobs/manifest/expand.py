@@ -18,7 +18,13 @@ from typing import Any
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
 from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
-from jobs.manifest.checks import DefaultedDuplicates, DuplicateJobs, outside_issues, resolve_input
+from jobs.manifest.checks import (
+    DefaultedDuplicates,
+    DuplicateJobs,
+    outside_issues,
+    resolve_input,
+    unchecked_issues,
+)
 from jobs.manifest.fal_key import row_key_issues
 from jobs.manifest.items_from import RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
@@ -114,6 +120,10 @@ class Manifest:
     #: that stores the jobs records these, not a hash of a later read: a file rewritten since
     #: its check is then refused by the worker rather than sent unchecked (and billed).
     checked: dict[str, str] = field(default_factory=dict)
+    #: Set once a validation pass has filled :attr:`checked`: a later pass (the one that stores
+    #: the jobs) refuses a job naming a local file that check did not read
+    #: (:func:`jobs.manifest.checks.unchecked_issues`) instead of hashing it from a fresh read.
+    validated: bool = False
     #: FAL_KEY's values (:func:`jobs.manifest.fal_key.known_keys`): an ``items_from`` row holding
     #: one is an error as it is read (the manifest's own values are checked when it is parsed).
     fal_keys: frozenset[str] = frozenset()
@@ -401,6 +411,15 @@ class Manifest:
                 job_origins[key] = (self.display, line)
             resolved, outside = resolve_input(spec, values, self.base_dir, self.roots, paths, row_dirs)
             sink.extend(outside_issues(raw, values, outside, job_origins))
+            if self.validated:
+                unchecked = list(
+                    unchecked_issues(
+                        raw, spec, values, resolved, outside, job_origins, self.checked, self.base_dir
+                    )
+                )
+                if unchecked:  # never hashed, never yielded: the item's end raises (issues is None)
+                    sink.extend(unchecked)
+                    continue
             yield JobSpec(
                 item_index=raw.index,
                 source=raw.source,

@@ -200,6 +200,7 @@ def _validated(
             break
     for issue in expansion:
         add(issue)
+    manifest.validated = True  # its checked files are known: a later pass refuses any other
     # Errors first (they are what blocks the manifest), then warnings; each in file order.
     collected.sort(key=lambda i: (i.severity != "error", i.file != manifest.display, i.file, i.line or 0))
     if dropped["error"]:

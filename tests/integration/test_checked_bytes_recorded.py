@@ -21,7 +21,7 @@ from sqlalchemy import select
 from jobs import batches, media
 from jobs.db import make_engine, session_factory
 from jobs.endpoints import FieldType, MediaConstraints
-from jobs.errors import UsageError
+from jobs.errors import ManifestError, UsageError
 from jobs.models import Job
 from jobs.settings import Settings
 from worker.fal.storage import MediaPreparer, prepare_input
@@ -108,3 +108,80 @@ def test_a_file_rewritten_after_its_check_is_recorded_as_checked_and_never_sent(
     image.write_bytes(checked)  # the original back: it is what goes
     prepare_input(stored_input, fields, preparer=preparer, source_files=sources)
     assert sent == [checked]
+
+
+def test_a_file_the_storing_pass_finds_unchecked_is_refused_not_hashed_and_sent(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, fresh_caches: None
+) -> None:
+    """The pass that stores the jobs resolves the manifest's paths again: a symlink pointed
+    elsewhere since validation (or an ``items_from`` row rewritten) names a file no check read.
+    It was hashed from a fresh read and recorded, so the worker, finding the bytes it recorded,
+    sent it unchecked (here a truncated PNG, for fal to refuse and bill). Now nothing is stored."""
+    path = _manifest(tmp_path)
+    folder = tmp_path / "images"
+    good, bad = folder / "v1.png", folder / "v2.png"
+    checked = _png()
+    good.write_bytes(checked)
+    bad.write_bytes(checked[: len(checked) // 2])
+    link = folder / "a.png"
+    link.symlink_to("v1.png")
+    real = media._check_image
+    swaps: list[int] = []
+
+    def check_then_repoint(fh: BinaryIO, size: int, limits: MediaConstraints) -> Any:
+        found = real(fh, size, limits)
+        if not swaps:  # the check of v1.png passed: images/a.png now leads to v2.png
+            swaps.append(1)
+            link.unlink()
+            link.symlink_to("v2.png")
+        return found
+
+    monkeypatch.setattr(media, "_check_image", check_then_repoint)
+    settings = Settings(database_url=sqlite_url, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ManifestError) as raised:
+        batches.submit_manifest(path, settings)
+
+    assert swaps == [1]
+    (issue,) = [i for i in raised.value.issues if i.severity == "error"]
+    assert (issue.field, issue.line, issue.item) == ("image_url", 4, 0)
+    assert issue.message.startswith("images/a.png (now images/v2.png) was not checked")
+    engine = make_engine(sqlite_url)
+    try:
+        with session_factory(engine)() as session:
+            assert session.scalars(select(Job)).all() == []  # nothing stored, nothing to send
+    finally:
+        engine.dispose()
+
+
+def test_an_items_from_row_rewritten_since_validation_names_no_unchecked_file(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, fresh_caches: None
+) -> None:
+    """The storing pass reads the ``items_from`` rows again: a row rewritten meanwhile to name
+    another file (here a corrupt one) is refused, not stored with a hash of a fresh read."""
+    (tmp_path / "images").mkdir()
+    good, bad = tmp_path / "images" / "a.png", tmp_path / "images" / "b.png"
+    good.write_bytes(_png())
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not a PNG after all")
+    rows = tmp_path / "rows.csv"
+    rows.write_text("prompt,seed,image_url\na cat,7,images/a.png\n", encoding="utf-8")
+    path = tmp_path / "m.yaml"
+    path.write_text("name: rows\nendpoint: fal-ai/wan-i2v\nitems_from: rows.csv\n", encoding="utf-8")
+    real = media._check_image
+    swaps: list[int] = []
+
+    def check_then_rewrite(fh: BinaryIO, size: int, limits: MediaConstraints) -> Any:
+        found = real(fh, size, limits)
+        if not swaps:
+            swaps.append(1)
+            rows.write_text("prompt,seed,image_url\na cat,7,images/b.png\n", encoding="utf-8")
+        return found
+
+    monkeypatch.setattr(media, "_check_image", check_then_rewrite)
+    settings = Settings(database_url=sqlite_url, output_dir=str(tmp_path / "out"))
+    with pytest.raises(ManifestError) as raised:
+        batches.submit_manifest(path, settings)
+
+    assert swaps == [1]
+    (issue,) = [i for i in raised.value.issues if i.severity == "error"]
+    assert (Path(issue.file).name, issue.line, issue.field) == ("rows.csv", 2, "image_url")
+    assert issue.message.startswith("images/b.png was not checked by this submit's validation")
