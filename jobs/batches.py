@@ -186,7 +186,8 @@ class SubmitResult:
     #: Of ``not_in_manifest``, the jobs left out only because a local file they send was
     #: rewritten since (the manifest has a job for its new bytes in place of each), by file:
     #: ``{"source", "old_sha256" (a list), "new_sha256", "jobs", "dropped", "ended_unsent",
-    #: "kept"}`` (:func:`_changed_file_json`).
+    #: "kept"}`` (:func:`_changed_file_json`); a job sending two such files (a first and a last
+    #: frame) is counted under each.
     changed_files: list[dict[str, Any]] = field(default_factory=list)
     #: Of ``existing``, the manifest's jobs a job the batch already sent (or rendered) stands
     #: for: they differ from it only by an endpoint default written out or left out.
@@ -849,13 +850,14 @@ def _edited_away(stored: store.Resubmitted) -> store.Resubmitted:
     """``stored`` without the jobs left out only because a file of theirs changed (its
     ``changed_files``, each said by :func:`_changed_file_note`): the jobs left out because the
     manifest was edited (or cut), for :func:`_not_in_manifest_note`."""
-    changed = stored.changed_files
+    replaced = stored.replaced  # each job once: a job of two changed files is under both
     return replace(
         stored,
-        not_in_manifest=stored.not_in_manifest - sum(c.jobs for c in changed),
-        dropped=stored.dropped - sum(c.dropped for c in changed),
-        ended_unsent=stored.ended_unsent - sum(c.ended_unsent for c in changed),
+        not_in_manifest=stored.not_in_manifest - sum(replaced.values()),
+        dropped=stored.dropped - replaced.get("dropped", 0),
+        ended_unsent=stored.ended_unsent - replaced.get("ended_unsent", 0),
         changed_files=(),
+        replaced={},
     )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, cast
@@ -163,8 +163,12 @@ class Resubmitted:
     #: found so by an earlier resubmit, found now by the key that job recorded (:func:`_holders`).
     defaults_matched: int = 0
     #: Of ``not_in_manifest``, the jobs left out only because a local file they send changed
-    #: since they were stored (the manifest has the same job for its new bytes), by file.
+    #: since they were stored (the manifest has the same job for its new bytes), by file: a job
+    #: sending two changed files (a first and a last frame) is counted under each.
     changed_files: tuple[ChangedFile, ...] = ()
+    #: Those jobs once each, by kind (:func:`_left_out_kind`: ``dropped``, ``ended_unsent``,
+    #: ``kept``): what ``not_in_manifest``'s figures hold of them, the files' counts overlapping.
+    replaced: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def kept(self) -> int:
@@ -270,6 +274,7 @@ def resubmit_jobs(
     stored = select(func.count()).select_from(_JOBS).where(_JOBS.c.batch_id == batch_id)
     gone = dropped = ended_unsent = matched = 0
     changed_files: tuple[ChangedFile, ...] = ()
+    replaced: dict[str, int] = {}
     left_out: ColumnElement[bool] | None = None
     if conn.execute(stored).scalar_one() > added + present:
         left_out = _left_out(conn, batch_id, aliases)
@@ -312,7 +317,7 @@ def resubmit_jobs(
         gone = len(rows)
         dropped = sum(1 for row in rows if _left_out_kind(row) == "dropped")
         ended_unsent = sum(1 for row in rows if _left_out_kind(row) == "ended_unsent")
-        changed_files = _replaced_by_new_bytes(conn, rows, files)
+        changed_files, replaced = _replaced_by_new_bytes(conn, rows, files)
         places = [(row.id, row.item_index, row.variant) for row in rows]
         moves = [
             {"b_id": job_id, "b_item": item}
@@ -342,6 +347,7 @@ def resubmit_jobs(
         ended_unsent,
         matched + stood_for,
         changed_files,
+        replaced,
     )
 
 
@@ -383,12 +389,13 @@ def _changed_paths(row: Any, files: Mapping[str, str]) -> dict[str, str]:
 
 def _replaced_by_new_bytes(
     conn: Connection, rows: Sequence[Any], files: Mapping[str, str]
-) -> tuple[ChangedFile, ...]:
+) -> tuple[tuple[ChangedFile, ...], dict[str, int]]:
     """Of the jobs the manifest left out (``rows``), those it has again for the new bytes of a
     file of theirs (``files``: the manifest's, by path): the job's key recomputed from the store
     with the file's SHA-256 now (:func:`jobs.manifest.keys.stored_content_key`) is among the
     manifest's keys (:data:`_SEEN`), by file. A job also edited in the manifest (another prompt)
-    is not: the manifest left it out, and that is what its user is told."""
+    is not: the manifest left it out, and that is what its user is told. With the files, those
+    jobs counted once each by kind (:attr:`Resubmitted.replaced`)."""
     candidates: dict[str, list[tuple[Any, dict[str, str]]]] = {}  # key with the new bytes → jobs
     for row in rows:
         changed = _changed_paths(row, files)
@@ -400,30 +407,35 @@ def _replaced_by_new_bytes(
             key = stored_content_key(row.endpoint, row.input or {}, sources)
             candidates.setdefault(key, []).append((row, changed))
     if not candidates:
-        return ()
+        return (), {}
     seen = table(_SEEN, column("job_key"))
     keys = list(candidates)
     found: set[str] = set()
     for start in range(0, len(keys), 500):
         part = keys[start : start + 500]
         found.update(conn.execute(select(seen.c.job_key).where(seen.c.job_key.in_(part))).scalars())
-    return _by_file([job for key in found for job in candidates[key]])
+    replaced = [job for key in found for job in candidates[key]]
+    once = {"dropped": 0, "ended_unsent": 0, "kept": 0}
+    for row, _changed in replaced:
+        once[_left_out_kind(row)] += 1
+    return _by_file(replaced), once
 
 
 def _by_file(replaced: Iterable[tuple[Any, dict[str, str]]]) -> tuple[ChangedFile, ...]:
     """The replaced jobs (each with its changed fields, :func:`_changed_paths`) counted by
-    file, as ``resubmit_jobs`` counts the jobs it leaves out; a job sending two changed files
-    (a first and a last frame) by its first."""
+    file, as ``resubmit_jobs`` counts the jobs it leaves out. A job sending two changed files (a
+    first and a last frame) is counted under each: counted under its first only, the last was
+    never named, and the user who put the first back found the job left out again."""
     old: dict[str, set[str]] = {}
     new: dict[str, str] = {}
     kinds: dict[str, dict[str, int]] = {}
     for row, changed in replaced:
-        name = next(iter(changed))
-        path = row.input[name]
-        old.setdefault(path, set()).add(row.source_files[name]["sha256"])
-        new[path] = changed[name]
-        counts = kinds.setdefault(path, {"dropped": 0, "ended_unsent": 0, "kept": 0})
-        counts[_left_out_kind(row)] += 1
+        paths = {row.input[name]: name for name in changed}  # one file in both fields: once
+        for path, name in paths.items():
+            old.setdefault(path, set()).add(row.source_files[name]["sha256"])
+            new[path] = changed[name]
+            counts = kinds.setdefault(path, {"dropped": 0, "ended_unsent": 0, "kept": 0})
+            counts[_left_out_kind(row)] += 1
     return tuple(
         ChangedFile(path=path, old_sha256=tuple(sorted(old[path])), new_sha256=new[path], **kinds[path])
         for path in sorted(kinds)

@@ -137,3 +137,38 @@ def test_a_sent_job_of_the_old_image_stays_and_the_new_image_is_sent(
     ) in err
     assert "no longer in its manifest:" not in err
     assert sim.ledger()["accepted"] == 3  # both jobs, then the new image's
+
+
+def test_a_first_and_a_last_frame_both_rewritten_are_both_named(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest
+) -> None:
+    """A job whose first and last frames were both rewritten was counted under its first file
+    alone: the last was never named (not on stderr, not in ``changed_files``), and the user who
+    put the first back found the job left out again. Each is named now, the job counted under
+    both, and the line about an edit still counts the edited job alone."""
+    body = (
+        "name: frames\nendpoint: fal-ai/wan-flf2v\nitems:\n"
+        "  - {prompt: one file, start_image_url: images/s.png, end_image_url: images/s.png}\n"
+        "  - {prompt: two files, start_image_url: images/a.png, end_image_url: images/b.png}\n"
+        "  - {prompt: kept, start_image_url: images/c.png, end_image_url: images/c.png}\n"
+    )
+    path = manifest("frames", body)
+    images = path.parent / "images"
+    for name, shade in (("s", 10), ("a", 20), ("b", 30), ("c", 40)):
+        _png(images / f"{name}.png", shade)
+    assert wb("submit", path, "--json").code == 0
+    for name, shade in (("s", 11), ("a", 21), ("b", 31)):
+        _png(images / f"{name}.png", shade)
+    path.write_text(path.read_text().replace("prompt: kept", "prompt: edited"))
+    submitted = wb("submit", path, "--json")
+    assert submitted.code == 0, submitted.stderr
+    report = submitted.json()
+    assert (report["not_in_manifest"], report["dropped"]) == (3, 3)
+    named = {c["source"]: (c["jobs"], c["dropped"]) for c in report["changed_files"]}
+    assert named == {"images/a.png": (1, 1), "images/b.png": (1, 1), "images/s.png": (1, 1)}
+    err = " ".join(submitted.stderr.split())
+    for name in ("a", "b", "s"):
+        assert f"images/{name}.png changed since batch frames was submitted" in err
+    edited = "1 job(s) of batch frames are no longer in its manifest: 1 never sent are dropped (cancelled)"
+    assert edited in err
+    assert sim.ledger()["accepted"] == 0
