@@ -45,6 +45,7 @@ from worker.limits import publish_limits, republish_through, resign_limits, unpu
 from worker.peers import announce_settings, announcer_for, withdraw_settings
 from worker.steps import peer_limits, shared_pacing
 from worker.steps.context import Reach, Runtime, handle_of
+from worker.steps.dispatch import forget_holds
 from worker.steps.poll import AT_FAL, Seen, apply_seen, apply_seen_in
 from worker.watcher import StatusWatcher
 
@@ -443,6 +444,7 @@ class Conductor:
                 if not leading:  # the lock is another's (or was lost): never publish meanwhile
                     resign_limits(self.rt.limiter)
                     peer_limits.let_go(self.rt)  # nor apply the strictest of the runs' limits
+                    forget_holds(self.rt)  # nor say the end of a hold its rounds no longer see
                 if not leading and now >= self._next_watch:
                     # Not leading: the leader's limits, when one first publishes or another takes
                     # over, are compared with this process's (said once) and kept (fail safe).
@@ -469,6 +471,7 @@ class Conductor:
                 if not leading:
                     resign_limits(self.rt.limiter)
                     peer_limits.let_go(self.rt)
+                    forget_holds(self.rt)
                 elif self._next_beat and now >= self._next_beat:
                     self._beat()  # publishes too
                 elif republish and not self.rt.batch_ids:

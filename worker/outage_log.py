@@ -137,8 +137,8 @@ class HoldLog:
     def __init__(
         self, every: float = HOLD_SAID_EVERY_SECONDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._outage = OutageLog(every, clock, new_outage_said_at_once=False)
         self._lock = threading.Lock()
+        self._outage = OutageLog(every, clock, new_outage_said_at_once=False)
         #: The figure of the last line said; None: no line said of the hold under way.
         self._said: int | None = None
 
@@ -159,6 +159,16 @@ class HoldLog:
             lasted = self._outage.answered()
             said, self._said = self._said, None
         return lasted if said is not None else None
+
+    def forget(self) -> None:
+        """The rounds that find the hold stop here (another worker leads the tick now): nothing
+        of it is kept, so that rounds here much later say what they find afresh. Kept, the next
+        round (the lead back, hours on) said the end of a hold it stopped watching long before,
+        "held back for 7200s", or went on with it as one hold."""
+        with self._lock:
+            old = self._outage
+            self._outage = OutageLog(old.every, old.clock, new_outage_said_at_once=False)
+            self._said = None
 
 
 def _materially_apart(said: int, now: int) -> bool:

@@ -8,6 +8,7 @@ still IN_QUEUE long after, dispatch keeps just one waiting at fal instead of fil
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,6 +22,7 @@ from jobs.models import utcnow
 from jobs.settings import Settings
 from jobs.states import JobState
 from tests.step_runtime import add_batch, job_ids, make_runtime
+from worker.conductor import Conductor
 from worker.limits import api_key_id
 from worker.outage_log import HoldLog
 from worker.steps import Runtime, dispatch
@@ -371,3 +373,38 @@ def test_a_full_download_backlog_is_said_at_most_once_a_minute_and_its_end_once(
     assert _lines(caplog, "dispatch.download_backlog_ended") == [
         "4 jobs wait for their download (bound 5): submits resume (held back for 150s)"
     ]
+
+
+def test_a_worker_that_stops_leading_forgets_the_holds_it_said(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the tick leader dispatches: a worker that loses the lead runs no more rounds, so the
+    hold it said never ended in its log. Kept, it read as one hold when that worker led again,
+    however long after: its next round said "submits resume (held back for 7200s)" of a hold it
+    had stopped watching two hours before (or went on with it, "held back for 7200s"). A worker
+    that no longer leads forgets its holds: leading again, it says what it finds afresh."""
+    ids = _batch_of(engine, 30)
+    _downloading(engine, ids[:5])
+    clock = _Clock()
+    rt = _runtime(engine, [], max_download_backlog=5)
+    rt.backlog_hold = HoldLog(clock=clock)
+    with caplog.at_level(logging.INFO, logger="worker.steps.dispatch"):
+        assert dispatch(rt) == []
+        assert _lines(caplog, "dispatch.download_backlog") == [
+            "5 jobs wait for their download (bound 5): holding submits"
+        ]
+        # another worker takes the lead: this one's loop finds it does not lead, and rounds stop
+        workers = Conductor(rt, stream=False)
+        workers.run(threading.Event(), on_progress=lambda: True, leads=lambda: False, resilient=True)
+        workers.close()
+        clock.now += 7200  # two hours later it leads again, the backlog drained meanwhile
+        with db.session_scope(engine) as session:
+            for job_id in ids[:5]:
+                assert store.transition(session, job_id, S.DOWNLOADING, S.SUCCEEDED)
+        assert len(dispatch(rt)) == 5
+        assert _lines(caplog, "dispatch.download_backlog_ended") == []
+        _downloading(engine, ids[-5:])  # full again: a hold that begins now, said as one
+        assert dispatch(rt) == []
+    assert _lines(caplog, "dispatch.download_backlog")[-1] == (
+        "5 jobs wait for their download (bound 5): holding submits"
+    )

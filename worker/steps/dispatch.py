@@ -729,6 +729,14 @@ def _queue_hold_ended(rt: Runtime, threshold: float) -> None:
         )
 
 
+def forget_holds(rt: Runtime) -> None:
+    """``rt``'s process no longer dispatches (the workers' tick leader found the lead another
+    worker's): the holds its rounds said are no longer its to follow, nor to say the end of
+    (:meth:`~worker.outage_log.HoldLog.forget`); the new leader says those it finds."""
+    rt.queue_hold.forget()
+    rt.backlog_hold.forget()
+
+
 def _room_for_downloads(rt: Runtime, backlog: int) -> int:
     """How many more may be sent before the jobs waiting for their download reach the bound.
 
