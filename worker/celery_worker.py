@@ -287,14 +287,19 @@ class _WorkerRun:
 
     def by_signal(self, sig: str = "", **_: object) -> None:
         """A stop signal (``worker_shutting_down``): the worker was asked to stop, and a stop that
-        a database which does not answer holds back ends anyway (:attr:`stop_watch`)."""
+        a database which does not answer holds back ends anyway (:attr:`stop_watch`). The warm
+        shutdown lets the running tasks finish; a task that only waits for what it can do
+        without ends its wait (:meth:`~worker.steps.output_writes.OutputWrites.end_waits`)."""
         from worker import tasks
         from worker.running import say_sends_awaited
 
         self.asked_to_stop.append(sig)
         if self.stop_watch.ident is None:  # the first signal: a second one (cold shutdown) too
             self.stop_watch.start()
-            say_sends_awaited(tasks.built_runtime())  # what the warm shutdown waits for, said once
+            rt = tasks.built_runtime()
+            say_sends_awaited(rt)  # what the warm shutdown waits for, said once
+            if rt is not None:  # and what it need not wait for ends (a prefork child's: not reached)
+                rt.output_writes.end_waits()
 
 
 class _StartFailure(logging.Filter):

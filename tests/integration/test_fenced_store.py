@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from sqlalchemy import Engine
@@ -29,12 +31,15 @@ from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
-from tests.step_runtime import add_batch, make_runtime, settings_for, wait_until
-from worker import chaos
+from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, wait_until
+from worker import chaos, tasks
+from worker.celery_worker import _WorkerRun
+from worker.running import HangWatch
 from worker.steps import Runtime, dispatch, download, poll, submit
-from worker.steps.download import RECORDED_ELSEWHERE_POLL, _withdraw_copy
+from worker.steps.download import RECORDED_ELSEWHERE_POLL, _withdraw_copy, _withdraw_if_stored_elsewhere
 
 KEY = "fenced-store-key-51c0"
+S = JobState
 
 
 def get(engine: Engine, job_id: str) -> Job:
@@ -301,3 +306,42 @@ def test_a_copy_the_other_try_withdrew_meanwhile_is_no_warning(
     assert not _withdraw_copy(video, job_id="j1", request_id="r1", sha256="ab")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_workers_warm_shutdown_ends_the_wait_for_the_jobs_record(
+    engine: Engine, tmp_path: Path, runtimes: list[Runtime]
+) -> None:
+    """The try that lost its lease waits for the job's record (at most a lease) before it
+    withdraws its copy; a run's stop ends that wait, and so must a ``wanbatch worker``'s warm
+    shutdown (SIGTERM), which waits for its running tasks. Before, nothing told the wait: the
+    worker's stop waited up to WANBATCH_LEASE_SECONDS (120 s by default, past Docker's 10 s grace
+    and most supervisors') for a record that only tidies a folder."""
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY, lease_seconds=60))
+    runtimes.append(rt)
+    batch_id = add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    (job_id,) = job_ids(engine, batch_id)
+    with db.session_scope(engine) as session:  # completed at fal; its new holder still fetching
+        for was, now in [(S.PENDING, S.SUBMITTING), (S.SUBMITTING, S.QUEUED), (S.QUEUED, S.DOWNLOADING)]:
+            assert store.transition(session, job_id, was, now, request_id="r1")
+    video = tmp_path / "000000-j.mp4"
+    video.write_bytes(b"video")
+    waiting = threading.Thread(
+        target=_withdraw_if_stored_elsewhere,
+        args=(rt, job_id, video, {"request_id": "r1"}, "ab"),
+        daemon=True,
+    )
+    waiting.start()
+    time.sleep(2 * RECORDED_ELSEWHERE_POLL)
+    assert waiting.is_alive()  # waiting for the job's record
+
+    worker = object.__new__(_WorkerRun)  # its signal receiver, as Celery calls it at SIGTERM
+    worker.asked_to_stop = []
+    worker.stop_watch = cast(HangWatch, SimpleNamespace(ident=None, start=lambda: None))
+    tasks.set_runtime(rt)
+    try:
+        worker.by_signal("SIGTERM")
+    finally:
+        tasks.set_runtime(None)
+    waiting.join(5)
+    assert not waiting.is_alive()
+    assert video.is_file()  # nothing recorded: the pair stays

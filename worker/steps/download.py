@@ -933,7 +933,8 @@ def _withdraw_if_stored_elsewhere(
     this pair from the same video that another copy of the database (a backup run beside it, a
     shared output folder) stores and records under that name at the same moment. While the job
     is not recorded yet (the new holder still fetching its copy), this try waits for it, at most
-    a lease (``WANBATCH_LEASE_SECONDS``) and not past a stop of the run; the pair stays when the
+    a lease (``WANBATCH_LEASE_SECONDS``) and not past a stop of the run or a worker's warm
+    shutdown (:attr:`~worker.steps.output_writes.OutputWrites.ending`); the pair stays when the
     new holder takes this very video (its recorded output) or nothing is recorded by then."""
     request_id = sidecar.get("request_id")
     if not isinstance(request_id, str):
@@ -949,7 +950,7 @@ def _withdraw_if_stored_elsewhere(
             break
         if job.state in TERMINAL_STATES or time.monotonic() >= give_up:
             return
-        if rt.output_writes.stopping.wait(RECORDED_ELSEWHERE_POLL):
+        if rt.output_writes.ending.wait(RECORDED_ELSEWHERE_POLL):  # a run's stop, a warm shutdown
             return
     if job.output_path is None or job.output_sha256 != sha256 or Path(job.output_path) == video:
         return  # the new holder took this very video (it is the job's output), or another one

@@ -57,6 +57,12 @@ class OutputWrites:
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
+        #: The process stops under control: a run's stop (:meth:`stop`), or a worker's warm
+        #: shutdown (:meth:`end_waits`), which lets the downloads under way finish. A step that
+        #: only waits for something it can do without ends its wait then (a try that lost its
+        #: lease, waiting up to a lease for the job's record to tidy its second copy away: a warm
+        #: shutdown waited for it, WANBATCH_LEASE_SECONDS, 120 s by default).
+        self.ending = threading.Event()
         self._lock = threading.Lock()
         self._attempts: dict[int, Attempt] = {}
         self._ids = itertools.count()
@@ -84,12 +90,18 @@ class OutputWrites:
         with self._lock:
             return len(self._attempts)
 
+    def end_waits(self) -> None:
+        """The process stops, letting its downloads finish (a worker's warm shutdown): the steps
+        that only wait end their waits (:attr:`ending`). Safe from a signal handler."""
+        self.ending.set()
+
     def stop(self, grace: float) -> int:
         """The run stops: every download under way stops at its next chunk (removing its own
         temporary file); a step that has its whole video stores it meanwhile. Waits up to
         ``grace`` seconds for them to end, then removes the temporary files of those still under
         way (a stream that stalled). Returns how many files it removed itself."""
         self.stopping.set()
+        self.ending.set()
         deadline = time.monotonic() + grace
         while self.under_way() and time.monotonic() < deadline:
             time.sleep(_LOOK_SECONDS)
