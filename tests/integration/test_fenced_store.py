@@ -345,3 +345,37 @@ def test_a_workers_warm_shutdown_ends_the_wait_for_the_jobs_record(
     waiting.join(5)
     assert not waiting.is_alive()
     assert video.is_file()  # nothing recorded: the pair stays
+
+
+def test_the_recorded_output_under_another_path_is_never_withdrawn(
+    engine: Engine, tmp_path: Path, runtimes: list[Runtime]
+) -> None:
+    """The job's new holder took this try's very video (it found it there, not yet held: the try
+    froze between its rename and its lock, or the file system has no locks) and recorded it
+    under the path by which its own host reaches the output folder: a container's bind mount, an
+    NFS share mounted elsewhere (``WANBATCH_OUTPUT_DIR`` differs between the two, which is only
+    warned about). Before, the paths told apart as strings, and the try removed the job's
+    recorded, paid output as a "second copy"."""
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY))
+    runtimes.append(rt)
+    batch_id = add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    (job_id,) = job_ids(engine, batch_id)
+    folder = tmp_path / "outputs" / "steps"
+    folder.mkdir(parents=True)
+    (tmp_path / "mounted-elsewhere").symlink_to(tmp_path / "outputs")  # the other host's path to it
+    video = folder / "000000-j.mp4"
+    video.write_bytes(b"video")
+    sha = hashlib.sha256(b"video").hexdigest()
+    video.with_suffix(".json").write_text(
+        json.dumps({"job_id": job_id, "request_id": "r1", "video_sha256": sha})
+    )
+    recorded = tmp_path / "mounted-elsewhere" / "steps" / video.name
+    with db.session_scope(engine) as session:
+        for was, now in [(S.PENDING, S.SUBMITTING), (S.SUBMITTING, S.QUEUED), (S.QUEUED, S.DOWNLOADING)]:
+            assert store.transition(session, job_id, was, now, request_id="r1")
+        assert store.transition(
+            session, job_id, S.DOWNLOADING, S.SUCCEEDED, output_path=str(recorded), output_sha256=sha
+        )
+    _withdraw_if_stored_elsewhere(rt, job_id, video, {"request_id": "r1"}, sha)
+    assert video.is_file()
+    assert recorded.read_bytes() == b"video"

@@ -952,9 +952,23 @@ def _withdraw_if_stored_elsewhere(
             return
         if rt.output_writes.ending.wait(RECORDED_ELSEWHERE_POLL):  # a run's stop, a warm shutdown
             return
-    if job.output_path is None or job.output_sha256 != sha256 or Path(job.output_path) == video:
+    if job.output_path is None or job.output_sha256 != sha256 or _may_be(job.output_path, video):
         return  # the new holder took this very video (it is the job's output), or another one
     _withdraw_copy(video, job_id=job_id, request_id=request_id, sha256=sha256)
+
+
+def _may_be(recorded: str, video: Path) -> bool:
+    """Whether the job's recorded output may be ``video`` itself: the same path, the same file
+    by another path (the new holder's host reaches the output folder elsewhere: a container's
+    bind mount, a share mounted at another place), or a path this process cannot look at, where
+    it cannot tell. Compared as strings only, the recorded output reached by another path was
+    removed as a second copy of itself."""
+    if Path(recorded) == video:
+        return True
+    try:
+        return Path(recorded).samefile(video)
+    except OSError:
+        return True
 
 
 def _withdraw_copy(video: Path, *, job_id: str, request_id: str, sha256: str) -> bool:
