@@ -15,6 +15,7 @@ from sqlalchemy import Engine, update
 from jobs import db, store
 from jobs.models import Job
 from jobs.states import JobState
+from jobs.store.reading import FAILURE_ERRORS_KEPT
 
 T2V = "fal-ai/wan-22"
 CHANGED = "changed since the manifest was validated (its bytes differ); not sent"
@@ -71,3 +72,18 @@ def test_each_file_is_named_by_both_readers(engine: Engine) -> None:
     assert group.summary == f"media files 'images/p1.png' and 'images/p2.png' {CHANGED}"
     (single,) = both[one]
     assert (single.distinct, single.errors, single.summary) == (1, (), single.example)
+
+
+def test_a_groups_distinct_errors_are_counted_exactly_past_those_it_keeps(engine: Engine) -> None:
+    """The grouping query only tells one error from several (its least and greatest): the exact
+    count comes with the kept errors, and counts those past :data:`FAILURE_ERRORS_KEPT` too."""
+    three = _batch(engine, "three", [f"media file 'images/p{i % 3}.png' {CHANGED}" for i in range(9)])
+    many = _batch(engine, "many", [f"media file 'images/m{i:02d}.png' {CHANGED}" for i in range(60)])
+    with db.read_scope(engine) as session:
+        both = store.failure_reasons_of_batches(session, [three, many])
+        alone = store.failure_reasons(session, many)
+    (group,) = both[three]
+    assert (group.count, group.distinct, len(group.errors)) == (9, 3, 3)
+    (group,) = both[many]
+    assert alone == [group]
+    assert (group.count, group.distinct, len(group.errors)) == (60, 60, FAILURE_ERRORS_KEPT)
