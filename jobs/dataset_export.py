@@ -26,7 +26,10 @@ loaders read exactly, as they make ``seed`` float64 when one exceeds int64. Obje
 (``input``, ``source_files``, ``media``, ``provider_metrics``, ``provider_output``) are JSON
 text, as in Parquet, and the rows that first give each column a value come first: those
 loaders type every column from the file's first 10 MB, see :func:`metadata_row` and
-:func:`_write_metadata`), the batch's manifest as ``manifest.<ext>`` (the text stored with the
+:func:`_write_metadata`), ``inputs/`` (each distinct local input file the rows' jobs sent, as
+``inputs/<sha256><ext>``, checked against the SHA-256 they recorded; each row's ``input_files``
+names its copies, ``input_file_problems`` why one is not there, see :class:`_InputFiles`),
+the batch's manifest as ``manifest.<ext>`` (the text stored with the
 batch, which its jobs were made from; for a batch stored before that text was kept, the file
 when it is still readable; an ``items_from`` file it names is not stored with the batch, so not
 included, and the card says so; when some rows come from jobs no longer in it, ``in_manifest``
@@ -64,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -99,7 +103,16 @@ from jobs.export import (
     unfinished_of,
     write_atomically,
 )
-from jobs.fs import file_kind, file_mode, folder_mode, is_missing, os_reason, shown_path, what_is
+from jobs.fs import (
+    file_kind,
+    file_mode,
+    folder_mode,
+    is_missing,
+    name_problem,
+    os_reason,
+    shown_path,
+    what_is,
+)
 from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.moved_outputs import moved_path
@@ -137,6 +150,10 @@ TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 #: Where the videos go inside an ``hf`` export folder.
 VIDEOS_DIR = "videos"
+#: Where the local input files (images) the exported jobs sent go, each once, named by its
+#: SHA-256 (:class:`_InputFiles`): the manifest's paths mean nothing in the dataset's folder,
+#: and the storage URL fal was sent expires.
+INPUTS_DIR = "inputs"
 
 
 class MissingVideoError(WanbatchError):
@@ -267,6 +284,12 @@ class HfExport:
     copied: int = 0
     #: Of ``copied``, those downloaded from object storage (``s3://`` outputs).
     downloaded: int = 0
+    #: Distinct local input files placed in ``inputs/`` (hard-linked or copied, as videos are).
+    inputs: int = 0
+    #: Distinct local input files a row names that were not placed (changed or gone since the
+    #: batch was submitted, or no SHA-256 recorded to check them by), and the rows naming them.
+    inputs_not_copied: int = 0
+    rows_missing_inputs: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_endpoint: Counter[str] = field(default_factory=Counter)
     #: What the exported jobs were billed, summed exactly (never as floats: thirty $0.2025 jobs
@@ -317,6 +340,9 @@ class HfExport:
             "hard_linked": self.linked,
             "copied": self.copied,
             "downloaded": self.downloaded,
+            "input_files": self.inputs,
+            "input_files_not_copied": self.inputs_not_copied,
+            "rows_missing_input_files": self.rows_missing_inputs,
             "by_status": dict(sorted(self.by_status.items())),
             "by_endpoint": dict(sorted(self.by_endpoint.items())),
             "not_exported": dict(sorted(self.left_out.items())),
@@ -385,6 +411,118 @@ def _place_video(source: Path, target: Path, mode: int) -> bool:
     return False
 
 
+#: An input file's extension as kept in ``inputs/`` (lower-cased); anything else is dropped.
+_INPUT_SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
+
+
+@dataclass(slots=True)
+class _InputFiles:
+    """The local input files an ``hf`` export places in ``inputs/<sha256><ext>``, each once.
+
+    A job records each media file it was given by path with the SHA-256 of the bytes it sent
+    (``source_files``). The dataset gets those bytes, checked against that digest: a file
+    changed or gone since is not placed (it is not what the job sent), and the row says why
+    (``input_file_problems``). Keyed by digest, so a file several jobs name (an image across
+    seeds), or two paths holding the same bytes, is placed once. URLs and data URIs are not
+    local files: the row's ``input`` keeps them."""
+
+    folder: Path
+    mode: int
+    summary: HfExport
+    #: SHA-256 → the placed file's path relative to the dataset folder.
+    placed: dict[str, str] = field(default_factory=dict)
+    #: (path, SHA-256) → why it was not placed: each file is read once whatever names it.
+    refused: dict[tuple[str, str | None], str] = field(default_factory=dict)
+
+    def of_job(self, job: Job) -> tuple[dict[str, str | None] | None, dict[str, str] | None]:
+        """The row's ``input_files`` (media field → path in the dataset, null when not placed)
+        and ``input_file_problems`` (media field → why not), each None when there is none."""
+        files: dict[str, str | None] = {}
+        problems: dict[str, str] = {}
+        for name, source in (job.source_files or {}).items():
+            value = job.input.get(name)
+            if not (isinstance(source, dict) and isinstance(value, str) and Path(value).is_absolute()):
+                continue  # a URL or a data URI: nothing local to place
+            digest = source.get("sha256")
+            placed, problem = self._place(value, digest if isinstance(digest, str) else None)
+            files[name] = placed
+            if problem is not None:
+                problems[name] = f"{source.get('source', value)}: {problem}"
+        if problems:
+            self.summary.rows_missing_inputs += 1
+        return files or None, problems or None
+
+    def _place(self, path: str, digest: str | None) -> tuple[str | None, str | None]:
+        """The placed copy of the file at ``path`` recorded as ``digest``, or why there is none."""
+        if digest is not None and digest in self.placed:
+            return self.placed[digest], None
+        key = (path, digest)
+        if key in self.refused:
+            return None, self.refused[key]
+        if digest is None:
+            problem: str | None = "no SHA-256 recorded (a job stored before hashes were) to check it against"
+        else:
+            suffix = Path(path).suffix.lower()
+            name = f"{INPUTS_DIR}/{digest}{suffix if _INPUT_SUFFIX.fullmatch(suffix) else ''}"
+            problem = _place_input(Path(path), digest, self.folder / name, self.mode)
+            if problem is None:
+                self.placed[digest] = name
+                self.summary.inputs += 1
+                return name, None
+        assert problem is not None
+        self.refused[key] = problem
+        self.summary.inputs_not_copied += 1
+        return None, problem
+
+
+def _place_input(source: Path, digest: str, target: Path, mode: int) -> str | None:
+    """Place the input file ``source`` at ``target`` as :func:`_place_video` places a video
+    (hard link or copy, never through a symlink), then check the placed bytes against the
+    recorded ``digest``; None when placed, else why not (nothing left at ``target``).
+
+    The placed file is what is hashed, not ``source`` before: a file rewritten in between is
+    caught whichever way it went."""
+    problem = name_problem(source)
+    if problem is not None:
+        return problem
+    try:
+        info = source.lstat()
+        real = source.resolve()
+        if real != source:  # stored resolved: a symlink appeared on the way since
+            return f"now leads to {shown_path(real)} (a symlink appeared since the batch was submitted)"
+    except FileNotFoundError:
+        return "missing since the batch was submitted"
+    except (OSError, RuntimeError) as exc:
+        return f"unreadable ({os_reason(exc) if isinstance(exc, OSError) else 'a symlink loop?'})"
+    if not stat.S_ISREG(info.st_mode):
+        return "no longer a regular file"
+    target.parent.mkdir(exist_ok=True)
+    try:
+        _place_video(source, target, mode)
+        with target.open("rb") as fh:
+            now = hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        if is_missing(exc):
+            return "missing since the batch was submitted"
+        return f"unreadable ({os_reason(exc)})"
+    if now != digest:
+        target.unlink()
+        return f"changed since the batch was submitted (SHA-256 {digest[:12]}… then, {now[:12]}… now)"
+    return None
+
+
+def _input_warning(summary: HfExport) -> str | None:
+    """The export's one line on the input files it could not place, else None."""
+    if not summary.inputs_not_copied:
+        return None
+    return (
+        f"{summary.inputs_not_copied} input file(s) named by {summary.rows_missing_inputs} row(s) were "
+        f"not copied into {INPUTS_DIR}/ (changed or missing since the batch was submitted): each such "
+        "row's input_file_problems says which and why"
+    )
+
+
 def _write_manifest(batch: Batch, folder: Path, summary: HfExport) -> None:
     """Write the batch's manifest into ``folder`` and note it in ``summary``.
 
@@ -444,13 +582,15 @@ def _dataset_rows(
     include_failed: bool,
     moves: Mapping[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way
-    (``moves``: videos of a moved project found where the database could not record them,
+    """The ``metadata.jsonl`` rows, placing each succeeded job's video in ``folder`` on the way,
+    and each local input file an exported job sent (:class:`_InputFiles`) (``moves``: videos of
+    a moved project found where the database could not record them,
     :func:`jobs.moved_outputs.follow_outputs`)."""
     states = _exported_states(include_failed)
     videos = folder / VIDEOS_DIR
     videos.mkdir()
     mode = file_mode()  # what a copy gets, and what a stored video must let read to be linked
+    inputs = _InputFiles(folder, mode, summary)
     for job in store.jobs_of_batch_bounded(session, batch.id, states=states):
         file_name: str | None = None
         if job.state is JobState.SUCCEEDED:
@@ -482,7 +622,15 @@ def _dataset_rows(
         # The copy inside the dataset, as file_name names it: the stored output's path is a
         # path on this machine (absolute when outside WANBATCH_OUTPUT_DIR), useless to a reader.
         row["video_path"] = file_name
-        yield {"file_name": file_name, **_summed(row, job, summary)}
+        # The job's local input files inside the dataset: file_name and input_files pair a video
+        # with what it was made from.
+        input_files, input_problems = inputs.of_job(job)
+        yield {
+            "file_name": file_name,
+            "input_files": input_files,
+            "input_file_problems": input_problems,
+            **_summed(row, job, summary),
+        }
 
 
 def _summed(row: dict[str, Any], job: Job, summary: HfExport) -> dict[str, Any]:
@@ -615,6 +763,19 @@ def _lineage(session: Session, batch: Batch) -> list[str]:
             f"  {n}. batch {_code(generation.name)} ({_code(generation.id)}{this}): {_generated(generation)}"
         )
     return lines
+
+
+def _inputs_lines(summary: HfExport) -> list[str]:
+    """The card's count of the input files in ``inputs/``, and of those left out."""
+    if not summary.inputs and not summary.inputs_not_copied:
+        return []
+    line = f"- {summary.inputs} input file(s) in `{INPUTS_DIR}/` (named by each row's `input_files`)"
+    if summary.inputs_not_copied:
+        line += (
+            f"; {summary.inputs_not_copied} not included, changed or missing since the batch was "
+            f"submitted ({summary.rows_missing_inputs} row(s): see their `input_file_problems`)"
+        )
+    return [line]
 
 
 def _cost_lines(summary: HfExport) -> list[str]:
@@ -751,6 +912,7 @@ def _card(
         "## Contents",
         "",
         f"- {summary.rows} row(s) in `metadata.jsonl`, {summary.videos} video(s) in `{VIDEOS_DIR}/`",
+        *_inputs_lines(summary),
     ]
     for status, n in sorted(summary.by_status.items()):
         # What some of a status's rows are besides, nested under it: the top-level counts
@@ -807,9 +969,16 @@ def _card(
         "Each row of `metadata.jsonl` is one job: `file_name` (the video, relative to this folder; "
         "null for a job without a video) and every field of wanbatch's export record (`input` is "
         "the exact JSON submitted, `seed` the one the provider used, `video_sha256` the video's "
-        "SHA-256, `provider_metrics` and `provider_output` fal's metrics and result). Objects and "
-        "lists (`input`, `source_files`, `media`, `provider_metrics`, `provider_output`) are JSON "
-        "text, whose keys differ between endpoints and rows: `json.loads` them. "
+        "SHA-256, `provider_metrics` and `provider_output` fal's metrics and result). "
+        f"`input_files` maps each media field the job was given as a local file (`image_url`, …) "
+        f"to its copy in `{INPUTS_DIR}/`, named by its SHA-256 (the bytes the job sent, checked), "
+        "so `file_name` and `input_files` pair a video with what it was made from; a file changed "
+        "or gone since the batch was submitted is not included (null there, and "
+        "`input_file_problems` says why); inputs given as URLs are not fetched: the row's `input` "
+        "keeps the URL (fal's storage URLs expire after some days). Objects and "
+        "lists (`input`, `input_files`, `source_files`, `media`, `provider_metrics`, "
+        "`provider_output`) are JSON text, whose keys differ between endpoints and rows: "
+        "`json.loads` them. "
         + _order_text(summary)
         + ", but for a few that come first (the first to give each column a "
         "value), so that loaders typing columns from the file's beginning type them all.",
@@ -910,6 +1079,8 @@ def write_hf(
         exported = {s.value for s in _exported_states(include_failed)}
         summary.left_out = {state: n for state, n in counts.items() if state not in exported and n}
         summary.warnings = left_out_warnings(batch, summary.left_out)
+        if inputs_line := _input_warning(summary):
+            summary.warnings.append(inputs_line)
         _add_batch_cost(session, batch, summary)
         if summary.reused:
             summary.reused_sources = listing.reused_sources(

@@ -64,6 +64,9 @@ def _run_batch(wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, name: str) 
     return report["batch"], report["counts"]["succeeded"]
 
 
+#: The fields only an hf export's metadata.jsonl has: the video and the input files in the folder.
+_HF_ONLY = ("file_name", "input_files", "input_file_problems")
+
 #: The fields Parquet holds as JSON text (objects and lists in the JSONL export).
 _JSON_TEXT = ("input", "media", "source_files", "provider_metrics", "provider_output")
 
@@ -109,9 +112,16 @@ def test_hf_folder_loads_with_datasets_and_parquet_equals_jsonl(
         # copy inside the dataset (file_name), never the stored output's path on this machine;
         # objects are JSON text and timestamps have microseconds (metadata_row)
         assert line["video_path"] == line["file_name"]
-        assert {k: v for k, v in line.items() if k != "file_name"} == metadata_row(
+        assert {k: v for k, v in line.items() if k not in _HF_ONLY} == metadata_row(
             {**by_id[line["job_id"]], "video_path": line["file_name"]}
         )
+        # the local images sent, inside the dataset (the text-to-video job has none)
+        sources = by_id[line["job_id"]]["source_files"] or {}
+        local = {f for f, s in sources.items() if not s["source"].startswith(("http:", "https:"))}
+        named = json.loads(line["input_files"]) if line["input_files"] else {}
+        assert set(named) == local
+        for fld, path in named.items():
+            assert _sha256(folder / path) == sources[fld]["sha256"]
         assert json.loads(line["input"]) == by_id[line["job_id"]]["input"]
     assert (folder / "manifest.yaml").read_text().startswith("name: ds-export")
     card = (folder / "README.md").read_text()

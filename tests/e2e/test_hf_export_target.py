@@ -35,7 +35,8 @@ items:
   - prompt: hi
 """
 
-DATASET = ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+#: An i2v batch of a local image: its input is in `inputs/` too.
+DATASET = ["README.md", "inputs", "manifest.yaml", "metadata.jsonl", "videos"]
 
 
 def _batch(wb: Wb, manifest: MakeManifest, name: str) -> str:
@@ -148,6 +149,7 @@ def test_an_entry_taken_meanwhile_puts_back_what_was_moved(tmp_path: Path) -> No
     dest = tmp_path / "dest"
     tmp = dest / ".wanbatch-export.x.part"
     (tmp / "videos").mkdir(parents=True)
+    (tmp / "inputs").mkdir()
     for name in ("README.md", "manifest.yaml", "metadata.jsonl"):
         (tmp / name).write_text(name)
     (dest / "metadata.jsonl").write_text("someone else's")
