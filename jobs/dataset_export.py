@@ -476,9 +476,10 @@ class _InputFiles:
 
 
 def _place_input(source: Path, digest: str, target: Path, mode: int) -> str | None:
-    """Place the input file ``source`` at ``target`` as :func:`_place_video` places a video
-    (hard link or copy, never through a symlink), then check the placed bytes against the
-    recorded ``digest``; None when placed, else why not (nothing left at ``target``).
+    """Copy the input file ``source`` to ``target`` (never through a symlink), then check the
+    copied bytes against the recorded ``digest``; None when placed, else why not (nothing left at
+    ``target``). Copied, never hard-linked as videos are: a user's input images live in their
+    working folder and get edited in place, which would change a linked dataset's copy too.
 
     The placed file is what is hashed, not ``source`` before: a file rewritten in between is
     caught whichever way it went."""
@@ -498,7 +499,7 @@ def _place_input(source: Path, digest: str, target: Path, mode: int) -> str | No
         return "no longer a regular file"
     target.parent.mkdir(exist_ok=True)
     try:
-        _place_video(source, target, mode)
+        shutil.copyfile(source, target, follow_symlinks=False)
         with target.open("rb") as fh:
             now = hashlib.file_digest(fh, "sha256").hexdigest()
     except OSError as exc:
