@@ -168,7 +168,9 @@ def test_a_result_that_stays_not_ready_after_completion_fails_after_the_download
 ) -> None:
     fal = FakeFal(hostile)
     fal.on_result("r1", json_reply({"detail": "Request is still in progress"}, 400))
-    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=3)
+    # A backoff of seconds (the fast settings' 0.05 s minimum was past by the assertion on a
+    # loaded machine: CI)
+    rt, job_id = completed_job(engine, hostile, tmp_path, download_attempts=3, retry_base_delay=5.0)
     try:
         for tries in (1, 2):
             assert download(rt, job_id) == "not-ready"
