@@ -120,9 +120,10 @@ def test_the_submit_starts_from_the_ticket_dispatch_left(
 ) -> None:
     accept_submits(hostile, RID, T2V)
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
-    rt.submit_tickets = {}
+    tickets: dict[str, Any] = {}
+    rt.submit_tickets = tickets
     add_batch(engine, "ticket", [(T2V, {"prompt": "a lighthouse", "seed": 7}), (T2V, {"prompt": "warm-up"})])
-    job_id, warm_up = sorted(dispatch(rt), key=lambda j: rt.submit_tickets[j].input["prompt"])
+    job_id, warm_up = sorted(dispatch(rt), key=lambda j: tickets[j].input["prompt"])
     ticket = rt.submit_tickets[job_id]
     assert (ticket.fence.state, ticket.fence.version, ticket.attempt) == (S.SUBMITTING, 1, 1)
     assert ticket.input == {"prompt": "a lighthouse", "seed": 7}
