@@ -150,7 +150,7 @@ def test_a_killed_exports_part_folder_does_not_block_the_next(
     volume.mkdir()
     _stale_part(volume)
     assert run_main(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch) == 0
-    assert sorted(os.listdir(volume)) == ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+    assert sorted(os.listdir(volume)) == ["README.md", "inputs", "manifest.yaml", "metadata.jsonl", "videos"]
     assert len(os.listdir(volume / "videos")) == 2
 
 
@@ -192,7 +192,7 @@ def test_two_exports_into_one_folder_never_mix(
     ((code, err),) = second
     assert code == 2
     assert "another export is writing into it now (.wanbatch-export." in err
-    assert sorted(os.listdir(volume)) == ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+    assert sorted(os.listdir(volume)) == ["README.md", "inputs", "manifest.yaml", "metadata.jsonl", "videos"]
 
 
 def _old_export_part(folder: Path) -> Path:
@@ -229,7 +229,7 @@ def test_an_earlier_versions_part_folder_untouched_for_a_day_is_removed(
     for path in (part / "videos" / "000000-old.mp4", part / "videos", part):
         os.utime(path, (long_ago, long_ago))
     assert run_main(["export", batch, "--format", "hf", "-o", str(volume)], monkeypatch) == 0
-    assert sorted(os.listdir(volume)) == ["README.md", "manifest.yaml", "metadata.jsonl", "videos"]
+    assert sorted(os.listdir(volume)) == ["README.md", "inputs", "manifest.yaml", "metadata.jsonl", "videos"]
 
 
 def test_an_earlier_versions_part_folder_written_to_lately_is_kept(

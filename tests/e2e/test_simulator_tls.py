@@ -71,6 +71,19 @@ class _Simulator:
         assert len(exports) == 2, lines
         self.fal_client_env, self.wanbatch_env = map(_exported, exports)
         self.ca_file = Path(self.fal_client_env["SSL_CERT_FILE"])
+        # Serving, so uvicorn's signal handlers are in place: the lines above are printed just
+        # before it starts, and a signal in between ends the process by its default action,
+        # leaving the certificate folder (seen once in CI).
+        # (A --public-url names another host: nothing to ask there.)
+        if self.url.startswith(("https://127.0.0.1:", "https://localhost:")):
+            wait_for("the simulator answering", self._answers, self.proc)
+
+    def _answers(self) -> bool:
+        try:
+            httpx.get(f"{self.url}/_sim/ledger", verify=str(self.ca_file), timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
 
     def stop(self, sig: signal.Signals) -> int:
         self.proc.popen.send_signal(sig)
