@@ -719,17 +719,7 @@ def failure_reasons(session: Session, batch_id: str, *, limit: int = 5) -> list[
         .order_by(func.count().desc(), Job.state, Job.error_type, sent)
         .limit(limit)
     )
-    groups = [
-        FailureGroup(
-            state=JobState(st).value,
-            error_type=et,
-            sent=bool(was_sent),
-            example=ex or "",
-            count=int(n),
-            distinct=_at_least(ex, last),
-        )
-        for st, et, was_sent, ex, n, last in session.execute(query)
-    ]
+    groups = [_failure_group(*row) for row in session.execute(query)]
     return _with_errors(session, {batch_id: groups})[batch_id]
 
 
@@ -774,18 +764,24 @@ def failure_reasons_of_batches(
         .order_by(ranked.c.batch_id, ranked.c.rank)
     )
     found: dict[str, list[FailureGroup]] = {}
-    for batch_id, st, et, was_sent, ex, n, last in session.execute(query):
-        found.setdefault(str(batch_id), []).append(
-            FailureGroup(
-                state=JobState(st).value,
-                error_type=et,
-                sent=bool(was_sent),
-                example=ex or "",
-                count=int(n),
-                distinct=_at_least(ex, last),
-            )
-        )
+    for batch_id, *group in session.execute(query):
+        found.setdefault(str(batch_id), []).append(_failure_group(*group))
     return _with_errors(session, found)
+
+
+def _failure_group(
+    state: str, error_type: str | None, sent: bool, example: str | None, count: int, last: str | None
+) -> FailureGroup:
+    """One row of :func:`failure_reasons`' grouping query (its least error the example, its
+    greatest telling one error from several) as a :class:`FailureGroup`."""
+    return FailureGroup(
+        state=JobState(state).value,
+        error_type=error_type,
+        sent=bool(sent),
+        example=example or "",
+        count=int(count),
+        distinct=_at_least(example, last),
+    )
 
 
 def _at_least(first: str | None, last: str | None) -> int:
