@@ -1167,7 +1167,7 @@ def _too_long(limits: MediaConstraints, seconds: float) -> bool:
 
 
 def _audio_allowed(limits: MediaConstraints) -> str:
-    """``WAV or MP3, 3 to 30 s, up to 15.0 MiB (15,728,640 bytes)``: what the endpoint accepts."""
+    """``WAV or MP3, 3 to 30 s, up to 15 MB (15,000,000 bytes)``: what the endpoint accepts."""
     text = " or ".join(f.upper() for f in limits.formats)
     lo, hi = limits.min_duration_s, limits.max_duration_s
     if lo is not None and hi is not None:
@@ -1197,7 +1197,11 @@ def _dims(limits: MediaConstraints) -> str:
 
 
 def _mb(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MiB ({size:,} bytes)"
+    """``25 MB (25,000,000 bytes)``, ``25.5 MB (25,500,000 bytes)``: a size in decimal megabytes,
+    as fal's pages write their limits ("Max size: 25MB", "Up to 15 MB"), so a refusal quotes the
+    limit in the page's own figure; the exact bytes beside it settle any rounding."""
+    megabytes = f"{size / 1_000_000:.1f}".removesuffix(".0")
+    return f"{megabytes} MB ({size:,} bytes)"
 
 
 def data_uri_sha256(value: str) -> str | None:

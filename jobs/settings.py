@@ -130,7 +130,7 @@ MAX_ATTEMPTS = MAX_COUNT
 #: The largest output a download may accept: 1 TiB, far beyond any video fal returns (2 GiB default).
 MAX_DOWNLOAD_BYTES = 1024**4
 #: The largest local file sent inline as a data URI: 64 MiB, beyond the largest image or audio
-#: file any endpoint takes (25 MiB); a larger inline limit changes nothing but the typo.
+#: file any endpoint takes (25 MB); a larger inline limit changes nothing but the typo.
 MAX_INLINE_BYTES = 64 * 1024**2
 #: The shortest ``WANBATCH_SERVE_TOKEN`` taken: the dashboard's actions must not be guessable.
 MIN_SERVE_TOKEN_LENGTH = 16

@@ -92,6 +92,11 @@ class MediaConstraints(BaseModel):
     max_width: int | None = None
     max_height: int | None = None
     alpha_allowed: bool = True
+    #: In bytes. fal's pages say "MB" ("Max size: 25MB", "Up to 15 MB") and the registry reads it
+    #: as decimal megabytes (25,000,000 bytes), the stricter of the two readings: fal's own toolkit
+    #: once counted a "megabyte" as 1024**2 (``filesize_limit`` in
+    #: https://github.com/fal-ai/fal/blob/main/projects/fal/src/fal/toolkit/utils/download_utils.py),
+    #: so what the model enforces is not published; a file within 25,000,000 bytes fits either.
     max_bytes: int | None = None
     #: Audio only: the length in seconds fal accepts, read from the file's container (PyAV).
     min_duration_s: float | None = None

@@ -42,8 +42,8 @@ PIXELS_ADVISED = (
     "to 7680x7680 pixels; sent as is"
 )
 BYTES_ADVISED = (
-    "fal's overview says at most 10.0 MiB (10,485,760 bytes), its input schema allows at most "
-    "25.0 MiB (26,214,400 bytes); sent as is"
+    "fal's overview says at most 10 MB (10,000,000 bytes), its input schema allows at most "
+    "25 MB (25,000,000 bytes); sent as is"
 )
 
 
@@ -137,23 +137,23 @@ def test_wan25_a_12_mb_png_warns_and_is_submitted(
         assert run_main([command, str(manifest)], monkeypatch) == 0, command
         (line,) = _warnings(capsys)
         assert line == (
-            f"warning {manifest}:5: item 0: field 'image_url': the image is 11.4 MiB (12,000,000 bytes): "
+            f"warning {manifest}:5: item 0: field 'image_url': the image is 12 MB (12,000,000 bytes): "
             + BYTES_ADVISED
         ), line
     assert _jobs_stored(tmp_path) == 1
 
 
-def test_wan25_a_png_over_25_mib_is_refused(
+def test_wan25_a_png_over_25_mb_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _padded_png(tmp_path / "huge.png", 25 * 1024 * 1024 + 1)
+    _padded_png(tmp_path / "huge.png", 25_000_001)
     manifest = _manifest(tmp_path, "huge", W25, "huge.png")
     for command in ("validate", "submit"):
         assert run_main([command, str(manifest)], monkeypatch) == 2, command
         err = capsys.readouterr().err
         assert (
-            "field 'image_url': the image is 25.0 MiB (26,214,401 bytes), larger than the endpoint accepts "
-            "(allowed: at most 25.0 MiB (26,214,400 bytes))"
+            "field 'image_url': the image is 25 MB (25,000,001 bytes), larger than the endpoint accepts "
+            "(allowed: at most 25 MB (25,000,000 bytes))"
         ) in err
     assert _jobs_stored(tmp_path) == 0
 
@@ -225,9 +225,9 @@ def test_the_registry_keeps_the_schema_hard_and_the_overview_advised() -> None:
     assert (w26.min_width, w26.max_width, w26.min_height, w26.max_height) == (240, 7680, 240, 7680)
     assert w26.advised is not None
     assert (w26.advised.min_width, w26.advised.max_width) == (360, 2000)
-    assert w25.max_bytes == 25 * 1024 * 1024
+    assert w25.max_bytes == 25_000_000
     assert w25.advised is not None
-    assert w25.advised.max_bytes == 10 * 1024 * 1024
+    assert w25.advised.max_bytes == 10_000_000
     # Inside the overview's figures: nothing said.
     full_hd = base64.b64decode(_data_uri((1920, 1080)).partition(",")[2])
     assert check_bytes(full_hd, FieldType.IMAGE, w26) == []
@@ -248,3 +248,60 @@ def test_an_advised_block_must_be_stricter_than_published_limits(extra: dict[str
     base: dict[str, object] = {"formats": ["JPEG"], "min_width": 240, "max_width": 7680, "source": "x"}
     with pytest.raises(ValidationError):
         MediaConstraints.model_validate({**base, **extra})
+
+
+# -- "25MB" is decimal: 25,000,000 bytes, and the lines quote the limit as fal's page does ----------
+
+
+def test_wan26_a_25_5_mb_png_is_refused_quoting_fals_25_mb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fal's Wan 2.6 page says "Max size: 25MB". It was read as 25 MiB (26,214,400 bytes), so a
+    25,500,000-byte image passed validation and was sent; the refusal quoted "25.0 MiB"."""
+    _padded_png(tmp_path / "big.png", 25_500_000)
+    manifest = _manifest(tmp_path, "big", W26, "big.png")
+    for command in ("validate", "submit"):
+        assert run_main([command, str(manifest)], monkeypatch) == 2, command
+        err = capsys.readouterr().err
+        assert (
+            f"{manifest}:5: item 0: field 'image_url': the image is 25.5 MB (25,500,000 bytes), larger than "
+            "the endpoint accepts (allowed: at most 25 MB (25,000,000 bytes))"
+        ) in err, err
+    assert _jobs_stored(tmp_path) == 0
+    # The simulator, staging fal, refuses it with the same words (and 25,000,000 bytes pass).
+    spec = get_endpoint(W26)
+    big = (tmp_path / "big.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(big).decode()
+    resolved, errors = sim_validate(spec, {"prompt": "a slow pan", "image_url": uri})
+    assert resolved is None
+    (error,) = errors
+    assert error["msg"].endswith("(allowed: at most 25 MB (25,000,000 bytes))"), error
+    at_limit = "data:image/png;base64," + base64.b64encode(big[:25_000_000]).decode()
+    assert sim_validate(spec, {"prompt": "a slow pan", "image_url": at_limit})[1] == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "published"),
+    [
+        (W26, "image_url", 25_000_000),  # About: "Max size: 25MB"
+        (W26, "audio_url", 15_000_000),  # schema: "File size: Up to 15 MB."
+        (W25, "image_url", 25_000_000),  # schema: "Max file size: 25.0MB"
+        (W25, "audio_url", 15_000_000),
+        ("fal-ai/wan-i2v", "image_url", 25_000_000),  # wanbatch's own assumption, said in MB too
+        ("fal-ai/wan-flf2v", "start_image_url", 25_000_000),
+        ("fal-ai/wan-flf2v", "end_image_url", 25_000_000),
+    ],
+)
+def test_every_size_limit_is_the_published_figure_in_decimal_megabytes(
+    endpoint: str, field: str, published: int
+) -> None:
+    media = get_endpoint(endpoint).fields_by_name[field].media
+    assert media is not None
+    assert media.max_bytes == published
+
+
+def test_wan25_the_overviews_10_mb_is_10_000_000_bytes() -> None:
+    media = get_endpoint(W25).fields_by_name["image_url"].media
+    assert media is not None
+    assert media.advised is not None
+    assert media.advised.max_bytes == 10_000_000

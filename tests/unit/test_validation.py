@@ -242,7 +242,7 @@ def test_too_many_bytes(tmp_path: Path) -> None:
         fh.truncate(IMAGE_LIMITS.max_bytes + 1)  # type: ignore[operator]
     (problem,) = check_file(path, FieldType.IMAGE, IMAGE_LIMITS)
     assert "larger than the endpoint accepts" in problem.message
-    assert "25.0 MiB" in problem.allowed  # the schema's (its overview's 10 MB only warns)
+    assert "25 MB (25,000,000 bytes)" in problem.allowed  # the schema's (its overview's 10 MB only warns)
 
 
 def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
