@@ -6,6 +6,11 @@ as FastAPI's 422 body: ``{"detail": [{"loc": ["body", field], "msg", "type", "in
 exactly those messages and types ("Field required", "Input should be less than or equal to
 100", "Input should be '480p' or '720p'", …) instead of a hand-written imitation.
 
+An optional field fal documents with a default is declared with its plain type, so an explicit
+``null`` is a 422 (``"resolution": null``: "Input should be '720p' or '1080p'"); one documented
+without a default ("If None, a random seed is chosen") is nullable, and ``null`` is the same as
+leaving it out (``"seed": null``), as fal's ``Optional[…] = None`` fields take it.
+
 Only what fal's input schema publishes is enforced: a range the registry marks
 ``wanbatch_only_range`` (the seed's 0..2**64-1, which only wanbatch's exports need) is not, nor
 media limits marked ``assumed`` (fal publishes none for Wan 2.1's images), nor the stricter
@@ -71,8 +76,15 @@ def input_model(endpoint_id: str, extra: str = "ignore") -> type[BaseModel]:
         annotation = _annotation(fld)
         if fld.required:
             definitions[fld.name] = (annotation, Field(..., **constraints))
+        elif fld.default is None:
+            # Documented without a default ("seed: … If None, a random seed is chosen"): the
+            # app's ``Optional[int] = None``, so an explicit null is the same as leaving it out.
+            definitions[fld.name] = (annotation | None, Field(None, **constraints))
         else:
-            definitions[fld.name] = (annotation | None, Field(fld.default, **constraints))
+            # Documented with one ("Default value: "1080p""): the plain type with that default,
+            # so an explicit null is a 422 (pydantic refuses None for ``Literal[…] = "1080p"``;
+            # https://docs.pydantic.dev/latest/concepts/models/#required-fields).
+            definitions[fld.name] = (annotation, Field(fld.default, **constraints))
     config = ConfigDict(extra=cast(Literal["ignore", "forbid"], extra))
     name = "Input_" + re.sub(r"\W", "_", endpoint_id)
     return create_model(name, __config__=config, **definitions)
