@@ -509,23 +509,23 @@ DIFF_ROWS = 50
 @click.option(
     "--verify",
     is_flag=True,
-    help="Hash every compared video on disk (S3 objects too) against its recorded SHA-256, "
-    "not only its size.",
+    help="Hash every compared video (S3 objects too: each downloaded) against its recorded "
+    "SHA-256, not only its size.",
 )
 @json_option
 def diff(batch_a: str, batch_b: str, verify: bool, as_json: bool) -> None:
     """Compare BATCH_A with BATCH_B job by job: same video bytes or not, seeds, prompts, costs.
 
     Jobs pair by job key, else by the same input apart from the seed (how `rerun` relates to its
-    parent). Each video is looked at on disk (its size; --verify: its SHA-256): one missing or
-    changed makes its pair different. Exit 0 when every job matched and every pair has the same
-    video, 1 otherwise.
+    parent). Each video is looked at where it is stored, on disk or in S3 (its size, one HEAD
+    per object; --verify: its SHA-256): one missing or changed makes its pair different. Exit 0
+    when every job matched and every pair has the same video, 1 otherwise.
     """
 
     def action() -> int:
         from cli.output import diff_table
         from jobs import database_home, db, moved_outputs
-        from jobs.diff import DiskCheck, diff_batches, varied_of
+        from jobs.diff import S3_LOOKUP_SECONDS, S3_LOOKUPS_AT_ONCE, DiskCheck, diff_batches, varied_of
         from jobs.settings import get_settings
 
         # A reused output's "same" is one render, not a reproduction: listed, and said below.
@@ -533,8 +533,20 @@ def diff(batch_a: str, batch_b: str, verify: bool, as_json: bool) -> None:
         varied: dict[str, dict[str, Any]] = {}
         settings = get_settings()
         database_home.refuse_missing(settings, [batch_a, batch_b])  # no empty database made
+
+        def announce(objects: int) -> None:
+            """Say that S3 is asked (with --json too: stderr is free): a request per object, and
+            for a big batch a wait, bounded."""
+            err.print(
+                escape(
+                    f"looking up {objects} S3 object(s): one HEAD each, {S3_LOOKUPS_AT_ONCE} at a time, "
+                    f"for at most {S3_LOOKUP_SECONDS:g} s"
+                )
+            )
+
         # A moved project's videos are looked for under the current output folder.
-        disk = DiskCheck(moved_outputs.local_root(settings.output_dir, settings.output_url), verify=verify)
+        root = moved_outputs.local_root(settings.output_dir, settings.output_url)
+        disk = DiskCheck(root, verify=verify, announce=announce)
         with db.session_scope(db.open_engine(settings)) as session:
             result = diff_batches(session, batch_a, batch_b, disk)
             if not as_json:
@@ -567,6 +579,8 @@ def diff(batch_a: str, batch_b: str, verify: bool, as_json: bool) -> None:
             out.print(escape(priced))
         if (disk_note := result.disk_note()) is not None:
             out.print(escape(disk_note))
+        if (lookup_note := result.lookup_note()) is not None:
+            out.print(escape(lookup_note))
         return code
 
     guarded_read(as_json, action)

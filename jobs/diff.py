@@ -60,8 +60,10 @@ import hashlib
 import os
 import stat
 import sys
+import threading
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -75,7 +77,7 @@ from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch
 from jobs.money import usd_json
 from jobs.output_location import is_s3_url
-from jobs.output_store import output_sha256
+from jobs.output_store import OutputReadError, output_sha256, output_stamp
 from jobs.url_secrets import shareable_text
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -85,10 +87,17 @@ MatchedBy = Literal["job_key", "input", "origin", "item"]
 ByPlace = bool | Literal["if_shared"]
 _K = TypeVar("_K")
 #: What :func:`on_disk` found of a job's recorded video: ``ok``, ``missing`` (nothing, or no
-#: regular file, at its path), ``changed on disk`` (another size than recorded; with
-#: ``--verify``, other bytes). None: not looked at (no video, or an S3 object without
-#: ``--verify``).
+#: regular file, at its path; an S3 object that is not there), ``changed on disk`` (another
+#: size than recorded; with ``--verify``, other bytes). None: not looked at (no video, or an S3
+#: object that could not be looked up: :attr:`JobSide.not_looked_up`).
 OnDisk = Literal["ok", "missing", "changed on disk"]
+#: How many S3 objects ``diff`` looks up at once (one ``HEAD`` each): fewer than the 10
+#: connections botocore keeps per client, so no lookup waits for one or opens one it then drops.
+S3_LOOKUPS_AT_ONCE = 8
+#: The most seconds ``diff`` spends looking up S3 objects (without ``--verify``): a bucket of
+#: many thousand videos, or a slow storage, must not hold the comparison for long. Objects left
+#: are not looked up, and said so (:meth:`BatchDiff.lookup_note`).
+S3_LOOKUP_SECONDS = 120.0
 #: A side's :data:`OnDisk` as the pair's ``differs`` names it.
 _DISK_DIFFERS = {"missing": "missing on disk", "changed on disk": "changed on disk"}
 #: The input of a side read from the store: not kept (:meth:`JobSide.of`). Never mutated.
@@ -129,6 +138,9 @@ class JobSide:
     #: Where the video was looked for, kept only when it is not there as recorded (the path
     #: the diff names); None otherwise.
     video_path: str | None = None
+    #: Its video is an S3 object that could not be looked up (the storage unreachable or
+    #: refusing, or the time bound spent): compared by the SHA-256 recorded only.
+    not_looked_up: bool = False
 
     @property
     def disk_problem(self) -> str | None:
@@ -206,18 +218,26 @@ class JobSide:
 class DiskCheck:
     """How ``diff`` looks at the recorded videos: ``root``, the current output folder, where a
     moved project's videos are looked for (:func:`jobs.moved_outputs.places_to_look`; None: only
-    where recorded); ``verify``: hash each video (``--verify``), not only its size."""
+    where recorded); ``verify``: hash each video (``--verify``), not only its size.
+
+    Without ``verify``, S3 objects get what a local video gets, its size looked at: one ``HEAD``
+    each, :data:`S3_LOOKUPS_AT_ONCE` at a time, for at most ``lookup_seconds``
+    (:func:`_look_up_objects`). ``announce`` is told how many before they start (the command
+    says so on stderr: a big batch's lookups take a while, and each is a request to the bucket)."""
 
     root: Path | None
     verify: bool = False
+    announce: Callable[[int], None] | None = None
+    lookup_seconds: float = S3_LOOKUP_SECONDS
 
 
 def on_disk(row: store.DiffRow, check: DiskCheck) -> tuple[OnDisk | None, str | None]:
     """What is at the path the video of ``row`` was recorded at, and that path when it is not
     the video recorded: one ``lstat`` and its size against the recorded one (a moved project's
     video where :func:`jobs.moved_outputs.places_to_look` finds it first, at the recorded size); with
-    ``check.verify`` its SHA-256 too, an S3 object's included (which is otherwise not looked at).
-    ``(None, None)`` for a job without a recorded video."""
+    ``check.verify`` its SHA-256 too, an S3 object's included. ``(None, None)`` for a job without
+    a recorded video, and for an S3 object without ``check.verify``: those are looked up together
+    afterwards (:func:`_look_up_objects`), a few at a time, not one by one as rows are read."""
     recorded = row.output_path
     if row.output_sha256 is None or recorded is None:
         return None, None
@@ -381,6 +401,8 @@ class BatchDiff:
     batch_a: dict[str, Any]
     batch_b: dict[str, Any]
     pairs: list[Pair]
+    #: Why S3 objects could not be looked up (the first failure), else None.
+    lookup_failure: str | None = None
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for p in self.pairs if p.outcome == outcome)
@@ -413,6 +435,22 @@ class BatchDiff:
         return (
             f"{self.cost_differs} of the same pairs differ in cost (the price changed between the runs?): "
             "`--json` gives each side's cost_usd"
+        )
+
+    @property
+    def not_looked_up(self) -> int:
+        """How many of the compared videos are S3 objects that could not be looked up."""
+        return sum(1 for p in self.pairs for side in _sides(p) if side.not_looked_up)
+
+    def lookup_note(self) -> str | None:
+        """What to say when some S3 objects could not be looked up, else None: their pairs
+        compare by the recorded SHA-256 alone, which a gone object would not change."""
+        if not self.not_looked_up:
+            return None
+        why = f" ({self.lookup_failure})" if self.lookup_failure else ""
+        return (
+            f"{self.not_looked_up} S3 object(s) could not be looked up{why}: their pairs compare by "
+            "the SHA-256 the database records, whether or not the object is still there"
         )
 
     def disk_note(self) -> str | None:
@@ -493,6 +531,7 @@ class BatchDiff:
             "only_b": self.count("only_b"),
             "reused": self.reused,
             "cost_differs": self.cost_differs,
+            "not_looked_up": self.not_looked_up,
         }
 
     def job_dicts(self) -> Iterator[dict[str, Any]]:
@@ -652,14 +691,98 @@ def diff_batches(session: Session, ref_a: str, ref_b: str, disk: DiskCheck | Non
     batch_a = store.get_batch(session, ref_a)
     batch_b = store.get_batch(session, ref_b)
     # The columns compared, one small record per job: no ORM row, no input kept.
-    a_jobs = [JobSide.of(row, disk) for row in store.diff_rows_of_batch(session, batch_a.id)]
+    objects: list[_Object] = []
+    a_jobs = _sides_of(session, batch_a.id, disk, objects)
     b_jobs = a_jobs  # a batch compared with itself: read once
     if batch_b.id != batch_a.id:
-        b_jobs = [JobSide.of(row, disk) for row in store.diff_rows_of_batch(session, batch_b.id)]
+        b_jobs = _sides_of(session, batch_b.id, disk, objects)
+    failure = _look_up_objects(objects, disk) if disk is not None and objects else None
     by_place = _places_rule(session, batch_a, batch_b)
     pairs = match(a_jobs, b_jobs, by_place=by_place)
     _name_input_differences(session, batch_a.id, batch_b.id, pairs)
-    return BatchDiff(_named(batch_a), _named(batch_b), pairs)
+    return BatchDiff(_named(batch_a), _named(batch_b), pairs, failure)
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    """An S3 object to look up: the list its job's side is in, where, and what was recorded."""
+
+    sides: list[JobSide]
+    at: int
+    uri: str
+    size: int | None
+
+
+def _sides_of(
+    session: Session, batch_id: str, disk: DiskCheck | None, objects: list[_Object]
+) -> list[JobSide]:
+    """The batch's jobs as sides (:meth:`JobSide.of`), each S3 video still to look up (no
+    ``--verify``) added to ``objects``."""
+    sides: list[JobSide] = []
+    for row in store.diff_rows_of_batch(session, batch_id):
+        recorded = row.output_path
+        looked_up_later = disk is not None and not disk.verify and row.output_sha256 is not None
+        if looked_up_later and recorded is not None and is_s3_url(recorded):
+            objects.append(_Object(sides, len(sides), recorded, row.output_bytes))
+        sides.append(JobSide.of(row, disk))
+    return sides
+
+
+def _look_up_objects(objects: list[_Object], disk: DiskCheck) -> str | None:
+    """Look at each S3 object as a local video is looked at: one ``HEAD``, its size against the
+    recorded one (``missing`` when it is not there), each side replaced in its list.
+
+    Bounded: :data:`S3_LOOKUPS_AT_ONCE` at a time, each one try with short timeouts, and no
+    more than ``disk.lookup_seconds`` in all. The first object that cannot be looked up for
+    another reason than "not there" (unreachable, refused) stops the others, which would fail
+    alike: those left are marked :attr:`JobSide.not_looked_up`. Returns why, else None."""
+    # One HEAD an object, however many jobs name it (outputs reused, a batch compared with itself).
+    by_uri: dict[str, list[_Object]] = defaultdict(list)
+    for obj in objects:
+        by_uri[obj.uri].append(obj)
+    if disk.announce is not None:
+        disk.announce(len(by_uri))
+    failures: list[str] = []
+    # Under the lock: a side is written only while the lookups are open, so none that ends
+    # past the bound changes a side the comparison is already reading.
+    lock = threading.Lock()
+    closed = threading.Event()
+
+    def look(uri: str) -> None:
+        if failures or closed.is_set():
+            return
+        try:
+            stamp = output_stamp(uri, quick=True)
+        except OutputReadError as exc:
+            with lock:
+                failures.append(str(exc))
+            return
+        with lock:
+            if closed.is_set():
+                return
+            for obj in by_uri[uri]:
+                found: OnDisk = "ok"
+                if stamp is None:
+                    found = "missing"
+                elif obj.size is not None and stamp.size != obj.size:
+                    found = "changed on disk"
+                where = None if found == "ok" else uri
+                obj.sides[obj.at] = replace(obj.sides[obj.at], on_disk=found, video_path=where)
+
+    pool = ThreadPoolExecutor(max_workers=S3_LOOKUPS_AT_ONCE, thread_name_prefix="diff-head")
+    try:
+        _done, pending = wait([pool.submit(look, uri) for uri in by_uri], timeout=disk.lookup_seconds)
+    finally:
+        with lock:
+            closed.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+    if pending and not failures:
+        failures.append(f"not all looked up within {disk.lookup_seconds:g} s")
+    for obj in objects:
+        side = obj.sides[obj.at]
+        if side.on_disk is None:
+            obj.sides[obj.at] = replace(side, not_looked_up=True)
+    return failures[0] if failures else None
 
 
 def _name_input_differences(session: Session, batch_a: str, batch_b: str, pairs: list[Pair]) -> None:

@@ -836,10 +836,12 @@ class OutputStamp:
     changed_ns: int | None
 
 
-def output_stamp(output_path: str) -> OutputStamp | None:
+def output_stamp(output_path: str, *, quick: bool = False) -> OutputStamp | None:
     """The :class:`OutputStamp` of a recorded output (local path or ``s3://`` URI); None when it
     is gone (for a local output: anything but a regular file at its path, see
-    :func:`output_size`). :class:`OutputReadError` when S3 cannot be asked."""
+    :func:`output_size`). :class:`OutputReadError` when S3 cannot be asked. ``quick``: one try
+    with short timeouts (:func:`_client`), for a look that can do without an answer (``diff``'s
+    ``HEAD`` of each object)."""
     if not is_s3_url(output_path):
         try:
             info = Path(output_path).lstat()
@@ -851,7 +853,7 @@ def output_stamp(output_path: str) -> OutputStamp | None:
         return OutputStamp(info.st_size, version, False, max(info.st_mtime_ns, info.st_ctime_ns))
     bucket, key = _object(output_path)
     try:
-        head = _client().head_object(Bucket=bucket, Key=key)
+        head = _client(quick=quick).head_object(Bucket=bucket, Key=key)
     except Exception as exc:
         if _code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
