@@ -17,7 +17,7 @@ embedded ``run`` or the workers' leader counts, and the counts are the dispatche
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
@@ -59,11 +59,23 @@ class CapHold:
     #: every one applies the strictest (:mod:`jobs.account_limits`), so raising this process's
     #: own value frees nothing, and the note says so instead of advising it.
     others: tuple[str, ...] = ()
+    #: The jobs that count against the cap (summed once: ``status`` with no batch names one
+    #: hold, shared by hundreds of batches, for each of them).
+    total: int = field(init=False, repr=False, compare=False)
+    #: The batches of :attr:`holders`.
+    _held: frozenset[str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def total(self) -> int:
-        """The jobs that count against the cap."""
-        return sum(n for _id, _name, n in self.holders)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total", sum(n for _id, _name, n in self.holders))
+        object.__setattr__(self, "_held", frozenset(held_id for held_id, _name, _n in self.holders))
+
+    def holds(self, batch_id: str) -> bool:
+        """Whether ``batch_id``'s jobs count against the cap."""
+        return batch_id in self._held
+
+    def others_than(self, batch_id: str) -> int:
+        """How many other batches' jobs count against it."""
+        return len(self.holders) - self.holds(batch_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +174,7 @@ def cap_holds(session: Session, batch_id: str, scope: store.CapScope, check: Cap
     queue-wait back-off whenever it lets nothing go (:func:`queue_hold`).
     """
     return _cap_holds(
-        store.cap_holders(session, scope),
+        Held.of(store.cap_holders(session, scope)),
         batch_id,
         check,
         waiting=lambda: store.batch_endpoints(session, batch_id, [JobState.PENDING]),
@@ -221,8 +233,102 @@ def queue_hold(waits: store.QueueWaits | None, check: CapCheck) -> CapHold | Non
     )
 
 
+class Sums:
+    """``(batch id, name, endpoint, jobs)`` rows of one count (requests at fal, or downloads),
+    summed per batch for each cap (:func:`_per_batch`) once, each cap's :class:`CapHold` made
+    once: ``status`` with no batch asks the same caps for every active batch, and summing every
+    holder again for each of them made it quadratic (seconds at 500 active batches)."""
+
+    __slots__ = ("_holds", "rows")
+
+    def __init__(self, rows: Sequence[tuple[str, str, str, int]]) -> None:
+        self.rows = rows
+        self._holds: dict[tuple[object, ...], CapHold] = {}
+
+    def hold(self, kind: str, setting: str, limit: int, endpoint: str | None, check: CapCheck) -> CapHold:
+        """The :class:`CapHold` of the cap ``setting`` (of ``endpoint``, or every endpoint: None)
+        counting these rows, as ``check`` counts it."""
+        key = (kind, setting, limit, endpoint, check.distributed, check.others(setting))
+        found = self._holds.get(key)
+        if found is None:
+            rows = ((held_id, name, n) for held_id, name, at, n in self.rows if endpoint in (None, at))
+            distributed = check.distributed if kind == "outstanding" else False
+            others = check.others(setting) if kind == "outstanding" else ()
+            holders = _per_batch(rows)
+            found = CapHold(kind, setting, limit, holders, endpoint, distributed=distributed, others=others)
+            self._holds[key] = found
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The jobs that count against a scope's caps (:func:`jobs.store.cap_holders`' rows), split
+    into its requests at fal (the outstanding caps') and its downloads (the backlog's): what
+    :func:`_cap_holds` decides from. ``status`` with no batch shares the requests between the
+    batches whose scopes count the same ones (:class:`HeldByScope`)."""
+
+    requests: Sums
+    downloads: Sums
+
+    @classmethod
+    def of(cls, holders: Iterable[store.CapHolder]) -> Held:
+        rows = list(holders)
+        return cls(
+            Sums([(h.batch_id, h.name, h.endpoint, h.requests) for h in rows if h.requests]),
+            Sums([(h.batch_id, h.name, h.endpoint, h.downloads) for h in rows if h.downloads]),
+        )
+
+
+class HeldByScope:
+    """:class:`Held` of any scope from :func:`jobs.store.cap_counts` (every batch's in-flight
+    jobs, read once by ``status`` with no batch), as :func:`jobs.store.holders_in` picks a
+    scope's rows: the counts of a scope whose requests are every batch's (an embedded run's, the
+    workers') are summed once for all of them, and only the batch's own rows are read for the
+    rest (its downloads, a simulation's requests). Linear in the batches, not quadratic."""
+
+    def __init__(self, counts: Iterable[store.CapCounts]) -> None:
+        self.counts = list(counts)
+        self.by_batch: dict[str, list[store.CapCounts]] = {}
+        for c in self.counts:
+            self.by_batch.setdefault(c.batch_id, []).append(c)
+        self._shared: dict[tuple[object, ...], Sums] = {}
+
+    def held(self, scope: store.CapScope) -> Held:
+        """``scope``'s :class:`Held`: the same rows as ``Held.of(holders_in(counts, scope))``."""
+        return Held(self._requests(scope), self._downloads(scope))
+
+    def _of(self, batch_ids: frozenset[str] | None) -> Iterable[store.CapCounts]:
+        if batch_ids is None:
+            return self.counts
+        return [c for batch_id in sorted(batch_ids) for c in self.by_batch.get(batch_id, ())]
+
+    def _requests(self, scope: store.CapScope) -> Sums:
+        mode = "paid" if scope.every_key else "key" if scope.api_key_id is not None else "any"
+
+        def count(c: store.CapCounts) -> int:
+            return c.requests_paid if mode == "paid" else c.requests_with_key if mode == "key" else c.requests
+
+        return self._sums(("requests", mode), scope.requests_of, count)
+
+    def _downloads(self, scope: store.CapScope) -> Sums:
+        if scope.downloads_of is None:
+            return self._sums(("downloads", "paid"), None, lambda c: c.downloads_paid)
+        return self._sums(("downloads", "all"), scope.downloads_of, lambda c: c.downloads)
+
+    def _sums(
+        self, key: tuple[str, str], batch_ids: frozenset[str] | None, count: Callable[[store.CapCounts], int]
+    ) -> Sums:
+        """The rows of ``batch_ids`` (None: every batch's, summed once per ``key``)."""
+        if batch_ids is None and key in self._shared:
+            return self._shared[key]
+        found = Sums([(c.batch_id, c.name, c.endpoint, n) for c in self._of(batch_ids) if (n := count(c))])
+        if batch_ids is None:
+            self._shared[key] = found
+        return found
+
+
 def _cap_holds(
-    holders: Sequence[store.CapHolder],
+    held: Held,
     batch_id: str,
     check: CapCheck,
     *,
@@ -230,19 +336,16 @@ def _cap_holds(
     queue: Callable[[], store.QueueWaits | None] = lambda: None,
     ahead: Callable[[], tuple[tuple[str, str, int], ...]] = lambda: (),
 ) -> list[CapHold]:
-    """:func:`cap_holds` from the scope's ``holders``; ``waiting``: the endpoints of the batch's
+    """:func:`cap_holds` from the scope's ``held`` jobs; ``waiting``: the endpoints of the batch's
     pending jobs (asked only when there are per-endpoint caps); ``queue``: the queue-wait
     back-off's counts (asked only when no outstanding cap holds: that one goes first);
     ``ahead``: the normal-priority batches sent before the batch (:func:`normal_batches_ahead`,
     asked only as the workers count): while there are any, that is what holds it back, whatever
-    the outstanding caps."""
+    the outstanding caps. Each cap's hold is summed once per :class:`Sums` (shared between
+    batches by ``status`` with no batch), and nothing here reads every holder again."""
     holds: list[CapHold] = []
-    downloads = CapHold(
-        "downloads",
-        "WANBATCH_MAX_DOWNLOAD_BACKLOG",
-        check.download_backlog,
-        _per_batch((h.batch_id, h.name, h.downloads) for h in holders),
-    )
+    backlog = check.download_backlog
+    downloads = held.downloads.hold("downloads", "WANBATCH_MAX_DOWNLOAD_BACKLOG", backlog, None, check)
     if downloads.total >= downloads.limit:
         holds.append(downloads)
     if check.distributed and (normal := ahead()):
@@ -254,17 +357,8 @@ def _cap_holds(
             for e in sorted(waiting() & check.per_endpoint.keys())
         ]
     for setting, limit, endpoint in caps:
-        rows = ((h.batch_id, h.name, h.requests) for h in holders if endpoint in (None, h.endpoint))
-        requests = CapHold(
-            "outstanding",
-            setting,
-            limit,
-            _per_batch(rows),
-            endpoint,
-            distributed=check.distributed,
-            others=check.others(setting),
-        )
-        if requests.total >= limit and any(held != batch_id for held, _name, _n in requests.holders):
+        requests = held.requests.hold("outstanding", setting, limit, endpoint, check)
+        if requests.total >= limit and requests.others_than(batch_id):
             holds.append(requests)
     account = next((h for h in holds if h.kind == "outstanding" and h.endpoint is None), None)
     if account is None and (hold := queue_hold(queue(), check)) is not None:
@@ -319,28 +413,31 @@ def _cap_name(hold: CapHold) -> str:
 def _who(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
     """``7 of batch c, 3 of this batch`` (``7 of c, 3 of this batch`` when ``short``)."""
     parts = []
+    named = 0
     for held_id, name, n in hold.holders[:NAMED_HOLDERS]:
+        named += n
         if held_id == batch_id:
             parts.append(f"{n} of this batch")
         else:
             ref = shell_ref(name, held_id)
             parts.append(f"{n} of {ref}" if short else f"{n} of batch {ref}")
     rest = len(hold.holders) - NAMED_HOLDERS
-    if rest > 0:
-        parts.append(f"{sum(n for _i, _m, n in hold.holders[NAMED_HOLDERS:])} of {rest} more batch(es)")
+    if rest > 0:  # the rest's jobs from the total: not summed again for each batch shown
+        parts.append(f"{hold.total - named} of {rest} more batch(es)")
     return ", ".join(parts)
 
 
 def _names(hold: CapHold, batch_id: str, *, short: bool = False) -> str:
     """The batches of ``hold`` other than ``batch_id``, by name: ``batch c, batch d`` (``c, d``
     when ``short``), the first :data:`NAMED_HOLDERS` of them and how many more."""
-    others = [(held_id, name) for held_id, name, _n in hold.holders if held_id != batch_id]
-    parts = [
-        shell_ref(name, held_id) if short else f"batch {shell_ref(name, held_id)}"
-        for held_id, name in others[:NAMED_HOLDERS]
-    ]
-    if len(others) > NAMED_HOLDERS:
-        parts.append(f"{len(others) - NAMED_HOLDERS} more batch(es)")
+    # The first few others are among the first few holders (the batch itself is one at most):
+    # only those are read, and the others counted without a pass over every holder.
+    head = hold.holders[: NAMED_HOLDERS + 1]
+    others = [(held_id, name) for held_id, name, _n in head if held_id != batch_id][:NAMED_HOLDERS]
+    parts = [shell_ref(name, ref) if short else f"batch {shell_ref(name, ref)}" for ref, name in others]
+    more = hold.others_than(batch_id) - NAMED_HOLDERS
+    if more > 0:
+        parts.append(f"{more} more batch(es)")
     return ", ".join(parts)
 
 

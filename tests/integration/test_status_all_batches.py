@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, event, text, update
 
-from jobs import batches, db, store
+from jobs import batches, db, listing, store
 from jobs.batches import batch_report
 from jobs.cap_holds import CapCheck
 from jobs.models import Batch, BatchState, Job, utcnow
@@ -249,3 +250,73 @@ def test_status_makes_as_many_queries_for_many_batches_as_for_few(engine: Engine
     many = _statements(status_engine, lambda: batches.status(None, settings, CAPS))
     assert len(batches.status(None, settings, CAPS)) == 78
     assert many == few, (few, many)
+
+
+def test_the_cap_holders_are_summed_once_for_every_batch_not_once_per_batch(
+    engine: Engine, frozen: datetime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gap (scale audit): with the outstanding cap full, ``status`` with no batch names for
+    every active batch the batches whose requests fill it, and summed every holder again for
+    each of them: quadratic (2 s of 500 active batches' 8 s). The holders of a scope all the
+    batches share are now summed once; the notes are the one-batch reports' still."""
+    from jobs import cap_holds
+
+    summed: list[int] = []
+    per_batch = cap_holds._per_batch
+
+    def counting(rows: Any) -> Any:
+        rows = list(rows)
+        summed.append(len(rows))
+        return per_batch(rows)
+
+    monkeypatch.setattr(cap_holds, "_per_batch", counting)
+    settings = _settings(engine)
+    active = 24
+    for n in range(active):  # each with one request at fal (the cap is 2) and a job to send
+        batch_id = add_batch(engine, f"held-{n:02d}", [(T2V, {"prompt": f"p{n}-{i}"}) for i in range(2)])
+        _set(engine, _jobs(engine, batch_id)[:1], state=S.RUNNING, submitted_at=frozen, api_key_id=KEY_ID)
+    reports = batches.status(None, settings, CAPS)
+    assert all("the outstanding cap is full (24 of 2" in str(r["phase_reason"]) for r in reports)
+    # Each cap's holders once (the account's, and the endpoint's), and each batch's own
+    # downloads (none): was every holder for every batch, 2 × 24 × 24 rows.
+    assert sum(summed) <= 2 * active, summed
+    assert json.dumps(reports) == json.dumps(_old_status(settings, CAPS))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_totals_of_every_batch_are_read_from_an_index_alone(engine: Engine, frozen: datetime) -> None:
+    """The gap (scale audit): the counts and money of every batch (``status`` with no batch, the
+    dashboard's batch list) read every job's row, input and results included: 2.4 s at 400,000
+    jobs. On PostgreSQL the index on ``(batch_id, state, …)`` now holds every column they read
+    (migration 0052), so the planner can answer them from the index alone (an index-only scan,
+    which it chooses on a big table: ``bench/status_all.py``; on a few rows it reads anything)."""
+    _populate(engine, "a", frozen)
+    with db.read_scope(engine) as session:
+        ids = [b.id for b in store.list_batches(session)]
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with db.read_scope(engine) as session:
+            totals = listing.totals_of_batches(session, ids, now=frozen)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert sum(t.total for t in totals.values()) == 43
+    grouped = [s for s in seen if "GROUP BY jobs.batch_id, jobs.state" in s]
+    assert len(grouped) == 1
+    read = set(re.findall(r"\bjobs\.(\w+)", grouped[0]))
+    assert {"batch_id", "state", "est_usd", "actual_usd", "finished_at"} <= read
+    with engine.connect() as conn:
+        covered = set(
+            conn.execute(
+                text(
+                    "SELECT a.attname FROM pg_index i JOIN pg_attribute a "
+                    "ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+                    "WHERE i.indexrelid = 'ix_jobs_batch_id_state_order'::regclass"
+                )
+            ).scalars()
+        )
+    assert read <= covered, sorted(read - covered)
