@@ -13,7 +13,7 @@ Building it reads the jobs table once; a downgrade makes the narrower index agai
 
 Revision ID: 0052
 Revises: 0051
-Create Date: 2027-01-07 12:00:00
+Create Date: 2026-12-07 12:00:00
 """
 
 from __future__ import annotations
