@@ -68,6 +68,7 @@ from jobs.fs import (
     current_folder_gone_fix,
     file_kind,
     file_mode,
+    free_bytes_in,
     is_missing,
     lost_with_current_folder,
     name_problem,
@@ -347,14 +348,14 @@ class LocalOutputStore(OutputStore):
         return _probe_folder(self.root, "WANBATCH_OUTPUT_DIR", create=create)
 
     def free_bytes(self) -> int | None:
+        """What a write there meets (:func:`jobs.fs.free_bytes_in`, the one helper: root's
+        reserved blocks counted for root, as the doctor counts them; ``shutil.disk_usage``'s
+        ``free`` left them out, so a root worker's start-up warning saw 5 % less than it had)."""
         folder = self.root.resolve()
         # Not created yet (or not to be looked at): its disk is the parent's.
         while isinstance(file_kind(folder), OSError) and folder != folder.parent:
             folder = folder.parent
-        try:
-            return shutil.disk_usage(folder).free
-        except OSError:
-            return None
+        return free_bytes_in(folder)
 
     def video_dest(self, batch_name: str, item_index: int, job_id: str) -> Path:
         root, folder = outputs.placed_batch_dir(self.root, batch_name)

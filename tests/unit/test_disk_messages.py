@@ -272,3 +272,20 @@ def test_the_accept_loops_out_of_files_error_is_one_line_without_a_traceback(
         "the shell that starts wanbatch; LimitNOFILE= for a systemd service, ulimits: nofile for a "
         "container)"
     )
+
+
+def test_the_output_folders_free_space_is_the_one_helpers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``LocalOutputStore.free_bytes`` (the start-up warning that the output disk looks too
+    small) counts as :func:`jobs.fs.free_bytes_in` does, root's reserved blocks included for
+    root: it read ``shutil.disk_usage``'s ``free`` (``f_bavail`` only), 5 % of an ext4 disk less
+    than root may write, and disagreed with the doctor."""
+    from jobs import fs
+    from jobs.output_store import LocalOutputStore
+
+    monkeypatch.setattr(fs, "writes_as_root", lambda: True)
+    band = SimpleNamespace(f_bavail=10, f_bfree=4096 + 256, f_blocks=5_000_000, f_frsize=4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: band)
+    store = LocalOutputStore(tmp_path / "outputs" / "not-yet")  # not created: its parent's disk
+    assert store.free_bytes() == fs.free_bytes_in(tmp_path) == 256 * 4096
