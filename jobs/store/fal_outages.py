@@ -110,7 +110,12 @@ def end_fal_waits(
     owners' left out. How many.
 
     The backoff is the holding process's, stored on the job only so that no other process takes
-    it meanwhile: once no live hold covers it, it holds the job for nothing."""
+    it meanwhile: once no live hold covers it, it holds the job for nothing.
+
+    The hold's words on such a job (``error`` "held back: fal unreachable …") go with it, on the
+    jobs made due and on those already due or due later for something else (a schedule's next
+    window): a give-back that names no error of its own (the submit rate, the schedule) kept
+    them, and ``status`` said fal was unreachable until the job was sent."""
     hold = FalHold.__table__.alias("holds")
     # Not an EXISTS on batches: nested in ``covered``, it correlated to nothing (``FROM batches,
     # jobs``), so that one simulated batch anywhere made every ``*`` hold cover nothing.
@@ -120,18 +125,16 @@ def end_fal_waits(
         hold.c.owner.not_in(sorted(ended)),
         or_(hold.c.scope == _JOBS.c.batch_id, and_(hold.c.scope == EVERY_BATCH, ~simulated)),
     )
-    statement = (
+    held = [_JOBS.c.state == JobState.PENDING, _JOBS.c.error_type == FAL_UNREACHABLE, ~covered]
+    if batch_ids is not None:
+        held.append(_JOBS.c.batch_id.in_(sorted(batch_ids)))
+    no_error: dict[str, Any] = {"error": None, "error_type": None}
+    freed = (
         update(_JOBS)
-        .where(
-            _JOBS.c.state == JobState.PENDING,
-            _JOBS.c.error_type == FAL_UNREACHABLE,
-            _JOBS.c.next_attempt_at > now,
-            _JOBS.c.next_attempt_at <= now + longest,
-            ~covered,
-        )
-        .values(next_attempt_at=now)
+        .where(*held, _JOBS.c.next_attempt_at > now, _JOBS.c.next_attempt_at <= now + longest)
+        .values(next_attempt_at=now, **no_error)
         .execution_options(preserve_rowcount=True)
     )
-    if batch_ids is not None:
-        statement = statement.where(_JOBS.c.batch_id.in_(sorted(batch_ids)))
-    return int(cast(CursorResult[Any], session.execute(statement)).rowcount)
+    count = int(cast(CursorResult[Any], session.execute(freed)).rowcount)
+    session.execute(update(_JOBS).where(*held).values(**no_error))  # the rest: only the words go
+    return count

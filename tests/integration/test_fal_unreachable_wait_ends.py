@@ -16,11 +16,13 @@ wall-clock timing.
 
 from __future__ import annotations
 
+import importlib
 import socket
 import subprocess
 import sys
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import Engine, select, update
 
 from jobs import db, store
@@ -241,3 +243,65 @@ def test_a_live_worker_hold_keeps_every_batch_waiting_but_a_simulated_one(engine
     assert freed == 1
     assert _waits(engine, simulated) <= 0
     assert _waits(engine, held) > LONGEST_PAUSE_SECONDS / 4  # the worker still holds it
+
+
+def test_the_holds_words_leave_the_job_when_the_hold_ends(
+    engine: Engine, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job given back while fal was unreachable carries the hold's words (``error`` "held back:
+    fal unreachable …"). They stayed once the hold ended, until the job was sent: the give-back
+    that often comes next (the submit rate, busy as every held job is due at once) names no error
+    of its own, and ``status`` went on saying fal was unreachable. They go with the hold, from a
+    job made due and from one already due alike; a live hold elsewhere keeps its job's."""
+    port = hostile.port
+    hostile.close()
+    batch_id = add_batch(engine, "unreach-words", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
+    run = make_runtime(engine, settings_for(f"http://127.0.0.1:{port}", KEY), batch_ids=frozenset({batch_id}))
+    try:
+        _held_long(run)
+        (job_id,) = dispatch(run)  # only the probe is claimed
+        assert submit(run, job_id) == "fal-unreachable"
+        assert _error(engine, job_id)[1] == FAL_UNREACHABLE
+        (due,) = _jobs_of(engine, batch_id) - {job_id}
+        _held_back(engine, due, -1)  # given back by the hold earlier, due already
+    finally:
+        close_runtime(run)  # the hold ends
+    assert _error(engine, job_id) == (None, None)
+    assert _error(engine, due) == (None, None)
+
+    submit_step = importlib.import_module("worker.steps.submit")
+    busy = ("held back by the submit rate for 5.00s", 5.0)
+    monkeypatch.setattr(submit_step, "_take_submit_token", lambda _rt, _endpoint: busy)
+    with HostileProvider() as fal:
+        accept_submits(fal, RID, T2V)
+        again = make_runtime(engine, settings_for(fal.url, KEY), batch_ids=frozenset({batch_id}))
+        try:
+            assert sorted(dispatch(again)) == sorted([job_id, due])
+            assert [submit(again, j) for j in (job_id, due)] == ["rate-limited"] * 2
+        finally:
+            close_runtime(again)
+    assert _error(engine, job_id) == (None, None)  # what status says of it: no stale outage
+
+    other = add_batch(engine, "unreach-words-theirs", [(T2V, {"prompt": "c"})])
+    (theirs,) = _jobs_of(engine, other)
+    _held_back(engine, theirs, -1)
+    now = utcnow()
+    with db.session_scope(engine) as session:  # another host's run of it, holding now
+        store.hold_fal(
+            session,
+            "worker-9:4242:",
+            [other],
+            since=now,
+            next_probe_at=now,
+            pause_seconds=LONGEST_PAUSE_SECONDS,
+            error="could not connect (ConnectError): [Errno 111] Connection refused",
+            now=now,
+        )
+        store.end_fal_waits(
+            session,
+            None,
+            now=now,
+            longest=timedelta(seconds=LONGEST_PAUSE_SECONDS),
+            live_since=now - timedelta(seconds=FAL_HOLD_STALE_SECONDS),
+        )
+    assert _error(engine, theirs) == ("held back: fal unreachable", FAL_UNREACHABLE)
