@@ -85,29 +85,39 @@ def test_a_step_that_meets_the_stop_records_no_send_a_failed_give_back_could_str
     assert (job.state, job.error_type, job.attempts) == (JobState.PENDING, None, 0)
 
 
-def test_a_stop_that_comes_as_the_send_is_recorded_still_sends_nothing(
+def test_a_stop_that_comes_as_the_send_is_recorded_leaves_no_unsent_job_possibly_billed(
     engine: Engine, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The stop lands between the step's record of its send and its POST: the POST does not go,
-    and the give-back clears that record (the job reads as never sent, its attempt uncounted)."""
-    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "never-used"}))
-    batch_id = add_batch(engine, "stopping-late", [(T2V, {"prompt": "a kite over dunes"})])
+    """The stop lands after the step's last look at it and before its send's record commits,
+    and the database refuses the give-back (it stops answering as the run stops). The step
+    found the run stopped only after its record (``sending()`` None) and gave the job back
+    then: that give-back failing left the job ``submitting`` with its input and ``sent_at``
+    recorded though nothing went to fal, failed ``submit_unknown`` ("possibly billed") by the
+    next run's reconciler, and paid for by ``rerun --failed-only``. Now the step's send is under
+    way (counted in flight, for the stop to wait for) from before its record: a stop that comes
+    later lets that POST go, and its answer is recorded; never a recorded send that did not go."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "a1b2c3d4-0000-4000-8000-000000000001"}))
+    batch_id = add_batch(engine, "stopping-mid-record", [(T2V, {"prompt": "a kite over dunes"})])
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
     real_record_send = store.record_send
+    in_flight: list[int] = []
 
-    def recorded_then_stopped(*args: Any, **kwargs: Any) -> Any:
-        taken = real_record_send(*args, **kwargs)
-        rt.unrecorded.stop_sending()  # Ctrl-C, right after the send was recorded
-        return taken
+    def stopped_then_recorded(*args: Any, **kwargs: Any) -> Any:
+        in_flight.append(rt.unrecorded.stop_sending())  # Ctrl-C, before the record commits
+        return real_record_send(*args, **kwargs)
+
+    def unavailable(*_args: Any, **_kwargs: Any) -> bool:
+        raise OperationalError("UPDATE jobs", {}, Exception("connection refused"))
 
     try:
         (job_id,) = dispatch(rt)
-        monkeypatch.setattr(store, "record_send", recorded_then_stopped)
-        assert submit(rt, job_id) == "stopped"
+        monkeypatch.setattr(store, "record_send", stopped_then_recorded)
+        monkeypatch.setattr(store, "give_back", unavailable)
+        assert submit(rt, job_id) == "submitted"
     finally:
         rt.client.close()
-    assert hostile.count("POST", rf"/{T2V}") == 0
+    assert in_flight == [1]  # the stop waits for its answer (worker.running._wait_for_answers)
+    assert hostile.count("POST", rf"/{T2V}") == 1
     with db.read_scope(engine) as session:
         (job,) = store.jobs_of_batch(session, batch_id)
-    unsent = (job.state, job.submitted_input, job.sent_at, job.lease_owner, job.attempts)
-    assert unsent == (JobState.PENDING, None, None, None, 0)
+    assert (job.state, job.request_id) == (JobState.QUEUED, "a1b2c3d4-0000-4000-8000-000000000001")

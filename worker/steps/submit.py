@@ -16,9 +16,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import Engine
@@ -277,51 +278,25 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if _given_back_for_rate(rt, fence, endpoint):
         return "rate-limited"
     granted = time.monotonic()
-    if rt.unrecorded.stopped:  # the run stops: nothing new is sent, nor recorded as sent
-        return _stopped(rt, fence)
-
-    # Record what we are about to send, and when, before the POST goes out: if this process
-    # dies from here on, the reconciler knows the submit's outcome is unknown, and a lost answer
-    # counts the money it may have cost under the day it was sent (``sent_at``).
-    # record_send (a take_lease) bumps the version: of two copies of this message, exactly one
-    # gets here. A resend of an unknown submit counts as a possible duplicate charge here, as it is sent.
-    with db.session_scope(rt.engine) as session:
-        sent_at = utcnow()
-        taken = store.record_send(
-            session,
-            fence,
-            now=sent_at,
-            lease_seconds=rt.settings.lease_seconds,
-            submitted_input=to_send,
-            sent_at=sent_at,
-            api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
-            fal_origin=rt.queue_origin,  # the queue it goes to: only a process of that queue asks about it
-            # What fal's request_timeout of it is judged by, whatever the schedule becomes.
-            start_timeout_at=closes,
-        )
-    if taken is None:
-        return "lost-lease"
-    fence = taken
-    if time.monotonic() - granted > stale_grant_seconds(rt.settings):
-        # Recording the lease stalled (a checkpoint, a busy disk): other workers' grants went out
-        # meanwhile, and sending on this old one would bunch submits into one of fal's windows.
-        telemetry.count_limiter_wait("stale")
-        if _given_back_for_rate(rt, fence, endpoint):
-            return "rate-limited"
-
-    # The start timeout again, from the moment of sending: preparing media, waiting for a rate
-    # token and recording the lease all took time, and fal counts the timeout from receipt.
-    if closes is not None:
-        start_timeout = (closes - utcnow()).total_seconds()
-        if start_timeout < MIN_START_TIMEOUT_SECONDS:
-            return _hold_for_schedule(rt, fence, schedule)
-
-    chaos.crash_point("before_post")
-    # In flight until its answer is held (Unrecorded.recording): a process ending without the
-    # database waits for it before journalling what fal accepted (worker.running.hung_words).
+    # From here on the POST is under way (counted in flight, so that a stopping run waits for
+    # its answer): asked before the send is recorded, in one step with the stop
+    # (Unrecorded.sending), never after. A step that met the stop only once its send was
+    # recorded had to give its job back to undo that record; a give-back that did not land (the
+    # database gone as the run stopped) left the job reading "its POST may be out", failed
+    # submit_unknown ("possibly billed") by the next run though nothing went.
     sent = rt.unrecorded.sending()
-    if sent is None:  # the run stopped since the look above (its POSTs already out are waited for)
+    if sent is None:  # the run stops: nothing new is sent, nor recorded as sent
         return _stopped(rt, fence)
+    try:
+        ready = _record_send(rt, fence, ticket, to_send, closes, granted)
+        if isinstance(ready, str):  # given back (or lost) before the POST: nothing in flight
+            sent.end()
+            return ready
+        fence, start_timeout = ready
+        chaos.crash_point("before_post")
+    except BaseException:
+        sent.end()
+        raise
     try:
         try:
             # The lease is renewed while fal's answer is awaited: a POST may take longer than the
@@ -406,6 +381,56 @@ def _submit(rt: Runtime, job_id: str) -> str:
             batch_id,
         )
     return outcome
+
+
+def _record_send(
+    rt: Runtime,
+    fence: Fence,
+    ticket: SubmitTicket,
+    to_send: dict[str, Any],
+    closes: datetime | None,
+    granted: float,
+) -> tuple[Fence, float | None] | str:
+    """Record what is about to be sent, and when, before the POST goes out; the lease's fence
+    and fal's start timeout to send with, or what became of the job instead (it lost its lease,
+    or went back ``pending`` unsent: a stale rate grant, its schedule's window too near its end).
+
+    If this process dies from here on, the reconciler knows the submit's outcome is unknown, and
+    a lost answer counts the money it may have cost under the day it was sent (``sent_at``).
+    record_send (a take_lease) bumps the version: of two copies of this message, exactly one
+    gets here. A resend of an unknown submit counts as a possible duplicate charge here, as it is sent."""
+    endpoint = ticket.endpoint
+    with db.session_scope(rt.engine) as session:
+        sent_at = utcnow()
+        taken = store.record_send(
+            session,
+            fence,
+            now=sent_at,
+            lease_seconds=rt.settings.lease_seconds,
+            submitted_input=to_send,
+            sent_at=sent_at,
+            api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
+            fal_origin=rt.queue_origin,  # the queue it goes to: only a process of that queue asks about it
+            # What fal's request_timeout of it is judged by, whatever the schedule becomes.
+            start_timeout_at=closes,
+        )
+    if taken is None:
+        return "lost-lease"
+    if time.monotonic() - granted > stale_grant_seconds(rt.settings):
+        # Recording the lease stalled (a checkpoint, a busy disk): other workers' grants went out
+        # meanwhile, and sending on this old one would bunch submits into one of fal's windows.
+        telemetry.count_limiter_wait("stale")
+        if _given_back_for_rate(rt, taken, endpoint):
+            return "rate-limited"
+
+    # The start timeout again, from the moment of sending: preparing media, waiting for a rate
+    # token and recording the lease all took time, and fal counts the timeout from receipt.
+    if closes is None:
+        return taken, None
+    start_timeout = (closes - utcnow()).total_seconds()
+    if start_timeout < MIN_START_TIMEOUT_SECONDS:
+        return _hold_for_schedule(rt, taken, ticket.schedule)
+    return taken, start_timeout
 
 
 def _rate_limited(exc: ProviderError) -> bool:
@@ -499,10 +524,10 @@ def _stopped(rt: Runtime, fence: Fence) -> str:
     """The run stops (:meth:`~worker.steps.unrecorded.Unrecorded.stop_sending`): the job goes
     back unsent, due at once for the next run, its attempt not counted.
 
-    Asked before the send is recorded as well as right before the POST: a job whose send was
-    recorded reads "its POST may be out" until this give-back lands, and one that does not
-    (the database stopped answering as the run stopped, or the process ended first) was failed
-    ``submit_unknown`` by the next run's reconciler, possibly billed, though nothing went."""
+    Only ever before the send is recorded (:meth:`~worker.steps.unrecorded.Unrecorded.sending`
+    is asked first): should this give-back not land (the database stopped answering as the run
+    stopped, or the process ended first), the job reads as claimed but never sent, and the next
+    run's reconciler sends it again — never ``submit_unknown``, "possibly billed"."""
     with db.session_scope(rt.engine) as session:
         store.give_back(session, fence, reason=STOPPED_BEFORE_SENDING, due_at=in_seconds(0))
     return "stopped"

@@ -434,14 +434,19 @@ class Unrecorded:
         return self._steps > 0
 
     def sending(self) -> Sending | None:
-        """A submit POST goes to fal now: counted in flight until its :meth:`Sending.end` — once
-        its answer is held here (:meth:`recording`), or it failed — so that a process ending
-        without the database waits for its answer before keeping what fal accepted
-        (:meth:`wait_for_sends`): an answer that arrives after the journal is written is lost.
+        """A submit POST is under way, from before its send is recorded (so that a send is
+        recorded only once nothing stops it any more: a stop can no longer come between that
+        record and the POST, leaving a job that reads "its POST may be out" though nothing
+        went): counted in flight until its :meth:`Sending.end` — once its answer is held here
+        (:meth:`recording`), or it failed, or the step gave its job back before the POST — so
+        that a process ending without the database waits for its answer before keeping what
+        fal accepted (:meth:`wait_for_sends`): an answer that arrives after the journal is
+        written is lost.
 
-        None once the run stops (:meth:`stop_sending`): the POST must not go. A stopping run
-        waits for the answers of those already sent, and a step that got past its lease while
-        that wait began would otherwise send a new one, billed, that nobody waits for."""
+        None once the run stops (:meth:`stop_sending`): the send must not be recorded, nor the
+        POST go. A stopping run waits for the answers of those already under way, and a step
+        that got past its lease while that wait began would otherwise send a new one, billed,
+        that nobody waits for."""
         with self._lock:
             if self._closed:
                 return None
@@ -454,12 +459,6 @@ class Unrecorded:
         with self._lock:
             self._closed = True
             return self._posting
-
-    @property
-    def stopped(self) -> bool:
-        """Whether the run stops (:meth:`stop_sending`): a submit step asks before it records
-        its send, so that one meeting the stop leaves no "POST may be out" behind it."""
-        return self._closed
 
     def in_flight_unlocked(self) -> int:
         """:meth:`in_flight` without taking the lock, for a signal handler: the thread it
