@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from worker.conductor import Conductor
+    from worker.embedded import InProcessWorker
     from worker.steps import Runtime
     from worker.steps.cancel_tries import GivenUp
 
@@ -1278,9 +1279,7 @@ def _process_embedded(
                 _watch(batch_id, settings, console, show_progress, stats, conductor=conductor, again=again)
             except _Stop:
                 abandoned = True
-                worker.abandon()  # a step that starts from now on does nothing
-                conductor.close()
-                _stop_output_writes(rt)  # no temporary output file left behind
+                _stop_steps(rt, worker, conductor)
                 _wait_for_answers(rt, console)  # what fal accepted is recorded, not left unknown
                 # Accepted ids the database could not take (its disk is full) stay in the journal.
                 lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
@@ -1295,9 +1294,7 @@ def _process_embedded(
                 # The database stayed away past a lease: stop as Ctrl-C does, giving back what
                 # can still be given back, and say so in one line (exit 2), never "internal error".
                 abandoned = True
-                worker.abandon()
-                conductor.close()
-                _stop_output_writes(rt)
+                _stop_steps(rt, worker, conductor)
                 given_back = _give_back(rt, batch_id, stopped="stopped")
                 raise DatabaseUnavailableError(
                     f"{exc}; {given_back}; run the same command again once the database answers, to resume"
@@ -1306,9 +1303,7 @@ def _process_embedded(
                 if not db.is_disk_full(exc):
                     raise
                 abandoned = True
-                worker.abandon()
-                conductor.close()
-                _stop_output_writes(rt)  # before: `.…mp4.v5-….part` files left for the next run
+                _stop_steps(rt, worker, conductor)
                 raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
@@ -1317,6 +1312,21 @@ def _process_embedded(
         _stopping.runtime = None
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
+
+
+def _stop_steps(rt: Runtime, worker: InProcessWorker, conductor: Conductor) -> None:
+    """What every stop of an embedded run does first, whatever stopped it (Ctrl-C or SIGTERM,
+    its database gone past a lease, its database's disk full): no submit POST goes out from now
+    on (:meth:`~worker.steps.unrecorded.Unrecorded.stop_sending`: a step under way gives its job
+    back unsent), no step starts, the conductor stops, and the downloads under way stop, each
+    removing its temporary file (``.…mp4.v5-….part`` files were left for the next run).
+
+    Only Ctrl-C stopped sending: a submit step already past the worker's abandon check when the
+    database stopped the run went on to POST — billed, after the run had decided to stop."""
+    rt.unrecorded.stop_sending()
+    worker.abandon()  # a step that starts from now on does nothing
+    conductor.close()
+    _stop_output_writes(rt)
 
 
 def _wait_for_answers(rt: Runtime, console: Console) -> int:

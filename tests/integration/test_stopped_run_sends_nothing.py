@@ -8,6 +8,8 @@ nobody waiting for its answer. It gives its job back unsent instead, due at once
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,11 +17,16 @@ from sqlalchemy import Engine, update
 from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
+from jobs.errors import WanbatchError
 from jobs.models import Job, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider, json_reply
 from tests.step_runtime import add_batch, make_runtime, settings_for
-from worker.steps import dispatch, submit
+from worker import running
+from worker.conductor import Conductor
+from worker.db_outage import DatabaseUnavailableError
+from worker.runtime import close_runtime
+from worker.steps import Runtime, dispatch, submit
 from worker.steps.reconcile import reconcile
 
 T2V = "fal-ai/wan-22"
@@ -121,3 +128,56 @@ def test_a_stop_that_comes_as_the_send_is_recorded_leaves_no_unsent_job_possibly
     with db.read_scope(engine) as session:
         (job,) = store.jobs_of_batch(session, batch_id)
     assert (job.state, job.request_id) == (JobState.QUEUED, "a1b2c3d4-0000-4000-8000-000000000001")
+
+
+def _sqlite_full() -> sqlite3.OperationalError:
+    """SQLite's own SQLITE_FULL: a write past ``max_page_count``."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.execute("CREATE TABLE t (b BLOB)")
+        conn.execute("PRAGMA max_page_count = 1")
+        with pytest.raises(sqlite3.OperationalError) as raised:
+            conn.execute("INSERT INTO t VALUES (zeroblob(100000))")
+        return raised.value
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stop", ["database-gone", "disk-full"])
+def test_a_run_stopped_by_its_database_sends_nothing_more_either(
+    engine: Engine,
+    db_url: str,
+    tmp_path: Path,
+    hostile: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+) -> None:
+    """A run that stops because its database stayed away past a lease (or its disk filled)
+    abandons its steps as Ctrl-C does, but only Ctrl-C stopped sending: a submit step already
+    under way (past the worker's abandon check) went on to POST — billed, after the run had
+    decided to stop, for a job whose record the gone database could not take. Every stop path
+    stops sending first now."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "b2c3d4e5-0000-4000-8000-000000000002"}))
+    batch_id = add_batch(engine, "stopped-by-db", [(T2V, {"prompt": "a tram at night"})])
+    settings = settings_for(hostile.url, KEY, database_url=db_url, output_dir=tmp_path / "out")
+    runtimes: list[Runtime] = []
+
+    def database_stops(*_args: Any, conductor: Conductor | None = None, **_kwargs: Any) -> None:
+        assert conductor is not None
+        runtimes.append(conductor.rt)
+        if stop == "disk-full":
+            raise OperationalError("UPDATE jobs", {}, _sqlite_full())
+        raise DatabaseUnavailableError("the database did not answer for 130s")
+
+    monkeypatch.setattr(running, "_watch", database_stops)
+    monkeypatch.setattr(running, "_give_back", lambda *_args, **_kwargs: "nothing given back")
+    with pytest.raises(WanbatchError):
+        running.process_batch(batch_id, settings, show_progress=False, serve_metrics=False)
+    (rt,) = runtimes
+    try:
+        rt.unrecorded.writable()  # (the full disk's mark) the step below meets the stop, not it
+        (job_id,) = dispatch(rt)  # a step under way as the run stopped: it had claimed its job
+        assert submit(rt, job_id) == "stopped"
+    finally:
+        close_runtime(rt)
+    assert hostile.count("POST", rf"/{T2V}") == 0
