@@ -220,7 +220,9 @@ class _WorkerRun:
     def run(self, *, pool: str, concurrency: int | None, loglevel: str, node_name: str) -> None:
         """Run Celery's worker until it returns, then stop what it left running, however it ended."""
         from worker.app import run_worker
+        from worker.steps.output_writes import share_warm_shutdown
 
+        share_warm_shutdown()  # before the pool forks: its children hear the warm shutdown by it
         quiet = self.settings.log_format == "json"  # no banner amid JSON lines
         streams = sys.stdout, sys.stderr  # Celery makes them log records ("celery.redirected")
         try:
@@ -289,16 +291,20 @@ class _WorkerRun:
         """A stop signal (``worker_shutting_down``): the worker was asked to stop, and a stop that
         a database which does not answer holds back ends anyway (:attr:`stop_watch`). The warm
         shutdown lets the running tasks finish; a task that only waits for what it can do
-        without ends its wait (:meth:`~worker.steps.output_writes.OutputWrites.end_waits`)."""
+        without ends its wait (:meth:`~worker.steps.output_writes.OutputWrites.end_waits`), in
+        this process and in each prefork child, which never hears the signal itself
+        (:func:`~worker.steps.output_writes.say_warm_shutdown`)."""
         from worker import tasks
         from worker.running import say_sends_awaited
+        from worker.steps.output_writes import say_warm_shutdown
 
         self.asked_to_stop.append(sig)
         if self.stop_watch.ident is None:  # the first signal: a second one (cold shutdown) too
             self.stop_watch.start()
+            say_warm_shutdown()  # a prefork child's waits end at their next look
             rt = tasks.built_runtime()
             say_sends_awaited(rt)  # what the warm shutdown waits for, said once
-            if rt is not None:  # and what it need not wait for ends (a prefork child's: not reached)
+            if rt is not None:  # and what it need not wait for ends
                 rt.output_writes.end_waits()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import shutil
 import sqlite3
 import threading
@@ -35,7 +36,7 @@ from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, w
 from worker import chaos, tasks
 from worker.celery_worker import _WorkerRun
 from worker.running import HangWatch
-from worker.steps import Runtime, dispatch, download, poll, submit
+from worker.steps import Runtime, dispatch, download, output_writes, poll, submit
 from worker.steps.download import RECORDED_ELSEWHERE_POLL, _withdraw_copy, _withdraw_if_stored_elsewhere
 
 KEY = "fenced-store-key-51c0"
@@ -379,3 +380,45 @@ def test_the_recorded_output_under_another_path_is_never_withdrawn(
     _withdraw_if_stored_elsewhere(rt, job_id, video, {"request_id": "r1"}, sha)
     assert video.is_file()
     assert recorded.read_bytes() == b"video"
+
+
+def test_a_prefork_childs_wait_for_the_jobs_record_ends_at_the_workers_warm_shutdown(
+    engine: Engine, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--pool prefork`` the try runs in a child process, whose runtime is its own: the
+    main process's warm shutdown (SIGTERM: Celery's children ignore SIGINT and get nothing; the
+    main process closes the pool and waits for each child's running task) ended the waits of
+    its own runtime only, and a child's try that had lost its lease still waited up to
+    WANBATCH_LEASE_SECONDS for the job's record, the warm shutdown with it. The child is forked
+    as Celery's pool forks it, after the worker shared its stop with its children."""
+    monkeypatch.setattr(output_writes, "_warm_shutdown", None)  # this process's, put back after
+    batch_id = add_batch(engine, "steps", [("fal-ai/wan-22", {"prompt": "a paper boat"})])
+    (job_id,) = job_ids(engine, batch_id)
+    with db.session_scope(engine) as session:  # completed at fal; its new holder still fetching
+        for was, now in [(S.PENDING, S.SUBMITTING), (S.SUBMITTING, S.QUEUED), (S.QUEUED, S.DOWNLOADING)]:
+            assert store.transition(session, job_id, was, now, request_id="r1")
+    video = tmp_path / "000000-j.mp4"
+    video.write_bytes(b"video")
+    output_writes.share_warm_shutdown()  # the worker, before its pool forks
+
+    def child() -> None:  # a prefork child's task: its own engine and runtime
+        rt = make_runtime(db.make_engine(db_url), settings_for("http://127.0.0.1:9", KEY, lease_seconds=60))
+        _withdraw_if_stored_elsewhere(rt, job_id, video, {"request_id": "r1"}, "ab")
+
+    forked = multiprocessing.get_context("fork").Process(target=child, daemon=True)
+    forked.start()
+    try:
+        time.sleep(2 * RECORDED_ELSEWHERE_POLL)
+        assert forked.is_alive()  # waiting for the job's record
+        worker = object.__new__(_WorkerRun)  # the main process's signal receiver, at SIGTERM
+        worker.asked_to_stop = []
+        worker.stop_watch = cast(HangWatch, SimpleNamespace(ident=None, start=lambda: None))
+        worker.by_signal("SIGTERM")  # the main process has no runtime of its own here
+        forked.join(10)
+        assert not forked.is_alive()  # not the lease's 60 s
+        assert forked.exitcode == 0
+    finally:
+        if forked.is_alive():
+            forked.kill()
+            forked.join(5)
+    assert video.is_file()  # nothing recorded: the pair stays

@@ -950,7 +950,7 @@ def _withdraw_if_stored_elsewhere(
             break
         if job.state in TERMINAL_STATES or time.monotonic() >= give_up:
             return
-        if rt.output_writes.ending.wait(RECORDED_ELSEWHERE_POLL):  # a run's stop, a warm shutdown
+        if rt.output_writes.ended(RECORDED_ELSEWHERE_POLL):  # a run's stop, a warm shutdown (a child's too)
             return
     if job.output_path is None or job.output_sha256 != sha256 or _may_be(job.output_path, video):
         return  # the new holder took this very video (it is the job's output), or another one

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,42 @@ from jobs.errors import StateConflict
 
 #: How often :meth:`OutputWrites.stop` looks whether the downloads under way have ended.
 _LOOK_SECONDS = 0.05
+
+
+#: A ``wanbatch worker``'s warm shutdown as its prefork children see it (:func:`share_warm_shutdown`):
+#: one byte of memory shared with them, 1 once the main process was asked to stop.
+_warm_shutdown: mmap.mmap | None = None
+
+
+def share_warm_shutdown() -> None:
+    """In a ``wanbatch worker``'s main process, before Celery's pool forks its children: a fresh
+    byte of memory they will share with it, for :func:`say_warm_shutdown` to set.
+
+    A prefork child never hears of its worker's warm shutdown: Celery's children ignore SIGINT
+    and SIGTERM goes to the main process alone, which closes the pool and waits for each child's
+    running task (``celery/concurrency/prefork.py``: ``WORKER_SIGIGNORE``, ``TaskPool.on_stop``;
+    https://docs.celeryq.dev/en/stable/userguide/workers.html#stopping-the-worker). Its runtime
+    is its own, so the main process's :meth:`OutputWrites.end_waits` did not reach it: a try of
+    its that had lost its lease waited up to ``WANBATCH_LEASE_SECONDS`` for the job's record, and
+    the warm shutdown with it. An anonymous mapping is shared across ``fork``
+    (https://docs.python.org/3/library/mmap.html: ``MAP_SHARED`` by default), and setting or
+    reading one byte of it takes no lock: safe in a signal handler, never stuck on a child that
+    died holding one."""
+    global _warm_shutdown
+    _warm_shutdown = mmap.mmap(-1, 1)
+
+
+def say_warm_shutdown() -> None:
+    """The worker was asked to stop: its prefork children's waits end at their next look
+    (:meth:`OutputWrites.ended`). Safe from a signal handler; nothing without
+    :func:`share_warm_shutdown` (a ``run``, a threads-pool worker's own runtime hears it directly)."""
+    if _warm_shutdown is not None:
+        _warm_shutdown[0] = 1
+
+
+def _warm_shutdown_said() -> bool:
+    """Whether this process's worker (its main process, for a prefork child) was asked to stop."""
+    return _warm_shutdown is not None and _warm_shutdown[0] == 1
 
 
 class RunStopped(StateConflict):
@@ -94,6 +131,15 @@ class OutputWrites:
         """The process stops, letting its downloads finish (a worker's warm shutdown): the steps
         that only wait end their waits (:attr:`ending`). Safe from a signal handler."""
         self.ending.set()
+
+    def ended(self, within: float) -> bool:
+        """Whether the process stops under control (:attr:`ending`), waiting up to ``within``
+        seconds for it: for a step that only waits for something it can do without, looking
+        again every ``within``. A prefork child also hears its worker's warm shutdown here (said
+        by the main process: :func:`say_warm_shutdown`), at its next look."""
+        if _warm_shutdown_said():
+            self.ending.set()
+        return self.ending.wait(within) or _warm_shutdown_said()
 
     def stop(self, grace: float) -> int:
         """The run stops: every download under way stops at its next chunk (removing its own
