@@ -33,6 +33,7 @@ from worker.here import queue_origin
 from worker.limits import LocalGCRA, RedisGCRA, SubmitLimiter, api_key_id, limiter_for
 from worker.outage_log import HoldLog
 from worker.steps.cancel_tries import CancelTries
+from worker.steps.dead_inputs import DeadInputs
 from worker.steps.download_reach import DownloadReach, DownloadTrouble
 from worker.steps.fal_reach import FalReach, Hold
 from worker.steps.held import HeldMarks
@@ -404,6 +405,9 @@ class Runtime:
     #: Requests sent with another API key that fal told this key it does not know (or refused):
     #: :mod:`worker.steps.other_key`. A run ends once only such requests are left.
     other_keys: OtherKeys = field(default_factory=OtherKeys)
+    #: Input URLs fal said it could not download (a user's URL that died, an upload fal's storage
+    #: dropped): the jobs not sent yet that carry one are not sent with it (:mod:`worker.steps.dead_inputs`).
+    dead_inputs: DeadInputs = field(default_factory=DeadInputs)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ from jobs.processes import process_prefix
 from jobs.settings import RetrySettings, Settings
 from jobs.states import JobState
 from jobs.store import Fence
+from jobs.url_secrets import masked_url
 from worker import telemetry
 from worker.fal.errors import ResultExpiredError, error_type_or_none, format_detail
 from worker.fal.models import request_id_or_none
@@ -29,6 +31,7 @@ from worker.fal.results import fetched_fields
 from worker.limits import api_key_id
 from worker.steps.accounts import signed_by_us
 from worker.steps.context import Runtime, in_seconds
+from worker.steps.dead_inputs import INPUT_UNREACHABLE, DeadInput
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def settle(session: Session, rt: Runtime, fence: Fence, exc: ProviderError, **co
     reason = describe(exc)
     telemetry.count_provider_error(exc)
     if not isinstance(exc, RetryableProviderError):
-        gone = _forget_dead_uploads(session, fence.job_id, exc)
+        gone = _note_unreachable(session, rt, fence.job_id, exc)
         if gone and _upload_again(session, rt, fence, exc, gone, reason, cost):
             return "retry"
         if gone:
@@ -140,9 +143,14 @@ def _ended(failed: bool) -> str:
     return "failed" if failed else "lost-lease"
 
 
-# ------------------------------------------------------------------ uploads fal's storage dropped
+# ------------------------------------------------------------------ input URLs fal could not download
 
-#: fal's words for a media URL its model could not fetch (a 422's field error).
+#: fal's error type for a media input its model could not download. fal's error items carry
+#: ``loc`` (the field), ``msg`` (for people: "client code should not parse and rely on" it) and
+#: ``type`` ("use this for conditional logic"): https://docs.fal.ai/errors.
+DOWNLOAD_ERROR_TYPE = "file_download_error"
+#: fal's words for it, read only in an item without that type (the same page warns that some of
+#: fal's APIs do not follow that structure yet).
 _DOWNLOAD_FAILED = "Failed to download the file"
 #: Why a job's upload is forgotten, in its retry's reason or its error (the retry's event
 #: carries ``{"upload_gone": [urls]}``: a job is sent again for it once).
@@ -161,44 +169,102 @@ def _texts(value: object) -> Iterator[str]:
             yield from _texts(item)
 
 
+@dataclass(frozen=True, slots=True)
+class SentMedia:
+    """One media value an attempt sent as a URL."""
+
+    #: The field (``image_url``), with the item's index for a list field (``image_urls[1]``).
+    field: str
+    name: str
+    index: int | None
+    url: str
+    #: Sent in place of a local file: wanbatch's upload, from the cache or new.
+    upload: bool
+
+
+def sent_media(endpoint: str, stored: Mapping[str, Any], sent: Mapping[str, Any] | None) -> list[SentMedia]:
+    """The media values of an input as ``sent`` (``stored``: the job's input as validated) that
+    went as URLs, each marked as an upload when the stored value is a local file."""
+    found: list[SentMedia] = []
+    for fld in get_endpoint(endpoint).media_fields:
+        raw, out = stored.get(fld.name), (sent or {}).get(fld.name)
+        pairs: list[tuple[int | None, object, object]]
+        if isinstance(raw, list) and isinstance(out, list):
+            pairs = [(i, local, url) for i, (local, url) in enumerate(zip(raw, out, strict=False))]
+        else:
+            pairs = [(None, raw, out)]
+        for index, local, url in pairs:
+            if isinstance(url, str) and classify(url) is MediaKind.URL:
+                upload = isinstance(local, str) and classify(local) is MediaKind.PATH
+                shown = fld.name if index is None else f"{fld.name}[{index}]"
+                found.append(SentMedia(shown, fld.name, index, url, upload))
+    return found
+
+
 def _uploaded_urls(job: Job) -> list[str]:
     """The storage URLs this attempt sent in place of local files (uploads, from the cache or
     new): the media fields whose stored input is a local path and whose sent input is a URL."""
-    sent = job.submitted_input or {}
-    urls: list[str] = []
-    for fld in get_endpoint(job.endpoint).media_fields:
-        raw, out = job.input.get(fld.name), sent.get(fld.name)
-        pairs = (
-            list(zip(raw, out, strict=False))
-            if isinstance(raw, list) and isinstance(out, list)
-            else [(raw, out)]
-        )
-        for local, url in pairs:
-            if (
-                isinstance(local, str)
-                and classify(local) is MediaKind.PATH
-                and isinstance(url, str)
-                and classify(url) is MediaKind.URL
-            ):
-                urls.append(url)
-    return urls
+    return [m.url for m in sent_media(job.endpoint, job.input, job.submitted_input) if m.upload]
 
 
-def _forget_dead_uploads(session: Session, job_id: str, exc: ProviderError) -> list[str]:
-    """The uploads of this attempt fal said it could not download (its 422 "Failed to download
-    the file from URL: 404 Not Found": fal's storage dropped the file), forgotten from the upload
-    cache so that no later job sends them again. A user's own URL is never among them."""
+def _download_failures(exc: ProviderError) -> list[object]:
+    """The items of fal's 422 that say an input could not be downloaded: of fal's error type
+    (:data:`DOWNLOAD_ERROR_TYPE`), else — an item of no type — in fal's words."""
     if exc.status_code not in (None, 422):
         return []
-    if isinstance(exc.detail, list):
-        items = [item for item in exc.detail if any(_DOWNLOAD_FAILED in t for t in _texts(item))]
-        texts = [t for item in items for t in _texts(item)]
-    else:
-        texts = [t for t in _texts(exc.detail) if _DOWNLOAD_FAILED in t]
-    if not texts:
+    items = exc.detail if isinstance(exc.detail, list) else [exc.detail]
+    found: list[object] = []
+    for item in items:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == DOWNLOAD_ERROR_TYPE or (
+            not isinstance(kind, str) and any(_DOWNLOAD_FAILED in t for t in _texts(item))
+        ):
+            found.append(item)
+    return found
+
+
+def _named_by(item: object, sent: list[SentMedia]) -> list[SentMedia]:
+    """The sent values a download failure is about: those of the field (and list index) its
+    ``loc`` names (``["body", "image_url"]``); for an item whose ``loc`` names none of them, those
+    whose URL its words quote."""
+    loc = item.get("loc") if isinstance(item, dict) else None
+    if isinstance(loc, list):
+        path = loc[1:] if loc[:1] == ["body"] else loc
+        if path and isinstance(path[0], str):
+            index = path[1] if len(path) > 1 and isinstance(path[1], int) else None
+            named = [m for m in sent if m.name == path[0] and (index is None or m.index == index)]
+            if named:
+                return named
+    texts = list(_texts(item))
+    return [m for m in sent if any(m.url in t for t in texts)]
+
+
+def unreachable_inputs(job: Job, exc: ProviderError) -> list[SentMedia]:
+    """The input URLs of ``job``'s attempt that fal said, in ``exc``, it could not download
+    (its 422 "Failed to download the file from URL: 404 Not Found"): the user's own URLs, and
+    uploads fal's storage dropped. Each once."""
+    sent = sent_media(job.endpoint, job.input, job.submitted_input)
+    found: dict[str, SentMedia] = {}
+    for item in _download_failures(exc):
+        for media in _named_by(item, sent):
+            found.setdefault(media.url, media)
+    return list(found.values())
+
+
+def _note_unreachable(session: Session, rt: Runtime, job_id: str, exc: ProviderError) -> list[str]:
+    """Take in what fal said it could not download for this attempt (:func:`unreachable_inputs`):
+    every such URL is noted for this process (:class:`~worker.steps.dead_inputs.DeadInputs`), so
+    that the jobs not sent yet that would send it are not sent with it
+    (:func:`worker.steps.submit.submit`); the uploads among them are forgotten from the upload
+    cache, so that no later job sends them again. Returns those uploads (a user's own URL is
+    never among them)."""
+    if not _download_failures(exc):
         return []
     job = store.get_job(session, job_id)
-    gone = [url for url in _uploaded_urls(job) if any(url in t for t in texts)]
+    found = unreachable_inputs(job, exc)
+    now = utcnow()
+    new = rt.dead_inputs.learn(DeadInput(m.url, m.field, job_id, now, m.upload) for m in found)
+    gone = [m.url for m in found if m.upload]
     if gone:
         store.forget_uploads(session, gone)
         log.warning(
@@ -208,7 +274,31 @@ def _forget_dead_uploads(session: Session, job_id: str, exc: ProviderError) -> l
             ", ".join(gone),
             extra={"event": "submit.upload_gone", "job_id": job_id},
         )
+    for dead in new:
+        if not dead.upload:
+            log.warning(
+                "job %s: fal could not download %s (%s); jobs of this process not sent yet that "
+                "carry it fail unsent (%s)",
+                job_id,
+                masked_url(dead.url),
+                dead.field,
+                INPUT_UNREACHABLE,
+                extra={"event": "submit.input_unreachable", "job_id": job_id},
+            )
     return gone
+
+
+def unreachable_error(session: Session, dead: list[DeadInput], batch_id: str, *, simulated: bool) -> str:
+    """The error of a job not sent because fal could not download one of its input URLs for
+    another job (``input_unreachable``): which URL, in which field, for which job, and what to do
+    — one line, as ``status`` and an export show it."""
+    # A signed URL's credentials are not repeated into the error (stored, shown, exported).
+    said = "; ".join(f"{masked_url(d.url)} ({d.field}) for job {d.job_id}" for d in dead)
+    return (
+        f"not sent: fal could not download {said}, and this job would send the same; replace the "
+        f"URL in the manifest, or {_rerun_hint(session, batch_id, simulated=simulated)} once it "
+        "can be fetched again"
+    )
 
 
 def _upload_again(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from jobs.errors import (
     RetryableProviderError,
     UsageError,
 )
+from jobs.media import sent_form
 from jobs.models import FAL_UNREACHABLE, utcnow
 from jobs.schedule import Schedule
 from jobs.settings import Settings
@@ -53,14 +54,18 @@ from worker.limits import (
 )
 from worker.steps import shared_pacing
 from worker.steps.context import Runtime, S, SubmitTicket, in_seconds
+from worker.steps.dead_inputs import INPUT_UNREACHABLE
 from worker.steps.failures import (
+    UPLOAD_GONE,
     backoff,
     describe,
     outcome_unknown,
     pause_for_account,
     request_held_elsewhere,
     retry_after,
+    sent_media,
     settle,
+    unreachable_error,
 )
 from worker.steps.late_answers import awaits_answer, settle_late_answer
 from worker.steps.poll import first_poll_at
@@ -222,6 +227,11 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if start_timeout is not None and start_timeout < MIN_START_TIMEOUT_SECONDS:
         return _hold_for_schedule(rt, fence, schedule)
 
+    # An input URL fal could not download for another job: not sent with it (nothing is uploaded
+    # or waited for first).
+    if (stopped := _stopped_for_dead_input(rt, ticket, as_sent(raw_input))) is not None:
+        return stopped
+
     # fal unreachable a moment ago (a connect failure): only one submit at a time goes, as the
     # probe, after each pause; the others go back uncounted, due when the hold ends (marked as
     # the probe's job is, so that the wait ends with the hold: Runtime.end_fal_waits).
@@ -234,41 +244,10 @@ def _submit(rt: Runtime, job_id: str) -> str:
             )
         return "fal-unreachable"
 
-    spec = get_endpoint(endpoint)
-    try:
-        fields = {f.name: f.type for f in spec.media_fields}
-        # A refused file is named as the manifest wrote it, relative to its folder (the job's
-        # error is stored, shown by `status` and exported): not as the absolute path stored.
-        folder = Path(ticket.manifest_path).parent if ticket.manifest_path else None
-        to_send = prepare_input(
-            raw_input, fields, preparer=rt.media, source_files=ticket.source_files, folder=folder
-        )
-    except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
-        with db.session_scope(rt.engine) as session:
-            failed = store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
-        return "failed" if failed else "lost-lease"
-    except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
-        with db.session_scope(rt.engine) as session:
-            reason = pause_for_account(session, rt, batch_id, exc)
-            store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
-        return "account-locked"
-    except ProviderError as exc:
-        if unreached(exc):  # fal's storage could not be reached: nothing was sent either
-            return _fal_unreachable(rt, fence, exc, probe=probe)
-        if _rate_limited(exc):  # the upload was refused for the account's pace, as a submit may be
-            return _refused_for_rate(rt, fence, endpoint, exc)
-        with db.session_scope(rt.engine) as session:
-            return settle(session, rt, fence, exc)
-    except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
-        log.exception(
-            "job %s: preparing the input failed; giving it back",
-            job_id,
-            extra={"event": "submit.prepare_failed"},
-        )
-        why = rt.client.scrub(f"not sent: preparing the input failed: {exc!r}")
-        with db.session_scope(rt.engine) as session:
-            _not_sent(session, fence, why)
-        return "not-sent"
+    prepared = _prepare(rt, ticket, fence, probe=probe)
+    if isinstance(prepared, str):
+        return prepared
+    to_send = prepared
     # Before the lease: a bad URL must not strand the job.
     webhook = webhook_for(rt.settings, rt.engine, job_id, attempt)
 
@@ -278,6 +257,15 @@ def _submit(rt: Runtime, job_id: str) -> str:
     if _given_back_for_rate(rt, fence, endpoint):
         return "rate-limited"
     granted = time.monotonic()
+    # fal may have said, while this job waited for its token, that it cannot download one of its
+    # inputs: a user's URL is not sent; an upload fal's storage dropped is made again first.
+    if (stopped := _stopped_for_dead_input(rt, ticket, to_send)) is not None:
+        return stopped
+    if (again := _upload_dead_again(rt, ticket, to_send, probe=probe)) is not None:
+        if isinstance(again, str):
+            return again
+        to_send = again
+
     # From here on the POST is under way (counted in flight, so that a stopping run waits for
     # its answer): asked before the send is recorded, in one step with the stop
     # (Unrecorded.sending), never after. A step that met the stop only once its send was
@@ -431,6 +419,106 @@ def _record_send(
     if start_timeout < MIN_START_TIMEOUT_SECONDS:
         return _hold_for_schedule(rt, taken, ticket.schedule)
     return taken, start_timeout
+
+
+def _prepare(rt: Runtime, ticket: SubmitTicket, fence: Fence, *, probe: bool) -> dict[str, Any] | str:
+    """The job's input as it is sent (:func:`~worker.fal.storage.prepare_input`: local files
+    inline or uploaded), or, when it cannot be prepared, the step's outcome (the job failed,
+    given back or paused, as the failure says)."""
+    job_id, batch_id, endpoint = fence.job_id, ticket.batch_id, ticket.endpoint
+    spec = get_endpoint(endpoint)
+    try:
+        fields = {f.name: f.type for f in spec.media_fields}
+        # A refused file is named as the manifest wrote it, relative to its folder (the job's
+        # error is stored, shown by `status` and exported): not as the absolute path stored.
+        folder = Path(ticket.manifest_path).parent if ticket.manifest_path else None
+        return prepare_input(
+            ticket.input, fields, preparer=rt.media, source_files=ticket.source_files, folder=folder
+        )
+    except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
+        with db.session_scope(rt.engine) as session:
+            failed = store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
+        return "failed" if failed else "lost-lease"
+    except AccountLockedError as exc:  # the upload was refused for the account: pause, as a submit would
+        with db.session_scope(rt.engine) as session:
+            reason = pause_for_account(session, rt, batch_id, exc)
+            store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
+        return "account-locked"
+    except ProviderError as exc:
+        if unreached(exc):  # fal's storage could not be reached: nothing was sent either
+            return _fal_unreachable(rt, fence, exc, probe=probe)
+        if _rate_limited(exc):  # the upload was refused for the account's pace, as a submit may be
+            return _refused_for_rate(rt, fence, endpoint, exc)
+        with db.session_scope(rt.engine) as session:
+            return settle(session, rt, fence, exc)
+    except Exception as exc:  # our own side failed (a closed client, a bug): nothing was sent
+        log.exception(
+            "job %s: preparing the input failed; giving it back",
+            job_id,
+            extra={"event": "submit.prepare_failed"},
+        )
+        why = rt.client.scrub(f"not sent: preparing the input failed: {exc!r}")
+        with db.session_scope(rt.engine) as session:
+            _not_sent(session, fence, why)
+        return "not-sent"
+
+
+def as_sent(raw_input: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw_input`` with each URL as it would be sent (:func:`jobs.media.sent_form`), before
+    its local files are prepared: what :func:`_stopped_for_dead_input` can look at first."""
+    out: dict[str, Any] = {}
+    for name, value in raw_input.items():
+        if isinstance(value, str):
+            out[name] = sent_form(value)
+        elif isinstance(value, list):
+            out[name] = [sent_form(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[name] = value
+    return out
+
+
+def _stopped_for_dead_input(rt: Runtime, ticket: SubmitTicket, sent: Mapping[str, Any]) -> str | None:
+    """``failed`` (or ``lost-lease``) when ``sent`` carries a URL of the user's that fal said,
+    for another job, it could not download (:mod:`worker.steps.dead_inputs`) and the job was
+    created before fal said so: failed unsent, ``input_unreachable``, billed nothing; None when
+    it may go. A job created since (a rerun) is sent: the URL may be back."""
+    carried = [m.url for m in sent_media(ticket.endpoint, ticket.input, sent) if not m.upload]
+    dead = rt.dead_inputs.among(carried)
+    if not dead:
+        return None
+    fence = ticket.fence
+    with db.session_scope(rt.engine) as session:
+        created = store.get_job(session, fence.job_id).created_at
+        applies = [d for d in dead if created is None or created < d.learned_at]
+        if not applies:
+            return None
+        error = unreachable_error(session, applies, ticket.batch_id, simulated=rt.simulated)
+        failed = store.fail_unsent(session, fence, error=error, error_type=INPUT_UNREACHABLE)
+    return "failed" if failed else "lost-lease"
+
+
+def _upload_dead_again(
+    rt: Runtime, ticket: SubmitTicket, sent: dict[str, Any], *, probe: bool
+) -> dict[str, Any] | str | None:
+    """When ``sent`` carries an upload fal said, for another job, its storage no longer has
+    (:mod:`worker.steps.dead_inputs`): that upload forgotten (again: another process may have
+    reused it meanwhile) and the input prepared anew, so the file is uploaded again rather than
+    this job paying a 422 for it too. None when it carries none; else the new input, or the
+    step's outcome when it cannot be prepared (:func:`_prepare`)."""
+    uploads = [m.url for m in sent_media(ticket.endpoint, ticket.input, sent) if m.upload]
+    dead = [d.url for d in rt.dead_inputs.among(uploads)]
+    if not dead:
+        return None
+    with db.session_scope(rt.engine) as session:
+        store.forget_uploads(session, dead)
+    log.info(
+        "job %s: %s (%s); uploading it again before sending",
+        ticket.fence.job_id,
+        UPLOAD_GONE,
+        ", ".join(dead),
+        extra={"event": "submit.upload_again", "job_id": ticket.fence.job_id},
+    )
+    return _prepare(rt, ticket, ticket.fence, probe=probe)
 
 
 def _rate_limited(exc: ProviderError) -> bool:
