@@ -141,6 +141,8 @@ class JobSide:
     #: Its video is an S3 object that could not be looked up (the storage unreachable or
     #: refusing, or the time bound spent): compared by the SHA-256 recorded only.
     not_looked_up: bool = False
+    #: Requests sent for the job (each one fal billed is in ``cost_usd``); None when unknown.
+    attempts: int | None = None
 
     @property
     def disk_problem(self) -> str | None:
@@ -189,6 +191,7 @@ class JobSide:
             reused_from=row.reused_from,
             on_disk=found,
             video_path=looked_at,
+            attempts=row.attempts,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -371,7 +374,8 @@ class Pair:
 
     @property
     def cost_differs(self) -> bool:
-        """A pair of the same video whose costs differ (pricing changed between the runs)."""
+        """A pair of the same video whose costs differ: a side paid for more attempts
+        (:attr:`attempts_differ`), or the price changed between the runs."""
         return (
             self.outcome == "same"
             and not self.same_job
@@ -379,6 +383,16 @@ class Pair:
             and self.b is not None
             and self.a.cost_usd != self.b.cost_usd
         )
+
+    @property
+    def attempts_differ(self) -> bool:
+        """Whether the two sides sent a different number of requests (both known, both sent): a
+        failed attempt fal billed (a 4xx after GPU time, a cancel while running) is in a job's
+        cost, so equal videos then differ in cost with the price unchanged."""
+        a, b = self.a, self.b
+        if a is None or b is None or not a.attempts or not b.attempts:
+            return False
+        return a.attempts != b.attempts
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -429,13 +443,24 @@ class BatchDiff:
 
     def cost_note(self) -> str | None:
         """What to say when some ``same`` pairs differ in cost, else None: the table lists only
-        pairs that are not the same, so a price change would otherwise go unsaid."""
-        if not self.cost_differs:
+        pairs that are not the same, so a price change would otherwise go unsaid. A pair whose
+        sides sent a different number of requests owes it to the attempts (a failed one fal
+        billed: :attr:`Pair.attempts_differ`), said as such; only a pair of equal attempts is
+        taken for a price change."""
+        differ = [p for p in self.pairs if p.cost_differs]
+        if not differ:
             return None
-        return (
-            f"{self.cost_differs} of the same pairs differ in cost (the price changed between the runs?): "
-            "`--json` gives each side's cost_usd"
-        )
+        attempts = sum(1 for p in differ if p.attempts_differ)
+        priced = len(differ) - attempts
+        said = f"{len(differ)} of the same pairs differ in cost"
+        if not attempts:
+            said += " (the price changed between the runs?)"
+        else:
+            said += f": {attempts} of them paid for more than one attempt on one side"
+            if priced:
+                said += f", {priced} with as many attempts on each side (the price changed between the runs?)"
+        tail = "; `wanbatch export` gives each job's attempts" if attempts else ""
+        return f"{said}: `--json` gives each side's cost_usd{tail}"
 
     @property
     def not_looked_up(self) -> int:

@@ -505,6 +505,8 @@ class DiffRow:
     #: Where the video was recorded and its size: what ``diff`` looks at on disk.
     output_path: str | None = None
     output_bytes: int | None = None
+    #: Requests sent for the job: a pair whose costs differ may owe it to a billed failed attempt.
+    attempts: int | None = None
 
 
 def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
@@ -527,6 +529,7 @@ def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
         Job.source_files,
         Job.output_path,
         Job.output_bytes,
+        Job.attempts,
     )
     sized = (Job.actual_prompt, Job.input, Job.source_files)
     for row in _rows_bounded(session, columns, [Job.batch_id == batch_id], sized):

@@ -87,3 +87,26 @@ def test_input_fields_that_differ_and_videos_not_on_disk_are_named() -> None:
     assert pair.outcome == "different"  # the recorded SHA-256 is equal, the file is gone
     assert pair.differs() == ["missing on disk"]
     assert Pair(gone, gone, "job_key").differs() == ["missing on disk"]  # diff X X says it too
+
+
+def test_a_cost_difference_from_a_billed_failed_attempt_is_not_taken_for_a_price_change() -> None:
+    """The same video, one side's job billed for a failed attempt before it (attempts 2, $0.40
+    against 1, $0.20): the note said "the price changed between the runs?"."""
+    once = JobSide(**{**{f: getattr(_side("j1"), f) for f in JobSide.__slots__}, "attempts": 1})
+    twice = JobSide(
+        **{**{f: getattr(_side("j2"), f) for f in JobSide.__slots__}, "attempts": 2, "cost_usd": 0.4}
+    )
+    repriced = JobSide(
+        **{**{f: getattr(_side("j3"), f) for f in JobSide.__slots__}, "attempts": 1, "cost_usd": 0.3}
+    )
+    pairs = [Pair(once, twice, "job_key") for _ in range(3)]
+    note = _diff("x", "y", pairs).cost_note()
+    assert note is not None
+    assert note.startswith("3 of the same pairs differ in cost: 3 of them paid for more than one attempt")
+    assert "price" not in note
+    assert [p.attempts_differ for p in pairs] == [True, True, True]
+
+    mixed = _diff("x", "y", [*pairs, Pair(once, repriced, "job_key")]).cost_note()
+    assert mixed is not None
+    assert "4 of the same pairs differ in cost: 3 of them paid for more than one attempt" in mixed
+    assert "1 with as many attempts on each side (the price changed between the runs?)" in mixed
