@@ -262,8 +262,9 @@ def cost(batch: str, as_json: bool) -> None:
         if total.possibly_billed_usd:  # resent ones included: one figure, never two to add up
             also = f"; {resent} of them resent (possible duplicate charges)" if resent else ""
             say(
-                f"possibly billed: up to {usd(total.possibly_billed_usd)} more than actual, by submits "
-                f"whose outcome is unknown (fal may have accepted them); the budget counts it{also}",
+                f"possibly billed: up to {usd(total.possibly_billed_usd)} more than actual, by requests "
+                "whose outcome is unknown (a submit whose answer was lost, a request fal lost after it "
+                f"started running: fal may have billed them); the budget counts it{also}",
                 "yellow",
             )
         elif total.possible_duplicate_usd:  # resent before ambiguous_usd was recorded (migration 0013)

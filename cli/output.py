@@ -1085,7 +1085,8 @@ def money_line(report: BatchReport, *, daily_cap_from: str | None = None) -> str
     if report["possibly_billed_usd"]:
         lines.append(
             f"[yellow]{usd_text(report['possibly_billed_usd'])} of it possibly billed[/yellow] "
-            "(submits whose outcome is unknown: fal may have charged them; counted against the budget)"
+            "(requests whose outcome is unknown — a submit whose answer was lost, a request fal lost "
+            "after it started running: fal may have charged them; counted against the budget)"
         )
     if report["possible_duplicate_charges"]:
         lines.append(f"[yellow]{report['possible_duplicate_charges']} possible duplicate charge(s)[/yellow]")

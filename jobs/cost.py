@@ -63,7 +63,8 @@ class CostLine:
     #: Extra requests fal proved it ran: by a signed webhook, or by a submit's answer that came after
     #: its job had moved on (billed ones are in actual and wasted).
     confirmed_duplicate_charges: int = 0
-    #: What submits whose outcome stayed unknown may have cost: fal may have billed them.
+    #: What submits whose outcome stayed unknown, or requests fal lost after they started
+    #: running, may have cost: fal may have billed them.
     possibly_billed_usd: Decimal = ZERO
 
     def add(self, job: store.JobMoney) -> None:

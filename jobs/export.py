@@ -10,7 +10,8 @@ estimates, error_type, timestamps) and
 the provider's metadata the sidecar keeps: ``provider_metrics`` (fal's ``metrics``, e.g.
 ``inference_time``) and ``provider_output`` (fal's result JSON), each null when fal gave none,
 secrets masked and size bounded (:func:`export_provider_json`), and ``possibly_billed_usd`` (what
-submits of the job whose outcome stayed unknown may have cost, as ``status`` and ``cost`` count it).
+submits of the job whose outcome stayed unknown, or a request of it fal lost after it started
+running, may have cost, as ``status`` and ``cost`` count it).
 ``seed_text`` is ``seed`` as decimal text, exact in every reader: fal's seeds reach
 ``2**64 - 1``, and a JSON reader that makes numbers float64 (pyarrow's, hence
 ``datasets.load_dataset("json")`` and ``"videofolder"``) rounds any seed above ``2**53``. Rows are in
@@ -505,15 +506,18 @@ def record(
         # result JSON, secrets masked and bounded (export_provider_json).
         "provider_metrics": export_provider_json(job.provider_metrics),
         "provider_output": export_provider_json(job.provider_output),
-        # What submits of it whose outcome stayed unknown may have cost (fal may have billed
-        # them): the job's share of `status`'s and `cost`'s "possibly billed", null when none.
+        # What submits of it whose outcome stayed unknown, or a request fal lost after it started
+        # running, may have cost (fal may have billed them): the job's share of `status`'s and
+        # `cost`'s "possibly billed", null when none.
         "possibly_billed_usd": usd_json(job.ambiguous_usd) if job.ambiguous_usd else None,
     }
 
 
 def _error(job: Job) -> str | None:
     """The record's ``error``: null on success; else the job's, and, when a submit of it whose
-    outcome stayed unknown may have been billed (``ambiguous_usd``), that it had been sent.
+    outcome stayed unknown may have been billed (``ambiguous_usd``), that it had been sent —
+    unless its own error already says what is possibly billed (a request fal lost after it
+    started running, :func:`jobs.store.fail_lost_request`).
 
     A job whose submit's answer was lost, sent again and then refused by its budget cap reads
     ``cancelled``, ``error_type: budget``, no cost: "submitting would commit …" says nothing of
@@ -522,6 +526,8 @@ def _error(job: Job) -> str | None:
     if job.state is JobState.SUCCEEDED:
         return None
     if job.error is None or not job.ambiguous_usd:
+        return job.error
+    if "possibly billed" in job.error:  # its own error says so (a request fal lost after it ran)
         return job.error
     return (
         f"{job.error}; it had been sent: an earlier submit's outcome is unknown, so fal may have "

@@ -78,7 +78,8 @@ class Totals:
     exact USD: ``estimated``, ``spent`` (what fal billed or will bill: :func:`jobs.store.spent_usd`),
     ``reserved`` (estimates of jobs fal holds), ``actual`` (what fal billed), ``wasted`` (billed
     money that bought no output), ``possibly_billed`` (the part of ``spent`` that submits whose
-    outcome stayed unknown may have cost: ``Job.ambiguous_usd``).
+    outcome stayed unknown, or requests fal lost after they started running, may have cost:
+    ``Job.ambiguous_usd``).
     """
 
     counts: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})

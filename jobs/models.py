@@ -552,8 +552,10 @@ class Job(Base):
     confirmed_duplicate_charges: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The estimates of this job's submits whose outcome stayed unknown: each left
     #: ``submit_unknown`` without proof (failed, resent or cancelled), and fal may have accepted
-    #: and billed it. Counted as spent (the budget holds against the worst case) and shown apart
-    #: as "possibly billed". ``server_default``: jobs stored before the column existed.
+    #: and billed it; and the estimate of a request fal lost after it started running
+    #: (``request_not_found``) or left at fal unfollowed (``abandoned_other_key``). Counted as
+    #: spent (the budget holds against the worst case) and shown apart as "possibly billed".
+    #: ``server_default``: jobs stored before the column existed.
     ambiguous_usd: Mapped[Decimal] = mapped_column(Money(), default=Decimal(0), server_default="0")
 
     error: Mapped[str | None] = mapped_column(KeyFreeText())

@@ -98,45 +98,93 @@ def _paid_not_fetched(state: JobState, error_type: str | None, actual_usd: Decim
     return state == JobState.FAILED and error_type in PAID_NOT_FETCHED and bool(actual_usd)
 
 
-def _paid_again(parent: Batch, rows: Sequence[store.NewJob], unfetched: dict[str, Decimal]) -> str | None:
+@dataclass(frozen=True, slots=True)
+class _Unfetched:
+    """A job of the parent fal made and billed whose video was never fetched
+    (:func:`_paid_not_fetched`): what fal billed, and whether fal's result naming its video is
+    kept (``provider_output``: a ``download_failed`` job's; none when the result call itself
+    failed, ``result_unavailable``, or fal no longer kept it, ``result_expired``)."""
+
+    billed: Decimal
+    error_type: str | None
+    has_url: bool
+
+
+def _paid_again(parent: Batch, rows: Sequence[store.NewJob], unfetched: dict[str, _Unfetched]) -> str | None:
     """The warning of a rerun that renders again jobs whose paid videos were never fetched
     (:func:`_paid_not_fetched`): how many, what fal billed for them, what they cost again. A
     CDN outage once failed such jobs within a minute, and ``rerun --failed-only`` paid for
-    every one of them a second time without a word. None when the rerun repeats none."""
+    every one of them a second time without a word. None when the rerun repeats none.
+
+    Where those videos may still be is said only of the jobs it is true of: an export gives the
+    video URL of a job whose result was fetched (``provider_output``); a job whose result call
+    failed or expired has none, and fal no longer keeps an expired one's."""
     again = [row for row in rows if row.rerun_of in unfetched]
     if not again:
         return None
-    parents = {row.rerun_of for row in again}
-    billed = sum((unfetched[job_id] for job_id in parents if job_id is not None), Decimal(0))
+    parents = [unfetched[job_id] for job_id in dict.fromkeys(row.rerun_of for row in again) if job_id]
+    billed = sum((job.billed for job in parents), Decimal(0))
     cost = sum((row.est_usd for row in again), Decimal(0))
     ref = shell_ref(parent.name, parent.id)
-    return (
+    line = (
         f"{len(parents)} job(s) of batch {parent.name} were made and paid for ({usd_text(billed)}) but "
         f"failed at download, their videos never fetched: this rerun renders and pays for them again "
-        f"(est. {usd_text(cost)}); fal may still serve those videos (`wanbatch export {ref}` gives each "
-        "download_failed job's URL in provider_output)"
+        f"(est. {usd_text(cost)})"
     )
+    served = sum(1 for job in parents if job.has_url)
+    if served:
+        those = "those videos" if served == len(parents) else f"the videos of {served} of them"
+        line += (
+            f"; fal may still serve {those} (`wanbatch export {ref}` gives each one's URL in provider_output)"
+        )
+    expired = sum(1 for job in parents if job.error_type == "result_expired")
+    if expired:
+        line += f"; fal no longer keeps the result of {expired} of them (result_expired)"
+    return line
+
+
+#: Why a failed or cancelled job's estimate is counted as possibly billed, by its ``error_type``,
+#: as :func:`_possibly_paid_again` says it; any other's came from a submit whose outcome was
+#: never known (``ambiguous_usd``: ``submit_unknown``, or an earlier attempt's, resent).
+_POSSIBLY_BILLED_WHY = {
+    "request_not_found": "fal lost their request after it had started running",
+    "abandoned_other_key": "their request, sent with another API key, was left at fal unfollowed",
+}
+#: What :func:`_possibly_paid_again` says of the jobs :data:`_POSSIBLY_BILLED_WHY` does not name.
+_SUBMIT_NEVER_KNOWN = "their submit's outcome was never known"
 
 
 def _possibly_paid_again(
-    parent: Batch, rows: Sequence[store.NewJob], possibly: dict[str, Decimal]
+    parent: Batch, rows: Sequence[store.NewJob], possibly: dict[str, tuple[Decimal, str | None]]
 ) -> str | None:
-    """The warning of a rerun that sends again jobs fal may already have made and billed: a
-    submit whose outcome was never known (its answer lost, the process killed before storing
-    it: ``submit_unknown``), counted as possibly billed. ``rerun --failed-only`` sent them again
-    without a word, and fal billed many a second time. None when the rerun repeats none."""
+    """The warning of a rerun that sends again jobs fal may already have made and billed,
+    counted as possibly billed (``ambiguous_usd``: ``possibly`` maps each to that money and its
+    ``error_type``): a submit whose outcome was never known (its answer lost, the process killed
+    before storing it: ``submit_unknown``), a request fal lost after it had started running
+    (``request_not_found``), a request of another API key left at fal. ``rerun --failed-only``
+    sent them again without a word, and fal billed many a second time. Each reason is said of
+    the jobs it is true of. None when the rerun repeats none."""
     again = [row for row in rows if row.rerun_of in possibly]
     if not again:
         return None
-    parents = {row.rerun_of for row in again}
-    maybe = sum((possibly[job_id] for job_id in parents if job_id is not None), Decimal(0))
+    parents = [possibly[job_id] for job_id in dict.fromkeys(row.rerun_of for row in again) if job_id]
+    maybe = sum((usd for usd, _ in parents), Decimal(0))
     cost = sum((row.est_usd for row in again), Decimal(0))
-    return (
+    whys: dict[str, int] = {}
+    for _, error_type in parents:
+        why = _POSSIBLY_BILLED_WHY.get(error_type or "", _SUBMIT_NEVER_KNOWN)
+        whys[why] = whys.get(why, 0) + 1
+    said = next(iter(whys)) if len(whys) == 1 else "; ".join(f"{n} as {why}" for why, n in whys.items())
+    line = (
         f"{len(parents)} job(s) of batch {parent.name} may already have been made and billed "
-        f"({usd_text(maybe)} possibly billed: their submit's outcome was never known): this rerun "
-        f"sends them again and pays for them again (est. {usd_text(cost)}); a webhook receiver "
-        "(WANBATCH_WEBHOOK_URL) proves such submits instead"
+        f"({usd_text(maybe)} possibly billed: {said}): this rerun sends them again and pays for them "
+        f"again (est. {usd_text(cost)})"
     )
+    if _POSSIBLY_BILLED_WHY["abandoned_other_key"] not in whys:
+        # fal's signed webhook of a submit or a request it lost proves what it ran (the job
+        # adopts it instead of paying twice); nothing adopts an abandoned request's.
+        line += "; a webhook receiver (WANBATCH_WEBHOOK_URL) proves such requests instead"
+    return line
 
 
 def _dropped_left_out(parent: Batch, jobs: int) -> str:
@@ -306,9 +354,10 @@ def rerun_batch(
                 if job.not_in_manifest:
                     not_in_manifest_jobs.append(job.id)
                 if _paid_not_fetched(job.state, job.error_type, job.actual_usd):
-                    unfetched[job.id] = job.actual_usd or Decimal(0)
+                    has_url = isinstance(job.provider_output, dict) and bool(job.provider_output)
+                    unfetched[job.id] = _Unfetched(job.actual_usd or Decimal(0), job.error_type, has_url)
                 elif job.state != JobState.SUCCEEDED and job.ambiguous_usd:
-                    possibly[job.id] = job.ambiguous_usd
+                    possibly[job.id] = (job.ambiguous_usd, job.error_type)
                 spec = get_endpoint(job.endpoint)
                 stored = before[job.id] = rerun_input(job.input, None if new_seeds else job.seed)
                 if new_seeds:
@@ -343,8 +392,9 @@ def rerun_batch(
         not_in_manifest: list[str] = []  # failed or cancelled jobs its manifest no longer has
         not_in_manifest_jobs: list[str] = []  # ... and those a plain rerun repeats all the same
         dropped: list[str] = []  # jobs a resubmit dropped (never sent), which a plain rerun leaves out
-        unfetched: dict[str, Decimal] = {}  # parent's job id → what fal billed for a video never fetched
-        possibly: dict[str, Decimal] = {}  # parent's job id → what fal may have billed (outcome unknown)
+        unfetched: dict[str, _Unfetched] = {}  # parent's job id → its paid video never fetched
+        # parent's job id → what fal may have billed (outcome unknown), and the job's error type
+        possibly: dict[str, tuple[Decimal, str | None]] = {}
         inputs = _InputCheck()
         rows = list(new_jobs())
         if inputs.lines:

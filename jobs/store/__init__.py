@@ -246,10 +246,12 @@ from jobs.store.moved_outputs import outputs_in_folder as outputs_in_folder
 from jobs.store.moved_outputs import record_output_move as record_output_move
 from jobs.store.moved_outputs import record_output_moves as record_output_moves
 from jobs.store.outcomes import ADOPTED_REASON as ADOPTED_REASON
+from jobs.store.outcomes import LOST_POSSIBLY_BILLED as LOST_POSSIBLY_BILLED
 from jobs.store.outcomes import OUTPUT_NOT_KEPT as OUTPUT_NOT_KEPT
 from jobs.store.outcomes import (
     abandon_request,
     fail_job,
+    fail_lost_request,
     fail_unsent,
     give_back,
     mark_cancelled,
@@ -481,6 +483,7 @@ __all__ = [
     "expire_leases",
     "extend_lease",
     "fail_job",
+    "fail_lost_request",
     "fail_unsent",
     "failure_reasons",
     "fal_accounts",

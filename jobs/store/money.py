@@ -155,8 +155,9 @@ class BatchMoney:
     * ``possible_duplicate_charges``: resubmissions after an ambiguous submit (maybe billed twice).
     * ``confirmed_duplicate_charges``: extra requests fal proved it ran (billed): by a signed
       webhook, or by a submit's answer that came after the job had moved on.
-    * ``possibly_billed_usd``: the part of ``spent_usd`` that submits of unknown outcome may have
-      cost (``Job.ambiguous_usd``): counted against the budget, shown apart.
+    * ``possibly_billed_usd``: the part of ``spent_usd`` that submits of unknown outcome (and
+      requests fal lost after they started running, or left at fal unfollowed) may have cost
+      (``Job.ambiguous_usd``): counted against the budget, shown apart.
     """
 
     estimated_usd: Decimal

@@ -121,6 +121,31 @@ def abandon_request(session: Session, fence: Fence, *, error: str, error_type: s
     )
 
 
+#: The key, in the details of the event that fails a job whose request fal's status said it did
+#: not know (:func:`fail_lost_request`), saying that its estimate was then counted as possibly
+#: billed (``ambiguous_usd``): what :func:`jobs.store.adopt_own_proof` takes back should fal's
+#: signed webhook prove it ran that request to the end (then billed in full, once).
+LOST_POSSIBLY_BILLED = "possibly_billed"
+
+
+def fail_lost_request(
+    session: Session, fence: Fence, *, error: str, error_type: str, reason: str, ran: bool
+) -> bool:
+    """→ ``failed``, for good: fal's status answered that it does not know the job's request
+    (404, ``request_not_found``: fal forgot it, a queue reset, a request older than fal keeps).
+    ``ran``: we saw it run (fal said IN_PROGRESS, or reported inference time), so fal may well
+    have run it to the end and billed it — a request a runner took is billed whatever we are
+    told of it afterwards, as a cancel of it is billed as running. Its estimate is then counted
+    as possibly billed (``ambiguous_usd``, as a submit of unknown outcome's and an abandoned
+    request's; never for a simulation's): in ``spent`` and against the budget caps, shown
+    apart, and ``rerun --failed-only`` warns before paying for it again. One only ever seen in
+    fal's queue never ran: fal bills nothing for it, and nothing is counted."""
+    extra: dict[str, Any] = {}
+    if ran:
+        extra = {"ambiguous_usd": _POSSIBLY_BILLED_MORE, "details": {LOST_POSSIBLY_BILLED: True}}
+    return _move(session, fence, JobState.FAILED, reason, error=error, error_type=error_type, **extra)
+
+
 def fail_unsent(session: Session, fence: Fence, *, error: str, error_type: str | None) -> bool:
     """``submitting`` → ``failed``, for good, before the attempt's POST left this process (its
     input file changed or vanished): like :func:`give_back`, the attempt is not counted — a job

@@ -17,6 +17,7 @@ from jobs import billing
 from jobs.models import Batch, JobEvent, WebhookDelivery
 from jobs.states import JobState
 from jobs.store.core import _JOBS, _refresh_loaded, _run
+from jobs.store.outcomes import LOST_POSSIBLY_BILLED
 from jobs.store.reading import seen_running_since_submit
 from jobs.store.repeats import _cancel_unsent_repeats, sent_repeat
 from jobs.store.transitions import (
@@ -133,42 +134,63 @@ def adopt_late_proof(
     return moved
 
 
-#: The errors of a job failed while its own request was at fal, billed as a cancel (or not at
-#: all) without knowing how fal ended it: the poller gave up on fal's malformed status answers
-#: (``provider_protocol_error``, after a best-effort cancel), or fal's status said it did not
-#: know the request (``request_not_found``). fal may have run and billed it all the same, and
+#: The errors of a job failed while its own request was at fal, without knowing how fal ended
+#: it: the poller gave up on fal's malformed status answers (``provider_protocol_error``, after
+#: a best-effort cancel, billed as one), or fal's status said it did not know the request
+#: (``request_not_found``: its estimate possibly billed once it was seen running,
+#: :func:`~jobs.store.fail_lost_request`). fal may have run and billed it all the same, and
 #: its signed webhook then proves it (:func:`adopt_own_proof`).
 PROVABLE_FAILURES = frozenset({"provider_protocol_error", "request_not_found"})
 
 
-def _failure_bill(session: Session, found: Any) -> dict[str, Decimal]:
-    """What the failure of ``found`` (a job in :data:`PROVABLE_FAILURES`) put in its actual cost
-    for the attempt it ended: a protocol error is billed as a cancel, in fal's queue (nothing) or
-    running (``worker.steps.poll._protocol_error``), by the state it failed from; a request fal
-    did not know, nothing.
+def _into_failed(session: Session, job_id: str) -> Any:
+    """The job's last move into ``failed`` (its ``from_state`` and ``details``), or None.
 
     The failure is the job's last move into ``failed``: an event from another state. A note on
     the failed job's history moves nothing (``failed`` → ``failed``: a confirmed duplicate
     charge, :func:`note_duplicate_charge`; a late answer, :func:`note_request`) and says
     nothing of that attempt: read as the failure, its ``failed`` would pass for "not queued",
     and a cancel while running would be taken back — from money a duplicate charge billed."""
-    zero = {"actual_billing_units": Decimal(0), "actual_usd": Decimal(0)}
-    if found.error_type != "provider_protocol_error":
-        return zero
     into_failed = (
-        select(JobEvent.from_state)
+        select(JobEvent.from_state, JobEvent.details)
         .where(
-            JobEvent.job_id == found.id,
+            JobEvent.job_id == job_id,
             JobEvent.to_state == JobState.FAILED,
             or_(JobEvent.from_state.is_(None), JobEvent.from_state != JobState.FAILED),
         )
         .order_by(JobEvent.id.desc())
         .limit(1)
     )
-    came_from = session.scalar(into_failed)
+    return session.execute(into_failed).first()
+
+
+def _failure_bill(session: Session, found: Any) -> dict[str, Decimal]:
+    """What the failure of ``found`` (a job in :data:`PROVABLE_FAILURES`) put in its actual cost
+    for the attempt it ended: a protocol error is billed as a cancel, in fal's queue (nothing) or
+    running (``worker.steps.poll._protocol_error``), by the state it failed from; a request fal
+    did not know, nothing (what it may have cost is counted apart: :func:`_failure_possibly_billed`)."""
+    zero = {"actual_billing_units": Decimal(0), "actual_usd": Decimal(0)}
+    if found.error_type != "provider_protocol_error":
+        return zero
+    event = _into_failed(session, found.id)
+    came_from = None if event is None else event.from_state
     queued = came_from is None or JobState(came_from) == JobState.QUEUED
     outcome = billing.Outcome.CANCELLED_IN_QUEUE if queued else billing.Outcome.CANCELLED_RUNNING
     return billing.billed(outcome, found.est_billing_units, found.est_usd)
+
+
+def _failure_possibly_billed(session: Session, found: Any) -> Decimal:
+    """What the failure of ``found`` (a job in :data:`PROVABLE_FAILURES`) counted as possibly
+    billed for the attempt it ended (``ambiguous_usd``): the estimate of a request fal did not
+    know after it was seen running, as its failure's event says (:data:`LOST_POSSIBLY_BILLED`);
+    nothing otherwise — what earlier submits of unknown outcome may have cost stays counted."""
+    if found.error_type != "request_not_found":
+        return Decimal(0)
+    event = _into_failed(session, found.id)
+    details = event.details if event is not None and isinstance(event.details, dict) else {}
+    if not details.get(LOST_POSSIBLY_BILLED):
+        return Decimal(0)
+    return Decimal(min(found.ambiguous_usd, found.est_usd))
 
 
 def _taken_back(found: Any, bill: dict[str, Decimal]) -> dict[str, Any]:
@@ -236,7 +258,9 @@ def adopt_own_proof(
 
     Only such a job qualifies: still keeping ``request_id``, no output. The money stays counted
     once: what its failure billed for the attempt (a cancel: :func:`_failure_bill`) leaves its
-    actual cost, which the success then bills in full, and its share of its batch's finished
+    actual cost, and what it counted as possibly billed (a lost request seen running:
+    :func:`_failure_possibly_billed`) leaves ``ambiguous_usd``, the success then billing the
+    attempt in full; its share of its batch's finished
     money is taken back (it is in flight again). Its count of malformed status answers
     (``download_attempts``) starts afresh for the download. The row is locked first. False when
     the job does not qualify or moved on (compare-and-set on ``fence``).
@@ -251,8 +275,10 @@ def adopt_own_proof(
         or found.output_path is not None
     ):
         return False
-    bill = _failure_bill(session, found)
-    return _requeue_proved(session, fence, found, reason, next_poll_at, _taken_back(found, bill), fetched)
+    fields = _taken_back(found, _failure_bill(session, found))
+    if possibly := _failure_possibly_billed(session, found):  # now billed in full, by the success
+        fields["ambiguous_usd"] = found.ambiguous_usd - possibly
+    return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
 
 
 #: The key, in the details of the event that ends a job ``cancelled`` on fal's word that our

@@ -89,3 +89,36 @@ def test_a_rerun_says_how_many_possibly_billed_submits_it_sends_again(engine: En
     assert len(said) == 1, result.warnings
     assert "2 job(s) of batch k1 may already have been made and billed ($0.80 possibly billed" in said[0]
     assert "sends them again and pays for them again (est. $" in said[0]
+
+
+def test_the_rerun_points_at_the_video_urls_only_of_the_jobs_that_have_one(engine: Engine) -> None:
+    """A result that expired (``result_expired``) or whose call failed (``result_unavailable``)
+    left no ``provider_output``: the warning said fal might still serve "those videos" and that
+    `export` gave each URL, for jobs of which neither was true."""
+    with db.session_scope(engine) as session:
+        batch, _ = store.get_or_create_batch(
+            session, name="ex1", manifest_path="/m.yaml", manifest_sha256="0" * 64, budget_max_usd=None
+        )
+        store.add_jobs(session, batch.id, [_job(i) for i in range(3)])
+    paid = {"seed": 7, "actual_usd": Decimal("0.40"), "request_id": "r"}
+    expired = {"error_type": "result_expired", "error": "fal result expired or unknown (HTTP 404)"}
+    _failed(engine, batch.id, 0, **expired, **paid)
+    _failed(engine, batch.id, 1, **expired, **paid)
+    settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
+
+    (line,) = [w for w in rerun_batch("ex1", failed_only=True, settings=settings).warnings if "paid" in w]
+    assert "2 job(s) of batch ex1 were made and paid for ($0.80)" in line
+    assert "may still serve" not in line
+    assert "provider_output" not in line
+    assert "fal no longer keeps the result of 2 of them (result_expired)" in line
+
+    # One whose video URL fal gave (download_failed): pointed at, and only it.
+    video = {"video": {"url": "https://v3.fal.media/files/x/out.mp4"}, "seed": 7}
+    _failed(
+        engine, batch.id, 2, error_type="download_failed", error="HTTP 503", provider_output=video, **paid
+    )
+    again = rerun_batch("ex1", failed_only=True, settings=settings, pay_again=True)  # 0, 1 sent above
+    (line,) = [w for w in again.warnings if "paid" in w]
+    assert "3 job(s) of batch ex1 were made and paid for ($1.20)" in line
+    assert "fal may still serve the videos of 1 of them (`wanbatch export ex1` gives each one's URL" in line
+    assert "fal no longer keeps the result of 2 of them (result_expired)" in line

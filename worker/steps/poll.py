@@ -164,17 +164,10 @@ def poll(
                 if (sent := rt.sent_elsewhere(job_of[job_id])) is not None:
                     _not_ours(rt, fence, handle, sent, exc, rt.other_key(job_of[job_id]))
                     continue
-                why = describe(exc)
                 with db.session_scope(rt.engine) as session:
                     if gone_after_our_cancel(session, fence, exc, now=utcnow()):
                         continue
-                    store.fail_job(
-                        session,
-                        fence,
-                        reason=f"status: {why}",
-                        error=f"provider lost the request: {why}",
-                        error_type=failure_type(exc),
-                    )
+                    _lost(session, fence, exc)
                 continue
             except ProviderError as exc:
                 telemetry.count_provider_error(exc)
@@ -378,6 +371,28 @@ def _protocol_error(
             download_attempts=count,
             **billed(job, outcome),
         )
+
+
+def _lost(session: Session, fence: Fence, exc: ProviderError) -> None:
+    """fal's status gave a final answer about the job's request that was no status: it does not
+    know it (404, ``request_not_found``), or refuses to say. The job fails, for good: we can no
+    longer follow it. A request fal does not know that we saw run (fal said IN_PROGRESS, or
+    reported inference time) may have run to the end and been billed — fal bills a request a
+    runner took, as a cancel of one is billed as running — so its estimate is counted as
+    possibly billed (:func:`jobs.store.fail_lost_request`), and its error says so; one only ever
+    seen in fal's queue never ran, and is billed nothing ("never charged for … time spent waiting
+    in the queue", https://fal.ai/docs/documentation/model-apis/pricing)."""
+    why = describe(exc)
+    kind = failure_type(exc)
+    job = store.get_job(session, fence.job_id)
+    ran = kind == "request_not_found" and (billing.ran(job.provider_metrics) or _seen_running(session, fence))
+    error = f"provider lost the request: {why}"
+    if ran:
+        error += (
+            "; it had started running at fal, which may have run it to the end and billed it: its "
+            "estimate is counted as possibly billed"
+        )
+    store.fail_lost_request(session, fence, reason=f"status: {why}", error=error, error_type=kind, ran=ran)
 
 
 #: fal's ``error_type`` for a request cancelled at a client's request (ours: a cancel we sent).
