@@ -15,10 +15,18 @@ stop for ever without a word; a stopping process's transactions now carry a shor
 The run is a real subprocess (signals need one) with its simulator's renders slowed to a minute,
 so its jobs are at the simulator when the lock is taken; the lock is held by another real
 process until the test lets it go, after the run has exited: no timing to guess.
+
+Submits still on their way to fal at the stop (a loaded machine: the other jobs' POSTs) are
+waited for, up to ``WANBATCH_READ_TIMEOUT``, even with the database locked, and said in a line of
+their own before the last: the answers cannot be recorded then, but they are kept in the journal
+of :mod:`worker.steps.unrecorded`, which the next run records — each job sent, and billed, once.
+Not waiting would leave those jobs without a request id, for the next run to fail
+``submit_unknown`` after a lease though fal billed them (``test_submits_in_flight_…``).
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -32,8 +40,9 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from falsim.faults import FaultRule
 from jobs import db
-from tests.e2e.e2e_helpers import Background, MakeManifest, subprocess_env, wait_for
+from tests.e2e.e2e_helpers import Background, MakeManifest, db_rows, subprocess_env, wait_for
 
 #: Runs the CLI with the embedded simulator's renders slowed to a minute.
 SLOWED = """
@@ -49,6 +58,34 @@ falsim.running_simulator = slow
 from cli import main
 main()
 """
+
+#: Runs the CLI with every submit's answer held for :data:`HELD_SECONDS` by its simulator (the
+#: requests are queued at once: fal has them, and bills them), and renders slowed to a minute.
+HELD = """
+import dataclasses, sys
+sys.argv[0] = "wanbatch"
+import falsim
+started = falsim.running_simulator
+
+def held(options, *args, **kwargs):
+    return started(dataclasses.replace(options, latency_seconds=60.0, faults=FAULTS), *args, **kwargs)
+
+falsim.running_simulator = held
+from cli import main
+main()
+"""
+
+#: Long enough for the test to see every submit thread's POST under way and stop the run before
+#: the first answer comes, however loaded the machine; well within ``WANBATCH_READ_TIMEOUT``.
+HELD_SECONDS = 20.0
+
+#: The line a stop says before its last when submits were on their way (worker.running
+#: ``_wait_for_answers``); the count is whatever was in flight at that moment.
+WAITING = re.compile(
+    r"waiting for [1-9]\d* submit\(s\) already sent to fal to be answered \(up to 60s; Ctrl-C again to "
+    r"exit now: fal may have accepted and billed them, and their outcome is settled after "
+    r"WANBATCH_LEASE_SECONDS \(120s\)\)"
+)
 
 #: Holds SQLite's write lock on the file it is given, says ``locked``, and keeps it until its
 #: standard input closes.
@@ -68,6 +105,23 @@ MANIFEST = "name: lockstop\nendpoint: fal-ai/wan-22\nitems:\n" + "".join(
 class Slowed(Background):
     def command(self) -> list[str]:
         return [sys.executable, "-c", SLOWED]
+
+
+class Held(Background):
+    def command(self) -> list[str]:
+        faults = {"submit_slow": FaultRule(probability=1.0, params={"delay": HELD_SECONDS})}
+        return [sys.executable, "-c", f"from falsim.faults import FaultRule\nFAULTS = {faults!r}\n{HELD}"]
+
+
+def _last_line(err: str) -> str:
+    """The line a stopped run ends with: the only one, or the one after the line that says the
+    stop waits for the answers of submits already sent (those the run had in flight, which a
+    loaded machine may leave at any stop: that wait is right even with the database locked)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    # no warning from each part of the shutdown that met the lock
+    assert len(lines) == 1 or (len(lines) == 2 and WAITING.fullmatch(lines[0])), err
+    return lines[-1]
 
 
 def _at_simulator(path: Path) -> int:
@@ -109,27 +163,31 @@ def test_a_stop_is_not_held_by_another_process_s_lock_on_the_database(
             holder.stdin.close()
             holder.wait(30)
     err = run.stderr()
-    lines = [line for line in err.splitlines() if line.strip()]
     assert code == 130, err
-    assert "Traceback" not in err
-    assert len(lines) == 1, err  # no warning from each part of the shutdown that met the lock
-    assert lines[0].startswith("interrupted: nothing more is sent;"), err
-    assert f"the database {database} is locked by another process" in lines[0], err
-    assert "the next --simulate run takes them" in lines[0], err
-    assert lines[0].endswith("run the same command again to resume"), err
+    last = _last_line(err)
+    assert last.startswith("interrupted: nothing more is sent;"), err
+    assert f"the database {database} is locked by another process" in last, err
+    assert "the next --simulate run takes them" in last, err
+    assert last.endswith("run the same command again to resume"), err
 
 
 # ------------------------------------------------------------------------------------ PostgreSQL
 
 
-def _pg_at_simulator(url: str) -> int:
-    """How many jobs the PostgreSQL database has at the simulator (0 while it cannot be read)."""
+def _pg_count(url: str, where: str) -> int:
+    """How many jobs of the PostgreSQL database match ``where`` (0 while it cannot be read: the
+    run has not made its tables yet)."""
     try:
         with psycopg.connect(url, connect_timeout=5) as conn:
-            row = conn.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()
+            row = conn.execute(f"SELECT count(*) FROM jobs WHERE {where}").fetchone()
     except psycopg.Error:
         return 0
     return int(row[0]) if row is not None else 0
+
+
+def _pg_at_simulator(url: str) -> int:
+    """How many jobs the PostgreSQL database has at the simulator (0 while it cannot be read)."""
+    return _pg_count(url, "state IN ('queued', 'running')")
 
 
 @pytest.mark.postgres
@@ -168,14 +226,75 @@ def test_a_stop_is_not_held_by_another_session_s_postgresql_lock(
             holder.rollback()
             holder.close()
     err = run.stderr()
+    assert code == 130, err
+    last = _last_line(err)
+    assert last.startswith("interrupted: nothing more is sent;"), err
+    assert "is locked by another session, so this run did not wait to give its jobs back" in last, err
+    assert f"pid {pid} holds a SHARE lock on table jobs" in last, err
+    assert last.endswith("run the same command again to resume"), err
+
+
+@pytest.mark.postgres
+def test_submits_in_flight_at_a_stop_with_the_database_locked_are_waited_for_and_kept(
+    manifest: MakeManifest, e2e_env: Path, new_pg_database: Callable[[], str]
+) -> None:
+    """CI (loaded): a stop under another session's lock came with submits still on their way to
+    fal. Waiting for their answers (up to ``WANBATCH_READ_TIMEOUT``) is right even though the
+    database cannot record them: they are kept in the journal, named in the last line, and the
+    next run records them — each job sent, and billed, once; none left to fail
+    ``submit_unknown``. Here every submit's answer is held by the simulator, so the four submit
+    threads' POSTs are all in flight when the lock is taken and the run stopped."""
+    url = new_pg_database()
+    env = subprocess_env("http://127.0.0.1:9", url, EMBEDDED_CONCURRENCY="4")
+    path = manifest("pglockheld", MANIFEST)
+    run = Held(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "run")
+    in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
+    holder: psycopg.Connection[Any] | None = None
+    try:
+        wait_for("4 POSTs in flight", lambda: _pg_count(url, in_flight) == 4, run)
+        holder = psycopg.connect(url)
+        holder.execute("LOCK TABLE jobs IN SHARE MODE")
+        release = threading.Timer(150, holder.rollback)
+        release.start()
+        run.popen.send_signal(signal.SIGTERM)
+        # The answers come after HELD_SECONDS; the stop then gives up the lock within seconds.
+        code = run.wait(HELD_SECONDS + 60)
+        assert release.is_alive()
+        release.cancel()
+    finally:
+        run.kill()
+        if holder is not None:
+            holder.rollback()
+            holder.close()
+    err = run.stderr()
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 130, err
     assert "Traceback" not in err
-    assert len(lines) == 1, err  # no warning from each part of the shutdown that met the lock
-    assert lines[0].startswith("interrupted: nothing more is sent;"), err
-    assert "is locked by another session, so this run did not wait to give its jobs back" in lines[0], err
-    assert f"pid {pid} holds a SHARE lock on table jobs" in lines[0], err
-    assert lines[0].endswith("run the same command again to resume"), err
+    assert len(lines) == 2, err
+    assert WAITING.fullmatch(lines[0]), err
+    assert lines[0].startswith("waiting for 4 submit(s)"), err
+    last = lines[1]
+    assert "is locked by another session, so this run did not wait to give its jobs back" in last, err
+    assert "4 accepted submission(s) could not be recorded (fal has them, and bills them)" in last, err
+    assert "the next run on this host records them (none is sent again)" in last, err
+    assert last.endswith("run the same command again to resume"), err
+    named = dict(re.findall(r"job (\w+) \(attempt 1\): request ([\w-]+)", last))
+    journal = re.search(r"kept in (\S+\.jsonl):", last)
+    assert len(named) == 4, err
+    assert journal is not None, err
+    unrecorded = "SELECT id FROM jobs WHERE submitted_input IS NOT NULL AND request_id IS NULL"
+    assert {row[0] for row in db_rows(url, unrecorded)} == set(named)
+
+    second = Background(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "second")
+    assert second.wait(120) == 0, second.stderr() + second.stdout()
+    rows = db_rows(url, "SELECT id, state, attempts, request_id, error_type FROM jobs")
+    assert len(rows) == 6
+    assert all(
+        state == "succeeded" and attempts == 1 and error is None for _, state, attempts, _, error in rows
+    )
+    recorded = {job: request for job, _, _, request, _ in rows}
+    assert {job: recorded[job] for job in named} == named  # fal's ids, not a second submit
+    assert not Path(journal.group(1)).exists()
 
 
 @pytest.mark.postgres

@@ -5,6 +5,8 @@ A fake clock drives the hold: no test waits for the pauses it describes.
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime
 
 import httpx
@@ -13,7 +15,7 @@ from jobs.errors import FinalProviderError, ProviderError, RetryableProviderErro
 from jobs.listing import FAL_HOLD_RENEW_SECONDS
 from worker.fal.errors import DownloadUnreachedError, FalUnreachableError, unreached
 from worker.steps.failures import failure_type
-from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, FalReach, Hold
+from worker.steps.fal_reach import LONGEST_PAUSE_SECONDS, RELEASE_WAIT_SECONDS, FalReach, Hold
 
 
 class Clock:
@@ -144,3 +146,40 @@ def test_a_first_end_that_could_not_be_recorded_is_recorded_at_the_next_answer()
     fal.answered()
     fal.answered()
     assert tries == [None, None]
+
+
+def test_a_stop_does_not_wait_for_a_record_held_up_by_a_lock() -> None:
+    """CI: Ctrl-C of a run while another PostgreSQL session held ``LOCK TABLE jobs`` never ended.
+    The first answer fal gave had its step record the end of every hold (which updates
+    ``jobs``), a running step's write that waits for the lock as long as it takes; the stop's
+    :meth:`FalReach.release` waited for that record. Now it waits at most
+    ``RELEASE_WAIT_SECONDS`` and records nothing more; the step's record is its own business."""
+    fal, _ = reach()
+    stuck, unstick = threading.Event(), threading.Event()
+    written: list[Hold | None] = []
+
+    def waits_for_a_lock(hold: Hold | None) -> None:
+        stuck.set()
+        unstick.wait(60)
+        written.append(hold)
+
+    fal.recorder = waits_for_a_lock
+    step = threading.Thread(target=fal.answered)  # the first answer this process hears
+    step.start()
+    try:
+        assert stuck.wait(10)
+        stop = threading.Thread(target=fal.release)
+        began = time.monotonic()
+        stop.start()
+        stop.join(RELEASE_WAIT_SECONDS + 10)
+        assert not stop.is_alive(), "the stop waited for the step's record"
+        assert time.monotonic() - began >= RELEASE_WAIT_SECONDS - 0.5
+        fal.release()  # again (the conductor's close, then the runtime's): at once
+        assert time.monotonic() - began < RELEASE_WAIT_SECONDS + 5
+    finally:
+        unstick.set()
+        step.join(10)
+    assert written == [None]  # the step's own record went through, once the lock was free
+    fal.failed("refused", probe=False)  # after the stop: nothing more is recorded
+    fal.answered()
+    assert written == [None]

@@ -27,6 +27,12 @@ or the process stops cleanly: :meth:`FalReach.release`), and when this process f
 answer (a process that died holding never recorded its end), the jobs such a backoff holds that
 no live hold of another process covers are due at once
 (:meth:`~worker.steps.context.Runtime.record_fal_hold`).
+
+A stop never waits for a record under way for longer than it waits for a lock
+(:data:`RELEASE_WAIT_SECONDS`): that record is a running step's write, which waits for a lock
+another session holds as long as it takes (``LOCK TABLE jobs`` left open in ``psql``: the first
+answer's end of the waits updates ``jobs``), and :meth:`FalReach.release` waited for it on the
+stopping thread — a Ctrl-C that never ended, without a word.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from jobs import clock as timeline
+from jobs.db import STOP_LOCK_WAIT_SECONDS
 from jobs.listing import FAL_HOLD_RENEW_SECONDS, FAL_PROBE_PAUSE_MAX, utc_clock
 from jobs.open_files import says_out_of_files
 from worker.outage_log import OutageLog
@@ -50,6 +57,9 @@ FIRST_PAUSE_SECONDS = 1.0
 LONGEST_PAUSE_SECONDS = FAL_PROBE_PAUSE_MAX
 #: While fal stays unreachable, it is said again (one warning) at most this often.
 WARN_EVERY_SECONDS = 30.0
+#: How long a stopping process waits for a record of the hold under way on a step's thread
+#: before it leaves it (:meth:`FalReach.release`): as long as its own writes wait for a lock.
+RELEASE_WAIT_SECONDS = STOP_LOCK_WAIT_SECONDS
 
 
 #: The most of the last failure kept (and recorded: ``fal_holds.error`` holds 255): enough for a
@@ -203,6 +213,8 @@ class FalReach:
         if recorder is None:
             return
         with self._record_lock:
+            if self.recorder is not recorder:  # released while this waited for the lock
+                return
             with self._lock:
                 now = self._clock()
                 since, pause, error, until = self.since, self.pause, self.error, self._until
@@ -228,8 +240,21 @@ class FalReach:
     def release(self) -> None:
         """This process stops (its runtime or its conductor closes): a hold it recorded ends with
         it, and nothing more is recorded, whatever its submits meet meanwhile. Best effort: a
-        record that cannot be deleted goes stale by itself."""
-        with self._record_lock:
+        record that cannot be deleted goes stale by itself.
+
+        A record under way on a step's thread is waited for :data:`RELEASE_WAIT_SECONDS` at
+        most: a running step's write waits for another session's lock as long as it takes, and
+        the stop must not (the step's own outcome is its business; nothing more is recorded)."""
+        if self.recorder is None:
+            return  # released already, or nothing to record to
+        if not self._record_lock.acquire(timeout=RELEASE_WAIT_SECONDS):
+            self.recorder = None  # a record that starts from now on writes nothing
+            log.debug(
+                "left a record of the hold on fal under way (its write waits for the database)",
+                extra={"event": "submit.fal_hold_unrecorded"},
+            )
+            return
+        try:
             recorder, self.recorder = self.recorder, None
             if recorder is None or self._recorded_at is None:
                 return
@@ -243,6 +268,8 @@ class FalReach:
                 )
                 return
             self._recorded_at = None
+        finally:
+            self._record_lock.release()
 
     def note(self, now: datetime | None = None) -> str | None:
         """Why submits are held, for the progress line and a held job's reason; None when not.
