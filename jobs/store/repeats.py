@@ -215,7 +215,14 @@ def lineage_repeats(
     ``only_covering``: only the repeats that cover the job they repeat (:func:`covering`, of
     the ``simulated`` kind when given), selected in SQL: a lineage whose reruns failed again
     (thousands of repeats, none covering) reads no row at all. ``batch``'s own rows are left
-    out in SQL too."""
+    out in SQL too.
+
+    A lineage with a ``--vary`` rerun in it (:func:`_varied`) is walked from every job of its
+    root: such a rerun's jobs repeat one job each (``--vary seed=1..12`` over jobs of seeds 1 to
+    6 made all twelve repeats of the seed-1 job) though their inputs are other jobs' — its
+    cancelled seed-3 job was never found rendered by a sibling's repeat of the seed-3 job, and
+    ``rerun --failed-only`` of it paid for that video again (CI: a summary that named the sibling
+    or not, as the cap happened to let the seed-1 job through or not)."""
     depth, top, seen = 0, batch, {batch.id}
     while top.parent_batch_id is not None:
         parent = session.get(Batch, top.parent_batch_id)
@@ -223,18 +230,24 @@ def lineage_repeats(
             break
         seen.add(parent.id)
         depth, top = depth + 1, parent
-    start = select(Job.id).where(Job.batch_id == top.id, Job.id.in_(_root_jobs({depth: [batch.id]}, states)))
+    whole = [top.id] if _varied_below(session, top.id) else []
+    start = select(Job.id).where(
+        Job.batch_id == top.id, Job.id.in_(_root_jobs({depth: [batch.id]}, states, whole=whole))
+    )
     wanted = Job.batch_id != batch.id
     if only_covering:
         wanted = and_(wanted, covering(simulated))
     return [row for row in _walk(session, top.id, start, wanted) if row.batch_id != batch.id]
 
 
-def _root_jobs(by_depth: dict[int, list[str]], states: Sequence[JobState]) -> Any:
+def _root_jobs(
+    by_depth: dict[int, list[str]], states: Sequence[JobState], *, whole: Collection[str] = ()
+) -> Any:
     """A query of the root jobs (:func:`lineage_repeats`) of the jobs in ``states`` of the
     batches ``by_depth`` holds, each list under its batches' number of generations below their
-    root: a job's ``rerun_of`` taken that many times, each a nested query."""
-    parts: list[Any] = []
+    root: a job's ``rerun_of`` taken that many times, each a nested query; and every job of the
+    root batches ``whole`` (a lineage with a ``--vary`` rerun: :func:`_varied`)."""
+    parts: list[Any] = [select(Job.id).where(Job.batch_id.in_(sorted(whole)))] if whole else []
     for depth, batch_ids in sorted(by_depth.items()):
         query: Any = select(Job.id if depth == 0 else Job.rerun_of).where(
             Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states))
@@ -412,6 +425,56 @@ def rerun_repeats_of_batches(
     return _repeats_of_roots(session, set(batch_ids), states, _children(session))
 
 
+def _varied(options: Any) -> bool:
+    """Whether a rerun batch's jobs' inputs need not be the input of the job each repeats (its
+    ``rerun_of``), by its :attr:`Batch.rerun_options`: made with ``--vary``, or stored before
+    those options were (none recorded: it may have been). A job of such a rerun may be the very
+    input another job's repeat rendered, so who rendered what is found by input over the whole
+    lineage, never only among the repeats of the job it repeats."""
+    return not isinstance(options, dict) or bool(options.get("vary"))
+
+
+def _below(children: dict[str, list[str]], root: str) -> set[str]:
+    """Every rerun of ``root``, any generation, from :func:`_links`' links."""
+    found: set[str] = set()
+    level = [root]
+    while level:
+        level = [c for b in level for c in children.get(b, ()) if c not in found]
+        found.update(level)
+    return found
+
+
+def _varied_below(session: Session, root: str) -> bool:
+    """Whether a rerun of ``root`` (any generation) was made with ``--vary`` (:func:`_varied`):
+    its reruns read generation by generation by their parent links (few rows), until one is."""
+    seen: set[str] = set()
+    level = [root]
+    while level:
+        rows = session.execute(select(Batch.id, Batch.rerun_options).where(Batch.parent_batch_id.in_(level)))
+        level = []
+        for batch_id, options in rows:
+            if _varied(options):
+                return True
+            if str(batch_id) not in seen:
+                seen.add(str(batch_id))
+                level.append(str(batch_id))
+    return False
+
+
+def _links(session: Session) -> tuple[dict[str, list[str]], set[str]]:
+    """Each batch that has reruns → its reruns' ids, and the reruns made with ``--vary``
+    (:func:`_varied`): one read of the reruns' parent links and options."""
+    children: dict[str, list[str]] = {}
+    varied: set[str] = set()
+    for child, parent, options in session.execute(
+        select(Batch.id, Batch.parent_batch_id, Batch.rerun_options).where(Batch.parent_batch_id.is_not(None))
+    ):
+        children.setdefault(str(parent), []).append(str(child))
+        if _varied(options):
+            varied.add(str(child))
+    return children, varied
+
+
 def _children(session: Session) -> dict[str, list[str]]:
     """Each batch that has reruns → its reruns' ids (one read of the reruns' parent links)."""
     children: dict[str, list[str]] = {}
@@ -431,8 +494,9 @@ def lineage_repeats_of_batches(
 
     ``only_covering``: only the repeats that cover (:func:`covering`, of either kind). The
     others are still read, to tell which lineage each row belongs to, but as their ids and
-    states only: their inputs are neither sent nor decoded."""
-    children = _children(session)
+    states only: their inputs are neither sent nor decoded. A lineage with a ``--vary`` rerun
+    in it is walked from every job of its root, as :func:`lineage_repeats` walks it."""
+    children, varied = _links(session)
     parent_of = {child: parent for parent, kids in children.items() for child in kids}
     roots: dict[str, str] = {}
     by_depth: dict[int, list[str]] = {}
@@ -445,7 +509,8 @@ def lineage_repeats_of_batches(
         by_depth.setdefault(len(seen) - 1, []).append(batch_id)
     if not by_depth:
         return {}
-    start = _root_jobs(by_depth, states)
+    whole = {root for root in set(roots.values()) if varied & _below(children, root)}
+    start = _root_jobs(by_depth, states, whole=whole)
     found = _repeats_of_roots(
         session, set(roots.values()), states, children, start, only_covering=only_covering
     )
