@@ -185,10 +185,24 @@ class PostgresServer:
 
     def freeze(self) -> None:
         """SIGSTOP the whole server: its kernel still accepts connections and acknowledges
-        every packet, but nothing ever answers (a hung host, a VM paused mid-query)."""
-        for pid in self._processes():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+        every packet, but nothing ever answers (a hung host, a VM paused mid-query).
+
+        The postmaster first, so that it forks no backend meanwhile, then its children, listed
+        again until a listing finds none left running: a backend forked while /proc was being
+        read (a client connecting at that moment, as a worker just started does) was never
+        stopped, and went on answering its client — a database half frozen, which a stop
+        watch rightly takes for one that answers, while the stop waits on the frozen rest
+        (CI, loaded: "never: the first worker ends")."""
+        found = self._processes()
+        if not found:
+            return
+        stopped: set[int] = set()
+        while found:
+            for pid in found:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                stopped.add(pid)
+            found = [pid for pid in self._processes() if pid not in stopped]
 
     def thaw(self) -> None:
         """SIGCONT what :meth:`freeze` stopped (harmless when nothing was)."""

@@ -28,14 +28,19 @@ from bench.distributed import Scenario, claimed_redis_db, environment, start_wor
 from bench.distributed import wanbatch_command as wanbatch
 from falsim import FaultRule, SimulatorOptions, running_simulator
 from falsim.server import SimulatorHandle
+from jobs.settings import Settings
 from tests import probe_budget
 from tests.chaos.chaos_harness import PostgresServer, migrated_postgres
 from worker import running
 
 pytestmark = pytest.mark.slow
 
-#: A generous cap on every wait for a condition (never a timed assertion).
+#: A generous cap on a wait for a condition the product sets no bound to (a worker started,
+#: the kept answer recorded by the next one): never a timed assertion.
 CAP = 240.0
+#: What a loaded machine adds to a wait the product bounds (a process's start-up and exit, the
+#: simulator's and PostgreSQL's threads starved of CPU): never a timed assertion either.
+LOAD_SLACK = 120.0
 
 
 @pytest.fixture
@@ -51,8 +56,8 @@ def broker(redis_url: str) -> Iterator[str]:
         yield url
 
 
-def _wait(what: str, condition: Callable[[], bool]) -> None:
-    end = time.monotonic() + CAP
+def _wait(what: str, condition: Callable[[], bool], cap: float = CAP) -> None:
+    end = time.monotonic() + cap
     while not condition():
         assert time.monotonic() < end, f"never: {what}"
         time.sleep(0.2)
@@ -88,6 +93,29 @@ def _start(
     return scenario, env
 
 
+def _post_deadline(env: dict[str, str]) -> float:
+    """The longest a submit POST of the worker takes, by its own HTTP deadline: connect, then
+    twice the read timeout (:func:`worker.running.say_sends_awaited`), from its environment."""
+    fields = Settings.model_fields
+    connect = float(env.get("WANBATCH_CONNECT_TIMEOUT", fields["connect_timeout"].default))
+    read = float(env.get("WANBATCH_READ_TIMEOUT", fields["read_timeout"].default))
+    return connect + 2 * read
+
+
+def _warm_stop_bound(env: dict[str, str]) -> float:
+    """How long a warm shutdown may wait for the task whose POST is in flight: its deadline."""
+    return _post_deadline(env) + LOAD_SLACK
+
+
+def _hung_stop_bound(env: dict[str, str]) -> float:
+    """How long a worker whose database is frozen may take to end, by the product's bounds: the
+    stop watch's grace, its probe's connect (:mod:`tests.probe_budget`'s), then the wait for the
+    answers of the POSTs in flight (:func:`worker.running.wait_for_sends`: their deadline and a
+    margin). CI, loaded: the test's fixed 240 s was shorter than that 263 s."""
+    watch = running.STOP_HANG_GRACE_SECONDS + probe_budget.CONNECT_SECONDS
+    return watch + _post_deadline(env) + running.SEND_ANSWER_MARGIN_SECONDS + LOAD_SLACK
+
+
 def _held_at_fal(sim: SimulatorHandle) -> bool:
     return bool(sim.engine.faults.fired.get("submit_slow"))
 
@@ -110,7 +138,7 @@ def test_a_database_slow_to_accept_new_connections_is_not_taken_for_a_frozen_one
                 conn.execute("SELECT pg_reload_conf()")
             time.sleep(1.0)  # the reload reaches the postmaster (no timing asserted)
             worker.send_signal(signal.SIGTERM)
-            _wait("the worker ends", lambda: worker.poll() is not None)
+            _wait("the worker ends", lambda: worker.poll() is not None, _warm_stop_bound(env))
         finally:
             stop_processes([worker], grace=2)
         with psycopg.connect(own_postgres.url, autocommit=True, connect_timeout=30) as conn:
@@ -146,7 +174,7 @@ def test_a_frozen_database_waits_for_the_submit_in_flight_and_the_next_worker_re
             _wait("the submit POST held at fal", lambda: _held_at_fal(sim))
             own_postgres.freeze()
             first.send_signal(signal.SIGTERM)
-            _wait("the first worker ends", lambda: first.poll() is not None)
+            _wait("the first worker ends", lambda: first.poll() is not None, _hung_stop_bound(env))
         finally:
             stop_processes([first], grace=2)
             own_postgres.thaw()
