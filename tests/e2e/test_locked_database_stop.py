@@ -205,6 +205,7 @@ def test_a_stop_is_not_held_by_another_session_s_postgresql_lock(
     in one line naming that session; the lock stays held until after the run has exited."""
     url = new_pg_database()
     env = subprocess_env("http://127.0.0.1:9", url, EMBEDDED_CONCURRENCY="4")
+    env["TMPDIR"] = str(e2e_env)  # where a journal of submissions kept goes: the test's, not /tmp
     argv = ["run", str(manifest("pglockstop", MANIFEST)), "--simulate", "--no-progress"]
     run = Slowed(argv, env, e2e_env, "run")
     holder: psycopg.Connection[Any] | None = None
@@ -246,6 +247,7 @@ def test_submits_in_flight_at_a_stop_with_the_database_locked_are_waited_for_and
     threads' POSTs are all in flight when the lock is taken and the run stopped."""
     url = new_pg_database()
     env = subprocess_env("http://127.0.0.1:9", url, EMBEDDED_CONCURRENCY="4")
+    env["TMPDIR"] = str(e2e_env)  # where a journal of submissions kept goes: the test's, not /tmp
     path = manifest("pglockheld", MANIFEST)
     run = Held(["run", str(path), "--simulate", "--no-progress"], env, e2e_env, "run")
     in_flight = "state = 'submitting' AND submitted_input IS NOT NULL"
