@@ -1192,6 +1192,8 @@ def _held_line(report: BatchReport, again: str | None) -> str | None:
         return batches.paused_line(report["name"], report_ref(report), **words, closed=closed)
     if batches.outputs_paused(report):
         return batches.outputs_line(report, **words)
+    if batches.inputs_paused(report):
+        return batches.inputs_line(report)
     if batches.refused_by_fal(report):
         return batches.refused_line(report, **words)
     return None
@@ -1381,6 +1383,8 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
             store.resume_batch(session, target.id)
         if note := batches.schedule_over_note(target, utcnow()):  # as `run MANIFEST` warns
             err.print(f"[yellow]warning[/yellow] {escape(note)}")
+        if note := batches.manifest_edited_note(target):  # the file edited since: not applied
+            err.print(f"[yellow]{escape(note)}[/yellow]")
         return target.id
 
 

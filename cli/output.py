@@ -1010,7 +1010,7 @@ def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
 
     seen = report["processed_at"]
     words = not_processing(datetime.fromisoformat(seen) if seen else None, now=utcnow())
-    from jobs.batches import refused_by_fal  # loaded already: it made the report
+    from jobs.batches import inputs_paused, refused_by_fal  # loaded already: they made the report
 
     if report["phase"] == "deadline":  # nothing is sent any more, paused or not: `resume` does nothing
         # The workers' deadline step skips a paused batch: only a run cancels its unsent jobs.
@@ -1021,7 +1021,9 @@ def idle_text(report: BatchReport, *, distributed: bool = False) -> str:
     # A user's pause is ended by `resume` only: a run (or a worker) of a paused batch sends nothing.
     first = f"after `wanbatch resume {report_ref(report)}`, " if _paused_by_user(report) else ""
     # Only a run ends a pause fal's refusal of the key or the account caused: workers leave it.
-    runner = _runner(report, workers=not refused_by_fal(report), distributed=distributed)
+    # Nor a pause for a missing input file: only a run (or a submit of the manifest) ends it.
+    ended_by_run = refused_by_fal(report) or inputs_paused(report)
+    runner = _runner(report, workers=not ended_by_run, distributed=distributed)
     return f"{words}: {first}{runner} goes on"
 
 
@@ -1296,6 +1298,8 @@ def print_failures(report: BatchReport) -> None:
         lead += ": "
         # The summary names every file (or counts the other errors) one example would hide.
         example = " ".join(f.get("summary", f["example"]).split())
+        if step := f.get("next_step"):  # fal discarded the results, the input files were missing
+            example += f" — {' '.join(step.split())}"
         # Wrapped, not cut: a cap's amount or a deadline's time is often at the end of the text.
         line = wrapped(example, width(), lead=lead, lead_style="red", max_lines=FAILURE_LINES)
         out.print(line, soft_wrap=True)
@@ -1365,6 +1369,10 @@ def _paused_text(report: BatchReport) -> str:
     simulate = " --simulate" if report["simulated"] else ""  # only a --simulate run sends one
     again = f"`wanbatch run {report_ref(report)}{simulate}`"
     if report["phase"] != "deadline":
+        from jobs.store import paused_for_inputs  # loaded already: it made the report
+
+        if paused_for_inputs(report["pause_reason"]):  # a missing input's reason says the ways on
+            return f"paused: {reason}"
         return f"paused: {reason}; fix it, then {again} goes on"
     fix = "fix it, then " if report["in_flight"] else ""
     return (

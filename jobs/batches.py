@@ -6,6 +6,7 @@ functions, so "what `submit` does" has exactly one definition.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from jobs.errors import (
     WanbatchError,
 )
 from jobs.estimates import daily_budget_issues, fal_keys, input_dirs
+from jobs.failure_summary import next_step
 from jobs.fs import shown_in_folder, shown_path
 from jobs.listing import PAST_DEADLINE as PAST_DEADLINE
 from jobs.listing import PAUSED_BY_USER as PAUSED_BY_USER
@@ -49,6 +51,7 @@ from jobs.listing import SCHEDULE_OVER as SCHEDULE_OVER
 from jobs.listing import batch_phase as batch_phase
 from jobs.manifest import JobSpec, ValidationReport, validate_manifest
 from jobs.manifest.expand import Manifest
+from jobs.manifest.loading import MAX_MANIFEST_BYTES
 from jobs.models import USER_CANCELLED, Batch, BatchState, Job, utcnow
 from jobs.money import DaySpender, too_much_usd, usd_apart, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job, price_table
@@ -167,6 +170,10 @@ class SubmitResult:
     #: Jobs the batch's old cap had cancelled before sending them that this submit, raising or
     #: removing the cap, made ``pending`` again (:func:`jobs.store.revive_budget_cancelled`).
     budget_revived: int = 0
+    #: Jobs failed ``input_file`` before ever being sent (a file not there, its folder moved)
+    #: that this submit, whose manifest has them with their files, made ``pending`` again
+    #: (:func:`jobs.store.revive_input_failed`).
+    inputs_revived: int = 0
     #: The batch's schedule (``Schedule.as_json()``, None = none) and queue priority after this submit.
     schedule: dict[str, Any] | None = None
     priority: str = "normal"
@@ -244,6 +251,7 @@ class SubmitResult:
             "budget_changed": self.budget_changed,
             "estimate_changed": self.estimate_changed,
             "budget_revived": self.budget_revived,
+            "inputs_revived": self.inputs_revived,
             "schedule": self.schedule,
             "priority": self.priority,
             "schedule_changed": self.schedule_changed,
@@ -545,6 +553,35 @@ def schedule_over_note(batch: Batch, now: datetime) -> str | None:
     return f"batch {batch.name}: {over}: nothing more is sent; what fal made is collected, the rest cancelled"
 
 
+def manifest_edited_note(batch: Batch) -> str | None:
+    """What ``run BATCH`` says before it starts when the manifest file the batch was submitted
+    from no longer holds what was submitted (its SHA-256, stored, differs): the run goes on with
+    the stored manifest — its budget cap, schedule and jobs — as the contract has it (only
+    submitting applies the file's current values), but a lowered cap edited into the file and
+    then ``run NAME`` spent under the old cap without a word. None when the file is unchanged,
+    is another machine's, cannot be read (gone: the submit step says so, and pauses the batch,
+    should a job need a file from its folder), or the batch is a rerun (no manifest of its own).
+
+    Bounded: one file read and hashed, at most the manifest's size limit."""
+    if batch.parent_batch_id is not None or machine.elsewhere(batch.manifest_host):
+        return None
+    path = Path(batch.manifest_path)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(data).hexdigest() == batch.manifest_sha256:
+        return None
+    cap = f"budget {usd_text(batch.budget_max_usd)}" if batch.budget_max_usd is not None else "no budget cap"
+    simulate = " --simulate" if batch.simulated else ""
+    shown = shown_path(path)
+    return (
+        f"{shown} changed since batch {batch.name} was submitted; this run uses the stored version "
+        f"({cap}); `wanbatch run {shown}{simulate}` applies the file"
+    )
+
+
 def _apply_budget(session: Session, batch: Batch, wanted: Decimal | None) -> dict[str, float | None] | None:
     """Give an existing batch the cap asked for now; ``{"from", "to"}`` when that changed it."""
     if batch.budget_max_usd == wanted:  # Decimal equality: 5.0 == 5.000000
@@ -729,6 +766,9 @@ def submit_manifest(
                 )
             # Its reruns' jobs follow its own, now where the manifest names their files.
             followed = store.reruns_follow(session, batch.id, manifest_path)
+        inputs_revived = 0
+        if stored is not None:  # after resubmit_jobs: its files, where the manifest now puts them
+            inputs_revived = store.revive_input_failed(session, batch.id)
         revived = 0
         if budget_changed is not None and cap_raised(cap_before, manifest.budget_max_usd):
             # After resubmit_jobs: a job the manifest no longer has is marked, and stays ended.
@@ -755,6 +795,11 @@ def submit_manifest(
             warnings.append(_not_in_manifest_note(batch.name, edited, _item_count(manifest)))
         if stored is not None and stored.defaults_matched:
             warnings.append(_defaults_matched_note(batch.name, stored.defaults_matched))
+        if inputs_revived:
+            warnings.append(
+                f"{inputs_revived} job(s) of batch {batch.name} that failed before being sent because an "
+                "input file could not be sent (input_file) are pending again: their files are there now"
+            )
         if stored is not None and stored.restored:
             warnings.append(
                 f"{stored.restored} job(s) of batch {batch.name} dropped from its manifest before are in it "
@@ -764,6 +809,7 @@ def submit_manifest(
             session, batch, created, added, existing, warnings, budget_changed, schedule_changed
         )
         result.budget_revived = revived
+        result.inputs_revived = inputs_revived
         result.budget_warnings = [i.message for i in budget_warnings]
         if moved:
             result.moved_aside, result.reruns_moved = moved[0][1], moved[1:]
@@ -955,6 +1001,9 @@ class FailureReason(TypedDict):
     summary: str
     #: How many different errors these jobs have.
     distinct_errors: int
+    #: The way on for these jobs, where one is known (:func:`jobs.failure_summary.next_step`:
+    #: fal discarded their results, their input files were missing), else None.
+    next_step: str | None
 
 
 def told_apart_by_sending(groups: Iterable[tuple[str, str | None, bool]]) -> set[tuple[str, str | None]]:
@@ -2022,6 +2071,13 @@ def _report(
                 sent=g.sent,
                 summary=g.summary,
                 distinct_errors=g.distinct,
+                next_step=next_step(
+                    g.error_type,
+                    sent=g.sent,
+                    ref=shell_ref(batch.name, batch.id),
+                    simulated=batch.simulated,
+                    rerun=batch.parent_batch_id is not None,
+                ),
             )
             for g in reads.failures(batch)
         ],
@@ -2230,7 +2286,25 @@ def refused_by_fal(report: BatchReport) -> bool:
         report["state"] == BatchState.PAUSED.value
         and report["finished"] < report["total"]
         and not (report["pause_reason"] or "").startswith(store.OUTPUTS_PAUSE_PREFIX)
+        and not store.paused_for_inputs(report["pause_reason"])
     )
+
+
+def inputs_paused(report: BatchReport) -> bool:
+    """Whether the batch has jobs left and is paused because a job's local input file is not
+    there (its folder moved, its disk not mounted: :func:`worker.steps.failures.pause_for_missing_input`)."""
+    return (
+        report["state"] == BatchState.PAUSED.value
+        and report["finished"] < report["total"]
+        and store.paused_for_inputs(report["pause_reason"])
+    )
+
+
+def inputs_line(report: BatchReport) -> str:
+    """What a ``run`` that a missing input file stopped says: paused, and the reason, which says
+    which file or folder is missing and the ways on (the manifest from its new place, or ``run
+    BATCH`` once the file is back): "run this command again" would meet the same missing file."""
+    return f"batch {report['name']} is paused: {report['pause_reason']}"
 
 
 def outputs_paused(report: BatchReport) -> bool:

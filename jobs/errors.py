@@ -23,6 +23,7 @@ lives in this module unless ``[module]`` names another::
     │   ├── DatabaseFullError        the database's disk is full: nothing can be stored until space is freed
     │   ├── DatabaseLockedError      another session held a lock an operator's command waited for too long
     │   ├── NotFoundError            a batch or job id that does not exist
+    │   ├── MissingInputError        a job's local input file is not there (moved, deleted, disk not mounted)
     │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
     │   └── ManifestError            the manifest is invalid; carries every located issue
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
@@ -140,6 +141,18 @@ class DatabaseLockedError(UsageError):
 
 class NotFoundError(UsageError):
     """A batch or job the user named does not exist."""
+
+
+class MissingInputError(UsageError):
+    """A job's local input file is not there when the job is about to be sent: its project
+    folder moved or was renamed, its disk is not mounted, or the file was deleted. Nothing was
+    sent, so nothing is lost by waiting: the submit step pauses the batch (and says how to go
+    on) instead of failing the job for good, which a moved folder used to do to every job.
+    ``path``: the file as stored (absolute)."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 #: :attr:`Issue.code` of a schedule deadline already past: refused for a new batch, but not for

@@ -1830,9 +1830,12 @@ def _watch(
             return True
         if current["state"] == "paused" and collecting == 0:
             reason = shown(current["pause_reason"] or "see status")  # fal's words, maybe
-            progress.console.print(
-                f"[yellow]batch paused: {reason}; fix it, then {shown(again)} to resume[/yellow]"
-            )
+            # A missing input's reason names the ways on itself: "run the same command again"
+            # would meet the same missing file when the project moved.
+            then = f"; fix it, then {shown(again)} to resume"
+            if store.paused_for_inputs(current["pause_reason"]):
+                then = ""
+            progress.console.print(f"[yellow]batch paused: {reason}{then}[/yellow]")
             return True
         if held_by_user and collecting == 0:
             ref = shell_ref(current["name"], batch_id)

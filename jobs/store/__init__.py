@@ -57,6 +57,7 @@ calls itself patches it in the part that calls it (``monkeypatch.setattr(store.l
 from jobs.store.batches import ACCOUNT_PAUSE_MARK as ACCOUNT_PAUSE_MARK
 from jobs.store.batches import CANNOT_DOWNLOAD as CANNOT_DOWNLOAD
 from jobs.store.batches import ID_CHARS as ID_CHARS
+from jobs.store.batches import INPUTS_PAUSE_PREFIX as INPUTS_PAUSE_PREFIX
 from jobs.store.batches import OUTPUTS_PAUSE_PREFIX as OUTPUTS_PAUSE_PREFIX
 from jobs.store.batches import SIMULATED_SUFFIX as SIMULATED_SUFFIX
 from jobs.store.batches import batch_name_taken as batch_name_taken
@@ -68,7 +69,9 @@ from jobs.store.batches import (
     list_batches,
     lock_batch,
     name_for_batch,
+    pause_for_inputs,
     pause_for_refusal,
+    paused_for_inputs,
     renew_download_pause,
     reruns_follow,
     resume_after_outputs_stored,
@@ -129,6 +132,7 @@ from jobs.store.creating import mark_reruns_not_in_manifest as mark_reruns_not_i
 from jobs.store.creating import places_after as places_after
 from jobs.store.creating import resubmit_jobs as resubmit_jobs
 from jobs.store.creating import revive_budget_cancelled as revive_budget_cancelled
+from jobs.store.creating import revive_input_failed as revive_input_failed
 from jobs.store.dashboard_sessions import dashboard_session_revoked, revoke_dashboard_session
 from jobs.store.dispatch import DISPATCH_LOCK_KEY as DISPATCH_LOCK_KEY
 from jobs.store.dispatch import (
@@ -546,7 +550,9 @@ __all__ = [
     "note_window_duplicate",
     "owners_last_seen",
     "pacing_peers",
+    "pause_for_inputs",
     "pause_for_refusal",
+    "paused_for_inputs",
     "pin_account",
     "pinned_account",
     "record_duplicate_charge",

@@ -407,6 +407,34 @@ def pause_for_refusal(session: Session, batch_id: str, reason: str) -> bool:
     return False
 
 
+#: How every pause for a job's local input file that is not there begins
+#: (:func:`worker.steps.failures.pause_for_missing_input`: the project folder moved, its disk is
+#: not mounted, the file was deleted). Nothing was sent, so the batch waits rather than fail its
+#: jobs for good; submitting its manifest (from its new place) or ``run BATCH`` ends the pause.
+INPUTS_PAUSE_PREFIX = "input missing: "
+
+
+def paused_for_inputs(reason: str | None) -> bool:
+    """Whether a batch's ``pause_reason`` is a pause for a missing input file
+    (:data:`INPUTS_PAUSE_PREFIX`)."""
+    return (reason or "").startswith(INPUTS_PAUSE_PREFIX)
+
+
+def pause_for_inputs(session: Session, batch_id: str, reason: str) -> bool:
+    """Pause an active batch because a job's local input file is not there, ``reason`` starting
+    with :data:`INPUTS_PAUSE_PREFIX`; True when that changed the batch. A batch paused already
+    (for this or anything else) or cancelled is left as it is (False): its other jobs that meet
+    the same missing folder are news once, and another pause's reason says what to fix first.
+    One statement decides, so of several submit steps only one is told it paused the batch."""
+    changed = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.state == BatchState.ACTIVE)
+        .values(state=BatchState.PAUSED, pause_reason=reason)
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(cast("CursorResult[Any]", changed).rowcount)
+
+
 def resume_batch(session: Session, batch_id: str) -> bool:
     """The user says "go on" (runs or submits a paused batch again): the batch is active again,
     and its downloads waiting for a retry are due at once — those a full disk held back

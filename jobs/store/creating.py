@@ -935,18 +935,56 @@ def revive_budget_cancelled(session: Session, batch_id: str) -> int:
     return _back_to_pending(session, where, "budget raised: never sent, decided again")
 
 
+#: ``error_type`` of a job failed before it was sent because a local input file could not be
+#: sent (:func:`worker.steps.submit`: changed, unreadable, or — before missing files paused the
+#: batch — not there).
+INPUT_FILE_ERROR = "input_file"
+
+
+def revive_input_failed(session: Session, batch_id: str) -> int:
+    """Make ``pending`` again the jobs of ``batch_id`` that failed ``input_file`` before ever
+    being sent (:func:`_nothing_sent`) and that the manifest submitted now has; how many.
+
+    Such a job's key stands for its files' bytes, so the manifest just validated having it means
+    its files are there again with the recorded bytes — where the manifest now puts them: a
+    project moved used to fail every unsent job for good ("media file … does not exist", its old
+    path), and submitting the manifest from the new folder moved the batch but left them failed;
+    only ``rerun --failed-only`` (a new batch) sent them. Left as they are: a job the manifest
+    no longer has (a file rewritten since: the manifest has a job for its new bytes), one sent
+    before, and one a rerun rendered or is rendering (:func:`covered_by_reruns`: it would be
+    paid twice). Nothing of them was billed, so the batch's finished totals stay right."""
+    batch = session.get(Batch, batch_id)
+    simulated = bool(batch is not None and batch.simulated)
+    covered = covered_by_reruns(session, batch_id, [JobState.FAILED], simulated=simulated)
+    where = [
+        _JOBS.c.batch_id == batch_id,
+        _JOBS.c.error_type == INPUT_FILE_ERROR,
+        _JOBS.c.not_in_manifest.is_(False),
+        *_nothing_sent(),
+    ]
+    if covered:  # few: the jobs a rerun rendered or is rendering
+        where.append(_JOBS.c.id.not_in(sorted(covered)))
+    reason = "its input files are there again (manifest submitted): never sent, sent now"
+    return _back_to_pending(session, where, reason, ended=JobState.FAILED)
+
+
 def _back_to_pending(
-    session: Session, where: Sequence[ColumnElement[bool]], reason: str, **values: Any
+    session: Session,
+    where: Sequence[ColumnElement[bool]],
+    reason: str,
+    *,
+    ended: JobState = JobState.CANCELLED,
+    **values: Any,
 ) -> int:
-    """Move the ``cancelled`` jobs that match ``where`` back to ``pending`` in one UPDATE (the
-    compare-and-set on ``cancelled``; ``values`` written too), their end forgotten (error,
-    finished_at, what they billed: nothing), the version one more, each with its event
-    (``reason``). How many."""
+    """Move the ``ended`` (``cancelled`` unless said) jobs that match ``where`` back to
+    ``pending`` in one UPDATE (the compare-and-set on ``ended``; ``values`` written too), their
+    end forgotten (error, finished_at, what they billed: nothing), the version one more, each
+    with its event (``reason``). How many."""
     conn = session.connection()
     now = utcnow()
     moved = conn.execute(
         update(_JOBS)
-        .where(_JOBS.c.state == JobState.CANCELLED, *where)
+        .where(_JOBS.c.state == ended, *where)
         .values(
             state=JobState.PENDING,
             version=_JOBS.c.version + 1,
@@ -968,7 +1006,7 @@ def _back_to_pending(
                 dict(
                     zip(
                         _EVENT_COLUMNS,
-                        (row.id, now, JobState.CANCELLED, JobState.PENDING, row.version, reason, None),
+                        (row.id, now, ended, JobState.PENDING, row.version, reason, None),
                         strict=True,
                     )
                 )

@@ -141,34 +141,40 @@ def _i2v_job(engine: Engine, image: Path) -> str:
     )
 
 
-def test_a_job_whose_file_is_gone_fails_unsent_and_uncounted(
+def test_a_job_whose_file_is_gone_pauses_its_batch_unsent_and_uncounted(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
-    """An input file gone (or changed) when the job is to be sent fails it (``input_file``) before
-    anything is sent: a job never sent has no attempt (README: exports) and cost nothing."""
+    """An input file gone when the job is to be sent (its folder moved, its disk not mounted)
+    pauses the batch, naming the file, before anything is sent: the job goes back ``pending``
+    without an attempt (README: exports) and cost nothing. It used to fail for good
+    (``input_file``), every unsent job of a moved project with it."""
     accepted(hostile)
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
     try:
-        _i2v_job(engine, tmp_path / "gone.png")
+        batch_id = _i2v_job(engine, tmp_path / "gone.png")
         (job_id,) = dispatch(rt)
         assert job(engine, job_id).attempts == 1  # counted when claimed…
-        assert submit(rt, job_id) == "failed"  # it ended, with error_type input_file
+        assert submit(rt, job_id) == "input-missing"
+        assert dispatch(rt) == []  # the batch is paused: nothing more is claimed
     finally:
         rt.client.close()
     after = job(engine, job_id)
-    assert (after.state, after.error_type) == (S.FAILED, "input_file")
+    assert (after.state, after.error_type) == (S.PENDING, None)
     assert after.attempts == 0  # …and not any more: it never left
     assert (after.submitted_at, after.request_id) == (None, None)
-    assert after.actual_usd == Decimal(0)
     assert hostile.count("POST", r".*") == 0
+    shown = report(engine, batch_id)
+    assert shown["state"] == BatchState.PAUSED.value
+    reason = shown["pause_reason"] or ""
+    assert reason.startswith(f"input missing: media file '{tmp_path / 'gone.png'}' does not exist"), reason
 
 
 def test_a_resend_whose_file_is_gone_keeps_only_the_attempt_sent(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
     """A job sent before (its answer lost, resubmitted by the policy) whose file is gone when it
-    is to be sent again: the first attempt stays counted, the one never sent does not, and it is
-    no possible duplicate charge."""
+    is to be sent again: the batch pauses; the first attempt stays counted, the one never sent
+    does not, and it is no possible duplicate charge."""
     image = tmp_path / "still.png"
     Image.new("RGB", (64, 48), (20, 90, 160)).save(image)
     hostile.route("POST", rf"/{I2V}", reset())
@@ -180,11 +186,11 @@ def test_a_resend_whose_file_is_gone_keeps_only_the_attempt_sent(
         assert job(engine, job_id).state == S.RETRY_WAIT
         image.unlink()
         assert dispatch(rt) == [job_id]
-        assert submit(rt, job_id) == "failed"  # it ended, with error_type input_file
+        assert submit(rt, job_id) == "input-missing"
     finally:
         rt.client.close()
     after = job(engine, job_id)
-    assert (after.state, after.error_type) == (S.FAILED, "input_file")
+    assert after.state == S.PENDING
     assert (after.attempts, after.possible_duplicate_charges) == (1, 0)
     assert after.submitted_at is not None  # the first attempt's POST went out
     assert hostile.count("POST", rf"/{I2V}") == 1

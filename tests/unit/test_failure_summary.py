@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from jobs.failure_summary import failure_summary
+from jobs.failure_summary import failure_summary, next_step
 
 CHANGED = "changed since the manifest was validated (its bytes differ); not sent"
 
@@ -49,3 +49,44 @@ def test_other_errors_are_counted_after_the_commonest() -> None:
         "HTTP 422: prompt too long; also: HTTP 422: image too small"
     )
     assert failure_summary("x", errors[:1], 2) == "HTTP 422: prompt too long (and 1 other error)"
+
+
+EXPIRED = "HTTP 404: Result of request {} has expired"
+IDS = [f"{n:08x}-b6e6-4c1e-9f0a-{n:012x}" for n in (0x0051B6E6, 0x457F71DB, 1, 2, 3, 4, 5, 6)]
+
+
+def test_errors_told_apart_only_by_their_request_id_are_one_cause() -> None:
+    """Audit: "8 failed (result_expired): HTTP 404: Result of request 0051b6e6-… has expired;
+    also: HTTP 404: Result of request 457f71db-… has expired (and 6 other errors)"."""
+    errors = [(EXPIRED.format(i), 1) for i in IDS]
+    assert failure_summary(errors[0][0], errors, 8) == (
+        "HTTP 404: Result of request … has expired (8 requests)"
+    )
+
+
+def test_a_request_cause_beside_others_counts_its_requests() -> None:
+    errors = [(EXPIRED.format(IDS[0]), 2), ("HTTP 422: prompt too long", 2), (EXPIRED.format(IDS[1]), 1)]
+    assert failure_summary(errors[0][0], errors, 3) == (
+        "HTTP 404: Result of request … has expired (3 requests); also: HTTP 422: prompt too long"
+    )
+    # third cause hidden: counted by the errors it stands for
+    more = [("HTTP 422: a", 3), ("HTTP 422: b", 2), *[(EXPIRED.format(i), 1) for i in IDS[:3]]]
+    assert failure_summary("x", more, 5) == "HTTP 422: a; also: HTTP 422: b (and 3 other errors)"
+
+
+def test_one_request_keeps_its_id() -> None:
+    errors = [(EXPIRED.format(IDS[0]), 1), ("HTTP 422: prompt too long", 1)]
+    assert failure_summary(errors[0][0], errors, 2) == (
+        f"{EXPIRED.format(IDS[0])}; also: HTTP 422: prompt too long"
+    )
+
+
+def test_the_next_step_of_an_expired_result_and_a_missing_input() -> None:
+    expired = next_step("result_expired", sent=True, ref="b1", simulated=False, rerun=False)
+    assert expired is not None
+    assert "`wanbatch rerun b1 --failed-only` renders them again, paid again" in expired
+    missing = next_step("input_file", sent=False, ref="b1", simulated=True, rerun=True)
+    assert missing == (
+        "never sent, nothing paid: `wanbatch rerun b1 --failed-only --simulate` sends them again"
+    )
+    assert next_step("http_422", sent=True, ref="b1", simulated=False, rerun=False) is None

@@ -50,7 +50,13 @@ import httpcore
 import httpx
 
 from jobs.endpoints import FieldType
-from jobs.errors import FinalProviderError, ProviderError, RetryableProviderError, UsageError
+from jobs.errors import (
+    FinalProviderError,
+    MissingInputError,
+    ProviderError,
+    RetryableProviderError,
+    UsageError,
+)
 from jobs.fs import file_kind, is_missing, os_reason, shown_in_folder, shown_path
 from jobs.http_environment import no_proxy_entries, no_proxy_pattern, proxy_variables
 from jobs.key_forms import holds_known_key
@@ -294,14 +300,16 @@ class MediaPreparer:
             )
         found = file_kind(resolved)
         if isinstance(found, OSError):
-            if is_missing(found):
-                raise UsageError(f"media file '{name}' does not exist")
+            if is_missing(found):  # moved, deleted, or its disk not mounted: the batch waits
+                raise MissingInputError(f"media file '{name}' does not exist", str(path))
             raise UsageError(f"media file '{name}' cannot be read: {os_reason(found)}")
         if found != "file":
             raise UsageError(f"media file '{name}' is not a regular file")
         try:
             data = resolved.read_bytes()
         except OSError as exc:  # removed or locked since it was looked at
+            if is_missing(exc):
+                raise MissingInputError(f"media file '{name}' does not exist", str(path)) from exc
             raise UsageError(f"media file '{name}' cannot be read: {os_reason(exc)}") from exc
         digest = hashlib.sha256(data).hexdigest()
         if expected_sha256 is not None and digest != expected_sha256:

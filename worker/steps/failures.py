@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,14 @@ from sqlalchemy.orm import Session
 
 from jobs import billing, db, store
 from jobs.endpoints import get_endpoint
-from jobs.errors import AccountLockedError, FinalProviderError, ProviderError, RetryableProviderError
+from jobs.errors import (
+    AccountLockedError,
+    FinalProviderError,
+    MissingInputError,
+    ProviderError,
+    RetryableProviderError,
+)
+from jobs.fs import shown_path
 from jobs.media import MediaKind, classify
 from jobs.models import Job, JobView, utcnow
 from jobs.printable import SHELL_ID_CHARS, shell_ref
@@ -665,6 +673,57 @@ def pause_for_account(session: Session, rt: Runtime, batch_id: str, exc: Account
         batch_id,
         reason,
         extra={"event": "batch.account_refused", "batch_id": batch_id},
+    )
+    return reason
+
+
+def pause_for_missing_input(session: Session, batch_id: str, exc: MissingInputError) -> str:
+    """Pause ``batch_id`` because a job's local input file is not there; returns the reason.
+
+    Nothing was sent, so nothing is lost by waiting, while failing the job (as was done) ended
+    every unsent job of a moved project for good (``input_file``), and ``run NEW/m.yaml``, which
+    gives the batch its new place, left them failed with the old path. The same holds for one
+    file of many deleted (on purpose, perhaps): the batch waits, naming it, for the user to put
+    it back or take its item out of the manifest — cheaper than a job failed by mistake.
+
+    The reason says which file — or, when the manifest's whole folder is gone, which folder —
+    and the ways on: submitting the manifest from its new place (``run NEW-FOLDER/m.yaml``,
+    which resumes the batch and gives its jobs the new paths), or ``run BATCH`` once the file
+    or disk is back. A rerun has no manifest of its own: its root's manifest gives it (and its
+    reruns) the new place (:func:`jobs.store.reruns_follow`). Warned once per pause."""
+    batch = store.get_batch(session, batch_id)
+    root = store.root_batch(session, batch)
+    manifest = Path(root.manifest_path)
+    simulate = " --simulate" if batch.simulated else ""
+    folder = manifest.parent
+    try:
+        gone = not folder.is_dir()
+    except OSError:
+        gone = True
+    if gone and Path(exc.path).is_relative_to(folder):
+        what = f"the manifest's folder {shown_path(folder)} is gone (moved or renamed? its disk not mounted?)"
+    else:
+        what = f"{exc} (deleted, or moved?)"
+    ref = shell_ref(batch.name, batch.id)
+    place = f"`wanbatch run NEW-FOLDER/{shown_path(manifest.name)}{simulate}`"
+    if root.id != batch.id:  # a rerun: its root's manifest takes it along
+        place += (
+            f" (batch {root.name}'s manifest: its reruns move with it), then `wanbatch run {ref}{simulate}`"
+        )
+    back = "the folder is back (its disk mounted)" if gone else "the file is back"
+    removed = "" if gone else "; deleted on purpose? take its item out of the manifest and run that"
+    reason = (
+        f"{store.INPUTS_PAUSE_PREFIX}{what}; nothing of it was sent. If the project moved, {place} "
+        f"gives the batch its new place and goes on; once {back}, `wanbatch run {ref}{simulate}` "
+        f"goes on{removed}"
+    )
+    changed = store.pause_for_inputs(session, batch_id, reason)
+    log.log(
+        logging.WARNING if changed else logging.DEBUG,
+        "batch %s paused: %s" if changed else "batch %s paused already; a job of it: %s",
+        batch_id,
+        reason if changed else exc,
+        extra={"event": "batch.input_missing", "batch_id": batch_id},
     )
     return reason
 

@@ -31,6 +31,7 @@ from jobs.errors import (
     AccountLockedError,
     AmbiguousSubmitError,
     FinalProviderError,
+    MissingInputError,
     ProviderError,
     RequestHeldError,
     RetryableProviderError,
@@ -61,6 +62,7 @@ from worker.steps.failures import (
     describe,
     outcome_unknown,
     pause_for_account,
+    pause_for_missing_input,
     request_held_elsewhere,
     retry_after,
     sent_media,
@@ -435,7 +437,12 @@ def _prepare(rt: Runtime, ticket: SubmitTicket, fence: Fence, *, probe: bool) ->
         return prepare_input(
             ticket.input, fields, preparer=rt.media, source_files=ticket.source_files, folder=folder
         )
-    except (UsageError, OSError) as exc:  # a local file vanished, changed or became unreadable
+    except MissingInputError as exc:  # its folder moved, its disk is not mounted: wait, nothing sent
+        with db.session_scope(rt.engine) as session:
+            reason = pause_for_missing_input(session, batch_id, exc)
+            kept = store.give_back(session, fence, reason=f"batch paused: {reason}", due_at=in_seconds(0))
+        return "input-missing" if kept else "lost-lease"
+    except (UsageError, OSError) as exc:  # a local file changed or became unreadable
         with db.session_scope(rt.engine) as session:
             failed = store.fail_unsent(session, fence, error=str(exc), error_type="input_file")
         return "failed" if failed else "lost-lease"
