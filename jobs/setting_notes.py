@@ -46,7 +46,9 @@ CONTRACT_SETTINGS: tuple[SettingNote, ...] = (
     SettingNote("WANBATCH_DOWNLOAD_TIMEOUT", "seconds one download attempt may take", "1800"),
     SettingNote(
         "WANBATCH_DOWNLOAD_ALLOWED_HOSTS",
-        "more hosts outputs may be fetched from, beyond fal's (comma-separated)",
+        "hosts outputs may be fetched from, beyond the configured fal URLs (and fal's media "
+        "hosts); loopback, private and link-local addresses are refused unless listed "
+        "(comma-separated)",
         "none",
     ),
     SettingNote("WANBATCH_WEBHOOK_URL", "public URL of `serve`'s /webhooks/fal", "unset: no webhooks"),

@@ -1182,12 +1182,14 @@ class DownloadSettings(_Section):
     #: Largest output file we accept from the provider.
     download_max_bytes: int = Field(default=2 * 1024**3, gt=0, le=MAX_DOWNLOAD_BYTES)
     #: Hosts outputs may be downloaded from (and uploads PUT to) beyond the configured fal URLs'
-    #: origins, comma-separated or a JSON list: ``host`` (any port), ``host:port`` (that port
-    #: only; ``[v6]:port`` for an IPv6 literal) or ``*.fal.media`` style wildcards. Unset: any
-    #: host whose addresses are all public; loopback, private, link-local, reserved, multicast
-    #: and unspecified addresses are refused unless the URL is on a fal URL's origin (scheme,
-    #: host and port) or listed here. Set: only those (and the fal URLs' origins), whatever they
-    #: resolve to, e.g. ``*.fal.media,storage.googleapis.com``.
+    #: origins and fal's media hosts, comma-separated or a JSON list: ``host`` (any port),
+    #: ``host:port`` (that port only; ``[v6]:port`` for an IPv6 literal) or ``*.fal.media`` style
+    #: wildcards. Unset: any host whose addresses are all public; loopback, private, link-local,
+    #: reserved, multicast and unspecified addresses are refused unless the URL is on a fal URL's
+    #: origin (scheme, host and port) or listed here. Set: it adds to fal's hosts, never replaces
+    #: them — only those listed (whatever they resolve to), the fal URLs' origins and fal's media
+    #: hosts (:data:`worker.fal.storage.FAL_MEDIA_HOSTS`, at public addresses) are fetched from,
+    #: e.g. ``media.internal.example:8443``.
     download_allowed_hosts: Annotated[list[str] | None, NoDecode] = None
     #: How downloads (and uploads' PUTs) reach fal's media hosts: unset, directly (the address
     #: guard judges the very address connected to); ``env``, through the proxy the environment's

@@ -16,10 +16,12 @@ from jobs.errors import FinalProviderError, RetryableProviderError, StateConflic
 from tests.hostile import HostileProvider, drip, json_reply, raw_reply, redirect
 from tests.hostile_fal import sample_video
 from worker.fal.client import FalClient
+from worker.fal.errors import DownloadRefusedError
 from worker.fal.http import RetryPolicy
 from worker.fal.storage import (
     DownloadPolicy,
     FalStorage,
+    allow_entry,
     download,
     guarded_client,
     internal_address_kind,
@@ -324,3 +326,50 @@ def test_identity_as_the_encoding_is_accepted(hostile: HostileProvider, tmp_path
     policy = DownloadPolicy.for_urls([hostile.url], None)
     result = download(f"{hostile.url}/v.mp4", tmp_path / "v.mp4", max_bytes=1 << 20, policy=policy)
     assert result.size == len(video)
+
+
+def test_the_allow_list_adds_to_fals_media_hosts_never_replaces_them() -> None:
+    """Before, setting WANBATCH_DOWNLOAD_ALLOWED_HOSTS made it the only list: fal's own media
+    hosts were refused ("not in the allow-list") once any other host was listed."""
+    policy = DownloadPolicy.for_urls(["https://queue.fal.run", "https://rest.fal.ai"], ["10.0.0.5"])
+    for host in ("v3.fal.media", "v3b.fal.media", "fal.media", "storage.googleapis.com"):
+        policy.check_host(host, 443, "https")
+    policy.check_host("10.0.0.5", 443, "https")  # the listed host, as before
+    with pytest.raises(DownloadRefusedError, match="not in the allow-list") as refused:
+        policy.check_host("media.example", 8443, "https")
+    assert refused.value.host == "media.example:8443"
+    assert refused.value.setting == "WANBATCH_DOWNLOAD_ALLOWED_HOSTS=10.0.0.5,media.example:8443"
+    assert str(refused.value).endswith(f"; to allow it: {refused.value.setting}")
+    assert isinstance(refused.value, FinalProviderError)  # final for the exchange (an upload's PUT)
+
+
+def test_fals_media_hosts_still_need_public_addresses_unless_listed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Added by default, not listed by the user: at an internal address (a fake-IP VPN's
+    198.18.0.0/15) they are refused, naming the address, the range and the setting to give."""
+    fake_dns(monkeypatch, {"v3.fal.media": ["198.18.0.7"], "v3b.fal.media": ["100.64.3.4"]})
+    policy = DownloadPolicy.for_urls(["https://queue.fal.run"], ["media.example"])
+    with pytest.raises(DownloadRefusedError) as refused:
+        policy.addresses("v3.fal.media", 443)
+    assert refused.value.address == "198.18.0.7"
+    assert "v3.fal.media (198.18.0.7): a private address (the range fake-IP VPN" in str(refused.value)
+    assert refused.value.setting == "WANBATCH_DOWNLOAD_ALLOWED_HOSTS=media.example,v3.fal.media"
+    with pytest.raises(DownloadRefusedError, match=r"a non-public address \(carrier-grade NAT"):
+        DownloadPolicy().addresses("v3b.fal.media", 443)
+    listed = DownloadPolicy.for_urls(["https://queue.fal.run"], ["media.example", "v3.fal.media"])
+    assert listed.addresses("v3.fal.media", 443) == ["198.18.0.7"]
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "entry"),
+    [
+        ("v3.fal.media", 443, "v3.fal.media"),
+        ("CDN.Example.", 80, "cdn.example"),
+        ("localhost", 8123, "localhost:8123"),
+        ("[::1]", 9000, "[::1]:9000"),
+        ("::1", 443, "[::1]"),
+    ],
+)
+def test_a_refusal_names_the_narrowest_entry_that_allows_the_host(host: str, port: int, entry: str) -> None:
+    assert allow_entry(host, port) == entry
+    # and the entry it names does allow it, at any address
+    assert DownloadPolicy(allowed_hosts=(entry,)).listed(host, port)

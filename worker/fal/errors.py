@@ -242,6 +242,29 @@ class DownloadUnreachedError(RetryableProviderError):
         self.proxy = proxy
 
 
+class DownloadRefusedError(FinalProviderError):
+    """The download policy (:class:`worker.fal.storage.DownloadPolicy`) refused where a download,
+    a redirect hop of it, or an upload's PUT would go: a host left out of
+    ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``, or one that is (or resolves to) a loopback, private,
+    link-local… address, or an internal name through the download proxy. Nothing was
+    connected to. Final for the exchange (asking again is refused the same way), but not for a
+    paid video: a setting decides it, and a run after the user changes it downloads the video
+    (:func:`worker.steps.download._download_refused` holds the job for that).
+
+    ``why``: the refusal, without the setting (the message adds it);
+    ``host``: the host as shown (``[v6]`` bracketed, the port when not the web's), which is
+    also the allow-list entry that would allow it; ``address``: the address it resolved to
+    that was refused, when that was the reason; ``setting``: ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS=…``
+    as it would allow it, the entries set so far kept."""
+
+    def __init__(self, why: str, *, host: str, address: str | None, setting: str) -> None:
+        super().__init__(f"{why}; to allow it: {setting}")
+        self.why = why
+        self.host = host
+        self.address = address
+        self.setting = setting
+
+
 def cannot_connect(exc: BaseException) -> bool:
     """Whether a transport error says no HTTP exchange took place at all: httpx's connect
     failures (:data:`UNREACHED`, a TLS refusal included: a download is held for it, as a setting

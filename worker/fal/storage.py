@@ -67,6 +67,7 @@ from jobs.url_secrets import masked_url
 from worker.fal.client import FalClient
 from worker.fal.errors import (
     DownloadIntegrityError,
+    DownloadRefusedError,
     DownloadUnreachedError,
     cannot_connect,
     classify_poll,
@@ -432,6 +433,56 @@ def _host_allowed(host: str, port: int | None, allowed: Collection[str]) -> bool
     return False
 
 
+#: The hosts fal serves its outputs from, allowed (at public addresses only) whatever
+#: ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS`` lists: the setting names hosts *beyond* fal's. Generated
+#: and uploaded files live on fal's CDN, ``v3.fal.media`` / ``v3b.fal.media`` (older ones on
+#: ``fal.media``): https://docs.fal.ai/faq, https://fal.ai/docs/model-apis/data-retention,
+#: and the example outputs of its model pages (``https://v3b.fal.media/files/…``,
+#: https://fal.ai/models/fal-ai/wan/v2.6/image-to-video/api). Some endpoints' outputs are on
+#: Google Cloud Storage, ``https://storage.googleapis.com/falserverless/…``
+#: (https://fal.ai/models/fal-ai/wan-i2v/api, https://fal.ai/models/fal-ai/wan-t2v/api).
+FAL_MEDIA_HOSTS = ("*.fal.media", "fal.media", "storage.googleapis.com")
+
+
+def allow_entry(host: str, port: int | None) -> str:
+    """The ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS`` entry that allows ``host`` on ``port`` and no more
+    than needed: the host alone on the web's ports (80, 443), else ``host:port`` (``[v6]:port``)."""
+    name = _norm_host(host)
+    shown = f"[{name}]" if ":" in name else name
+    return shown if port in (None, 80, 443) else f"{shown}:{port}"
+
+
+def allow_setting(allowed: Iterable[str] | None, entry: str) -> str:
+    """``WANBATCH_DOWNLOAD_ALLOWED_HOSTS=…`` as it would allow ``entry`` too: the entries set so
+    far (``allowed``; None: unset), then it."""
+    entries = [e.strip() for e in allowed or () if e.strip()]
+    if entry not in entries:
+        entries.append(entry)
+    return "WANBATCH_DOWNLOAD_ALLOWED_HOSTS=" + ",".join(entries)
+
+
+#: Why an address in a range some tools hand out is internal, beyond its kind: a fake-IP VPN
+#: or proxy (Clash, Surge, sing-box…) answers every name with one of 198.18.0.0/15 (RFC 2544's
+#: benchmarking range, which Python's ``ipaddress`` counts as private); 100.64.0.0/10 is
+#: carrier-grade NAT's shared space (RFC 6598), also Tailscale's.
+_RANGE_NOTES = (
+    (ipaddress.ip_network("198.18.0.0/15"), "the range fake-IP VPN and proxy tools answer with"),
+    (ipaddress.ip_network("100.64.0.0/10"), "carrier-grade NAT's shared range, which Tailscale uses too"),
+)
+
+
+def _range_note(address: str) -> str:
+    """What else to say of ``address``'s range (:data:`_RANGE_NOTES`), or ""."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return ""
+    for network, note in _RANGE_NOTES:
+        if ip.version == network.version and ip in network:
+            return f" ({note})"
+    return ""
+
+
 def _port(url: httpx.URL) -> int | None:
     """The URL's port, the scheme's default made explicit (as in :func:`origin`)."""
     return origin(url)[2]
@@ -494,12 +545,18 @@ class DownloadPolicy:
       127.0.0.1 keeps working. Only those origins, not their hosts: with fal on
       ``http://127.0.0.1:8000``, a result URL or redirect to ``127.0.0.1:6379`` is refused.
     * ``allowed_hosts`` (``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``: ``host`` for any port,
-      ``host:port`` for one, ``*.fal.media`` style wildcards): when set, only these and the
-      trusted origins are fetched from, and they too may resolve to any address. When unset,
-      anything else is fetched from only if *every* address its host resolves to is a public
-      one: loopback, private, link-local, multicast, reserved and unspecified addresses are
-      refused (a result URL such as ``http://169.254.169.254/…`` must not make a worker read
-      cloud credentials into an ``.mp4``).
+      ``host:port`` for one, ``*.fal.media`` style wildcards): hosts beyond fal's, which may
+      resolve to any address. When set, only these, the trusted origins and fal's media hosts
+      (:data:`FAL_MEDIA_HOSTS`, which the setting adds to and never takes away) are fetched
+      from. Anything not listed (fal's media hosts included) is fetched from only if *every*
+      address its host resolves to is a public one: loopback, private, link-local, multicast,
+      reserved and unspecified addresses are refused (a result URL such as
+      ``http://169.254.169.254/…`` must not make a worker read cloud credentials into an
+      ``.mp4``).
+
+    A refusal is a :class:`~worker.fal.errors.DownloadRefusedError` naming the host, the
+    address when that was the reason, and the allow-list entry that would allow it: a setting
+    decides it, so a paid video refused so waits for it (:mod:`worker.steps.download`).
 
     The check runs when the connection is opened (:func:`guarded_client`), on the addresses the
     socket then connects to, so a name that resolves to a public address for the check and to an
@@ -560,17 +617,33 @@ class DownloadPolicy:
         )
 
     def check_host(self, host: str, port: int | None, scheme: str | None = None) -> None:
-        """Refuse what the allow-list leaves out, or a literal internal address (no DNS needed)."""
+        """Refuse what the allow-list leaves out (never fal's media hosts: the list adds to
+        them), or a literal internal address (no DNS needed)."""
         if self.listed(host, port, scheme):
             return
-        if self.allowed_hosts is not None:
-            raise FinalProviderError(
+        if self.allowed_hosts is not None and not _host_allowed(host, port, FAL_MEDIA_HOSTS):
+            raise self.refusal(
+                host,
+                port,
                 f"refusing to fetch from host {host!r}: not in the allow-list "
-                "(WANBATCH_DOWNLOAD_ALLOWED_HOSTS)"
+                "(WANBATCH_DOWNLOAD_ALLOWED_HOSTS)",
             )
         literal = _ip_literal(host)
         if literal is not None:
-            self._refuse_internal(host, [literal])
+            self._refuse_internal(host, port, [literal])
+
+    def refusal(
+        self, host: str, port: int | None, words: str, address: str | None = None
+    ) -> DownloadRefusedError:
+        """The error of a refused ``host:port``: ``words``, then the setting that would allow it."""
+        entry = allow_entry(host, port)
+        setting = allow_setting(self.allowed_hosts, entry)
+        return DownloadRefusedError(
+            words,
+            host=entry,
+            address=address,
+            setting=setting,
+        )
 
     def addresses(self, host: str, port: int, timeout: float | None = None) -> list[str]:
         """The addresses to connect to for ``host``, each checked; refuses if any is internal.
@@ -589,7 +662,7 @@ class DownloadPolicy:
                 raise
             raise httpcore.ConnectError(f"cannot resolve {host!r}: {exc}") from exc
         if not self.listed(host, port):
-            self._refuse_internal(host, found)
+            self._refuse_internal(host, port, found)
         return found
 
     def check_proxied(self, host: str, port: int, timeout: float | None = None) -> None:
@@ -606,26 +679,29 @@ class DownloadPolicy:
             return
         name = _norm_host(host)
         if _ip_literal(name) is None and internal_name(name):
-            raise FinalProviderError(
+            raise self.refusal(
+                host,
+                port,
                 f"refusing to fetch from {host!r}: an internal name (through the download proxy, its "
-                "address cannot be checked); list the host in WANBATCH_DOWNLOAD_ALLOWED_HOSTS to allow it"
+                "address cannot be checked)",
             )
         try:
             found = resolve(name, port, timeout)
         except (httpcore.ConnectError, httpcore.ConnectTimeout):
             return  # not known here: the proxy resolves it
-        self._refuse_internal(host, found)
+        self._refuse_internal(host, port, found)
 
-    @staticmethod
-    def _refuse_internal(host: str, addresses: list[str]) -> None:
+    def _refuse_internal(self, host: str, port: int | None, addresses: list[str]) -> None:
         for address in addresses:
             kind = internal_address_kind(address)
             if kind is not None:
                 shown = host if host == address else f"{host} ({address})"
                 article = "an" if kind[:1] in "aeiou" else "a"
-                raise FinalProviderError(
-                    f"refusing to fetch from {shown}: {article} {kind} address; list the host in "
-                    "WANBATCH_DOWNLOAD_ALLOWED_HOSTS to allow it"
+                raise self.refusal(
+                    host,
+                    port,
+                    f"refusing to fetch from {shown}: {article} {kind} address{_range_note(address)}",
+                    address,
                 )
 
 
@@ -961,9 +1037,9 @@ def download(
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` atomically and return its size and SHA-256.
 
-    ``policy`` (or just ``allowed_hosts``, a strict allow-list) decides where the URL and each
-    redirect may lead. Without ``client``, a :func:`guarded_client` for that policy is used and
-    closed; a caller's own ``client`` gets the URL-level checks only (allow-list, literal
+    ``policy`` (or just ``allowed_hosts``, an allow-list beyond fal's media hosts) decides where
+    the URL and each redirect may lead. Without ``client``, a :func:`guarded_client` for that
+    policy is used and closed; a caller's own ``client`` gets the URL-level checks only (allow-list, literal
     addresses), so pass a guarded one. ``total_timeout`` bounds the whole attempt in seconds:
     every connect, redirect hop, header and body read of it ends by then, however slowly the
     bytes trickle in (:func:`~worker.fal.http.cut_off_at`; a caller's own client obeys it only
