@@ -735,17 +735,24 @@ def check_downloads(settings: Settings) -> Check:
         else ""
     )
     timeout = httpx.Timeout(TIMEOUT)
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str, str | None]] = []
     for url in targets:
         host = urlsplit(url).netloc
-        why = _unreachable(url, policy, timeout, cut_off_at)
-        if why is not None:
-            problems.append((host, why))
+        reached = _reach(url, policy, timeout, cut_off_at)
+        if reached is not None:
+            problems.append((host, *reached))
     shown = ", ".join(urlsplit(url).netloc for url in targets)
     if not problems:
         verb = "answers" if len(targets) == 1 else "answer"
         return _ok(name, f"{whose} ({shown}) {verb}, reached {route}{note}")
-    host, why = problems[0]
+    host, why, setting = problems[0]
+    if setting is not None:  # the download policy refused it: the allow-list decides, not the network
+        return _fail(
+            name,
+            f"downloads refuse {whose}: {why}; a paid video waits, never fails, until the setting allows it",
+            f"set {setting} (hosts beyond fal's that downloads may reach, at any address: only "
+            "hosts you trust)",
+        )
     return _fail(
         name,
         f"cannot reach {whose} {route}: {host}: {why}{note}; a paid video waits, never fails, until one can",
@@ -762,9 +769,18 @@ def _proxy_in(why: str) -> str | None:
 def _unreachable(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> str | None:
     """Why a GET of ``url`` through a download client of ``policy`` got no HTTP answer (or only
     its download proxy's own gateway error: :func:`~worker.fal.storage.proxy_gateway_error`), or None."""
+    found = _reach(url, policy, timeout, cut_off_at)
+    return None if found is None else found[0]
+
+
+def _reach(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> tuple[str, str | None] | None:
+    """As :func:`_unreachable`, with beside the why the setting that would allow the host when
+    the download policy refused it (:class:`~worker.fal.errors.DownloadRefusedError`: an
+    allow-list leaving it out, an internal address), else None: the network is what to check."""
     import httpx
 
     from jobs.errors import ProviderError
+    from worker.fal.errors import DownloadRefusedError
     from worker.fal.storage import answered_through, guarded_client, proxy_gateway_error, proxy_of
 
     try:
@@ -774,19 +790,21 @@ def _unreachable(url: str, policy: Any, timeout: Any, cut_off_at: Any) -> str | 
             client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as answer,
         ):
             if answer.status_code == 407:
-                return "the proxy asked for credentials (HTTP 407)"
+                return "the proxy asked for credentials (HTTP 407)", None
             if (own := proxy_gateway_error(answer)) is not None:  # the proxy's own 502/503/504
                 return (
                     f"HTTP {answer.status_code} through the download proxy {answered_through(answer)} "
                     f"({own}): it could not reach the host"
-                )
+                ), None
             return None
-    except ProviderError as exc:  # the address guard refused it
-        return str(exc)
+    except DownloadRefusedError as exc:  # the address guard or the allow-list refused it
+        return exc.why, exc.setting
+    except ProviderError as exc:  # refused otherwise (a key in the URL)
+        return str(exc), None
     except httpx.HTTPError as exc:
         proxy = proxy_of(exc)
         via = f" through the download proxy {proxy}" if proxy else ""
-        return f"{type(exc).__name__}{via}: {_first_line(exc)}"
+        return f"{type(exc).__name__}{via}: {_first_line(exc)}", None
 
 
 def _download_route(settings: Settings, scheme: str) -> str:

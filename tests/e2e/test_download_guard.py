@@ -1,4 +1,5 @@
-"""Outputs are only fetched from allowed hosts; a refused or failed download is billed, not redone."""
+"""Outputs are only fetched from allowed hosts; a refused download is held (its batch paused with
+the setting that would allow the host), billed, never redone."""
 
 from __future__ import annotations
 
@@ -26,22 +27,25 @@ def _fal_at_localhost(sim: SimulatorHandle, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("WANBATCH_FAL_REST_URL", url)
 
 
-def test_a_result_on_a_host_outside_the_allow_list_fails_at_once_and_is_billed(
+def test_a_result_on_a_host_outside_the_allow_list_is_held_and_billed(
     wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fal_at_localhost(sim, monkeypatch)
     monkeypatch.setenv("WANBATCH_DOWNLOAD_ALLOWED_HOSTS", "*.fal.media,storage.googleapis.com")
     get_settings.cache_clear()
     run = wb("run", manifest("guarded", ONE_JOB), "--json", "--no-progress")
-    assert run.code == 1, run.stderr
+    assert run.code == 2, run.stderr  # paused: the setting decides, not the file
     (record,) = export_jsonl(wb, run.json()["batch"])
-    assert record["status"] == "failed"
-    assert "allow-list" in record["error"]
-    assert record["error_type"] == "download_failed"
+    assert record["status"] == "downloading"
+    assert record["error"] is None
     assert record["video_path"] is None
-    # fal produced the video, so it was paid for: the job records the cost and it counts as wasted
-    assert record["cost_usd"] == pytest.approx(record["est_usd"])
-    assert run.json()["wasted_usd"] == pytest.approx(record["est_usd"])
+    port = sim.url.rsplit(":", 1)[1]
+    reason = run.json()["pause_reason"]
+    assert "not in the allow-list" in reason
+    assert f"WANBATCH_DOWNLOAD_ALLOWED_HOSTS=*.fal.media,storage.googleapis.com,127.0.0.1:{port}" in reason
+    # fal produced the video, so it was paid for: the batch counts it spent, nothing wasted yet
+    assert run.json()["spent_usd"] == pytest.approx(record["est_usd"])
+    assert run.json()["wasted_usd"] == 0
     assert sim.ledger()["accepted"] == 1  # and it was not generated again
 
 
@@ -62,14 +66,14 @@ def test_by_default_a_loopback_result_url_is_refused_unless_it_is_the_fal_host(
     # the simulator's own host (the configured fal URL) is fine: that is how --simulate works
     run = wb("run", manifest("trusted", ONE_JOB.replace("guarded", "trusted")), "--json", "--no-progress")
     assert run.code == 0, run.stderr
-    # the same loopback address reached through another name is refused, and billed
+    # the same loopback address reached through another name is refused (held), and billed
     _fal_at_localhost(sim, monkeypatch)
     get_settings.cache_clear()
     run = wb("run", manifest("guarded", ONE_JOB), "--json", "--no-progress")
-    assert run.code == 1, run.stderr
+    assert run.code == 2, run.stderr
     (record,) = export_jsonl(wb, run.json()["batch"])
-    assert record["status"] == "failed"
-    assert "loopback address" in record["error"]
-    assert "WANBATCH_DOWNLOAD_ALLOWED_HOSTS" in record["error"]
-    assert record["cost_usd"] == pytest.approx(record["est_usd"])
+    assert record["status"] == "downloading"
+    assert "loopback address" in run.json()["pause_reason"]
+    assert "WANBATCH_DOWNLOAD_ALLOWED_HOSTS=127.0.0.1:" in run.json()["pause_reason"]
+    assert run.json()["spent_usd"] == pytest.approx(record["est_usd"])
     assert sim.ledger()["accepted"] == 2  # one generation per job, none again

@@ -385,6 +385,10 @@ class Runtime:
     #: The batches paused for another reason whose outputs could not be stored (a full disk, an
     #: S3 outage: :func:`worker.steps.download._pause_for_outputs`; said once, until one is stored).
     outputs_unstored_said: set[str] = field(default_factory=set)
+    #: The (batch, host) pairs whose download refusal (the download policy: the allow-list, an
+    #: internal address) this process said, the batch not paused by it
+    #: (:func:`worker.steps.download._download_refused`): said once.
+    download_refusals_said: set[tuple[str, str]] = field(default_factory=set)
     #: Download steps that crashed (a bug) so far, per job (:func:`worker.steps.download.crashed`):
     #: past a few the job's batch is paused instead of the job being taken again for ever.
     download_crashes: dict[str, int] = field(default_factory=dict)

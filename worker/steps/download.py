@@ -13,8 +13,11 @@ What a failure leads to, by where it happened:
   completion), then fail with the billed cost. Never a new submission.
 * A malformed answer (:class:`~worker.fal.errors.ProviderProtocolError`): asked again at most
   ``WANBATCH_DOWNLOAD_ATTEMPTS`` times, then the job fails with the reason and the billed cost.
-* The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a refused host, a body that
-  is not a video or an expired file fails at once. One attempt lasts at most
+* The video download: retried ``WANBATCH_DOWNLOAD_ATTEMPTS`` times; a body that is not a video
+  or an expired file fails at once. A host the download policy refuses (not on
+  ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``, or at an internal address) is a setting to change, not
+  the file's fault: the job waits and its batch pauses at once, naming the host and the setting
+  (:func:`_download_refused`). One attempt lasts at most
   ``WANBATCH_DOWNLOAD_TIMEOUT`` seconds and renews the job's lease while bytes arrive. A host
   that cannot be connected to (:func:`_download_unreached`), or that answers 5xx/429/408 or
   drops the body midway (:func:`_download_troubled`), is no try: the job waits, and after a
@@ -78,6 +81,7 @@ from worker import chaos, logs, probe, telemetry
 from worker.crash import summary
 from worker.fal.errors import (
     DownloadIntegrityError,
+    DownloadRefusedError,
     DownloadUnreachedError,
     RequestFailedError,
     ResultExpiredError,
@@ -1153,6 +1157,8 @@ def _download_video(
         return _write_failed(rt, job_id, claim, exc)
     except DownloadUnreachedError as exc:
         return _download_unreached(rt, job_id, claim, exc)
+    except DownloadRefusedError as exc:
+        return _download_refused(rt, job_id, claim, exc)
     except ProviderError as exc:
         if exc.status_code is not None or isinstance(exc, RetryableProviderError):
             _media_host_answered(rt)  # it answered, or the connection was made: not a refusal here
@@ -1594,6 +1600,99 @@ def _download_unreached(rt: Runtime, job_id: str, claim: DownloadClaim, exc: Dow
             extra={"event": "download.unreachable", "job_id": job_id, "batch_id": claim.batch_id},
         )
     return "download-held"
+
+
+def _download_refused(rt: Runtime, job_id: str, claim: DownloadClaim, exc: DownloadRefusedError) -> str:
+    """The download policy refused the video's host (or a redirect's): not in
+    ``WANBATCH_DOWNLOAD_ALLOWED_HOSTS``, or at a loopback, private, link-local… address
+    (:class:`~worker.fal.storage.DownloadPolicy`). Nothing was connected to, and the video was
+    made and paid for.
+
+    It failed the job at once (``download_failed``, "cannot heal"), yet a setting decides it: the
+    user lists the host, and a run after that downloads the video — but the job was terminal,
+    and only ``rerun --failed-only`` got the video again, paying for it again. So it is held, as
+    a download that cannot connect is (:func:`_download_unreached`): not a try, the job waits in
+    ``downloading`` with its result kept, and its batch (when active) is paused at once with the
+    reason — the host, the address it resolved to, the setting to give — since no wait in this
+    process changes its settings, and every job sent meanwhile would be paid for and meet the
+    same refusal. ``run`` stops there (exit 2) and says it; the next ``run`` resumes the batch
+    and tries the download again under the settings it then has. Said in one warning line per
+    batch and host in this process; tried again every ``WANBATCH_RETRY_MAX_DELAY`` (a worker
+    restarted with the setting changed takes it then, and the pause ends with the first video
+    stored: :func:`jobs.store.resume_after_outputs_stored`). The guard itself is unchanged:
+    nothing is fetched from the host until the user lists it.
+
+    Bounds, as for a held download the host fails (:func:`_download_troubled`): a cancelled
+    batch's job fails at once (no setting changes while ``wanbatch cancel`` ends the batch), and
+    so does a job whose video fal made more than
+    :data:`~worker.steps.download_reach.MEDIA_HORIZON_DAYS` days ago (fal's default media
+    lifetime: it may be gone), each with the billed cost and the refusal's words."""
+    rt.download_trouble.forget(job_id)
+    telemetry.count_provider_error(exc)
+    failed_as: str | None = None
+    made = claim.completed_at
+    if _batch_cancelled(rt, claim.batch_id):
+        failed_as = f"download refused, its batch cancelled: {exc}"
+    elif made is not None and utcnow() - made >= timedelta(days=MEDIA_HORIZON_DAYS):
+        failed_as = (
+            f"download refused more than {MEDIA_HORIZON_DAYS} days after fal made the video (its default "
+            f"media lifetime, after which fal may no longer keep it): {exc}"
+        )
+    if failed_as is not None:
+        with db.session_scope(rt.engine) as session:
+            logs.note_error(failed_as, "download_failed")
+            return _fail_paid(
+                session,
+                claim,
+                error=failed_as,
+                error_type="download_failed",
+                download_attempts=claim.failures,
+                **claim.fetched,
+            )
+    logs.note_error(f"download held, not counted: {exc}", "download_refused")
+    waits = (
+        f"the videos already made wait at fal (it keeps them {MEDIA_HORIZON_DAYS} days by default) and are "
+        "downloaded by the next run once the setting allows the host, never made again"
+    )
+    ended = _hold(
+        rt,
+        job_id,
+        claim,
+        f"{store.OUTPUTS_PAUSE_PREFIX}{CANNOT_DOWNLOAD}: {exc}; {waits}",
+        pause=True,
+        delay=rt.settings.retry_max_delay,
+        why="its download was refused",
+        event="download.refused_paused",
+        download_attempts=claim.failures,
+    )
+    first = _first_refusal(rt, claim.batch_id, exc.host)  # marked said by the pause's warning too
+    if ended is not None:
+        return ended
+    if first:
+        log.warning(
+            "download refused: %s; the paid video waits at fal (no try counted), tried again in %.0fs",
+            exc,
+            rt.settings.retry_max_delay,
+            extra={"event": "download.refused", "job_id": job_id, "batch_id": claim.batch_id},
+        )
+    return "download-held"
+
+
+#: Guards :attr:`Runtime.download_refusals_said` (:func:`_first_refusal`).
+_REFUSALS_SAID = threading.Lock()
+
+
+def _first_refusal(rt: Runtime, batch_id: str, host: str) -> bool:
+    """Whether this refusal of ``host`` is the first of batch ``batch_id`` in this process,
+    marking it said: every other video of the batch meets the same refusal, and one line (the
+    pause's warning, or the hold's when the batch was paused already) says it."""
+    with _REFUSALS_SAID:
+        if (batch_id, host) in rt.download_refusals_said:
+            return False
+        if len(rt.download_refusals_said) >= 4096:
+            rt.download_refusals_said.clear()  # bounded: said again, no more
+        rt.download_refusals_said.add((batch_id, host))
+        return True
 
 
 def _hold(
