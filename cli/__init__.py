@@ -274,6 +274,7 @@ for _command in (
     batch_commands.pause,
     batch_commands.resume,
     batch_commands.diff,
+    batch_commands.refetch,
     service_commands.worker,
     service_commands.serve,
     service_commands.simulator,

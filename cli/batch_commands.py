@@ -172,6 +172,8 @@ def status(batch: str | None, as_json: bool) -> None:
         )
         if settings.webhook_url and batch is not None and reports:  # fal's webhooks never come
             warnings += _webhooks_silent(settings, reports[0]["batch"])
+        if batch is not None and reports:  # its paid videos still on disk? (a stat each)
+            _look_at_outputs(settings, reports[0])
         for line in warnings:
             err.print(f"[yellow]warning: {escape(line)}[/yellow]")
         if as_json:
@@ -192,6 +194,24 @@ def status(batch: str | None, as_json: bool) -> None:
         return EXIT_OK
 
     guarded_read(as_json, action)
+
+
+def _look_at_outputs(settings: Settings, report: BatchReport) -> None:
+    """Add to ``report`` whether its succeeded jobs' videos are still on disk as stored
+    (:func:`jobs.outputs_on_disk.look`: one ``lstat`` each, S3 objects not looked at), and the
+    line naming ``wanbatch refetch`` when some are not: ``status`` and ``run`` said ``8/8 done``
+    over an emptied output folder, and the paid videos fal still served were left there."""
+    from jobs import db, moved_outputs
+    from jobs.outputs_on_disk import look
+
+    root = moved_outputs.local_root(settings.output_dir, settings.output_url)
+    with db.read_scope(db.open_engine(settings)) as session:
+        found = look(session, report["batch"], root)
+    report["outputs_on_disk"] = found.as_dict()
+    note = found.note(report_ref(report))
+    if note is not None and settings.broker_url:  # a worker of another host keeps its own disk
+        note += " (looked for on this machine: workers of other hosts store on their own disks)"
+    report["outputs_on_disk_note"] = note
 
 
 def _webhooks_silent(settings: Settings, batch_id: str) -> list[str]:
@@ -585,6 +605,48 @@ def diff(batch_a: str, batch_b: str, verify: bool, as_json: bool) -> None:
         return code
 
     guarded_read(as_json, action)
+
+
+@click.command()
+@click.argument("batch", type=BATCH)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Hash every video against its recorded SHA-256 (reads them all), not only its size, "
+    "to find those to fetch again.",
+)
+@json_option
+def refetch(batch: str, verify: bool, as_json: bool) -> None:
+    """Fetch again from fal the videos of BATCH that are missing or changed on disk; never pays.
+
+    Each succeeded job whose video is not on disk as stored (missing, or of another size; with
+    --verify, other bytes) is downloaded again from the URL fal's result named, as a first
+    download is, checked against the SHA-256 recorded, and stored under its name with its
+    sidecar. Nothing is submitted. A video fal no longer serves is said, with the advice (`rerun`
+    pays again). Exit 0 when every video is back (or none was missing), 1 when some are not.
+    """
+
+    def action() -> int:
+        from jobs import database_home
+        from jobs.settings import get_settings
+        from worker.refetch import refetch_batch
+
+        settings = get_settings()
+        database_home.refuse_missing(settings, [batch])  # no empty database made to say so
+
+        def announce(count: int) -> None:
+            err.print(escape(f"fetching {count} video(s) again from fal: no submit, nothing paid"))
+
+        report = refetch_batch(settings, batch, verify=verify, announce=announce)
+        code = EXIT_OK if report.complete else EXIT_SOME_FAILED
+        if as_json:
+            emit_json(report.as_dict())
+            return code
+        for line in report.lines():
+            out.print(escape(line))
+        return code
+
+    guarded(as_json, action)
 
 
 #: Characters of a varied field's value the ``diff`` table shows (a prompt, an image URL).
@@ -1062,6 +1124,8 @@ def _run_and_report(
             keyless=keyless,
             **({"again": again} if again else {}),
         )
+    if command != "cancel":  # its paid videos still on disk? (a stat each; said in the summary)
+        _look_at_outputs(settings, report)
     held = None if command == "cancel" else _held_line(report, again)
     extra: dict[str, object] = {"ok": False, "error": held} if held else {}
     if stats.uncancelled:  # requests fal would not cancel: the run ended with them at fal

@@ -1358,6 +1358,8 @@ def print_report(
         say(escape(left_out))
     if adopted := report.get("adopted_note"):  # the database was behind the outputs folder
         say(escape(adopted), "yellow")
+    if gone := report.get("outputs_on_disk_note"):  # paid videos deleted or replaced: fetch again
+        say(escape(gone), "yellow")
     print_failures(report)
 
 

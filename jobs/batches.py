@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, cast
+from typing import Any, NotRequired, Protocol, TypedDict, cast
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -1172,6 +1172,13 @@ class BatchReport(TypedDict):
     #: in one line (:func:`uncancelled_text`, "" when none).
     uncancelled: list[dict[str, Any]]
     uncancelled_note: str
+    #: Of ``status BATCH`` and the end of ``run``/``rerun`` only (a ``stat`` per video: not for
+    #: every batch of ``status``, nor for each progress line): the succeeded jobs' local videos
+    #: looked at, and how many are missing or of another size than stored, with some of their
+    #: job ids (:meth:`jobs.outputs_on_disk.OutputsOnDisk.as_dict`); and that in one line with
+    #: the command that fetches them again (None when all are there).
+    outputs_on_disk: NotRequired[dict[str, Any]]
+    outputs_on_disk_note: NotRequired[str | None]
 
 
 class BatchProgress(TypedDict):

@@ -117,7 +117,7 @@ from jobs.models import Batch, Job
 from jobs.money import usd_json, usd_text
 from jobs.moved_outputs import moved_path
 from jobs.pricing import add_units, unit_symbol, units_text
-from jobs.printable import one_line
+from jobs.printable import one_line, shell_ref
 from jobs.states import JobState
 from jobs.url_secrets import shareable_text
 from jobs.yaml_lines import YamlProblem, load_located
@@ -157,7 +157,12 @@ INPUTS_DIR = "inputs"
 
 
 class MissingVideoError(WanbatchError):
-    """A succeeded job's video is not where the database says: the dataset would be broken."""
+    """A succeeded job's video is not where the database says: the dataset would be broken.
+
+    Exit 2, as for an invalid input: nothing was written, and exit 1 means "some jobs ended
+    failed or cancelled" (README's exit codes), which a script reads as "the export is there"."""
+
+    exit_code = 2
 
 
 def wanbatch_version() -> str:
@@ -1038,6 +1043,46 @@ def _publish_into(tmp: Path, dest: Path) -> None:
     tmp.rmdir()
 
 
+def refuse_missing_videos(session: Session, batch: Batch, moves: Mapping[str, str] | None = None) -> None:
+    """Refuse (:class:`MissingVideoError`, before anything is written) a dataset some of whose
+    succeeded jobs' local videos are gone or of another size than stored, saying how many and
+    the command that fetches them again from fal for free (``wanbatch refetch``).
+
+    Refused rather than left out (no ``--skip-missing``): a dataset whose rows silently lack
+    paid videos passes for a whole one, its card's counts would not add up, and the fix costs
+    nothing while fal still serves the files. It used to stop at the first such job, naming it
+    alone, with no way on. One ``stat`` per video, the same look as the copy's own
+    (:func:`_dataset_rows`), which stays for a video removed while the export runs."""
+    missing: list[tuple[str, str]] = []
+    changed: list[tuple[str, str]] = []
+    for row in store.recorded_outputs_of_batch(session, batch.id):
+        uri = moved_path(row.output_path, moves)
+        if uri is None or uri.startswith("s3://"):  # an object is fetched, and checked, as it is copied
+            continue
+        source = Path(uri)
+        if not source.is_file():
+            missing.append((row.id, uri))
+        elif (how := _not_as_stored(source, row.output_bytes)) is not None:
+            changed.append((row.id, f"{uri} {how}"))
+    if not missing and not changed:
+        return
+    what = " and ".join(
+        part
+        for part in (
+            f"{len(missing)} missing" if missing else "",
+            f"{len(changed)} changed since stored" if changed else "",
+        )
+        if part
+    )
+    first_id, first = (missing or changed)[0]
+    ref = shell_ref(batch.name, batch.id)
+    raise MissingVideoError(
+        f"{len(missing) + len(changed)} succeeded job(s)' videos are not on disk as stored ({what}; "
+        f"first: job {first_id}, {first}); nothing was exported: `wanbatch refetch {ref}` fetches them "
+        "again from fal at no charge while fal still serves them, then export again"
+    )
+
+
 def write_hf(
     session: Session,
     batch_ref: Batch | str,
@@ -1056,6 +1101,7 @@ def write_hf(
     batch = batch_ref if isinstance(batch_ref, Batch) else store.get_batch(session, batch_ref)
     existing = _refuse_taken(dest)
     refuse_empty(batch, store.counts_by_state(session, batch.id), include_failed)
+    refuse_missing_videos(session, batch, moves)
     # A new folder is built beside it and renamed into place: all or nothing. An existing empty
     # one (a mount point, a symlink to a folder) cannot be renamed over: the export is built in a
     # hidden folder inside it, on its own file system, and its entries moved out of it at the end.

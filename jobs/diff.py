@@ -57,8 +57,6 @@ Pure over the store: it reads the two batches and writes nothing.
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 import sys
 import threading
 from collections import defaultdict
@@ -70,14 +68,15 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy.orm import Session
 
-from jobs import moved_outputs, store
+from jobs import store
 from jobs.endpoints import get_endpoint
 from jobs.errors import UsageError
 from jobs.manifest import canonical_json, stored_keyed_input, with_defaults
 from jobs.models import Batch
 from jobs.money import usd_json
 from jobs.output_location import is_s3_url
-from jobs.output_store import OutputReadError, output_sha256, output_stamp
+from jobs.output_store import OutputReadError, output_stamp
+from jobs.outputs_on_disk import OnDisk, look_at
 from jobs.url_secrets import shareable_text
 
 Outcome = Literal["same", "different", "only_a", "only_b"]
@@ -86,11 +85,6 @@ MatchedBy = Literal["job_key", "input", "origin", "item"]
 #: ``"if_shared"``, only when the first three paired at least one job (see :func:`_places_rule`).
 ByPlace = bool | Literal["if_shared"]
 _K = TypeVar("_K")
-#: What :func:`on_disk` found of a job's recorded video: ``ok``, ``missing`` (nothing, or no
-#: regular file, at its path; an S3 object that is not there), ``changed on disk`` (another
-#: size than recorded; with ``--verify``, other bytes). None: not looked at (no video, or an S3
-#: object that could not be looked up: :attr:`JobSide.not_looked_up`).
-OnDisk = Literal["ok", "missing", "changed on disk"]
 #: How many S3 objects ``diff`` looks up at once (one ``HEAD`` each): fewer than the 10
 #: connections botocore keeps per client, so no lookup waits for one or opens one it then drops.
 S3_LOOKUPS_AT_ONCE = 8
@@ -236,35 +230,12 @@ class DiskCheck:
 
 def on_disk(row: store.DiffRow, check: DiskCheck) -> tuple[OnDisk | None, str | None]:
     """What is at the path the video of ``row`` was recorded at, and that path when it is not
-    the video recorded: one ``lstat`` and its size against the recorded one (a moved project's
-    video where :func:`jobs.moved_outputs.places_to_look` finds it first, at the recorded size); with
-    ``check.verify`` its SHA-256 too, an S3 object's included. ``(None, None)`` for a job without
-    a recorded video, and for an S3 object without ``check.verify``: those are looked up together
-    afterwards (:func:`_look_up_objects`), a few at a time, not one by one as rows are read."""
-    recorded = row.output_path
-    if row.output_sha256 is None or recorded is None:
-        return None, None
-    if is_s3_url(recorded):
-        path = recorded
-        if not check.verify:
-            return None, None
-    else:
-        path = moved_outputs.places_to_look(recorded, row.output_bytes, check.root)[0]
-        try:
-            info = os.lstat(path)
-        except (OSError, ValueError):
-            return "missing", path
-        if not stat.S_ISREG(info.st_mode):
-            return "missing", path
-        if row.output_bytes is not None and info.st_size != row.output_bytes:
-            return "changed on disk", path
-    if check.verify:
-        digest = output_sha256(path)
-        if digest is None:
-            return "missing", path
-        if digest != row.output_sha256:
-            return "changed on disk", path
-    return "ok", None
+    the video recorded (:func:`jobs.outputs_on_disk.look_at`, the check ``status`` shares: one
+    ``lstat`` and its size against the recorded one; with ``check.verify`` its SHA-256 too, an
+    S3 object's included). ``(None, None)`` for a job without a recorded video, and for an S3
+    object without ``check.verify``: those are looked up together afterwards
+    (:func:`_look_up_objects`), a few at a time, not one by one as rows are read."""
+    return look_at(row, check.root, verify=check.verify)
 
 
 def _keyed(endpoint: str, given: dict[str, Any], sources: dict[str, Any] | None) -> dict[str, Any]:

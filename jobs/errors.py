@@ -38,7 +38,7 @@ lives in this module unless ``[module]`` names another::
     ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
     │   └── FalUnreachableError      [worker.fal.errors] the connection to fal failed: nothing sent
     ├── NotAVideoError               [worker.probe] a downloaded output is not a decodable video
-    ├── MissingVideoError            [jobs.dataset_export] a succeeded job's video is gone: no dataset
+    ├── MissingVideoError            [jobs.dataset_export] exit 2: a succeeded job's video is gone: no dataset
     ├── NothingToRerun               [jobs.rerun] exit 0: `rerun --failed-only` found no job to repeat
     ├── YamlProblem                  [jobs.yaml_lines] text that is not acceptable YAML: a located issue
     │   └── WholeNumbersTooLong      [jobs.yaml_lines] whole numbers of too many digits, each located

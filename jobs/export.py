@@ -626,10 +626,11 @@ def record_warnings(batch: Batch, statuses: Mapping[str, int], missing_videos: i
             f"no job of batch {one_line(batch.name)} succeeded ({by_state(statuses)}): no record has a video"
         )
     if missing_videos:
+        ref = shell_ref(batch.name, batch.id)
         warnings.append(
             f"{missing_videos} record(s) name a video that is not on disk (deleted or moved since it "
-            f"was stored): their video_path leads nowhere; `wanbatch diff {shell_ref(batch.name, batch.id)} "
-            f"{shell_ref(batch.name, batch.id)}` lists them"
+            f"was stored): their video_path leads nowhere; `wanbatch diff {ref} {ref}` lists them, "
+            f"`wanbatch refetch {ref}` fetches them again from fal at no charge while fal still serves them"
         )
     return warnings
 

@@ -536,6 +536,27 @@ def diff_rows_of_batch(session: Session, batch_id: str) -> Iterator[DiffRow]:
         yield DiffRow(*tuple(row))
 
 
+@dataclass(frozen=True, slots=True)
+class RecordedOutput:
+    """A succeeded job's recorded video (:func:`recorded_outputs_of_batch`): what ``status``,
+    ``refetch`` and an ``hf`` export look for on disk, and nothing else of the job."""
+
+    id: str
+    item_index: int
+    output_path: str | None
+    output_sha256: str | None
+    output_bytes: int | None
+
+
+def recorded_outputs_of_batch(session: Session, batch_id: str) -> Iterator[RecordedOutput]:
+    """The batch's succeeded jobs that record a video, in the order of :func:`jobs_of_batch`,
+    streamed in pages: a few short columns per job, so that ``status`` can look at thousands."""
+    columns = (Job.id, Job.item_index, Job.output_path, Job.output_sha256, Job.output_bytes)
+    where = [Job.batch_id == batch_id, Job.state == JobState.SUCCEEDED, Job.output_path.is_not(None)]
+    for row in _rows_bounded(session, columns, where, (Job.output_path,)):
+        yield RecordedOutput(*tuple(row))
+
+
 def item_inputs_of_batch(
     session: Session, batch_id: str, items: Collection[int]
 ) -> Iterator[tuple[str, int, str, dict[str, Any]]]:

@@ -160,7 +160,7 @@ def test_hf_export_needs_a_folder_and_leaves_nothing_on_failure(
             break
     exports = tmp_path / "exports"
     run = wb("export", batch, "--format", "hf", "-o", exports / "hf")
-    assert run.code == 1
+    assert run.code == 2  # nothing written: not exit 1, which says jobs failed
     assert "missing" in run.stderr
     # No half folder, no temp left behind, and not the folder the export made for -o either.
     assert not exports.exists()
@@ -185,7 +185,7 @@ def test_hf_export_refuses_a_video_replaced_since_it_was_stored(
         video.write_bytes(video.read_bytes()[:1000])
     exports = tmp_path / "exports"
     run = wb("export", batch, "--format", "hf", "-o", exports / "hf")
-    assert run.code == 1
+    assert run.code == 2
     assert ("replaced by a link" if tamper == "symlink" else "has 1,000 bytes instead of") in run.stderr
     assert not exports.exists()
 

@@ -138,7 +138,7 @@ def test_a_failed_export_leaves_an_existing_empty_folder_empty(
     folder = tmp_path / "empty"
     folder.mkdir()
     done = wb("export", batch, "--format", "hf", "-o", folder)
-    assert done.code == 1
+    assert done.code == 2  # refused, nothing written
     assert "missing" in done.stderr
     assert os.listdir(folder) == []  # no hidden .part left inside it
 

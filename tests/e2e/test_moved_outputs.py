@@ -123,9 +123,10 @@ def test_a_video_with_other_bytes_in_the_new_folder_is_not_taken(
     data[-1] ^= 0xFF  # the same size, other bytes
     video.write_bytes(bytes(data))
     capsys.readouterr()
-    assert run_main(["export", "mvo3", "--format", "hf", "-o", "ds"], monkeypatch) == 1
-    err = capsys.readouterr().err
-    assert f"its video is missing ({old}/outputs/mvo3/{video.name})" in err, err
+    assert run_main(["export", "mvo3", "--format", "hf", "-o", "ds"], monkeypatch) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "(1 missing; first: job " in err, err
+    assert f", {old}/outputs/mvo3/{video.name})" in err, err
     assert not (new / "ds").exists()
     assert _output_paths(new)[0] == f"{old}/outputs/mvo3/{video.name}"
 

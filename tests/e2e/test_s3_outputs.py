@@ -384,7 +384,7 @@ def test_reuse_outputs_takes_the_object_and_sends_again_when_it_is_gone(
 
     client.delete_object(Bucket=BUCKET, Key=first["video_path"].removeprefix(f"s3://{BUCKET}/"))
     gone = wb("export", "first", "--format", "hf", "-o", tmp_path / "first-dataset")
-    assert gone.code == 1
+    assert gone.code == 2  # refused, nothing written
     assert "is missing or unreadable" in gone.stderr
     assert f"cannot download {first['video_path']}: the object does not exist" in gone.stderr
     assert not (tmp_path / "first-dataset").exists()

@@ -1,0 +1,157 @@
+"""Paid videos deleted on disk while fal still serves them: said, and fetched again for free.
+
+The audit: ``rm -rf OUT/capedit`` (a finished batch's output folder), then ``run capedit.yaml``
+said ``2/2 done … outputs in …`` and ``status`` said nothing either; ``export --format hf``
+refused naming only the first job (exit 1, which the README reserves for failed jobs), and no
+command fetched the videos again from the URLs fal still served. Now ``status`` and ``run`` say
+how many are missing with ``wanbatch refetch NAME``, which downloads them again (checked against
+the recorded SHA-256, never a submit), and the hf export refuses with the count and that
+command, exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from falsim.server import SimulatorHandle
+from tests.e2e.e2e_helpers import TWO_JOBS, MakeManifest, Wb, export_jsonl, processed
+
+
+def _videos(wb: Wb, batch: str, outputs: Path) -> dict[str, tuple[Path, str]]:
+    """Job id → (its video on disk, its recorded SHA-256)."""
+    return {r["job_id"]: (outputs / r["video_path"], r["video_sha256"]) for r in export_jsonl(wb, batch)}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _set_sha(tmp_path: Path, job_id: str, sha: str) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'wanbatch.db'}")
+    try:
+        with engine.begin() as conn:
+            update = text("UPDATE jobs SET output_sha256 = :sha WHERE id = :id")
+            conn.execute(update, {"sha": sha, "id": job_id})
+    finally:
+        engine.dispose()
+
+
+def test_deleted_outputs_are_said_then_fetched_again_from_fal_without_a_submit(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    path = manifest("capedit", TWO_JOBS.format(name="capedit"))
+    report = processed(wb, "run", path)
+    batch = report["batch"]
+    assert report["outputs_on_disk"]["missing"] == report["outputs_on_disk"]["changed"] == 0
+    assert report["outputs_on_disk"]["checked"] == 2
+    paid = sim.ledger()["accepted"]
+    videos = _videos(wb, batch, tmp_path / "outputs")
+    assert all(video.is_file() and _sha(video) == sha for video, sha in videos.values())
+    folder = next(iter(videos.values()))[0].parent
+    shutil.rmtree(folder)  # rm -rf OUT/capedit
+
+    # status and run say so, and name the command that fetches them again
+    done = wb("status", batch, "--json")
+    assert done.code == 0, done.stderr
+    on_disk: dict[str, Any] = done.json()["outputs_on_disk"]
+    assert (on_disk["checked"], on_disk["missing"], on_disk["changed"]) == (2, 2, 0)
+    assert sorted(on_disk["missing_jobs"]) == sorted(videos)
+    human = _words(wb("status", batch).stdout)
+    assert "2 of 2 succeeded job(s)' videos are not on disk as stored (2 missing)" in human
+    assert "`wanbatch refetch capedit`" in human
+    assert "`wanbatch diff capedit capedit --verify`" in human
+    again = processed(wb, "run", path)  # nothing to send: the summary says it
+    assert again["outputs_on_disk"]["missing"] == 2
+    run_text = wb("run", path, "--no-progress")
+    assert run_text.code == 0
+    assert "`wanbatch refetch capedit`" in _words(run_text.stdout)
+
+    # an hf export refuses, with the count and the way on, exit 2 (nothing written)
+    dataset = tmp_path / "dataset"
+    refused = wb("export", batch, "--format", "hf", "-o", dataset)
+    assert refused.code == 2, refused.stderr
+    said = _words(refused.stderr)
+    assert "2 succeeded job(s)' videos are not on disk as stored (2 missing;" in said
+    assert "`wanbatch refetch capedit`" in said
+    assert not dataset.exists()
+
+    # refetch: the same bytes, under their names, with their sidecars; nothing submitted
+    fetched = wb("refetch", batch, "--json")
+    assert fetched.code == 0, fetched.stdout + fetched.stderr
+    result = fetched.json()
+    assert (result["fetched"], result["different"], result["gone"], result["failed"]) == (2, 0, 0, 0)
+    assert "nothing paid" in fetched.stderr
+    for job_id, (video, sha) in videos.items():
+        assert _sha(video) == sha
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert (sidecar["job_id"], sidecar["video_sha256"]) == (job_id, sha)
+        assert "refetched_at" in sidecar
+    assert sim.ledger()["accepted"] == paid
+    assert wb("status", batch, "--json").json()["outputs_on_disk"]["missing"] == 0
+    assert "refetch" not in wb("status", batch).stdout
+    assert wb("export", batch, "--format", "hf", "-o", dataset).code == 0
+    nothing = wb("refetch", batch)
+    assert nothing.code == 0
+    assert "nothing to fetch" in nothing.stdout
+
+    # a file of another size at a video's place: fetched again, the file kept beside it
+    (_first, (video, sha)), (second, (other_video, other_sha)) = sorted(videos.items())
+    video.write_bytes(b"edited")
+    assert wb("status", batch, "--json").json()["outputs_on_disk"]["changed"] == 1
+    assert wb("refetch", batch).code == 0
+    assert _sha(video) == sha
+    assert [p.read_bytes() for p in video.parent.glob(f"{video.stem}.changed-*.mp4")] == [b"edited"]
+
+    # fal serves other bytes than recorded: both kept, the record unchanged, exit 1
+    other_video.unlink()
+    _set_sha(tmp_path, second, "0" * 64)
+    differs = wb("refetch", batch, "--json")
+    assert differs.code == 1
+    job = differs.json()["jobs"][0]
+    assert job["outcome"] == "different"
+    assert (job["recorded_sha256"], job["served_sha256"]) == ("0" * 64, other_sha)
+    kept = Path(job["path"])
+    assert kept.name.startswith(f"{other_video.stem}.refetched-")
+    assert _sha(kept) == other_sha
+    assert json.loads(kept.with_suffix(".json").read_text())["recorded_sha256"] == "0" * 64
+    assert not other_video.exists()
+    assert {r["job_id"]: r["video_sha256"] for r in export_jsonl(wb, batch)}[second] == "0" * 64
+    _set_sha(tmp_path, second, other_sha)
+
+    # fal no longer serves it: said per job with the advice, nothing changed, exit 1
+    sim.set_faults(download_error={"next": 1, "status": 410})
+    gone = wb("refetch", batch)
+    assert gone.code == 1
+    said = _words(gone.stdout)
+    assert "no longer served by fal (HTTP 410): 1" in said
+    assert "`wanbatch rerun capedit` makes them again, and pays again" in said
+    assert not other_video.exists()
+    assert sim.ledger()["accepted"] == paid
+    assert wb("refetch", batch).code == 0  # served again: fetched
+    assert _sha(other_video) == other_sha
+
+
+def test_an_export_refusing_for_a_missing_video_exits_2(
+    wb: Wb, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """README: exit 1 is "some jobs ended failed or cancelled"; a refusal that wrote nothing is 2."""
+    batch = processed(wb, "run", manifest("gone", TWO_JOBS.format(name="gone")), "--simulate")["batch"]
+    for video, _sha256 in _videos(wb, batch, tmp_path / "outputs").values():
+        video.unlink()
+    done = wb("export", batch, "--format", "hf", "-o", tmp_path / "ds")
+    assert done.code == 2, done.stderr
+    assert "`wanbatch refetch gone`" in _words(done.stderr)
+    # a simulation's videos went with its simulator: said, not fetched, nothing changed
+    simulated = wb("refetch", batch, "--json")
+    assert simulated.code == 1
+    assert simulated.json()["gone"] == 2
