@@ -4,8 +4,9 @@
   both lines); identical jobs collapse to one, with a warning naming the first item. Jobs whose
   keys differ only because one writes out an endpoint default another leaves out stay two jobs
   (the key is what was written), with one warning per group (:class:`DefaultedDuplicates`).
-- Local media paths become absolute, relative to the folder of the file that wrote them (the
-  manifest's; an ``items_from`` row's own values: that file's), with ``~``, ``..`` and symlinks
+- Local media paths become absolute, relative to the manifest's folder wherever they were
+  written (an ``items_from`` row's own values fall back to that file's folder only when the
+  manifest's has no such file: :mod:`jobs.manifest.row_paths`), with ``~``, ``..`` and symlinks
   resolved; a path that leads outside the allowed folders is a located error and its file is
   never read.
 
@@ -27,7 +28,8 @@ from jobs.errors import Issue
 from jobs.fs import shown_in_folder, shown_path
 from jobs.manifest.keys import endpoint_defaults, job_key, resolvable_fields, written_defaults
 from jobs.manifest.model import JobSpec, RawItem
-from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, representable, resolve_local
+from jobs.manifest.row_paths import BOTH_ALLOWED, PathCache, choose
+from jobs.media import OUTSIDE_ALLOWED, LocalPath, MediaKind, classify, representable
 from jobs.printable import quoted
 from jobs.yaml_lines import LList, LMap
 
@@ -234,27 +236,45 @@ def outside_message(value: object, local: LocalPath) -> str:
     return f"{value!r} is {shown_path(local.written)}, outside the manifest's folder"
 
 
+class Resolved(NamedTuple):
+    """A job's input with its local paths made real (:func:`resolve_input`), and what the
+    resolution found wrong or worth a word, each by media field."""
+
+    input: dict[str, Any]
+    #: Paths outside the allowed folders, each with why (:func:`outside_message`).
+    outside: dict[str, str]
+    #: An ``items_from`` row's paths found only beside its file: each spelled relative to the
+    #: manifest's folder (:mod:`jobs.manifest.row_paths`).
+    fell_back: dict[str, str]
+    #: An ``items_from`` row's paths naming two different files: each with the error's words.
+    both: dict[str, str]
+
+
 def resolve_input(
     spec: EndpointSpec,
     values: dict[str, Any],
     base_dir: Path,
     roots: tuple[str, ...],
-    paths: dict[tuple[str, str], LocalPath],
-    field_dirs: Mapping[str, Path] | None = None,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The input with local paths made real; and the media fields whose path is outside ``roots``,
-    each with why (:func:`outside_message`).
+    paths: PathCache,
+    row_dirs: Mapping[str, Path] | None = None,
+) -> Resolved:
+    """The input with local paths made real, and what that found (:class:`Resolved`).
 
-    A relative path is resolved from ``field_dirs[field]`` when given (the folder of the file
-    that wrote the value: an ``items_from`` row's own values), else from ``base_dir`` (the
-    manifest's folder). Either way it must land inside ``roots``. ``null`` values are dropped;
-    an integer given for a text enum of numbers (``duration: 5``) becomes that text. ``paths``
-    caches resolved paths for one pass. A value holding a NUL, or one the file-system encoding
-    cannot hold, is left as written (validation refuses it; the OS would raise on it).
+    A relative path is relative to the manifest's folder ``base_dir``, wherever it was written.
+    A value an ``items_from`` row sets itself (its field in ``row_dirs``, with the row's file's
+    folder) falls back to that folder only when the manifest's has no such file, and is an
+    error when both have one and they differ (:func:`jobs.manifest.row_paths.choose`). Either
+    way it must land inside ``roots``. ``null`` values are dropped; an integer given for a text
+    enum of numbers (``duration: 5``) becomes that text. ``paths`` caches resolutions for one
+    pass. A value holding a NUL, or one the file-system encoding cannot hold, is left as
+    written (validation refuses it; the OS would raise on it).
     """
     out: dict[str, Any] = {}
     outside: dict[str, str] = {}
+    fell_back: dict[str, str] = {}
+    both: dict[str, str] = {}
     resolvable = resolvable_fields(spec.id)  # once per job, not once per field
+    folder = str(base_dir)
     for key, value in values.items():
         if value is None:
             continue
@@ -268,18 +288,43 @@ def resolve_input(
                     and classify(value) is MediaKind.PATH
                     and representable(value)
                 ):
-                    folder = str((field_dirs or {}).get(key, base_dir))
-                    mark = (folder, value)
-                    local = paths.get(mark)
-                    if local is None:
-                        local = paths[mark] = resolve_local(value, folder, roots)
+                    row_dir = (row_dirs or {}).get(key)
+                    if row_dir is None:
+                        local = paths.resolve(value, folder, roots)
+                    else:
+                        chosen = choose(value, folder, str(row_dir), roots, paths)
+                        local = chosen.local
+                        if chosen.fell_back is not None:
+                            fell_back[key] = chosen.fell_back
+                        if chosen.both is not None:
+                            both[key] = chosen.both
                     if not local.inside:
                         outside[key] = outside_message(value, local)
                     value = local.path
             elif type(value) is int and str(value) in {str(v) for v in fld.enum or ()}:
                 value = str(value)
         out[key] = value
-    return out, outside
+    return Resolved(out, outside, fell_back, both)
+
+
+def both_issues(
+    raw: RawItem,
+    values: Mapping[str, Any],
+    both: Mapping[str, str],
+    origins: Mapping[str, tuple[str, int | None]],
+) -> Iterator[Issue]:
+    """An error for each row path naming two different files, where it was written."""
+    for key, message in both.items():
+        where = origins.get(key, (raw.source, raw.line))
+        yield Issue(
+            file=where[0],
+            line=where[1],
+            item=raw.index,
+            field=key,
+            message=message,
+            value=values[key],
+            allowed=BOTH_ALLOWED,
+        )
 
 
 #: What a job of a storing pass is told when it names a local file validation did not read.

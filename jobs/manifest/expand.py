@@ -21,6 +21,7 @@ from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import (
     DefaultedDuplicates,
     DuplicateJobs,
+    both_issues,
     outside_issues,
     resolve_input,
     unchecked_issues,
@@ -29,8 +30,8 @@ from jobs.manifest.fal_key import row_key_issues
 from jobs.manifest.items_from import RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
+from jobs.manifest.row_paths import PathCache, RowFallbacks
 from jobs.manifest.sources import source_files
-from jobs.media import LocalPath
 from jobs.schedule import Schedule
 from jobs.validation import Location, validate_input
 from jobs.yaml_lines import LList, LMap
@@ -164,13 +165,14 @@ class Manifest:
         digests: dict[str, str | None] = dict(self.checked)
         # Resolved per pass, not per process: a file swapped for a symlink between validation
         # and storing is caught by the second pass.
-        paths: dict[tuple[str, str], LocalPath] = {}
+        paths = PathCache()
+        fallbacks = RowFallbacks()  # row paths found only beside the items file: one warning
         produced = False
         self.item_count = None
         items = len(self.items)
         for raw in self._raw_items(sink):
             items = max(items, raw.index + 1)
-            for job in self._expand(raw, combos, sink, digests, paths):
+            for job in self._expand(raw, combos, sink, digests, paths, fallbacks):
                 warning = duplicates.warning(job)
                 if warning is not None:
                     if dropped is not None:
@@ -184,6 +186,7 @@ class Manifest:
             if issues is None and error_count(sink):
                 raise ManifestError(sink)
         self.item_count = items
+        sink.extend(fallbacks.warnings())
         if defaulted is not None:
             sink.extend(defaulted.warnings())
         if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
@@ -361,7 +364,8 @@ class Manifest:
         combos: Iterable[Combo],
         sink: list[Issue],
         digests: dict[str, str | None],
-        paths: dict[tuple[str, str], LocalPath],
+        paths: PathCache,
+        fallbacks: RowFallbacks,
     ) -> Iterator[JobSpec]:
         if raw.source != self.display:  # a fal-shaped key is refused without FAL_KEY too
             held = row_key_issues(raw, self.fal_keys)
@@ -409,12 +413,21 @@ class Manifest:
             for key, value, line in combo:
                 values[key] = value
                 job_origins[key] = (self.display, line)
-            resolved, outside = resolve_input(spec, values, self.base_dir, self.roots, paths, row_dirs)
+            resolved, outside, fell_back, both = resolve_input(
+                spec, values, self.base_dir, self.roots, paths, row_dirs
+            )
             sink.extend(outside_issues(raw, values, outside, job_origins))
+            if variant == 0:  # a row's own value, the same in each matrix job: said once
+                sink.extend(both_issues(raw, values, both, job_origins))
+                for key, spelled in fell_back.items():
+                    at_file, at_line = job_origins.get(key, (raw.source, raw.line))
+                    fallbacks.add(at_file, at_line, raw.index, key, values[key], spelled)
+            values.update(fell_back)  # named as the contract reads it: relative to the manifest
+            refused = {**outside, **both}  # never read, hashed or stored
             if self.validated:
                 unchecked = list(
                     unchecked_issues(
-                        raw, spec, values, resolved, outside, job_origins, self.checked, self.base_dir
+                        raw, spec, values, resolved, refused, job_origins, self.checked, self.base_dir
                     )
                 )
                 if unchecked:  # never hashed, never yielded: the item's end raises (issues is None)
@@ -426,12 +439,12 @@ class Manifest:
                 line=raw.line,
                 endpoint=spec.id,
                 input=resolved,
-                key=job_key(spec, resolved, digests, refused=outside),
+                key=job_key(spec, resolved, digests, refused=refused),
                 matrix={key: value for key, value, _ in combo},
                 origins=job_origins,
-                refused=frozenset(outside),
+                refused=frozenset(refused),
                 variant=variant,
-                source_files=source_files(spec, values, resolved, digests, refused=outside),
+                source_files=source_files(spec, values, resolved, digests, refused=refused),
                 reported=raw.reported,
             )
 
@@ -458,7 +471,7 @@ class Manifest:
         }
         if not overridden:
             return []
-        values, _ = resolve_input(spec, overridden, self.base_dir, self.roots, {})
+        values = resolve_input(spec, overridden, self.base_dir, self.roots, PathCache()).input
         where = Location(raw.source, raw.line, raw.index, origins)
         return [
             replace(issue, message=f"{issue.message}; the matrix sets {issue.field!r} too, {_STILL_CHECKED}")
@@ -467,11 +480,14 @@ class Manifest:
         ]
 
     def _row_dirs(self, raw: RawItem) -> dict[str, Path]:
-        """The folder each field the item itself sets is resolved from (its file's: an
-        ``items_from`` row's is that file's folder), the matrix's fields left out (the matrix
-        wins over the item). A value written in the manifest (``defaults``, ``matrix``) resolves
-        from the manifest's folder whichever item it lands in: ``defaults: {image_url:
-        images/a.png}`` must not name ``data/images/a.png`` for the rows of ``data/rows.jsonl``."""
+        """The folder an ``items_from`` row's own path may fall back to (its file's), for each
+        field the row itself sets, the matrix's left out (the matrix wins over the item); none
+        for an item of the manifest. Every relative path is relative to the manifest's folder
+        first (:mod:`jobs.manifest.row_paths`). A value written in the manifest (``defaults``,
+        ``matrix``) never falls back: ``defaults: {image_url: images/a.png}`` must not name
+        ``data/images/a.png`` for the rows of ``data/rows.jsonl``."""
+        if raw.base_dir == self.base_dir:
+            return {}
         return {key: raw.base_dir for key in raw.fields if key != "endpoint" and key not in self.matrix}
 
     def _endpoint_for(self, raw: RawItem, sink: list[Issue]) -> EndpointSpec | None:

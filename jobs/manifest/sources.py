@@ -4,7 +4,9 @@ A stored job's input holds an absolute path, and the exported ``input`` holds wh
 an inline data URI of several MB), neither of which tells a dataset user which of *their* files a
 row was made from. ``source_files`` keeps, per media field, the value as the manifest named it
 (``images/car.png``, a URL, or the data URI itself) with the SHA-256 of its bytes, so a row stays
-traceable and a changed file is visible.
+traceable and a changed file is visible. A local path is relative to the manifest's folder: an
+``items_from`` row's path found only beside its file is recorded as spelled from the manifest's
+folder (``data/images/car.png``, :mod:`jobs.manifest.row_paths`), never as the row wrote it.
 
 The hash is computed while the manifest expands, where the file is read for validation anyway:
 

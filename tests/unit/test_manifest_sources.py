@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from jobs.diff import JobSide, Pair, match
 from jobs.endpoints import get_endpoint, registry_sha256
 from jobs.endpoints.registry import _DATA_DIR
-from jobs.errors import Issue
+from jobs.errors import Issue, ManifestError
 from jobs.manifest import JobSpec, load_manifest, validate_manifest
 from jobs.manifest.sources import data_uri_sha256
 
@@ -95,13 +96,33 @@ items:
     assert jobs[2].source_files is None
 
 
-def test_items_from_rows_name_paths_relative_to_their_file(folder: Path) -> None:
+def test_a_row_path_only_beside_its_file_is_read_there_with_one_warning(folder: Path) -> None:
+    """A project laid out as the old README said (``rows/b.png`` named ``b.png`` by the rows
+    of ``rows/items.jsonl``) keeps working: the file is found beside the items file since the
+    manifest's folder has none, with one warning for the whole file naming the rule, and the
+    record spells the path relative to the manifest (``rows/b.png``), as the contract reads it."""
     rows = folder / "rows"
     rows.mkdir()
     Image.new("RGB", (500, 400), (1, 2, 3)).save(rows / "b.png")
-    (rows / "items.jsonl").write_text(json.dumps({"prompt": "row", "image_url": "b.png"}) + "\n")
-    jobs = jobs_of(folder, "name: r\nendpoint: fal-ai/wan-i2v\nitems_from: rows/items.jsonl\n")
-    assert jobs[0].source_files == {"image_url": {"source": "b.png", "sha256": sha(rows / "b.png")}}
+    (rows / "items.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"row {i}", "image_url": "b.png"}) + "\n" for i in range(3))
+    )
+    path = folder / "m.yaml"
+    path.write_text("name: r\nendpoint: fal-ai/wan-i2v\nitems_from: rows/items.jsonl\n")
+    issues: list[Issue] = []
+    jobs = list(load_manifest(path).jobs(issues))
+    assert [j.input["image_url"] for j in jobs] == [str(rows / "b.png")] * 3
+    assert [j.source_files for j in jobs] == [
+        {"image_url": {"source": "rows/b.png", "sha256": sha(rows / "b.png")}}
+    ] * 3
+    (warning,) = issues
+    assert (warning.severity, warning.line, warning.item, warning.field) == ("warning", 1, 0, "image_url")
+    assert "relative to the manifest's folder" in warning.message
+    assert "rows/b.png" in warning.message
+    assert "2 more" in warning.message
+    report = validate_manifest(path)
+    assert report.ok
+    assert [str(i) for i in report.issues] == [str(warning)]
 
 
 def _decoy_rows(folder: Path, *rows: dict[str, str]) -> Path:
@@ -116,19 +137,109 @@ def _decoy_rows(folder: Path, *rows: dict[str, str]) -> Path:
 
 def test_defaults_resolve_from_the_manifest_folder_in_items_from_rows(folder: Path) -> None:
     """A default is written in the manifest: ``images/a.png`` is the manifest's file for every
-    item, never ``data/images/a.png`` for the rows of ``data/rows.jsonl``; a row's own value
-    still resolves from its file's folder."""
-    _decoy_rows(folder, {"prompt": "default image"}, {"prompt": "own image", "image_url": "images/a.png"})
-    jobs = jobs_of(
-        folder,
+    item, never ``data/images/a.png`` for the rows of ``data/rows.jsonl``, without a word."""
+    _decoy_rows(folder, {"prompt": "default image"})
+    path = folder / "m.yaml"
+    path.write_text(
         "name: d\nendpoint: fal-ai/wan-i2v\ndefaults: {image_url: images/a.png}\n"
-        "items:\n  - prompt: item\nitems_from: data/rows.jsonl\n",
+        "items:\n  - prompt: item\nitems_from: data/rows.jsonl\n"
     )
-    mine, decoy = folder / "images" / "a.png", folder / "data" / "images" / "a.png"
-    assert [j.input["image_url"] for j in jobs] == [str(mine), str(mine), str(decoy)]
+    issues: list[Issue] = []
+    jobs = list(load_manifest(path).jobs(issues))
+    mine = folder / "images" / "a.png"
+    assert [j.input["image_url"] for j in jobs] == [str(mine), str(mine)]
     assert [j.source_files for j in jobs] == [
-        {"image_url": {"source": "images/a.png", "sha256": sha(path)}} for path in (mine, mine, decoy)
-    ]
+        {"image_url": {"source": "images/a.png", "sha256": sha(mine)}}
+    ] * 2
+    assert issues == []
+
+
+def test_a_row_path_naming_two_different_files_is_refused(folder: Path) -> None:
+    """The contract says a row's ``images/a.png`` is the manifest's ``images/a.png``; wanbatch
+    read (and sent) ``data/images/a.png``, another image, with nothing said. Both there and
+    different: an error at the row's line, item and field naming both, and nothing stored."""
+    _decoy_rows(folder, {"prompt": "own image", "image_url": "images/a.png"})
+    path = folder / "m.yaml"
+    path.write_text("name: d\nendpoint: fal-ai/wan-i2v\nitems_from: data/rows.jsonl\n")
+    report = validate_manifest(path)
+    (error,) = report.errors
+    assert (error.file.endswith("rows.jsonl"), error.line, error.item, error.field) == (
+        True,
+        1,
+        0,
+        "image_url",
+    )
+    assert "images/a.png in the manifest's folder" in error.message
+    assert "data/images/a.png beside this items file" in error.message
+    assert "\n" not in str(error)
+    with pytest.raises(ManifestError):
+        list(load_manifest(path).jobs())
+
+
+def test_a_row_path_whose_two_files_hold_the_same_bytes_is_the_manifests(folder: Path) -> None:
+    """Two copies of one image are one input (the job's key is its bytes): the manifest's, no
+    error and no warning."""
+    _decoy_rows(folder, {"prompt": "own image", "image_url": "images/a.png"})
+    shutil.copy(folder / "images" / "a.png", folder / "data" / "images" / "a.png")
+    path = folder / "m.yaml"
+    path.write_text("name: d\nendpoint: fal-ai/wan-i2v\nitems_from: data/rows.jsonl\n")
+    issues: list[Issue] = []
+    (job,) = load_manifest(path).jobs(issues)
+    assert job.input["image_url"] == str(folder / "images" / "a.png")
+    assert job.source_files == {
+        "image_url": {"source": "images/a.png", "sha256": sha(folder / "images" / "a.png")}
+    }
+    assert issues == []
+
+
+def test_a_csv_row_path_is_relative_to_the_manifest_first(folder: Path) -> None:
+    """A CSV row's cell as a JSONL row's value: the manifest's file when there is one."""
+    (folder / "data").mkdir()
+    (folder / "data" / "rows.csv").write_text("prompt,image_url\nrow,images/a.png\n")
+    path = folder / "m.yaml"
+    path.write_text("name: c\nendpoint: fal-ai/wan-i2v\nitems_from: data/rows.csv\n")
+    issues: list[Issue] = []
+    (job,) = load_manifest(path).jobs(issues)
+    assert job.input["image_url"] == str(folder / "images" / "a.png")
+    assert issues == []
+
+
+def test_a_row_path_leading_up_from_its_file_still_falls_back(folder: Path) -> None:
+    """``../images/a.png`` written in ``data/rows.jsonl`` (the manifest's ``images/a.png`` by
+    the old reading) lies outside the manifest's folder by the contract's; the file beside the
+    rows is inside, so it is read, with the warning, spelled ``images/a.png``."""
+    _decoy_rows(folder, {"prompt": "up", "image_url": "../images/a.png"})
+    path = folder / "m.yaml"
+    path.write_text("name: u\nendpoint: fal-ai/wan-i2v\nitems_from: data/rows.jsonl\n")
+    issues: list[Issue] = []
+    (job,) = load_manifest(path).jobs(issues)
+    assert job.input["image_url"] == str(folder / "images" / "a.png")
+    assert job.source_files is not None
+    assert job.source_files["image_url"]["source"] == "images/a.png"
+    assert [i.severity for i in issues] == ["warning"]
+
+
+def test_a_symlink_out_of_the_manifests_folder_is_refused_not_passed_over(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Either base is confined: the manifest's ``images/b.png`` a symlink leading outside is the
+    outside error (the file beside the rows is not taken instead), and a symlink beside the
+    rows leading outside is never a fallback."""
+    outside = tmp_path_factory.mktemp("private") / "secret.png"
+    Image.new("RGB", (480, 480), (5, 5, 5)).save(outside)
+    (folder / "images" / "b.png").symlink_to(outside)
+    _decoy_rows(
+        folder, {"prompt": "b", "image_url": "images/b.png"}, {"prompt": "c", "image_url": "images/c.png"}
+    )
+    Image.new("RGB", (480, 480), (7, 7, 7)).save(folder / "data" / "images" / "b.png")
+    (folder / "data" / "images" / "c.png").symlink_to(outside)
+    path = folder / "m.yaml"
+    path.write_text("name: s\nendpoint: fal-ai/wan-i2v\nitems_from: data/rows.jsonl\n")
+    report = validate_manifest(path)
+    b, c = report.errors
+    assert (b.item, "symbolic link" in b.message) == (0, True)
+    assert (c.item, c.message) == (1, "file not found: images/c.png")
+    assert str(outside) not in str(report.issues)
 
 
 def test_matrix_values_resolve_from_the_manifest_folder_in_items_from_rows(folder: Path) -> None:
@@ -233,3 +344,20 @@ def test_diff_never_pairs_jobs_of_different_endpoints_by_place_and_names_the_end
         "input",
         "item",
     ]
+
+
+def test_a_row_path_is_said_once_however_many_matrix_jobs_share_it(folder: Path) -> None:
+    """The row's value is the same in each matrix job: one error, or one warning counting the
+    row values (not the jobs)."""
+    _decoy_rows(folder, {"prompt": "own image", "image_url": "images/a.png"})
+    path = folder / "m.yaml"
+    path.write_text(
+        "name: d\nendpoint: fal-ai/wan-i2v\nmatrix: {seed: [1, 2, 3]}\nitems_from: data/rows.jsonl\n"
+    )
+    assert [i.field for i in validate_manifest(path).issues] == ["image_url"]
+    (folder / "images" / "a.png").unlink()
+    issues: list[Issue] = []
+    assert len(list(load_manifest(path).jobs(issues))) == 3
+    (warning,) = issues
+    assert warning.severity == "warning"
+    assert "more value" not in warning.message
