@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NotRequired, Protocol, TypedDict, cast
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from jobs import clock, database_home, db, listing, machine, store
@@ -39,6 +40,7 @@ from jobs.errors import (
     Issue,
     ManifestError,
     NotFoundError,
+    UnpricedError,
     UsageError,
     WanbatchError,
 )
@@ -425,7 +427,6 @@ def committed_today(settings: DatabaseSettings) -> list[DaySpender] | None:
     never create, migrate or write a database: read through :func:`jobs.db.read_engine` (a
     missing SQLite file stays missing), and a database that is missing, unreachable or of another
     schema is not an error here — the warning is then about the whole cap."""
-    from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.pool import NullPool
 
     try:
@@ -471,16 +472,38 @@ def _new_job(
 
 
 def _new_jobs(specs: Iterator[JobSpec], settings: Settings) -> Iterator[store.NewJob]:
+    """The jobs to store, priced. A job no price covers is one located line
+    (:class:`UnpricedError`), never an internal error: validation refuses such inputs first, so
+    this is a row changed since it was validated (which :func:`submit_manifest` then says), or a
+    price table that misses a value its endpoint allows."""
     for spec in specs:
-        yield _new_job(
-            spec.endpoint,
-            spec.item_index,
-            spec.key,
-            spec.input,
-            settings,
-            variant=spec.variant,
-            source_files=spec.source_files,
-        )
+        try:
+            job = _new_job(
+                spec.endpoint,
+                spec.item_index,
+                spec.key,
+                spec.input,
+                settings,
+                variant=spec.variant,
+                source_files=spec.source_files,
+            )
+        except UnpricedError as exc:
+            where = Issue(spec.source, spec.line, spec.item_index, None, str(exc))
+            raise UnpricedError(f"{where}; nothing was submitted") from exc
+        yield job
+
+
+#: What storing a row may raise when no one validated it (an ``items_from`` row changed between
+#: the passes): a price no table has, a value the database or the job's key refuses. Any of them
+#: is first put down to the change, if there was one (:meth:`Manifest.refuse_changed_items`).
+_ROW_FAILURES: tuple[type[Exception], ...] = (
+    UnpricedError,
+    SQLAlchemyError,
+    ValueError,
+    TypeError,
+    ArithmeticError,
+    LookupError,
+)
 
 
 def _submitted(
@@ -751,15 +774,23 @@ def submit_manifest(
         schedule_changed = (
             None if created else _apply_schedule(session, batch, manifest.schedule, manifest.priority)
         )
+        # The storing pass reads the items_from file again: refused, inside this transaction, unless
+        # it finds the very bytes validated (Manifest.refuse_changed_items): nothing is stored.
         new_jobs = _new_jobs(manifest.jobs(), settings)
         stored = None
         followed: list[str] = []
-        if created:
-            added, existing = store.add_jobs(session, batch.id, new_jobs)
-        else:
-            # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
-            stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
-            added, existing = stored.added, stored.present
+        try:
+            if created:
+                added, existing = store.add_jobs(session, batch.id, new_jobs)
+            else:
+                # Jobs already stored take the places the manifest gives them now (see resubmit_jobs).
+                stored = store.resubmit_jobs(session, batch.id, new_jobs, lambda: _item_count(manifest))
+                added, existing = stored.added, stored.present
+        except _ROW_FAILURES:
+            # What failed may be a row changed since validation (never checked): the change is said.
+            manifest.refuse_changed_items()
+            raise
+        if stored is not None:
             if manifest_moved is not None and not take_over:  # raised inside the transaction
                 refuse_name_taken(
                     batch.name, stored_at, str(path), stored, in_manifest, other_host=other_host

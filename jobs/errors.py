@@ -25,7 +25,9 @@ lives in this module unless ``[module]`` names another::
     │   ├── NotFoundError            a batch or job id that does not exist
     │   ├── MissingInputError        a job's local input file is not there (moved, deleted, disk not mounted)
     │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
-    │   └── ManifestError            the manifest is invalid; carries every located issue
+    │   ├── ManifestError            the manifest is invalid; carries every located issue
+    │   ├── ItemsFileChanged         the items_from file changed between validating and storing it
+    │   └── UnpricedError            a job's input has a value its endpoint's price table does not cover
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
     │   └── RunStopped               [worker.steps.output_writes] the run stops: downloads end mid-chunk
     ├── RequestHeldError             fal's request id is another job's of the same fal queue: not taken
@@ -272,6 +274,20 @@ class ManifestError(UsageError):
         errors = [i for i in self.issues if i.severity == "error"]
         head = f"{len(errors)} error(s) in manifest"
         super().__init__(head + ":\n" + "\n".join(f"  {i}" for i in errors))
+
+
+class ItemsFileChanged(UsageError):
+    """The ``items_from`` file a submit validated is not the one its storing pass read: rows
+    appended, rewritten or the file replaced between the two reads (an export still writing it,
+    a sync tool). Raised inside the storing transaction, so nothing of the batch is stored: the
+    rows stored and sent must be those validated (:meth:`jobs.manifest.expand.Manifest.jobs`)."""
+
+
+class UnpricedError(UsageError):
+    """A job's input holds a value its endpoint's price table does not cover (a resolution no
+    price is known for, a duration that is no number). Validation refuses such inputs first;
+    this is the one clear line should one reach pricing all the same, never a ``ValueError``
+    the command line reports as an internal error (exit 70)."""
 
 
 class StateConflict(WanbatchError):

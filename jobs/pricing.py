@@ -14,7 +14,7 @@ from functools import lru_cache
 from typing import Any, TypedDict
 
 from jobs.endpoints import EndpointSpec, get_endpoint
-from jobs.errors import UsageError
+from jobs.errors import UnpricedError, UsageError
 from jobs.money import usd_json
 from jobs.settings import BudgetSettings
 
@@ -63,6 +63,25 @@ def units_text(by_unit: Mapping[str, Decimal | float | int]) -> str:
     return " + ".join(parts) or "0"
 
 
+def _unpriced(endpoint_id: str, name: str, value: object) -> UnpricedError:
+    """The error of a job ``endpoint_id``'s price table has no price for (``name`` = ``value``)."""
+    return UnpricedError(f"{endpoint_id} has no price for {name}={value!r}: the job cannot be priced")
+
+
+def _number(endpoint_id: str, name: str, value: object) -> Decimal:
+    """``value`` as the number a price is computed from; :class:`UnpricedError` when it is none
+    (text, a boolean, nothing, NaN or an infinity: no price is a multiple of those)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        raise _unpriced(endpoint_id, name, value)
+    try:
+        number = Decimal(str(value))
+    except ArithmeticError:  # decimal.InvalidOperation: "abc"
+        raise _unpriced(endpoint_id, name, value) from None
+    if not number.is_finite():
+        raise _unpriced(endpoint_id, name, value)
+    return number
+
+
 def _value(spec: EndpointSpec, resolved: Mapping[str, Any], name: str) -> Any:
     if name in resolved and resolved[name] is not None:
         return resolved[name]
@@ -78,8 +97,10 @@ def estimate_job(
     ``prices`` carries the user's ``WANBATCH_PRICING_OVERRIDES``; None prices by the registry
     alone (fal's published prices: what the simulator bills).
 
-    Raises ``ValueError`` when a pricing field has a value the price table does not cover —
-    validation has already rejected such inputs, so that means the registry itself is wrong.
+    Raises :class:`~jobs.errors.UnpricedError` (one line, never an internal error) when a
+    pricing field has a value the price table does not cover, or one that is no number where a
+    number prices the job. Validation refuses such inputs before any job is priced; one that
+    reaches here all the same (a row that changed after it was validated) is said, not crashed on.
     """
     spec = get_endpoint(endpoint_id)
     pricing = spec.pricing
@@ -91,13 +112,13 @@ def estimate_job(
             try:
                 units *= factor.table[str(value)]
             except KeyError:
-                raise ValueError(f"{endpoint_id}: no price for {factor.field}={value!r}") from None
+                raise _unpriced(endpoint_id, factor.field, value) from None
         elif factor.kind == "value":
-            units *= Decimal(str(value)) / factor.divide_by
+            units *= _number(endpoint_id, factor.field, value) / factor.divide_by
         else:
             assert factor.above is not None
             assert factor.factor is not None
-            if Decimal(str(value)) > factor.above:
+            if _number(endpoint_id, factor.field, value) > factor.above:
                 units *= factor.factor
 
     overrides = prices.usd_override(endpoint_id) if prices is not None else None
@@ -115,7 +136,7 @@ def estimate_job(
         try:
             rate = table[key]
         except KeyError:
-            raise ValueError(f"{endpoint_id}: no price for {pricing.usd_per_unit_field}={key!r}") from None
+            raise _unpriced(endpoint_id, pricing.usd_per_unit_field, key) from None
     return Estimate(
         endpoint=endpoint_id,
         billing_units=units,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
-from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, did_you_mean
+from jobs.errors import TOO_MANY_JOBS, Issue, ItemsFileChanged, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import (
     DefaultedDuplicates,
@@ -27,7 +27,7 @@ from jobs.manifest.checks import (
     unchecked_issues,
 )
 from jobs.manifest.fal_key import row_key_issues
-from jobs.manifest.items_from import RowLimit, csv_value, read_items
+from jobs.manifest.items_from import ItemsFile, ItemsRead, RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
 from jobs.manifest.row_paths import PathCache, RowFallbacks
@@ -128,6 +128,14 @@ class Manifest:
     #: FAL_KEY's values (:func:`jobs.manifest.fal_key.known_keys`): an ``items_from`` row holding
     #: one is an error as it is read (the manifest's own values are checked when it is parsed).
     fal_keys: frozenset[str] = frozenset()
+    #: The ``items_from`` file as the validating pass read it: which file, how many bytes, their
+    #: SHA-256 (:class:`ItemsRead`). Once :attr:`validated`, a later pass (the one that stores
+    #: the jobs) reads the file again and is refused (:class:`ItemsFileChanged`) unless it finds
+    #: exactly these bytes: rows appended or rewritten between the passes were stored, and sent,
+    #: without anyone checking them (an audit's row of 9,999 frames, a sweep's 2,000 422s).
+    items_read: ItemsRead | None = None
+    #: The ``items_from`` file the current pass reads (:meth:`refuse_changed_items` finishes it).
+    _reading: ItemsFile | None = field(default=None, repr=False, compare=False)
 
     @property
     def base_dir(self) -> Path:
@@ -184,6 +192,7 @@ class Manifest:
                     defaulted.add(job, digests)
                 yield job
             if issues is None and error_count(sink):
+                self.refuse_changed_items()  # an error of a row changed since: the change is said
                 raise ManifestError(sink)
         self.item_count = items
         sink.extend(fallbacks.warnings())
@@ -192,7 +201,64 @@ class Manifest:
         if not produced and self.items_from is not None and not error_count(sink) + error_count(self.issues):
             sink.append(self._no_rows())
         if issues is None and error_count(sink):
+            self.refuse_changed_items()
             raise ManifestError(sink)
+
+    def refuse_changed_items(self) -> None:
+        """Raise :class:`ItemsFileChanged` when the pass that stores the jobs (one after
+        :attr:`validated`) reads an ``items_from`` file other than the one validated.
+
+        Called as that pass ends, and by whoever sees it fail midway (its error may come from a
+        row changed since, which no one checked: a price no table has, a value the database
+        refuses): the rest of the file is read through the same open file and the whole
+        compared, so the change, not what it broke, is what the user is told. Nothing to say
+        before validation, nor when this pass read no ``items_from`` file, nor once its file was
+        closed before its end (its refusal was said then)."""
+        if not self.validated or self._reading is None:
+            return
+        found = self._reading.drain()
+        if found is not None:
+            self._compare_items(found)
+
+    def _compare_items(self, found: ItemsRead) -> None:
+        """:class:`ItemsFileChanged` unless ``found`` is the file validation read, byte for byte."""
+        want = self.items_read
+        if want is None or not want.complete:  # validation never read it to its end: never stored
+            raise self._items_changed("it was not read to its end when validated")
+        if (found.length, found.sha256) == (want.length, want.sha256):
+            return  # the same bytes (even if written again, or renamed over the old file)
+        if (found.device, found.inode) != (want.device, want.inode):
+            raise self._items_changed("another file now has its name")
+        if found.length != want.length:
+            raise self._items_changed(f"{want.length:,} bytes when validated, {found.length:,} now")
+        raise self._items_changed("its bytes differ from those validated")
+
+    def _items_changed(self, why: str) -> ItemsFileChanged:
+        """The one line a refused ``items_from`` change gets."""
+        return ItemsFileChanged(
+            f"{shown_path(self._items_from_named)} changed while submit ran ({why}); nothing was "
+            "submitted: run it again once the file is written"
+        )
+
+    def _items_opened(self, source: ItemsFile) -> None:
+        """The ``items_from`` file a pass opened: kept to be finished (:meth:`refuse_changed_items`).
+        The storing pass refuses at once a file of another size than the bytes validated: not one
+        row of it is read, priced or stored."""
+        self._reading = source
+        want = self.items_read
+        if self.validated and want is not None and want.complete and source.size != want.length:
+            raise self._items_changed(f"{want.length:,} bytes when validated, {source.size:,} now")
+
+    def _items_ended(self, source: ItemsFile) -> None:
+        """A pass read the ``items_from`` rows (to the end, or where it stopped): validation
+        records what it read; the storing pass compares the whole file with that."""
+        if not self.validated:
+            self.items_read = source.read_so_far()
+            return
+        found = source.drain()
+        if found is None:  # the rest of it cannot be read now: it is not the file validated
+            raise self._items_changed("the rest of it cannot be read now")
+        self._compare_items(found)
 
     def _no_rows(self) -> Issue:
         """Not one job and no other error: the ``items_from`` file holds no rows. A batch of 0
@@ -258,9 +324,18 @@ class Manifest:
                     )
                 )
             index += 1
+        self._reading = None
         if self.items_from is None:
             return
         kind = file_kind(self.items_from)  # again: it may have changed since the manifest was parsed
+        if kind != "file" and self.validated and self.items_read is not None:
+            # Validated, then gone or replaced by a folder: its rows must not silently vanish.
+            now = (
+                f"it cannot be read now: {os_reason(kind)}"
+                if isinstance(kind, OSError)
+                else f"it is a {kind} now"
+            )
+            raise self._items_changed(now)
         if kind != "file":  # gone or unreadable: said; a folder or a FIFO now (reading would block): skipped
             if isinstance(kind, OSError):
                 sink.append(self._unreadable(kind))
@@ -268,9 +343,19 @@ class Manifest:
         display = self.items_from_display or str(self.items_from)
         try:
             yield from read_items(
-                self.items_from, display, index, sink, self._spec_named, self._row_limit(), self._check_header
+                self.items_from,
+                display,
+                index,
+                sink,
+                self._spec_named,
+                self._row_limit(),
+                self._check_header,
+                opened=self._items_opened,
+                ended=self._items_ended,
             )
         except OSError as exc:  # unreadable (permissions), or gone since the manifest was parsed
+            if self.validated and self.items_read is not None:
+                raise self._items_changed(f"it cannot be read now: {os_reason(exc)}") from exc
             sink.append(self._unreadable(exc))
 
     def _row_limit(self) -> RowLimit:

@@ -12,13 +12,17 @@ reports it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
+import io
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.digits import (
     MAX_WHOLE_DIGITS,
@@ -35,6 +39,9 @@ from jobs.errors import Issue
 from jobs.manifest.keys import lf
 from jobs.manifest.model import RawItem, describe
 from jobs.yaml_lines import MAX_DEPTH
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 #: Longest line accepted in an ``items_from`` JSONL file.
 MAX_ITEMS_FROM_LINE = 1024 * 1024
@@ -95,6 +102,111 @@ class RowLimit:
         )
 
 
+#: How much :meth:`ItemsFile.drain` reads at once.
+_DRAIN_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsRead:
+    """What one pass read of an ``items_from`` file: which file (device and inode, as opened),
+    how many bytes, their SHA-256, and whether that was the whole file (read to its end).
+
+    The pass that validates the rows records this; the pass that stores them compares its own
+    (:meth:`jobs.manifest.expand.Manifest.jobs`): the same bytes, or nothing is stored."""
+
+    device: int
+    inode: int
+    length: int
+    sha256: str
+    complete: bool
+
+
+class ItemsFile(io.RawIOBase):
+    """An ``items_from`` file opened for one pass, every byte read through one SHA-256 as it is
+    read (streaming: a file of a million rows is hashed as it is parsed, never held).
+
+    The readers wrap it (:class:`io.BufferedReader`, :class:`io.TextIOWrapper`), so the hash is
+    of the very bytes they parsed, in order: what a pass checked is known by its bytes, not by a
+    second read that could find others."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._file = path.open("rb", buffering=0)
+        found = os.fstat(self._file.fileno())
+        #: The file as opened: its device and inode (another file renamed over the path has
+        #: another), and its size then.
+        self.device, self.inode, self.size = found.st_dev, found.st_ino, found.st_size
+        self._sha256 = hashlib.sha256()
+        self._length = 0
+        #: Whether a read found the end of the file: every byte of it went through the hash.
+        self.complete = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        count = self._file.readinto(buffer)
+        if not count:
+            self.complete = True
+            return 0
+        with memoryview(buffer) as view:
+            self._sha256.update(view[:count])
+        self._length += count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+    def read_so_far(self) -> ItemsRead:
+        """The bytes read until now (all of them once :attr:`complete`)."""
+        return ItemsRead(self.device, self.inode, self._length, self._sha256.hexdigest(), self.complete)
+
+    def drain(self) -> ItemsRead | None:
+        """The whole file as this pass found it: what was read, then the rest of it read (and
+        hashed) now, through the same open file. None when that cannot be told: the file was
+        closed before its end, or the rest cannot be read."""
+        if not self.closed and not self.complete:
+            chunk = bytearray(_DRAIN_CHUNK)
+            try:
+                while self.readinto(chunk):
+                    pass
+            except OSError:
+                return None
+        return self.read_so_far() if self.complete else None
+
+
+@contextlib.contextmanager
+def _lines(source: ItemsFile) -> Iterator[io.BufferedReader[ItemsFile]]:
+    """``source`` buffered, to read lines from; detached when done, not closed: :func:`read_items`
+    hands the file to its ``ended`` still open (which may read the rest of it), then closes it."""
+    fh = io.BufferedReader(source)
+    try:
+        yield fh
+    finally:
+        fh.detach()
+
+
+@contextlib.contextmanager
+def _text(source: ItemsFile) -> Iterator[io.TextIOWrapper]:
+    """``source`` as CSV text (see :func:`csv_items`), left open as :func:`_lines` leaves it."""
+    with _lines(source) as buffered:
+        fh = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        try:
+            yield fh
+        finally:
+            fh.detach()
+
+
+#: Called with the file a pass opened (before a row is read), then with it once the rows are
+#: read (before it is closed): :class:`jobs.manifest.expand.Manifest` records or compares it.
+ItemsWatch = Callable[[ItemsFile], None]
+
+
+def _not_watched(source: ItemsFile) -> None:
+    return None
+
+
 def read_items(
     path: Path,
     display: str,
@@ -103,13 +215,23 @@ def read_items(
     spec_for: SpecFor = _no_spec,
     limit: RowLimit | None = None,
     check_header: HeaderCheck = _no_header_check,
+    *,
+    opened: ItemsWatch = _not_watched,
+    ended: ItemsWatch = _not_watched,
 ) -> Iterator[RawItem]:
     """The rows of a JSONL or CSV file (by suffix), numbered from ``index``; problems to ``sink``.
     With a ``limit``, reading stops at the first row past it (said in ``sink``). A CSV header's
-    names go to ``check_header`` (JSONL rows each carry their own keys: validated per row)."""
-    if path.suffix.lower() == ".csv":
-        return csv_items(path, display, index, sink, spec_for, limit, check_header)
-    return jsonl_items(path, display, index, sink, spec_for, limit)
+    names go to ``check_header`` (JSONL rows each carry their own keys: validated per row).
+
+    The file is read through an :class:`ItemsFile`, handed to ``opened`` before its first row
+    and to ``ended`` after its last one (or where reading stopped), while still open."""
+    with ItemsFile(path) as source:
+        opened(source)
+        if path.suffix.lower() == ".csv":
+            yield from csv_items(source, path.parent, display, index, sink, spec_for, limit, check_header)
+        else:
+            yield from jsonl_items(source, path.parent, display, index, sink, spec_for, limit)
+        ended(source)
 
 
 def _whole(text: str) -> int | WholeTooLong:
@@ -128,16 +250,17 @@ def whole_number_allowed(spec: EndpointSpec | None, name: object) -> str:
 
 
 def jsonl_items(
-    path: Path,
+    source: ItemsFile,
+    base_dir: Path,
     display: str,
     index: int,
     sink: list[Issue],
     spec_for: SpecFor = _no_spec,
     limit: RowLimit | None = None,
 ) -> Iterator[RawItem]:
-    """One item per JSON-object line; blank lines skipped, a leading BOM ignored."""
-    base_dir = path.parent
-    with path.open("rb") as fh:
+    """One item per JSON-object line; blank lines skipped, a leading BOM ignored. ``base_dir``:
+    the file's folder, which the rows' relative paths are resolved from."""
+    with _lines(source) as fh:
         lineno = 0
         while True:
             raw = fh.readline(MAX_ITEMS_FROM_LINE + 1)
@@ -249,7 +372,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def csv_items(
-    path: Path,
+    source: ItemsFile,
+    base_dir: Path,
     display: str,
     index: int,
     sink: list[Issue],
@@ -272,9 +396,8 @@ def csv_items(
     Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) rather than
     raised at once: the decoder reads ahead in blocks, so its error came before the row was
     known and named line 1, item 0. The row holding them is refused instead, "not UTF-8 text"
-    at its own line as in JSONL, and reading goes on."""
-    base_dir = path.parent
-    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+    at its own line as in JSONL, and reading goes on. ``base_dir``: as for :func:`jsonl_items`."""
+    with _text(source) as fh:
         reader = csv.reader(fh, strict=True)
         last = 0  # the line the previous row ended on: the next one starts after it
         try:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from jobs import batches, media
 from jobs.db import make_engine, session_factory
 from jobs.endpoints import FieldType, MediaConstraints
-from jobs.errors import ManifestError, UsageError
+from jobs.errors import ItemsFileChanged, ManifestError, UsageError
 from jobs.models import Job
 from jobs.settings import Settings
 from worker.fal.storage import MediaPreparer, prepare_input
@@ -157,7 +157,9 @@ def test_an_items_from_row_rewritten_since_validation_names_no_unchecked_file(
     tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, fresh_caches: None
 ) -> None:
     """The storing pass reads the ``items_from`` rows again: a row rewritten meanwhile to name
-    another file (here a corrupt one) is refused, not stored with a hash of a fresh read."""
+    another file (here a corrupt one) is refused, not stored with a hash of a fresh read. The
+    refusal says what happened: the rows file is not the one validated (its row's unchecked
+    file is only what that change broke), and nothing of the batch is stored."""
     (tmp_path / "images").mkdir()
     good, bad = tmp_path / "images" / "a.png", tmp_path / "images" / "b.png"
     good.write_bytes(_png())
@@ -178,10 +180,17 @@ def test_an_items_from_row_rewritten_since_validation_names_no_unchecked_file(
 
     monkeypatch.setattr(media, "_check_image", check_then_rewrite)
     settings = Settings(database_url=sqlite_url, output_dir=str(tmp_path / "out"))
-    with pytest.raises(ManifestError) as raised:
+    with pytest.raises(ItemsFileChanged) as raised:
         batches.submit_manifest(path, settings)
 
     assert swaps == [1]
-    (issue,) = [i for i in raised.value.issues if i.severity == "error"]
-    assert (Path(issue.file).name, issue.line, issue.field) == ("rows.csv", 2, "image_url")
-    assert issue.message.startswith("images/b.png was not checked by this submit's validation")
+    assert str(raised.value) == (
+        "rows.csv changed while submit ran (its bytes differ from those validated); nothing was "
+        "submitted: run it again once the file is written"
+    )
+    engine = make_engine(sqlite_url)
+    try:
+        with session_factory(engine)() as session:
+            assert session.scalars(select(Job)).all() == []
+    finally:
+        engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ from jobs.errors import ManifestError
 from jobs.manifest import (
     JobSpec,
     ValidationReport,
+    items_from,
     iter_valid_jobs,
     load_manifest,
     validate_manifest,
 )
 from jobs.manifest import report as manifest_report
+from jobs.manifest.items_from import ItemsFile
 from jobs.pricing import estimate_job
 from jobs.yaml_lines import YamlProblem, load_located
 
@@ -982,47 +985,18 @@ def test_items_times_matrix_over_the_limit_is_refused_up_front(folder: Path) -> 
     assert any("more than 1,000,000 jobs; split it" in str(i) for i in report.errors)
 
 
-class _CountedLines:
-    """A data file as :mod:`jobs.manifest.items_from` reads it (``readline`` for JSONL, iteration
-    for CSV), counting the lines handed over: how far into the file the reader went."""
+def _count_reads_of(name: str, monkeypatch: pytest.MonkeyPatch) -> list[ItemsFile]:
+    """Every opening of the data file ``name``, each counting (and hashing) the bytes read from
+    it (:class:`jobs.manifest.items_from.ItemsFile`): how far into the file the reader went."""
+    opened: list[ItemsFile] = []
 
-    def __init__(self, fh: IO[Any]) -> None:
-        self.fh = fh
-        self.lines = 0
+    class Counted(ItemsFile):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            if path.name == name:
+                opened.append(self)
 
-    def __enter__(self) -> _CountedLines:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.fh.close()
-
-    def readline(self, size: int = -1) -> Any:
-        line = self.fh.readline(size)
-        self.lines += bool(line)
-        return line
-
-    def __iter__(self) -> _CountedLines:
-        return self
-
-    def __next__(self) -> Any:
-        line = next(self.fh)
-        self.lines += 1
-        return line
-
-
-def _count_reads_of(name: str, monkeypatch: pytest.MonkeyPatch) -> list[_CountedLines]:
-    """Every opening of the file ``name``, each counting the lines read from it."""
-    opened: list[_CountedLines] = []
-    real_open = Path.open
-
-    def counting_open(self: Path, *args: Any, **kwargs: Any) -> Any:
-        fh = real_open(self, *args, **kwargs)
-        if self.name != name:
-            return fh
-        opened.append(_CountedLines(fh))
-        return opened[-1]
-
-    monkeypatch.setattr(Path, "open", counting_open)
+    monkeypatch.setattr(items_from, "ItemsFile", Counted)
     return opened
 
 
@@ -1060,12 +1034,17 @@ def test_an_items_from_file_past_the_job_limit_is_refused_at_the_row_that_passes
         f"{data}:{line}: the manifest expands to more than 5 jobs; split it "
         "(allowed: at most 5 jobs per manifest)"
     )
-    assert [f.lines for f in opened] == [line]  # nothing past the row that passed the limit
+    # Nothing read past the buffer that held the row that passed the limit (the file: ~70 kB).
+    upto = len("".join(data.read_text().splitlines(keepends=True)[:line]))
+    assert len(opened) == 1
+    assert not opened[0].complete
+    assert opened[0].read_so_far().length <= upto + 2 * io.DEFAULT_BUFFER_SIZE < data.stat().st_size
     assert [str(i) for i in report.errors if "more than 5 jobs" in str(i)] == [too_many]
     assert report.job_count <= 5
     with pytest.raises(ManifestError, match="more than 5 jobs"):
         list(iter_valid_jobs(path))
-    assert all(f.lines == line for f in opened)
+    assert len(opened) == 2  # validated again: refused before the rows are read a second time
+    assert all(not f.complete and f.read_so_far().length <= upto + 2 * io.DEFAULT_BUFFER_SIZE for f in opened)
 
 
 def test_the_row_limit_counts_the_items_and_the_matrix_combinations(
