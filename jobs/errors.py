@@ -58,6 +58,7 @@ lives in this module unless ``[module]`` names another::
         │   └── RequestFailedError       [worker.fal.errors] fal's verdict: a new attempt may succeed
         ├── FinalProviderError       permanent: do not try again (422, 401/403, non-retryable model errors)
         │   ├── AccountLockedError       the account itself is refused: the batch pauses
+        │   ├── DownloadRefusedError     [worker.fal.errors] the download policy refused a host: held, paused
         │   ├── ResultExpiredError       [worker.fal.errors] fal no longer keeps the result
         │   ├── RequestCancelledError    [worker.fal.errors] the request was cancelled
         │   └── StartTimeoutError        [worker.fal.errors] our start timeout expired before a runner took it
