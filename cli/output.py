@@ -586,8 +586,7 @@ def refused_manifest_text(exc: ManifestError) -> str:
     """The line under a refused manifest's issues (``1 error(s); nothing was submitted.``): on
     stderr after its glyph, and ``--json``'s ``error`` as it is, "the same line as on stderr"
     (the object said ``1 error(s) in manifest``, the exception's own head)."""
-    errors = sum(1 for issue in exc.issues if issue.severity == "error")
-    return f"{errors} error(s); nothing was submitted."
+    return f"{exc.error_total} error(s); nothing was submitted."
 
 
 def fail(exc: WanbatchError, as_json: bool) -> NoReturn:

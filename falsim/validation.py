@@ -29,8 +29,9 @@ are read as wanbatch's validation reads them (:func:`jobs.media.classify`,
 tokens), so the two never disagree on what fal can decode. The bytes the simulator has (a data
 URI's, a stored upload's) are then checked against the endpoint's published limits, as
 :mod:`jobs.media` checks them: an image's format, pixels and alpha; an audio file's container
-(WAV or MP3) and duration. Other http(s) URLs are accepted without fetching (there is no
-internet here).
+(WAV or MP3) and duration. A URL whose host fal's servers cannot reach (loopback, private,
+link-local: :func:`jobs.media.unreachable_host`) fails to download, as on fal; other http(s)
+URLs are accepted without fetching (there is no internet here).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.version import version_short
 
 from jobs.endpoints import EndpointSpec, FieldSpec, FieldType, get_endpoint
-from jobs.media import MediaKind, check_bytes, classify, parse_data_uri
+from jobs.media import MediaKind, check_bytes, classify, parse_data_uri, unreachable_host
 
 
 def _annotation(spec: FieldSpec) -> Any:
@@ -182,8 +183,16 @@ def _media_problem(
             return "Failed to decode the data URI: invalid base64", "file_download_error"
         return None
     if form is MediaKind.URL:
-        if local_file_exists is not None and local_file_exists(url) is False:
+        if local_file_exists is None:
+            return None
+        ours = local_file_exists(url)
+        if ours is False:
             return f"Failed to download the file from {url}: 404 Not Found", "file_download_error"
+        if ours is None and (why := unreachable_host(url)) is not None:
+            # fal's runner downloads the URL from fal's machines, where a loopback, private or
+            # link-local address is none of the user's: the download fails there, and so here
+            # (the simulator's own uploads, on its loopback host, are answered above).
+            return f"Failed to download the file from {url}: its host is {why}", "file_download_error"
         return None
     return f"Failed to download the file from {url!r}: not an http(s) URL or data URI", "file_download_error"
 

@@ -77,7 +77,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from jobs.printable import one_line
+from jobs.printable import one_line, quoted
 from jobs.url_secrets import mask_urls
 
 
@@ -170,6 +170,11 @@ NEVER_OPENS = "never_opens"
 #: errors shown may hide (a file of bad rows past the limit says both).
 TOO_MANY_JOBS = "too_many_jobs"
 
+#: :attr:`Issue.code` of a manifest whose jobs would store more input than
+#: :data:`jobs.manifest.expand.MAX_INPUT_BYTES`: like :data:`TOO_MANY_JOBS`, never hidden by a
+#: cap, and the manifest is not expanded.
+TOO_MUCH_INPUT = "too_much_input"
+
 
 @dataclass(frozen=True, slots=True)
 class Issue:
@@ -189,6 +194,9 @@ class Issue:
     severity: str = "error"
     #: What kind of problem, where code must tell one from the others (:data:`DEADLINE_PASSED`).
     code: str | None = None
+    #: For the note that stands for errors not shown (``… and 900,000 more errors not shown``):
+    #: how many it stands for, so every count of the errors (:func:`errors_in`) is the real one.
+    hidden: int = 0
 
     def location(self) -> str:
         """``file:line`` followed by the item and field, as an editor or a person wants it."""
@@ -197,7 +205,7 @@ class Issue:
         if self.item is not None:
             parts.append(f"item {self.item}")
         if self.field:
-            parts.append(f"field {self.field!r}")
+            parts.append(f"field {quoted(self.field)}")  # a key the user wrote: cut when long
         return ": ".join(parts)
 
     def __str__(self) -> str:
@@ -220,11 +228,14 @@ class Issue:
             value = mask_urls(value)
             if len(value) > 200:
                 value = value[:200] + "…"
+        field = self.field
+        if field is not None and len(field) > 200:  # an unknown key, as long as the user wrote it
+            field = field[:200] + "…"
         return {
             "file": self.file,
             "line": self.line,
             "item": self.item,
-            "field": self.field,
+            "field": field,
             "message": mask_urls(self.message),
             "value": value,
             "allowed": self.allowed,
@@ -267,13 +278,22 @@ def same_numbers(word: str, choices: Iterable[str]) -> list[str]:
     return [choice for choice in choices if _NUMBERS.findall(choice) == numbers]
 
 
+def errors_in(issues: Iterable[Issue]) -> int:
+    """How many errors ``issues`` hold: each error once, and the note that stands for errors
+    not shown (:attr:`Issue.hidden`) as the errors it stands for. Counting the listed lines
+    said "100002 error(s)" of a file with 1,000,001 bad rows."""
+    return sum(i.hidden or 1 for i in issues if i.severity == "error")
+
+
 class ManifestError(UsageError):
     """The manifest cannot be used; ``issues`` lists every problem found in one pass."""
 
     def __init__(self, issues: Sequence[Issue]) -> None:
         self.issues: list[Issue] = list(issues)
+        #: Every error found, the ones a cap left unlisted too (:func:`errors_in`).
+        self.error_total = errors_in(self.issues)
         errors = [i for i in self.issues if i.severity == "error"]
-        head = f"{len(errors)} error(s) in manifest"
+        head = f"{self.error_total} error(s) in manifest"
         super().__init__(head + ":\n" + "\n".join(f"  {i}" for i in errors))
 
 

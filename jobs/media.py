@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import importlib
 import io
+import ipaddress
 import logging
 import math
 import mimetypes
@@ -312,7 +314,7 @@ def check_media(
         return [MediaProblem(NUL_MESSAGE, NUL_ALLOWED)]
     form = classify(value)
     if form is MediaKind.URL:
-        return check_url(value)
+        return check_url(value) or _unreachable_url(value)
     if form is MediaKind.DATA_URI:
         return check_data_uri(value, kind, limits)
     if form is MediaKind.OTHER_SCHEME:
@@ -320,6 +322,8 @@ def check_media(
         return [MediaProblem(f"the URL scheme {scheme!r} is not supported", ALLOWED_FORMS)]
     if not representable(value):
         return [MediaProblem(UNREPRESENTABLE_MESSAGE, UNREPRESENTABLE_ALLOWED)]
+    if (folder_only := _file_as_folder(value, value if shown is None else shown)) is not None:
+        return [folder_only]
     problems, digest = checked_file(Path(value), kind, limits, shown=shown)
     if checked is not None and digest is not None and checked.setdefault(value, digest) != digest:
         problems.append(_changed_while_checked(shown_path(value if shown is None else shown)))
@@ -333,6 +337,88 @@ def _changed_while_checked(name: str) -> MediaProblem:
         "a file that is not being written: validate or submit again once it is complete",
         code="image_load_error",
     )
+
+
+#: :attr:`MediaProblem.code` (and :attr:`jobs.errors.Issue.code`) of a URL fal's servers cannot
+#: download: a loopback, private or link-local address, or ``localhost``. A warning, said once
+#: per URL (:func:`jobs.manifest.report.validate_manifest`).
+UNREACHABLE_URL = "unreachable_url"
+
+
+def unreachable_host(url: str) -> str | None:
+    """Why fal's servers cannot download ``url`` whatever it serves, from its host alone (no
+    name is resolved): "a loopback address", "a private address", "a link-local address"; None
+    for any other host. "The model's runner downloads the file from that URL during processing"
+    (https://docs.fal.ai/documentation/model-apis/fal-cdn), on fal's machines: ``localhost``
+    there is fal's own, and 10.0.0.0/8, 192.168.0.0/16 or the cloud metadata address
+    169.254.169.254 are no place of the user's it can reach."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    if not host:
+        return None
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always the loopback
+        return "a loopback address (localhost)"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_link_local:
+        return "a link-local address"
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address.is_private:
+        return "a private address"
+    return None
+
+
+def _unreachable_url(value: str) -> list[MediaProblem]:
+    """A warning for a URL fal's servers cannot download (:func:`unreachable_host`): valid in
+    form, so not refused (a tunnel or proxy may make sense of it), but the job would fail with
+    fal's ``file_download_error``."""
+    why = unreachable_host(value)
+    if why is None:
+        return []
+    return [
+        MediaProblem(
+            f"the URL's host is {why}: fal downloads input URLs from its own servers, which cannot "
+            "reach it, so the job would fail (file_download_error)",
+            "a public http(s) URL, or a local file path (wanbatch uploads it to fal)",
+            severity="warning",
+            code=UNREACHABLE_URL,
+        )
+    ]
+
+
+def _file_as_folder(value: str, written: str | os.PathLike[str]) -> MediaProblem | None:
+    """The problem of a path written with a trailing ``/`` (or ``/.``) that leads to a file:
+    the system refuses to open ``landscape.jpg/`` ("Not a directory"), though ``Path`` drops the
+    slash and would have read the file. None otherwise (a folder, or nothing there, is said by
+    the file's own check)."""
+    text = os.fspath(written)
+    seps = {"/", os.sep}
+    if not any(text.endswith((sep, sep + ".")) for sep in seps):
+        return None
+    try:
+        # Not Path: it drops the trailing separator, which is the whole point here.
+        os.stat(value.rstrip("".join(seps)) + os.sep)  # noqa: PTH116
+    except OSError as exc:
+        if exc.errno != errno.ENOTDIR:
+            return None
+        return MediaProblem(
+            f"cannot read {shown_path(text)}: not a directory (a path ending in '/' names a folder, "
+            "and this is a file)",
+            "the file's path without the trailing '/'",
+        )
+    except ValueError:
+        return None
+    return None
 
 
 def check_url(value: str) -> list[MediaProblem]:

@@ -151,6 +151,14 @@ def quoted(value: object, limit: int = QUOTED_CHARS) -> str:
     return f"{text[:limit]}…{count}"
 
 
+def size_text(size: int) -> str:
+    """``37 kB``, ``1.2 GB``: decimal units, as disks are sold and ``df -H`` shows them."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size // scale:,} {unit}"
+    return f"{size} bytes"
+
+
 #: A batch name a shell passes as one word, unchanged: no quoting, globbing or expansion needed.
 _SHELL_WORD = re.compile(r"[\w.@+-]+", re.ASCII)
 #: The suffixes that make ``wanbatch run REF`` read REF as a manifest file, never a batch name.

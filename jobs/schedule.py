@@ -52,14 +52,14 @@ def parse_window(text: str) -> tuple[time, time] | None:
     hours_a, minutes_a, hours_b, minutes_b = (int(g) for g in match.groups())
     if (hours_a, minutes_a) == (24, 0):
         raise ValueError(
-            f"window {text!r}: 24:00 is the end of a day, so only a window's end; a window from "
+            f"window {quoted(text)}: 24:00 is the end of a day, so only a window's end; a window from "
             "midnight starts at 00:00"
         )
     end_of_day = (hours_b, minutes_b) == (24, 0)
     for hours, minutes in ((hours_a, minutes_a), (hours_b, minutes_b)):
         if (hours > 23 or minutes > 59) and not (end_of_day and (hours, minutes) == (24, 0)):
             raise ValueError(
-                f"window {text!r}: {hours:02d}:{minutes:02d} is not a time of day (00:00 to 23:59, "
+                f"window {quoted(text)}: {hours:02d}:{minutes:02d} is not a time of day (00:00 to 23:59, "
                 "or 24:00 as the end of the day)"
             )
     start, end = time(hours_a, minutes_a), time(0 if end_of_day else hours_b, minutes_b)
@@ -67,7 +67,7 @@ def parse_window(text: str) -> tuple[time, time] | None:
         return None  # 00:00-24:00: the whole day, every day
     if start == end:
         raise ValueError(
-            f"window {text!r} is empty: it starts and ends at the same time "
+            f"window {quoted(text)} is empty: it starts and ends at the same time "
             "(a window covers start up to end, crossing midnight when end is earlier); "
             "to send at any time of day leave `window` out, or write 00:00-24:00"
         )
@@ -79,7 +79,7 @@ def zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {name!r}") from None
+        raise ValueError(f"unknown time zone {quoted(name)}") from None
 
 
 def format_duration(seconds: float) -> str:
@@ -207,6 +207,20 @@ def _from_iso(written: str) -> datetime:
     return midnight + timedelta(days=1)  # wall-clock arithmetic: the same offset, the next day
 
 
+def _kind(value: object) -> str:
+    """A wrong value named as its writer knows it: the YAML loader's own classes (``LList``,
+    ``LMap``) mean nothing to them."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, bool):
+        return f"true/false (a boolean) {value}"
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {quoted(value)}"
+
+
 def parse_instant(value: object, *, bounded: bool = True, timezone: str | None = None) -> datetime:
     """An ISO 8601 timestamp with an offset or ``Z`` → an aware datetime in UTC.
 
@@ -230,13 +244,14 @@ def parse_instant(value: object, *, bounded: bool = True, timezone: str | None =
         except ValueError:
             raise ValueError(f"{quoted(value)} is not an ISO 8601 timestamp") from None
     else:
-        raise ValueError(f"expected an ISO 8601 timestamp, got {type(value).__name__} {quoted(value)}")
+        raise ValueError(f"expected an ISO 8601 timestamp, got {_kind(value)}")
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         advice = _offset_advice(written, parsed, timezone)
         if advice is None:
             advice = " (local time in which zone?); add one such as +01:00, or Z for UTC"
-        raise ValueError(f"{written!r} has no UTC offset, so the instant is ambiguous{advice}")
-    out_of_range = f"{written!r} is out of range: a time from {EARLIEST.year} up to {LATEST.year} is allowed"
+        raise ValueError(f"{quoted(written)} has no UTC offset, so the instant is ambiguous{advice}")
+    years = f"a time from {EARLIEST.year} up to {LATEST.year} is allowed"
+    out_of_range = f"{quoted(written)} is out of range: {years}"
     try:
         instant = parsed.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00+14:00 is before the first instant datetime holds

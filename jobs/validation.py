@@ -41,6 +41,8 @@ class FieldProblem:
     value: object
     allowed: str | None
     severity: str = "error"
+    #: What kind of problem (:attr:`jobs.media.MediaProblem.code`), kept on its issue.
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +147,7 @@ def check_input(
             problems.append(
                 FieldProblem(
                     name,
-                    f"unknown field {name!r} for {spec.id}{did_you_mean(name, fields)}",
+                    f"unknown field {quoted(name)} for {spec.id}{did_you_mean(name, fields)}",
                     value,
                     "the fields of " + spec.id + ": " + ", ".join(fields),
                 )
@@ -188,7 +190,7 @@ def check_value(
     if fld.media is not None:
         quoted_value = value if shown is None else shown
         return [
-            FieldProblem(fld.name, p.message, quoted_value, p.allowed or None, p.severity)
+            FieldProblem(fld.name, p.message, quoted_value, p.allowed or None, p.severity, p.code)
             for p in check_media(value, kind, fld.media, shown=shown, checked=checked)
         ]
     if kind is FieldType.STRING:
@@ -344,6 +346,7 @@ def validate_input(
                 value=problem.value,
                 allowed=problem.allowed,
                 severity=problem.severity,
+                code=problem.code,
             )
         )
     return issues

@@ -37,6 +37,7 @@ from yaml.resolver import Resolver
 
 from jobs.digits import NUMBER, TOO_MANY_DIGITS, WHOLE, WholeTooLong, digits_in, too_many_digits
 from jobs.errors import WanbatchError
+from jobs.printable import quoted, shortened
 
 try:  # libyaml's scanner/parser is ~20x faster on big scalars; fall back when it is missing
     from yaml._yaml import CParser as _Parser
@@ -63,6 +64,9 @@ _TAG = "tag:yaml.org,2002:"
 _SCALAR_TAGS = frozenset(_TAG + t for t in ("str", "int", "float", "bool", "null"))
 _TIMESTAMP = _TAG + "timestamp"
 _MERGE = _TAG + "merge"
+_NULL = _TAG + "null"
+#: What YAML 1.1's null resolver reads as null (PyYAML's): ``~``, ``null`` in three cases, nothing.
+_NULL_TEXT = re.compile(r"~|null|Null|NULL|")
 
 
 class YamlProblem(WanbatchError):
@@ -248,10 +252,22 @@ class _Builder:
         builder = _SCALAR_BUILDERS.get(node.tag)
         if builder is None:
             raise _tag_problem(node)
+        if node.tag == _NULL and not _NULL_TEXT.fullmatch(node.value):
+            # ``seed: !!null 5`` would silently drop the seed (fal then draws one): an explicit
+            # tag that throws the written value away is refused, not obeyed.
+            raise YamlProblem(
+                f"{_named(tuple(self.path))}the YAML tag !!null would throw away {quoted(node.value)}; "
+                "write null (or ~) for no value, or remove the tag",
+                line_of(node),
+            )
         try:
             value = builder(_SCALARS, node)
         except ValueError:  # more than Python's 4,300 digits for an int written in decimal
+            if node.tag != _TAG + "int":
+                raise _constructor_problem(node, tuple(self.path)) from None
             too_long = True
+        except Exception:  # PyYAML's constructors raise KeyError (!!bool maybe), TypeError, …
+            raise _constructor_problem(node, tuple(self.path)) from None
         else:  # 101 to 4,300 digits convert, and are refused all the same
             too_long = too_many_digits(value)
         if too_long:  # noted, and the document read on: the refusal can then name its field
@@ -276,7 +292,8 @@ class _Builder:
             if isinstance(key, WholeTooLong):  # the key itself: no field to name
                 raise YamlProblem(TOO_MANY_DIGITS, line_of(key_node))
             if not isinstance(key, str):
-                raise YamlProblem(f"mapping keys must be text, got {key!r} (quote it)", line_of(key_node))
+                message = f"mapping keys must be text, got {quoted(key)} (quote it)"
+                raise YamlProblem(message, line_of(key_node))
             if key in key_lines:
                 self.duplicates.append((key, key_lines[key], line_of(key_node)))
             key_lines[key] = line_of(key_node)
@@ -299,9 +316,33 @@ class _Builder:
         return out
 
 
+def _constructor_problem(node: ScalarNode, where: Where) -> YamlProblem:
+    """A value its explicit tag cannot make (``!!bool maybe``, ``!!bool "1"``): PyYAML's
+    constructors raise a bare ``KeyError`` or ``ValueError`` for these, which reached the user
+    as an internal error."""
+    tag = node.tag.removeprefix(_TAG)
+    allowed = {
+        "bool": "true or false (yes/no and on/off too)",
+        "int": "a whole number written in decimal",
+        "float": "a number written in decimal",
+    }.get(tag)
+    want = f": write {allowed}, or remove the tag" if allowed else ", or remove the tag"
+    return YamlProblem(
+        f"{_named(where)}the YAML tag !!{tag} cannot read {quoted(node.value)}{want}", line_of(node)
+    )
+
+
+def _named(where: Where) -> str:
+    """``items[0].seed: ``: where a refused value is, as the start of its message ("" at the top)."""
+    text = ""
+    for part in where:
+        text += f"[{part}]" if isinstance(part, int) else (f".{shortened(part)}" if text else shortened(part))
+    return f"{text}: " if text else ""
+
+
 def _tag_problem(node: Node) -> YamlProblem:
     return YamlProblem(
-        f"the YAML tag {node.tag!r} is refused (only plain values, lists and mappings are allowed)",
+        f"the YAML tag {quoted(node.tag)} is refused (only plain values, lists and mappings are allowed)",
         line_of(node),
     )
 

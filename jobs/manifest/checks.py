@@ -42,7 +42,7 @@ def duplicate_key_issues(root: LMap, duplicates: list[tuple[str, int, int]], dis
             line=second,
             item=_item_at(root, second),
             field=key,
-            message=f"duplicate key {key!r} (first at line {first}, again at line {second})",
+            message=f"duplicate key {quoted(key)} (first at line {first}, again at line {second})",
             allowed="each key once per mapping",
         )
 
@@ -230,10 +230,10 @@ def outside_message(value: object, local: LocalPath) -> str:
     the link points nor where the path really leads, and the same whether the refused file
     exists or not (the message must not tell a shared manifest's author about private files)."""
     if local.via_link:
-        return f"{value!r} leads outside the manifest's folder through a symbolic link"
+        return f"{quoted(value)} leads outside the manifest's folder through a symbolic link"
     if str(value) == local.written:
-        return f"{value!r} is outside the manifest's folder"
-    return f"{value!r} is {shown_path(local.written)}, outside the manifest's folder"
+        return f"{quoted(value)} is outside the manifest's folder"
+    return f"{quoted(value)} is {shown_path(local.written)}, outside the manifest's folder"
 
 
 class Resolved(NamedTuple):

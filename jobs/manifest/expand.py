@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.endpoints import EndpointSpec, get_endpoint, known_endpoint_ids
-from jobs.errors import TOO_MANY_JOBS, Issue, ItemsFileChanged, ManifestError, did_you_mean
+from jobs.errors import TOO_MANY_JOBS, TOO_MUCH_INPUT, Issue, ItemsFileChanged, ManifestError, did_you_mean
 from jobs.fs import file_kind, os_reason, shown_path
 from jobs.manifest.checks import (
     DefaultedDuplicates,
@@ -27,11 +27,12 @@ from jobs.manifest.checks import (
     unchecked_issues,
 )
 from jobs.manifest.fal_key import row_key_issues
-from jobs.manifest.items_from import ItemsFile, ItemsRead, RowLimit, csv_value, read_items
+from jobs.manifest.items_from import InputBudget, ItemsFile, ItemsRead, RowLimit, csv_value, read_items
 from jobs.manifest.keys import job_key
 from jobs.manifest.model import JobSpec, RawItem, describe, error_count
 from jobs.manifest.row_paths import PathCache, RowFallbacks
 from jobs.manifest.sources import source_files
+from jobs.printable import quoted, size_text
 from jobs.schedule import Schedule
 from jobs.validation import Location, validate_input
 from jobs.yaml_lines import LList, LMap
@@ -48,6 +49,37 @@ def too_many_jobs_message() -> str:
 def jobs_allowed() -> str:
     """What a manifest over :data:`MAX_JOBS` is told is allowed."""
     return f"at most {MAX_JOBS:,} jobs per manifest"
+
+
+#: Most input all of one manifest's jobs may store: the values they send, summed over every job
+#: (a 1 MiB prompt swept over 10,000 seeds is 10 GB, which ``submit`` held and wrote to the
+#: database as 10,000 copies). Generous: a million jobs of 2 kB each (Wan 2.5 and 2.6 take
+#: prompts of at most 800 characters); and it bounds what one pass hashes (each job's key) to
+#: about half a minute. Counted before anything is expanded, from the matrix and the items
+#: (:meth:`Manifest.input_size_floor`), then row by row for an ``items_from`` file
+#: (:class:`~jobs.manifest.items_from.InputBudget`).
+MAX_INPUT_BYTES = 2 * 10**9
+
+
+def input_allowed() -> str:
+    """What a manifest over :data:`MAX_INPUT_BYTES` is told is allowed."""
+    return (
+        f"at most {size_text(MAX_INPUT_BYTES)} of input over all the manifest's jobs: a local file "
+        "counts as its path, not its bytes"
+    )
+
+
+def value_size(value: object) -> int:
+    """About the bytes ``value`` takes in a job's stored input: text by its length (one byte a
+    character: cheap, whatever the value's size or how often an alias repeats it), a list or a
+    mapping by its members', anything else a few bytes."""
+    if isinstance(value, str):
+        return len(value) + 2
+    if isinstance(value, dict):
+        return 2 + sum(value_size(key) + value_size(member) + 2 for key, member in value.items())
+    if isinstance(value, list):
+        return 2 + sum(value_size(member) + 1 for member in value)
+    return 8
 
 
 #: What an error of a value the matrix overrides adds: why it is an error all the same.
@@ -136,6 +168,8 @@ class Manifest:
     items_read: ItemsRead | None = None
     #: The ``items_from`` file the current pass reads (:meth:`refuse_changed_items` finishes it).
     _reading: ItemsFile | None = field(default=None, repr=False, compare=False)
+    #: :meth:`input_size_floor`, once counted.
+    _input_size: int | None = field(default=None, repr=False)
 
     @property
     def base_dir(self) -> Path:
@@ -298,6 +332,67 @@ class Manifest:
         combinations. A manifest over the job limit by this count alone is refused up front."""
         return max(len(self.items), 1) * self.combination_count()
 
+    def _defaults_size(self) -> int:
+        """The bytes the ``defaults`` the matrix does not override add to each job."""
+        return sum(value_size(k) + value_size(v) for k, v in self.defaults.items() if k not in self.matrix)
+
+    def _matrix_size(self) -> int:
+        """The bytes the matrix values add to one item's jobs, summed over its combinations:
+        each value of an axis is in ``combinations / len(axis)`` of them."""
+        combinations = self.combination_count()
+        return sum(
+            sum(value_size(key) + value_size(value) for value in values) * (combinations // len(values))
+            for key, values in self.matrix.items()
+        )
+
+    def input_size_floor(self) -> int:
+        """The bytes of input this manifest's jobs store at least, known before anything is
+        expanded or any ``items_from`` row read: for each item, its fields and the defaults it
+        does not override, once per matrix combination, and the matrix values. A manifest over
+        :data:`MAX_INPUT_BYTES` by this count alone is refused up front, in the time it takes to
+        add the numbers (a 1 MiB prompt × 10,000 seeds took minutes to validate, 5 GB of memory
+        and 10 GB of database to store)."""
+        if self._input_size is not None:
+            return self._input_size
+        combinations = self.combination_count()
+        defaults = self._defaults_size()
+        matrix = self._matrix_size()
+        total = 0
+        for item in self.items:
+            if not isinstance(item, dict):
+                continue
+            own = 0
+            for key, value in item.items():
+                if key == "endpoint" or key in self.matrix:
+                    continue
+                own += value_size(key) + value_size(value)
+                if key in self.defaults:  # the item's value replaces the default's
+                    own -= value_size(key) + value_size(self.defaults[key])
+            total += combinations * (defaults + own) + matrix
+        self._input_size = total
+        return total
+
+    def too_much_input(self) -> Issue | None:
+        """The error of a manifest whose ``items`` (before any ``items_from`` row) already store
+        more than :data:`MAX_INPUT_BYTES`; None when they do not."""
+        size = self.input_size_floor()
+        if size <= MAX_INPUT_BYTES:
+            return None
+        jobs = self.expansion_floor()
+        return Issue(
+            file=self.display,
+            line=None,
+            item=None,
+            field="matrix" if self.matrix else "items",
+            message=(
+                f"the manifest's {jobs:,} jobs would store {size_text(size)} of input, about "
+                f"{size_text(size // max(jobs, 1))} each; refused: shorten the long values (a "
+                "prompt, a data URI: write a local file's path instead) or split the manifest"
+            ),
+            allowed=input_allowed(),
+            code=TOO_MUCH_INPUT,
+        )
+
     def _combos(self) -> Iterable[Combo]:
         axes = [
             [(key, value, values.lines[i]) for i, value in enumerate(values)]
@@ -368,7 +463,18 @@ class Manifest:
         if combinations > 1:
             noun = "item" if items == 1 else "items"
             allowed += f": {items:,} {noun} with the matrix's {combinations:,} combinations each"
-        return RowLimit(items, too_many_jobs_message(), allowed, TOO_MANY_JOBS)
+        budget = InputBudget(
+            left=MAX_INPUT_BYTES - self.input_size_floor(),
+            per_row=combinations,
+            each_row=combinations * self._defaults_size() + self._matrix_size(),
+            message=(
+                f"the manifest's jobs would store more than {size_text(MAX_INPUT_BYTES)} of input "
+                "with this row; refused: shorten the long values or split the file"
+            ),
+            allowed=input_allowed(),
+            code=TOO_MUCH_INPUT,
+        )
+        return RowLimit(items, too_many_jobs_message(), allowed, TOO_MANY_JOBS, budget)
 
     @property
     def _items_from_named(self) -> str:
@@ -413,7 +519,7 @@ class Manifest:
         for name in names:
             if name in choices or name in self.matrix:
                 continue
-            message = f"unknown column {name!r} in the header {where}{did_you_mean(name, choices)}"
+            message = f"unknown column {quoted(name)} in the header {where}{did_you_mean(name, choices)}"
             issues.append(
                 Issue(file=display, line=1, item=None, field=name, message=message, allowed=allowed)
             )
@@ -599,7 +705,8 @@ class Manifest:
                 "key out to use the top-level 'endpoint:'"
             )
         else:
-            message = f"unknown endpoint {endpoint!r}{did_you_mean(str(endpoint), known_endpoint_ids())}"
+            hint = did_you_mean(str(endpoint), known_endpoint_ids())
+            message = f"unknown endpoint {quoted(endpoint)}{hint}"
         sink.append(
             Issue(
                 file=raw.source,

@@ -20,7 +20,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from jobs.endpoints import EndpointSpec, FieldType
 from jobs.errors import Issue
 from jobs.manifest.keys import lf
 from jobs.manifest.model import RawItem, describe
+from jobs.printable import quoted
 from jobs.yaml_lines import MAX_DEPTH
 
 if TYPE_CHECKING:
@@ -71,6 +72,40 @@ def _no_header_check(names: list[str], display: str) -> tuple[list[Issue], froze
     return [], frozenset()
 
 
+@dataclass(slots=True)
+class InputBudget:
+    """The input an ``items_from`` file's rows may still add to the manifest's jobs
+    (:data:`jobs.manifest.expand.MAX_INPUT_BYTES` less what the manifest's own items store):
+    each row's bytes once per matrix combination, and what the defaults and the matrix add to
+    each row's jobs. The row that goes past it is refused at its line, and no more is read."""
+
+    left: int
+    #: Jobs each row makes (the matrix combinations): its bytes are stored in each.
+    per_row: int
+    #: Bytes each row's jobs take whatever the row holds (defaults, matrix values).
+    each_row: int
+    message: str
+    allowed: str
+    code: str | None = None
+
+    def spend(self, row_bytes: int) -> bool:
+        """Count a row; whether the input is now over the budget."""
+        self.left -= row_bytes * self.per_row + self.each_row
+        return self.left < 0
+
+    def issue(self, display: str, line: int) -> Issue:
+        """The one located error the row past the budget gets."""
+        return Issue(
+            file=display,
+            line=line,
+            item=None,
+            field=None,
+            message=self.message,
+            allowed=self.allowed,
+            code=self.code,
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RowLimit:
     """The most items a manifest may have with its file's rows (the job limit over the matrix
@@ -84,6 +119,12 @@ class RowLimit:
     message: str
     allowed: str
     code: str | None = None
+    #: The input the rows may still add (every row counts, as for :attr:`items`).
+    input: InputBudget | None = None
+
+    def over_input(self, row_bytes: int) -> bool:
+        """Whether a row of ``row_bytes`` (its line as read) takes the input past the budget."""
+        return self.input is not None and self.input.spend(row_bytes)
 
     def reached(self, index: int) -> bool:
         """Whether the row numbered ``index`` is one too many."""
@@ -275,6 +316,9 @@ def jsonl_items(
             if limit is not None and limit.reached(index):
                 sink.append(limit.issue(display, lineno))
                 return
+            if limit is not None and limit.input is not None and limit.over_input(len(raw)):
+                sink.append(limit.input.issue(display, lineno))
+                return
             if too_long:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the long line
                     raw = fh.readline(MAX_ITEMS_FROM_LINE)
@@ -366,7 +410,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {quoted(key)}")
         out[key] = value
     return out
 
@@ -398,31 +442,47 @@ def csv_items(
     known and named line 1, item 0. The row holding them is refused instead, "not UTF-8 text"
     at its own line as in JSONL, and reading goes on. ``base_dir``: as for :func:`jsonl_items`."""
     with _text(source) as fh:
-        reader = csv.reader(fh, strict=True)
+        lines = _BoundedLines(fh)
+        reader = csv.reader(lines, strict=True)
         last = 0  # the line the previous row ended on: the next one starts after it
+        rows = False  # past the header: a row too long is an item
         try:
-            header = next(reader, None)
+            header: list[str] | None = None
+            for header in reader:  # blank lines before the header are skipped, as between rows
+                if any(cell.strip() for cell in header):
+                    break
+                last = reader.line_num
+                lines.record = 0
+            else:
+                header = None
             if header is None:
                 return
+            at = last + 1  # the header's line: what a message about it names
             if not_utf8(header):
-                sink.append(row_issue(display, 1, None, "the header row is not UTF-8 text"))
+                sink.append(row_issue(display, at, None, "the header row is not UTF-8 text"))
                 return
             names = [h.strip() for h in header]
             if any(not n for n in names) or len(set(names)) != len(names):
-                sink.append(
-                    row_issue(display, 1, None, "the header row needs distinct, non-empty field names", names)
-                )
+                message = "the header row needs distinct, non-empty field names"
+                sink.append(row_issue(display, at, None, message, names))
                 return
             header_issues, reported = check_header(names, display)
-            sink.extend(header_issues)
+            # check_header names line 1 (the header's usual place): here, the line it is on.
+            sink.extend(replace(issue, line=at) if issue.line == 1 else issue for issue in header_issues)
             last = reader.line_num
+            lines.record = 0
+            rows = True
             for row in reader:
                 line = last + 1
                 last = reader.line_num
+                size, lines.record = lines.record, 0
                 if not any(cell.strip() for cell in row):
                     continue
                 if limit is not None and limit.reached(index):
                     sink.append(limit.issue(display, line))
+                    return
+                if limit is not None and limit.input is not None and limit.over_input(size):
+                    sink.append(limit.input.issue(display, line))
                     return
                 if not_utf8(row):
                     sink.append(row_issue(display, line, index, "not UTF-8 text"))
@@ -452,6 +512,40 @@ def csv_items(
                 index += 1
         except csv.Error as exc:
             sink.append(row_issue(display, last + 1, index, f"unreadable CSV ({exc}); reading stopped"))
+        except _RecordTooLong:
+            # Where the record starts; a cell left open may have run on past this line, so the
+            # rows after it cannot be told apart: reading stops, as for a quote left open.
+            message = f"a row longer than {MAX_ITEMS_FROM_LINE:,} bytes; reading stopped"
+            sink.append(row_issue(display, last + 1, index if rows else None, message))
+
+
+class _RecordTooLong(Exception):
+    """A CSV record (one line, or the lines of a quoted cell) past :data:`MAX_ITEMS_FROM_LINE`."""
+
+
+class _BoundedLines:
+    """A CSV file's lines for :func:`csv.reader`, each read with a bound, and each record (the
+    lines since :attr:`record` was last set to 0) bounded to :data:`MAX_ITEMS_FROM_LINE` bytes, as
+    a JSONL line is. ``csv.field_size_limit`` bounds one cell, not a row: a 100 MB line of short
+    cells (or of commas) was read whole, held as a list of 100 million cells, and took minutes
+    and gigabytes before any message."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        #: Bytes (UTF-8) of the record being read so far.
+        self.record = 0
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = str(self._fh.readline(MAX_ITEMS_FROM_LINE + 1))
+        if not line:
+            raise StopIteration
+        self.record += len(line.encode("utf-8", "surrogateescape"))
+        if self.record > MAX_ITEMS_FROM_LINE:
+            raise _RecordTooLong
+        return line
 
 
 def not_utf8(row: list[str]) -> bool:

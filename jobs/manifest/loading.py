@@ -16,6 +16,7 @@ import re
 import stat
 import zoneinfo
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +51,7 @@ from jobs.media import (
     resolve_local,
 )
 from jobs.money import MAX_USD, too_much_usd
-from jobs.printable import control_character
+from jobs.printable import control_character, quoted
 from jobs.schedule import Schedule, parse_instant, parse_window, zone
 from jobs.yaml_lines import LList, LMap, Where, WholeNumbersTooLong, YamlProblem, load_located
 
@@ -178,7 +179,7 @@ def parse_manifest(
     for key in root:
         if key not in TOP_LEVEL_KEYS:
             top(
-                f"unknown top-level key {key!r}{did_you_mean(key, TOP_LEVEL_KEYS)}",
+                f"unknown top-level key {quoted(key)}{did_you_mean(key, TOP_LEVEL_KEYS)}",
                 root.key_lines[key],
                 key,
                 value=key,
@@ -240,7 +241,7 @@ def parse_manifest(
             manifest.endpoint = str(endpoint)
             manifest.endpoint_known = False
             top(
-                f"unknown endpoint {endpoint!r}{did_you_mean(str(endpoint), known_endpoint_ids())}",
+                f"unknown endpoint {quoted(endpoint)}{did_you_mean(str(endpoint), known_endpoint_ids())}",
                 line("endpoint"),
                 "endpoint",
                 value=endpoint,
@@ -267,6 +268,8 @@ def parse_manifest(
         where = "matrix" if manifest.matrix else "items"
         at = root.key_lines.get(where, root.line)
         top(too_many_jobs_message(), at, where, allowed=jobs_allowed(), code=TOO_MANY_JOBS)
+    elif (too_much := manifest.too_much_input()) is not None:  # from the values' sizes: nothing expanded
+        issues.append(replace(too_much, line=root.key_lines.get(str(too_much.field), root.line)))
     _parse_budget(root, manifest, top)
     _parse_schedule(root, manifest, top, clock.utcnow() if now is None else now)
     _parse_priority(root, manifest, top)
@@ -346,7 +349,7 @@ def _parse_matrix(root: LMap, manifest: Manifest, top: _Report) -> None:
             top("the matrix sweeps input fields, not endpoints", matrix.key_lines[key], "matrix.endpoint")
         elif not isinstance(values, LList):
             top(
-                f"matrix {key!r} must be a list of values, got {describe(values)}",
+                f"matrix {quoted(key)} must be a list of values, got {describe(values)}",
                 where,
                 key,
                 value=values,
@@ -354,7 +357,7 @@ def _parse_matrix(root: LMap, manifest: Manifest, top: _Report) -> None:
             )
         elif not values:
             top(
-                f"matrix {key!r} is an empty list, which would expand to no jobs",
+                f"matrix {quoted(key)} is an empty list, which would expand to no jobs",
                 where,
                 key,
                 allowed="a non-empty list",
@@ -404,7 +407,7 @@ def _parse_items(root: LMap, manifest: Manifest, top: _Report) -> None:
             )
         elif not source.lower().endswith(ITEMS_FROM_SUFFIXES):
             top(
-                f"items_from {source!r} is neither JSONL nor CSV",
+                f"items_from {quoted(source)} is neither JSONL nor CSV",
                 where,
                 "items_from",
                 value=source,
@@ -462,7 +465,7 @@ def _parse_budget(root: LMap, manifest: Manifest, top: _Report) -> None:
     for key in budget:
         if key not in BUDGET_KEYS:
             top(
-                f"unknown budget key {key!r}{did_you_mean(key, BUDGET_KEYS)}",
+                f"unknown budget key {quoted(key)}{did_you_mean(key, BUDGET_KEYS)}",
                 budget.key_lines[key],
                 f"budget.{key}",
                 value=key,
@@ -512,7 +515,7 @@ def _parse_schedule(root: LMap, manifest: Manifest, top: _Report, now: datetime)
         if key not in SCHEDULE_KEYS:
             ok = False
             top(
-                f"unknown schedule key {key!r}{did_you_mean(key, SCHEDULE_KEYS)}",
+                f"unknown schedule key {quoted(key)}{did_you_mean(key, SCHEDULE_KEYS)}",
                 schedule.key_lines[key],
                 f"schedule.{key}",
                 value=key,
@@ -740,11 +743,11 @@ def _zone_problem(name: object) -> str | None:
     if not isinstance(name, str):
         return f"schedule timezone must be a time zone name, got {describe(name)}"
     if _host_zone_file(name):
-        return f"{name!r} is this host's tz database file, not an IANA time zone name{_zone_hint(name)}"
+        return f"{quoted(name)} is this host's tz database file, not an IANA time zone name{_zone_hint(name)}"
     try:
         zone(name)
     except ValueError:
-        return f"unknown time zone {name!r}{_zone_hint(name)}"
+        return f"unknown time zone {quoted(name)}{_zone_hint(name)}"
     return None
 
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from jobs.digits import WholeTooLong
 from jobs.endpoints import get_endpoint
-from jobs.errors import TOO_MANY_JOBS, Issue, ManifestError, WanbatchError
-from jobs.manifest.expand import MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
+from jobs.errors import TOO_MANY_JOBS, TOO_MUCH_INPUT, Issue, ManifestError, WanbatchError
+from jobs.manifest.expand import MAX_INPUT_BYTES, MAX_JOBS, Manifest, jobs_allowed, too_many_jobs_message
 from jobs.manifest.fal_key import keyless, known_keys
 from jobs.manifest.loading import parse_manifest
 from jobs.manifest.model import JobSpec
+from jobs.media import UNREACHABLE_URL
 from jobs.validation import MediaCache, ValueCache, validate_input
 
 #: Most warnings one validation pass collects; the rest are counted. Errors have their own cap,
@@ -122,8 +123,8 @@ def _validated(
     manifest, issues = parse_manifest(path, allowed_dirs, keys=keys, now=now)
     if manifest is None:
         return ValidationReport(None, issues, 0)
-    if manifest.expansion_floor() > MAX_JOBS:  # reported by parse_manifest; never expanded
-        return ValidationReport(manifest, issues, 0)
+    if manifest.expansion_floor() > MAX_JOBS or manifest.input_size_floor() > MAX_INPUT_BYTES:
+        return ValidationReport(manifest, issues, 0)  # reported by parse_manifest; never expanded
     shared = manifest.shared_lines
     seen: set[tuple[object, ...]] = set()
     collected: list[Issue] = list(issues)
@@ -147,6 +148,8 @@ def _validated(
             # values of one only would send the user from one error to the next.
             base = (issue.file, issue.line, issue.field, issue.message)
             mark: tuple[object, ...] = (*base, issue.allowed)
+        elif issue.code == UNREACHABLE_URL:  # one warning per URL, not one per job sending it
+            mark = (issue.code, issue.value)
         else:
             mark = (issue.file, issue.line, issue.item, issue.field, issue.message)
         if mark in seen:
@@ -162,7 +165,7 @@ def _validated(
                     )
             issue = replace(issue, message=f"{issue.message} on {endpoint}")
         severity = "error" if issue.severity == "error" else "warning"
-        capped = issue.code != TOO_MANY_JOBS  # said past any number of other errors
+        capped = issue.code not in (TOO_MANY_JOBS, TOO_MUCH_INPUT)  # said past any number of other errors
         if capped and kept[severity] >= (MAX_ERRORS if severity == "error" else MAX_ISSUES):
             dropped[severity] += 1
             if base is not None:
@@ -206,7 +209,7 @@ def _validated(
     if dropped["error"]:
         total = kept["error"] + dropped["error"]
         note = f"… and {dropped['error']:,} more errors not shown ({total:,} in all)"
-        collected.insert(kept["error"], _about_whole(manifest, note))
+        collected.insert(kept["error"], replace(_about_whole(manifest, note), hidden=dropped["error"]))
     if dropped["warning"]:
         note = f"… and {dropped['warning']:,} more warnings not shown"
         collected.append(_about_whole(manifest, note, severity="warning"))
