@@ -168,7 +168,7 @@ def renders(
 
 
 def lineage_renders(
-    session: Session, batch: Batch, *, simulated: bool, now: datetime | None = None
+    session: Session, batch: Batch, *, simulated: bool, now: datetime | None = None, asked_only: bool = False
 ) -> dict[str, list[Render]]:
     """:func:`renders` over ``batch``'s whole lineage (:func:`jobs.store.lineage_repeats`): the
     succeeded and the still unfinished jobs of every rerun of the batch ``batch`` is a rerun of
@@ -180,8 +180,11 @@ def lineage_renders(
 
     Only the repeats that can cover are read (:func:`jobs.store.repeats.covering`), so a repeat
     of a repeat that failed is found under that failed repeat's id instead: the callers look
-    repeats up by input (:func:`by_input`), never by that id."""
-    rows = store.lineage_repeats(session, batch, RERUN_FAILED_STATES, only_covering=True, simulated=simulated)
+    repeats up by input (:func:`by_input`), never by that id. ``asked_only``: for ``status``,
+    which looks up only ``batch``'s failed or cancelled jobs (:func:`jobs.store.lineage_repeats`)."""
+    rows = store.lineage_repeats(
+        session, batch, RERUN_FAILED_STATES, only_covering=True, simulated=simulated, asked_only=asked_only
+    )
     return _renders(rows, simulated=simulated, now=now or utcnow())
 
 
@@ -302,7 +305,7 @@ def rerun_covered(session: Session, batch: Batch, *, now: datetime | None = None
     rerun is rendering (as ``rerun --failed-only`` would find them: any rerun of its lineage,
     :func:`lineage_renders`, a sibling's too): ``status`` names those
     reruns instead of advising to rerun the jobs again (``now``: for :attr:`RerunBeing.waits`)."""
-    found = by_input(lineage_renders(session, batch, simulated=batch.simulated, now=now))
+    found = by_input(lineage_renders(session, batch, simulated=batch.simulated, now=now, asked_only=True))
     if not found:  # no rerun, or none covers any of them: the batch's jobs are not even read
         return _covered(found, (), batch.created_at)
     jobs = store.rerun_wanted_of_batches(session, [batch.id], RERUN_FAILED_STATES)

@@ -3,7 +3,7 @@ repeats not yet sent once the job they repeat kept fal's request."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -201,6 +201,7 @@ def lineage_repeats(
     *,
     only_covering: bool = False,
     simulated: bool | None = None,
+    asked_only: bool = False,
 ) -> list[RerunRepeat]:
     """Every job of a rerun in ``batch``'s lineage (``batch`` itself left out) that repeats the
     job one of ``batch``'s jobs in ``states`` comes from: each such job is followed up its
@@ -222,7 +223,9 @@ def lineage_repeats(
     6 made all twelve repeats of the seed-1 job) though their inputs are other jobs' — its
     cancelled seed-3 job was never found rendered by a sibling's repeat of the seed-3 job, and
     ``rerun --failed-only`` of it paid for that video again (CI: a summary that named the sibling
-    or not, as the cap happened to let the seed-1 job through or not)."""
+    or not, as the cap happened to let the seed-1 job through or not). ``asked_only`` (``status``,
+    which says only what covers ``batch``'s jobs in ``states``): that walk only while ``batch``
+    has such a job (:func:`_root_jobs`)."""
     depth, top, seen = 0, batch, {batch.id}
     while top.parent_batch_id is not None:
         parent = session.get(Batch, top.parent_batch_id)
@@ -230,7 +233,7 @@ def lineage_repeats(
             break
         seen.add(parent.id)
         depth, top = depth + 1, parent
-    whole = [top.id] if _varied_below(session, top.id) else []
+    whole = {top.id: [batch.id] if asked_only else None} if _varied_below(session, top.id) else {}
     start = select(Job.id).where(
         Job.batch_id == top.id, Job.id.in_(_root_jobs({depth: [batch.id]}, states, whole=whole))
     )
@@ -241,13 +244,34 @@ def lineage_repeats(
 
 
 def _root_jobs(
-    by_depth: dict[int, list[str]], states: Sequence[JobState], *, whole: Collection[str] = ()
+    by_depth: dict[int, list[str]],
+    states: Sequence[JobState],
+    *,
+    whole: Mapping[str, Collection[str] | None] | None = None,
 ) -> Any:
     """A query of the root jobs (:func:`lineage_repeats`) of the jobs in ``states`` of the
     batches ``by_depth`` holds, each list under its batches' number of generations below their
     root: a job's ``rerun_of`` taken that many times, each a nested query; and every job of the
-    root batches ``whole`` (a lineage with a ``--vary`` rerun: :func:`_varied`)."""
-    parts: list[Any] = [select(Job.id).where(Job.batch_id.in_(sorted(whole)))] if whole else []
+    root batches ``whole`` maps (a lineage with a ``--vary`` rerun: :func:`_varied`) — when it
+    maps one to batches of its lineage, only while one of those has a job in ``states``.
+
+    That condition is ``status``'s (:func:`lineage_repeats_of_batches`, ``asked_only``): it says
+    only which of a batch's failed or cancelled jobs a rerun covers, and a batch with none
+    started the walk from no job at all — until the whole root did, and ``status`` of a
+    100,000-job batch whose ``--vary`` rerun succeeded read and decoded every one of the
+    rerun's 100,000 jobs to say nothing (9 s instead of 0.07 s). Tested in SQL (``EXISTS``, the
+    ``(batch_id, state)`` index), so the statements are as many as before."""
+    parts: list[Any] = []
+    for root, askers in sorted((whole or {}).items()):
+        part = select(Job.id).where(Job.batch_id == root)
+        if askers is not None:
+            asked = aliased(Job)
+            part = part.where(
+                select(asked.id)
+                .where(asked.batch_id.in_(sorted(askers)), asked.state.in_(list(states)))
+                .exists()
+            )
+        parts.append(part)
     for depth, batch_ids in sorted(by_depth.items()):
         query: Any = select(Job.id if depth == 0 else Job.rerun_of).where(
             Job.batch_id.in_(sorted(batch_ids)), Job.state.in_(list(states))
@@ -495,7 +519,9 @@ def lineage_repeats_of_batches(
     ``only_covering``: only the repeats that cover (:func:`covering`, of either kind). The
     others are still read, to tell which lineage each row belongs to, but as their ids and
     states only: their inputs are neither sent nor decoded. A lineage with a ``--vary`` rerun
-    in it is walked from every job of its root, as :func:`lineage_repeats` walks it."""
+    in it is walked from every job of its root, as :func:`lineage_repeats` walks it, while one
+    of the batches asked about in it has a job in ``states`` (``status`` says nothing of the
+    others: :func:`_root_jobs`)."""
     children, varied = _links(session)
     parent_of = {child: parent for parent, kids in children.items() for child in kids}
     roots: dict[str, str] = {}
@@ -509,7 +535,12 @@ def lineage_repeats_of_batches(
         by_depth.setdefault(len(seen) - 1, []).append(batch_id)
     if not by_depth:
         return {}
-    whole = {root for root in set(roots.values()) if varied & _below(children, root)}
+    asking: dict[str, list[str]] = {}  # a root → the batches asked about in its lineage
+    for batch_id, root in roots.items():
+        asking.setdefault(root, []).append(batch_id)
+    whole: dict[str, Collection[str] | None] = {
+        root: askers for root, askers in asking.items() if varied & _below(children, root)
+    }
     start = _root_jobs(by_depth, states, whole=whole)
     found = _repeats_of_roots(
         session, set(roots.values()), states, children, start, only_covering=only_covering
