@@ -18,8 +18,11 @@ finds missing or changed (``verify``: hashed, not only its size looked at):
 * its SHA-256 and size against those recorded when the job first stored it. The same bytes are
   the very video that was probed then, so its recorded ``media`` stands and no probe is needed:
   it goes under its recorded name (a changed file there is kept beside it, renamed
-  ``<stem>.changed-<time>.mp4``, never overwritten) with its sidecar, and nothing in the
-  database changes but, for a moved project, the path (:func:`jobs.moved_outputs.record_moves`);
+  ``<stem>.changed-<time>.mp4``, never overwritten; the recorded video put back there meanwhile,
+  by another ``refetch`` or a restored backup, stays as it is) with the sidecar its first
+  download wrote (:class:`Filed`: a video taken from a twin is the twin's, described as the
+  twin's), and nothing in the database changes but, for a moved project, the path
+  (:func:`jobs.moved_outputs.record_moves`);
 * other bytes than recorded: both facts are kept. The download goes beside the video's place as
   ``<stem>.refetched-<sha256 prefix>.mp4``, its sidecar naming both digests; the job's record is
   unchanged (its SHA-256 still names the video it paid for); the outcome says so.
@@ -37,9 +40,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +53,7 @@ import httpx
 from jobs import db, moved_outputs, outputs, store
 from jobs.errors import FinalProviderError, ProviderError, UsageError
 from jobs.models import JobView
+from jobs.output_store import output_sha256
 from jobs.outputs import OutputWriteError
 from jobs.outputs_on_disk import OutputsOnDisk, look
 from jobs.printable import shell_ref
@@ -57,6 +62,9 @@ from worker.fal.results import parse_result
 from worker.fal.storage import download as download_file
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from jobs.models import Batch
     from worker.fal.storage import SharedDownloadClient
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,23 @@ Outcome = Literal["fetched", "different", "gone", "failed"]
 NO_LONGER_SERVED = frozenset({401, 403, 404, 410})
 #: How many job ids :meth:`RefetchReport.lines` names per outcome before "and N more".
 NAMED = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Filed:
+    """Whose record a refetched video's sidecar is, as the first download that stored the video
+    wrote it (:func:`worker.steps.download._store_video`): the job's own; for a job that took
+    its twin's output (``reuse_outputs``: it records the twin's very file), the twin's, filed
+    under the twin's batch (the file and its sidecar are the twin's: a first download of the
+    reusing job never wrote one); for a rerun's job that took the paid video its original left
+    staged, under its own name, :func:`worker.steps.download.taken_sidecar` of ``maker``."""
+
+    job: JobView
+    folder_name: str
+    parent: str | None
+    #: The job fal made the video for, when the job stored a video it took (staged) under its
+    #: own name: the sidecar describes its request.
+    maker: JobView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +210,9 @@ def refetch_batch(
             for chunk in _chunks(looked.job_ids(), 500)
             for job in store.job_snapshots(session, chunk).values()
         ]
-        folder_name = store.folder_name(batch)
         report = RefetchReport(batch.id, batch.name, shell_ref(batch.name, batch.id), looked)
-        simulated, parent = batch.simulated, batch.parent_batch_id
+        simulated = batch.simulated
+        filed = _filed(session, batch, targets)
     if not targets:
         return report
     if settings.output_url:  # pragma: no cover - look() never lists an S3 object
@@ -210,7 +235,7 @@ def refetch_batch(
     moves: list[tuple[str, str, str]] = []
     try:
         for job in targets:
-            done = _refetch_one(settings, shared, job, root, folder_name, parent)
+            done = _refetch_one(settings, shared, job, root, filed[job.id])
             report.jobs.append(done)
             if done.outcome == "fetched" and done.path is not None and done.path != job.output_path:
                 moves.append((job.id, job.output_path or "", done.path))
@@ -219,6 +244,34 @@ def refetch_batch(
     if moves and not moved_outputs.record_moves(engine, moves):  # pragma: no cover - a read-only database
         log.warning("the videos fetched again are in place, but their new paths could not be recorded")
     return report
+
+
+def _filed(session: Session, batch: Batch, targets: Sequence[JobView]) -> dict[str, Filed]:
+    """Each target's :class:`Filed`: whose sidecar its video gets back, read with the targets."""
+    own = (store.folder_name(batch), batch.parent_batch_id)
+    makers = store.job_snapshots(session, sorted({job.reused_from for job in targets if job.reused_from}))
+    batches: dict[str, tuple[str, str | None]] = {batch.id: own}
+    filed: dict[str, Filed] = {}
+    for job in targets:
+        maker = makers.get(job.reused_from) if job.reused_from is not None else None
+        if maker is None:  # its own video (or its twin's job is no longer stored: its own record)
+            filed[job.id] = Filed(job, *own)
+        elif _same_file(job.output_path, maker.output_path):  # reuse_outputs: the twin's very file
+            if maker.batch_id not in batches:
+                theirs = store.get_batch(session, maker.batch_id)
+                batches[maker.batch_id] = (store.folder_name(theirs), theirs.parent_batch_id)
+            filed[job.id] = Filed(maker, *batches[maker.batch_id])
+        else:  # a staged video taken, stored under the job's own name
+            filed[job.id] = Filed(job, *own, maker=maker)
+    return filed
+
+
+def _same_file(path: str | None, other: str | None) -> bool:
+    """Whether two recorded paths name one stored video: the same ``<batch folder>/<file>``
+    (one of them may still name the place the project was moved from)."""
+    if path is None or other is None:
+        return False
+    return Path(path).parts[-2:] == Path(other).parts[-2:]
 
 
 def _chunks(ids: list[str], size: int) -> list[list[str]]:
@@ -234,8 +287,7 @@ def _refetch_one(
     shared: SharedDownloadClient,
     job: JobView,
     root: Path | None,
-    folder_name: str,
-    parent: str | None,
+    filed: Filed,
 ) -> Refetched:
     """One job's video: downloaded, checked against its record, placed (see the module docstring)."""
     recorded_sha = job.output_sha256
@@ -269,16 +321,21 @@ def _refetch_one(
         return failed(str(exc))
     try:
         if result.sha256 == recorded_sha and (job.output_bytes is None or result.size == job.output_bytes):
-            _keep_changed(dest)
-            staging.replace(dest)
-            _write_sidecar(job, dest, root, folder_name, parent, result.sha256, result.size, recorded_sha)
+            if _is_recorded(dest, result.sha256, result.size):  # put back meanwhile: it stays
+                staging.unlink()
+                if not outputs.sidecar_path(dest).exists():
+                    _write_sidecar(filed, dest, root, result.sha256, result.size, recorded_sha)
+            else:
+                _keep_changed(dest)
+                staging.replace(dest)
+                _write_sidecar(filed, dest, root, result.sha256, result.size, recorded_sha)
             outputs.fsync_dir(dest.parent)
             return Refetched(
                 job.id, "fetched", path=str(dest), recorded_sha256=recorded_sha, served_sha256=result.sha256
             )
         other = dest.with_name(f"{dest.stem}.refetched-{result.sha256[:12]}{dest.suffix}")
         staging.replace(other)
-        _write_sidecar(job, other, root, folder_name, parent, result.sha256, result.size, recorded_sha)
+        _write_sidecar(filed, other, root, result.sha256, result.size, recorded_sha)
         outputs.fsync_dir(dest.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -322,6 +379,19 @@ def _destination(recorded: str, root: Path | None) -> Path | None:
     return dest if inside else None
 
 
+def _is_recorded(dest: Path, sha256: str, size: int) -> bool:
+    """Whether ``dest`` is a regular file holding the recorded video (``size`` bytes of
+    ``sha256``): another ``refetch`` of the batch, or the user, put it back after the look. One
+    ``lstat``, and a hash only at the recorded size."""
+    try:
+        info = os.lstat(dest)
+    except OSError:
+        return False
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        return False
+    return output_sha256(str(dest)) == sha256
+
+
 def _keep_changed(dest: Path) -> None:
     """A file at ``dest`` that is not the recorded video (another size, other bytes): renamed
     ``<stem>.changed-<unix time>.mp4`` beside it, never overwritten; it may be the user's."""
@@ -338,25 +408,28 @@ def _keep_changed(dest: Path) -> None:
 
 
 def _write_sidecar(
-    job: JobView,
+    filed: Filed,
     video: Path,
     root: Path | None,
-    folder_name: str,
-    parent: str | None,
     sha256: str,
     size: int,
     recorded_sha: str | None,
 ) -> None:
     """The sidecar of a video fetched again: what a first download writes
-    (:func:`worker.steps.download.sidecar_record`), from the job's record, and when it was
-    fetched again; for other bytes, the SHA-256 the job records beside the one served."""
-    from worker.steps.download import sidecar_record
+    (:func:`worker.steps.download.sidecar_record`, or :func:`~worker.steps.download.taken_sidecar`
+    for a staged video taken), from the record of :class:`Filed`'s job, and when it was fetched
+    again; for other bytes, the SHA-256 the job records beside the one served."""
+    from worker.steps.download import sidecar_record, taken_sidecar
 
+    job = filed.job
     shown = outputs.relative_to_output(video, root) if root is not None else str(video)
-    cost = {"actual_billing_units": job.actual_billing_units, "actual_usd": job.actual_usd}
-    record = sidecar_record(job, folder_name, shown, sha256, size, cost)
+    if filed.maker is not None:
+        record = taken_sidecar(filed.maker, job, filed.folder_name, shown, sha256, size)
+    else:
+        cost = {"actual_billing_units": job.actual_billing_units, "actual_usd": job.actual_usd}
+        record = sidecar_record(job, filed.folder_name, shown, sha256, size, cost)
     record.update(
-        rerun_of=job.rerun_of, parent_batch=parent, media=job.media, media_mismatch=job.media_mismatch
+        rerun_of=job.rerun_of, parent_batch=filed.parent, media=job.media, media_mismatch=job.media_mismatch
     )
     record["refetched_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if sha256 != recorded_sha:

@@ -155,3 +155,80 @@ def test_an_export_refusing_for_a_missing_video_exits_2(
     simulated = wb("refetch", batch, "--json")
     assert simulated.code == 1
     assert simulated.json()["gone"] == 2
+
+
+#: One pinned-seed job: a batch with ``reuse_outputs: true`` takes the first batch's video.
+PINNED = """\
+name: {name}
+endpoint: fal-ai/wan-i2v
+reuse_outputs: {reuse}
+defaults:
+  resolution: 480p
+  num_frames: 81
+items:
+  - prompt: Clouds drifting past the peak
+    image_url: images/landscape.jpg
+    seed: 7
+"""
+
+
+def test_refetching_a_reused_video_writes_the_sidecar_a_first_download_wrote(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """A job that took its twin's output (``reuse_outputs``) records the twin's path: the video
+    and sidecar there are the twin's, as its first download wrote them. Fetching it again through
+    the reusing batch wrote the reusing job's sidecar there (its job id, no request, cost 0), and
+    the twin's batch then found its video on disk and never wrote its own again."""
+    first = processed(wb, "run", manifest("first", PINNED.format(name="first", reuse="false")))["batch"]
+    again = processed(wb, "run", manifest("again", PINNED.format(name="again", reuse="true")))["batch"]
+    paid = sim.ledger()["accepted"]
+    (original,) = export_jsonl(wb, first)
+    (reused,) = export_jsonl(wb, again)
+    assert reused["reused_from"] == original["job_id"]
+    video = tmp_path / "outputs" / str(original["video_path"])
+    written = json.loads(video.with_suffix(".json").read_text())
+    assert written["job_id"] == original["job_id"]
+    shutil.rmtree(video.parent)
+
+    fetched = wb("refetch", again, "--json")
+    assert fetched.code == 0, fetched.stdout + fetched.stderr
+    assert fetched.json()["fetched"] == 1
+    assert _sha(video) == original["video_sha256"]
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    refetched_at = sidecar.pop("refetched_at")
+    assert refetched_at
+    assert sidecar == written  # the twin's, as its first download wrote it
+    assert sim.ledger()["accepted"] == paid
+    assert "nothing to fetch" in wb("refetch", first).stdout
+    # and through the twin's own batch: the same sidecar again
+    shutil.rmtree(video.parent)
+    assert wb("refetch", first).code == 0
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar.pop("refetched_at")
+    assert sidecar == written
+
+
+def test_a_video_back_in_place_before_its_turn_is_not_moved_aside(
+    sim: SimulatorHandle, manifest: MakeManifest, wb: Wb, tmp_path: Path
+) -> None:
+    """Another ``refetch`` of the batch (or the user restoring a backup) may put the recorded
+    video back between the look and this one's download: the video there is then the one
+    recorded, kept where it is, never renamed ``.changed-…`` as if it were a stranger's file."""
+    from jobs.settings import get_settings
+    from worker.refetch import refetch_batch
+
+    batch = processed(wb, "run", manifest("race", TWO_JOBS.format(name="race")))["batch"]
+    videos = _videos(wb, batch, tmp_path / "outputs")
+    saved = {video: video.read_bytes() for video, _sha256 in videos.values()}
+    for video in saved:
+        video.unlink()
+
+    def put_back(_count: int) -> None:  # after the look, before the first download
+        for video, data in saved.items():
+            video.write_bytes(data)
+
+    report = refetch_batch(get_settings(), batch, announce=put_back)
+    assert [job.outcome for job in report.jobs] == ["fetched", "fetched"]
+    for video, sha in videos.values():
+        assert _sha(video) == sha
+        assert list(video.parent.glob(f"{video.stem}.changed-*")) == []
