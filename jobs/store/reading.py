@@ -549,12 +549,23 @@ class RecordedOutput:
 
 
 def recorded_outputs_of_batch(session: Session, batch_id: str) -> Iterator[RecordedOutput]:
-    """The batch's succeeded jobs that record a video, in the order of :func:`jobs_of_batch`,
-    streamed in pages: a few short columns per job, so that ``status`` can look at thousands."""
-    columns = (Job.id, Job.item_index, Job.output_path, Job.output_sha256, Job.output_bytes)
-    where = [Job.batch_id == batch_id, Job.state == JobState.SUCCEEDED, Job.output_path.is_not(None)]
-    for row in _rows_bounded(session, columns, where, (Job.output_path,)):
-        yield RecordedOutput(*tuple(row))
+    """The batch's succeeded jobs that record a video, in the order of :func:`jobs_of_batch`:
+    a few short columns per job, so that ``status`` can look at a batch of 100,000.
+
+    One ordered statement, streamed :data:`READ_PAGE_ROWS` rows at a time (a server-side
+    cursor on PostgreSQL), not :func:`_rows_bounded`'s page of ids after page of ids: each of
+    those statements is filtered by the batch too, which SQLite (no statistics) answers by
+    walking the batch's whole index again for every page of 500 — about 20 s for 100,000 jobs,
+    on every ``status``. These columns are short (a path, a digest): no page needs bounding in
+    bytes."""
+    query = (
+        select(Job.id, Job.item_index, Job.output_path, Job.output_sha256, Job.output_bytes)
+        .where(Job.batch_id == batch_id, Job.state == JobState.SUCCEEDED, Job.output_path.is_not(None))
+        .order_by(*_JOB_ORDER)
+        .execution_options(yield_per=READ_PAGE_ROWS)
+    )
+    for job_id, item_index, output_path, sha256, size in session.execute(query):
+        yield RecordedOutput(job_id, item_index, output_path, sha256, size)
 
 
 def item_inputs_of_batch(
