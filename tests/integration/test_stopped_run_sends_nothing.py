@@ -8,12 +8,15 @@ nobody waiting for its answer. It gives its job back unsent instead, due at once
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
@@ -29,6 +32,8 @@ from worker.runtime import close_runtime
 from worker.steps import Runtime, dispatch, submit
 from worker.steps.reconcile import reconcile
 
+#: The submit step's module (``worker.steps.submit`` is also the name of its function).
+submit_step = importlib.import_module("worker.steps.submit")
 T2V = "fal-ai/wan-22"
 KEY = "4b2e9d1c-7a3f-4e5d-9c8b-1a2b3c4d5e6f:9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 
@@ -97,20 +102,20 @@ def test_a_stop_that_comes_as_the_send_is_recorded_leaves_no_unsent_job_possibly
 ) -> None:
     """The stop lands after the step's last look at it and before its send's record commits,
     and the database refuses the give-back (it stops answering as the run stops). The step
-    found the run stopped only after its record (``sending()`` None) and gave the job back
-    then: that give-back failing left the job ``submitting`` with its input and ``sent_at``
-    recorded though nothing went to fal, failed ``submit_unknown`` ("possibly billed") by the
-    next run's reconciler, and paid for by ``rerun --failed-only``. Now the step's send is under
-    way (counted in flight, for the stop to wait for) from before its record: a stop that comes
-    later lets that POST go, and its answer is recorded; never a recorded send that did not go."""
-    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "a1b2c3d4-0000-4000-8000-000000000001"}))
+    found the run stopped only after its record committed and gave the job back then: that
+    give-back failing left the job ``submitting`` with its input and ``sent_at`` recorded though
+    nothing went to fal, failed ``submit_unknown`` ("possibly billed") by the next run's
+    reconciler, and paid for by ``rerun --failed-only``. Now the step asks, before its record
+    commits, in one step with the stop: the record is rolled back, nothing is sent, and the job
+    reads as never sent (the next run sends it)."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "never-used"}))
     batch_id = add_batch(engine, "stopping-mid-record", [(T2V, {"prompt": "a kite over dunes"})])
     rt = make_runtime(engine, settings_for(hostile.url, KEY))
     real_record_send = store.record_send
     in_flight: list[int] = []
 
     def stopped_then_recorded(*args: Any, **kwargs: Any) -> Any:
-        in_flight.append(rt.unrecorded.stop_sending())  # Ctrl-C, before the record commits
+        in_flight.append(rt.unrecorded.stop_sending())  # Ctrl-C, as the record is written
         return real_record_send(*args, **kwargs)
 
     def unavailable(*_args: Any, **_kwargs: Any) -> bool:
@@ -120,6 +125,37 @@ def test_a_stop_that_comes_as_the_send_is_recorded_leaves_no_unsent_job_possibly
         (job_id,) = dispatch(rt)
         monkeypatch.setattr(store, "record_send", stopped_then_recorded)
         monkeypatch.setattr(store, "give_back", unavailable)
+        with pytest.raises(OperationalError):
+            submit(rt, job_id)
+        assert rt.unrecorded.in_flight() == 0
+    finally:
+        rt.client.close()
+    assert in_flight == [0]  # nothing for the stop to wait for, nor to call sent to fal
+    assert hostile.count("POST", rf"/{T2V}") == 0
+    with db.read_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+    assert (job.state, job.submitted_input, job.sent_at) == (JobState.SUBMITTING, None, None)
+
+
+def test_a_stop_that_comes_once_the_send_is_recorded_lets_its_post_go_and_records_it(
+    engine: Engine, hostile: HostileProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop lands once the step's record of its send committed: the POST goes (counted in
+    flight, the stop waits for its answer) and its answer is recorded — never undone by a
+    give-back that might not land, leaving a job "its POST may be out" though nothing went."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "a1b2c3d4-0000-4000-8000-000000000001"}))
+    batch_id = add_batch(engine, "stopping-after-record", [(T2V, {"prompt": "a kite over dunes"})])
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    real_send_now = submit_step._send_now
+    in_flight: list[int] = []
+
+    def recorded_then_stopped(*args: Any, **kwargs: Any) -> Any:
+        in_flight.append(rt.unrecorded.stop_sending())  # Ctrl-C, right after the record committed
+        return real_send_now(*args, **kwargs)
+
+    try:
+        (job_id,) = dispatch(rt)
+        monkeypatch.setattr(submit_step, "_send_now", recorded_then_stopped)
         assert submit(rt, job_id) == "submitted"
     finally:
         rt.client.close()
@@ -128,6 +164,51 @@ def test_a_stop_that_comes_as_the_send_is_recorded_leaves_no_unsent_job_possibly
     with db.read_scope(engine) as session:
         (job,) = store.jobs_of_batch(session, batch_id)
     assert (job.state, job.request_id) == (JobState.QUEUED, "a1b2c3d4-0000-4000-8000-000000000001")
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_send_whose_record_waits_for_another_sessions_lock_at_the_stop_is_not_sent(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """Review: the step's POST was counted in flight from before its record's write, so a
+    record waiting for another session's lock (``LOCK TABLE jobs``) at Ctrl-C was one of the
+    "submit(s) already sent to fal" the stop waited for (up to ``WANBATCH_READ_TIMEOUT``) and
+    said "fal may have accepted and billed" — fal had nothing — and once the lock went, the
+    step recorded its send and POSTed, billed, after the run had stopped. Now that record rolls
+    back when it finds the run stopped: nothing sent, nothing counted, the job back unsent."""
+    hostile.route("POST", rf"/{T2V}", json_reply({"request_id": "never-used"}))
+    batch_id = add_batch(engine, "stopping-locked", [(T2V, {"prompt": "a mill in the rain"})])
+    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    outcome: list[str] = []
+    holder = engine.connect()
+    try:
+        (job_id,) = dispatch(rt)
+        locked = holder.begin()
+        holder.execute(text("LOCK TABLE jobs IN SHARE MODE"))  # another session's, before the stop
+        step = threading.Thread(target=lambda: outcome.append(submit(rt, job_id)))
+        step.start()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs%'"
+        )
+        with engine.connect() as watch:
+            deadline = time.monotonic() + 15
+            while not watch.execute(text(waiting)).scalar() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert watch.execute(text(waiting)).scalar(), "the step's record never waited for the lock"
+        assert rt.unrecorded.stop_sending() == 0  # Ctrl-C: nothing was sent to fal
+        locked.rollback()  # the lock goes
+        step.join(30)
+        assert not step.is_alive()
+    finally:
+        holder.close()
+        rt.client.close()
+    assert outcome == ["stopped"]
+    assert hostile.count("POST", rf"/{T2V}") == 0
+    with db.read_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+    unsent = (job.state, job.submitted_input, job.sent_at, job.lease_owner, job.attempts)
+    assert unsent == (JobState.PENDING, None, None, None, 0)
 
 
 def _sqlite_full() -> sqlite3.OperationalError:

@@ -268,21 +268,15 @@ def _submit(rt: Runtime, job_id: str) -> str:
             return again
         to_send = again
 
-    # From here on the POST is under way (counted in flight, so that a stopping run waits for
-    # its answer): asked before the send is recorded, in one step with the stop
-    # (Unrecorded.sending), never after. A step that met the stop only once its send was
-    # recorded had to give its job back to undo that record; a give-back that did not land (the
-    # database gone as the run stopped) left the job reading "its POST may be out", failed
-    # submit_unknown ("possibly billed") by the next run though nothing went.
-    sent = rt.unrecorded.sending()
-    if sent is None:  # the run stops: nothing new is sent, nor recorded as sent
-        return _stopped(rt, fence)
+    # From the send's record on, the POST is under way (counted in flight, so that a stopping
+    # run waits for its answer): _record_send asks, in one step with the stop, once its write
+    # holds the job's row and before it commits (Unrecorded.sending). A run that stopped before
+    # then records nothing and sends nothing (_stopped).
+    ready = _record_send(rt, fence, ticket, to_send, closes, granted)
+    if isinstance(ready, str):  # given back (or lost, or the run stopped) before the POST
+        return ready
+    fence, start_timeout, sent = ready
     try:
-        ready = _record_send(rt, fence, ticket, to_send, closes, granted)
-        if isinstance(ready, str):  # given back (or lost) before the POST: nothing in flight
-            sent.end()
-            return ready
-        fence, start_timeout = ready
         chaos.crash_point("before_post")
     except BaseException:
         sent.end()
@@ -373,6 +367,10 @@ def _submit(rt: Runtime, job_id: str) -> str:
     return outcome
 
 
+class _StoppedBeforeSend(Exception):
+    """The run stopped while a step's send was being recorded: that record is rolled back."""
+
+
 def _record_send(
     rt: Runtime,
     fence: Fence,
@@ -380,47 +378,87 @@ def _record_send(
     to_send: dict[str, Any],
     closes: datetime | None,
     granted: float,
-) -> tuple[Fence, float | None] | str:
-    """Record what is about to be sent, and when, before the POST goes out; the lease's fence
-    and fal's start timeout to send with, or what became of the job instead (it lost its lease,
-    or went back ``pending`` unsent: a stale rate grant, its schedule's window too near its end).
+) -> tuple[Fence, float | None, Sending] | str:
+    """Record what is about to be sent, and when, before the POST goes out; the lease's fence,
+    fal's start timeout to send with and the POST counted in flight (:meth:`Unrecorded.sending`,
+    to :meth:`~worker.steps.unrecorded.Sending.end` once its answer is held), or what became of
+    the job instead (it lost its lease, the run stopped, or it went back ``pending`` unsent: a
+    stale rate grant, its schedule's window too near its end).
+
+    The POST is counted in flight once the record's write holds the job's row and before it
+    commits, in one step with the stop: a stop that comes earlier — while that write waits for
+    another session's lock, say — rolls the record back and the job goes back unsent
+    (:func:`_stopped`): the run neither waits for nor says "already sent to fal" of a POST that
+    never went, nor does that POST go once the lock is let go, after the run stopped. A stop
+    that comes later lets the POST go, and waits for its answer: a record that committed is
+    never undone by a give-back (one that did not land, the database gone as the run stopped,
+    left the job "its POST may be out", ``submit_unknown``, though nothing went).
 
     If this process dies from here on, the reconciler knows the submit's outcome is unknown, and
     a lost answer counts the money it may have cost under the day it was sent (``sent_at``).
     record_send (a take_lease) bumps the version: of two copies of this message, exactly one
     gets here. A resend of an unknown submit counts as a possible duplicate charge here, as it is sent."""
-    endpoint = ticket.endpoint
-    with db.session_scope(rt.engine) as session:
-        sent_at = utcnow()
-        taken = store.record_send(
-            session,
-            fence,
-            now=sent_at,
-            lease_seconds=rt.settings.lease_seconds,
-            submitted_input=to_send,
-            sent_at=sent_at,
-            api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
-            fal_origin=rt.queue_origin,  # the queue it goes to: only a process of that queue asks about it
-            # What fal's request_timeout of it is judged by, whatever the schedule becomes.
-            start_timeout_at=closes,
-        )
-    if taken is None:
+    sent: Sending | None = None
+    try:
+        with db.session_scope(rt.engine) as session:
+            sent_at = utcnow()
+            taken = store.record_send(
+                session,
+                fence,
+                now=sent_at,
+                lease_seconds=rt.settings.lease_seconds,
+                submitted_input=to_send,
+                sent_at=sent_at,
+                api_key_id=api_key_id(rt.settings),  # the key this POST goes with, not dispatch's
+                # The queue it goes to: only a process of that queue asks about it.
+                fal_origin=rt.queue_origin,
+                # What fal's request_timeout of it is judged by, whatever the schedule becomes.
+                start_timeout_at=closes,
+            )
+            if taken is not None:
+                sent = rt.unrecorded.sending()
+                if sent is None:  # the run stopped while this write waited: rolled back
+                    raise _StoppedBeforeSend
+    except _StoppedBeforeSend:
+        return _stopped(rt, fence)
+    except BaseException:
+        if sent is not None:  # the record did not commit: nothing goes
+            sent.end()
+        raise
+    if taken is None or sent is None:
         return "lost-lease"
+    try:
+        ready = _send_now(rt, taken, ticket, closes, granted)
+    except BaseException:
+        sent.end()
+        raise
+    if isinstance(ready, str):  # given back before the POST: nothing in flight
+        sent.end()
+        return ready
+    return taken, ready, sent
+
+
+def _send_now(
+    rt: Runtime, taken: Fence, ticket: SubmitTicket, closes: datetime | None, granted: float
+) -> float | str | None:
+    """Once the send is recorded: fal's start timeout to send with (None: none), or what became
+    of the job instead (given back unsent: a stale rate grant, its schedule's window too near
+    its end)."""
     if time.monotonic() - granted > stale_grant_seconds(rt.settings):
         # Recording the lease stalled (a checkpoint, a busy disk): other workers' grants went out
         # meanwhile, and sending on this old one would bunch submits into one of fal's windows.
         telemetry.count_limiter_wait("stale")
-        if _given_back_for_rate(rt, taken, endpoint):
+        if _given_back_for_rate(rt, taken, ticket.endpoint):
             return "rate-limited"
 
     # The start timeout again, from the moment of sending: preparing media, waiting for a rate
     # token and recording the lease all took time, and fal counts the timeout from receipt.
     if closes is None:
-        return taken, None
+        return None
     start_timeout = (closes - utcnow()).total_seconds()
     if start_timeout < MIN_START_TIMEOUT_SECONDS:
         return _hold_for_schedule(rt, taken, ticket.schedule)
-    return taken, start_timeout
+    return start_timeout
 
 
 def _prepare(rt: Runtime, ticket: SubmitTicket, fence: Fence, *, probe: bool) -> dict[str, Any] | str:
@@ -619,10 +657,11 @@ def _stopped(rt: Runtime, fence: Fence) -> str:
     """The run stops (:meth:`~worker.steps.unrecorded.Unrecorded.stop_sending`): the job goes
     back unsent, due at once for the next run, its attempt not counted.
 
-    Only ever before the send is recorded (:meth:`~worker.steps.unrecorded.Unrecorded.sending`
-    is asked first): should this give-back not land (the database stopped answering as the run
-    stopped, or the process ended first), the job reads as claimed but never sent, and the next
-    run's reconciler sends it again — never ``submit_unknown``, "possibly billed"."""
+    Only ever with no send recorded (:meth:`~worker.steps.unrecorded.Unrecorded.sending` is
+    asked before that record commits, and a stop rolls it back: :func:`_record_send`): should
+    this give-back not land (the database stopped answering as the run stopped, or the process
+    ended first), the job reads as claimed but never sent, and the next run's reconciler sends
+    it again — never ``submit_unknown``, "possibly billed"."""
     with db.session_scope(rt.engine) as session:
         store.give_back(session, fence, reason=STOPPED_BEFORE_SENDING, due_at=in_seconds(0))
     return "stopped"

@@ -434,19 +434,21 @@ class Unrecorded:
         return self._steps > 0
 
     def sending(self) -> Sending | None:
-        """A submit POST is under way, from before its send is recorded (so that a send is
-        recorded only once nothing stops it any more: a stop can no longer come between that
-        record and the POST, leaving a job that reads "its POST may be out" though nothing
-        went): counted in flight until its :meth:`Sending.end` — once its answer is held here
+        """A submit POST is under way, from its send's record on: asked by the step once that
+        record's write holds the job's row, before it commits (so that a send is recorded only
+        once nothing stops it any more: a stop can no longer come between that record and the
+        POST, leaving a job that reads "its POST may be out" though nothing went; nor is a step
+        whose record still waits — for another session's lock — counted as sent to fal):
+        counted in flight until its :meth:`Sending.end` — once its answer is held here
         (:meth:`recording`), or it failed, or the step gave its job back before the POST — so
         that a process ending without the database waits for its answer before keeping what
         fal accepted (:meth:`wait_for_sends`): an answer that arrives after the journal is
         written is lost.
 
-        None once the run stops (:meth:`stop_sending`): the send must not be recorded, nor the
-        POST go. A stopping run waits for the answers of those already under way, and a step
-        that got past its lease while that wait began would otherwise send a new one, billed,
-        that nobody waits for."""
+        None once the run stops (:meth:`stop_sending`): the send's record is rolled back and the
+        POST does not go. A stopping run waits for the answers of those already under way, and
+        a step that got past its lease while that wait began would otherwise send a new one,
+        billed, that nobody waits for."""
         with self._lock:
             if self._closed:
                 return None
