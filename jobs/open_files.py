@@ -58,6 +58,30 @@ def out_of_files(exc: BaseException | None) -> tuple[str, str] | None:
     return None
 
 
+#: The ``errno`` values that say this machine (or this process's limits) ran short, not that a
+#: file or an answer is bad: file descriptors, memory, a resource "temporarily unavailable",
+#: buffer space (https://man7.org/linux/man-pages/man3/errno.3.html). Such a failure is ours to
+#: fix, never a verdict on what fal delivered.
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOBUFS})
+
+
+def local_resource_errno(exc: BaseException | None) -> int | None:
+    """The ``errno`` (one of :data:`LOCAL_RESOURCE_ERRNOS`) when ``exc`` or a cause of it says
+    this machine ran short of a resource; None otherwise. A :class:`MemoryError` counts as
+    ``ENOMEM``: PyAV raises its ``av.error.MemoryError`` (a MemoryError, not an OSError) for
+    FFmpeg's ``AVERROR(ENOMEM)`` (https://pyav.org/docs/stable/api/error.html)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        code = getattr(exc, "errno", None)
+        if isinstance(exc, OSError | MemoryError) and code in LOCAL_RESOURCE_ERRNOS:
+            return int(code)
+        if isinstance(exc, MemoryError):
+            return errno.ENOMEM
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def says_out_of_files(text: str) -> bool:
     """Whether a message (an error's text) is one :func:`out_of_files` worded."""
     return EMFILE_SAID in text or ENFILE_SAID in text

@@ -37,6 +37,8 @@ import av
 from jobs import avcompat
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import WanbatchError
+from jobs.open_files import local_resource_errno
+from jobs.outputs import OutputWriteError
 from worker.mp4 import file_truncation
 
 if TYPE_CHECKING:
@@ -62,6 +64,23 @@ _FIXED_RATIOS = {"16:9": 16 / 9, "9:16": 9 / 16, "1:1": 1.0, "4:3": 4 / 3, "3:4"
 
 class NotAVideoError(WanbatchError):
     """The file is not a decodable video (no video stream, unreadable headers, no frame)."""
+
+
+class ProbeResourceError(OutputWriteError):
+    """The probe could not read the file because this machine ran short of a resource (out of
+    file descriptors, memory: :func:`jobs.open_files.local_resource_errno`). Our trouble, not
+    the file's: the download step keeps the video and tries it again, as it does an output it
+    cannot write (never ``not_a_video``, which deletes a paid video)."""
+
+
+def _short_of_resources(path: Path | str, exc: BaseException) -> ProbeResourceError | None:
+    """The :class:`ProbeResourceError` for ``exc`` when it is a local resource error; else None."""
+    if local_resource_errno(exc) is None:
+        return None
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    failed = ProbeResourceError(f"the saved video {Path(path).name} could not be checked ({why})")
+    failed.__cause__ = exc  # its errno tells the fix (jobs.open_files.out_of_files)
+    return failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +167,15 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
     again: ``worker.fal.storage``); this catches a file that came another way (one an earlier
     try left, a staged one a rerun takes). ``walked``: the caller has just walked this very
     file's boxes (a fresh download: ``DownloadResult.whole``), so they are not read again.
+    :class:`ProbeResourceError` (no verdict on the file) when this machine ran short of file
+    descriptors or memory while reading it.
     """
     if not walked:
         try:
             cut = file_truncation(path)
         except OSError as exc:
+            if (short := _short_of_resources(path, exc)) is not None:
+                raise short from exc
             raise NotAVideoError(f"{Path(path).name}: cannot be read ({exc.strerror or exc})") from exc
         if cut is not None:
             raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
@@ -191,6 +214,8 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
     except NotAVideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
+        if (short := _short_of_resources(path, exc)) is not None:
+            raise short from exc
         raise NotAVideoError(f"{Path(path).name}: not a decodable video ({exc})") from exc
     return MediaInfo(
         width=width,

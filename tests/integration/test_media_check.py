@@ -7,12 +7,16 @@ not ask for (the fake fal's clip is 64x64, 8 frames; the request is 480p, 81 fra
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from typing import NoReturn
 
+import av
+import pytest
 from sqlalchemy import Engine
 
 from jobs import db, store
-from jobs.models import Job
+from jobs.models import BatchState, Job
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
@@ -89,3 +93,42 @@ def test_with_media_mismatch_fail_the_job_fails_with_the_reason_and_its_cost(
     assert job.actual_usd == job.est_usd
     with db.session_scope(engine) as session:
         assert store.count_media_mismatches(session, job.batch_id) == 1
+
+
+def _out_of_files(*_args: object, **_kwargs: object) -> NoReturn:
+    """``av.open`` as it fails in a process out of file descriptors: PyAV's OSError, EMFILE."""
+    av.error.err_check(-errno.EMFILE, "r1.mp4")
+    raise AssertionError("err_check raises for a negative code")
+
+
+def test_a_probe_out_of_file_descriptors_keeps_the_paid_video_and_the_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE while probing is this machine's trouble, not fal's: the video stays, the job waits
+    (its batch paused with the fix), and the next try stores that very file without fetching it."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(av, "open", _out_of_files)
+            outcome = download(rt, job_id)
+        job = _job(engine, job_id)
+        assert outcome != "failed"
+        assert job.state == JobState.DOWNLOADING
+        assert job.error_type is None
+        kept = list((tmp_path / "outputs").rglob("*.mp4"))
+        assert len(kept) == 1  # the paid video is not deleted
+        with db.session_scope(engine) as session:
+            batch = store.get_batch(session, job.batch_id)
+            assert batch.state == BatchState.PAUSED
+            assert batch.pause_reason is not None
+            assert "EMFILE" in batch.pause_reason
+            assert "ulimit -n" in batch.pause_reason
+            store.set_batch_state(session, job.batch_id, BatchState.ACTIVE)
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert job.state == JobState.SUCCEEDED
+    assert job.output_path == str(kept[0])
+    assert fal.file_gets("r1.mp4") == 1  # taken from the disk, not fetched again

@@ -71,7 +71,7 @@ from jobs.errors import (
 )
 from jobs.http_environment import proxy_variables
 from jobs.models import BatchState, JobView, utcnow
-from jobs.open_files import os_errno, out_of_files
+from jobs.open_files import local_resource_errno, os_errno, out_of_files
 from jobs.output_store import OutputStore, OutputUploadError, open_output_store
 from jobs.outputs import OutputFolderError, OutputWriteError
 from jobs.settings import Settings
@@ -1313,6 +1313,11 @@ def _check_media(
     keep = job.reused_from is not None
     try:
         info = probe.probe(path, walked=walked)
+    except probe.ProbeResourceError as exc:
+        # Out of file descriptors or memory here: our trouble, not fal's. The file stays (the
+        # next try takes it: _downloaded_before) and the job waits as for a disk that cannot
+        # keep outputs — never not_a_video, which deleted the paid video and failed it for good.
+        return _probe_short(rt, job_id, claim, path, exc)
     except probe.NotAVideoError as exc:
         if not path.exists():  # removed under us (its folder deleted mid-run): the disk's doing, not fal's
             gone = OutputWriteError(f"the saved video {path} was removed before it could be stored")
@@ -1897,6 +1902,22 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
     )
 
 
+def _probe_short(rt: Runtime, job_id: str, claim: DownloadClaim, path: Path, exc: OutputWriteError) -> str:
+    """The saved video could not be probed because this machine ran short of a resource
+    (:class:`worker.probe.ProbeResourceError`): keep the file and the job, pause the batch with
+    the fix, as :func:`_write_failed` does for a disk that cannot keep outputs."""
+    fix, once = _write_fix(exc)
+    return _pause_for_outputs(
+        rt,
+        job_id,
+        claim,
+        f"{store.OUTPUTS_PAUSE_PREFIX}be checked here: {exc} — {fix}; the video is kept at {path} and "
+        f"checked again once {once} (the batch then resumes by itself) or by the next run, never made again",
+        cancelled=f"{CANCELLED_UNSTORED}: this paid video was downloaded to {path} but could not be "
+        f"checked; {exc}",
+    )
+
+
 def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
     """What to do about an output that could not be written, by the operating system's error
     behind it, and when the videos waiting at fal are downloaded: "free space or fix
@@ -1908,6 +1929,12 @@ def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
     if (short := out_of_files(exc)) is not None:
         return f"{short[0]}: {short[1]}", "they can be written"
     code = os_errno(exc)
+    if (short_of := local_resource_errno(exc)) is not None:
+        return (
+            f"this machine ran short of memory or another resource ({errno.errorcode[short_of]}): "
+            "free memory, or raise this process's limits (`ulimit -v`, a container's memory limit)",
+            "there is enough",
+        )
     if code == errno.EISDIR:
         return (
             "a folder is in the way where the output file goes: move or remove it, or fix "
