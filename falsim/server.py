@@ -39,6 +39,7 @@ from falsim.options import SimulatorOptions
 from falsim.tls import client_settings, make_self_signed
 from jobs.asgi_shutdown import EndsCleanly
 from jobs.endpoints import get_endpoint
+from jobs.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -167,7 +168,11 @@ def serve(
     base_url = _base_url(sock, host, tls)
     engine = Engine(options)
     public_url = (engine.options.public_url or base_url).rstrip("/")  # as the engine writes it
-    folder = tempfile.TemporaryDirectory(prefix="wanbatch-sim-tls-") if tls else None
+    try:
+        folder = _tls_folder() if tls else None
+    except ConfigError:
+        sock.close()
+        raise
     try:
         certfile = keyfile = None
         if folder is not None:
@@ -290,6 +295,20 @@ class SimulatorHandle:
         self._thread.join(timeout=10)
 
 
+def _tls_folder() -> tempfile.TemporaryDirectory[str]:
+    """The temporary folder of the simulator's TLS certificate and key. No temporary folder is
+    writable (a read-only ``/tmp``, as in ``docker --read-only``): one clear line, not the
+    ``FileNotFoundError`` of :func:`tempfile.gettempdir` ("No usable temporary directory found",
+    https://docs.python.org/3/library/tempfile.html#tempfile.gettempdir). Only TLS needs it."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="wanbatch-sim-tls-")
+    except OSError as exc:
+        raise ConfigError(
+            "the simulator's TLS certificate needs a writable temporary folder and none is usable "
+            f"({exc.strerror or exc}): point TMPDIR at a writable folder, or run the simulator without TLS"
+        ) from exc
+
+
 @contextlib.contextmanager
 def running_simulator(
     options: SimulatorOptions | None = None,
@@ -298,10 +317,14 @@ def running_simulator(
     host: str = "127.0.0.1",
     tls: bool = False,
 ) -> Iterator[SimulatorHandle]:
-    """Run the simulator in a background thread for the duration of the ``with`` block."""
-    with tempfile.TemporaryDirectory(prefix="wanbatch-sim-tls-") as tmp:
+    """Run the simulator in a background thread for the duration of the ``with`` block.
+
+    A temporary folder is made for ``tls`` only (its certificate): without TLS the simulator
+    writes no file, and runs where no temporary folder is writable (a read-only ``/tmp``)."""
+    with contextlib.ExitStack() as stack:
         certfile = keyfile = None
         if tls:
+            tmp = stack.enter_context(_tls_folder())
             certfile, keyfile = make_self_signed(Path(tmp), host)
         sock = _bind(host, port)
         url = _base_url(sock, host, tls)

@@ -185,7 +185,11 @@ def journal_folders(database_url: str) -> list[Path]:
         target = db.sqlite_file(database_url)
         if target is not None:
             folders.append(target.path.absolute().parent)
-    folders.append(Path(tempfile.gettempdir()))
+    # No usable temporary folder (a read-only /tmp, as in `docker --read-only`): gettempdir
+    # raises FileNotFoundError (https://docs.python.org/3/library/tempfile.html#tempfile.gettempdir);
+    # the other folders still serve, and Journal copes with none writable.
+    with contextlib.suppress(OSError):
+        folders.append(Path(tempfile.gettempdir()))
     shm = Path("/dev/shm")  # noqa: S108 (files made owner-only, O_EXCL; read back only if ours)
     if shm.is_dir():
         folders.append(shm)
