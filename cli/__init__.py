@@ -568,6 +568,10 @@ def _run_command() -> None:
         with contextlib.suppress(Exception):
             if (said := _database_said(exc)) is not None:  # no bug: a full disk, a foreign database
                 _fail(printable(said), EXIT_USAGE, prefix="error: ")
+            from jobs.thread_limit import cannot_start_thread, thread_limit_line
+
+            if cannot_start_thread(exc):  # no bug either: `ulimit -u` reached (a thread at start-up)
+                _fail(thread_limit_line(), EXIT_USAGE, prefix="error: ")
         _internal_error(exc)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 

@@ -619,7 +619,8 @@ def path_failure(exc: OSError) -> UsageError | None:
 
 def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
     """Run ``action``; turn deliberate errors — and an OSError about a path the user gave
-    (:func:`path_failure`) — into a message and the contract's exit code."""
+    (:func:`path_failure`), or a thread that cannot start (:mod:`jobs.thread_limit`) — into a
+    message and the contract's exit code."""
     try:
         code = action()
     except (ReaderGone, StdoutError):  # standard output is what failed: cli.main says it
@@ -630,6 +631,12 @@ def guarded(as_json: bool, action: Callable[[], int | None]) -> None:
         if (usage := path_failure(exc)) is None:
             raise
         fail(usage, as_json)
+    except RuntimeError as exc:  # a thread that cannot start (`ulimit -u`): a limit, not a bug
+        from jobs.thread_limit import ThreadLimitError, cannot_start_thread, thread_limit_line
+
+        if not cannot_start_thread(exc):
+            raise
+        fail(ThreadLimitError(thread_limit_line()), as_json)
     sys.exit(code or EXIT_OK)
 
 

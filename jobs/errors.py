@@ -27,7 +27,8 @@ lives in this module unless ``[module]`` names another::
     │   ├── SimulatedElsewhere       [cli.batch_commands] `--simulate` of a batch another process simulates
     │   ├── ManifestError            the manifest is invalid; carries every located issue
     │   ├── ItemsFileChanged         the items_from file changed between validating and storing it
-    │   └── UnpricedError            a job's input has a value its endpoint's price table does not cover
+    │   ├── UnpricedError            a job's input has a value its endpoint's price table does not cover
+    │   └── ThreadLimitError         [jobs.thread_limit] no thread can start: `ulimit -u` reached
     ├── StateConflict                a fenced write found the job moved on (its lease lost mid-download)
     │   └── RunStopped               [worker.steps.output_writes] the run stops: downloads end mid-chunk
     ├── RequestHeldError             fal's request id is another job's of the same fal queue: not taken

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 from jobs import db
+from jobs.thread_limit import ThreadLimitError, cannot_start_thread, thread_limit_line
 from worker import logs, steps
 from worker.crash import crash_file, summary, traceback_text
 from worker.step_outage import DATABASE_FULL, GiveBack, after_full_disk, database_failed
@@ -80,6 +81,11 @@ class InProcessWorker:
         self._accepting = threading.Event()
         self._accepting.set()
         self._give_back = GiveBack()  # jobs of steps the database failed, given back once it answers
+        #: Set when a step's thread could not start (:meth:`_out_of_threads`): why the run stops.
+        self.thread_limit: ThreadLimitError | None = None
+        #: Called once then, from the thread that handed the job: the run stops (exit 2).
+        self.on_thread_limit: Callable[[], None] | None = None
+        self._limit_lock = threading.Lock()
 
     def bind(self, rt: Runtime) -> None:
         """The runtime the steps run with."""
@@ -98,10 +104,31 @@ class InProcessWorker:
             return  # stopping: the job keeps its lease until given back or expired
         try:
             pool.submit(self._run, step, job_id)
-        except RuntimeError:  # the pool shut down meanwhile (Ctrl-C): the tick finds the job again
+        except RuntimeError as exc:
+            if self._accepting.is_set() and cannot_start_thread(exc):
+                self._out_of_threads(exc)
+                return
+            # the pool shut down meanwhile (Ctrl-C): the tick finds the job again
             log.debug(
                 "not handing %s to %s: stopping", job_id, step.__name__, extra={"event": "step.dropped"}
             )
+
+    def _out_of_threads(self, exc: BaseException) -> None:
+        """A step's thread (or one a step needed) could not start while the pool still takes
+        work: a resource limit
+        (``ulimit -u``: :mod:`jobs.thread_limit`), not a stop. The job handed stays claimed, and
+        nothing would ever run it: the run hung, silently. Noted once, and the run is asked to
+        stop (``on_thread_limit``), which gives the jobs back and says :attr:`thread_limit` in
+        one line (exit 2). A worker no run watches says it in a log line instead."""
+        with self._limit_lock:
+            if self.thread_limit is not None:
+                return
+            self.thread_limit = ThreadLimitError(thread_limit_line())
+            self.thread_limit.__cause__ = exc
+        if self.on_thread_limit is not None:
+            self.on_thread_limit()
+        else:
+            log.error("%s", self.thread_limit, extra={"event": "step.thread_limit"})
 
     def _run(self, step: Step, job_id: str) -> None:
         rt = self._rt
@@ -139,6 +166,9 @@ class InProcessWorker:
                         job_id,
                         extra={"event": "step.database_unavailable"},
                     )
+                    return
+                if cannot_start_thread(exc):  # a thread the step needed (`ulimit -u`): no bug
+                    self._out_of_threads(exc)  # the run stops and gives the job back
                     return
                 # An unavailable database: one line, and the job is given back once it answers.
                 if database_failed(self._give_back, rt, step.__name__, job_id, exc) is None:

@@ -75,6 +75,7 @@ from jobs.schedule import format_age
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from jobs.store import CapScope
+from jobs.thread_limit import ThreadLimitError
 from jobs.url_secrets import masked_url
 from jobs.webhook_silence import SilenceWatch
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
@@ -1271,6 +1272,8 @@ def _process_embedded(
     # what is waited for instead is said on the progress line (worker.steps.dead_leases).
     rt.dead_leases = DeadLeases(rt, batch_id)
     worker.bind(rt)
+    # A step's thread that cannot start (`ulimit -u`): stop as Ctrl-C does, then say why (below).
+    worker.on_thread_limit = _stop_requested.set
     _stopping.runtime = rt  # a stop the database holds back keeps its accepted submissions
     abandoned = False
     try:
@@ -1283,12 +1286,18 @@ def _process_embedded(
                 _wait_for_answers(rt, console)  # what fal accepted is recorded, not left unknown
                 # Accepted ids the database could not take (its disk is full) stay in the journal.
                 lost = rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
-                said = _give_back(rt, batch_id, kept=len(lost))
+                stopped = "interrupted" if worker.thread_limit is None else "stopped"
+                said = _give_back(rt, batch_id, kept=len(lost), stopped=stopped)
                 # A step whose record write still waits (for a PostgreSQL lock another session
                 # took before the stop: that wait is not bounded) ends with the process: kept too.
                 lost = rt.unrecorded.keep_all()
                 if lost:
                     said = f"{said}; {rt.unrecorded.lost_words(lost)}"
+                if worker.thread_limit is not None:  # no signal: a thread could not start
+                    raise ThreadLimitError(
+                        f"{worker.thread_limit}; {said}; "
+                        "run the same command again once that is fixed, to resume"
+                    ) from None
                 raise Interrupted(said, batch_id=batch_id) from None
             except DatabaseUnavailableError as exc:
                 # The database stayed away past a lease: stop as Ctrl-C does, giving back what
