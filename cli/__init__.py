@@ -588,7 +588,8 @@ def _close_databases() -> None:
     it: a user who copies or archives ``wanbatch.db`` alone after a ``run`` would miss them. The
     last connection closed checkpoints the log into the file and removes ``-wal`` and ``-shm``
     (https://www.sqlite.org/wal.html#the_wal_file). Nothing is said if that fails: the log is
-    intact, and the next open applies it."""
+    intact, and the next open applies it. Under a memory or thread limit no thread may start
+    (an export that ended in ~90 lines of traceback, exit 1): it closes them itself then."""
     database = sys.modules.get("jobs.db")
     if database is None:
         return
@@ -602,5 +603,9 @@ def _close_databases() -> None:
     # On a thread, waited for a while: a SQLite writer's connection closes under its lock, which
     # a thread of the command still at work (a daemon, ending with the process) may hold.
     closing = threading.Thread(target=close, name="wanbatch-close-databases", daemon=True)
-    closing.start()
+    try:
+        closing.start()
+    except RuntimeError:  # "can't start new thread" (a memory or thread limit): close here instead
+        close()
+        return
     closing.join(CLOSE_DATABASES_SECONDS)
