@@ -91,6 +91,29 @@ def test_items_from_rows_past_the_input_limit_are_refused_at_their_line(
     assert (issue.file.endswith("rows.jsonl"), issue.line) == (True, 5)  # 5 rows × 5 seeds × 2 kB
 
 
+def test_the_input_limit_counts_text_in_utf8_bytes_not_characters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt of Chinese characters is 3 bytes each (stored as 6 by SQLite's JSON): counted by
+    characters, 1,000,000 of them × 1,500 seeds (4.5 GB) passed as 1.5 GB. The same counting an
+    ``items_from`` row's line gets (its bytes)."""
+    monkeypatch.setattr("jobs.manifest.expand.MAX_INPUT_BYTES", 50_000)
+    monkeypatch.setattr(report_module, "MAX_INPUT_BYTES", 50_000)
+    prompt = "中" * 10_000  # 10,000 characters, 30,000 bytes
+    text = f"{TOP}matrix:\n  seed: [1, 2]\nitems:\n  - prompt: {prompt}\n"
+    report = validated(tmp_path, text)
+    (issue,) = report.errors
+    assert issue.code == TOO_MUCH_INPUT
+    assert "2 jobs would store 60 kB of input" in issue.message
+    # An alias repeats one string: counted as often as it is stored, each as its bytes.
+    aliased = (
+        f"{TOP}defaults:\n  prompt: &p {prompt}\nmatrix:\n  negative_prompt: [*p, *p]\nitems:\n  - seed: 1\n"
+    )
+    (issue,) = validated(tmp_path, aliased).errors
+    assert issue.code == TOO_MUCH_INPUT
+    assert "2 jobs would store 120 kB of input" in issue.message
+
+
 def test_add_jobs_chunks_hold_a_bounded_amount_of_input() -> None:
     """5,000 jobs at a time, whatever their size: 5 GB in memory at once for 1 MiB prompts."""
     prompt = "p" * (30 * 1024 * 1024)
