@@ -20,7 +20,8 @@ working, nor (worse) start sending another image without a word. So a row's own 
 Either base is confined alike (:func:`jobs.media.resolve_local`, symlinks followed): a candidate
 outside the allowed folders is never looked at, so neither the choice nor a message depends on
 a file outside them. A path the manifest's folder leads out of through a symbolic link is
-refused as such, never passed over for the row's folder.
+refused as such, never passed over for the row's folder; so is one the manifest's folder lacks
+whose link beside the items file leads out (not "file not found" of a file the user sees).
 """
 
 from __future__ import annotations
@@ -120,7 +121,13 @@ def _choose(value: str, base_dir: str, row_dir: str, roots: tuple[str, ...], cac
     if _absolute(value):
         return RowPath(mine)
     theirs = cache.resolve(value, row_dir, roots)
-    if theirs.path == mine.path or not _present(theirs):
+    if theirs.path == mine.path:
+        return RowPath(mine)
+    if not _present(theirs):
+        if mine.inside and not _present(mine) and not theirs.inside and theirs.via_link:
+            # Nothing in the manifest's folder, and beside the items file a symbolic link that
+            # leads out: refused as such (with --allow-dir's hint), not "file not found".
+            return RowPath(theirs)
         return RowPath(mine)
     beside = spelled(value, row_dir, base_dir)
     if _present(mine):
