@@ -1096,6 +1096,8 @@ def load_machinery(settings: Settings) -> None:
     instead of being imported under the collector and traversed by every full collection of
     the run. With a broker the workers do the work: a watching run needs none of it.
     """
+    import jobs.outputs_on_disk  # noqa: F401 (the run's summary looks at its videos: loaded now)
+
     if settings.broker_url:
         return
     import worker.conductor

@@ -18,13 +18,14 @@ JOBS = CONSOLE_JOB_END_LINES + 4
 
 
 def _refused_batch(sim: SimulatorHandle, manifest: MakeManifest, name: str, jobs: int = JOBS) -> str:
-    """A batch fal refuses job by job with a 422: every image is a file its storage does not hold."""
-    missing = f"{sim.url}/files/nope/missing.png"
-    items = "".join(f"  - prompt: a refused kite number {i}\n" for i in range(jobs))
-    body = (
-        f"name: {name}\nendpoint: fal-ai/wan-i2v\n"
-        f"defaults:\n  resolution: 480p\n  image_url: {missing}\nitems:\n{items}"
+    """A batch fal refuses job by job with a 422: every image is a file its storage does not
+    hold, each another one (jobs sharing a URL fal could not download are not sent again: they
+    would end ``input_unreachable``, unsent, instead of each with fal's 422)."""
+    items = "".join(
+        f"  - prompt: a refused kite number {i}\n    image_url: {sim.url}/files/nope/missing-{i}.png\n"
+        for i in range(jobs)
     )
+    body = f"name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\nitems:\n{items}"
     return str(manifest(name, body))
 
 
