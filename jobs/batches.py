@@ -2602,7 +2602,30 @@ def abandon_other_key(batch_id: str, settings: Settings, *, key_id: str, origin:
     nothing here can follow, cancel or download them, and the batch would never end. A request
     fal answers this key about is the same account's: it is followed and cancelled (or
     downloaded) as any other, never written off. How many were.
-    Each job is moved by its version read here: one a process moved meanwhile is left."""
+    Each job is moved by its version read here; one a process moved meanwhile (a worker's poll
+    or cancel of it, which bump its version) is read again and tried again, a few times: the
+    first try left it unfinished, and the batch with it, until ``cancel`` was run once more."""
+    abandoned: list[str] = []
+    for _ in range(ABANDON_TRIES):
+        missed = _abandon_other_key_once(
+            batch_id, settings, key_id=key_id, origin=origin, by=by, into=abandoned
+        )
+        if not missed:
+            break
+    return len(abandoned)
+
+
+#: How many times ``cancel --abandon-other-key`` reads again the jobs another process moved
+#: while it wrote them off (:func:`abandon_other_key`).
+ABANDON_TRIES = 5
+
+
+def _abandon_other_key_once(
+    batch_id: str, settings: Settings, *, key_id: str, origin: str, by: str, into: list[str]
+) -> int:
+    """One pass of :func:`abandon_other_key`: the jobs written off are added to ``into``; how
+    many it found but could not write off because another process moved them meanwhile."""
+    missed = 0
     with db.session_scope(open_engine(settings)) as session:
         refused = {(r.job_id, r.request_id) for r in store.refused_requests(session, batch_id, key_id=key_id)}
         found = [
@@ -2627,8 +2650,11 @@ def abandon_other_key(batch_id: str, settings: Settings, *, key_id: str, origin:
                 reason=f"abandoned: sent with another API key (key id {sent_with})",
             ):
                 abandoned.append(job.id)
+            else:
+                missed += 1
         store.forget_key_refusals(session, abandoned)
-        return len(abandoned)
+    into.extend(abandoned)
+    return missed
 
 
 def cancelled_line(session: Session, batch: Batch, *, manifest: bool) -> str:

@@ -14,6 +14,7 @@ and ``status`` names the way out only for requests fal refused for this key.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from jobs.db import close_engines
 from jobs.models import Job, utcnow
 from jobs.settings import get_settings
 from jobs.states import JobState
+from tests.conftest import _empty
 from tests.e2e.e2e_helpers import invoke
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for, wait_until
 from worker.fal.models import RequestHandle
@@ -161,3 +163,67 @@ def test_abandon_keeps_a_stored_result_and_writes_off_only_what_fal_refused(
         errors = {r.id: r.error_type for r in found}
         assert rows == {kept: JobState.SUCCEEDED, lost: JobState.FAILED}, (rows, done.stderr)
         assert errors[lost] == "abandoned_other_key"
+
+
+@pytest.fixture
+def pg_engine(_pg_engine: Engine) -> Iterator[Engine]:
+    """The ``engine`` fixture on PostgreSQL, where a worker's write can land between another
+    session's read and write (SQLite's writer holds the database from its first statement)."""
+    _empty(_pg_engine)
+    yield _pg_engine
+    _empty(_pg_engine)
+
+
+def test_a_job_another_process_moved_meanwhile_is_read_again_and_written_off(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A worker's poll or cancel of the job bumps its version between ``cancel
+    --abandon-other-key``'s read and its write (CI: 1 of 2 written off, the batch left unfinished
+    until ``cancel`` was run again): the job is read again and written off."""
+    from jobs import batches
+
+    engine = pg_engine
+
+    with running_simulator(SimulatorOptions(latency_seconds=0.1, latency_jitter=0.0)) as sim:
+        batch = add_batch(engine, "moved", [("fal-ai/wan-22", {"prompt": "moved"})])
+        (job,) = job_ids(engine, batch)
+        origin = make_runtime(engine, settings_for(sim.url, NEW_KEY)).queue_origin
+        old_id = api_key_id(settings_for(sim.url, OLD_KEY))
+        new_id = api_key_id(settings_for(sim.url, NEW_KEY))
+        with engine.begin() as conn:
+            conn.execute(
+                update(Job)
+                .where(Job.id == job)
+                .values(
+                    state=JobState.QUEUED,
+                    request_id=f"old-account-{job}",
+                    attempts=1,
+                    api_key_id=old_id,
+                    fal_origin=origin,
+                )
+            )
+        with db.session_scope(engine) as session:
+            assert store.note_key_refused(
+                session, job, f"old-account-{job}", sent_with=old_id, key_id=new_id, now=utcnow()
+            )
+        _cli_env(monkeypatch, engine, sim.url, tmp_path)
+        real = store.abandon_request
+        calls: list[int] = []
+
+        def moved_first(session: Any, fence: Any, **kwargs: Any) -> bool:
+            calls.append(1)
+            if len(calls) == 1:  # another process moves the job first: this fence is stale
+                with engine.begin() as conn:
+                    conn.execute(update(Job).where(Job.id == job).values(version=Job.version + 1))
+            return real(session, fence, **kwargs)
+
+        monkeypatch.setattr(store, "abandon_request", moved_first)
+        settings = get_settings()
+        written_off = batches.abandon_other_key(batch, settings, key_id=new_id, origin=origin, by="test")
+        close_engines()
+
+        assert written_off == 1
+        assert len(calls) == 2
+        with engine.connect() as conn:
+            state, error_type = conn.execute(select(Job.state, Job.error_type).where(Job.id == job)).one()
+        assert (state, error_type) == (JobState.FAILED, "abandoned_other_key")
