@@ -314,7 +314,19 @@ def both_issues(
     origins: Mapping[str, tuple[str, int | None]],
 ) -> Iterator[Issue]:
     """An error for each row path naming two different files, where it was written."""
-    for key, message in both.items():
+    return _path_issues(raw, values, both, origins, BOTH_ALLOWED)
+
+
+def _path_issues(
+    raw: RawItem,
+    values: Mapping[str, Any],
+    problems: Mapping[str, str],
+    origins: Mapping[str, tuple[str, int | None]],
+    allowed: str,
+) -> Iterator[Issue]:
+    """An error for each field of ``problems`` (field -> message), located where its value was
+    written (``origins``: a default's line, a matrix's, else the item's own)."""
+    for key, message in problems.items():
         where = origins.get(key, (raw.source, raw.line))
         yield Issue(
             file=where[0],
@@ -323,7 +335,7 @@ def both_issues(
             field=key,
             message=message,
             value=values[key],
-            allowed=BOTH_ALLOWED,
+            allowed=allowed,
         )
 
 
@@ -383,14 +395,4 @@ def outside_issues(
     origins: Mapping[str, tuple[str, int | None]],
 ) -> Iterator[Issue]:
     """An error for each media path that leads outside the allowed folders, where it was written."""
-    for key, message in outside.items():
-        where = origins.get(key, (raw.source, raw.line))
-        yield Issue(
-            file=where[0],
-            line=where[1],
-            item=raw.index,
-            field=key,
-            message=message,
-            value=values[key],
-            allowed=OUTSIDE_ALLOWED,
-        )
+    return _path_issues(raw, values, outside, origins, OUTSIDE_ALLOWED)

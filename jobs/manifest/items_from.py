@@ -72,6 +72,12 @@ def _no_header_check(names: list[str], display: str) -> tuple[list[Issue], froze
     return [], frozenset()
 
 
+def _past_limit(display: str, line: int, message: str, allowed: str, code: str | None) -> Issue:
+    """The one located error of the row that goes past a limit of the whole file (its rows,
+    its input's bytes): the row, not a field of it, is refused."""
+    return Issue(file=display, line=line, item=None, field=None, message=message, allowed=allowed, code=code)
+
+
 @dataclass(slots=True)
 class InputBudget:
     """The input an ``items_from`` file's rows may still add to the manifest's jobs
@@ -95,15 +101,7 @@ class InputBudget:
 
     def issue(self, display: str, line: int) -> Issue:
         """The one located error the row past the budget gets."""
-        return Issue(
-            file=display,
-            line=line,
-            item=None,
-            field=None,
-            message=self.message,
-            allowed=self.allowed,
-            code=self.code,
-        )
+        return _past_limit(display, line, self.message, self.allowed, self.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +130,7 @@ class RowLimit:
 
     def issue(self, display: str, line: int) -> Issue:
         """The one located error the row past the limit gets."""
-        return Issue(
-            file=display,
-            line=line,
-            item=None,
-            field=None,
-            message=self.message,
-            allowed=self.allowed,
-            code=self.code,
-        )
+        return _past_limit(display, line, self.message, self.allowed, self.code)
 
 
 #: How much :meth:`ItemsFile.drain` reads at once.
