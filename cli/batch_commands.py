@@ -63,7 +63,7 @@ from cli.output import (
     usd,
     writing_stdout,
 )
-from jobs.errors import UsageError
+from jobs.errors import ConfigError, UsageError
 from jobs.printable import first_line, one_line, printable, shell_ref
 
 if TYPE_CHECKING:
@@ -94,6 +94,16 @@ class SimulatedElsewhere(UsageError):
     def __init__(self, message: str, pids: list[int]) -> None:
         super().__init__(message)
         self.pids = pids
+
+
+def require_usable_cpu(setting: str) -> None:
+    """A ``WANBATCH_CPU_AFFINITY`` naming a CPU this process may not use: one line, exit 2,
+    before anything is stored (worker.one_cpu)."""
+    from worker.one_cpu import named_cpu_problem
+
+    problem = named_cpu_problem(setting)
+    if problem is not None:
+        raise ConfigError(f"WANBATCH_CPU_AFFINITY: {problem}")
 
 
 def _no_database_yet(settings: Settings, batch: str | None, as_json: bool) -> bool:
@@ -1648,6 +1658,7 @@ def run(
             from jobs.open_files import require_open_files
 
             require_open_files(settings.embedded_concurrency)
+            require_usable_cpu(settings.cpu_affinity)
         batches.check_output_dir(settings)  # before anything is stored or sent
         with fal_settings(settings, simulate, keyless=keyless) as target:
             stored = None if fresh else _stored_batch(manifest, target)
@@ -1787,6 +1798,7 @@ def rerun(
             from jobs.open_files import require_open_files
 
             require_open_files(settings.embedded_concurrency)
+            require_usable_cpu(settings.cpu_affinity)
         batches.check_output_dir(settings)  # before anything is stored or sent
         options: dict[str, Any] = {
             "failed_only": failed_only,

@@ -983,6 +983,10 @@ class DatabaseSettings(_Section):
         return value
 
 
+#: ``WANBATCH_CPU_AFFINITY`` besides a CPU number (worker.one_cpu).
+CPU_AFFINITY_AUTO = "auto"
+CPU_AFFINITY_OFF = "off"
+
 #: The URL schemes of a Redis broker, as kombu reads them (its redis transport, and Sentinel).
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://", "sentinel://")
 
@@ -993,6 +997,22 @@ class BrokerSettings(_Section):
     broker_url: str | None = None
     #: Worker threads of the embedded (no broker) mode.
     embedded_concurrency: int = Field(default=4, ge=1, le=MAX_THREADS)
+    #: Where an embedded run's threads run (worker.one_cpu): ``auto``, one CPU wanbatch chooses
+    #: and moves off when it gets busy; ``off``, wherever the kernel puts them; or a CPU number.
+    cpu_affinity: str = CPU_AFFINITY_AUTO
+
+    @field_validator("cpu_affinity", mode="before")
+    @classmethod
+    def _check_cpu_affinity(cls, value: object) -> object:
+        """``auto``, ``off`` or a CPU number (0, 1, …), any case, spaces around ignored."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in (CPU_AFFINITY_AUTO, CPU_AFFINITY_OFF):
+            return text
+        if text.isascii() and text.isdigit() and len(text) <= 5:
+            return str(int(text))
+        raise ValueError(f"expected {CPU_AFFINITY_AUTO}, {CPU_AFFINITY_OFF} or a CPU number such as 0")
 
     @field_validator("broker_url", mode="before")
     @classmethod

@@ -165,6 +165,8 @@ class Conductor:
         self._flush_handed_at: float | None = None
         #: Monotonic seconds (replaced in tests).
         self.clock: Callable[[], float] = time.monotonic
+        #: Called at every tick, after its work (an embedded run's CPU check: worker.one_cpu).
+        self.on_tick: Callable[[], object] | None = None
         #: ``rt.budget_cancelled`` as :meth:`_redispatch_at` last saw it.
         self._budget_cancelled_seen = rt.budget_cancelled
         self._beat_lock = threading.Lock()
@@ -606,6 +608,8 @@ class Conductor:
         )
         if did or self.rt.nothing_in_flight != was_idle:
             self.stats.changes += 1
+        if self.on_tick is not None:
+            self.on_tick()
         streams = self.watcher.watching() if self.watcher is not None else frozenset()
         return did == 0 and self.rt.nothing_in_flight and not streams
 

@@ -81,6 +81,7 @@ from jobs.webhook_silence import SilenceWatch
 from worker.db_outage import DatabaseOutage, DatabaseUnavailableError
 from worker.here import process_here, queue_origin
 from worker.limits import api_key_id, unreachable_note
+from worker.one_cpu import SharedCpu
 from worker.progress_line import PlainProgress, batch_progress_display, money_text, plain_line
 from worker.stranded import Stranded
 
@@ -1251,6 +1252,12 @@ def _process_embedded(
     # WANBATCH_METRICS_PORT: this process does the work. Before the runtime: a port in use
     # leaves nothing to close.
     stop_metrics = serve_run_metrics(settings) if serve_metrics else _nothing_to_stop
+    # Before any of the run's threads start: they inherit the pin (worker.one_cpu).
+    try:
+        shared_cpu = SharedCpu.start(settings.cpu_affinity)
+    except ValueError as exc:
+        stop_metrics()
+        raise ConfigError(f"WANBATCH_CPU_AFFINITY: {exc}") from None
     worker = InProcessWorker(settings.embedded_concurrency)
     try:
         rt = build_runtime(
@@ -1263,10 +1270,14 @@ def _process_embedded(
         )
     except BaseException:
         stop_metrics()
+        if shared_cpu is not None:
+            shared_cpu.release()
         raise
     # The steps run on this process's threads: dispatch and the conductor hand them what they read.
     rt.submit_tickets, rt.download_claims = {}, {}
     conductor = Conductor(rt)
+    if shared_cpu is not None:
+        conductor.on_tick = shared_cpu.check
     rt.notify = conductor.notify
     rt.on_accepted = conductor.watch_accepted
     # A stopped run's leases that nothing gave back (killed, crashed, a second Ctrl-C): taken
@@ -1321,6 +1332,8 @@ def _process_embedded(
         _sync_log(rt.engine)
         stop_metrics()
         _stopping.runtime = None
+        if shared_cpu is not None:
+            shared_cpu.release()
         if not abandoned:  # abandoned threads may still use them until the process exits
             close_runtime(rt)
 
