@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +39,12 @@ from jobs.settings import CPU_AFFINITY_OFF as OFF
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks at the CPUs' load (:meth:`SharedCpu.check`).
+#: Seconds between two looks at the CPUs' load (:meth:`SharedCpu.check`), give or take a fifth
+#: at random: two runs that started on the same CPU do not look, and move, at the same moment.
 CHECK_EVERY = 5.0
-#: Move when other work used more than this share of the run's CPU over the last look...
-BUSY_SHARE = 0.5
+#: Move when other work (another run, say) used more than this share of the run's CPU over the
+#: last look...
+BUSY_SHARE = 0.3
 #: ... and another allowed CPU was idle this much more of the time than the run's CPU was.
 IDLER_BY = 0.25
 
@@ -127,6 +130,7 @@ class SharedCpu:
     _last: CpuTimes = field(default_factory=dict)
     _last_cpu_seconds: float = 0.0
     _last_check: float = 0.0
+    _wait: float = CHECK_EVERY
     _clock: Callable[[], float] = time.monotonic
 
     @classmethod
@@ -169,8 +173,9 @@ class SharedCpu:
         """Move the run's threads to the idlest allowed CPU when other work took theirs over
         since the last look (at most every :data:`CHECK_EVERY` seconds); True when moved."""
         now = self._clock()
-        if not self.movable or now - self._last_check < CHECK_EVERY:
+        if not self.movable or now - self._last_check < self._wait:
             return False
+        self._wait = CHECK_EVERY * random.uniform(0.8, 1.2)
         times = read_cpu_times()
         cpu_seconds = time.process_time()
         last, ours = self._last, cpu_seconds - self._last_cpu_seconds

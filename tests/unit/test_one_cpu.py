@@ -161,6 +161,12 @@ def test_stays_when_the_cpu_is_busy_with_the_run_itself() -> None:
     assert _shared().busier_than_elsewhere(before, after, own_seconds=4.5) is None
 
 
+def test_two_runs_on_one_cpu_part() -> None:
+    """Another run took half of the CPU: the run moves to the idle one."""
+    before, after = _looks({0: 500, 1: 10, 2: 300})
+    assert _shared().busier_than_elsewhere(before, after, own_seconds=2.5) == 1
+
+
 def test_stays_when_no_cpu_is_clearly_idler() -> None:
     before, after = _looks({0: 400, 1: 380, 2: 390})
     assert BUSY_SHARE < 0.8
@@ -199,7 +205,7 @@ def test_check_moves_the_pinned_threads_and_only_them() -> None:
         free.wait(5)
         other.join()
         # too soon for another look
-        clock[0] += CHECK_EVERY / 2
+        clock[0] += CHECK_EVERY * 0.75
         again = shared.check()
         shared.release()
         return moved and not again, shared.cpu, mine, seen[0], os.sched_getaffinity(0)
