@@ -596,17 +596,20 @@ def scenario(
     fast_row: bool,
     distributed: bool,
     opts: WanbatchOptions,
+    unpinned_row: bool = False,
 ) -> bool:
     """Measure every row of one scenario and print its table; False when a row broke."""
     ideal = None if sigma > 0 else math.ceil(jobs / concurrency) * latency
     profiles: list[tuple[str, Path]] = []
 
-    def embedded(label: str, fast: bool) -> tuple[str, Callable[[int], Measured]]:
-        profile = _profile_path(opts, f"{name} {label}")
+    def embedded(
+        label: str, fast: bool, row_opts: WanbatchOptions = opts
+    ) -> tuple[str, Callable[[int], Measured]]:
+        profile = _profile_path(row_opts, f"{name} {label}")
         if profile is not None:
             profiles.append((label, profile))
             label += ", profiled"
-        return label, lambda n: run_wanbatch(sim, tmp, n, opts, fast, profile)
+        return label, lambda n: run_wanbatch(sim, tmp, n, row_opts, fast, profile)
 
     # No split of profiled rows: py-spy's CPU is in their figures, and a second run would
     # overwrite their stacks.
@@ -618,6 +621,9 @@ def scenario(
             clients = [embedded("wanbatch run (defaults)", fast=False)]
             if fast_row:
                 clients.append(embedded("wanbatch run (tick 0.1, poll 0.1)", fast=True))
+            if unpinned_row:  # the same run with its threads wherever the kernel puts them
+                unpinned = replace(opts, extra_env={**opts.extra_env, "WANBATCH_CPU_AFFINITY": "off"})
+                clients.append(embedded("wanbatch run (CPU affinity off)", fast=False, row_opts=unpinned))
             if distributed:
                 clients.append(
                     (
@@ -744,6 +750,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fast-row", action="store_true", help="skip the tick 0.1 / poll 0.1 wanbatch row")
     p.add_argument("--no-distributed", action="store_true", help="skip the distributed wanbatch row")
     p.add_argument(
+        "--unpinned-row",
+        action="store_true",
+        help="add an embedded row with WANBATCH_CPU_AFFINITY=off (its threads spread over the CPUs), "
+        "to measure what sharing one CPU saves",
+    )
+    p.add_argument(
         "--wanbatch-env",
         type=_key_value,
         action="append",
@@ -815,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         "fast_row": not args.no_fast_row,
         "distributed": not args.no_distributed,
         "opts": opts,
+        "unpinned_row": args.unpinned_row,
     }
     byte_compile()  # as installed: no wanbatch process compiles its modules from source
     print(f"{today()} · {machine_summary()} · {_commit()}")
