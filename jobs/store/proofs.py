@@ -68,6 +68,32 @@ def _proved_request(
     }
 
 
+def _settle_repeats(
+    session: Session, found: Any, request_id: str, reason: str, fields: dict[str, Any]
+) -> str:
+    """What becomes of the reruns of ``found`` (a failed or cancelled job, locked, unmoved) now
+    that it adopts fal's request ``request_id`` and gets its video from it: ``reason`` with it
+    said, and ``fields`` (what the adoption writes) added to. Every adoption of such a job calls
+    it, as ``rerun --failed-only`` repeats failed and cancelled jobs alike.
+
+    A rerun not sent yet (``pending``, ``retry_wait``, claimed with its POST not recorded) is not
+    sent at all (:func:`_cancel_unsent_repeats`: ``cancelled``, :data:`REPEAT_NOT_SENT_ERROR`),
+    first, so that a send recorded before it is found next. A rerun already sent
+    (:func:`sent_repeat`) is left as it is, with its own request and video: fal renders and bills
+    the input twice, one more ``confirmed_duplicate_charges`` on ``found``."""
+    unsent = _cancel_unsent_repeats(session, found, request_id)
+    if unsent:
+        reason += f"; its rerun (job {', '.join(unsent)}), not sent yet, is cancelled: nothing paid twice"
+    repeat = sent_repeat(session, found)
+    if repeat is not None:  # ``rerun --failed-only`` sent it too: the same input billed twice
+        fields["confirmed_duplicate_charges"] = found.confirmed_duplicate_charges + 1
+        reason += (
+            f"; its rerun, job {repeat}, was sent too: fal renders and bills this input twice "
+            "(a confirmed duplicate charge)"
+        )
+    return reason
+
+
 def adopt_late_proof(
     session: Session,
     fence: Fence,
@@ -117,17 +143,7 @@ def adopt_late_proof(
     refuse_held_request(session, found.id, request_id)
     before = finished_usd(JobState.FAILED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
-    # A rerun not sent yet is not sent at all (first: a send recorded before it is found below).
-    unsent = _cancel_unsent_repeats(session, found, request_id)
-    if unsent:
-        reason += f"; its rerun (job {', '.join(unsent)}), not sent yet, is cancelled: nothing paid twice"
-    repeat = sent_repeat(session, found)
-    if repeat is not None:  # ``rerun --failed-only`` sent it too: the same input billed twice
-        adopted["confirmed_duplicate_charges"] = found.confirmed_duplicate_charges + 1
-        reason += (
-            f"; its rerun, job {repeat}, was sent too: fal renders and bills this input twice "
-            "(a confirmed duplicate charge)"
-        )
+    reason = _settle_repeats(session, found, request_id, reason, adopted)
     moved = _move(session, fence, JobState.QUEUED, reason, finished_at=None, **adopted, **fetched)
     if moved:
         _add_finished(session, found.batch_id, found.submitted_at, -before)
@@ -278,6 +294,7 @@ def adopt_own_proof(
     fields = _taken_back(found, _failure_bill(session, found))
     if possibly := _failure_possibly_billed(session, found):  # now billed in full, by the success
         fields["ambiguous_usd"] = found.ambiguous_usd - possibly
+    reason = _settle_repeats(session, found, request_id, reason, fields)
     return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
 
 
@@ -361,7 +378,9 @@ def adopt_cancelled_proof(
     bill = _cancel_bill(session, found)
     if bill is None:
         return False
-    return _requeue_proved(session, fence, found, reason, next_poll_at, _taken_back(found, bill), fetched)
+    fields = _taken_back(found, bill)
+    reason = _settle_repeats(session, found, request_id, reason, fields)
+    return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
 
 
 #: The states a request is at fal in, as the job's history records it; the move out of them is
@@ -909,8 +928,12 @@ def adopt_unknown_cancelled(
     found = _locked_unmoved(session, fence)
     if found is None or not unknown_cancel_adoptable(session, found, attempt):
         return False
+    # Before any write: a request another job holds is refused with nothing done (a rerun
+    # cancelled below for a request the job then does not keep would never be sent).
+    refuse_held_request(session, found.id, request_id)
     before = finished_usd(JobState.CANCELLED, found.actual_usd, found.est_usd, found.ambiguous_usd)
     adopted = _proved_request(found, request_id, gateway_request_id, next_poll_at)
+    reason = _settle_repeats(session, found, request_id, reason, adopted)
     moved = _move(
         session,
         fence,

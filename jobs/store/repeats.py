@@ -16,7 +16,9 @@ from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.transitions import Fence, _move
 
 #: What a rerun's job cancelled before its POST says: the job it repeats kept fal's request of
-#: the same input after all (:func:`adopt_late_proof`), so sending it would pay twice.
+#: the same input after all, proved late (a submit's late answer, fal's webhook: every adoption
+#: of a failed or cancelled job, :mod:`jobs.store.proofs`), and gets its video from it, so
+#: sending the rerun's would pay twice.
 REPEAT_NOT_SENT_ERROR = "original_kept_late_request"
 
 
@@ -428,7 +430,8 @@ def _cancel_unsent_repeats(session: Session, job: JobRecord, request_id: str) ->
             continue
         reason = (
             f"not sent: the job it repeats, {job.id}, keeps fal's request {request_id} of the same "
-            "input after all (its submit's late answer or proof came): sent, it would be billed twice"
+            "input after all (proved by its submit's late answer or fal's webhook): its video comes "
+            "from that request; sent, this one would be billed twice"
         )
         fence = Fence(repeat.id, repeat.state, repeat.version)
         if _move(session, fence, JobState.CANCELLED, reason, error=reason, error_type=REPEAT_NOT_SENT_ERROR):

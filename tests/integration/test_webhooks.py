@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -41,7 +41,7 @@ from jobs.billing import Outcome, billed
 from jobs.cost import cost_report
 from jobs.errors import RetryableProviderError
 from jobs.models import BatchState, Job, WebhookDelivery, utcnow
-from jobs.rerun import rerun_batch
+from jobs.rerun import NothingToRerun, rerun_batch
 from jobs.settings import Settings, get_settings
 from jobs.states import JobState
 from tests.conftest import _admin_execute
@@ -2899,3 +2899,152 @@ def test_each_way_a_delivery_is_applied_says_so_in_its_own_line_and_moves_the_jo
     with db.read_scope(engine) as session:
         moves = [(e.from_state, e.to_state, e.reason) for e in store.job_events(session, job.id)[seen:]]
     assert moves == expected_moves
+
+
+def _cancelled_unknown(engine: Engine) -> Job:
+    """One job ``wanbatch cancel`` ended while its submit's outcome was unknown (its answer lost)."""
+    job = _sent(engine, request_id=None, unknown=True)
+    _cancel_unsent(engine, job.batch_id)
+    return _job(engine, job.batch_id)
+
+
+#: The failed or cancelled job a proof brings back, as each case leaves it: how it came to end
+#: (its helper), the request the proof is of, and what applying it does.
+_PROVEN: dict[str, tuple[Callable[[Engine], Job], str, str]] = {
+    "submit_unknown": (_failed_for_unknown_outcome, "req-late", ADOPTED_LATE),
+    "protocol error": (partial(_given_up, seen=S.RUNNING), "req-A", ADOPTED_OWN),
+    "cancelled by user": (
+        partial(_cancelled_by_user, seen=S.RUNNING, metrics={}),
+        "req-A",
+        ADOPTED_CANCELLED,
+    ),
+    "cancelled unknown": (_cancelled_unknown, "req-A", ADOPTED_UNKNOWN_CANCELLED),
+}
+
+
+def _with_database(settings: Settings, engine: Engine) -> Settings:
+    """``settings`` on ``engine``'s database: what ``rerun`` and a runtime open."""
+    return settings.model_copy(update={"database_url": engine.url.render_as_string(hide_password=False)})
+
+
+def _rerun_failed(engine: Engine, settings: Settings, job: Job) -> Job:
+    """``wanbatch rerun BATCH --failed-only`` of ``job``'s batch: its one job, repeating ``job``,
+    stored and not sent."""
+    made = rerun_batch(job.batch_id, failed_only=True, settings=_with_database(settings, engine))
+    again = _job(engine, made.batch_id)
+    assert (again.rerun_of, again.state, again.attempts) == (job.id, S.PENDING, 0)
+    return again
+
+
+def _repeat_at(engine: Engine, again: Job, where: str) -> Job:
+    """The rerun's pending job ``again`` left ``where``: ``pending``; ``claimed`` (dispatched,
+    its POST not recorded as sent); ``sent`` (its POST recorded, accepted as ``req-rerun``)."""
+    if where != "pending":
+        now = utcnow()
+        with db.session_scope(engine) as session:
+            fence = store.Fence.of(again, "test-worker")
+            lease = now + timedelta(seconds=60)
+            assert store.mark_submitting(session, fence, attempt=1, api_key_id="k", lease_expires_at=lease)
+            if where == "sent":
+                submitting = store.Fence(again.id, S.SUBMITTING, again.version + 1, "test-worker")
+                taken = store.record_send(
+                    session, submitting, now=now, lease_seconds=60, submitted_input=dict(again.input),
+                    sent_at=now, api_key_id="k",
+                )  # fmt: skip
+                assert taken is not None
+                assert store.mark_submitted(
+                    session, taken, running=False, request_id="req-rerun", gateway_request_id=None,
+                    status_url=None, response_url=None, cancel_url=None, submitted_at=now, next_poll_at=now,
+                )  # fmt: skip
+    return _current(engine, again.id)
+
+
+@pytest.mark.parametrize("where", ["pending", "claimed"])
+@pytest.mark.parametrize("case", list(_PROVEN))
+def test_a_proof_that_brings_a_job_s_video_back_ends_its_rerun_not_sent_yet_unsent(
+    engine: Engine, client: TestClient, signer: WebhookSigner, settings: Settings, case: str, where: str
+) -> None:
+    """The job failed (its submit's outcome unknown; the poller gave up on fal's status) or was
+    cancelled (fal said our cancel ended its request; its outcome unknown), and the user ran
+    ``rerun BATCH --failed-only``: a new job repeating it, not sent yet (``claimed``: dispatched,
+    its POST not out). Then fal's signed webhook proves fal ran the job's request to the end: the
+    job adopts it and its video is fetched. Its repeat is ended unsent (``cancelled``,
+    ``original_kept_late_request``), never POSTed, and ``status`` of the rerun says why (before:
+    only a job failed for its unknown outcome did so; the others' repeats were sent, the input
+    paid twice with nothing said)."""
+    failed, request_id, outcome = _PROVEN[case]
+    job = failed(engine)
+    assert JobState(job.state).terminal
+    again = _repeat_at(engine, _rerun_failed(engine, settings, job), where)
+
+    assert _post(client, signer, job, request_id, attempt=1) == 200
+    assert _outcomes(engine, request_id) == [outcome]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.provider_output) == (S.DOWNLOADING, request_id, RESULT)
+    assert after.confirmed_duplicate_charges == 0  # nothing paid twice
+    ended = _current(engine, again.id)
+    assert (ended.state, ended.error_type) == (S.CANCELLED, store.REPEAT_NOT_SENT_ERROR)
+    assert (ended.sent_at, ended.submitted_at, ended.request_id) == (None, None, None)
+    assert f"the job it repeats, {job.id}, keeps fal's request {request_id}" in (ended.error or "")
+    with db.read_scope(engine) as session:
+        reasons = [e.reason or "" for e in store.job_events(session, job.id)]
+        report = batch_report(session, again.batch_id)
+    assert f"its rerun (job {again.id}), not sent yet, is cancelled" in reasons[-2]
+    (group,) = report["failures"]
+    assert (group["error_type"], group["count"], group["sent"]) == (store.REPEAT_NOT_SENT_ERROR, 1, False)
+    assert "gets its video from its own request after all" in (group["next_step"] or "")
+    rt = make_runtime(engine, _with_database(settings, engine))
+    assert dispatch(rt) == []  # nothing left to send
+    if where == "claimed":
+        assert submit(rt, again.id) != "submitted"  # its submit message, handled late: not sent
+    assert _current(engine, again.id).sent_at is None  # never POSTed
+
+    _succeed(engine, job.id)
+    assert _job(engine, job.batch_id).state == S.SUCCEEDED
+
+
+@pytest.mark.parametrize("case", list(_PROVEN))
+def test_a_proof_that_comes_after_the_rerun_was_sent_leaves_the_rerun_and_counts_a_duplicate_charge(
+    engine: Engine, client: TestClient, signer: WebhookSigner, settings: Settings, case: str
+) -> None:
+    """The rerun's job went out before the proof came: fal renders and bills the input twice.
+    The rerun is left as it is (its own request, its own video), and the job the proof brings
+    back counts one confirmed duplicate charge, said on its history."""
+    failed, request_id, outcome = _PROVEN[case]
+    job = failed(engine)
+    again = _repeat_at(engine, _rerun_failed(engine, settings, job), "sent")
+    assert (again.state, again.request_id) == (S.QUEUED, "req-rerun")
+
+    assert _post(client, signer, job, request_id, attempt=1) == 200
+    assert _outcomes(engine, request_id) == [outcome]
+    after = _job(engine, job.batch_id)
+    assert (after.state, after.request_id, after.confirmed_duplicate_charges) == (
+        S.DOWNLOADING,
+        request_id,
+        1,
+    )
+    left = _current(engine, again.id)
+    assert (left.state, left.request_id, left.version) == (S.QUEUED, "req-rerun", again.version)
+    with db.read_scope(engine) as session:
+        reasons = [e.reason or "" for e in store.job_events(session, job.id)]
+        assert batch_report(session, job.batch_id)["confirmed_duplicate_charges"] == 1
+    assert f"its rerun, job {again.id}, was sent too" in reasons[-2]
+
+
+@pytest.mark.parametrize("case", list(_PROVEN))
+def test_a_rerun_made_after_the_proof_brought_the_job_back_does_not_repeat_it(
+    engine: Engine, client: TestClient, signer: WebhookSigner, settings: Settings, case: str
+) -> None:
+    """The other order: the proof comes first, and the job is on its way to its video (or has
+    it): ``rerun --failed-only`` finds nothing failed to repeat, and stores nothing."""
+    failed, request_id, outcome = _PROVEN[case]
+    job = failed(engine)
+    assert _post(client, signer, job, request_id, attempt=1) == 200
+    assert _outcomes(engine, request_id) == [outcome]
+    with pytest.raises(NothingToRerun):
+        rerun_batch(job.batch_id, failed_only=True, settings=_with_database(settings, engine))
+    _succeed(engine, job.id)
+    with pytest.raises(NothingToRerun):
+        rerun_batch(job.batch_id, failed_only=True, settings=_with_database(settings, engine))
+    with db.read_scope(engine) as session:
+        assert [b.id for b in store.list_batches(session)] == [job.batch_id]
