@@ -35,6 +35,10 @@ _REQUEST_ID = re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-
 #: What a merged cause shows in place of each request id.
 _ANY_REQUEST = "…"
 
+#: The error type of a rerun's job ended unsent, its original's request proved after all
+#: (:data:`jobs.store.REPEAT_NOT_SENT_ERROR`, the same text: this module imports nothing of the store).
+REPEAT_NOT_SENT = "original_kept_late_request"
+
 #: The verb of a cause said of one file, said of several ("does not exist" → "do not exist").
 _PLURAL = (("does ", "do "), ("is ", "are "), ("has ", "have "), ("now leads ", "now lead "))
 
@@ -117,12 +121,21 @@ def next_step(error_type: str | None, *, sent: bool, ref: str, simulated: bool, 
     * ``input_file`` never sent: nothing was paid; submitting the manifest again once its files
       are there (from its new folder, if it moved) sends them again
       (:func:`jobs.store.revive_input_failed`).
+    * ``original_kept_late_request`` (:data:`jobs.store.REPEAT_NOT_SENT_ERROR`): a rerun's jobs
+      ended unsent because the jobs they repeat kept fal's request after all (a late answer or
+      fal's webhook proved it): those jobs get their videos from it, in their own batch.
     """
     simulate = " --simulate" if simulated else ""
     if error_type == "result_expired":
         return (
             "fal made and billed these videos but no longer keeps them: "
             f"`wanbatch rerun {ref} --failed-only{simulate}` renders them again, paid again"
+        )
+    if error_type == REPEAT_NOT_SENT:
+        head = "not sent again (an earlier attempt was)" if sent else "never sent, nothing paid"
+        return (
+            f"{head}: the job each repeats gets its video from its own request after all "
+            "(a late answer or fal's webhook proved it), in that job's batch"
         )
     if error_type == "input_file" and not sent:
         if rerun:

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from jobs.failure_summary import failure_summary, next_step
+from jobs.failure_summary import REPEAT_NOT_SENT, failure_summary, next_step
+from jobs.store import REPEAT_NOT_SENT_ERROR
 
 CHANGED = "changed since the manifest was validated (its bytes differ); not sent"
 
@@ -90,3 +91,17 @@ def test_the_next_step_of_an_expired_result_and_a_missing_input() -> None:
         "never sent, nothing paid: `wanbatch rerun b1 --failed-only --simulate` sends them again"
     )
     assert next_step("http_422", sent=True, ref="b1", simulated=False, rerun=False) is None
+
+
+def test_the_next_step_of_a_rerun_s_job_ended_unsent_for_its_original_s_proved_request() -> None:
+    """A rerun's job ended unsent because the job it repeats kept fal's request after all: the
+    group says where that video comes from (and that nothing was paid for this one)."""
+    assert REPEAT_NOT_SENT == REPEAT_NOT_SENT_ERROR
+    step = next_step(REPEAT_NOT_SENT_ERROR, sent=False, ref="b1-rerun-1", simulated=False, rerun=True)
+    assert step is not None
+    assert step.startswith(
+        "never sent, nothing paid: the job each repeats gets its video from its own request"
+    )
+    again = next_step(REPEAT_NOT_SENT_ERROR, sent=True, ref="b1-rerun-1", simulated=False, rerun=True)
+    assert again is not None
+    assert again.startswith("not sent again (an earlier attempt was): the job each repeats gets its video")
