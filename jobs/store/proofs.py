@@ -234,11 +234,15 @@ def _requeue_proved(
     its video as any adopted request does: no error, no lease, a fresh count of malformed
     answers (``download_attempts``), ``fields`` and ``fetched`` (what fal's result carries) set.
     A job that had ended gives its share of its batch's finished money back (it is in flight
-    again). The one move the ``adopt_*_proof`` functions share; compare-and-set on ``fence``."""
+    again), and its reruns are settled (:func:`_settle_repeats`: ``rerun --failed-only`` repeats
+    failed and cancelled jobs). The one move the ``adopt_*_proof`` functions share;
+    compare-and-set on ``fence``."""
     state = JobState(found.state)
     before = None
     if state.terminal:
         before = finished_usd(state, found.actual_usd, found.est_usd, found.ambiguous_usd)
+        fields = dict(fields)
+        reason = _settle_repeats(session, found, str(found.request_id), reason, fields)
     moved = _move(
         session,
         fence,
@@ -294,7 +298,6 @@ def adopt_own_proof(
     fields = _taken_back(found, _failure_bill(session, found))
     if possibly := _failure_possibly_billed(session, found):  # now billed in full, by the success
         fields["ambiguous_usd"] = found.ambiguous_usd - possibly
-    reason = _settle_repeats(session, found, request_id, reason, fields)
     return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
 
 
@@ -378,9 +381,7 @@ def adopt_cancelled_proof(
     bill = _cancel_bill(session, found)
     if bill is None:
         return False
-    fields = _taken_back(found, bill)
-    reason = _settle_repeats(session, found, request_id, reason, fields)
-    return _requeue_proved(session, fence, found, reason, next_poll_at, fields, fetched)
+    return _requeue_proved(session, fence, found, reason, next_poll_at, _taken_back(found, bill), fetched)
 
 
 #: The states a request is at fal in, as the job's history records it; the move out of them is

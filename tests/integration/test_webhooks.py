@@ -2908,6 +2908,22 @@ def _cancelled_unknown(engine: Engine) -> Job:
     return _job(engine, job.batch_id)
 
 
+def _window_ended_then_cancelled(engine: Engine) -> Job:
+    """One job whose request a window's end was said to end (waiting for the next window), then
+    ended unsent by ``wanbatch cancel`` of its batch."""
+    job = _window_closed(engine, {})
+    with db.session_scope(engine) as session:
+        store.set_batch_state(session, job.batch_id, BatchState.CANCELLED, reason="cancelled by user")
+        store.cancel_unsent_jobs(
+            session,
+            [job.batch_id],
+            reason="batch cancelled",
+            error="cancelled by user",
+            error_type="cancelled",
+        )
+    return _job(engine, job.batch_id)
+
+
 #: The failed or cancelled job a proof brings back, as each case leaves it: how it came to end
 #: (its helper), the request the proof is of, and what applying it does.
 _PROVEN: dict[str, tuple[Callable[[Engine], Job], str, str]] = {
@@ -2919,6 +2935,7 @@ _PROVEN: dict[str, tuple[Callable[[Engine], Job], str, str]] = {
         ADOPTED_CANCELLED,
     ),
     "cancelled unknown": (_cancelled_unknown, "req-A", ADOPTED_UNKNOWN_CANCELLED),
+    "window end, cancelled": (_window_ended_then_cancelled, "req-A", ADOPTED_WINDOW),
 }
 
 
