@@ -57,7 +57,7 @@ from jobs.manifest.loading import MAX_MANIFEST_BYTES
 from jobs.models import USER_CANCELLED, Batch, BatchState, Job, utcnow
 from jobs.money import DaySpender, too_much_usd, usd_apart, usd_json, usd_text
 from jobs.pricing import Totals, estimate_job, price_table
-from jobs.printable import printable, shell_ref
+from jobs.printable import printable, shell_ref, size_text
 from jobs.processes import process_prefix
 from jobs.rendered import (
     Covered,
@@ -139,14 +139,6 @@ def space_note(batch_id: str, settings: Settings) -> str | None:
         f"to store need about {size_text(needed)} ({size_text(per_video)} each, the average so far). "
         "If the disk fills, the batch pauses (nothing more is sent) until there is room"
     )
-
-
-def size_text(size: int) -> str:
-    """``37 kB``, ``1.2 GB``: decimal units, as disks are sold and ``df -H`` shows them."""
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size // scale:,} {unit}"
-    return f"{size} bytes"
 
 
 #: Renamed reruns the ``run`` line names one by one (the others are counted).

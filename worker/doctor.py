@@ -389,8 +389,8 @@ def _full_sqlite_disk(name: str, where: str, target: SqliteFile) -> Check | None
     it asks the file system holding the database how much this user may still write there: less
     than :data:`jobs.db.NO_ROOM_BYTES` is what every command refuses ("the database's disk is
     full")."""
-    from jobs.batches import size_text
     from jobs.fs import shown_path
+    from jobs.printable import size_text
 
     free = _sqlite_free_bytes(target)
     if free is None:
@@ -1043,9 +1043,9 @@ def _full_output_disk(name: str, store: OutputStore, under: Path) -> Check | Non
     there yet was only found creatable, and said "✓ … the first run creates it" on a full disk
     while that run refused to start. :data:`jobs.output_store.OUTPUT_PROBE_BYTES` is what the
     probe writes."""
-    from jobs.batches import size_text
     from jobs.fs import free_bytes_in, shown_path
     from jobs.output_store import OUTPUT_PROBE_BYTES
+    from jobs.printable import size_text
 
     free = free_bytes_in(under)
     if free is None or free >= OUTPUT_PROBE_BYTES:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from falsim.server import SimulatorHandle
-from jobs.batches import size_text
+from jobs.printable import size_text
 from jobs.settings import get_settings
 from tests.e2e.e2e_helpers import FAL_KEY, FAST_ENV, MakeManifest, Run, Wb, export_jsonl
 from tests.hostile import HostileProvider, drip, json_reply, nested_json, raw_reply, redirect, reset, sequence

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.batches import size_text
+from jobs.printable import size_text
 
 
 @pytest.mark.parametrize(
@@ -17,7 +17,8 @@ from jobs.batches import size_text
         (4_150_000, "4.2 MB"),
         (123_456_789, "123 MB"),
         (1_200_000_000, "1.2 GB"),
-        (3_400_000_000_000, "3,400 GB"),
+        (3_400_000_000_000, "3.4 TB"),
+        (34_000_000_000_000, "34 TB"),
     ],
 )
 def test_size_text(size: int, shown: str) -> None:
