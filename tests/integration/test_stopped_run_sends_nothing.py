@@ -9,13 +9,16 @@ nobody waiting for its answer. It gives its job back unsent instead, due at once
 from __future__ import annotations
 
 import importlib
+import io
 import sqlite3
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from sqlalchemy import Engine, text, update
 from sqlalchemy.exc import OperationalError
 
@@ -31,6 +34,7 @@ from worker.db_outage import DatabaseUnavailableError
 from worker.runtime import close_runtime
 from worker.steps import Runtime, dispatch, submit
 from worker.steps.reconcile import reconcile
+from worker.steps.unrecorded import read_journal
 
 #: The submit step's module (``worker.steps.submit`` is also the name of its function).
 submit_step = importlib.import_module("worker.steps.submit")
@@ -262,3 +266,72 @@ def test_a_run_stopped_by_its_database_sends_nothing_more_either(
     finally:
         close_runtime(rt)
     assert hostile.count("POST", rf"/{T2V}") == 0
+
+
+@pytest.mark.parametrize("stop", ["database-gone", "disk-full"])
+def test_a_run_stopped_by_its_database_keeps_the_answers_of_submits_already_sent(
+    engine: Engine,
+    db_url: str,
+    tmp_path: Path,
+    hostile: HostileProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+) -> None:
+    """A run that stops because its database stayed away past a lease (or its disk filled)
+    while a submit POST was on its way to fal ended at once: fal accepted (and billed) it, its
+    answer was never read, and the next run found the job without a request id and settled it
+    ``submit_unknown`` after the lease — paid again by ``rerun --failed-only``. Every stop now
+    waits for those answers (up to ``WANBATCH_READ_TIMEOUT``, saying so once, as Ctrl-C's
+    does), and one the database cannot take is kept in the journal, named on the last line."""
+    request_id = "c3d4e5f6-0000-4000-8000-000000000003"
+    arrived = threading.Event()
+    answer = json_reply({"request_id": request_id})
+
+    def answered_late(req: Any, sock: Any) -> None:  # fal takes its time to answer the submit
+        arrived.set()
+        time.sleep(2.0)
+        answer(req, sock)
+
+    hostile.route("POST", rf"/{T2V}", answered_late)
+    batch_id = add_batch(engine, "stopped-in-flight", [(T2V, {"prompt": "a ferry in fog"})])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the journal goes (PostgreSQL)
+    settings = settings_for(hostile.url, KEY, database_url=db_url, output_dir=tmp_path / "out")
+    failure = (
+        OperationalError("UPDATE jobs", {}, _sqlite_full())
+        if stop == "disk-full"
+        else OperationalError("UPDATE jobs", {}, Exception("connection refused"))
+    )
+    runtimes: list[Runtime] = []
+
+    def cannot_record(*_args: Any, **_kwargs: Any) -> str:
+        raise failure  # the database cannot take the answer either
+
+    def database_stops(*_args: Any, conductor: Conductor | None = None, **_kwargs: Any) -> None:
+        assert conductor is not None
+        rt = conductor.rt
+        runtimes.append(rt)
+        assert dispatch(rt)  # handed to the run's submit threads, which POST it
+        assert arrived.wait(30), "the submit never reached fal"
+        monkeypatch.setattr(submit_step, "_record_submission", cannot_record)
+        if stop == "disk-full":
+            raise failure
+        raise DatabaseUnavailableError("the database did not answer for 130s")
+
+    monkeypatch.setattr(running, "_watch", database_stops)
+    out = io.StringIO()
+    console = Console(file=out, width=400, emoji=False, color_system=None)
+    with pytest.raises(WanbatchError) as stopped:
+        running.process_batch(batch_id, settings, console=console, show_progress=False, serve_metrics=False)
+    (rt,) = runtimes
+    said = " ".join(out.getvalue().split())
+    assert said.count("waiting for 1 submit(s) already sent to fal to be answered (up to 60s;") == 1, said
+    assert hostile.count("POST", rf"/{T2V}") == 1
+    # The answer is kept in the journal, for the next run to record; the last line says so.
+    journal = rt.unrecorded.journal.path
+    assert journal is not None, said
+    with db.read_scope(engine) as session:
+        (job,) = store.jobs_of_batch(session, batch_id)
+    assert [(e.job_id, e.request_id) for e in read_journal(journal) or []] == [(job.id, request_id)]
+    line = " ".join(str(stopped.value).split())
+    assert "1 accepted submission(s) could not be recorded (fal has them, and bills them): job " in line, line
+    assert f"request {request_id}; kept in {journal}" in line, line
