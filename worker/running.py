@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     from worker.embedded import InProcessWorker
     from worker.steps import Runtime
     from worker.steps.cancel_tries import GivenUp
+    from worker.steps.unrecorded import Accepted
 
 log = logging.getLogger(__name__)
 
@@ -1317,15 +1318,20 @@ def _process_embedded(
                 # can still be given back, and say so in one line (exit 2), never "internal error".
                 abandoned = True
                 _stop_steps(rt, worker, conductor)
-                given_back = _give_back(rt, batch_id, stopped="stopped")
+                lost = _collect_answers(rt, console)  # what fal accepted is kept, not left unknown
+                said = _give_back(rt, batch_id, kept=len(lost), stopped="stopped")
+                lost = rt.unrecorded.keep_all()  # a record still on its way: kept too
+                if lost:
+                    said = f"{said}; {rt.unrecorded.lost_words(lost)}"
                 raise DatabaseUnavailableError(
-                    f"{exc}; {given_back}; run the same command again once the database answers, to resume"
+                    f"{exc}; {said}; run the same command again once the database answers, to resume"
                 ) from None
             except Exception as exc:
                 if not db.is_disk_full(exc):
                     raise
                 abandoned = True
                 _stop_steps(rt, worker, conductor)
+                _collect_answers(rt, console)
                 raise _stopped_by_full_disk(rt) from None
     finally:
         conductor.close()
@@ -1353,7 +1359,7 @@ def _stop_steps(rt: Runtime, worker: InProcessWorker, conductor: Conductor) -> N
     _stop_output_writes(rt)
 
 
-def _wait_for_answers(rt: Runtime, console: Console) -> int:
+def _wait_for_answers(rt: Runtime, console: Console, *, exit_now: str = "Ctrl-C again to exit now") -> int:
     """A run stopping under a Ctrl-C or SIGTERM: send nothing more (a step that claimed its job
     gives it back unsent), and wait for the answers of the submit POSTs already on their way
     to fal, up to their own read timeout (``WANBATCH_READ_TIMEOUT``), saying so once on stderr.
@@ -1371,13 +1377,29 @@ def _wait_for_answers(rt: Runtime, console: Console) -> int:
     bound = rt.settings.read_timeout
     console.print(
         f"waiting for {count} submit(s) already sent to fal to be answered (up to {bound:g}s; "
-        f"Ctrl-C again to exit now: {_unanswered_words(rt)})",
+        f"{exit_now}: {_unanswered_words(rt)})",
         markup=False,
         highlight=False,
         soft_wrap=True,
     )
     rt.unrecorded.wait_for_sends(bound)
     return count
+
+
+def _collect_answers(rt: Runtime, console: Console) -> list[Accepted]:
+    """A run its database stopped (gone past a lease, its disk full) waits, as Ctrl-C's stop
+    does (:func:`_wait_for_answers`, up to ``WANBATCH_READ_TIMEOUT``), for the answers of the
+    submit POSTs already on their way to fal, then its submit steps stop waiting for the
+    database (:meth:`~worker.steps.unrecorded.Unrecorded.give_up`): returns the submissions fal
+    accepted that the database could not take, kept in the journal for the next run to record.
+
+    It ended at once, before: fal queued (and billed) those requests, nobody read their
+    answers, and the next run settled their jobs ``submit_unknown`` after the lease. A Ctrl-C
+    during the wait ends the wait only (no signal stopped the run: it is the first one); the
+    run then ends with its line as it would have."""
+    with contextlib.suppress(_Stop):
+        _wait_for_answers(rt, console, exit_now="Ctrl-C to stop waiting")
+    return rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
 
 
 def _unanswered_words(rt: Runtime) -> str:
@@ -1423,7 +1445,8 @@ def _stopped_by_full_disk(rt: Runtime) -> DatabaseFullError:
     process waits to be recorded any more (the conductor waited for those): nothing more was
     sent; what fal holds is collected by the next run. A submission accepted while stopping
     (its POST was on its way) is kept in the journal, and named."""
-    lost = rt.unrecorded.lost_words(rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS))
+    rt.unrecorded.give_up(IN_FLIGHT_GRACE_SECONDS)
+    lost = rt.unrecorded.lost_words(rt.unrecorded.keep_all())  # a record still on its way: kept too
     then = (
         "run the same command again: it goes on where this run stopped (nothing more was sent; "
         "requests already at fal are collected then)"
