@@ -62,7 +62,8 @@ def _settings(sim: SimulatorHandle, tmp_path: Path, affinity: str) -> Settings:
 
 def _run(tmp_path: Path, settings: Settings, name: str) -> tuple[dict[str, set[int]], set[int]]:
     """Run a 6-job batch on a thread of its own; (each thread's affinity as its ticks saw it,
-    by thread name; the calling thread's affinity afterwards)."""
+    by thread name — the threads the process had before the run under ``earlier: NAME``, as a
+    resolver an earlier test's run started; the calling thread's affinity afterwards)."""
     path = tmp_path / "batch.yaml"
     path.write_text(MANIFEST.format(name=name), encoding="utf-8")
     seen: dict[str, set[int]] = {}
@@ -73,8 +74,9 @@ def _run(tmp_path: Path, settings: Settings, name: str) -> tuple[dict[str, set[i
         for thread in threading.enumerate():
             if thread.native_id is None:
                 continue
+            name = f"earlier: {thread.name}" if thread.ident in earlier else thread.name
             try:
-                seen.setdefault(thread.name, set()).update(os.sched_getaffinity(thread.native_id))
+                seen.setdefault(name, set()).update(os.sched_getaffinity(thread.native_id))
             except OSError:
                 continue
 
@@ -85,6 +87,7 @@ def _run(tmp_path: Path, settings: Settings, name: str) -> tuple[dict[str, set[i
         after.append(os.sched_getaffinity(0))
 
     original = one_cpu.SharedCpu.check
+    earlier = {thread.ident for thread in threading.enumerate()}  # the process's, not the run's
 
     def check(self: one_cpu.SharedCpu) -> bool:
         look()
@@ -115,6 +118,7 @@ def test_the_runs_threads_share_one_cpu_and_others_are_left_alone(
 ) -> None:
     assert len(ALLOWED) >= 2, "this test needs 2 CPUs (CI has two)"
     seen, after = _run(tmp_path, _settings(sim, tmp_path, "auto"), "one-cpu")
+    # the run's: started by it (the simulator's threads it started meanwhile are not)
     runs = {name: cpus for name, cpus in seen.items() if name.startswith("wanbatch-") or name == "test-run"}
     assert {"wanbatch-run-loop", "test-run"} <= set(runs)
     assert any(name.startswith("wanbatch-submit") for name in runs)
@@ -122,7 +126,7 @@ def test_the_runs_threads_share_one_cpu_and_others_are_left_alone(
     assert all(len(cpus) == 1 for cpus in runs.values()), runs
     assert len(set().union(*runs.values())) == 1, runs
     others = {name: cpus for name, cpus in seen.items() if name not in runs}
-    assert others  # the simulator's threads, started before the run
+    assert others  # the simulator's threads and pytest's, started before the run
     assert all(cpus == set(ALLOWED) for cpus in others.values()), others
     assert after == set(ALLOWED)  # the caller's affinity back
 
