@@ -71,6 +71,8 @@ def _unpriced(endpoint_id: str, name: str, value: object) -> UnpricedError:
 def _number(endpoint_id: str, name: str, value: object) -> Decimal:
     """``value`` as the number a price is computed from; :class:`UnpricedError` when it is none
     (text, a boolean, nothing, NaN or an infinity: no price is a multiple of those)."""
+    if type(value) is int:  # the usual case (num_frames), once a job: no other check applies
+        return Decimal(str(value))
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
         raise _unpriced(endpoint_id, name, value)
     try:

@@ -253,7 +253,7 @@ class Resolved(NamedTuple):
 def resolve_input(
     spec: EndpointSpec,
     values: dict[str, Any],
-    base_dir: Path,
+    base_dir: Path | str,
     roots: tuple[str, ...],
     paths: PathCache,
     row_dirs: Mapping[str, Path] | None = None,
@@ -267,7 +267,8 @@ def resolve_input(
     way it must land inside ``roots``. ``null`` values are dropped; an integer given for a text
     enum of numbers (``duration: 5``) becomes that text. ``paths`` caches resolutions for one
     pass. A value holding a NUL, or one the file-system encoding cannot hold, is left as
-    written (validation refuses it; the OS would raise on it).
+    written (validation refuses it; the OS would raise on it). ``base_dir`` may be given as text
+    (a pass over many jobs spells it once).
     """
     out: dict[str, Any] = {}
     outside: dict[str, str] = {}

@@ -219,12 +219,20 @@ class Manifest:
         # and storing is caught by the second pass.
         paths = PathCache()
         fallbacks = RowFallbacks()  # row paths found only beside the items file: one warning
+        # Once a pass, not once a row or a job: the property makes a new Path each time, and a
+        # file's rows share one folder (a Path compared once, not once a row).
+        base_dir = self.base_dir
+        folder = str(base_dir)
+        row_dir: tuple[Path, bool] = (base_dir, True)  # a row's folder; whether it is the manifest's
         produced = False
         self.item_count = None
         items = len(self.items)
         for raw in self._raw_items(sink):
             items = max(items, raw.index + 1)
-            for job in self._expand(raw, combos, sink, digests, paths, fallbacks):
+            if raw.base_dir is not row_dir[0]:
+                row_dir = (raw.base_dir, raw.base_dir == base_dir)
+            own_dir = row_dir[1]
+            for job in self._expand(raw, combos, sink, digests, paths, fallbacks, base_dir, folder, own_dir):
                 warning = duplicates.warning(job)
                 if warning is not None:
                     if dropped is not None:
@@ -567,7 +575,12 @@ class Manifest:
         digests: dict[str, str | None],
         paths: PathCache,
         fallbacks: RowFallbacks,
+        base_dir: Path,
+        folder: str,
+        own_dir: bool,
     ) -> Iterator[JobSpec]:
+        """The jobs of one item. ``base_dir``: the manifest's folder (``folder``, as text);
+        ``own_dir``: whether the item's file is in it (no path of its falls back elsewhere)."""
         if raw.source != self.display:  # a fal-shaped key is refused without FAL_KEY too
             held = row_key_issues(raw, self.fal_keys)
             if held:  # said without the key; the row's other checks could quote its values
@@ -607,7 +620,7 @@ class Manifest:
                 )
             )
         sink.extend(self._overridden_issues(raw, spec, base, origins))
-        row_dirs = self._row_dirs(raw)
+        row_dirs = None if own_dir else self._row_dirs(raw)
         for variant, combo in enumerate(combos):
             values = dict(base)
             job_origins = dict(origins)
@@ -615,20 +628,22 @@ class Manifest:
                 values[key] = value
                 job_origins[key] = (self.display, line)
             resolved, outside, fell_back, both = resolve_input(
-                spec, values, self.base_dir, self.roots, paths, row_dirs
+                spec, values, folder, self.roots, paths, row_dirs
             )
-            sink.extend(outside_issues(raw, values, outside, job_origins))
-            if variant == 0:  # a row's own value, the same in each matrix job: said once
-                sink.extend(both_issues(raw, values, both, job_origins))
-                for key, spelled in fell_back.items():
-                    at_file, at_line = job_origins.get(key, (raw.source, raw.line))
-                    fallbacks.add(at_file, at_line, raw.index, key, values[key], spelled)
-            values.update(fell_back)  # named as the contract reads it: relative to the manifest
+            if outside:
+                sink.extend(outside_issues(raw, values, outside, job_origins))
+            if fell_back or both:  # only a row whose file is not in the manifest's folder
+                if variant == 0:  # a row's own value, the same in each matrix job: said once
+                    sink.extend(both_issues(raw, values, both, job_origins))
+                    for key, spelled in fell_back.items():
+                        at_file, at_line = job_origins.get(key, (raw.source, raw.line))
+                        fallbacks.add(at_file, at_line, raw.index, key, values[key], spelled)
+                values.update(fell_back)  # named as the contract reads it: relative to the manifest
             refused = {**outside, **both}  # never read, hashed or stored
             if self.validated:
                 unchecked = list(
                     unchecked_issues(
-                        raw, spec, values, resolved, refused, job_origins, self.checked, self.base_dir
+                        raw, spec, values, resolved, refused, job_origins, self.checked, base_dir
                     )
                 )
                 if unchecked:  # never hashed, never yielded: the item's end raises (issues is None)
@@ -682,13 +697,12 @@ class Manifest:
 
     def _row_dirs(self, raw: RawItem) -> dict[str, Path]:
         """The folder an ``items_from`` row's own path may fall back to (its file's), for each
-        field the row itself sets, the matrix's left out (the matrix wins over the item); none
-        for an item of the manifest. Every relative path is relative to the manifest's folder
-        first (:mod:`jobs.manifest.row_paths`). A value written in the manifest (``defaults``,
+        field the row itself sets, the matrix's left out (the matrix wins over the item); asked
+        only of a row whose folder is not the manifest's (an item of the manifest has none).
+        Every relative path is relative to the manifest's folder first
+        (:mod:`jobs.manifest.row_paths`). A value written in the manifest (``defaults``,
         ``matrix``) never falls back: ``defaults: {image_url: images/a.png}`` must not name
         ``data/images/a.png`` for the rows of ``data/rows.jsonl``."""
-        if raw.base_dir == self.base_dir:
-            return {}
         return {key: raw.base_dir for key in raw.fields if key != "endpoint" and key not in self.matrix}
 
     def _endpoint_for(self, raw: RawItem, sink: list[Issue]) -> EndpointSpec | None:

@@ -291,10 +291,16 @@ def jsonl_items(
 ) -> Iterator[RawItem]:
     """One item per JSON-object line; blank lines skipped, a leading BOM ignored. ``base_dir``:
     the file's folder, which the rows' relative paths are resolved from."""
+    # Once a file, not once a row: ``json.loads`` with hooks builds a decoder (and its scanner)
+    # each call, and the limits' attributes are the same for every row.
+    decode = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_int=_whole).decode
+    cap = limit.items if limit is not None else None
+    budget = limit.input if limit is not None else None
     with _lines(source) as fh:
+        readline = fh.readline
         lineno = 0
         while True:
-            raw = fh.readline(MAX_ITEMS_FROM_LINE + 1)
+            raw = readline(MAX_ITEMS_FROM_LINE + 1)
             if not raw:
                 return
             lineno += 1
@@ -303,11 +309,12 @@ def jsonl_items(
                 raw = raw[3:]
             if not too_long and not raw.strip():
                 continue
-            if limit is not None and limit.reached(index):
+            if cap is not None and index >= cap:  # RowLimit.reached
+                assert limit is not None
                 sink.append(limit.issue(display, lineno))
                 return
-            if limit is not None and limit.input is not None and limit.over_input(len(raw)):
-                sink.append(limit.input.issue(display, lineno))
+            if budget is not None and budget.spend(len(raw)):
+                sink.append(budget.issue(display, lineno))
                 return
             if too_long:
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the long line
@@ -318,7 +325,10 @@ def jsonl_items(
                 index += 1
                 continue
             try:
-                obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_whole)
+                text = raw.decode("utf-8")
+                if text.startswith("\ufeff"):  # as json.loads refuses it
+                    raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+                obj = decode(text)
             except UnicodeDecodeError:
                 sink.append(row_issue(display, lineno, index, "not UTF-8 text"))
             except json.JSONDecodeError as exc:

@@ -31,3 +31,10 @@ def test_a_row_cut_short_is_wrong_at_the_end_of_its_line(tmp_path: Path) -> None
 def test_a_row_wrong_in_its_middle_names_the_column(tmp_path: Path) -> None:
     message = _message(tmp_path, ['{"prompt": "fine"}', '{"prompt": "x",, "seed": 5}'])
     assert message == "not valid JSON (Expecting property name enclosed in double quotes at column 16)"
+
+
+def test_a_byte_order_mark_on_a_later_line_is_refused_at_its_row(tmp_path: Path) -> None:
+    """Only the file's first line may start with a BOM (it is skipped there); one at the start
+    of another row is that row's error, in the decoder's words, at its first column."""
+    message = _message(tmp_path, ['{"prompt": "fine"}', '\ufeff{"prompt": "after a BOM"}'])
+    assert message == "not valid JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"

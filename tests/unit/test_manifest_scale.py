@@ -182,3 +182,54 @@ def test_the_sqlite_insert_names_the_columns_its_values_fill() -> None:
     columns = creating._SQLITE_INSERT.split("(", 1)[1].split(")", 1)[0]
     assert tuple(c.strip() for c in columns.split(",")) == creating._NEW_JOB_COLUMNS
     assert creating._SQLITE_INSERT.count("?") == len(creating._NEW_JOB_COLUMNS)
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Count the calls of ``owner.name`` (a function, or a property's getter) from now on."""
+    calls = [0]
+    found = getattr(owner, "__dict__", {}).get(name, getattr(owner, name))
+    if isinstance(found, property):
+        getter = found.fget
+        assert getter is not None
+
+        def counted_get(self: object) -> object:
+            calls[0] += 1
+            return getter(self)
+
+        monkeypatch.setattr(owner, name, property(counted_get))
+        return calls
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return found(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_pass_works_out_the_manifests_folder_once_not_per_row(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's folder is a new Path each time it is asked for: a million-row file asked
+    for it twice a row and compared it with the row's folder each time (bench/RESULTS.md)."""
+    rows: list[dict[str, object]] = [{"prompt": f"take {i}"} for i in range(300)]
+    rows += [{"prompt": "a fox", "endpoint": "fal-ai/wan-i2v", "image_url": "images/night.jpg"}] * 2
+    path = sweep(folder, rows)
+    expected = [str(issue) for issue in validate_manifest(path).issues]
+    calls = _counting(monkeypatch, Manifest, "base_dir")
+    report = validate_manifest(path)
+    assert (report.ok, report.job_count) == (True, 301 * 6)
+    assert [str(issue) for issue in report.issues] == expected  # the repeated row's warnings
+    assert calls[0] <= 10
+
+
+def test_the_rows_of_a_jsonl_file_share_one_decoder(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``json.loads`` with hooks builds a decoder (and its scanner) for every row it is given."""
+    import json as json_module
+
+    rows: list[dict[str, object]] = [{"prompt": f"take {i}", "seed": i} for i in range(300)]
+    path = sweep(folder, rows)
+    built = _counting(monkeypatch, json_module.JSONDecoder, "__init__")
+    report = validate_manifest(path)
+    assert (report.ok, report.job_count) == (True, 300 * 6)
+    assert built[0] <= 5
