@@ -405,7 +405,13 @@ class SimulatorApp:
             return Response(b"simulated download failure", status_code=int(fault.get("status", 500)))
         if request.method == "HEAD":
             return Response(b"", media_type=stored.content_type, headers={"content-length": str(stored.size)})
-        data = await run_in_threadpool(stored.read)  # a cache miss re-encodes: keep the loop free
+        ledger = self.engine.ledger  # the one this GET began in (a reset makes another)
+        ledger.download_began()
+        try:
+            await self._hold("download_slow")
+            data = await run_in_threadpool(stored.read)  # a cache miss re-encodes: keep the loop free
+        finally:
+            ledger.download_ended()
         truncated = self.engine.faults.fire("download_truncated")
         if truncated is not None:
             if truncated.get("mode") == "short":

@@ -3,8 +3,10 @@
 Tests check wanbatch's invariants against this ledger rather than against wanbatch's own
 records: every accepted submit (even one whose response the client never saw), what was
 billed, which inputs were accepted twice (a paid duplicate), the most requests ever
-outstanding at once, the submit rate per second, and how many calls clients made on requests
-(``calls``: ``status`` polls, ``stream`` subscriptions, ``result`` fetches, ``cancel`` requests).
+outstanding at once, the submit rate per second, how many calls clients made on requests
+(``calls``: ``status`` polls, ``stream`` subscriptions, ``result`` fetches, ``cancel`` requests),
+and how many output-file GETs were answered (``downloads``), and the most at once
+(``max_downloads_in_flight``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class LedgerSnapshot(TypedDict):
     max_submits_per_second: int
     rejections: list[RejectionRecord]
     calls: dict[str, int]
+    downloads: int
+    max_downloads_in_flight: int
 
 
 class LedgerReport(LedgerSnapshot):
@@ -169,6 +173,9 @@ class Ledger:
     in_progress: int = 0
     max_in_progress: int = 0
     calls: Counter[str] = field(default_factory=Counter)
+    downloads: int = 0
+    downloads_in_flight: int = 0
+    max_downloads_in_flight: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def accept(self, entry: LedgerEntry) -> None:
@@ -201,6 +208,24 @@ class Ledger:
             self.outstanding -= 1
             if was_running:
                 self.in_progress -= 1
+
+    def download_began(self) -> None:
+        """An output-file GET is being answered (held by ``download_slow``, read, sent)."""
+        with self._lock:
+            self.downloads += 1
+            self.downloads_in_flight += 1
+            self.max_downloads_in_flight = max(self.max_downloads_in_flight, self.downloads_in_flight)
+
+    def download_ended(self) -> None:
+        """An output-file GET was answered."""
+        with self._lock:
+            self.downloads_in_flight -= 1
+
+    def reset_downloads(self) -> None:
+        """Count the output-file GETs from here on (a test of one command's downloads)."""
+        with self._lock:
+            self.downloads = 0
+            self.max_downloads_in_flight = self.downloads_in_flight
 
     def count_call(self, kind: str) -> None:
         """A client called the request API (``status``, ``stream``, ``result``, ``cancel``, ``other``)."""
@@ -245,4 +270,6 @@ class Ledger:
                     for r in self.rejections
                 ],
                 "calls": dict(self.calls),
+                "downloads": self.downloads,
+                "max_downloads_in_flight": self.max_downloads_in_flight,
             }

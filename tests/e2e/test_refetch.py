@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +234,135 @@ def test_a_video_back_in_place_before_its_turn_is_not_moved_aside(
     for video, sha in videos.values():
         assert _sha(video) == sha
         assert list(video.parent.glob(f"{video.stem}.changed-*")) == []
+
+
+#: Twelve jobs: enough videos for downloads to overlap when fetched again.
+TWELVE = "name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\n  num_frames: 81\nitems:\n" + "".join(
+    f"  - prompt: Clouds drifting past peak number {n}\n    image_url: images/landscape.jpg\n" for n in range(12)
+)
+
+
+def test_a_refetch_of_many_videos_downloads_several_at_once_with_the_same_outcomes(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """5,000 lost videos were fetched one after another: now up to WANBATCH_EMBEDDED_CONCURRENCY
+    at once, each as before, and the report is the one a sequential refetch gives."""
+    batch = processed(wb, "run", manifest("many", TWELVE.format(name="many")))["batch"]
+    videos = _videos(wb, batch, tmp_path / "outputs")
+    assert len(videos) == 12
+    folder = next(iter(videos.values()))[0].parent
+    sim.set_faults(download_slow={"probability": 1.0, "delay": 0.25})
+
+    monkeypatch.setenv("WANBATCH_EMBEDDED_CONCURRENCY", "1")
+    shutil.rmtree(folder)
+    sim.engine.ledger.reset_downloads()  # the run's own downloads overlapped
+    one_by_one = wb("refetch", batch, "--json")
+    assert one_by_one.code == 0, one_by_one.stdout + one_by_one.stderr
+    assert sim.ledger()["max_downloads_in_flight"] == 1
+
+    monkeypatch.setenv("WANBATCH_EMBEDDED_CONCURRENCY", "4")
+    shutil.rmtree(folder)
+    sim.engine.ledger.reset_downloads()
+    at_once = wb("refetch", batch, "--json")
+    assert at_once.code == 0, at_once.stdout + at_once.stderr
+    assert 1 < sim.ledger()["max_downloads_in_flight"] <= 4
+    assert at_once.json() == one_by_one.json()
+    assert at_once.json()["fetched"] == 12
+    for video, sha in videos.values():
+        assert _sha(video) == sha
+        assert json.loads(video.with_suffix(".json").read_text())["video_sha256"] == sha
+    assert list(folder.glob(".*")) == []  # no staging file left behind
+
+
+def test_refetch_counts_its_videos_as_they_come(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """The progress line's count: each video done, once, up to the number to fetch."""
+    from jobs.settings import get_settings
+    from worker.refetch import refetch_batch
+
+    batch = processed(wb, "run", manifest("counted", TWO_JOBS.format(name="counted")))["batch"]
+    for video, _sha256 in _videos(wb, batch, tmp_path / "outputs").values():
+        video.unlink()
+    seen: list[tuple[int, int]] = []
+    report = refetch_batch(get_settings(), batch, progress=lambda done, total: seen.append((done, total)))
+    assert [job.outcome for job in report.jobs] == ["fetched", "fetched"]
+    assert seen == [(1, 2), (2, 2)]
+
+
+def _live_process() -> subprocess.Popen[bytes]:
+    """A real second process of this host (it holds whatever its owner names while it lives)."""
+    return subprocess.Popen(["sleep", "60"])
+
+
+def _beat_for(tmp_path: Path, batch_id: str, owner: str) -> None:
+    """A heartbeat row for ``batch_id``, as a process working on it writes it."""
+    from jobs import db, store
+    from jobs.models import utcnow
+    from jobs.settings import get_settings
+
+    with db.session_scope(db.open_engine(get_settings())) as session:
+        store.record_heartbeat(session, owner, [batch_id], utcnow())
+
+
+def test_a_refetch_is_refused_while_another_process_runs_the_batch(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """A `run` downloading the batch beats for it: a refetch then would race it on the same
+    names. Refused in one line, exit 2, nothing downloaded; once that process ends, it goes on."""
+    from jobs.processes import beat_owner
+
+    batch = processed(wb, "run", manifest("busy", TWO_JOBS.format(name="busy")))["batch"]
+    videos = _videos(wb, batch, tmp_path / "outputs")
+    for video, _sha256 in videos.values():
+        video.unlink()
+    other = _live_process()
+    try:
+        _beat_for(tmp_path, batch, beat_owner(f"{socket.gethostname()}:{other.pid}:MainThread"))
+        downloads = sim.ledger()["downloads"]
+        refused = wb("refetch", batch)
+        assert refused.code == 2, refused.stdout + refused.stderr
+        said = refused.stderr.strip()
+        assert len(said.splitlines()) == 1, said
+        assert f"process {other.pid}" in said
+        assert "wait for it to end" in said and "stop it" in said
+        assert refused.stdout == ""
+        assert sim.ledger()["downloads"] == downloads
+        assert not any(video.exists() for video, _sha256 in videos.values())
+        as_json = wb("refetch", batch, "--json")
+        assert as_json.code == 2
+        assert f"process {other.pid}" in as_json.json()["error"]
+    finally:
+        other.kill()
+        other.wait()
+    assert wb("refetch", batch).code == 0  # its process ended: it holds nothing
+    assert all(_sha(video) == sha for video, sha in videos.values())
+
+
+def test_a_run_is_refused_while_a_refetch_works_on_the_batch(
+    wb: Wb, sim: SimulatorHandle, manifest: MakeManifest, tmp_path: Path
+) -> None:
+    """The other way round: a `run` (of the manifest, or of the batch by name) started while a
+    `refetch` of that batch downloads is refused in one line, exit 2, nothing sent."""
+    from jobs.processes import beat_owner
+
+    path = manifest("refetching", TWO_JOBS.format(name="refetching"))
+    batch = processed(wb, "run", path)["batch"]
+    paid = sim.ledger()["accepted"]
+    other = _live_process()
+    try:
+        _beat_for(tmp_path, batch, beat_owner(f"{socket.gethostname()}:{other.pid}:refetching"))
+        for args in ([path], ["refetching"]):
+            refused = wb("run", *args, "--no-progress")
+            assert refused.code == 2, refused.stdout + refused.stderr
+            said = refused.stderr.strip()
+            assert len(said.splitlines()) == 1, said
+            assert f"being refetched by process {other.pid} on this host" in said
+            assert "wait for it to end" in said
+        assert sim.ledger()["accepted"] == paid
+        # the refetch's own claim is no run: status does not call the batch processed
+        assert wb("status", batch, "--json").json()["processing"] is False
+    finally:
+        other.kill()
+        other.wait()
+    assert wb("run", path, "--no-progress").code == 0  # it ended: the run goes on
