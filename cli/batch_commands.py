@@ -633,21 +633,40 @@ def refetch(batch: str, verify: bool, as_json: bool) -> None:
     --verify, other bytes) is downloaded again from the URL fal's result named, as a first
     download is, checked against the SHA-256 recorded, and stored under its name with its
     sidecar. Nothing is submitted. A video fal no longer serves is said, with the advice (`rerun`
-    pays again). Exit 0 when every video is back (or none was missing), 1 when some are not.
+    pays again). Up to WANBATCH_EMBEDDED_CONCURRENCY at once. Refused (exit 2) while another
+    process runs the batch. Exit 0 when every video is back (or none was missing), 1 when some are not.
     """
 
     def action() -> int:
         from jobs import database_home
+        from jobs.printable import redraws
         from jobs.settings import get_settings
+        from worker.progress_line import batch_progress_display
         from worker.refetch import refetch_batch
 
         settings = get_settings()
         database_home.refuse_missing(settings, [batch])  # no empty database made to say so
+        # The line `run` draws, counting videos: on a terminal only, never with --json.
+        display = batch_progress_display(err, disable=as_json or not redraws(err))
+        task = display.add_task("videos", total=None, start=False, money="", counts={})
+        began = time.monotonic()
 
         def announce(count: int) -> None:
+            nonlocal began
             err.print(escape(f"fetching {count} video(s) again from fal: no submit, nothing paid"))
+            began = time.monotonic()
+            display.update(task, total=count)
+            display.start_task(task)
+            display.start()
 
-        report = refetch_batch(settings, batch, verify=verify, announce=announce)
+        def progress(done: int, total: int) -> None:
+            pace = (time.monotonic() - began) / done
+            display.update(task, completed=done, eta=pace * (total - done))
+
+        try:
+            report = refetch_batch(settings, batch, verify=verify, announce=announce, progress=progress)
+        finally:
+            display.stop()
         code = EXIT_OK if report.complete else EXIT_SOME_FAILED
         if as_json:
             emit_json(report.as_dict())
@@ -1450,7 +1469,7 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
             raise
         # Refusals first: a refused command (exit 2) has changed nothing.
         batches.refuse_other_way(target, simulated=_simulator is not None)
-        _refuse_simulated_elsewhere(session, target)
+        _refuse_busy(session, target)
         batches.refuse_cancelled(session, target, manifest=False)
         batches.refuse_paused(session, target)
         if target.state == BatchState.PAUSED:  # running it again is the user saying "go on"
@@ -1460,6 +1479,17 @@ def _stored_batch(ref: Path, settings: Settings) -> str | None:
         if note := batches.manifest_edited_note(target):  # the file edited since: not applied
             err.print(f"[yellow]{escape(note)}[/yellow]")
         return target.id
+
+
+def _refuse_busy(session: Session, batch: Batch) -> None:
+    """What a ``run`` of ``batch`` is refused for (exit 2, nothing changed) while another process
+    holds it: a ``refetch`` of it downloading (:func:`jobs.refetch_lock.refuse_refetching`: both
+    would write its videos under the same names), or, with ``--simulate``, another simulation
+    (:func:`_refuse_simulated_elsewhere`, which claims it otherwise)."""
+    from jobs.refetch_lock import refuse_refetching
+
+    refuse_refetching(session, batch)
+    _refuse_simulated_elsewhere(session, batch)
 
 
 def _refuse_simulated_elsewhere(session: Session, batch: Batch) -> None:
@@ -1669,7 +1699,7 @@ def run(
                     allow_dirs,
                     simulated=simulate,
                     refuse_paused_batch=True,
-                    refuse=_refuse_simulated_elsewhere,
+                    refuse=_refuse_busy,
                     take_over=take_over,
                     on_batch=batch.storing,
                 )

@@ -58,8 +58,7 @@ FAULTS: dict[str, str] = {
     "result_expired": "the request's result is gone the moment it completes (404 on result).",
     "download_error": "an output-file GET answers `status` (default 500).",
     "download_slow": (
-        "an output-file GET is held for `delay` seconds (default 30; sent at once when the "
-        "simulator stops)."
+        "an output-file GET is held for `delay` seconds (default 30; sent at once when the simulator stops)."
     ),
     "download_truncated": (
         "an output-file GET sends half the body, then resets the connection "

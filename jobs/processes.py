@@ -183,3 +183,24 @@ def claim_holder(owner: str) -> int | None:
         return None
     start = claim[0]
     return pid if start == "0" or started(pid) in (None, start) else None
+
+
+#: What follows ``host:pid:`` in the heartbeat owner under which a ``refetch`` claims the batch
+#: whose videos it fetches again (:func:`refetch_owner`).
+REFETCHING = "refetching"
+
+
+def refetch_owner() -> str:
+    """The heartbeat owner under which this process claims a batch it refetches:
+    ``host:pid:refetching@BOOT.PIDNS.START`` (:func:`beat_owner`: the proof by which a claim
+    whose process has ended is told at once, :func:`owner_ended`). It beats while the refetch
+    downloads (``jobs.refetch_lock``)."""
+    return beat_owner(f"{process_prefix()}{REFETCHING}")
+
+
+def refetch_claim(owner: str) -> bool:
+    """Whether heartbeat owner ``owner`` is a ``refetch``'s claim (:func:`refetch_owner`), not a
+    process that runs the batch: ``status`` does not call the batch processed for it."""
+    _host, _, rest = owner.partition(":")
+    _pid, _, tail = rest.partition(":")
+    return tail.partition(IDENTITY_MARK)[0] == REFETCHING

@@ -30,6 +30,12 @@ finds missing or changed (``verify``: hashed, not only its size looked at):
   the advice (``rerun`` pays again), nothing changed. Anything else (unreachable, cut short, a
   full disk) is said too, nothing changed, and running the command again tries again.
 
+Up to ``WANBATCH_EMBEDDED_CONCURRENCY`` videos are fetched at once, each exactly as above (jobs
+that share one video's place, twins reusing one file, one after another, in order): the outcomes,
+in the look's order, are a sequential refetch's. ``progress(done, total)`` is told each video
+done. A refetch and a ``run`` of the same batch are one at a time (:mod:`jobs.refetch_lock`):
+refused, in one line, while another process works on the batch, and claimed while it fetches.
+
 Never a submit, never a result call: nothing here talks to fal's queue API. A simulated batch's
 videos were served by its ``--simulate`` run's simulator, gone with it; S3 output storage is not
 handled (its objects are not looked at by ``status`` either; ``diff --verify`` checks them).
@@ -41,16 +47,18 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
-from jobs import db, moved_outputs, outputs, store
+from jobs import db, moved_outputs, outputs, refetch_lock, store
 from jobs.errors import FinalProviderError, ProviderError, UsageError
 from jobs.models import JobView
 from jobs.output_store import output_sha256
@@ -195,15 +203,19 @@ def refetch_batch(
     *,
     verify: bool = False,
     announce: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> RefetchReport:
     """Fetch again from fal the videos of batch ``ref`` (id, prefix or name) that are not on
     disk as stored (see the module docstring). ``announce(n)`` is told how many before the
-    first download (it says so on stderr). Reads in one short transaction, downloads with none
-    open, records a moved project's new paths in one more."""
+    first download (it says so on stderr), ``progress(done, n)`` after each video. Refused (a
+    :class:`~jobs.errors.UsageError`, nothing fetched) while another process works on the batch
+    (:mod:`jobs.refetch_lock`). Reads in one short transaction, claims the batch in another,
+    downloads with none open, records a moved project's new paths in one more."""
     engine = db.open_engine(settings)
     root = moved_outputs.local_root(settings.output_dir, settings.output_url)
     with db.read_scope(engine) as session:
         batch = store.get_batch(session, ref)
+        refetch_lock.refuse_busy(session, batch, shell_ref(batch.name, batch.id))
         looked = look(session, batch.id, root, verify=verify)
         targets = [
             job
@@ -217,33 +229,93 @@ def refetch_batch(
         return report
     if settings.output_url:  # pragma: no cover - look() never lists an S3 object
         raise UsageError("refetch stores into a local output folder; WANBATCH_OUTPUT_DIR is S3")
-    if announce is not None:
-        announce(len(targets))
-    order = {job_id: i for i, job_id in enumerate(looked.job_ids())}
-    targets.sort(key=lambda job: order.get(job.id, 0))
-    if simulated:  # its simulator ended with the `--simulate` run that served them
-        why = "a simulation's videos were served by its `--simulate` run's simulator, which ended with it"
-        report.jobs = [
-            Refetched(job.id, "gone", detail=why, recorded_sha256=job.output_sha256) for job in targets
-        ]
-        return report
-    # The very client guards a first download uses (worker.steps.download: policy, timeouts).
-    from worker.fal.storage import SharedDownloadClient
-    from worker.steps.download import download_policy
-
-    shared = SharedDownloadClient(download_policy(settings), _timeout(settings))
-    moves: list[tuple[str, str, str]] = []
+    # Claimed before a word is said: a refusal is the one line (exit 2), nothing fetched.
+    claim = None if simulated else refetch_lock.claim(engine, batch, report.ref)
     try:
-        for job in targets:
-            done = _refetch_one(settings, shared, job, root, filed[job.id])
-            report.jobs.append(done)
-            if done.outcome == "fetched" and done.path is not None and done.path != job.output_path:
-                moves.append((job.id, job.output_path or "", done.path))
+        if announce is not None:
+            announce(len(targets))
+        order = {job_id: i for i, job_id in enumerate(looked.job_ids())}
+        targets.sort(key=lambda job: order.get(job.id, 0))
+        if simulated:  # its simulator ended with the `--simulate` run that served them
+            why = "a simulation's videos were served by its `--simulate` run's simulator, which ended with it"
+            report.jobs = [
+                Refetched(job.id, "gone", detail=why, recorded_sha256=job.output_sha256) for job in targets
+            ]
+            return report
+        report.jobs = _fetch_all(
+            settings,
+            targets,
+            root,
+            filed,
+            progress=progress,
+            renew=lambda: refetch_lock.renew(engine, claim, report.batch),
+        )
     finally:
-        shared.close()
+        refetch_lock.release(engine, claim)
+    moves = [
+        (job.id, job.output_path or "", done.path)
+        for job, done in zip(targets, report.jobs, strict=True)
+        if done.outcome == "fetched" and done.path is not None and done.path != job.output_path
+    ]
     if moves and not moved_outputs.record_moves(engine, moves):  # pragma: no cover - a read-only database
         log.warning("the videos fetched again are in place, but their new paths could not be recorded")
     return report
+
+
+def _fetch_all(
+    settings: Settings,
+    targets: Sequence[JobView],
+    root: Path | None,
+    filed: dict[str, Filed],
+    *,
+    progress: Callable[[int, int], None] | None,
+    renew: Callable[[], None],
+) -> list[Refetched]:
+    """Each target's :class:`Refetched`, in ``targets``' order: up to
+    ``WANBATCH_EMBEDDED_CONCURRENCY`` places fetched at once (:func:`_refetch_one` each, with
+    the very client guards a first download uses); the targets of one place (twins that record
+    one file) one after another, in order, as a sequential refetch met them — at once, they
+    shared one staging file. ``renew`` is called every :data:`jobs.refetch_lock.RENEW_SECONDS`
+    while downloads go on; ``progress(done, total)`` after each video, in order of ``done``."""
+    from worker.fal.storage import SharedDownloadClient
+    from worker.steps.download import download_policy
+
+    places: dict[str, list[int]] = {}
+    for i, job in enumerate(targets):
+        dest = _destination(job.output_path or "", root)
+        places.setdefault(str(dest) if dest is not None else f"\0{job.id}", []).append(i)
+    outcomes: list[Refetched | None] = [None] * len(targets)
+    counted = threading.Lock()
+    done = 0
+
+    def fetch_place(indices: list[int]) -> None:
+        nonlocal done
+        for i in indices:
+            job = targets[i]
+            outcomes[i] = _refetch_one(settings, shared, job, root, filed[job.id])
+            with counted:
+                done += 1
+                if progress is not None:
+                    progress(done, len(targets))
+
+    shared = SharedDownloadClient(download_policy(settings), _timeout(settings))
+    pool = ThreadPoolExecutor(
+        min(settings.embedded_concurrency, len(places)), thread_name_prefix="wanbatch-refetch"
+    )
+    try:
+        pending = {pool.submit(fetch_place, indices) for indices in places.values()}
+        while pending:
+            finished, pending = wait(pending, timeout=refetch_lock.RENEW_SECONDS)
+            for future in finished:
+                future.result()  # an unexpected error of a thread is this call's
+            if pending:
+                renew()
+    finally:
+        # Stopped (Ctrl-C, an error): the videos not begun are not; the client closed, those
+        # under way end now (their staging files removed, as a failed first download's).
+        pool.shutdown(wait=False, cancel_futures=True)
+        shared.close()
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 def _filed(session: Session, batch: Batch, targets: Sequence[JobView]) -> dict[str, Filed]:

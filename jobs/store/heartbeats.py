@@ -99,7 +99,7 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     this host that has ended is left out too, and a ``serve`` (:data:`~jobs.models.SERVE_SCOPE`:
     it sends nothing). One short query, asked at a heartbeat, not per submit: whether the submit
     pacing is to be shared through the database (:func:`share_pacing`)."""
-    from jobs.processes import owner_ended, owner_prefix
+    from jobs.processes import owner_ended, owner_prefix, refetch_claim
 
     rows = session.scalars(
         select(ConductorHeartbeat.owner)
@@ -109,8 +109,8 @@ def pacing_peers(session: Session, own: str, *, since: datetime) -> list[str]:
     found: set[str] = set()
     for owner in rows:
         prefix = owner_prefix(str(owner))
-        if prefix is None or prefix == own or owner_ended(str(owner)):
-            continue
+        if prefix is None or prefix == own or owner_ended(str(owner)) or refetch_claim(str(owner)):
+            continue  # a refetch sends nothing
         found.add(prefix)
     return sorted(found)
 
@@ -223,7 +223,12 @@ def batch_beats(
     batch existed said nothing of it: it counts, as the batch's creation, only when it is no
     older than ``live_since`` (the workers are alive, and take the new batch on at their next
     tick); otherwise it is a worker's that stopped before the batch existed, and a "last seen"
-    earlier than the batch's creation is no answer (None: such beats never count)."""
+    earlier than the batch's creation is no answer (None: such beats never count).
+
+    A ``refetch``'s claim of a batch (:func:`jobs.processes.refetch_claim`) is no run of it:
+    left out (its downloads are no jobs moving, and a forecast for it would be false)."""
+    from jobs.processes import refetch_claim
+
     seen: dict[str, datetime] = {}
     live: dict[str, datetime] = {}
     ended: dict[str, bool] = {}
@@ -233,6 +238,8 @@ def batch_beats(
         )
     )
     for scope, owner, at in rows:
+        if refetch_claim(owner):
+            continue
         seen[scope] = max(seen.get(scope, at), at)
         if gone is not None and ended.setdefault(owner, gone(owner)):
             continue

@@ -237,8 +237,12 @@ def test_a_video_back_in_place_before_its_turn_is_not_moved_aside(
 
 
 #: Twelve jobs: enough videos for downloads to overlap when fetched again.
-TWELVE = "name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\n  num_frames: 81\nitems:\n" + "".join(
-    f"  - prompt: Clouds drifting past peak number {n}\n    image_url: images/landscape.jpg\n" for n in range(12)
+TWELVE = (
+    "name: {name}\nendpoint: fal-ai/wan-i2v\ndefaults:\n  resolution: 480p\n  num_frames: 81\nitems:\n"
+    + "".join(
+        f"  - prompt: Clouds drifting past peak number {n}\n    image_url: images/landscape.jpg\n"
+        for n in range(12)
+    )
 )
 
 
@@ -325,7 +329,8 @@ def test_a_refetch_is_refused_while_another_process_runs_the_batch(
         said = refused.stderr.strip()
         assert len(said.splitlines()) == 1, said
         assert f"process {other.pid}" in said
-        assert "wait for it to end" in said and "stop it" in said
+        assert "wait for it to end" in said
+        assert "stop it" in said
         assert refused.stdout == ""
         assert sim.ledger()["downloads"] == downloads
         assert not any(video.exists() for video, _sha256 in videos.values())
