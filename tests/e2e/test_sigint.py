@@ -528,6 +528,14 @@ def test_a_second_signal_exits_at_once(
         # The first signal acted on: the run no longer says so (its conductor closed), and it now
         # waits for the POST in flight (held 30 s at fal; waited for up to WANBATCH_READ_TIMEOUT).
         wait_for("the first stop to begin", lambda: db_rows(db, beats)[0][0] == 0, proc, step=0.02)
+        # The other submits' POSTs (answered at once) recorded, or their jobs given back unsent:
+        # only the held one is still in flight (on a loaded machine their answers came later).
+        wait_for(
+            "one POST in flight",
+            lambda: _count(db, "state = 'submitting' AND submitted_input IS NOT NULL") == 1,
+            proc,
+            step=0.02,
+        )
         assert proc.popen.poll() is None, proc.stderr()
         _signal_and_wait(proc, signal.SIGINT, within=30)
     finally:
