@@ -7,7 +7,7 @@ machine with several CPUs each hand-off wakes a thread sleeping on *another* CPU
 inter-processor interrupt, caches warmed again, and in a virtual machine an exit to the
 hypervisor. That is the "convoy effect" of the GIL with I/O-bound threads on multicore machines
 (https://bugs.python.org/issue7946; David Beazley, "Understanding the Python GIL", PyCon 2010).
-Measured on the drain benchmark (2 vCPUs), the run's CPU per job falls by about a tenth when its
+Measured on the drain benchmark (2 vCPUs), the run's CPU per job falls by 5–10 % when its
 threads share one CPU, its makespan unchanged: only one of them runs Python at a time anyway,
 and a run needs far less than a core (about 20 ms of CPU per video that fal renders in minutes).
 
