@@ -305,12 +305,14 @@ from jobs.store.reading import READ_PAGE_BYTES as READ_PAGE_BYTES
 from jobs.store.reading import READ_PAGE_ROWS as READ_PAGE_ROWS
 from jobs.store.reading import SIMULATOR_FINISHED as SIMULATOR_FINISHED
 from jobs.store.reading import (
+    BatchPulse,
     DiffRow,
     FailureGroup,
     JobHead,
     RecordedOutput,
     SubmitView,
     UnfinishedBatch,
+    batch_pulse,
     count_in_states,
     count_repeated,
     counts_by_state,
@@ -410,6 +412,7 @@ __all__ = [
     "BatchBeat",
     "BatchCost",
     "BatchMoney",
+    "BatchPulse",
     "CapHolder",
     "CapScope",
     "DiffRow",
@@ -452,6 +455,7 @@ __all__ = [
     "batch_endpoints",
     "batch_estimated_usd",
     "batch_money",
+    "batch_pulse",
     "batch_schedule",
     "batch_spent_usd",
     "batch_states",

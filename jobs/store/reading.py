@@ -677,6 +677,43 @@ def counts_by_state(session: Session, batch_id: str | None = None) -> dict[str, 
     return counts
 
 
+@dataclass(frozen=True)
+class BatchPulse:
+    """A batch's state, whether its user paused it, and how many of its jobs are unfinished:
+    what a ``run`` that shows no progress reads between its full reads (:func:`batch_pulse`)."""
+
+    state: str
+    paused_by_user: bool
+    unfinished: int
+
+    @property
+    def goes_on(self) -> bool:
+        """Nothing a run's end depends on is in sight: the batch is active, not paused by its user,
+        and has unfinished jobs. Otherwise (finished, paused, cancelled) the full read decides."""
+        return self.state == BatchState.ACTIVE.value and not self.paused_by_user and self.unfinished > 0
+
+
+def batch_pulse(session: Session, batch_id: str) -> BatchPulse | None:
+    """:class:`BatchPulse` of ``batch_id`` in one statement (None when there is no such batch):
+    a fraction of the full progress read (its counts by state, money, forecast, notes), which a
+    run that shows no progress needs only when the batch may end."""
+    query = _prepared(
+        ("batch_pulse",),
+        lambda: select(
+            Batch.state,
+            Batch.paused_by_user,
+            select(func.count())
+            .select_from(Job)
+            .where(Job.batch_id == Batch.id, Job.state.in_(UNFINISHED_STATES))
+            .scalar_subquery(),
+        ).where(Batch.id == bindparam("batch_id")),
+    )
+    row = _run(session, query, {"batch_id": batch_id}).first()
+    if row is None:
+        return None
+    return BatchPulse(BatchState(row[0]).value, bool(row[1]), int(row[2] or 0))
+
+
 def video_bytes_per_job(session: Session, batch_id: str) -> int | None:
     """What one stored video of ``batch_id`` takes, on average: from its own succeeded jobs, else
     from every succeeded job of a batch sent to fal (a simulation's placeholders are tiny), else

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 import worker.running
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs import batches
+from jobs import batches, store
 from jobs.settings import Settings, get_settings
 from worker.running import process_batch
 
@@ -108,3 +108,66 @@ def test_the_end_is_seen_without_waiting_for_the_safety_net(
     assert report["finished"] == report["total"] == JOBS
     assert wall < 60.0, wall
     assert len(reads) <= 6, len(reads)
+
+
+def test_a_run_showing_nothing_reads_in_full_only_when_its_end_is_in_sight(
+    tmp_path: Path, sqlite_url: str, reads: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Jobs completing all the time: each completion changes what the run knows, so a run that
+    # shows a progress line reads it again at every look (up to twice a second). Shown nothing
+    # (--no-progress), the run reads one statement instead (jobs.store.batch_pulse) while the
+    # batch is active with jobs unfinished: in full once at the start, at its end, and every
+    # REFRESH_UNCHANGED_SECONDS (made longer than the run here).
+    monkeypatch.setattr(worker.running, "REFRESH_UNCHANGED_SECONDS", 60.0)
+    # Every look may read (a loaded machine's slow reads would otherwise space them out).
+    monkeypatch.setattr(worker.running, "RefreshBudget", _NoBudget)
+    pulses: list[float] = []
+    real_pulse = store.batch_pulse
+
+    def counted_pulse(*args: Any, **kwargs: Any) -> Any:
+        pulses.append(time.monotonic())
+        return real_pulse(*args, **kwargs)
+
+    monkeypatch.setattr(store, "batch_pulse", counted_pulse)
+    jobs = 16
+    options = SimulatorOptions(latency_seconds=0.4, latency_jitter=0.0, concurrency_limit=2, rng_seed=5)
+    with running_simulator(options) as handle:
+        monkeypatch.setenv("WANBATCH_DATABASE_URL", sqlite_url)
+        get_settings.cache_clear()
+        settings = Settings(
+            database_url=sqlite_url,
+            FAL_KEY=SecretStr("refresh-key-7c2d"),
+            fal_queue_url=handle.url,
+            fal_rest_url=handle.url,
+            output_dir=tmp_path / "outputs",
+            submit_rate=100,
+            max_outstanding=2,
+        )
+        manifest = tmp_path / "many.yaml"
+        manifest.write_text(
+            "name: many\nendpoint: fal-ai/wan-22\ndefaults:\n  resolution: 480p\nitems:\n"
+            + "".join(f"  - prompt: A quick render, take {i}\n" for i in range(jobs)),
+            encoding="utf-8",
+        )
+        submitted = batches.submit_manifest(manifest, settings)
+        started = time.monotonic()
+        report, _stats = process_batch(submitted.batch_id, settings, show_progress=False, serve_metrics=False)
+        wall = time.monotonic() - started
+    get_settings.cache_clear()
+    assert report["finished"] == report["total"] == jobs
+    assert report["counts"].get("succeeded") == jobs, report["counts"]
+    assert wall > 3.0, wall  # 8 rounds of 0.4 s at fal: many looks, many changes
+    assert len(reads) <= 3, (len(reads), len(pulses), wall)  # in full: the start and the end
+    assert len(pulses) >= 2, (len(pulses), wall)  # the other looks read the pulse
+    # The end is seen at the next look (the pulse finds no unfinished job), not at the safety net.
+    assert reads[-1] - started < wall, (reads, wall)
+
+
+class _NoBudget(worker.running.RefreshBudget):
+    """A refresh budget that lets every look read."""
+
+    def due(self, now: float) -> bool:
+        return True
+
+    def spent(self, started: float, ended: float) -> None:
+        pass

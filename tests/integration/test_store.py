@@ -717,3 +717,29 @@ def test_add_100k_jobs_quickly_on_postgresql(request: pytest.FixtureRequest) -> 
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("TRUNCATE job_events, jobs, uploads, batches CASCADE")
+
+
+def test_batch_pulse_says_when_a_run_showing_nothing_must_read_in_full(session: Session) -> None:
+    batch = make_batch(session, n=3)
+    assert store.batch_pulse(session, "no-such-batch") is None
+    pulse = store.batch_pulse(session, batch.id)
+    assert pulse == store.BatchPulse("active", False, 3)
+    assert pulse.goes_on
+    jobs = list(store.jobs_of_batch(session, batch.id))
+    for job in jobs[:2]:
+        assert store.transition(session, job.id, JobState.PENDING, JobState.CANCELLED, reason="test")
+    session.commit()
+    assert store.batch_pulse(session, batch.id) == store.BatchPulse("active", False, 1)
+    store.set_paused_by_user(session, batch.id, True)
+    session.commit()
+    assert not store.batch_pulse(session, batch.id).goes_on  # type: ignore[union-attr]
+    store.set_paused_by_user(session, batch.id, False)
+    store.set_batch_state(session, batch.id, BatchState.PAUSED)
+    session.commit()
+    assert not store.batch_pulse(session, batch.id).goes_on  # type: ignore[union-attr]
+    store.set_batch_state(session, batch.id, BatchState.ACTIVE)
+    assert store.transition(session, jobs[2].id, JobState.PENDING, JobState.CANCELLED, reason="test")
+    session.commit()
+    finished = store.batch_pulse(session, batch.id)
+    assert finished == store.BatchPulse("active", False, 0)
+    assert not finished.goes_on
