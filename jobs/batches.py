@@ -1342,29 +1342,41 @@ def batch_progress(
     now: datetime | None = None,
     policy: str = DEFAULT_UNKNOWN_POLICY,
     here: listing.Here | None = None,
+    shown: bool = True,
 ) -> BatchProgress:
     """The part of :func:`batch_report` a progress display needs — state, counts, money, the
     forecast — without the cost report and failure reasons, which cost several aggregates each
     time. ``now``: for the schedule and the pace; ``policy``: ``WANBATCH_SUBMIT_UNKNOWN_POLICY``,
     for what ``proof_wait_note`` says comes after a wait for proof; ``here``: the key and fal
-    queue of the process that shows it, for ``elsewhere_waiting_note`` (none without)."""
+    queue of the process that shows it, for ``elsewhere_waiting_note`` (none without).
+
+    ``shown=False``: for a ``run`` that shows nothing (``--no-progress``), which reads it only
+    to know when it ends: no forecast and no notes (``standing``, ``eta_*``, ``proof_wait_note``
+    and ``elsewhere_waiting_note`` blank, ``processing`` True), the pace over the last finishes
+    being most of the read's cost."""
     batch = store.get_batch(session, batch_id)
     schedule, now = store.batch_schedule(batch), now or utcnow()
     counts = store.counts_by_state(session, batch.id)
-    # What status's pace goes by, without its pass over every job of the batch for the money.
-    totals = listing.Totals(
-        counts=counts,
-        # One read of the window's finishes (``ix_jobs_finished_at``): none there, no pace.
-        stretch=listing.work_stretches(session, [batch.id], now=now).get(batch.id),
-        first_submitted_at=_first_submitted_at(session, batch.id, now),
-    )
     total = sum(counts.values())
     finished = sum(counts[s.value] for s in JobState if s.terminal)
     held = listing.held_reason(batch, now=now)
     done = total > 0 and finished == total
-    # status's rule, not only what holds the batch back: no forecast either while nothing
-    # processes it (no worker alive, a stopped run) or while the workers cannot reach the broker.
-    forecast = batch_forecast(session, batch, totals, now=now)
+    standing, processing, eta, eta_note, proof_note, elsewhere = "", True, None, None, "", ""
+    if shown:
+        # What status's pace goes by, without its pass over every job of the batch for the money.
+        totals = listing.Totals(
+            counts=counts,
+            # One read of the window's finishes (``ix_jobs_finished_at``): none there, no pace.
+            stretch=listing.work_stretches(session, [batch.id], now=now).get(batch.id),
+            first_submitted_at=_first_submitted_at(session, batch.id, now),
+        )
+        # status's rule, not only what holds the batch back: no forecast either while nothing
+        # processes it (no worker alive, a stopped run) or while the workers cannot reach the broker.
+        forecast = batch_forecast(session, batch, totals, now=now)
+        standing, processing = forecast.standing, listing.is_processing(forecast.last_beat, now=now)
+        eta, eta_note = forecast.eta_seconds, forecast.eta_note
+        proof_note = forecast.proof_note(policy, now=now)
+        elsewhere = elsewhere_note(session, batch, counts, here)
     shown_schedule = schedule_state(session, batch, finished=done, now=now)
     return {
         "batch": batch.id,
@@ -1381,13 +1393,13 @@ def batch_progress(
         "schedule_state": shown_schedule,
         "paused_schedule_state": paused_schedule_state(shown_schedule, schedule, now),
         "held": held,
-        "standing": forecast.standing,
-        "processing": listing.is_processing(forecast.last_beat, now=now),
+        "standing": standing,
+        "processing": processing,
         "schedule": schedule,
-        "eta_seconds": forecast.eta_seconds,
-        "eta_note": forecast.eta_note,
-        "proof_wait_note": forecast.proof_note(policy, now=now),
-        "elsewhere_waiting_note": elsewhere_note(session, batch, counts, here),
+        "eta_seconds": eta,
+        "eta_note": eta_note,
+        "proof_wait_note": proof_note,
+        "elsewhere_waiting_note": elsewhere,
     }
 
 

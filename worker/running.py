@@ -1794,7 +1794,9 @@ def _watch(
         leased = leases_note(conductor)
         beside = beside_note(conductor)
         with db.read_scope(engine) as session:
-            current = batch_progress(session, batch_id, policy=settings.submit_unknown_policy, here=here)
+            current = batch_progress(
+                session, batch_id, policy=settings.submit_unknown_policy, here=here, shown=not pulse_only
+            )
             holds = [] if leased else caps.holds(session, current)
             uncancelled = _uncancelled(session, batch_id, current, conductor)
             stranded = _stranded(session, batch_id, settings, conductor)

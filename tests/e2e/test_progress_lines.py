@@ -124,8 +124,9 @@ def test_the_lines_forecast_what_status_forecasts(
         now: datetime | None = None,
         policy: str = "fail",
         here: Any = None,
+        shown: bool = True,
     ) -> BatchProgress:
-        current = batch_progress(session, batch_id, now=now, policy=policy, here=here)
+        current = batch_progress(session, batch_id, now=now, policy=policy, here=here, shown=shown)
         current["eta_seconds"], current["eta_note"] = 94.0, note
         return current
 

@@ -22,7 +22,8 @@ from pydantic import SecretStr
 import worker.running
 from falsim.options import SimulatorOptions
 from falsim.server import SimulatorHandle, running_simulator
-from jobs import batches, store
+from jobs import batches, db, store
+from jobs.db import open_engine
 from jobs.settings import Settings, get_settings
 from worker.running import process_batch
 
@@ -171,3 +172,21 @@ class _NoBudget(worker.running.RefreshBudget):
 
     def spent(self, started: float, ended: float) -> None:
         pass
+
+
+def test_the_progress_of_a_run_showing_nothing_decides_its_end_as_the_shown_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A finished batch read both ways: the same state, counts, money and schedule (what decides
+    # whether a run ends); the forecast and the notes, which only a display shows, left blank.
+    report, _wall = _run(settings, tmp_path)
+    engine = open_engine(settings)
+    with db.read_scope(engine) as session:
+        shown = batches.batch_progress(session, report["batch"])
+        unshown = batches.batch_progress(session, report["batch"], shown=False)
+    blank = {"standing", "processing", "eta_seconds", "eta_note", "proof_wait_note", "elsewhere_waiting_note"}
+    assert {k: v for k, v in unshown.items() if k not in blank} == {
+        k: v for k, v in shown.items() if k not in blank
+    }
+    assert (unshown["standing"], unshown["eta_seconds"], unshown["eta_note"]) == ("", None, None)
+    assert unshown["finished"] == unshown["total"] == JOBS
