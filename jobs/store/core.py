@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, case, literal, literal_column, or_, select
+from sqlalchemy import ColumnElement, Connection, Table, and_, case, literal, literal_column, or_, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -150,6 +150,29 @@ def _kept(statement: Any) -> Any:
     return statement
 
 
+#: ``session.info`` key: (the session's root transaction, its connection), :func:`session_connection`.
+_CONNECTION_KEY = "wanbatch.connection"
+
+
+def session_connection(session: Session) -> Connection:
+    """``session.connection()``, kept for the rest of the session's transaction.
+
+    Each statement of a round asked the session for its connection again (the bind looked up,
+    the transaction's state machine walked: about as much CPU as building the statement's
+    arguments), while a transaction holds one connection for its whole life — a SAVEPOINT
+    (``begin_nested``) runs on its parent's. Kept beside the root transaction it belongs to,
+    and used only while that very transaction is still the session's and active: a new
+    transaction (after a commit or a rollback), or one a failure left inactive, asks the
+    session again, which raises as it always did."""
+    transaction = session.get_transaction()
+    kept = session.info.get(_CONNECTION_KEY)
+    if kept is not None and kept[0] is transaction and transaction is not None and transaction.is_active:
+        return cast(Connection, kept[1])
+    connection = session.connection()
+    session.info[_CONNECTION_KEY] = (session.get_transaction(), connection)
+    return connection
+
+
 def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = None) -> Any:
     """Execute a Core statement on the session's connection, in the session's transaction.
 
@@ -161,9 +184,11 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
     objects are flushed first, as ``Session.execute`` would. The result answers
     ``first``/``one``/``scalar``/``all`` and iteration, its rows by index, by name and ``_mapping``.
     """
-    if session.autoflush and (session.new or session.dirty or session.deleted):
+    # ``Session.flush``'s own test of whether anything is pending: ``new``, ``dirty`` and
+    # ``deleted`` each build a collection, three per statement of every round.
+    if session.autoflush and not session._is_clean():
         session.flush()
-    connection = session.connection()
+    connection = session_connection(session)
     if id(statement) in _KEPT:
         return run_reusable(connection, statement, params)
     return connection.execute(statement, params)
@@ -172,7 +197,10 @@ def _run(session: Session, statement: Any, params: Mapping[str, Any] | None = No
 def _refresh_loaded(session: Session, job_id: str, written: Mapping[Any, Any]) -> None:
     """Give the session's copy of ``job_id``, if it holds one, the values just written (a Core
     UPDATE does not touch the identity map; callers keep using the object after the session
-    closes, so it is updated in place rather than expired)."""
+    closes, so it is updated in place rather than expired). A session that holds no object at
+    all (a dispatch round's, a stream's statuses: Core rows only) is not asked by key."""
+    if not len(session.identity_map):
+        return
     loaded = session.identity_map.get(identity_key(Job, job_id))
     if loaded is not None:
         for name, value in written.items():  # the model's attributes are named as its columns

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from jobs import db
 from jobs.models import Batch, BatchRecord, BatchState, SubmitPace, SubmitRate
 from jobs.store.batches import _has_unfinished_jobs
-from jobs.store.core import _dialect_insert, _prepared, _run
+from jobs.store.core import _dialect_insert, _prepared, _run, session_connection
 
 #: Key of the PostgreSQL advisory lock one dispatch round holds at a time (an arbitrary constant
 #: of PostgreSQL's signed 64-bit lock keys: "dispatch" in ASCII).
@@ -34,7 +34,7 @@ def lock_dispatch(session: Session) -> None:
     (https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS), released at
     commit or rollback; on SQLite the transaction's write lock (``BEGIN IMMEDIATE``) already does.
     """
-    if session.connection().dialect.name == "postgresql":
+    if session_connection(session).dialect.name == "postgresql":
         _run(
             session,
             _prepared(("dispatch-lock",), lambda: select(func.pg_advisory_xact_lock(bindparam("key")))),
@@ -100,7 +100,7 @@ def take_submit_tokens(
     POST, and every POST waits for its :func:`record_send` to commit synced, which makes this
     write durable first; one lost to a power cut with nothing sent took nothing.
     """
-    dialect = session.connection().dialect.name
+    dialect = session_connection(session).dialect.name
 
     def build() -> Any:
         clock = _epoch_now(dialect)

@@ -43,6 +43,7 @@ from jobs.store.core import (
     _refresh_loaded,
     _run,
     _same_request_elsewhere,
+    session_connection,
 )
 from jobs.store.key_refusals import REFUSABLE_STATES
 
@@ -108,7 +109,7 @@ def transition(
     if not can_transition(expected, new):
         raise ValueError(f"illegal job transition {expected.value} -> {new.value}")
     _check_fields(fields)
-    logged = session.connection().dialect.name == "postgresql"
+    logged = session_connection(session).dialect.name == "postgresql"
     # On PostgreSQL the check takes the request's advisory lock first (:func:`request_holder`);
     # on SQLite, whose writers take turns on the whole file, the UPDATE itself refuses a request
     # another job holds (``NOT EXISTS``), and only a move that did not happen asks why.
