@@ -452,16 +452,19 @@ def test_a_killed_runs_downloads_and_unsent_jobs_are_taken_back_at_once(
     path = _manifest(manifest)
     first = Proc(["run", str(path), "--no-progress"], env, e2e_env, "killed")
     try:
+        # Its own downloads (leased to it): a completion a poll moved to `downloading` is
+        # unleased for a moment, until the same tick hands its download on.
+        hanging = f"lease_owner LIKE '{first.owner_prefix}%' AND state = 'downloading'"
         _wait_for(
             "downloads to hang, nothing being sent",
-            lambda: _count(db, "state = 'downloading'") >= 2 and _count(db, "state = 'submitting'") == 0,
+            lambda: _count(db, hanging) >= 2 and _count(db, "state = 'submitting'") == 0,
             first,
         )
         first.popen.send_signal(signal.SIGKILL)
         first.popen.wait(10)
     finally:
         first.kill()
-    assert _count(db, f"lease_owner LIKE '{first.owner_prefix}%' AND state = 'downloading'") >= 2
+    assert _count(db, hanging) >= 2
     stalled_downloads.set()
 
     second = Proc(["run", str(path)], {**env, "COLUMNS": "200"}, e2e_env, "after-kill")
