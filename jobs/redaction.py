@@ -187,6 +187,25 @@ def redact_value(value: Any, keys: Iterable[str] = ()) -> Any:
     return _redact_walk(value, known, 0)
 
 
+def redact_json(value: Any, text: str, keys: Iterable[str] = ()) -> Any:
+    """:func:`redact_value` of ``value``, parsed from the JSON ``text``: the same value, the
+    text looked at in place of ``value`` rendered as JSON again when it can stand for it.
+
+    An ASCII text without a backslash escapes nothing, so every string of ``value`` (keys of
+    dicts too) is in it as it is: no rule can match in any of them when none matches in the
+    text (its rules look for words, shapes and keys' triggers, never for a text's start or end).
+    A status stream's events come through here, each already in hand as text: one pass over it
+    instead of a rendering and a pass. Any other text (escapes, non-ASCII, nested deeper than
+    the walk goes) is checked as :func:`redact_value` checks.
+    """
+    if not text.isascii() or "\\" in text or text.count("[") + text.count("{") > _MAX_DEPTH:
+        return redact_value(value, keys)
+    known = _known(keys)
+    if not _may_need_masking(text, known.triggers):
+        return value
+    return _redact_walk(value, known, 0)
+
+
 #: Characters ``json.dumps(..., ensure_ascii=False)`` writes escaped: a string holding one
 #: does not appear verbatim in the JSON text, so a key holding one is not looked for there.
 _JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')

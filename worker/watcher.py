@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection
 from jobs.errors import WanbatchError
 from worker import logs
 from worker.fal.client import FalClient
-from worker.fal.models import RequestHandle, Status
+from worker.fal.models import QueueState, RequestHandle, Status
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 OnStatus = Callable[[str, str, Status], None]
 #: ``on_lost(job_id, request_id)``: the stream broke before the request ended; polling takes over.
 OnLost = Callable[[str, str], None]
+#: The states a stream's statuses are reported in (COMPLETED always is: it ends the stream).
+_FOLLOWED: tuple[QueueState, ...] = ("IN_PROGRESS",)
 #: How long a reading thread with nothing to read waits for another stream before it exits.
 IDLE_THREAD_SECONDS = 5.0
 
@@ -170,7 +172,8 @@ class StatusWatcher:
             return self._closed or job_id in self._let_go
 
         try:
-            for status in self.client.stream_status(handle, stop=stop):
+            # Only running and ended matter here: the queue's moves are read and left.
+            for status in self.client.stream_status(handle, stop=stop, states=_FOLLOWED):
                 if stop():
                     return
                 if status.completed:

@@ -162,7 +162,9 @@ class _BreakingStreams:
         #: reading thread outlives the test (a later test counts the watcher's threads).
         self.closed = threading.Event()
 
-    def stream_status(self, handle: RequestHandle, *, stop: object = None) -> Iterator[Status]:
+    def stream_status(
+        self, handle: RequestHandle, *, stop: object = None, states: object = None
+    ) -> Iterator[Status]:
         breaks = threading.Event()
         self.opened.put(breaks)
         while not (breaks.is_set() or self.closed.is_set()):

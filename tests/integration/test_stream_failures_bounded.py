@@ -46,7 +46,9 @@ class _Breaks:
         self.opened = 0
         self._lock = threading.Lock()
 
-    def stream_status(self, handle: RequestHandle, *, stop: object = None) -> Iterator[Status]:
+    def stream_status(
+        self, handle: RequestHandle, *, stop: object = None, states: object = None
+    ) -> Iterator[Status]:
         with self._lock:
             self.opened += 1
         if self.opened >= 0:  # always: a generator that breaks at its first read, as the real one

@@ -568,6 +568,28 @@ def test_stream_status_parses_events_and_skips_comments() -> None:
     assert req.headers["accept"] == "text/event-stream"
 
 
+def test_a_stream_asked_for_some_states_checks_the_others_and_leaves_them() -> None:
+    body = (
+        'data: {"status": "IN_QUEUE", "queue_position": 2}\n\n',
+        f'data: {{"status": "IN_PROGRESS", "logs": [{{"message": "echo {KEY}"}}]}}\n\n',
+        'data: {"status": "IN_QUEUE", "queue_position": 1}\n\n',
+        'data: {"status": "COMPLETED", "logs": null}\n\n',
+    )
+    with make_client(Recorder(sse(*body))) as client:
+        statuses = list(client.stream_status(HANDLE, states=("IN_PROGRESS",)))
+    assert [s.state for s in statuses] == ["IN_PROGRESS", "COMPLETED"]  # COMPLETED always
+    assert statuses[0].logs == [{"message": "echo ***"}]  # masked, as every status is
+    assert KEY not in json.dumps(statuses[0].raw)
+    # An event left is still read as every other is: a state fal has, in JSON.
+    for event, error in (
+        ('data: {"status": "WAITING"}\n\n', ProviderProtocolError),
+        ('data: ["IN_QUEUE"]\n\n', ProviderProtocolError),
+        ("data: {not json}\n\n", RetryableProviderError),
+    ):
+        with make_client(Recorder(sse(event))) as client, pytest.raises(error):
+            list(client.stream_status(HANDLE, states=("IN_PROGRESS",)))
+
+
 class _Tail(httpx.SyncByteStream):
     """An SSE body that notes whether it was read to its end."""
 

@@ -22,6 +22,7 @@ from worker.fal.redact import (
     MASK,
     KeyRedactionFilter,
     install_redaction,
+    redact_json,
     redact_text,
     redact_value,
     uninstall_redaction,
@@ -291,6 +292,48 @@ def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -
         assert redact_value(v, [KEY, ODD_KEY]) == expected, v
         changed += expected != v
     assert 400 < changed < 3600  # both kinds of value were tried
+
+
+def test_a_parsed_value_checked_by_its_text_is_masked_as_walking_it_would() -> None:
+    """redact_json looks at the JSON text a value was read from (when it escapes nothing)
+    rather than at the value rendered again; over values of the same pieces, written with and
+    without ASCII escapes and spaces, it must agree with walking every string of the value."""
+    import random
+
+    from worker.fal import redact
+    from worker.fal.errors import load_json
+
+    words = "…| |:|=|'|\"|\\|\n|Authorization|authorızation=key |Key |key |Bearer |status|é"
+    pieces = [KEY, KEY[:8], KEY[:20], SECRET_PART, SECRET_PART[:12], *words.split("|"), *ENCODED_PIECES]
+    pieces += SHAPED_PIECES
+    rng = random.Random(5)
+    known = redact._Known(frozenset({KEY, ODD_KEY}))
+
+    def text() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+
+    def value(depth: int) -> object:
+        kind = rng.randrange(5 if depth < 4 else 3)
+        if kind == 0:
+            return text()
+        if kind == 1:
+            return rng.choice([7, 2.5, None, True, 2**70])
+        if kind == 2:
+            return rng.choice(["IN_PROGRESS", "https://v3.fal.media/files/x/y.mp4", ""])
+        if kind == 3:
+            return {text(): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+
+    changed = by_text = 0
+    for _ in range(4000):
+        written = json.dumps(value(0), ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+        parsed = load_json(written, "event")
+        expected = redact._redact_walk(parsed, known, 0)
+        assert redact_json(parsed, written, [KEY, ODD_KEY]) == expected, written
+        changed += expected != parsed
+        by_text += written.isascii() and "\\" not in written
+    assert 400 < changed < 3600  # both kinds of value were tried
+    assert 400 < by_text < 3600  # and both kinds of text
 
 
 def test_a_value_that_is_not_json_is_still_walked() -> None:

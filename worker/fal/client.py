@@ -42,7 +42,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from types import TracebackType
 from typing import Any, Literal
@@ -100,7 +100,7 @@ from worker.fal.models import (
     request_id_or_none,
     valid_request_id,
 )
-from worker.fal.redact import redact_value
+from worker.fal.redact import redact_json, redact_value
 from worker.fal.sse import event_data
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,11 @@ class FalClient:
     def scrub(self, value: Any) -> Any:
         """``value`` (text, or JSON from fal) with the key masked wherever it appears."""
         return redact_value(value, [self._key] if self._key else [])
+
+    def scrub_json(self, value: Any, text: str) -> Any:
+        """:meth:`scrub` of ``value``, parsed from the JSON ``text`` fal sent: the text is looked
+        at for the key rather than ``value`` rendered again (:func:`~jobs.redaction.redact_json`)."""
+        return redact_json(value, text, [self._key] if self._key else [])
 
     @contextmanager
     def scrubbed(self) -> Iterator[None]:
@@ -479,7 +484,12 @@ class FalClient:
             return _parse_status(self.scrub(json_body(response, "status")), h.request_id)
 
     def stream_status(
-        self, handle: HandleLike, *, logs: bool = False, stop: Callable[[], bool] | None = None
+        self,
+        handle: HandleLike,
+        *,
+        logs: bool = False,
+        stop: Callable[[], bool] | None = None,
+        states: Collection[str] | None = None,
     ) -> Iterator[Status]:
         """Statuses as fal pushes them over SSE, ending with (and including) COMPLETED.
 
@@ -499,6 +509,11 @@ class FalClient:
         ``stop``: asked at every chunk the stream sends (keep-alives included); once it says
         True the statuses end there, without an error, and the connection is closed: the caller
         no longer needs the stream (its request was found ended another way, or it closed).
+
+        ``states``: only statuses in these states are yielded, and COMPLETED, which ends the
+        stream (None: every one). An event of another state is still read and checked — JSON, an
+        object, a state fal has — and then left, neither masked nor made a :class:`Status`: a
+        queued request's stream says little but its place in the queue, each time it moves.
         """
         h = _handle(handle)
         url = f"{h.status_url.rstrip('/')}/stream"
@@ -538,7 +553,11 @@ class FalClient:
                     raise RetryableProviderError(
                         "fal status stream: an event was not JSON", request_id=h.request_id
                     )
-                status = _parse_status(self.scrub(body), h.request_id)
+                if states is not None and isinstance(body, dict):
+                    state = body.get("status")
+                    if state in QUEUE_STATES and state != "COMPLETED" and state not in states:
+                        continue  # a known state the caller does not follow: checked, and left
+                status = _parse_status(self.scrub_json(body, data), h.request_id)
                 yield status
                 if status.completed:
                     _read_to_end(events)

@@ -34,6 +34,7 @@ from jobs.redaction import MASK as MASK
 from jobs.redaction import _apply_rules as _apply_rules  # re-exported for the property tests
 from jobs.redaction import _Known as _Known
 from jobs.redaction import _redact_walk as _redact_walk
+from jobs.redaction import redact_json as redact_json
 from jobs.redaction import redact_text as redact_text
 from jobs.redaction import redact_value as redact_value
 from jobs.url_secrets import mask_urls

@@ -68,6 +68,12 @@ class DeadInputs:
                 self._dead[dead.url] = dead
         return new
 
+    def any(self) -> bool:
+        """Whether any input URL is known dead: nearly never, so a submit that finds none skips
+        working out which URLs it carries (no lock: a dict's size is read whole, and a URL
+        learned a moment later is one the check would have missed just the same)."""
+        return bool(self._dead)
+
     def among(self, urls: Iterable[str]) -> list[DeadInput]:
         """What is known of each of ``urls`` (as sent) fal could not download, in their order."""
         with self._lock:

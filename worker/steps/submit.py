@@ -231,7 +231,10 @@ def _submit(rt: Runtime, job_id: str) -> str:
 
     # An input URL fal could not download for another job: not sent with it (nothing is uploaded
     # or waited for first).
-    if (stopped := _stopped_for_dead_input(rt, ticket, as_sent(raw_input))) is not None:
+    if (
+        rt.dead_inputs.any()
+        and (stopped := _stopped_for_dead_input(rt, ticket, as_sent(raw_input))) is not None
+    ):
         return stopped
 
     # fal unreachable a moment ago (a connect failure): only one submit at a time goes, as the
@@ -261,12 +264,13 @@ def _submit(rt: Runtime, job_id: str) -> str:
     granted = time.monotonic()
     # fal may have said, while this job waited for its token, that it cannot download one of its
     # inputs: a user's URL is not sent; an upload fal's storage dropped is made again first.
-    if (stopped := _stopped_for_dead_input(rt, ticket, to_send)) is not None:
-        return stopped
-    if (again := _upload_dead_again(rt, ticket, to_send, probe=probe)) is not None:
-        if isinstance(again, str):
-            return again
-        to_send = again
+    if rt.dead_inputs.any():  # none known (nearly always): neither check has a URL to find
+        if (stopped := _stopped_for_dead_input(rt, ticket, to_send)) is not None:
+            return stopped
+        if (again := _upload_dead_again(rt, ticket, to_send, probe=probe)) is not None:
+            if isinstance(again, str):
+                return again
+            to_send = again
 
     # From the send's record on, the POST is under way (counted in flight, so that a stopping
     # run waits for its answer): _record_send asks, in one step with the stop, once its write
