@@ -350,6 +350,15 @@ class JobRecord(Protocol):
     def actual_billing_units(self) -> Decimal | None: ...
 
 
+#: The columns :class:`JobRecord` names: all a dispatch round's claim reads of a job
+#: (:func:`jobs.store.claim_due`). Every use of a claimed job is typed by the protocol, so mypy
+#: holds them to these; the other forty-odd columns (fal's answers, outputs, media) cost the claim
+#: most of its CPU to read and convert, for nothing.
+JOB_RECORD_FIELDS: frozenset[str] = frozenset(
+    name for name, member in vars(JobRecord).items() if isinstance(member, property)
+)
+
+
 class Batch(Base):
     """One submitted manifest. Totals are computed from its jobs, never stored twice."""
 

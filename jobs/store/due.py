@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from jobs.models import Batch, BatchState, ClockMark
+from jobs.models import JOB_RECORD_FIELDS, Batch, BatchState, ClockMark
 from jobs.states import AT_PROVIDER_STATES, JobState
 from jobs.store.core import _JOBS, _prepared, _run, sent_to_origin
 
@@ -36,7 +36,7 @@ from jobs.store.core import _JOBS, _prepared, _run, sent_to_origin
 def _due(
     session: Session,
     *,
-    whole: bool,
+    record: bool,
     states: Sequence[JobState],
     limit: int,
     now: datetime,
@@ -48,8 +48,8 @@ def _due(
     exclude_batch_ids: Collection[str] = (),
     sent_to: str | None = None,
 ) -> list[Any]:
-    """The oldest ``limit`` due jobs of :func:`claim_jobs`: their sort keys, or (``whole``) every
-    column, as rows."""
+    """The oldest ``limit`` due jobs of :func:`claim_jobs`: their sort keys, or (``record``) the
+    columns of :class:`~jobs.models.JobRecord`, as rows."""
     if limit <= 0 or not states:
         return []
     wanted: list[str | None] = [batch_id]
@@ -70,7 +70,7 @@ def _due(
         bool(skip_batches),
         sent_to is not None,
     )
-    candidates = _prepared(("claim", whole, *shape), lambda: _claim_candidates(*shape, whole=whole))
+    candidates = _prepared(("claim", record, *shape), lambda: _claim_candidates(*shape, record=record))
     params: dict[str, Any] = {
         "now": now,
         "limit": limit,
@@ -88,7 +88,7 @@ def _due(
         for one_batch in wanted:
             at = {**params, "state": state, "batch_id": one_batch}
             if state == JobState.RETRY_WAIT:
-                found += _due_retries(session, at, shape, whole=whole, candidates=candidates)
+                found += _due_retries(session, at, shape, record=record, candidates=candidates)
             else:
                 found += _run(session, candidates, at).all()
     found.sort(key=lambda r: (r.created_at, r.item_index, r.id))
@@ -123,7 +123,7 @@ def _due_fairly(
     endpoints: Sequence[str] | None = None,
     exclude_batch_ids: Collection[str] = (),
 ) -> list[Any]:
-    """The ``limit`` due jobs a dispatch round claims (every column), shared between the
+    """The ``limit`` due jobs a dispatch round claims (as :class:`~jobs.models.JobRecord`), shared between the
     batches that have jobs to send (:func:`_share`): normal-priority batches before
     ``priority: low`` ones, and among them the next slot to the batch with the fewest
     requests at fal; within a batch in item order (``created_at``, ``item_index``, ``id``).
@@ -140,7 +140,7 @@ def _due_fairly(
     if limit <= 0 or not states:
         return []
     common: dict[str, Any] = {
-        "whole": True,
+        "record": True,
         "states": states,
         "now": now,
         "active_batches_only": active_batches_only,
@@ -276,7 +276,7 @@ FEW_DUE_RETRIES = 500
 
 
 def _due_retries(
-    session: Session, params: dict[str, Any], shape: tuple[bool, ...], *, whole: bool, candidates: Any
+    session: Session, params: dict[str, Any], shape: tuple[bool, ...], *, record: bool, candidates: Any
 ) -> list[Any]:
     """The oldest ``limit`` due ``retry_wait`` jobs of one batch (or of all): the candidate rows
     of :func:`_due`, read through their ``next_attempt_at`` when few are due.
@@ -304,8 +304,8 @@ def _due_retries(
     for due, count in zip(_DUE, (unset, passed), strict=True):
         if count:
             query = _prepared(
-                ("claim", whole, *shape, due),
-                functools.partial(_claim_candidates, *shape, whole=whole, due=due),
+                ("claim", record, *shape, due),
+                functools.partial(_claim_candidates, *shape, record=record, due=due),
             )
             found += _run(session, query, params).all()
     return found
@@ -386,6 +386,13 @@ def _not_in_postgresql_index_order(element: _NotInIndexOrder, compiler: Any, **k
     return "(" + str(compiler.process(element.column, **kw)) + " + INTERVAL '0 seconds')"
 
 
+#: What a claim of :func:`_due_fairly` reads of each job: the columns of
+#: :class:`~jobs.models.JobRecord` (the type every use of a claimed job goes by) and its sort keys.
+#: Every column of the table (about sixty) made the claim cost three times what reading the
+#: ids does, most of it converting fal's answers, outputs and media nothing of the round reads.
+_RECORD_COLUMNS = [c for c in _JOBS.c if c.name in JOB_RECORD_FIELDS | {"created_at", "item_index"}]
+
+
 def _claim_candidates(
     scoped: bool,
     active_only: bool,
@@ -394,11 +401,12 @@ def _claim_candidates(
     excluding_batches: bool,
     by_origin: bool = False,
     *,
-    whole: bool = False,
+    record: bool = False,
     due: str | None = None,
 ) -> Any:
     """The candidate query of :func:`claim_jobs` for one state (and batch), oldest first: the
-    ids and sort keys, or (``whole``) every column of the jobs. ``due``: only ``retry_wait``
+    ids and sort keys, or (``record``) those and the columns of :class:`~jobs.models.JobRecord`
+    (:data:`_RECORD_COLUMNS`). ``due``: only ``retry_wait``
     jobs due at once (``unset``) or whose moment has come (``passed``), found through their
     ``next_attempt_at`` (:func:`_due_retries`)."""
     now: BindParameter[datetime] = bindparam("now")
@@ -423,7 +431,7 @@ def _claim_candidates(
         conditions.append(exists().where(Batch.id == _JOBS.c.batch_id, Batch.state == BatchState.ACTIVE))
     if by_origin:
         conditions.append(sent_to_origin(bindparam("sent_to")))
-    columns = list(_JOBS.c) if whole else [_JOBS.c.id, _JOBS.c.created_at, _JOBS.c.item_index]
+    columns = _RECORD_COLUMNS if record else [_JOBS.c.id, _JOBS.c.created_at, _JOBS.c.item_index]
     first: ColumnElement[Any] = _JOBS.c.created_at if due is None else _NotInIndexOrder(_JOBS.c.created_at)
     return (
         select(*columns)

@@ -50,7 +50,7 @@ def claim_jobs(
     """
     found = _due(
         session,
-        whole=False,
+        record=False,
         states=states,
         limit=limit,
         now=now,
@@ -114,8 +114,9 @@ def claim_due(
     writer on SQLite.
 
     Their columns as read (Core rows: a claim runs on every completion, and building ORM objects
-    cost more than the query). A move does not update them: the hold after one is
-    :meth:`Fence.moved`.
+    cost more than the query), those of :class:`~jobs.models.JobRecord` only: the rest cost the
+    claim twice what it costs without them, and nothing of the round reads them. A move does
+    not update them: the hold after one is :meth:`Fence.moved`.
 
     Not simply the oldest: the slots are shared between the batches with jobs to send, normal
     priority before ``priority: low``, each next slot to the batch with the fewest requests at
