@@ -136,6 +136,7 @@ from jobs.store.creating import revive_input_failed as revive_input_failed
 from jobs.store.dashboard_sessions import dashboard_session_revoked, revoke_dashboard_session
 from jobs.store.dispatch import DISPATCH_LOCK_KEY as DISPATCH_LOCK_KEY
 from jobs.store.dispatch import (
+    RateRead,
     SubmitTokens,
     cancelled_batches_with_work,
     dispatch_batches,
@@ -427,6 +428,7 @@ __all__ = [
     "LeaseHolder",
     "MetricsScope",
     "NewJob",
+    "RateRead",
     "RecordedOutput",
     "ReleasedLeases",
     "StoredProof",

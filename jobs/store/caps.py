@@ -16,7 +16,8 @@ from sqlalchemy.sql.elements import BindParameter
 from jobs import db
 from jobs.models import EVERY_BATCH, Batch, ConductorHeartbeat, Job, utcnow
 from jobs.states import AT_PROVIDER_STATES, JobState
-from jobs.store.core import _paid, _prepared, _run, _sent_with, sent_to_origin
+from jobs.store.core import _paid, _prepared, _run, _sent_with, sent_to_origin, session_connection
+from jobs.store.dispatch import RateRead, rate_columns
 from jobs.store.due import _DUE, _any_due_retry
 
 
@@ -119,6 +120,9 @@ class InFlight:
     #: none) exists, whether due or not, paused or not: none, and with :attr:`retry_due` False a
     #: claim can find nothing (the round claims only those two states), so the round stops there.
     pending: bool = True
+    #: The shared submit bucket and pacing of the key :func:`in_flight` was asked to read them
+    #: for (None: not asked).
+    rate: RateRead | None = None
 
 
 #: How long a request sent to another fal queue (:attr:`CapScope.origin`) that no live process
@@ -260,6 +264,8 @@ def in_flight(
     now: datetime,
     followed: Followed | None = None,
     pending_of: Collection[str] | None = None,
+    rate_of: str | None = None,
+    wall: float = 0.0,
 ) -> InFlight:
     """The counts of :class:`InFlight` in ``scope``, in one pass over the in-flight states' index
     entries, and whether a ``retry_wait`` job is due at ``now`` (one look at the index on
@@ -269,6 +275,12 @@ def in_flight(
 
     A dispatch round runs on every completion; the three counts it used to ask one by one,
     and a claim query for retries when there were none, were a third of its statements.
+
+    ``rate_of``: an API key id whose shared submit bucket and pacing the same statement reads
+    (:attr:`InFlight.rate`, for :func:`jobs.store.take_submit_tokens`, which read them in a
+    statement of its own a little later in the round, under the same lock; ``wall``: this
+    process's epoch seconds, for SQLite). Read by rounds that then take no token too: four looks
+    by primary key cost less than a statement.
     """
 
     if followed is None:
@@ -291,6 +303,7 @@ def in_flight(
             ),
             or_(*(_any_due_retry(due) for due in _DUE)),
             any_pending,
+            *(rate_columns(dialect) if dialect is not None else ()),
         ).where(Job.state.in_(bindparam("states", expanding=True)))
 
     at_fal = sorted(AT_PROVIDER_STATES, key=lambda state: state.value)
@@ -303,9 +316,13 @@ def in_flight(
     }
     if pending_of is not None:
         params["pending_of"] = sorted(pending_of)
-    shape = ("in_flight", pending_of is None, *_scope_shape(scope, followed))
+    dialect = session_connection(session).dialect.name if rate_of is not None else None
+    if rate_of is not None:
+        params.update(key=rate_of, wall=wall)
+    shape = ("in_flight", pending_of is None, dialect, *_scope_shape(scope, followed))
     row: Any = _run(session, _prepared(shape, build), params).one()
-    return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]), bool(row[4]))
+    rate = RateRead(*row[5:]) if rate_of is not None else None
+    return InFlight(int(row[0]), int(row[1]), int(row[2]), bool(row[3]), bool(row[4]), rate)
 
 
 @dataclass(frozen=True, slots=True)

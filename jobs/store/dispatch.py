@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Float, Table, and_, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -72,6 +72,45 @@ def _epoch_now(dialect: str) -> Any:
     return bindparam("wall", type_=Float())
 
 
+class RateRead(NamedTuple):
+    """The key's shared bucket and pacing as a round reads them (:func:`rate_columns`): the
+    bucket's ``tokens`` and ``stamp`` (None: no row yet), and the seconds a 429's pause still
+    holds the key and the pacing is still shared (None or negative: not)."""
+
+    tokens: float | None
+    stamp: datetime | None
+    held_for: float | None
+    shared_for: float | None
+
+
+def rate_columns(dialect: str) -> list[Any]:
+    """The columns of :class:`RateRead`, in its order: one scalar subquery each, on the key's
+    :class:`SubmitRate` and :class:`SubmitPace` rows (parameters ``key``, and ``wall`` on
+    SQLite), whichever of the two rows is there (the pacing one is written by a heartbeat or a
+    429, the bucket's by a round). Added to any one-row statement of the round."""
+    clock = _epoch_now(dialect)
+    key: Any = bindparam("key")
+
+    def rate_of(column: Any) -> Any:
+        return select(column).where(_SUBMIT_RATE.c.api_key_id == key).scalar_subquery()
+
+    def pace_of(column: Any) -> Any:
+        return select(column - clock).where(_SUBMIT_PACE.c.api_key_id == key).scalar_subquery()
+
+    return [
+        rate_of(_SUBMIT_RATE.c.tokens).label("tokens"),
+        rate_of(_SUBMIT_RATE.c.stamp).label("stamp"),
+        pace_of(_SUBMIT_PACE.c.hold_until).label("held_for"),
+        pace_of(_SUBMIT_PACE.c.shared_until).label("shared_for"),
+    ]
+
+
+def _read_rate(session: Session, dialect: str, api_key_id: str, wall: float) -> RateRead:
+    """:func:`rate_columns` read on their own."""
+    read = _prepared(("rate-read", dialect), lambda: select(*rate_columns(dialect)))
+    return RateRead(*_run(session, read, {"key": api_key_id, "wall": wall}).one())
+
+
 def take_submit_tokens(
     session: Session,
     api_key_id: str,
@@ -82,6 +121,7 @@ def take_submit_tokens(
     now: datetime,
     wall: float,
     hold_over: float = float("inf"),
+    read: RateRead | None = None,
 ) -> SubmitTokens:
     """Take up to ``wanted`` whole submits from the key's shared token bucket (:class:`SubmitRate`).
 
@@ -94,40 +134,21 @@ def take_submit_tokens(
     seconds, for SQLite); a pause longer than ``hold_over`` seconds grants nothing and takes
     nothing (its wait is what is left of it). That read of the key's :class:`SubmitPace` row
     takes no lock: the round, which keeps the bucket's row locked until it commits, never holds
-    up a submit taking its slot there (:func:`take_pace_slot`).
+    up a submit taking its slot there (:func:`take_pace_slot`). ``read``: that read, made by an
+    earlier statement of the same round (:func:`jobs.store.in_flight` reads it with its counts:
+    one statement less a round), after :func:`lock_dispatch` all the same; ``wall`` is then unused.
 
     The bucket's write is not synced on its own (:func:`jobs.db.covered`): a token is spent by a
     POST, and every POST waits for its :func:`record_send` to commit synced, which makes this
     write durable first; one lost to a power cut with nothing sent took nothing.
     """
     dialect = session_connection(session).dialect.name
-
-    def build() -> Any:
-        clock = _epoch_now(dialect)
-        key: Any = bindparam("key")
-
-        def rate_of(column: Any) -> Any:
-            return select(column).where(_SUBMIT_RATE.c.api_key_id == key).scalar_subquery()
-
-        def pace_of(column: Any) -> Any:
-            return select(column - clock).where(_SUBMIT_PACE.c.api_key_id == key).scalar_subquery()
-
-        # One row whichever of the two rows is there (the pacing one is written by a heartbeat
-        # or a 429, the bucket's by a round).
-        return select(
-            rate_of(_SUBMIT_RATE.c.tokens).label("tokens"),
-            rate_of(_SUBMIT_RATE.c.stamp).label("stamp"),
-            pace_of(_SUBMIT_PACE.c.hold_until).label("held_for"),
-            pace_of(_SUBMIT_PACE.c.shared_until).label("shared_for"),
-        )
-
-    read = _prepared(("rate-read", dialect), build)
-    row = _run(session, read, {"key": api_key_id, "wall": wall}).one()
+    row = read if read is not None else _read_rate(session, dialect, api_key_id, wall)
     held_for = max(0.0, float(row.held_for or 0.0))
     shared_for = max(0.0, float(row.shared_for or 0.0))
     if held_for > hold_over:
         return SubmitTokens(0, held_for, held_for, shared_for)
-    if row.tokens is None:
+    if row.tokens is None or row.stamp is None:  # no row yet (its two columns are never NULL)
         tokens = capacity
     else:
         elapsed = max(0.0, (now - row.stamp).total_seconds())

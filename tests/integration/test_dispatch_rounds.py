@@ -7,6 +7,8 @@
   from it without reading again, and a job changed in between is never sent;
 * a round of the distributed leader (it works on every batch) reads the batches of the jobs it
   claimed in one query, as rows, never one ORM object per batch;
+* the round reads the shared submit bucket with those counts, and its claim reads the columns
+  of :class:`~jobs.models.JobRecord` only;
 * a ``BEGIN`` SQLite refuses surfaces as SQLAlchemy's ``OperationalError``, as before it was
   sent on the DBAPI connection.
 """
@@ -20,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
-from jobs.models import utcnow
+from jobs.models import JOB_RECORD_FIELDS, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import accept_submits
@@ -92,6 +94,35 @@ def test_a_round_claims_whole_jobs_and_moves_each_once(engine: Engine, statement
             job = store.get_job(session, job_id)
             assert (job.state, job.version, job.lease_owner) == (S.SUBMITTING, 1, rt.owner)
             assert [e.to_state for e in store.job_events(session, job_id)] == [S.SUBMITTING]
+
+
+def test_a_round_reads_the_shared_rate_with_its_counts_and_claims_only_record_columns(engine: Engine) -> None:
+    """Two statements less work a round (a pure speed change): the shared submit bucket comes
+    with the in-flight counts, not in a statement of its own, and the claim reads the columns
+    every use of a claimed job is typed by (:class:`jobs.models.JobRecord`), not all sixty."""
+    add_batch(engine, "lean", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
+    rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY))
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(" ".join(statement.split()))
+
+    engines = {engine, db.writer_engine(engine)}
+    for one in engines:
+        event.listen(one, "before_cursor_execute", record)
+    try:
+        assert len(dispatch(rt)) == 2
+    finally:
+        for one in engines:
+            event.remove(one, "before_cursor_execute", record)
+    reads = [s for s in seen if s.startswith("SELECT") and "FROM submit_rate" in s]
+    assert len(reads) == 1, reads
+    assert "count(*) FILTER" in reads[0]
+    (claim,) = [s for s in seen if s.startswith("SELECT") and "jobs.price_table" in s]
+    read = claim[: claim.index(" FROM jobs")]
+    assert all(f"jobs.{name}" in read for name in JOB_RECORD_FIELDS), read
+    assert "jobs.provider_output" not in read
+    assert "jobs.submitted_input" not in read
 
 
 def test_a_leaders_round_reads_its_claims_batches_in_one_query(

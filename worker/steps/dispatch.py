@@ -132,8 +132,15 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     # who follows another fal queue's requests: one small read of the heartbeats per round, bound
     # into the counts (a correlated look-up per in-flight row cost a 20,000-row backlog 50 ms a round)
     followed = _followed(session, rt, scope, now)
-    flight = store.in_flight(
-        session, scope=scope, sent_before=now - waited, now=now, followed=followed, pending_of=rt.batch_ids
+    flight = store.in_flight(  # and the shared submit rate's bucket (_shared_rate), in one statement
+        session,
+        scope=scope,
+        sent_before=now - waited,
+        now=now,
+        followed=followed,
+        pending_of=rt.batch_ids,
+        rate_of=key_id,
+        wall=time.time(),
     )
     rt.nothing_in_flight = flight.outstanding == 0 and flight.downloading == 0
     below_cap = rt.settings.max_outstanding - flight.outstanding
@@ -159,7 +166,7 @@ def dispatch_in(session: Session, rt: Runtime) -> Dispatched:
     free = rt.bucket.take(free)
     if free <= 0:
         return done
-    free = _shared_rate(session, rt, free, key_id, now)
+    free = _shared_rate(session, rt, free, key_id, now, flight.rate)
     if free <= 0:
         return done
     batches = _RoundBatches(session, rt.batch_ids or ())
@@ -335,10 +342,13 @@ class _RoundBatches:
         }
 
 
-def _shared_rate(session: Session, rt: Runtime, free: int, key_id: str, now: datetime) -> int:
+def _shared_rate(
+    session: Session, rt: Runtime, free: int, key_id: str, now: datetime, rate: store.RateRead | None
+) -> int:
     """Of the ``free`` submits this process's bucket grants, those the rate's bucket shared by
     every dispatching process grants too (``WANBATCH_SUBMIT_RATE`` is one cap for all of them:
-    two ``wanbatch run`` side by side sent twice the rate); the rest go back to the local one."""
+    two ``wanbatch run`` side by side sent twice the rate); the rest go back to the local one.
+    ``rate``: that bucket as the round's count read it (:func:`jobs.store.in_flight`)."""
     assert rt.bucket is not None
     took = store.take_submit_tokens(
         session,
@@ -350,6 +360,7 @@ def _shared_rate(session: Session, rt: Runtime, free: int, key_id: str, now: dat
         wall=time.time(),
         # A 429's pause another process heard (the database's pause), as :func:`_heed_pause`.
         hold_over=rt.settings.submit_wait_max,
+        read=rate,
     )
     # Whether another process shares the pacing, for this process's submits (no query of theirs).
     rt.pacing.shared_for(took.shared_for)
