@@ -8,19 +8,13 @@ doubles up to ``CALM_TICK_FACTOR`` times the tick; a tick that finds anything to
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from falsim.options import SimulatorOptions
-from falsim.server import running_simulator
-from jobs import batches
-from jobs.settings import Settings, get_settings
+from tests.embedded_drain import drain_embedded
 from worker.conductor import CALM_TICK_FACTOR, CALM_TICKS, Conductor, calm_interval
-from worker.running import process_batch
 
 
 def test_the_interval_doubles_after_the_calm_ticks_up_to_its_bound() -> None:
@@ -43,31 +37,9 @@ def test_jobs_followed_by_streams_are_ticked_less_often(
         return idle
 
     monkeypatch.setattr(Conductor, "_tick", counted)
-    options = SimulatorOptions(latency_seconds=3.0, latency_jitter=0.0, concurrency_limit=2, rng_seed=9)
-    with running_simulator(options) as handle:
-        monkeypatch.setenv("WANBATCH_DATABASE_URL", sqlite_url)
-        get_settings.cache_clear()
-        settings = Settings(
-            database_url=sqlite_url,
-            FAL_KEY=SecretStr("calm-ticks-key-51f0"),
-            fal_queue_url=handle.url,
-            fal_rest_url=handle.url,
-            output_dir=tmp_path / "outputs",
-            submit_rate=100,
-            max_outstanding=2,
-            tick_interval=0.05,
-        )
-        manifest = tmp_path / "calm.yaml"
-        manifest.write_text(
-            "name: calm\nendpoint: fal-ai/wan-22\ndefaults:\n  resolution: 480p\nitems:\n"
-            "  - prompt: A long render\n  - prompt: Another long render\n",
-            encoding="utf-8",
-        )
-        submitted = batches.submit_manifest(manifest, settings)
-        started = time.monotonic()
-        report, _stats = process_batch(submitted.batch_id, settings, show_progress=False, serve_metrics=False)
-        wall = time.monotonic() - started
-    get_settings.cache_clear()
+    report, wall, _started = drain_embedded(
+        tmp_path, sqlite_url, monkeypatch, jobs=2, latency=3.0, concurrency=2, tick_interval=0.05
+    )
     assert report["counts"].get("succeeded") == 2, report["counts"]
     assert wall >= 3.0, wall
     # Three seconds at fal, a tick every 0.05 s: about 60 ticks before. Calm, after CALM_TICKS at

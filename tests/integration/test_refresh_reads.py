@@ -25,6 +25,7 @@ from falsim.server import SimulatorHandle, running_simulator
 from jobs import batches, db, store
 from jobs.db import open_engine
 from jobs.settings import Settings, get_settings
+from tests.embedded_drain import drain_embedded
 from worker.running import process_batch
 
 JOBS = 2
@@ -131,30 +132,9 @@ def test_a_run_showing_nothing_reads_in_full_only_when_its_end_is_in_sight(
 
     monkeypatch.setattr(store, "batch_pulse", counted_pulse)
     jobs = 16
-    options = SimulatorOptions(latency_seconds=0.4, latency_jitter=0.0, concurrency_limit=2, rng_seed=5)
-    with running_simulator(options) as handle:
-        monkeypatch.setenv("WANBATCH_DATABASE_URL", sqlite_url)
-        get_settings.cache_clear()
-        settings = Settings(
-            database_url=sqlite_url,
-            FAL_KEY=SecretStr("refresh-key-7c2d"),
-            fal_queue_url=handle.url,
-            fal_rest_url=handle.url,
-            output_dir=tmp_path / "outputs",
-            submit_rate=100,
-            max_outstanding=2,
-        )
-        manifest = tmp_path / "many.yaml"
-        manifest.write_text(
-            "name: many\nendpoint: fal-ai/wan-22\ndefaults:\n  resolution: 480p\nitems:\n"
-            + "".join(f"  - prompt: A quick render, take {i}\n" for i in range(jobs)),
-            encoding="utf-8",
-        )
-        submitted = batches.submit_manifest(manifest, settings)
-        started = time.monotonic()
-        report, _stats = process_batch(submitted.batch_id, settings, show_progress=False, serve_metrics=False)
-        wall = time.monotonic() - started
-    get_settings.cache_clear()
+    report, wall, started = drain_embedded(
+        tmp_path, sqlite_url, monkeypatch, jobs=jobs, latency=0.4, concurrency=2
+    )
     assert report["finished"] == report["total"] == jobs
     assert report["counts"].get("succeeded") == jobs, report["counts"]
     assert wall > 3.0, wall  # 8 rounds of 0.4 s at fal: many looks, many changes
