@@ -125,9 +125,16 @@ def test_the_runs_threads_share_one_cpu_and_others_are_left_alone(
     # each of the run's threads stayed on one CPU, the same for all of them
     assert all(len(cpus) == 1 for cpus in runs.values()), runs
     assert len(set().union(*runs.values())) == 1, runs
-    others = {name: cpus for name, cpus in seen.items() if name not in runs}
-    assert others  # the simulator's threads and pytest's, started before the run
-    assert all(cpus == set(ALLOWED) for cpus in others.values()), others
+    # The simulator's threads and pytest's, started before the run. Not those an earlier test's
+    # run left behind (a stream reader idling out, the shared resolver): that run pinned them.
+    others = {
+        name: cpus
+        for name, cpus in seen.items()
+        if name not in runs and not name.startswith("earlier: wanbatch-")
+    }
+    assert others
+    moved = {name: cpus for name, cpus in others.items() if cpus != set(ALLOWED)}
+    assert not moved, moved
     assert after == set(ALLOWED)  # the caller's affinity back
 
 
