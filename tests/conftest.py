@@ -34,18 +34,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 import redis
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from jobs import db
 from jobs.db import make_engine, migrate, session_factory
 from jobs.models import Base
 from tests.hostile import HostileProvider
+from tests.statement_log import recorded_statements
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_SERVER_URL = "postgresql://postgres@127.0.0.1:5432"
@@ -320,15 +319,5 @@ def hostile() -> Iterator[HostileProvider]:
 def statements(engine: Engine) -> Iterator[list[str]]:
     """Every statement ``engine`` runs while the test does (its first 60 characters): what a
     step reads and writes, asserted by the tests of issue #11's per-job work."""
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split())[:60])
-
-    # Units of work write on SQLite's writer connection, an engine of its own (jobs.db._add_writer).
-    engines = {engine, db.writer_engine(engine)}
-    for one in engines:
-        event.listen(one, "before_cursor_execute", record)
-    yield seen
-    for one in engines:
-        event.remove(one, "before_cursor_execute", record)
+    with recorded_statements(engine, 60) as seen:
+        yield seen

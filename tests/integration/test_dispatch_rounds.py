@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from jobs import db, store
@@ -30,6 +30,7 @@ from jobs.models import JOB_RECORD_FIELDS, utcnow
 from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import accept_submits
+from tests.statement_log import recorded_statements
 from tests.step_runtime import add_batch, job_ids, make_runtime, settings_for
 from worker.steps import dispatch, submit
 
@@ -102,19 +103,8 @@ def test_a_round_reads_the_shared_rate_with_its_counts_and_claims_only_record_co
     every use of a claimed job is typed by (:class:`jobs.models.JobRecord`), not all sixty."""
     add_batch(engine, "lean", [(T2V, {"prompt": "a"}), (T2V, {"prompt": "b"})])
     rt = make_runtime(engine, settings_for("http://127.0.0.1:9", KEY))
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split()))
-
-    engines = {engine, db.writer_engine(engine)}
-    for one in engines:
-        event.listen(one, "before_cursor_execute", record)
-    try:
+    with recorded_statements(engine) as seen:
         assert len(dispatch(rt)) == 2
-    finally:
-        for one in engines:
-            event.remove(one, "before_cursor_execute", record)
     reads = [s for s in seen if s.startswith("SELECT") and "FROM submit_rate" in s]
     assert len(reads) == 1, reads
     assert "count(*) FILTER" in reads[0]

@@ -20,9 +20,8 @@ small query on the heartbeats), its batches bound into the counts.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, update
 
 from jobs import batches, db, store
 from jobs.cap_holds import CapCheck
@@ -36,6 +35,7 @@ from tests.integration.test_queue_backoff_origins import (
     _run_of,
     _settings,
 )
+from tests.statement_log import recorded_statements
 from worker.here import queue_origin
 from worker.limits import api_key_id
 from worker.steps import dispatch
@@ -120,19 +120,8 @@ def test_who_follows_what_is_read_once_per_round_not_per_row(engine: Engine) -> 
             store.record_heartbeat(session, f"h{i}:1:", [f"b{i}"], utcnow())
     mine, _pending = _batch(engine, "mine", 3)
     rt = _run_of(engine, mine, [], max_outstanding_per_endpoint={"fal-ai/wan-22": 5})
-    seen: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.append(" ".join(statement.split()))
-
-    engines = {engine, db.writer_engine(engine)}
-    for one in engines:
-        event.listen(one, "before_cursor_execute", record)
-    try:
+    with recorded_statements(engine) as seen:
         assert len(dispatch(rt)) == 3
-    finally:
-        for one in engines:
-            event.remove(one, "before_cursor_execute", record)
     beats = [s for s in seen if "conductor_heartbeats" in s]
     assert len(beats) == 1, beats  # one small query for the round (the caps and the per-endpoint cap)
     assert beats[0].startswith("SELECT DISTINCT conductor_heartbeats.scope FROM conductor_heartbeats")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import threading
 import time
 import traceback
@@ -233,8 +234,6 @@ def test_the_pre_check_never_skips_a_text_a_rule_would_change() -> None:
     """redact_text returns a text unchanged when no rule could match it; over texts built from
     the pieces every rule looks for (the key, cuts of it, an ellipsis, Authorization in odd
     cases and with a dotless ı, Key/Bearer shapes), it must agree with running every rule."""
-    import random
-
     from worker.fal import redact
 
     short = "k3y"
@@ -253,13 +252,33 @@ def test_the_pre_check_never_skips_a_text_a_rule_would_change() -> None:
     assert 800 < changed < 7200  # both kinds of text were tried
 
 
+def _random_value(rng: random.Random, pieces: list[str], depth: int, *, tuples: bool) -> object:
+    """A value of the redaction property tests: strings joined from ``pieces``, odd leaves, and
+    dicts, lists and (``tuples``: not for values JSON must write) tuples of such, 4 levels deep."""
+    kind = rng.randrange((6 if tuples else 5) if depth < 4 else 3)
+    if kind == 0:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
+    if kind == 1:
+        return rng.choice([7, 2.5, None, True, 2**70])
+    if kind == 2:
+        return rng.choice(["IN_PROGRESS", "https://v3.fal.media/files/x/y.mp4", ""])
+    if kind == 3:
+        return {
+            "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4))): _random_value(
+                rng, pieces, depth + 1, tuples=tuples
+            )
+            for _ in range(rng.randint(0, 3))
+        }
+    if kind == 4:
+        return [_random_value(rng, pieces, depth + 1, tuples=tuples) for _ in range(rng.randint(0, 3))]
+    return tuple(_random_value(rng, pieces, depth + 1, tuples=tuples) for _ in range(rng.randint(0, 2)))
+
+
 def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -> None:
     """redact_value returns a value unchanged when its JSON text holds nothing any rule looks
     for; over nested values (dict keys too) built from the same pieces, strings JSON writes
     escaped (quotes, backslashes, control characters) and odd leaves, it must agree with
     walking every string."""
-    import random
-
     from worker.fal import redact
 
     words = "…| |:|=|'|\"|\\|\n|\x01|Authorization|authorızation=key |Key |key |Bearer |status|é|ß"
@@ -268,26 +287,9 @@ def test_the_whole_value_pre_check_never_skips_a_value_the_walk_would_change() -
     rng = random.Random(7)
     known = redact._Known(frozenset({KEY, ODD_KEY}))
 
-    def text() -> str:
-        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
-
-    def value(depth: int) -> object:
-        kind = rng.randrange(6 if depth < 4 else 3)
-        if kind == 0:
-            return text()
-        if kind == 1:
-            return rng.choice([7, 2.5, None, True, 2**70])
-        if kind == 2:
-            return rng.choice(["IN_PROGRESS", "https://v3.fal.media/files/x/y.mp4", ""])
-        if kind == 3:
-            return {text(): value(depth + 1) for _ in range(rng.randint(0, 3))}
-        if kind == 4:
-            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
-        return tuple(value(depth + 1) for _ in range(rng.randint(0, 2)))
-
     changed = 0
     for _ in range(4000):
-        v = value(0)
+        v = _random_value(rng, pieces, 0, tuples=True)
         expected = redact._redact_walk(v, known, 0)
         assert redact_value(v, [KEY, ODD_KEY]) == expected, v
         changed += expected != v
@@ -298,8 +300,6 @@ def test_a_parsed_value_checked_by_its_text_is_masked_as_walking_it_would() -> N
     """redact_json looks at the JSON text a value was read from (when it escapes nothing)
     rather than at the value rendered again; over values of the same pieces, written with and
     without ASCII escapes and spaces, it must agree with walking every string of the value."""
-    import random
-
     from worker.fal import redact
     from worker.fal.errors import load_json
 
@@ -309,24 +309,10 @@ def test_a_parsed_value_checked_by_its_text_is_masked_as_walking_it_would() -> N
     rng = random.Random(5)
     known = redact._Known(frozenset({KEY, ODD_KEY}))
 
-    def text() -> str:
-        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 4)))
-
-    def value(depth: int) -> object:
-        kind = rng.randrange(5 if depth < 4 else 3)
-        if kind == 0:
-            return text()
-        if kind == 1:
-            return rng.choice([7, 2.5, None, True, 2**70])
-        if kind == 2:
-            return rng.choice(["IN_PROGRESS", "https://v3.fal.media/files/x/y.mp4", ""])
-        if kind == 3:
-            return {text(): value(depth + 1) for _ in range(rng.randint(0, 3))}
-        return [value(depth + 1) for _ in range(rng.randint(0, 3))]
-
     changed = by_text = 0
     for _ in range(4000):
-        written = json.dumps(value(0), ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+        value = _random_value(rng, pieces, 0, tuples=False)
+        written = json.dumps(value, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
         parsed = load_json(written, "event")
         expected = redact._redact_walk(parsed, known, 0)
         assert redact_json(parsed, written, [KEY, ODD_KEY]) == expected, written
