@@ -1034,6 +1034,7 @@ def download(
     temp_tag: str | None = None,
     sync_dir: bool = True,
     occupied: Callable[[Path], Path] | None = None,
+    placing: Callable[[int], None] | None = None,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` atomically and return its size and SHA-256.
 
@@ -1060,6 +1061,11 @@ def download(
     storing under one name at once, exactly one gets it), else ``occupied(dest)`` says where it
     goes instead (``dest`` itself to replace it after all); the result's ``path`` is where it
     went. Without it, ``dest`` is replaced (``os.replace``).
+
+    ``placing(fd)`` is called with the finished temporary file's descriptor before it takes its
+    name: the name is a link to the same inode, so a lock taken through it (``flock`` on a
+    ``dup``) holds the file from the moment it appears under ``dest`` — no other process sees it
+    there unheld.
     """
     if policy is None:
         policy = DownloadPolicy(allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
@@ -1103,6 +1109,8 @@ def download(
                     whole = _check_whole(fd)
             with _writing("write", tmp):
                 os.fsync(fd)
+            if placing is not None:
+                placing(fd)
         finally:
             with _writing("close", tmp):
                 os.close(fd)

@@ -50,7 +50,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -638,45 +638,81 @@ def _fetch_video(
         failed = OutputWriteError(f"could not clean up {dest.parent}: {exc.strerror or exc}")
         failed.__cause__ = exc  # what it was (out of file descriptors, a full disk) is told by its errno
         return _write_failed(rt, job_id, claim, failed)
-    result = _downloaded_before(
-        job_id, dest, video, claim.job.submitted_at, claim.job.earlier_items, staged=outs.is_remote
-    )
-    # A video staged by an earlier try may be stored already: that try lost its lease after the
-    # upload (a storage answering slowly), and what is stored is not sent again.
-    stored_before = result is not None and outs.is_remote
-    if result is None:
-        occupied = None if outs.is_remote or request_id is None else _occupied(job_id, request_id)
-        fetched = _download_video(rt, job_id, claim, video, dest, occupied)
-        if isinstance(fetched, str):
-            return fetched
-        result = fetched
-    # where the video went: ``dest``, or beside it when another request's took the name meanwhile
-    dest = result.path
-    files.add(dest)  # its sidecar's temporary file goes beside it
-    with _storing(dest, local=not outs.is_remote):
+    with _StoringHold(local=not outs.is_remote) as hold:
+        result = _downloaded_before(
+            job_id,
+            dest,
+            video,
+            claim.job.submitted_at,
+            claim.job.earlier_items,
+            staged=outs.is_remote,
+            request_id=request_id,
+        )
+        # A video staged by an earlier try may be stored already: that try lost its lease after
+        # the upload (a storage answering slowly), and what is stored is not sent again.
+        stored_before = result is not None and outs.is_remote
+        if result is None:
+            occupied = None if outs.is_remote or request_id is None else _occupied(job_id, request_id)
+            fetched = _download_video(rt, job_id, claim, video, dest, occupied, placing=hold.take_open)
+            if isinstance(fetched, str):
+                return fetched
+            result = fetched
+        # where the video went: ``dest``, or beside it when another request's took the name meanwhile
+        dest = result.path
+        files.add(dest)  # its sidecar's temporary file goes beside it
+        hold.take(dest)  # held already when this download put it there
         return _store_video(rt, job_id, claim, outs, dest, result, held=held, stored_before=stored_before)
 
 
-@contextlib.contextmanager
-def _storing(video: Path, *, local: bool) -> Iterator[None]:
-    """While a video renamed into a local output folder is probed and its sidecar written, hold
-    a shared ``flock`` on it: another process finding it there without its sidecar then knows
-    it is being stored, not left by a try that died (:func:`_being_stored`). The lock ends with
-    the process, whatever ends it. A file system without locks: nothing held."""
-    if not local:
-        yield
-        return
-    try:
-        fd = os.open(video, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        yield
-        return
-    try:
+class _StoringHold:
+    """While a video renamed into a local output folder is probed and its sidecar written, a
+    shared ``flock`` on it: another process finding it there without its sidecar then knows it
+    is being stored, not left by a try that died (:func:`_being_stored`). The lock ends with the
+    process, whatever ends it. A file system without locks: nothing held.
+
+    A download takes it on its temporary file before that file takes the job's name
+    (``download``'s ``placing``: the same inode), so the video is never under the name unheld:
+    taken only after the rename, a copy of this database storing the same job at that moment
+    found it there, without a sidecar and not held, took it for an earlier try's and recorded
+    it as its own — two databases pointing at one video, one sidecar naming the other's request."""
+
+    def __init__(self, *, local: bool) -> None:
+        self.local = local
+        self.fd: int | None = None
+
+    def take(self, video: Path) -> None:
+        """Hold ``video`` (once: a second call holds what the first one did)."""
+        if not self.local or self.fd is not None:
+            return
+        try:
+            fd = os.open(video, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        self._lock(fd)
+
+    def take_open(self, fd: int) -> None:
+        """Hold the file open at ``fd`` (the download's own, closed after this: held through a
+        ``dup`` of it, the same open file whose lock lasts until its last descriptor closes)."""
+        if not self.local or self.fd is not None:
+            return
+        try:
+            held = os.dup(fd)
+        except OSError:  # out of descriptors: taken by name once placed (``take``), as before
+            return
+        self._lock(held)
+
+    def _lock(self, fd: int) -> None:
+        self.fd = fd
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)
+
+    def __enter__(self) -> _StoringHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _being_stored(video: Path) -> bool:
@@ -1125,8 +1161,11 @@ def _download_video(
     video: Video,
     dest: Path,
     occupied: Callable[[Path], Path] | None = None,
+    *,
+    placing: Callable[[int], None] | None = None,
 ) -> DownloadResult | str:
-    """Fetch the video into ``dest`` (atomically; ``occupied``: never over a file there, see
+    """Fetch the video into ``dest`` (atomically; ``occupied``: never over a file there;
+    ``placing``: called with the finished file's descriptor before it takes the name; see
     :func:`worker.fal.storage.download`); an outcome string when that did not work."""
     settings = rt.settings
     shared = download_client(rt)
@@ -1150,6 +1189,7 @@ def _download_video(
             # a staged video for object storage needs none (it is uploaded before that commit).
             sync_dir=False,
             occupied=occupied,
+            placing=placing,
         )
     except StateConflict:
         return "lost-lease"
@@ -1179,6 +1219,7 @@ def _downloaded_before(
     earlier_items: Sequence[int] | None,
     *,
     staged: bool,
+    request_id: str | None = None,
 ) -> DownloadResult | None:
     """The video an earlier try of this job already put at ``dest``, hashed again — so it is
     not downloaded a second time: fal's file may have expired meanwhile, and the video is paid
@@ -1189,8 +1230,11 @@ def _downloaded_before(
     * A local output folder: the video an earlier try renamed into place before it could record
       the job's success (the process died in between: ``kill -9``, a power loss after the file
       and its folder were synced). A file of another size is left alone (the download stores its
-      video beside it: :func:`_occupied`). Nor is one without its sidecar that another process
-      holds while it stores it (:func:`_being_stored`: a copy of this database).
+      video beside it: :func:`_occupied`). Nor is one that another process holds while it
+      stores it (:func:`_being_stored`: a copy of this database), nor one whose sidecar names
+      another request than ``request_id`` (that copy's, stored). The hold is asked first: a
+      process holds its video from before it takes the name until its sidecar is beside it
+      (:class:`_StoringHold`), so a file neither held nor with a sidecar is a dead try's.
 
     Why such a file is this request's: its name holds only our ids (:func:`outputs.video_path`),
     and only a download of this job puts a file there, renamed into place whole (``download``
@@ -1226,8 +1270,8 @@ def _downloaded_before(
                 outputs.sidecar_path(earlier).unlink(missing_ok=True)
             if not _written_since(dest, sent_at):
                 return None
-        if not staged and outputs.read_sidecar(dest) is None and _being_stored(dest):
-            return None  # another process (a copy of this database) is storing its video there
+        if not staged and not _an_earlier_trys(dest, request_id):
+            return None  # another process's (a copy of this database): stored there, or being stored
         size = dest.stat().st_size
         if video.file_size is not None and size != video.file_size:
             if staged:
@@ -1253,6 +1297,17 @@ def _downloaded_before(
             extra={"event": "download.already_saved"},
         )
     return DownloadResult(path=dest, sha256=digest.hexdigest(), size=size)
+
+
+def _an_earlier_trys(video: Path, request_id: str | None) -> bool:
+    """Whether the video at ``video`` in a local output folder may be this request's, left by
+    an earlier try: not while another process holds it (storing it now), nor when its sidecar
+    names another request. Held first, then the sidecar: a holder writes its sidecar before it
+    lets go, so one found unheld has its sidecar by then, if it will ever have one."""
+    if _being_stored(video):
+        return False
+    record = outputs.read_sidecar(video)
+    return record is None or request_id is None or record.get("request_id") == request_id
 
 
 def _under_an_earlier_number(
