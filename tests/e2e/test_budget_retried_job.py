@@ -60,7 +60,7 @@ def test_a_retried_job_being_downloaded_keeps_the_budget_cap(
     fetch = download_step._download_video
     held: list[str] = []
 
-    def fetch_when_decided(rt: Any, job_id: str, claim: Any, *args: Any) -> Any:
+    def fetch_when_decided(rt: Any, job_id: str, claim: Any, *args: Any, **kwargs: Any) -> Any:
         if claim.job.attempts >= 2:
             held.append(job_id)
             for _ in range(300):
@@ -69,7 +69,7 @@ def test_a_retried_job_being_downloaded_keeps_the_budget_cap(
                 if not counts[JobState.PENDING.value]:
                     break
                 time.sleep(0.05)
-        return fetch(rt, job_id, claim, *args)
+        return fetch(rt, job_id, claim, *args, **kwargs)
 
     monkeypatch.setattr(download_step, "_download_video", fetch_when_decided)
     try:
