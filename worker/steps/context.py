@@ -41,6 +41,7 @@ from worker.steps.keepalive import StepLeases
 from worker.steps.other_key import OtherKeys
 from worker.steps.output_writes import OutputWrites
 from worker.steps.unrecorded import Unrecorded
+from worker.steps.unsent import ProvenUnsent
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +413,9 @@ class Runtime:
     #: Input URLs fal said it could not download (a user's URL that died, an upload fal's storage
     #: dropped): the jobs not sent yet that carry one are not sent with it (:mod:`worker.steps.dead_inputs`).
     dead_inputs: DeadInputs = field(default_factory=DeadInputs)
+    #: Sends recorded before a POST that then never went out, whose give-back the database did
+    #: not take: the reconciler gives their jobs back as never sent (:mod:`worker.steps.unsent`).
+    unsent: ProvenUnsent = field(default_factory=ProvenUnsent)
     #: Accepted submissions not recorded yet, and whether the database's disk is full (nothing
     #: new is sent then): :mod:`worker.steps.unrecorded`.
     unrecorded: Unrecorded = field(init=False)

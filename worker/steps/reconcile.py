@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 def reconcile(rt: Runtime, limit: int = 200) -> int:
     """Drive jobs whose worker vanished, or whose submission outcome stayed unknown too long.
 
-    * ``submitting`` past its lease: if the POST never started (no recorded input) the job goes
+    * ``submitting`` past its lease: if the POST never started (no recorded input, or this
+      process knows its recorded send never went out: :mod:`worker.steps.unsent`) the job goes
       back to ``pending`` — safe to send; otherwise its outcome is unknown (``submit_unknown``).
       A live worker renews that lease while its POST is in flight (:mod:`worker.steps.keepalive`),
       so a lapsed one means the worker died or stalled; should its answer still come, the job
@@ -99,6 +100,12 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
                 ok = store.give_back(
                     session, rt.fence(job), reason="worker lost before sending; safe to send"
                 )
+            elif (unsent := rt.unsent.proof(job.id, job.sent_at)) is not None:
+                # This process's POST of it never went out, and the give-back failed then.
+                ok = store.give_back(
+                    session, rt.fence(job), reason=unsent.why, error=unsent.why, error_type="not_sent"
+                )
+                rt.unsent.forget(job.id)
             else:
                 ok = submit_outcome_unknown(
                     session,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -279,7 +279,7 @@ def _submit(rt: Runtime, job_id: str) -> str:
     ready = _record_send(rt, fence, ticket, to_send, closes, granted)
     if isinstance(ready, str):  # given back (or lost, or the run stopped) before the POST
         return ready
-    fence, start_timeout, sent = ready
+    fence, start_timeout, sent, sent_at = ready
     try:
         chaos.crash_point("before_post")
     except BaseException:
@@ -303,11 +303,12 @@ def _submit(rt: Runtime, job_id: str) -> str:
             raise
     except FalUnreachableError as exc:
         # The connection to fal failed before a byte went out: no submission, nothing billed.
-        return _fal_unreachable(rt, fence, exc, probe=probe)
+        with _unsent_noted(rt, fence, sent_at, f"not sent: {exc}"):
+            return _fal_unreachable(rt, fence, exc, probe=probe)
     except (SubmitNotSentError, UsageError) as exc:
         # Failed inside this process before the request was written: fal cannot have it.
         log.error("job %s: not sent (%s); giving it back", job_id, exc, extra={"event": "submit.not_sent"})
-        with db.session_scope(rt.engine) as session:
+        with _unsent_noted(rt, fence, sent_at, f"not sent: {exc}"), db.session_scope(rt.engine) as session:
             _not_sent(session, fence, f"not sent: {exc}")
         return "not-sent"
     except AmbiguousSubmitError as exc:
@@ -382,12 +383,13 @@ def _record_send(
     to_send: dict[str, Any],
     closes: datetime | None,
     granted: float,
-) -> tuple[Fence, float | None, Sending] | str:
+) -> tuple[Fence, float | None, Sending, datetime] | str:
     """Record what is about to be sent, and when, before the POST goes out; the lease's fence,
-    fal's start timeout to send with and the POST counted in flight (:meth:`Unrecorded.sending`,
-    to :meth:`~worker.steps.unrecorded.Sending.end` once its answer is held), or what became of
-    the job instead (it lost its lease, the run stopped, or it went back ``pending`` unsent: a
-    stale rate grant, its schedule's window too near its end).
+    fal's start timeout to send with, the POST counted in flight (:meth:`Unrecorded.sending`,
+    to :meth:`~worker.steps.unrecorded.Sending.end` once its answer is held) and the send's
+    recorded time (:mod:`worker.steps.unsent`), or what became of the job instead (it lost its
+    lease, the run stopped, or it went back ``pending`` unsent: a stale rate grant, its
+    schedule's window too near its end).
 
     The POST is counted in flight once the record's write holds the job's row and before it
     commits, in one step with the stop: a stop that comes earlier — while that write waits for
@@ -432,14 +434,29 @@ def _record_send(
     if taken is None or sent is None:
         return "lost-lease"
     try:
-        ready = _send_now(rt, taken, ticket, closes, granted)
+        with _unsent_noted(rt, taken, sent_at, "not sent: given back before its POST"):
+            ready = _send_now(rt, taken, ticket, closes, granted)
     except BaseException:
         sent.end()
         raise
     if isinstance(ready, str):  # given back before the POST: nothing in flight
         sent.end()
         return ready
-    return taken, ready, sent
+    return taken, ready, sent, sent_at
+
+
+@contextlib.contextmanager
+def _unsent_noted(rt: Runtime, fence: Fence, sent_at: datetime, why: str) -> Iterator[None]:
+    """Around the give-back of a job whose recorded send never went out: should that write
+    fail (the database unreachable, no file descriptor left), the send is noted as never gone
+    (:mod:`worker.steps.unsent`), so that this process's reconciler gives the job back once its
+    lease lapses, instead of calling its outcome unknown (by default: failed, "possibly
+    billed", for a request fal never saw)."""
+    try:
+        yield
+    except Exception:
+        rt.unsent.note(fence.job_id, sent_at, why)
+        raise
 
 
 def _send_now(
