@@ -714,8 +714,17 @@ class Conductor:
         once, instead of after their leases run out."""
         if self.rt.broker_epoch is None:
             return
-        epoch = self.rt.broker_epoch()
-        if epoch is None:  # down, or cannot tell: look again at the next tick
+        try:
+            epoch = self.rt.broker_epoch()
+        except Exception as exc:
+            if broker_problem(exc) is None:
+                raise
+            # Down: said on the heartbeat (``status`` names the broker) even while nothing is
+            # handed on — an idle leader otherwise learnt it only from the next hand-off. The
+            # tick goes on: fal is polled and the database written all the same.
+            self._broker_down(True)
+            return
+        if epoch is None:  # cannot tell (refusing writes): look again at the next tick
             return
         if not self._broker_refusing:  # a Redis refusing writes answers INFO: see _handed_off
             self._broker_down(False)  # it answered: an outage the heartbeat records is over

@@ -127,9 +127,11 @@ def redis_epoch(url: str | None) -> Callable[[], str | None] | None:
     the marker :data:`BROKER_EPOCH_KEY` of the broker's database, set anew when it is missing (a
     flush, an eviction: the queues went with it). None while it cannot be told: Redis down, or
     the marker missing and Redis refusing to write a new one (``maxmemory`` reached): unknown,
-    not a new incarnation made of a marker nobody stored. None for any other broker (RabbitMQ
-    keeps durable queues across restarts). The conductor tells a restart (a new
-    ``run_id``) from a flush or an eviction (the marker alone new)."""
+    not a new incarnation made of a marker nobody stored. A Redis that does not answer (refused,
+    timed out) raises its client's error: the conductor then knows the broker is down even while
+    it hands nothing on. None for any other broker (RabbitMQ keeps durable queues across
+    restarts). The conductor tells a restart (a new ``run_id``) from a flush or an eviction (the
+    marker alone new)."""
     if not url or not url.startswith(("redis://", "rediss://")):
         return None
     import uuid
@@ -150,7 +152,9 @@ def redis_epoch(url: str | None) -> Callable[[], str | None] | None:
                 # Only when missing: a Redis that refuses writes (out of memory) reads as before.
                 client.set(BROKER_EPOCH_KEY, uuid.uuid4().hex, nx=True)
                 marker = client.get(BROKER_EPOCH_KEY)  # this one's, or the one another set first
-        except redis.RedisError:
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # down: the caller says so (Conductor._after_broker_restart)
+        except redis.RedisError:  # answered but refused (out of memory): cannot tell
             return None
         run_id = info.get("run_id")
         if not run_id or marker is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import kombu.exceptions
 import pytest
+import redis.exceptions
 from sqlalchemy import Engine, select
 
 from cli.output import progress_text
@@ -27,7 +28,7 @@ from worker.app import make_app
 from worker.broker_outage import BrokerOutage, broker_problem
 from worker.conductor import Conductor
 from worker.limits import LocalGCRA
-from worker.tasks import SUBMIT_TASK, register_tasks
+from worker.tasks import SUBMIT_TASK, redis_epoch, register_tasks
 
 KEY = "broker-outage-key-3f8a"
 SECRET = "broker-pass-91c4"
@@ -109,6 +110,46 @@ def _broker_down_since(engine: Engine) -> list[datetime | None]:
         return list(session.scalars(select(ConductorHeartbeat.broker_down_since)))
 
 
+def _down() -> str:
+    """What :func:`worker.tasks.redis_epoch` does when Redis does not answer: its client's error."""
+    raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_the_epoch_of_a_redis_that_does_not_answer_raises_its_clients_error() -> None:
+    epoch = redis_epoch(f"redis://127.0.0.1:{unused_port()}/0")  # nothing listens
+    assert epoch is not None
+    with pytest.raises(redis.exceptions.ConnectionError):
+        epoch()
+
+
+def test_an_idle_leader_records_the_broker_down_from_its_tick_and_the_tick_goes_on(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The bug (stop 64's CI): a leader with nothing to hand on learnt of a broker that did not
+    answer only from its next hand-off, so ``status`` did not name the broker meanwhile. Its
+    tick asks the broker's epoch anyway: that it does not answer is enough."""
+    down = [True]
+    settings = settings_for(
+        "http://127.0.0.1:9", KEY, output_dir=tmp_path / "out", broker_url="redis://127.0.0.1:6379/0"
+    )
+    rt = make_runtime(engine, settings)
+    rt.limiter = LocalGCRA(settings)
+    rt.broker_epoch = lambda: _down() if down[0] else "run-id-1"
+    conductor = Conductor(rt, stream=False)
+    try:
+        conductor._tick(threading.Event())  # nothing to hand on: no round fails
+        (since,) = _broker_down_since(engine)
+        assert since is not None
+        assert conductor.stats.ticks == 1
+        down[0] = False
+        conductor._tick(threading.Event())
+        (cleared,) = _broker_down_since(engine)
+        assert cleared is None
+    finally:
+        conductor.close()
+        rt.client.close()
+
+
 def test_status_names_the_broker_while_the_leader_cannot_reach_it_and_forgets_it_once_it_answers(
     engine: Engine, tmp_path: Path
 ) -> None:
@@ -131,7 +172,7 @@ def test_status_names_the_broker_while_the_leader_cannot_reach_it_and_forgets_it
     settings = settings_for("http://127.0.0.1:9", KEY, output_dir=tmp_path / "out", broker_url=broker)
     rt = make_runtime(engine, settings, enqueue_submit=hand_off)
     rt.limiter = LocalGCRA(settings)
-    rt.broker_epoch = lambda: None if down[0] else "run-id-1"  # Redis's INFO: no answer while down
+    rt.broker_epoch = lambda: _down() if down[0] else "run-id-1"  # Redis's INFO: no answer while down
     batch_id = add_batch(
         engine, "broker-down-status", [("fal-ai/wan-22", {"prompt": str(i)}) for i in range(3)]
     )

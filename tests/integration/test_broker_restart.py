@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+import redis.exceptions
 from sqlalchemy import Engine
 
 from jobs import db, store
@@ -34,7 +36,8 @@ def test_a_redis_restart_is_a_new_epoch(tmp_path: Path) -> None:
         assert first
         assert epoch() == first
         server.kill()
-        assert epoch() is None  # down: cannot tell
+        with pytest.raises(redis.exceptions.ConnectionError):  # down: said so (the conductor marks it)
+            epoch()
         server.start()
         again = epoch()
         assert again
