@@ -185,7 +185,7 @@ def loopback_proxy(
 
     server = Server(("127.0.0.1", 0), Handler)
     seen.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield seen

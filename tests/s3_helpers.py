@@ -250,7 +250,9 @@ class S3FaultProxy:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def refuse_puts(self, containing: str, *, first: int | None = None) -> None:
         """Answer 403 to PUTs whose path contains ``containing``: every one, or the first

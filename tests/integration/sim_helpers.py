@@ -125,7 +125,7 @@ def webhook_receiver(statuses: list[int] | None = None, *, tls: Path | None = No
         context.load_cert_chain(rec.ca_file, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         rec.url = f"https://localhost:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield rec

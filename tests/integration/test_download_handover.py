@@ -24,10 +24,12 @@ S = JobState
 KEY = "download-handover-key-7d1e"
 
 
-def _completed_at_fal(engine: Engine, hostile: HostileProvider, tmp_path: Path) -> tuple[Runtime, Seen]:
+def _completed_at_fal(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, **overrides: float
+) -> tuple[Runtime, Seen]:
     """One job fal accepted and completed; the stream event that says so, not yet applied."""
     FakeFal(hostile)
-    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs"))
+    rt = make_runtime(engine, settings_for(hostile.url, KEY, output_dir=tmp_path / "outputs", **overrides))
     rt.download_claims = {}
     add_batch(engine, "handover", [("fal-ai/wan-22", {"prompt": "a paper boat", "resolution": "480p"})])
     (job_id,) = dispatch(rt)
@@ -79,7 +81,9 @@ def test_the_completion_hands_on_the_job_as_its_move_returned_it(
 def test_a_job_changed_after_the_handover_is_not_finished_by_it(
     engine: Engine, hostile: HostileProvider, tmp_path: Path
 ) -> None:
-    rt, seen = _completed_at_fal(engine, hostile, tmp_path)
+    # The try that lost its lease waits up to a lease for the new holder to record the job
+    # (download._withdraw_if_stored_elsewhere); this one never does: a short lease, not 120 s.
+    rt, seen = _completed_at_fal(engine, hostile, tmp_path, lease_seconds=5.0)
     apply_seen(rt, [seen])
     with db.session_scope(engine) as session:  # e.g. another worker took the job over meanwhile
         job = store.get_job(session, seen.job_id)

@@ -85,7 +85,7 @@ def _server(cert: Path | None = None, key: Path | None = None) -> Iterator[Serve
         context.load_cert_chain(cert, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         scheme = "https"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     served.url = f"{scheme}://localhost:{server.server_address[1]}/"
     try:
         yield served
