@@ -74,7 +74,7 @@ def _run(tmp_path: Path, settings: Settings, name: str) -> tuple[dict[str, set[i
         for thread in threading.enumerate():
             if thread.native_id is None:
                 continue
-            name = f"earlier: {thread.name}" if thread.ident in earlier else thread.name
+            name = f"earlier: {thread.name}" if thread in earlier else thread.name
             try:
                 seen.setdefault(name, set()).update(os.sched_getaffinity(thread.native_id))
             except OSError:
@@ -87,7 +87,10 @@ def _run(tmp_path: Path, settings: Settings, name: str) -> tuple[dict[str, set[i
         after.append(os.sched_getaffinity(0))
 
     original = one_cpu.SharedCpu.check
-    earlier = {thread.ident for thread in threading.enumerate()}  # the process's, not the run's
+    # The process's threads, not the run's: the objects, never their idents — an earlier thread
+    # that ends meanwhile leaves its ident to the next one started (the run's loop was taken for
+    # an earlier thread: CI).
+    earlier = set(threading.enumerate())
 
     def check(self: one_cpu.SharedCpu) -> bool:
         look()
