@@ -125,8 +125,8 @@ def redis_epoch(url: str | None) -> Callable[[], str | None] | None:
     """For a Redis broker, a function giving its incarnation, ``RUN_ID MARKER``: the server's
     ``run_id``, a new random id at every start (https://redis.io/docs/latest/commands/info/), and
     the marker :data:`BROKER_EPOCH_KEY` of the broker's database, set anew when it is missing (a
-    flush, an eviction: the queues went with it). None while it cannot be told: Redis down, or
-    the marker missing and Redis refusing to write a new one (``maxmemory`` reached): unknown,
+    flush, an eviction: the queues went with it). None while it cannot be told: the marker
+    missing and Redis refusing to write a new one (``maxmemory`` reached): unknown,
     not a new incarnation made of a marker nobody stored. A Redis that does not answer (refused,
     timed out) raises its client's error: the conductor then knows the broker is down even while
     it hands nothing on. None for any other broker (RabbitMQ keeps durable queues across

@@ -321,8 +321,9 @@ class Runtime:
     #: it take back a dead simulated run's at once (its simulator is gone with it), and the
     #: progress line says what it still waits for. None elsewhere.
     dead_leases: LeaseReclaimer | None = None
-    #: Which incarnation of the message broker this is, or None when it cannot be told
-    #: (unreachable, another broker, embedded): for Redis ``RUN_ID MARKER``, its ``run_id`` and
+    #: Which incarnation of the message broker this is, or None when it cannot be told (a Redis
+    #: refusing writes; None itself for another broker, or embedded; a Redis that does not answer
+    #: raises its client's error: the broker is down): for Redis ``RUN_ID MARKER``, its ``run_id`` and
     #: the marker key of its database (:func:`worker.tasks.redis_epoch`). A new one lost the queued
     #: messages (a restart: a new ``run_id``; a flush or an eviction: a new marker alone): the tick
     #: leader hands the waiting jobs on again (:func:`worker.steps.reconcile.hand_on_again`).
