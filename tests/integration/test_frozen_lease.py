@@ -450,3 +450,81 @@ def test_a_refused_post_with_no_request_left_at_fal_keeps_no_start_timeout(
         None,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("cancel_answer", "running", "ran"),
+    [
+        (json_reply({"status": "CANCELLATION_REQUESTED"}, 202), False, False),  # still queued: free
+        (json_reply({"status": "CANCELLATION_REQUESTED"}, 202), True, False),  # running: billed
+        (json_reply({"status": "ALREADY_COMPLETED"}, 400), False, True),  # fal ran it: billed
+    ],
+    ids=["cancelled-while-queued", "cancelled-while-running", "already-completed"],
+)
+def test_a_late_answer_for_a_cancelled_job_whose_rerun_was_sent_is_a_confirmed_duplicate_charge(
+    engine: Engine,
+    hostile: HostileProvider,
+    made: list[Runtime],
+    live_child: subprocess.Popen[bytes],
+    cancel_answer: object,
+    running: bool,
+    ran: bool,
+) -> None:
+    """As above, for a job a cancel ended while its submit's outcome was unknown (``wanbatch
+    cancel`` of its batch): ``rerun --failed-only`` repeats cancelled jobs too, and sent it again
+    (SECOND). The first POST's late answer (FIRST) is cancelled at fal first. When fal billed it
+    anyway — the cancel stopped it while it ran, or it had already run — the input was billed
+    twice: a confirmed duplicate charge on the original batch. Was: the request stopped while
+    running was booked as the cancelled job's own (``confirmed_duplicate_charges: 0``), as if no
+    rerun had been sent."""
+    from jobs.batches import cancel_batch
+
+    hostile.route("POST", rf"/{T2V}", json_reply(_submit_answer(hostile, SECOND)))
+    cancel = rf"/{T2V}/requests/{FIRST}/cancel"
+    hostile.route("PUT", cancel, cancel_answer)  # type: ignore[arg-type]
+    database_url = engine.url.render_as_string(hide_password=False)
+    # A receiver configured: the unknown outcome waits for its proof instead of failing at once.
+    rt = _runtime(
+        engine, hostile.url, made, database_url=database_url, webhook_url="https://hooks.example/webhooks/fal"
+    )
+    batch_id = add_batch(engine, "cancel-rerun-sent", [(T2V, {"prompt": "a paper kite"})])
+    (job_id,) = dispatch(rt)
+    _post_out_lease_lapsed(engine, job_id, _owner(live_child.pid))
+    assert reconcile(rt) == 1
+    assert _job(engine, job_id).state == S.SUBMIT_UNKNOWN
+    cancel_batch(batch_id, rt.settings, by="cli")
+    assert _job(engine, job_id).state == S.CANCELLED
+
+    rerun = rerun_batch(batch_id, failed_only=True, settings=rt.settings)
+    (again,) = dispatch(rt)
+    assert _job(engine, again).rerun_of == job_id
+    assert submit(rt, again) == "submitted"
+    assert _job(engine, again).request_id == SECOND
+
+    late = Accepted(job_id, 1, FIRST, None, None, None, None, running=running, submitted_at=utcnow())
+    settled = settle_late_answer(rt, late, T2V)
+    assert hostile.count("PUT", cancel) == 1  # cancelled at fal first: the job was cancelled
+    after = _job(engine, job_id)
+    with db.read_scope(engine) as session:
+        report = batch_report(session, batch_id)
+        rerun_report = batch_report(session, rerun.batch_id)
+    history = [e.reason or "" for e in _events(engine, job_id)]
+    if ran:  # billed anyway: its video is kept, and the second charge is said
+        assert settled == "adopted"
+        assert (after.state, after.request_id) == (S.QUEUED, FIRST)
+        assert after.confirmed_duplicate_charges == 1
+        assert report["confirmed_duplicate_charges"] == 1
+        assert any(f"its rerun, job {again}, was sent too" in reason for reason in history)
+    elif running:  # stopped while it ran: billed beside the rerun, no video
+        assert settled == "billed"
+        assert (after.state, after.request_id) == (S.CANCELLED, None)
+        assert after.confirmed_duplicate_charges == 1
+        assert report["confirmed_duplicate_charges"] == 1
+        assert any(f"its rerun, job {again}, was sent" in reason for reason in history)
+    else:  # stopped while it waited in fal's queue: not billed, nothing paid twice
+        assert settled == "noted"
+        assert (after.state, after.request_id) == (S.CANCELLED, None)
+        assert after.confirmed_duplicate_charges == 0
+        assert report["confirmed_duplicate_charges"] == 0
+    assert rerun_report["confirmed_duplicate_charges"] == 0  # the rerun's own request is not the extra one
+    assert hostile.count("POST", rf"/{T2V}") == 1  # the rerun's only: nothing sent again

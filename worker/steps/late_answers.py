@@ -26,7 +26,8 @@ keep — nothing paid twice, no paid video lost:
 The adopted request is then polled (or streamed) and its video fetched like any other; fal bills
 it once, and the money is counted once.
 
-A failed job whose rerun (``rerun --failed-only``, a job of another batch) was sent meanwhile
+A failed or cancelled job (``rerun --failed-only`` repeats both) whose rerun (a job of another
+batch) was sent meanwhile
 (:func:`jobs.store.sent_repeat`) would have fal render and bill the same input twice: its late
 request is cancelled at fal first (free while it waits in fal's queue: then nothing is paid
 twice, and it is only put on the history); when fal ran it anyway (billed), the job keeps it and
@@ -90,6 +91,9 @@ log = logging.getLogger(__name__)
 Settled = Literal["adopted", "billed", "noted", "known", "held"]
 #: Reads of a job that moves under an adoption's compare-and-set before giving up on it.
 _TRIES = 3
+#: The ends ``rerun --failed-only`` repeats (:func:`jobs.rerun.rerun_batch`): a late answer of
+#: such a job may meet a rerun already sent (:func:`jobs.store.sent_repeat`).
+_REPEATED = frozenset({S.FAILED, S.CANCELLED})
 
 
 def awaits_answer(job: Job, attempt: int) -> bool:
@@ -182,10 +186,11 @@ def _settle(rt: Runtime, accepted: Accepted, endpoint: str, *, cancel: bool, eve
         store.refuse_held_request(session, job.id, accepted.request_id)
         keep = cancel and adoptable(session, job, accepted.attempt)
         stopped = keep and _stops_sending(session, job)
-        # ``rerun --failed-only`` sent the failed job again (another batch's job, billed there):
-        # this request would render and bill the same input twice — cancelled first, kept (and
-        # counted as a confirmed duplicate charge) only when fal ran it anyway.
-        rerun = store.sent_repeat(session, job) if keep and job.state == S.FAILED else None
+        # ``rerun --failed-only`` sent the failed or cancelled job again (it repeats both; another
+        # batch's job, billed there): this request would render and bill the same input twice —
+        # cancelled first, kept (and counted as a confirmed duplicate charge) only when fal ran
+        # it anyway, and counted as one when the cancel stopped it running (billed, no video).
+        rerun = store.sent_repeat(session, job) if keep and job.state in _REPEATED else None
     if keep and not stopped and rerun is None and _adopt(rt, accepted, "fal accepted it"):
         return "adopted"
     if cancel:
