@@ -50,13 +50,15 @@ def _poll_due(rt: Runtime) -> None:
     assert poll(rt) == 1
 
 
-def _lost(engine: Engine, hostile: HostileProvider, seen: str) -> tuple[str, str]:
+def _lost(engine: Engine, hostile: HostileProvider, seen: str, *, simulated: bool = False) -> tuple[str, str]:
     """One job of batch ``lost3`` sent to fal, seen ``seen`` (``IN_QUEUE``, ``IN_PROGRESS``) by a
-    poll; then fal's status forgets it (404, as after the simulator's reset): ``(batch, job)``."""
+    poll; then fal's status forgets it (404, as after the simulator's reset): ``(batch, job)``.
+    ``simulated``: a ``--simulate`` run's batch, sent to its simulator."""
     accept_submits(hostile, RID, T2V)
-    rt = make_runtime(engine, settings_for(hostile.url, KEY))
+    batch_id = add_batch(engine, "lost3", [(T2V, {"prompt": "a lighthouse", "seed": 1})], simulated=simulated)
+    scope = frozenset({batch_id}) if simulated else None  # a --simulate run is of its own batch
+    rt = make_runtime(engine, settings_for(hostile.url, KEY), batch_ids=scope, simulated=simulated)
     try:
-        batch_id = add_batch(engine, "lost3", [(T2V, {"prompt": "a lighthouse", "seed": 1})])
         (job_id,) = dispatch(rt)
         assert submit(rt, job_id) == "submitted"
         hostile.route("GET", STATUS, json_reply({"status": seen}, 202))
@@ -120,6 +122,21 @@ def test_a_request_fal_lost_while_it_waited_in_its_queue_costs_nothing(
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
     result = rerun_batch("lost3", failed_only=True, settings=settings)
     assert not [w for w in result.warnings if "possibly billed" in w], result.warnings
+
+
+def test_a_simulated_request_the_simulator_lost_after_it_ran_says_nothing_was_billed(
+    engine: Engine, hostile: HostileProvider
+) -> None:
+    """A ``--simulate`` run's request is never at a provider that bills: lost after it ran, its
+    error says nothing of "possibly billed" (it said "its estimate is counted as possibly
+    billed" while nothing was counted), and nothing is."""
+    batch_id, job_id = _lost(engine, hostile, "IN_PROGRESS", simulated=True)
+    failed = _job(engine, job_id)
+    assert (failed.state, failed.error_type) == (S.FAILED, "request_not_found")
+    assert "possibly billed" not in (failed.error or ""), failed.error
+    assert "a simulation: nothing was billed" in (failed.error or "")
+    assert failed.ambiguous_usd == 0
+    assert _spent(engine, batch_id) == 0
 
 
 @pytest.mark.parametrize("seen", ["IN_QUEUE", "IN_PROGRESS"])

@@ -167,7 +167,7 @@ def poll(
                 with db.session_scope(rt.engine) as session:
                     if gone_after_our_cancel(session, fence, exc, now=utcnow()):
                         continue
-                    _lost(session, fence, exc)
+                    _lost(session, fence, exc, simulated=rt.simulated)
                 continue
             except ProviderError as exc:
                 telemetry.count_provider_error(exc)
@@ -373,7 +373,7 @@ def _protocol_error(
         )
 
 
-def _lost(session: Session, fence: Fence, exc: ProviderError) -> None:
+def _lost(session: Session, fence: Fence, exc: ProviderError, *, simulated: bool) -> None:
     """fal's status gave a final answer about the job's request that was no status: it does not
     know it (404, ``request_not_found``), or refuses to say. The job fails, for good: we can no
     longer follow it. A request fal does not know that we saw run (fal said IN_PROGRESS, or
@@ -381,13 +381,17 @@ def _lost(session: Session, fence: Fence, exc: ProviderError) -> None:
     runner took, as a cancel of one is billed as running — so its estimate is counted as
     possibly billed (:func:`jobs.store.fail_lost_request`), and its error says so; one only ever
     seen in fal's queue never ran, and is billed nothing ("never charged for … time spent waiting
-    in the queue", https://fal.ai/docs/documentation/model-apis/pricing)."""
+    in the queue", https://fal.ai/docs/documentation/model-apis/pricing). A ``--simulate`` run's
+    request (``simulated``: only its own run asks about it) was never at a provider that bills:
+    nothing is counted (:func:`jobs.store.fail_lost_request`), and its error says so."""
     why = describe(exc)
     kind = failure_type(exc)
     job = store.get_job(session, fence.job_id)
     ran = kind == "request_not_found" and (billing.ran(job.provider_metrics) or _seen_running(session, fence))
     error = f"provider lost the request: {why}"
-    if ran:
+    if ran and simulated:
+        error += "; it had started running (a simulation: nothing was billed)"
+    elif ran:
         error += (
             "; it had started running at fal, which may have run it to the end and billed it: its "
             "estimate is counted as possibly billed"
