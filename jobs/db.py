@@ -779,14 +779,14 @@ class _Durability:
             fd = os.open(self.wal, os.O_RDONLY)
         except FileNotFoundError:
             return  # checkpointed and removed: its pages are in the database file, synced
+        except OSError as exc:  # out of file descriptors (EMFILE), say: the database's own trouble
+            raise _sync_failed(exc) from exc
         try:
             sync_file(fd)
             seen = os.fstat(fd)
             inode = (seen.st_dev, seen.st_ino)
         except OSError as exc:
-            raise DBAPIError.instance(
-                "fdatasync", (), sqlite3.OperationalError(f"disk I/O error: {exc}"), sqlite3.Error
-            ) from exc
+            raise _sync_failed(exc) from exc
         finally:
             os.close(fd)
         if inode != self._inode:
@@ -794,6 +794,16 @@ class _Durability:
             # be on disk too (SQLite syncs a new log's folder the same way: unixSync).
             fs.sync_folder(self.wal.parent)
             self._inode = inode
+
+
+def _sync_failed(exc: OSError) -> Exception:
+    """A sync of the SQLite log that failed with ``exc`` (opening the log, or syncing it), as
+    SQLite says its own I/O failures: an ``OperationalError`` ("disk I/O error"), which every
+    caller takes for the database being unusable just now (:func:`is_unavailable`: the step gives
+    its job back, an accepted submission is held and recorded later), never for a bug. Its
+    ``errno`` stays in the cause (``EMFILE``: :func:`jobs.open_files.out_of_files`)."""
+    failed = sqlite3.OperationalError(f"disk I/O error: {exc}")
+    return DBAPIError.instance("fdatasync", (), failed, sqlite3.Error)
 
 
 #: ``fdatasync(2)`` where there is one (Linux); ``fsync(2)`` elsewhere (macOS).

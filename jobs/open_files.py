@@ -162,6 +162,41 @@ def files_needed(concurrency: int) -> int:
     return 24 + 2 * concurrency
 
 
+#: Status calls a poll makes at once (``worker.steps.poll.STATUS_THREADS``), each on a connection
+#: of its own: room :func:`streams_that_fit` keeps for them.
+STATUS_CALLS_AT_ONCE = 8
+
+
+def soft_limit() -> int | None:
+    """This process's soft open-file limit now (None: unlimited, or no such limit here)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def streams_that_fit(concurrency: int, *, simulator_here: bool, soft: int | None = None) -> int | None:
+    """How many fal status streams (:mod:`worker.watcher`) fit under the open-file limit ``soft``
+    (this process's by default: :func:`soft_limit`) beside what ``concurrency`` threads need
+    (:func:`files_needed`); None when nothing limits them.
+
+    Each stream holds a connection for as long as its request is at fal, one per outstanding
+    request: at ``WANBATCH_MAX_OUTSTANDING=30`` and ``ulimit -n 40`` (which :func:`require_open_files`
+    accepts for 4 threads) the streams took the last descriptors, and the database's own files
+    then failed to open (``EMFILE``) under a submit that fal had accepted. A stream of a
+    ``--simulate`` run (``simulator_here``) holds two: the bundled simulator in this process
+    holds the other end. Requests beyond the streams that fit are polled, as those beyond the
+    watcher's own bound are, :data:`STATUS_CALLS_AT_ONCE` calls at once: room is kept for them."""
+    soft = soft_limit() if soft is None else soft
+    if soft is None:
+        return None
+    per_connection = 2 if simulator_here else 1
+    polls = STATUS_CALLS_AT_ONCE * per_connection  # the requests not streamed are polled, so many at once
+    return max(0, soft - files_needed(concurrency) - polls) // per_connection
+
+
 def require_open_files(concurrency: int) -> None:
     """Before a process does the work (``run``, ``rerun``): raise the soft open-file limit
     toward the hard one (:func:`raise_soft_limit`), and refuse, in one line, a limit that stays

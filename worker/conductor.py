@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import Engine
 
-from jobs import db, store
+from jobs import db, open_files, store
 from jobs.errors import SchemaBehindError
 from jobs.listing import PROCESSING_STALE_SECONDS
 from jobs.models import EVERY_BATCH, WORKER_SCOPE, JobView, utcnow
@@ -152,6 +152,28 @@ class ConductorStats:
     changes: int = 0
 
 
+def _streams_that_fit(rt: Runtime, wanted: int) -> int:
+    """``wanted`` status streams, or fewer when this process's open-file limit leaves room for
+    fewer beside its threads (:func:`jobs.open_files.streams_that_fit`); said once, at debug
+    level when none are left out by it. The requests beyond them are polled."""
+    threads = rt.settings.embedded_concurrency
+    fit = open_files.streams_that_fit(threads, simulator_here=rt.simulated)
+    if fit is None or fit >= min(wanted, rt.settings.max_outstanding):
+        return wanted
+    log.warning(
+        "the open-file limit (%s, `ulimit -n`) leaves room for %d fal status stream(s) beside %d "
+        "worker thread(s), for up to %d request(s) at fal (WANBATCH_MAX_OUTSTANDING): the others "
+        "are polled, which learns of their end later; %s",
+        open_files.soft_limit(),
+        fit,
+        threads,
+        rt.settings.max_outstanding,
+        open_files.EMFILE_FIX,
+        extra={"event": "watcher.streams_limited", "streams": fit},
+    )
+    return fit
+
+
 class Conductor:
     """Dispatches on events for one runtime. Call :meth:`notify` from any thread; :meth:`run` in one."""
 
@@ -159,6 +181,9 @@ class Conductor:
         self.rt = rt
         if stream is None:
             stream = not rt.settings.webhook_url  # with webhooks, fal tells us; streams would double it
+        if stream:
+            max_streams = _streams_that_fit(rt, max_streams)
+            stream = max_streams > 0
         self.watcher = (
             StatusWatcher(rt.client, self._on_status, self._on_lost, max_streams=max_streams)
             if stream

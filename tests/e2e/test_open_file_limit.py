@@ -105,3 +105,36 @@ def test_the_simulators_accept_loop_out_of_files_is_one_line_without_a_traceback
     assert len(said) == 1, done.stderr[:3000]
     assert "this process ran out of file descriptors" in said[0]
     assert len(done.stderr.splitlines()) <= 3, done.stderr[:3000]
+
+
+def test_a_run_with_more_requests_at_fal_than_its_limit_has_room_for_streams_polls_the_rest(
+    tmp_path: Path,
+) -> None:
+    """``WANBATCH_MAX_OUTSTANDING=30`` under ``ulimit -n 64``, which the start-up check accepts for 4
+    threads: a status stream per request at fal (two descriptors each with the bundled
+    simulator) took the last descriptors, and the database's own files then failed to open
+    (``EMFILE``) — "a bug: … Too many open files", an accepted submit not recorded, a job failed
+    ``submit_unknown`` after its lease. Now only the streams that fit are opened (said once), the
+    other requests are polled, and every job succeeds."""
+    items = "".join(f"  - prompt: a lighthouse number {i}\n" for i in range(40))
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: fds\nendpoint: fal-ai/wan-22\ndefaults:\n  resolution: 480p\nitems:\n{items}")
+    code = "import sys, cli; sys.argv[0] = 'wanbatch'; sys.exit(cli.main())"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", "--simulate", "--no-progress", "--json", str(manifest)],
+        cwd=tmp_path,
+        env=_env(tmp_path) | {"WANBATCH_MAX_OUTSTANDING": "30", "WANBATCH_SUBMIT_RATE": "50"},
+        preexec_fn=_limited(64, 64),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Too many open files" not in done.stderr, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if "leaves room for" in line]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert "the open-file limit (64, `ulimit -n`) leaves room for 8 fal status stream(s)" in said[0]
+    assert "ulimit -n 4096" in said[0]
+    import json
+
+    assert json.loads(done.stdout)["counts"]["succeeded"] == 40

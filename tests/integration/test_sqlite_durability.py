@@ -14,7 +14,9 @@ moment that matters; syncs are seen where wanbatch runs them (:data:`jobs.db.syn
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from sqlalchemy import Engine, event, select, text
 from falsim import SimulatorOptions, running_simulator
 from jobs import db, store
 from jobs.models import Job, utcnow
+from jobs.open_files import out_of_files
 from jobs.output_store import LocalOutputStore
 from jobs.states import JobState
 from tests.hostile import HostileProvider
@@ -420,3 +423,31 @@ def test_a_run_with_a_broker_syncs_before_its_report(
     syncs.clear()
     process_batch(batch_id, settings, show_progress=False, serve_metrics=False)
     assert synced_at_report == [1]
+
+
+def test_a_log_sync_out_of_file_descriptors_is_an_outage_of_the_database(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the ``-wal`` file to sync it raised a bare ``OSError`` (EMFILE): every step took it
+    for a bug ("please report it"), and an accepted submit was not held for a later record."""
+    batch_id = add_batch(sqlite_engine, "fds", [("fal-ai/wan-22", {"prompt": "a boat"})])
+    real_open = os.open
+
+    def no_descriptor_for_the_log(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+        if str(path).endswith("-wal"):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_descriptor_for_the_log)
+
+    def rename() -> None:
+        with db.session_scope(sqlite_engine) as session:  # a write nobody classified: synced at commit
+            session.execute(text("UPDATE batches SET name = 'fds2' WHERE id = :id"), {"id": batch_id})
+
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - the type is what is checked below
+        rename()
+    assert db.is_unavailable(raised.value), repr(raised.value)
+    assert "disk I/O error" in str(raised.value)
+    said = out_of_files(raised.value)
+    assert said is not None
+    assert "EMFILE" in said[0]

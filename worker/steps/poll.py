@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from jobs import billing, db, store
+from jobs import billing, db, open_files, store
 from jobs.errors import (
     AccountLockedError,
     FinalProviderError,
@@ -53,8 +53,9 @@ PROTOCOL_ERROR_LIMIT = 5
 #: up to three tries of the connect and read timeouts per job, the conductor's loop with it
 #: (no heartbeat, no progress line, no dispatch, no deadline) for minutes.
 STATUS_POLL_SECONDS = 5.0
-#: How many status calls of one poll are in flight at once (issue #11).
-STATUS_THREADS = 8
+#: How many status calls of one poll are in flight at once (issue #11); the open-file budget of
+#: the status streams keeps room for them (:func:`jobs.open_files.streams_that_fit`).
+STATUS_THREADS = open_files.STATUS_CALLS_AT_ONCE
 #: How much longer than :data:`STATUS_POLL_SECONDS` a poll waits for its calls' threads (their
 #: retries' short sleeps) before it leaves a call that still runs behind: the conductor's loop
 #: never waits on fal for longer, whatever a client does.
