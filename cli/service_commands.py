@@ -232,7 +232,8 @@ def stopping_on_hangup(server_class: Any) -> Any:
     is not a reload (settings are read at start: a changed one needs a restart). A SIGHUP the
     parent set to be ignored (``nohup``) stays ignored: it goes on serving. Output to a terminal
     that hung up goes to /dev/null, so the last lines are not errors nobody can read
-    (:func:`worker.running.drop_hung_up_terminal`), as for ``run``.
+    (:func:`worker.running.drop_hung_up_terminal`), as for ``run``. A second Ctrl-C ends the
+    shutdown at once on every Python (:class:`jobs.asgi_shutdown.ForcedExitEndsShutdown`).
     """
     import contextlib
     import signal
@@ -240,9 +241,17 @@ def stopping_on_hangup(server_class: Any) -> Any:
     from collections.abc import Iterator
     from types import FrameType
 
+    from jobs.asgi_shutdown import ForcedExitEndsShutdown
     from worker.running import drop_hung_up_terminal, open_terminals
 
-    class Server(server_class):  # type: ignore[misc]
+    # The simulator's server has the mixin already (it is first there): added once.
+    bases = (
+        (server_class,)
+        if issubclass(server_class, ForcedExitEndsShutdown)
+        else (ForcedExitEndsShutdown, server_class)
+    )
+
+    class Server(*bases):  # type: ignore[misc]
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             # Inside uvicorn's own: its handlers are restored, and a signal that stopped the

@@ -37,7 +37,7 @@ from falsim.engine import Engine
 from falsim.ledger import LedgerReport
 from falsim.options import SimulatorOptions
 from falsim.tls import client_settings, make_self_signed
-from jobs.asgi_shutdown import EndsCleanly
+from jobs.asgi_shutdown import EndsCleanly, ForcedExitEndsShutdown
 from jobs.endpoints import get_endpoint
 from jobs.errors import ConfigError
 
@@ -87,7 +87,7 @@ def build_app(engine: Engine, base_url: str) -> ASGIApp:
     return EndsCleanly(app)
 
 
-class _Server(uvicorn.Server):
+class _Server(ForcedExitEndsShutdown, uvicorn.Server):
     """uvicorn's server, which ends the simulator's open status streams as it begins to shut down.
 
     uvicorn waits ``timeout_graceful_shutdown`` for open responses, then cancels them and logs

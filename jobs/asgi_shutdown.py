@@ -123,6 +123,38 @@ class EndsCleanly:
             await self.app(scope, receive, unless_cancelled)
 
 
+#: How often a stopping server looks whether a second signal asked for a forced exit.
+FORCED_EXIT_POLL_SECONDS = 0.1
+
+
+class ForcedExitEndsShutdown:
+    """A mixin for :class:`uvicorn.Server` (put it first): a forced exit (a second Ctrl-C) ends
+    the graceful shutdown at once, on every Python.
+
+    uvicorn's shutdown ends by waiting for its listening servers to close
+    (``asyncio.Server.wait_closed``). Before CPython 3.12 that returned at once; since, it waits
+    for every connection to close (https://github.com/python/cpython/issues/104344, and uvicorn's
+    https://github.com/Kludex/uvicorn/pull/2145): a forced exit only ends uvicorn's own waiting
+    loops, so a request still running (a webhook body still arriving, a video a client stopped
+    reading) held ``wanbatch serve`` until the request's own deadline — 10 s of a second Ctrl-C
+    doing nothing. Here the shutdown is stopped as soon as the forced exit is asked for; the
+    event loop's runner then cancels what is still running, as it did before 3.12, and
+    :class:`EndsCleanly` answers each such request (503) or cuts it."""
+
+    force_exit: bool
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        stopping = asyncio.ensure_future(super().shutdown(sockets=sockets))  # type: ignore[misc]
+        try:
+            while not stopping.done() and not self.force_exit:
+                await asyncio.wait({stopping}, timeout=FORCED_EXIT_POLL_SECONDS)
+        finally:
+            if not stopping.done():
+                stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+
+
 async def _cut(send: Send) -> None:
     """End a response cut mid-body: reset its connection (uvicorn's cycle, the owner of its
     ``send``, holds the transport), and let uvicorn see the disconnect before the app returns,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -431,9 +432,16 @@ class _UnacknowledgedForBroker(logging.Filter):
         if problem is None:
             return True
         what = "acknowledgement" if record.msg.startswith("Couldn't ack") else "rejection"
-        message = args[0] if args else "?"
+        # A record rendered when it was made (the key's redaction renders every one) has no args
+        # left: the message's id is read back from its text.
+        rendered = _RENDERED_ACK.match(record.msg)
+        message = args[0] if args else rendered.group("id") if rendered else "?"
         _one_warning_line(record, UNACKNOWLEDGED, (what, message, problem), "worker.ack_lost")
         return True
+
+
+#: kombu's ``Couldn't ack %r, reason:%r`` once rendered: the message's id (its delivery tag).
+_RENDERED_ACK = re.compile(r"Couldn't (?:ack|reject) '?(?P<id>[^',]*)'?, reason")
 
 
 def _record_error(record: logging.LogRecord) -> BaseException | None:

@@ -186,7 +186,11 @@ class ItemsFile(io.RawIOBase):
         return count
 
     def close(self) -> None:
-        self._file.close()
+        # An open that failed (no permission) left no ``_file``; IOBase's finalizer still closes
+        # the object, and CPython 3.13 prints what that raises ("Exception ignored in …").
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
         super().close()
 
     def read_so_far(self) -> ItemsRead:

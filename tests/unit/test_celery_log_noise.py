@@ -102,6 +102,22 @@ def test_celerys_notice_about_cancelling_tasks_on_connection_loss_is_not_logged(
     assert "another notice" in said  # Celery's other warnings stay
 
 
+def test_a_rendered_acknowledgement_line_still_names_its_message(lines: _Lines) -> None:
+    """A record rendered when it was made (the key's redaction renders every one: no args left)
+    said "of message ?"; the id is read back from kombu's text."""
+    import redis.exceptions
+
+    celery_logs_through_ours()
+    request_log = logging.getLogger("celery.worker.request")
+    try:
+        raise redis.exceptions.TimeoutError("Timeout reading from 127.0.0.1:6379")
+    except redis.exceptions.TimeoutError as exc:
+        request_log.critical("Couldn't ack %r, reason:%r" % ("1a87a991", exc), exc_info=True)  # noqa: UP031
+    (lost,) = lines.records
+    assert getattr(lost, "event", None) == "worker.ack_lost"
+    assert "the broker did not take the acknowledgement of message 1a87a991 (TimeoutError" in lines.text[0]
+
+
 def test_an_acknowledgement_the_broker_did_not_take_is_one_warning_line(lines: _Lines) -> None:
     """Seen in tests/integration/test_broker_hang.py: with Redis stopped, a task's ack timed out
     and kombu wrote ``CRITICAL celery.worker.request: Couldn't ack 1, reason:…`` with a traceback."""

@@ -3,7 +3,7 @@
 Before: ``InProcessWorker._hand`` took CPython's ``RuntimeError("can't start new thread")`` for
 its pool shut down (a debug line), and the run hung, its job claimed and never run; at start-up
 the same error was an ``internal error`` (exit 70). The OS's refusal is simulated where CPython
-meets it: ``threading._start_new_thread``.
+meets it (:data:`tests.thread_start.START`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ import pytest
 
 from cli.output import guarded
 from jobs.thread_limit import CANT_START_THREAD, cannot_start_thread
+from tests.thread_start import START
 from worker.embedded import InProcessWorker
 
-_real_start = threading._start_new_thread  # type: ignore[attr-defined]
+_real_start = getattr(threading, START)
 
 
-def _refuse_submit_threads(function: Callable[..., Any], args: tuple[Any, ...]) -> int:
-    """``_start_new_thread`` as it fails under ``ulimit -u`` — for a submit pool's thread only."""
+def _refuse_submit_threads(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """:data:`~tests.thread_start.START` as it fails under ``ulimit -u`` — for a submit pool's thread only."""
     thread = getattr(function, "__self__", None)
     if isinstance(thread, threading.Thread) and thread.name.startswith("wanbatch-submit"):
         raise RuntimeError(CANT_START_THREAD)
-    return int(_real_start(function, args))
+    return _real_start(function, *args, **kwargs)
 
 
 def test_the_error_is_told_apart_from_a_pool_shut_down() -> None:
@@ -39,7 +40,7 @@ def test_a_step_thread_that_cannot_start_stops_the_run_once(monkeypatch: pytest.
     worker = InProcessWorker(2)
     worker.on_thread_limit = lambda: stops.append(None)
     try:
-        monkeypatch.setattr(threading, "_start_new_thread", _refuse_submit_threads)
+        monkeypatch.setattr(threading, START, _refuse_submit_threads)
         worker.submit("job-1")
         worker.submit("job-2")
     finally:
