@@ -122,7 +122,9 @@ def _submit_answer(provider: HostileProvider, request_id: str) -> dict[str, obje
     }
 
 
-@pytest.mark.parametrize(
+#: What fal answers our cancel of the late request: it was still queued (free), running (billed),
+#: or had already run (billed, its video kept); ``running``: the late answer said it runs.
+late_cancel_answers = pytest.mark.parametrize(
     ("cancel_answer", "running", "ran"),
     [
         (json_reply({"status": "CANCELLATION_REQUESTED"}, 202), False, False),  # still queued: free
@@ -131,6 +133,9 @@ def _submit_answer(provider: HostileProvider, request_id: str) -> dict[str, obje
     ],
     ids=["cancelled-while-queued", "cancelled-while-running", "already-completed"],
 )
+
+
+@late_cancel_answers
 def test_a_late_answer_for_a_failed_job_whose_rerun_was_sent_is_never_a_silent_second_charge(
     engine: Engine,
     hostile: HostileProvider,
@@ -452,15 +457,7 @@ def test_a_refused_post_with_no_request_left_at_fal_keeps_no_start_timeout(
     )
 
 
-@pytest.mark.parametrize(
-    ("cancel_answer", "running", "ran"),
-    [
-        (json_reply({"status": "CANCELLATION_REQUESTED"}, 202), False, False),  # still queued: free
-        (json_reply({"status": "CANCELLATION_REQUESTED"}, 202), True, False),  # running: billed
-        (json_reply({"status": "ALREADY_COMPLETED"}, 400), False, True),  # fal ran it: billed
-    ],
-    ids=["cancelled-while-queued", "cancelled-while-running", "already-completed"],
-)
+@late_cancel_answers
 def test_a_late_answer_for_a_cancelled_job_whose_rerun_was_sent_is_a_confirmed_duplicate_charge(
     engine: Engine,
     hostile: HostileProvider,
