@@ -154,8 +154,8 @@ class ConductorStats:
 
 def _streams_that_fit(rt: Runtime, wanted: int) -> int:
     """``wanted`` status streams, or fewer when this process's open-file limit leaves room for
-    fewer beside its threads (:func:`jobs.open_files.streams_that_fit`); said once, at debug
-    level when none are left out by it. The requests beyond them are polled."""
+    fewer beside its threads (:func:`jobs.open_files.streams_that_fit`), said then in one
+    warning line with the fix. The requests beyond them are polled."""
     threads = rt.settings.embedded_concurrency
     fit = open_files.streams_that_fit(threads, simulator_here=rt.simulated)
     if fit is None or fit >= min(wanted, rt.settings.max_outstanding):
