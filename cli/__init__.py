@@ -354,14 +354,17 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
 def _database_said(exc: BaseException) -> str | None:
     """The one line for a database error that is the environment's, not a bug, wherever in a
     command it happened; None for anything else: a write the database refused because its disk
-    is full (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``), or a table that is not there
+    is full (SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full``), a table that is not there
     (the database is not wanbatch's, or its tables were dropped while the command ran: start-up
-    checks them). The unit of work that failed was rolled back, as every failed one is
-    (:func:`jobs.db.session_scope`); the commands that write do so in one unit."""
+    checks them), or a database that failed under the command (:func:`jobs.db.is_unavailable`:
+    an I/O error, a connection the server closed, a restart): the environment's, which no bug
+    report fixes. The unit of work that failed was rolled back, as every failed one is
+    (:func:`jobs.db.session_scope`), or committed whole just before its failure was heard; the
+    commands that write do so in one unit, and each is safe to run again."""
     from jobs import db
 
-    full, missing = db.is_disk_full(exc), db.is_schema_missing(exc)
-    if not (full or missing):
+    full, missing, unavailable = db.is_disk_full(exc), db.is_schema_missing(exc), db.is_unavailable(exc)
+    if not (full or missing or unavailable):
         return None
     try:
         from jobs.settings import get_settings
@@ -371,7 +374,9 @@ def _database_said(exc: BaseException) -> str | None:
         url = None
     if full:
         return str(db.disk_full_error(url))
-    return str(db.schema_missing_error(url, first_line(exc)))
+    if missing:
+        return str(db.schema_missing_error(url, first_line(exc)))
+    return str(db.failed_during_command_error(url, exc))
 
 
 def _fail(line: str, code: int, *, prefix: str = "") -> NoReturn:

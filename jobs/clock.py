@@ -105,6 +105,12 @@ def utcnow() -> datetime:
     return datetime.fromtimestamp(anchor.database + (steady() - anchor.steady), UTC)
 
 
+def naive_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC without a zone: one instant compares equal to itself whether a database
+    handed it back aware (PostgreSQL) or naive in UTC (SQLite)."""
+    return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
 def offset() -> float | None:
     """The database's clock minus this host's (s) as last measured; None when not measured."""
     anchor = _anchor

@@ -1336,6 +1336,25 @@ def disk_full_error(
     )
 
 
+def failed_during_command_error(url: str | URL | None, exc: BaseException) -> ConfigError:
+    """The one line for a database that failed under a command (:func:`is_unavailable`: an I/O
+    error, a connection the server closed, a restart, a lock held past every wait), where it
+    is, and what to do: the same command again once the database answers. Exit 2, as for a
+    database that cannot be opened at all; no bug report, which could not fix it.
+
+    A unit of work is stored whole or not at all, and which one is not always known: a commit
+    whose reply was lost, or whose log could not be synced to disk (:class:`_Durability`), may
+    have landed. Every command that writes is safe to run again (a manifest submitted twice adds
+    no job, a cancel or a pause again changes nothing more), so the line says that, and no more.
+    """
+    where = database_place(url)
+    place = f" ({where})" if where else ""
+    return ConfigError(
+        f"the database failed during the command{place}: {database_problem(exc)}; what it was "
+        "writing is stored whole or not at all: run the command again once the database answers"
+    )
+
+
 def _no_room_beside(url: str | URL) -> bool:
     """Whether the folder of a SQLite database has (next to) no free space left: opening it
     then fails with "disk I/O error" (SQLite cannot create its ``-wal`` and ``-shm`` files)."""

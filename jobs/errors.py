@@ -37,7 +37,7 @@ lives in this module unless ``[module]`` names another::
     ├── OutputWriteError             [jobs.outputs] a video or sidecar could not be written (disk full, …)
     │   ├── OutputUploadError        [jobs.output_store] an upload to S3 failed (retried, staged copy kept)
     │   ├── OutputFolderError        [jobs.outputs] the batch's output folder cannot be placed (links out)
-    │   └── ProbeResourceError       [worker.probe] the probe ran short of fds/memory here: video kept
+    │   └── LocalProbeError          [worker.probe] the probe could not read it here (fds, disk): video kept
     ├── OutputReadError              [jobs.output_store] a stored output could not be read back (export)
     ├── SubmitNotSentError           [worker.fal.errors] the submit failed here before it was sent
     │   └── FalUnreachableError      [worker.fal.errors] the connection to fal failed: nothing sent

@@ -25,6 +25,7 @@ wrong resolution, orientation or length:
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import av
 from jobs import avcompat
 from jobs.endpoints import EndpointSpec, get_endpoint
 from jobs.errors import WanbatchError
-from jobs.open_files import local_resource_errno
+from jobs.open_files import local_resource_errno, os_errno
 from jobs.outputs import OutputWriteError
 from worker.mp4 import file_truncation
 
@@ -66,21 +67,54 @@ class NotAVideoError(WanbatchError):
     """The file is not a decodable video (no video stream, unreadable headers, no frame)."""
 
 
-class ProbeResourceError(OutputWriteError):
-    """The probe could not read the file because this machine ran short of a resource (out of
-    file descriptors, memory: :func:`jobs.open_files.local_resource_errno`). Our trouble, not
-    the file's: the download step keeps the video and tries it again, as it does an output it
-    cannot write (never ``not_a_video``, which deletes a paid video)."""
+class LocalProbeError(OutputWriteError):
+    """The probe could not read the file for a reason of this machine's, not the file's: it ran
+    short of a resource (file descriptors, memory: :func:`jobs.open_files.local_resource_errno`),
+    or its disk could not be read (:data:`LOCAL_READ_ERRNOS`: an I/O error, a permission taken
+    away, a network file system gone). The download step keeps the video and tries it again, as
+    it does an output it cannot write (never ``not_a_video``, which deletes a paid video)."""
 
 
-def _short_of_resources(path: Path | str, exc: BaseException) -> ProbeResourceError | None:
-    """The :class:`ProbeResourceError` for ``exc`` when it is a local resource error; else None."""
+#: What reading a file of this machine's own disk fails with when the disk, its mount or the
+#: file's permissions are at fault, whatever the file holds: an I/O error (``EIO``), a
+#: permission (``EACCES``/``EPERM``), a device or a network file system gone (``ENXIO``,
+#: ``ENODEV``, ``ESTALE``, ``ENOTCONN``); POSIX's meanings
+#: (https://man7.org/linux/man-pages/man3/errno.3.html).
+LOCAL_READ_ERRNOS = frozenset(
+    {errno.EIO, errno.EACCES, errno.EPERM, errno.ENXIO, errno.ENODEV, errno.ESTALE, errno.ENOTCONN}
+)
+
+
+def _cannot_check(path: Path | str, exc: BaseException, *, own_read: bool) -> LocalProbeError | None:
+    """The :class:`LocalProbeError` for ``exc`` when it is this machine's doing; else None.
+
+    A local resource error always is. So is a :data:`LOCAL_READ_ERRNOS` error of ``own_read``
+    (our own read of the file); FFmpeg's, only when reading the file plainly fails too
+    (:func:`_unreadable`): FFmpeg may report what it made of a damaged file with an errno as well,
+    and a damaged file taken for the disk's fault would be checked again for ever."""
     if local_resource_errno(exc) is None:
-        return None
+        if os_errno(exc) not in LOCAL_READ_ERRNOS:
+            return None
+        if not own_read:
+            plain = _unreadable(path)
+            if plain is None:  # the file reads: what FFmpeg said is about what it holds
+                return None
+            exc = plain
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-    failed = ProbeResourceError(f"the saved video {Path(path).name} could not be checked ({why})")
-    failed.__cause__ = exc  # its errno tells the fix (jobs.open_files.out_of_files)
+    failed = LocalProbeError(f"the saved video {Path(path).name} could not be checked ({why})")
+    failed.__cause__ = exc  # its errno tells the fix (jobs.open_files.out_of_files, download._write_fix)
     return failed
+
+
+def _unreadable(path: Path | str) -> OSError | None:
+    """What reading the whole file plainly fails with; None when it reads to its end."""
+    try:
+        with Path(path).open("rb", buffering=0) as file:
+            while file.read(1 << 20):
+                pass
+    except OSError as exc:
+        return exc
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +201,15 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
     again: ``worker.fal.storage``); this catches a file that came another way (one an earlier
     try left, a staged one a rerun takes). ``walked``: the caller has just walked this very
     file's boxes (a fresh download: ``DownloadResult.whole``), so they are not read again.
-    :class:`ProbeResourceError` (no verdict on the file) when this machine ran short of file
-    descriptors or memory while reading it.
+    :class:`LocalProbeError` (no verdict on the file) when this machine could not read it: it
+    ran short of file descriptors or memory, or its disk failed the read.
     """
     if not walked:
         try:
             cut = file_truncation(path)
         except OSError as exc:
-            if (short := _short_of_resources(path, exc)) is not None:
-                raise short from exc
+            if (local := _cannot_check(path, exc, own_read=True)) is not None:
+                raise local from exc
             raise NotAVideoError(f"{Path(path).name}: cannot be read ({exc.strerror or exc})") from exc
         if cut is not None:
             raise NotAVideoError(f"{Path(path).name}: the MP4 is {cut}")
@@ -214,8 +248,8 @@ def probe(path: Path | str, *, walked: bool = False) -> MediaInfo:
     except NotAVideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
-        if (short := _short_of_resources(path, exc)) is not None:
-            raise short from exc
+        if (local := _cannot_check(path, exc, own_read=False)) is not None:
+            raise local from exc
         raise NotAVideoError(f"{Path(path).name}: not a decodable video ({exc})") from exc
     return MediaInfo(
         width=width,

@@ -1507,6 +1507,7 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
     unsent = released = 0
     try:
         while True:
+            proven = rt.unsent.noted()  # sends recorded as their commit failed: never made
             with db.session_scope(rt.engine) as session:
                 got = store.release_process_leases(
                     session,
@@ -1514,7 +1515,10 @@ def _give_back(rt: Runtime, batch_id: str, *, kept: int = 0, stopped: str = "int
                     batch_ids=[batch_id],
                     queued_owner=DOWNLOAD_QUEUE,
                     worker=rt.owner,
+                    proven_unsent=proven,
                 )
+            for job_id in proven:
+                rt.unsent.forget(job_id)
             unsent += got.unsent
             released += got.released
             if got.in_flight <= kept or time.monotonic() >= deadline:

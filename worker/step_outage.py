@@ -185,8 +185,14 @@ class GiveBack:
             mine = {job_id: entry for job_id, entry in jobs.items() if entry[0] is rt}
             try:
                 with db.session_scope(rt.engine) as session:
+                    proven = rt.unsent.noted(mine)  # sends recorded as their commit failed
                     got = store.release_step_jobs(
-                        session, list(mine), process_prefix(), queued_owner=DOWNLOAD_QUEUE, worker=rt.owner
+                        session,
+                        list(mine),
+                        process_prefix(),
+                        queued_owner=DOWNLOAD_QUEUE,
+                        worker=rt.owner,
+                        proven_unsent=proven,
                     )
             except Exception as exc:
                 if db.is_unavailable(exc):
@@ -202,6 +208,8 @@ class GiveBack:
                 self._forget(mine)
                 continue
             self._forget(mine)
+            for job_id in proven:
+                rt.unsent.forget(job_id)  # given back, or moved on since: the note has served
             rt.unrecorded.writable()  # a write worked: a disk that was full has room again
             if got.unsent or got.released:  # none when a POST may be out: the reconciler's
                 for job_id in sorted(mine):

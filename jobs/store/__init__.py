@@ -208,6 +208,7 @@ from jobs.store.leases import (
     release_process_leases,
     take_lease,
 )
+from jobs.store.leases import ProvenUnsentSend as ProvenUnsentSend
 from jobs.store.leases import TakenBack as TakenBack
 from jobs.store.leases import release_step_jobs as release_step_jobs
 from jobs.store.leases import take_back_dead_leases as take_back_dead_leases

@@ -3,7 +3,7 @@ job's lease, recording a submit's POST as sent, and taking back the jobs of proc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from jobs.clock import naive_utc
 from jobs.models import ConductorHeartbeat, Job, JobRecord, utcnow
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.core import _JOBS, _SENT_PG, _SENT_SQLITE, _kept, _prepared, _run, _same_request_elsewhere
@@ -248,6 +249,7 @@ def release_process_leases(
     batch_ids: Iterable[str] | None = None,
     queued_owner: str | None = None,
     worker: str | None = None,
+    proven_unsent: Mapping[str, ProvenUnsentSend] | None = None,
 ) -> ReleasedLeases:
     """Give back every lease held by one stopping process, so the next run picks its jobs up at once.
 
@@ -256,14 +258,15 @@ def release_process_leases(
     lease expired (``WANBATCH_LEASE_SECONDS``). ``queued_owner`` also clears that owner's leases on
     the jobs of ``batch_ids``: the download messages an embedded run queued in its own memory, which
     die with it. A job whose POST may be in flight is never touched: only the reconciler may decide
-    what became of it. Each move is a compare-and-set, so a thread of the stopping process that
-    takes a lease meanwhile (to send its POST) wins and is counted as in flight instead.
+    what became of it — unless the process proves its POST never went (``proven_unsent``, see
+    :func:`_give_back_unsent`). Each move is a compare-and-set, so a thread of the stopping process
+    that takes a lease meanwhile (to send its POST) wins and is counted as in flight instead.
     """
     if not owner_prefix:
         raise ValueError("release_process_leases needs an owner prefix")
     ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
     unsent, in_flight = _give_back_unsent(
-        session, ours, worker, reason="given back: the process stopped before sending"
+        session, ours, worker, reason="given back: the process stopped before sending", proven=proven_unsent
     )
     holders: ColumnElement[bool] = ours
     if queued_owner is not None:
@@ -475,7 +478,13 @@ def take_back_dead_leases(
 
 
 def release_step_jobs(
-    session: Session, job_ids: Collection[str], owner_prefix: str, *, queued_owner: str, worker: str
+    session: Session,
+    job_ids: Collection[str],
+    owner_prefix: str,
+    *,
+    queued_owner: str,
+    worker: str,
+    proven_unsent: Mapping[str, ProvenUnsentSend] | None = None,
 ) -> ReleasedLeases:
     """Give back the jobs whose step the database failed (a killed connection, a restart), once
     it answers again: the tick takes them up at once, not after their lease runs out.
@@ -485,42 +494,76 @@ def release_step_jobs(
     step that failed, and a copy of that step's message that might still run is fenced out (it
     takes the lease by the version this moves on). A lease of this process (``owner_prefix``) or
     of ``queued_owner`` (a download message not running yet) is cleared. A job whose POST may
-    have gone out is left alone (``in_flight``), for the reconciler.
+    have gone out is left alone (``in_flight``), for the reconciler — unless this process proves
+    that very send never went (``proven_unsent``: the database failed the commit of its record,
+    see :func:`_give_back_unsent`).
     """
     if not owner_prefix:
         raise ValueError("release_step_jobs needs an owner prefix")
     only = Job.id.in_(sorted(set(job_ids)))
     unsent, in_flight = _give_back_unsent(
-        session, only, worker, reason="given back: the database failed its submit before sending"
+        session,
+        only,
+        worker,
+        reason="given back: the database failed its submit before sending",
+        proven=proven_unsent,
     )
     ours = Job.lease_owner.startswith(owner_prefix, autoescape=True)
     released = _clear_leases(session, only & or_(ours, Job.lease_owner == queued_owner))
     return ReleasedLeases(unsent=unsent, released=released, in_flight=in_flight)
 
 
+@dataclass(frozen=True, slots=True)
+class ProvenUnsentSend:
+    """A send recorded at ``sent_at`` that the process which recorded it knows never went out
+    (``why``): its POST was never made, though the record may have committed."""
+
+    sent_at: datetime
+    why: str
+
+
 def _give_back_unsent(
-    session: Session, which: ColumnElement[bool], worker: str | None, *, reason: str
+    session: Session,
+    which: ColumnElement[bool],
+    worker: str | None,
+    *,
+    reason: str,
+    proven: Mapping[str, ProvenUnsentSend] | None = None,
 ) -> tuple[int, int]:
     """``submitting`` jobs matching ``which``: those whose POST has not started (no input
     recorded) back to ``pending``; returns how many moved, and how many may be in flight (their
-    input recorded, or moved on by someone else meanwhile) and were left alone."""
+    input recorded, or moved on by someone else meanwhile) and were left alone.
+
+    A job whose send is recorded goes back too when ``proven`` holds that very send (the same
+    ``sent_at``): its process knows the POST was never made — the database failed as the send's
+    record committed (a reply lost, a log that could not be synced), so the record may have
+    landed though the step saw it fail and sent nothing. Without the proof it waited for its
+    lease to lapse and ended ``submit_unknown``, "possibly billed", for a request fal never saw.
+    """
     unsent = in_flight = 0
     submitting = session.execute(
-        select(Job.id, Job.version, Job.submitted_input.is_(None))
+        select(Job.id, Job.version, Job.submitted_input.is_(None), Job.sent_at)
         .where(Job.state == JobState.SUBMITTING, which)
         .order_by(Job.id)
     ).all()
-    for job_id, version, not_sent in submitting:
-        moved = not_sent and give_back(
-            session,
-            Fence(job_id, JobState.SUBMITTING, version, worker),
-            reason=reason,
-        )
+    for job_id, version, not_sent, sent_at in submitting:
+        fence = Fence(job_id, JobState.SUBMITTING, version, worker)
+        proof = None if not_sent or proven is None else proven.get(job_id)
+        if proof is not None and _same_moment(proof.sent_at, sent_at):
+            moved = give_back(session, fence, reason=proof.why, error=proof.why, error_type="not_sent")
+        else:
+            moved = not_sent and give_back(session, fence, reason=reason)
         if moved:
             unsent += 1
         else:
             in_flight += 1
     return unsent, in_flight
+
+
+def _same_moment(noted: datetime, stored: datetime | None) -> bool:
+    """Whether ``noted`` and ``stored`` are one instant, whichever of them carries a zone (a
+    PostgreSQL column hands it back aware, SQLite's naive in UTC)."""
+    return stored is not None and naive_utc(noted) == naive_utc(stored)
 
 
 def _clear_leases(session: Session, holders: ColumnElement[bool]) -> int:

@@ -21,6 +21,7 @@ from jobs.states import JobState
 from tests.hostile import HostileProvider
 from tests.hostile_fal import FakeFal
 from tests.integration.test_download_steps import completed_job
+from worker import probe
 from worker.steps import download
 
 #: The start of an MP4 (an ``ftyp`` box) and then noise: it looks like a video, it is not one.
@@ -132,3 +133,62 @@ def test_a_probe_out_of_file_descriptors_keeps_the_paid_video_and_the_job(
     assert job.state == JobState.SUCCEEDED
     assert job.output_path == str(kept[0])
     assert fal.file_gets("r1.mp4") == 1  # taken from the disk, not fetched again
+
+
+def _disk_fails(*_args: object, **_kwargs: object) -> NoReturn:
+    """``av.open`` as it fails when the disk cannot read the file: PyAV's OSError, EIO."""
+    av.error.err_check(-errno.EIO, "r1.mp4")
+    raise AssertionError("err_check raises for a negative code")
+
+
+def test_a_probe_the_disk_fails_keeps_the_paid_video_and_the_job(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error reading the saved video (the disk's, as a plain read of the file shows too)
+    says nothing of what fal made: the video stays, the job waits with its batch paused and the
+    disk's fix, and the next try stores that very file. Was: ``failed (not_a_video)``, the paid
+    video deleted — found by injecting ``EACCES`` into a run's ``openat`` calls."""
+    fal = FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(av, "open", _disk_fails)
+            patched.setattr(probe, "_unreadable", lambda _path: OSError(errno.EIO, "Input/output error"))
+            outcome = download(rt, job_id)
+        job = _job(engine, job_id)
+        assert outcome != "failed"
+        assert job.state == JobState.DOWNLOADING
+        assert job.error_type is None
+        kept = list((tmp_path / "outputs").rglob("*.mp4"))
+        assert len(kept) == 1  # the paid video is not deleted
+        with db.session_scope(engine) as session:
+            batch = store.get_batch(session, job.batch_id)
+            assert batch.state == BatchState.PAUSED
+            assert batch.pause_reason is not None
+            assert "could not be checked (Input/output error)" in batch.pause_reason
+            assert "check that disk and its mount" in batch.pause_reason
+            assert "free space" not in batch.pause_reason
+            store.set_batch_state(session, job.batch_id, BatchState.ACTIVE)
+        assert download(rt, job_id) == "succeeded"
+    finally:
+        rt.client.close()
+    assert _job(engine, job_id).output_path == str(kept[0])
+    assert fal.file_gets("r1.mp4") == 1  # taken from the disk, not fetched again
+
+
+def test_an_io_error_ffmpeg_alone_reports_is_the_files_own(
+    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FFmpeg may word what it made of a damaged file with an errno too: when the file reads
+    plainly to its end, the video is judged (``not_a_video``), not checked again for ever."""
+    FakeFal(hostile)
+    rt, job_id = completed_job(engine, hostile, tmp_path)
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(av, "open", _disk_fails)
+            assert download(rt, job_id) == "failed"
+    finally:
+        rt.client.close()
+    job = _job(engine, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error_type == "not_a_video"

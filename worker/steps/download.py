@@ -1368,10 +1368,11 @@ def _check_media(
     keep = job.reused_from is not None
     try:
         info = probe.probe(path, walked=walked)
-    except probe.ProbeResourceError as exc:
-        # Out of file descriptors or memory here: our trouble, not fal's. The file stays (the
-        # next try takes it: _downloaded_before) and the job waits as for a disk that cannot
-        # keep outputs — never not_a_video, which deleted the paid video and failed it for good.
+    except probe.LocalProbeError as exc:
+        # Out of file descriptors or memory here, or a disk that failed the read: our trouble,
+        # not fal's. The file stays (the next try takes it: _downloaded_before) and the job
+        # waits as for a disk that cannot keep outputs — never not_a_video, which deleted the
+        # paid video and failed it for good.
         return _probe_short(rt, job_id, claim, path, exc)
     except probe.NotAVideoError as exc:
         if not path.exists():  # removed under us (its folder deleted mid-run): the disk's doing, not fal's
@@ -1958,9 +1959,9 @@ def _write_failed(rt: Runtime, job_id: str, claim: DownloadClaim, exc: OutputWri
 
 
 def _probe_short(rt: Runtime, job_id: str, claim: DownloadClaim, path: Path, exc: OutputWriteError) -> str:
-    """The saved video could not be probed because this machine ran short of a resource
-    (:class:`worker.probe.ProbeResourceError`): keep the file and the job, pause the batch with
-    the fix, as :func:`_write_failed` does for a disk that cannot keep outputs."""
+    """The saved video could not be probed because of this machine (short of a resource, a disk
+    that failed the read: :class:`worker.probe.LocalProbeError`): keep the file and the job, pause
+    the batch with the fix, as :func:`_write_failed` does for a disk that cannot keep outputs."""
     fix, once = _write_fix(exc)
     return _pause_for_outputs(
         rt,
@@ -1978,7 +1979,8 @@ def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
     behind it, and when the videos waiting at fal are downloaded: "free space or fix
     WANBATCH_OUTPUT_DIR" is the fix of a full disk, not of a process out of file descriptors
     (raise its open-file limit), of a folder where the file goes, of a read-only mount
-    (``EROFS``: no space freed heals it, remounting does) or of a folder this process may not
+    (``EROFS``: no space freed heals it, remounting does), of a disk that fails its reads or
+    writes (``EIO``: no space freed heals it either), or of a folder this process may not
     write in (``EACCES``/``EPERM``: its permissions or owner). The errno meanings are POSIX's
     (https://man7.org/linux/man-pages/man3/errno.3.html)."""
     if (short := out_of_files(exc)) is not None:
@@ -2000,6 +2002,13 @@ def _write_fix(exc: OutputWriteError) -> tuple[str, str]:
         return (
             "the output folder is on a read-only file system (EROFS): remount it read-write, or "
             "point WANBATCH_OUTPUT_DIR at a writable folder",
+            "they can be written",
+        )
+    if code == errno.EIO:
+        return (
+            "the output folder's disk failed a read or a write (EIO, an I/O error): check that "
+            "disk and its mount (the kernel's log says more), or point WANBATCH_OUTPUT_DIR at "
+            "another disk",
             "they can be written",
         )
     if code in (errno.EACCES, errno.EPERM):

@@ -376,6 +376,10 @@ class _StoppedBeforeSend(Exception):
     """The run stopped while a step's send was being recorded: that record is rolled back."""
 
 
+#: Why a job whose send's record failed as it committed goes back unsent (:func:`_record_send`).
+RECORD_FAILED = "not sent: the database failed as its send was recorded"
+
+
 def _record_send(
     rt: Runtime,
     fence: Fence,
@@ -405,6 +409,7 @@ def _record_send(
     record_send (a take_lease) bumps the version: of two copies of this message, exactly one
     gets here. A resend of an unknown submit counts as a possible duplicate charge here, as it is sent."""
     sent: Sending | None = None
+    taken: Fence | None = None
     try:
         with db.session_scope(rt.engine) as session:
             sent_at = utcnow()
@@ -430,6 +435,11 @@ def _record_send(
     except BaseException:
         if sent is not None:  # the record did not commit: nothing goes
             sent.end()
+        if taken is not None:
+            # It failed as it committed, or after (a reply the database never sent, a log not
+            # synced to disk): it may have landed, and the job then reads "its POST may be out"
+            # though none was made. Noted, the give-back once the database answers moves it back.
+            rt.unsent.note(taken.job_id, sent_at, RECORD_FAILED)
         raise
     if taken is None or sent is None:
         return "lost-lease"

@@ -10,48 +10,57 @@ stayed "its POST may be out" until its lease lapsed, and the reconciler then dec
 outcome unknown: by the default policy it failed ``submit_unknown``, "possibly billed", and
 ``rerun --failed-only`` was the only way on, for a request fal never saw.
 
-The step notes such a send here (its job and the ``sent_at`` it recorded); the reconciler of
-this process, finding the job's lease lapsed with that very send recorded, gives it back as
-never sent instead (:func:`worker.steps.reconcile.reconcile`). Another process, or this one
-after a restart, knows nothing of it: the job is then treated as before (the policy applies).
+So does a submit whose send's record failed as it committed (:func:`worker.steps.submit`'s
+``_record_send``): a reply the database never sent, a log that could not be synced to disk. The
+record may have landed, though the step saw it fail and made no POST.
+
+The step notes such a send here (its job and the ``sent_at`` it recorded). The give-back once
+the database answers again (:class:`worker.step_outage.GiveBack`), the stopping run's own
+(:func:`worker.running`), and the reconciler of this process, finding the job's lease lapsed
+with that very send recorded (:func:`worker.steps.reconcile.reconcile`), each give it back as
+never sent instead (:func:`jobs.store.release_step_jobs`). Another process, or this one after a
+restart, knows nothing of it: the job is then treated as before (the policy applies).
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import datetime
 
-
-@dataclass(frozen=True)
-class UnsentSend:
-    """One send proven not to have gone out: when it was recorded, and why it did not go."""
-
-    sent_at: datetime
-    why: str
+from jobs.clock import naive_utc
+from jobs.store import ProvenUnsentSend
 
 
 class ProvenUnsent:
     """The sends of this process proven not to have gone out whose give-back was not recorded,
-    by job id. Thread-safe: submit steps note, the reconciler takes."""
+    by job id. Thread-safe: submit steps note, the give-backs and the reconciler take."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sends: dict[str, UnsentSend] = {}
+        self._sends: dict[str, ProvenUnsentSend] = {}
 
     def note(self, job_id: str, sent_at: datetime, why: str) -> None:
         """The job's send recorded at ``sent_at`` never went out (``why``), and saying so failed."""
         with self._lock:
-            self._sends[job_id] = UnsentSend(_naive(sent_at), why)
+            self._sends[job_id] = ProvenUnsentSend(naive_utc(sent_at), why)
 
-    def proof(self, job_id: str, sent_at: datetime | None) -> UnsentSend | None:
+    def proof(self, job_id: str, sent_at: datetime | None) -> ProvenUnsentSend | None:
         """The note of the job's send recorded at ``sent_at``, if this process made one; None
         for any other send of the job (a later one, another process's)."""
         with self._lock:
             found = self._sends.get(job_id)
-        if found is None or sent_at is None or found.sent_at != _naive(sent_at):
+        if found is None or sent_at is None or found.sent_at != naive_utc(sent_at):
             return None
         return found
+
+    def noted(self, job_ids: Iterable[str] | None = None) -> dict[str, ProvenUnsentSend]:
+        """The notes of ``job_ids`` (of every job when None), for a give-back to match against
+        the sends the database holds (:func:`jobs.store.release_step_jobs`)."""
+        with self._lock:
+            if job_ids is None:
+                return dict(self._sends)
+            return {job_id: self._sends[job_id] for job_id in job_ids if job_id in self._sends}
 
     def forget(self, job_id: str) -> None:
         """The job was given back (or moved on): its note is no longer needed."""
@@ -61,9 +70,3 @@ class ProvenUnsent:
     def __len__(self) -> int:
         with self._lock:
             return len(self._sends)
-
-
-def _naive(moment: datetime) -> datetime:
-    """``moment`` in UTC without a zone: the same instant whether a database hands it back
-    aware (PostgreSQL) or naive in UTC (SQLite)."""
-    return moment if moment.tzinfo is None else moment.astimezone(UTC).replace(tzinfo=None)
