@@ -1188,14 +1188,30 @@ def is_unavailable(exc: BaseException) -> bool:
     which says every connection is taken by work the database is not finishing: a database
     that hangs, or a partition, holds them all until their TCP bounds
     (:data:`PG_TCP_USER_TIMEOUT_MS`) end them.
+
+    And SQLite's "database disk image is malformed" (:func:`_sqlite_read_corrupt`), which a read
+    the disk failed for a moment can end as.
     """
     if isinstance(exc, PoolTimeoutError):
         return True
     if is_schema_missing(exc):
         return False
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, OperationalError | InterfaceError) or _sqlite_read_corrupt(exc):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _sqlite_read_corrupt(exc: BaseException) -> bool:
+    """Whether SQLite said ``database disk image is malformed`` (``SQLITE_CORRUPT``): what a
+    read the disk failed for a moment can end as (an ``EIO`` injected into one ``pread`` of a
+    run did), as well as a file damaged for good. Either way the environment's, never a bug of
+    wanbatch's: waited out as any outage, and a file damaged for good keeps failing, the error's
+    words in every line that says so."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(orig, sqlite3.DatabaseError):
+        return False
+    name = getattr(orig, "sqlite_errorname", None)  # Python 3.11+: the driver's own code's name
+    return isinstance(name, str) and name.startswith("SQLITE_CORRUPT")
 
 
 #: PostgreSQL's SQLSTATE ``undefined_table`` (https://www.postgresql.org/docs/current/errcodes-appendix.html).
@@ -1349,9 +1365,15 @@ def failed_during_command_error(url: str | URL | None, exc: BaseException) -> Co
     """
     where = database_place(url)
     place = f" ({where})" if where else ""
+    then = "run the command again once the database answers"
+    if _sqlite_read_corrupt(exc):  # a read the disk failed for a moment, or a file damaged for good
+        then = (
+            "run the command again; if it fails so again, the file is damaged: check its disk, then "
+            "restore it from a backup or recover what it holds (`sqlite3 FILE .recover`)"
+        )
     return ConfigError(
         f"the database failed during the command{place}: {database_problem(exc)}; what it was "
-        "writing is stored whole or not at all: run the command again once the database answers"
+        f"writing is stored whole or not at all: {then}"
     )
 
 

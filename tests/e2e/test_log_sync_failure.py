@@ -143,3 +143,41 @@ def test_a_run_whose_send_records_cannot_be_synced_sends_each_job_once_and_finis
     ledger = sim.ledger()
     assert ledger["billed_count"] == JOBS  # one request a job: nothing paid twice
     assert len(ledger["entries"]) == JOBS
+
+
+#: ``python -c`` source: the command line, the first read of the batch's estimate failing as
+#: SQLite fails a read its disk could not make (an ``EIO`` injected into one ``pread`` of a run
+#: ended so): "database disk image is malformed", ``SQLITE_CORRUPT``.
+A_READ_FAILS_AS_MALFORMED = """
+import sqlite3, sys
+sys.path.insert(0, {root!r})
+from sqlalchemy.exc import DBAPIError
+from jobs import store
+real, calls = store.batch_estimated_usd, [0]
+def estimated(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 1:
+        failed = sqlite3.DatabaseError("database disk image is malformed")
+        failed.sqlite_errorcode, failed.sqlite_errorname = 11, "SQLITE_CORRUPT"
+        print("read failed: malformed", file=sys.stderr)
+        raise DBAPIError.instance("SELECT", {{}}, failed, sqlite3.Error)
+    return real(*args, **kwargs)
+store.batch_estimated_usd = estimated
+from cli import main
+main()
+"""
+
+
+def test_a_run_waits_out_a_read_sqlite_calls_malformed(
+    manifest: MakeManifest, sim: SimulatorHandle, e2e_env: Path
+) -> None:
+    """Was ``internal error: DatabaseError: database disk image is malformed; please report it``,
+    exit 70, the run stopped: SQLite's ``SQLITE_CORRUPT`` was no outage."""
+    env = subprocess_env(sim.url)
+    source = A_READ_FAILS_AS_MALFORMED.format(root=str(ROOT))
+    done = wanbatch(source, env, e2e_env, "run", _manifest(manifest, "read-once-malformed"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "internal error" not in done.stderr
+    assert "read failed: malformed" in done.stderr  # it did fail the run's read
+    rows = db_rows(env["WANBATCH_DATABASE_URL"], "SELECT state FROM jobs")
+    assert [str(state) for (state,) in rows] == ["succeeded"] * JOBS

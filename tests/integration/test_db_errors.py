@@ -9,12 +9,14 @@ said the database had stopped answering. The errors here are the drivers' own.
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from jobs import db
+from jobs.db import make_engine
 
 
 def _error_of(engine: Engine, sql: str) -> DBAPIError:
@@ -36,3 +38,39 @@ def test_an_outage_is_still_one_and_other_errors_are_neither(engine: Engine) -> 
     assert not db.is_schema_missing(locked)
     bad = _error_of(engine, "SELECT * FROM jobs WHERE")  # a bug in the statement
     assert not db.is_schema_missing(bad)
+
+
+def test_a_damaged_sqlite_file_is_the_environments_not_a_bug(tmp_path: Path) -> None:
+    """SQLite's own "database disk image is malformed" (``SQLITE_CORRUPT``), from a file one of
+    whose pages is overwritten: what a read the disk failed for a moment can end as too (an
+    ``EIO`` injected into one ``pread`` of a run did). An outage, waited out and said in one
+    line, never an internal error; and the line a command ends with says how to recover."""
+    path = tmp_path / "damaged.db"
+    url = f"sqlite:///{path}"
+    setup = sqlite3.connect(path)  # no write-ahead log: every page in the file
+    with setup:
+        setup.execute("CREATE TABLE t (x TEXT)")
+        setup.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 2000)
+    setup.close()
+    damaged = bytearray(path.read_bytes())
+    page = 4096 * 3
+    damaged[page : page + 200] = b"\xff" * 200
+    path.write_bytes(damaged)
+    engine = make_engine(url)
+    try:
+        malformed = _error_of(engine, "SELECT count(*), sum(length(x)) FROM t")
+    finally:
+        engine.dispose()
+    assert "malformed" in str(malformed.orig)
+    assert db.is_unavailable(malformed)
+    assert not db.is_schema_missing(malformed)
+    line = str(db.failed_during_command_error(url, malformed))
+    assert line.startswith(f"the database failed during the command ({path}): DatabaseError: database disk")
+    assert "sqlite3 FILE .recover" in line
+
+
+def test_an_integrity_error_is_still_no_outage(engine: Engine) -> None:
+    """Only SQLite's corruption joins the outages: a constraint the data breaks does not."""
+    with pytest.raises(DBAPIError) as raised, engine.begin() as conn:
+        conn.execute(text("INSERT INTO batches (id) VALUES (NULL)"))
+    assert not db.is_unavailable(raised.value)
