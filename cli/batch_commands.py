@@ -206,17 +206,24 @@ def status(batch: str | None, as_json: bool) -> None:
     guarded_read(as_json, action)
 
 
-def _look_at_outputs(settings: Settings, report: BatchReport) -> None:
+def _look_at_outputs(settings: Settings, report: BatchReport, *, after_run: bool = False) -> None:
     """Add to ``report`` whether its succeeded jobs' videos are still on disk as stored
     (:func:`jobs.outputs_on_disk.look`: one ``lstat`` each, S3 objects not looked at), and the
     line naming ``wanbatch refetch`` when some are not: ``status`` and ``run`` said ``8/8 done``
-    over an emptied output folder, and the paid videos fal still served were left there."""
+    over an emptied output folder, and the paid videos fal still served were left there.
+    ``after_run``: read as a run's report is (:func:`worker.running.read_after_run`), a database
+    away for a moment waited out; ``status`` says so at once instead."""
     from jobs import db, moved_outputs
     from jobs.outputs_on_disk import look
+    from worker.running import read_after_run
 
     root = moved_outputs.local_root(settings.output_dir, settings.output_url)
-    with db.read_scope(db.open_engine(settings)) as session:
-        found = look(session, report["batch"], root)
+    batch_id = report["batch"]
+    if after_run:
+        found = read_after_run(batch_id, settings, lambda session: look(session, batch_id, root))
+    else:
+        with db.read_scope(db.open_engine(settings)) as session:
+            found = look(session, batch_id, root)
     report["outputs_on_disk"] = found.as_dict()
     note = found.note(report_ref(report))
     if note is not None and settings.broker_url:  # a worker of another host keeps its own disk
@@ -1154,7 +1161,7 @@ def _run_and_report(
             **({"again": again} if again else {}),
         )
     if command != "cancel":  # its paid videos still on disk? (a stat each; said in the summary)
-        _look_at_outputs(settings, report)
+        _look_at_outputs(settings, report, after_run=True)
     held = None if command == "cancel" else _held_line(report, again)
     extra: dict[str, object] = {"ok": False, "error": held} if held else {}
     if stats.uncancelled:  # requests fal would not cancel: the run ended with them at fal

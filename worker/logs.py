@@ -267,11 +267,41 @@ def configure_logging(log_format: str | None = None, *, level: int = logging.WAR
         return
     handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(_Deferred() if log_format is None else formatter_for(log_format))
+    handler.addFilter(DatabaseCleanupErrors())
     root.addHandler(handler)
     root.setLevel(level)
     # Python's warnings (a library's deprecation notice) become records too, in the same format,
     # instead of free text on stderr between JSON lines.
     logging.captureWarnings(True)
+
+
+class DatabaseCleanupErrors(logging.Filter):
+    """SQLAlchemy's own report of a cleanup the database failed — ``Error closing cursor``,
+    ``Exception during reset or similar``, ``Exception closing connection``, logged at ``ERROR``
+    with the driver's traceback by its pool (``sqlalchemy.pool.impl.*``) — as one warning line,
+    when what failed is the database's operation or connection (DB-API's ``OperationalError``,
+    ``InterfaceError``: https://peps.python.org/pep-0249/#exceptions). SQLAlchemy handles these
+    itself (the connection is discarded), and the unit of work it served reports the outage on
+    its own line; its traceback was a third-party traceback amid a run's lines (a connection
+    reset injected into a run on PostgreSQL showed one). Any other error keeps its traceback.
+    A filter on the handler: the pools' loggers are made per pool, under names not known ahead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("sqlalchemy.") or record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or type(exc).__name__ not in _DBAPI_OUTAGES:
+            return True
+        said = " ".join(str(exc).split())
+        _one_warning_line(
+            record, "%s (%s: %s)", (record.getMessage(), type(exc).__name__, said), "database.cleanup_failed"
+        )
+        return True
+
+
+#: DB-API's names for an error of the database's operation or of the connection (PEP 249): what
+#: every driver (sqlite3, psycopg) raises for an outage, under its own module.
+_DBAPI_OUTAGES = frozenset({"OperationalError", "InterfaceError"})
 
 
 def timestamp_text_lines() -> None:

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -94,6 +94,8 @@ if TYPE_CHECKING:
     from worker.steps import Runtime
     from worker.steps.cancel_tries import GivenUp
     from worker.steps.unrecorded import Accepted
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -1200,10 +1202,22 @@ def watch_batch(
 
 
 def _final_report(batch_id: str, settings: Settings) -> BatchReport:
-    """The report of a batch whose run is over, read as the run's rounds read: a database that
-    is unavailable just then (a killed connection, a restart, a failover) is waited out, up to a
-    lease (``WANBATCH_LEASE_SECONDS``); past that, one line (exit 2) that says the run is over
-    and where its outcome is to be read, never "internal error"."""
+    """The report of a batch whose run is over (:func:`read_after_run`)."""
+    return read_after_run(
+        batch_id,
+        settings,
+        lambda session: batch_report(session, batch_id, policy=settings.submit_unknown_policy),
+    )
+
+
+def read_after_run(batch_id: str, settings: Settings, read: Callable[[Session], _T]) -> _T:
+    """What ``read`` reads of a batch whose run is over (its report, whether its videos are
+    still on disk), read as the run's rounds read: a database that is unavailable just then (a
+    killed connection, a restart, a failover) is waited out, up to a lease
+    (``WANBATCH_LEASE_SECONDS``); past that, one line (exit 2) that says the run is over and
+    where its outcome is to be read, never "internal error". A read that failed once, after
+    every job had finished, ended the run with exit 2 where it had done its work (a connection
+    reset injected into the look at the videos on disk)."""
     engine = open_engine(settings)
     outage = DatabaseOutage(
         "the run (reading its report)", patience=settings.lease_seconds, url=settings.database_url
@@ -1212,7 +1226,7 @@ def _final_report(batch_id: str, settings: Settings) -> BatchReport:
     while True:
         try:
             with db.read_scope(engine) as session:
-                report = batch_report(session, batch_id, policy=settings.submit_unknown_policy)
+                found = read(session)
         except Exception as exc:
             if not db.is_unavailable(exc):
                 raise
@@ -1225,7 +1239,7 @@ def _final_report(batch_id: str, settings: Settings) -> BatchReport:
                 ) from None
             continue
         outage.answered()
-        return report
+        return found
 
 
 def _process_embedded(

@@ -181,3 +181,38 @@ def test_a_run_waits_out_a_read_sqlite_calls_malformed(
     assert "read failed: malformed" in done.stderr  # it did fail the run's read
     rows = db_rows(env["WANBATCH_DATABASE_URL"], "SELECT state FROM jobs")
     assert [str(state) for (state,) in rows] == ["succeeded"] * JOBS
+
+
+#: ``python -c`` source: the command line, the first look at the videos on disk after the run
+#: failing as a connection the server closed fails (``psycopg``'s words).
+THE_LOOK_AFTER_THE_RUN_FAILS = """
+import sqlite3, sys
+sys.path.insert(0, {root!r})
+from sqlalchemy.exc import OperationalError
+from jobs import outputs_on_disk
+real, calls = outputs_on_disk.look, [0]
+def look(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 1:
+        print("look failed: connection lost", file=sys.stderr)
+        raise OperationalError("SELECT", {{}}, sqlite3.OperationalError("the connection is lost"))
+    return real(*args, **kwargs)
+outputs_on_disk.look = look
+from cli import main
+main()
+"""
+
+
+def test_a_run_whose_work_is_done_waits_out_a_failed_look_at_its_videos(
+    manifest: MakeManifest, sim: SimulatorHandle, e2e_env: Path
+) -> None:
+    """Was ``error: the database failed during the command …`` (exit 2; before that, ``internal
+    error``) after every job had succeeded: the look at the videos on disk that follows the run
+    was the one read of its report not waited out (found by a connection reset injected there)."""
+    env = subprocess_env(sim.url)
+    source = THE_LOOK_AFTER_THE_RUN_FAILS.format(root=str(ROOT))
+    done = wanbatch(source, env, e2e_env, "run", _manifest(manifest, "looked-at-late"), "--no-progress")
+    assert "look failed: connection lost" in done.stderr  # it did fail once
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the database is unavailable (OperationalError: the connection is lost)" in done.stderr
+    assert f"{JOBS}/{JOBS} done" in done.stdout
