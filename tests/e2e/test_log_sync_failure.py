@@ -145,27 +145,40 @@ def test_a_run_whose_send_records_cannot_be_synced_sends_each_job_once_and_finis
     assert len(ledger["entries"]) == JOBS
 
 
-#: ``python -c`` source: the command line, the first read of the batch's estimate failing as
-#: SQLite fails a read its disk could not make (an ``EIO`` injected into one ``pread`` of a run
-#: ended so): "database disk image is malformed", ``SQLITE_CORRUPT``.
-A_READ_FAILS_AS_MALFORMED = """
+#: ``python -c`` source: the command line, the first call of ``{module}.{name}`` failing with the
+#: error ``{error}`` builds (its marker line on stderr first, to show it did fail).
+FIRST_CALL_FAILS = """
 import sqlite3, sys
 sys.path.insert(0, {root!r})
 from sqlalchemy.exc import DBAPIError
-from jobs import store
-real, calls = store.batch_estimated_usd, [0]
-def estimated(*args, **kwargs):
+import {module} as patched
+real, calls = patched.{name}, [0]
+def first_fails(*args, **kwargs):
     calls[0] += 1
     if calls[0] == 1:
-        failed = sqlite3.DatabaseError("database disk image is malformed")
-        failed.sqlite_errorcode, failed.sqlite_errorname = 11, "SQLITE_CORRUPT"
-        print("read failed: malformed", file=sys.stderr)
-        raise DBAPIError.instance("SELECT", {{}}, failed, sqlite3.Error)
+        print({marker!r}, file=sys.stderr)
+        raise {error}
     return real(*args, **kwargs)
-store.batch_estimated_usd = estimated
+patched.{name} = first_fails
 from cli import main
 main()
 """
+
+#: SQLite's words for a read its disk could not make (an ``EIO`` injected into one ``pread`` of
+#: a run ended so): "database disk image is malformed", ``SQLITE_CORRUPT``.
+MALFORMED = (
+    'DBAPIError.instance("SELECT", {}, type("Corrupt", (sqlite3.DatabaseError,), '
+    '{"sqlite_errorcode": 11, "sqlite_errorname": "SQLITE_CORRUPT"})("database disk image is malformed"), '
+    "sqlite3.Error)"
+)
+#: psycopg's words for a connection the server closed.
+CONNECTION_LOST = (
+    'DBAPIError.instance("SELECT", {}, sqlite3.OperationalError("the connection is lost"), sqlite3.Error)'
+)
+
+
+def first_call_fails(module: str, name: str, error: str, marker: str) -> str:
+    return FIRST_CALL_FAILS.format(root=str(ROOT), module=module, name=name, error=error, marker=marker)
 
 
 def test_a_run_waits_out_a_read_sqlite_calls_malformed(
@@ -174,33 +187,13 @@ def test_a_run_waits_out_a_read_sqlite_calls_malformed(
     """Was ``internal error: DatabaseError: database disk image is malformed; please report it``,
     exit 70, the run stopped: SQLite's ``SQLITE_CORRUPT`` was no outage."""
     env = subprocess_env(sim.url)
-    source = A_READ_FAILS_AS_MALFORMED.format(root=str(ROOT))
+    source = first_call_fails("jobs.store", "batch_estimated_usd", MALFORMED, "read failed: malformed")
     done = wanbatch(source, env, e2e_env, "run", _manifest(manifest, "read-once-malformed"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "internal error" not in done.stderr
     assert "read failed: malformed" in done.stderr  # it did fail the run's read
     rows = db_rows(env["WANBATCH_DATABASE_URL"], "SELECT state FROM jobs")
     assert [str(state) for (state,) in rows] == ["succeeded"] * JOBS
-
-
-#: ``python -c`` source: the command line, the first look at the videos on disk after the run
-#: failing as a connection the server closed fails (``psycopg``'s words).
-THE_LOOK_AFTER_THE_RUN_FAILS = """
-import sqlite3, sys
-sys.path.insert(0, {root!r})
-from sqlalchemy.exc import OperationalError
-from jobs import outputs_on_disk
-real, calls = outputs_on_disk.look, [0]
-def look(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == 1:
-        print("look failed: connection lost", file=sys.stderr)
-        raise OperationalError("SELECT", {{}}, sqlite3.OperationalError("the connection is lost"))
-    return real(*args, **kwargs)
-outputs_on_disk.look = look
-from cli import main
-main()
-"""
 
 
 def test_a_run_whose_work_is_done_waits_out_a_failed_look_at_its_videos(
@@ -210,7 +203,7 @@ def test_a_run_whose_work_is_done_waits_out_a_failed_look_at_its_videos(
     error``) after every job had succeeded: the look at the videos on disk that follows the run
     was the one read of its report not waited out (found by a connection reset injected there)."""
     env = subprocess_env(sim.url)
-    source = THE_LOOK_AFTER_THE_RUN_FAILS.format(root=str(ROOT))
+    source = first_call_fails("jobs.outputs_on_disk", "look", CONNECTION_LOST, "look failed: connection lost")
     done = wanbatch(source, env, e2e_env, "run", _manifest(manifest, "looked-at-late"), "--no-progress")
     assert "look failed: connection lost" in done.stderr  # it did fail once
     assert done.returncode == 0, done.stderr[-3000:]

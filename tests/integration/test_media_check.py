@@ -8,6 +8,7 @@ not ask for (the fake fal's clip is 64x64, 8 frames; the request is 480p, 81 fra
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -102,16 +103,52 @@ def _out_of_files(*_args: object, **_kwargs: object) -> NoReturn:
     raise AssertionError("err_check raises for a negative code")
 
 
-def test_a_probe_out_of_file_descriptors_keeps_the_paid_video_and_the_job(
-    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _disk_fails(*_args: object, **_kwargs: object) -> NoReturn:
+    """``av.open`` as it fails when the disk cannot read the file: PyAV's OSError, EIO."""
+    av.error.err_check(-errno.EIO, "r1.mp4")
+    raise AssertionError("err_check raises for a negative code")
+
+
+def _plain_read_fails(_path: object) -> OSError:
+    """What a plain read of the saved file meets when its disk fails it."""
+    return OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize(
+    ("opened", "plain_read", "said", "not_said"),
+    [
+        (_out_of_files, None, ("EMFILE", "ulimit -n"), ()),
+        (
+            _disk_fails,
+            _plain_read_fails,
+            ("could not be checked (Input/output error)", "check that disk and its mount"),
+            ("free space",),
+        ),
+    ],
+    ids=["out of file descriptors", "the disk fails the read"],
+)
+def test_a_probe_that_fails_for_this_machine_keeps_the_paid_video_and_the_job(
+    engine: Engine,
+    hostile: HostileProvider,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    opened: Callable[..., NoReturn],
+    plain_read: Callable[[object], OSError] | None,
+    said: tuple[str, ...],
+    not_said: tuple[str, ...],
 ) -> None:
-    """EMFILE while probing is this machine's trouble, not fal's: the video stays, the job waits
-    (its batch paused with the fix), and the next try stores that very file without fetching it."""
+    """EMFILE while probing, or an I/O error reading the saved video (the disk's, as a plain read
+    of the file shows too), says nothing of what fal made: the video stays, the job waits (its
+    batch paused with the cause's fix), and the next try stores that very file without fetching
+    it. The I/O error was ``failed (not_a_video)``, the paid video deleted — found by injecting
+    ``EACCES`` into a run's ``openat`` calls."""
     fal = FakeFal(hostile)
     rt, job_id = completed_job(engine, hostile, tmp_path)
     try:
         with monkeypatch.context() as patched:
-            patched.setattr(av, "open", _out_of_files)
+            patched.setattr(av, "open", opened)
+            if plain_read is not None:
+                patched.setattr(probe, "_unreadable", plain_read)
             outcome = download(rt, job_id)
         job = _job(engine, job_id)
         assert outcome != "failed"
@@ -123,8 +160,10 @@ def test_a_probe_out_of_file_descriptors_keeps_the_paid_video_and_the_job(
             batch = store.get_batch(session, job.batch_id)
             assert batch.state == BatchState.PAUSED
             assert batch.pause_reason is not None
-            assert "EMFILE" in batch.pause_reason
-            assert "ulimit -n" in batch.pause_reason
+            for words in said:
+                assert words in batch.pause_reason
+            for words in not_said:
+                assert words not in batch.pause_reason
             store.set_batch_state(session, job.batch_id, BatchState.ACTIVE)
         assert download(rt, job_id) == "succeeded"
     finally:
@@ -132,47 +171,6 @@ def test_a_probe_out_of_file_descriptors_keeps_the_paid_video_and_the_job(
     job = _job(engine, job_id)
     assert job.state == JobState.SUCCEEDED
     assert job.output_path == str(kept[0])
-    assert fal.file_gets("r1.mp4") == 1  # taken from the disk, not fetched again
-
-
-def _disk_fails(*_args: object, **_kwargs: object) -> NoReturn:
-    """``av.open`` as it fails when the disk cannot read the file: PyAV's OSError, EIO."""
-    av.error.err_check(-errno.EIO, "r1.mp4")
-    raise AssertionError("err_check raises for a negative code")
-
-
-def test_a_probe_the_disk_fails_keeps_the_paid_video_and_the_job(
-    engine: Engine, hostile: HostileProvider, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An I/O error reading the saved video (the disk's, as a plain read of the file shows too)
-    says nothing of what fal made: the video stays, the job waits with its batch paused and the
-    disk's fix, and the next try stores that very file. Was: ``failed (not_a_video)``, the paid
-    video deleted — found by injecting ``EACCES`` into a run's ``openat`` calls."""
-    fal = FakeFal(hostile)
-    rt, job_id = completed_job(engine, hostile, tmp_path)
-    try:
-        with monkeypatch.context() as patched:
-            patched.setattr(av, "open", _disk_fails)
-            patched.setattr(probe, "_unreadable", lambda _path: OSError(errno.EIO, "Input/output error"))
-            outcome = download(rt, job_id)
-        job = _job(engine, job_id)
-        assert outcome != "failed"
-        assert job.state == JobState.DOWNLOADING
-        assert job.error_type is None
-        kept = list((tmp_path / "outputs").rglob("*.mp4"))
-        assert len(kept) == 1  # the paid video is not deleted
-        with db.session_scope(engine) as session:
-            batch = store.get_batch(session, job.batch_id)
-            assert batch.state == BatchState.PAUSED
-            assert batch.pause_reason is not None
-            assert "could not be checked (Input/output error)" in batch.pause_reason
-            assert "check that disk and its mount" in batch.pause_reason
-            assert "free space" not in batch.pause_reason
-            store.set_batch_state(session, job.batch_id, BatchState.ACTIVE)
-        assert download(rt, job_id) == "succeeded"
-    finally:
-        rt.client.close()
-    assert _job(engine, job_id).output_path == str(kept[0])
     assert fal.file_gets("r1.mp4") == 1  # taken from the disk, not fetched again
 
 
