@@ -253,6 +253,7 @@ from jobs.store.moved_outputs import record_output_move as record_output_move
 from jobs.store.moved_outputs import record_output_moves as record_output_moves
 from jobs.store.outcomes import ADOPTED_REASON as ADOPTED_REASON
 from jobs.store.outcomes import LOST_POSSIBLY_BILLED as LOST_POSSIBLY_BILLED
+from jobs.store.outcomes import NOT_SENT as NOT_SENT
 from jobs.store.outcomes import OUTPUT_NOT_KEPT as OUTPUT_NOT_KEPT
 from jobs.store.outcomes import (
     abandon_request,
@@ -260,6 +261,7 @@ from jobs.store.outcomes import (
     fail_lost_request,
     fail_unsent,
     give_back,
+    give_back_not_sent,
     mark_cancelled,
     mark_cancelling,
     mark_completed,
@@ -511,6 +513,7 @@ __all__ = [
     "get_job",
     "get_or_create_batch",
     "give_back",
+    "give_back_not_sent",
     "heartbeat_owners",
     "held_job_ids",
     "hold_fal",

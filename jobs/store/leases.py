@@ -16,7 +16,7 @@ from jobs.models import ConductorHeartbeat, Job, JobRecord, utcnow
 from jobs.states import UNFINISHED_STATES, JobState
 from jobs.store.core import _JOBS, _SENT_PG, _SENT_SQLITE, _kept, _prepared, _run, _same_request_elsewhere
 from jobs.store.due import _due, _due_fairly
-from jobs.store.outcomes import give_back
+from jobs.store.outcomes import give_back, give_back_not_sent
 from jobs.store.transitions import _UNLEASED, Fence, _check_fields, _fenced_update, update_job_fields
 
 
@@ -550,7 +550,7 @@ def _give_back_unsent(
         fence = Fence(job_id, JobState.SUBMITTING, version, worker)
         proof = None if not_sent or proven is None else proven.get(job_id)
         if proof is not None and _same_moment(proof.sent_at, sent_at):
-            moved = give_back(session, fence, reason=proof.why, error=proof.why, error_type="not_sent")
+            moved = give_back_not_sent(session, fence, proof.why)
         else:
             moved = not_sent and give_back(session, fence, reason=reason)
         if moved:

@@ -208,6 +208,16 @@ def give_back(
     )
 
 
+#: The ``error_type`` of a job given back because its POST, though maybe recorded, never went out.
+NOT_SENT = "not_sent"
+
+
+def give_back_not_sent(session: Session, fence: Fence, why: str, *, due_at: datetime | None = None) -> bool:
+    """:func:`give_back` of a job whose POST this process knows never went out (it failed inside
+    the process, or its record's commit failed), ``why`` its reason and its error (``not_sent``)."""
+    return give_back(session, fence, reason=why, due_at=due_at, error=why, error_type=NOT_SENT)
+
+
 def mark_running(session: Session, fence: Fence, *, next_poll_at: datetime) -> bool:
     """``queued`` → ``running``: fal said IN_PROGRESS. Its status is asked again at ``next_poll_at``.
 

@@ -102,9 +102,7 @@ def reconcile(rt: Runtime, limit: int = 200) -> int:
                 )
             elif (unsent := rt.unsent.proof(job.id, job.sent_at)) is not None:
                 # This process's POST of it never went out, and the give-back failed then.
-                ok = store.give_back(
-                    session, rt.fence(job), reason=unsent.why, error=unsent.why, error_type="not_sent"
-                )
+                ok = store.give_back_not_sent(session, rt.fence(job), unsent.why)
                 rt.unsent.forget(job.id)
             else:
                 ok = submit_outcome_unknown(

@@ -706,7 +706,7 @@ def _not_sent(session: Session, fence: Fence, why: str) -> None:
         reason=why,
         due_at=in_seconds(NOT_SENT_RETRY_SECONDS),
         error=why,
-        error_type="not_sent",
+        error_type=store.NOT_SENT,
     )
 
 
